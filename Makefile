@@ -1,0 +1,54 @@
+# One entry point for every task. `make run` and `make test` set everything up on first use.
+SHELL := /bin/bash
+UV_VERSION := 0.13.9
+UV := .tools/uv/bin/uv
+PY := .venv/bin/python
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := python3
+
+.PHONY: setup run test bench generate check-generated lint typecheck buf-lint buf-breaking clean
+
+setup: .venv/.installed node_modules/.installed
+
+$(UV):
+	python3 -m venv .tools/uv
+	.tools/uv/bin/pip install --quiet uv==$(UV_VERSION)
+
+.venv/.installed: pyproject.toml uv.lock $(UV)
+	$(UV) sync --frozen --quiet
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: setup
+	.venv/bin/aigne-hub serve
+
+test: setup
+	.venv/bin/pytest
+
+bench: setup
+	$(PY) -m tests.bench
+
+generate: setup
+	$(PY) -m server.tools.generate
+
+check-generated: setup
+	$(PY) -m server.tools.generate --check
+
+lint: setup buf-lint
+	.venv/bin/ruff check server tests
+	.venv/bin/ruff format --check server tests
+
+typecheck: setup
+	.venv/bin/mypy
+
+buf-lint: node_modules/.installed
+	npx --no-install buf lint
+
+buf-breaking: node_modules/.installed
+	npx --no-install buf breaking --against '.git#branch=main'
+
+clean:
+	rm -rf .venv .tools node_modules
