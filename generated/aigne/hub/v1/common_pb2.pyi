@@ -41,8 +41,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     HTTP 400).
     """
     UNSUPPORTED_FEATURE: _ErrorReason.ValueType  # 4
-    """The provider does not offer the requested capability or feature (UNIMPLEMENTED,
-    HTTP 501).
+    """The provider or model does not offer the requested capability or feature
+    (INVALID_ARGUMENT, HTTP 400). ErrorInfo metadata names "provider" and "feature".
     """
     UPSTREAM_BAD_REQUEST: _ErrorReason.ValueType  # 5
     """The upstream provider rejected the request as invalid (INVALID_ARGUMENT, HTTP 400)."""
@@ -97,8 +97,8 @@ PROVIDER_NOT_CONFIGURED: ErrorReason.ValueType  # 3
 HTTP 400).
 """
 UNSUPPORTED_FEATURE: ErrorReason.ValueType  # 4
-"""The provider does not offer the requested capability or feature (UNIMPLEMENTED,
-HTTP 501).
+"""The provider or model does not offer the requested capability or feature
+(INVALID_ARGUMENT, HTTP 400). ErrorInfo metadata names "provider" and "feature".
 """
 UPSTREAM_BAD_REQUEST: ErrorReason.ValueType  # 5
 """The upstream provider rejected the request as invalid (INVALID_ARGUMENT, HTTP 400)."""

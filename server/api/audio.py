@@ -1,0 +1,157 @@
+"""AudioService: speech from text, and transcription (typed bytes or multipart)."""
+
+from __future__ import annotations
+
+import json
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import HTTP
+
+import grpc
+from google.api import httpbody_pb2
+
+from aigne.hub.v1 import audio_service_pb2 as audio_pb
+from aigne.hub.v1 import audio_service_pb2_grpc as audio_grpc
+from server.api.calls import unary
+from server.api.convert import from_json, to_json
+from server.api.validation import check_range
+from server.errors import InvalidRequest
+from server.providers.base import (
+    Capability,
+    SpeechSynthesis,
+    Transcription,
+    TranscriptionInput,
+    TranscriptionOutput,
+)
+from server.router import Route, Router
+
+SPEECH_FORMATS = frozenset({"", "mp3", "opus", "aac", "flac", "wav", "pcm"})
+TRANSCRIPTION_FORMATS = frozenset({"", "json", "text", "srt", "verbose_json", "vtt"})
+MAX_SPEECH_INPUT_CHARS = 4096
+# Form fields OpenAI's transcription endpoint takes besides `file` and `model`.
+TRANSCRIPTION_FIELDS = frozenset(
+    {"language", "prompt", "response_format", "temperature", "timestamp_granularities[]", "chunking_strategy", "include[]"}
+)
+
+
+class AudioServicer(audio_grpc.AudioServiceServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    @unary
+    async def CreateSpeech(
+        self,
+        request: audio_pb.CreateSpeechRequest,
+        context: grpc.aio.ServicerContext[audio_pb.CreateSpeechRequest, httpbody_pb2.HttpBody],
+    ) -> httpbody_pb2.HttpBody:
+        _check_speech(request)
+        route, adapter = self._router.resolve(request.model, Capability.SPEECH, SpeechSynthesis)
+        body = to_json(request)
+        body.pop("model", None)
+        audio = await adapter.create_speech(body, route.upstream_model)
+        return httpbody_pb2.HttpBody(content_type=audio.content_type, data=audio.data)
+
+    @unary
+    async def CreateTranscription(
+        self,
+        request: audio_pb.CreateTranscriptionRequest,
+        context: grpc.aio.ServicerContext[audio_pb.CreateTranscriptionRequest, audio_pb.CreateTranscriptionResponse],
+    ) -> audio_pb.CreateTranscriptionResponse:
+        if not request.file:
+            raise InvalidRequest("file is required: the audio file's bytes", field="file")
+        _check_transcription_format(request.response_format)
+        fields = [
+            (name, str(value))
+            for name, value in to_json(request).items()
+            if name in TRANSCRIPTION_FIELDS
+        ]
+        audio = TranscriptionInput(
+            file=request.file,
+            filename=request.filename or "audio.wav",
+            file_content_type="application/octet-stream",
+            fields=fields,
+        )
+        route, output = await self._transcribe(request.model, audio)
+        return _typed_transcription(output, audio.response_format, route)
+
+    @unary
+    async def UploadTranscription(
+        self,
+        request: httpbody_pb2.HttpBody,
+        context: grpc.aio.ServicerContext[httpbody_pb2.HttpBody, httpbody_pb2.HttpBody],
+    ) -> httpbody_pb2.HttpBody:
+        model, audio = parse_transcription_upload(request.content_type, request.data)
+        _check_transcription_format(audio.response_format)
+        _, output = await self._transcribe(model, audio)
+        return httpbody_pb2.HttpBody(content_type=output.content_type, data=output.body)
+
+    async def _transcribe(self, model: str, audio: TranscriptionInput) -> tuple[Route, TranscriptionOutput]:
+        route, adapter = self._router.resolve(model, Capability.TRANSCRIPTION, Transcription)
+        return route, await adapter.create_transcription(audio, route.upstream_model)
+
+
+def _check_speech(request: audio_pb.CreateSpeechRequest) -> None:
+    if not request.input:
+        raise InvalidRequest("input is required: the text to speak", field="input")
+    if len(request.input) > MAX_SPEECH_INPUT_CHARS:
+        raise InvalidRequest(f"input is longer than {MAX_SPEECH_INPUT_CHARS} characters", field="input")
+    if not request.voice:
+        raise InvalidRequest("voice is required, e.g. alloy", field="voice")
+    if request.response_format not in SPEECH_FORMATS:
+        raise InvalidRequest(
+            f"response_format must be one of mp3, opus, aac, flac, wav, pcm; got {request.response_format!r}",
+            field="response_format",
+        )
+    if request.HasField("speed"):
+        check_range("speed", request.speed, 0.25, 4.0)
+
+
+def _check_transcription_format(response_format: str) -> None:
+    if response_format not in TRANSCRIPTION_FORMATS:
+        raise InvalidRequest(
+            f"response_format must be one of json, text, srt, verbose_json, vtt; got {response_format!r}",
+            field="response_format",
+        )
+
+
+def parse_transcription_upload(content_type: str, body: bytes) -> tuple[str, TranscriptionInput]:
+    """The model and audio of an OpenAI-style multipart/form-data upload."""
+    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
+        raise InvalidRequest(
+            "the body must be multipart/form-data with a file part and a model field", field="file"
+        )
+    header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = BytesParser(policy=HTTP).parsebytes(header + body)
+    if not isinstance(message, EmailMessage) or not message.is_multipart():
+        raise InvalidRequest("the multipart body could not be parsed", field="file")
+    model = ""
+    audio: tuple[bytes, str, str] | None = None
+    fields: list[tuple[str, str]] = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if not isinstance(name, str) or not isinstance(payload, bytes):
+            continue
+        if name == "file":
+            audio = (payload, part.get_filename() or "audio.wav", part.get_content_type())
+        elif name == "model":
+            model = payload.decode("utf-8", "replace").strip()
+        elif name in TRANSCRIPTION_FIELDS:
+            fields.append((name, payload.decode("utf-8", "replace")))
+    if audio is None or not audio[0]:
+        raise InvalidRequest("file is required: a non-empty audio file part named 'file'", field="file")
+    data, filename, file_type = audio
+    return model, TranscriptionInput(file=data, filename=filename, file_content_type=file_type, fields=fields)
+
+
+def _typed_transcription(
+    output: TranscriptionOutput, response_format: str, route: Route
+) -> audio_pb.CreateTranscriptionResponse:
+    if response_format in ("json", "verbose_json"):
+        try:
+            parsed = json.loads(output.body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            return from_json(parsed, audio_pb.CreateTranscriptionResponse(), provider=route.provider.name)
+    return audio_pb.CreateTranscriptionResponse(text=output.body.decode("utf-8", "replace"))

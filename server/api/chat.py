@@ -1,0 +1,125 @@
+"""ChatService: complete and streamed chat completions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+import grpc
+
+from aigne.hub.v1 import chat_service_pb2 as chat_pb
+from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
+from aigne.hub.v1 import common_pb2
+from server import errors
+from server.api.calls import abort_for, from_bridge, unary
+from server.api.convert import from_json, to_json
+from server.api.validation import check_chat_request
+from server.providers.base import JSON, Capability, ChatCompletions
+from server.router import Route, Router
+
+log = logging.getLogger(__name__)
+StreamContext = grpc.aio.ServicerContext[chat_pb.CreateChatCompletionRequest, chat_pb.StreamChatCompletionResponse]
+
+# The sentinel that the REST bridge turns into `data: [DONE]`.
+DONE_SENTINEL_ID = "[DONE]"
+
+
+class ChatServicer(chat_grpc.ChatServiceServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    @unary
+    async def CreateChatCompletion(
+        self,
+        request: chat_pb.CreateChatCompletionRequest,
+        context: grpc.aio.ServicerContext[chat_pb.CreateChatCompletionRequest, chat_pb.CreateChatCompletionResponse],
+    ) -> chat_pb.CreateChatCompletionResponse:
+        if request.stream:
+            raise errors.InvalidRequest(
+                "stream is true: call StreamChatCompletion (REST: the bridge does this for you)", field="stream"
+            )
+        route, adapter = self._resolve(request)
+        answer = await adapter.create_chat_completion(_chat_body(request), route.upstream_model)
+        response = from_json(answer, chat_pb.CreateChatCompletionResponse(), provider=route.provider.name)
+        response.model = _public_model(route, answer)
+        response.object = "chat.completion"
+        return response
+
+    async def StreamChatCompletion(
+        self, request: chat_pb.CreateChatCompletionRequest, context: StreamContext
+    ) -> AsyncIterator[chat_pb.StreamChatCompletionResponse]:
+        bridge = from_bridge(context)
+        started = False
+        try:
+            if request.HasField("stream") and not request.stream:
+                raise errors.InvalidRequest("stream is false: call CreateChatCompletion", field="stream")
+            route, adapter = self._resolve(request)
+            body = _chat_body(request)
+            body["stream"] = True
+            include_usage = request.stream_options.include_usage
+            chunks = adapter.stream_chat_completion(body, route.upstream_model)
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    message = _client_chunk(chunk, route, include_usage)
+                    if message is not None:
+                        started = True
+                        yield message
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the client
+            if not (started and bridge):
+                await abort_for(context, exc)
+            # Headers and chunks are out: over REST the status would be lost, so the
+            # error travels as a last event that OpenAI SDKs raise.
+            yield _error_chunk(exc)
+            return
+        if bridge:
+            yield chat_pb.StreamChatCompletionResponse(id=DONE_SENTINEL_ID)
+
+    def _resolve(self, request: chat_pb.CreateChatCompletionRequest) -> tuple[Route, ChatCompletions]:
+        check_chat_request(request)
+        route, adapter = self._router.resolve(request.model, Capability.CHAT, ChatCompletions)
+        if request.tools:
+            self._router.resolve(request.model, Capability.TOOLS, ChatCompletions)
+        return route, adapter
+
+
+def _chat_body(request: chat_pb.CreateChatCompletionRequest) -> JSON:
+    body = to_json(request)
+    body.pop("model", None)
+    if "seed" in body:  # int64 comes out of the JSON mapping as a string
+        body["seed"] = int(body["seed"])
+    return body
+
+
+def _public_model(route: Route, answer: JSON) -> str:
+    upstream_model = answer.get("model")
+    if isinstance(upstream_model, str) and upstream_model:
+        return f"{route.provider.name}/{upstream_model}"
+    return route.public_model
+
+
+def _client_chunk(
+    chunk: JSON, route: Route, include_usage: bool
+) -> chat_pb.StreamChatCompletionResponse | None:
+    """The chunk as the client asked for it: usage only when asked for.
+
+    The adapter always asks upstream for usage (billing needs it); a usage-only chunk
+    is dropped, and usage on a content chunk removed, for a client that did not ask.
+    """
+    if not include_usage and "usage" in chunk:
+        if not chunk.get("choices"):
+            return None
+        chunk = {key: value for key, value in chunk.items() if key != "usage"}
+    message = from_json(chunk, chat_pb.StreamChatCompletionResponse(), provider=route.provider.name)
+    message.model = _public_model(route, chunk)
+    message.object = "chat.completion.chunk"
+    return message
+
+
+def _error_chunk(exc: Exception) -> chat_pb.StreamChatCompletionResponse:
+    if not isinstance(exc, errors.GatewayError):
+        log.exception("unexpected error in a stream", exc_info=exc)
+        exc = errors.InternalError("internal error; the gateway's log has the details")
+    error = common_pb2.ErrorObject(message=exc.message, type=exc.openai_type, code=exc.reason, param=exc.field or "")
+    return chat_pb.StreamChatCompletionResponse(object="chat.completion.chunk", error=error)
+
+

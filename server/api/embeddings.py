@@ -1,0 +1,67 @@
+"""EmbeddingService."""
+
+from __future__ import annotations
+
+import grpc
+
+from aigne.hub.v1 import embedding_service_pb2 as embedding_pb
+from aigne.hub.v1 import embedding_service_pb2_grpc as embedding_grpc
+from server.api.calls import unary
+from server.api.convert import from_json, to_json
+from server.errors import InvalidRequest
+from server.providers.base import Capability, Embeddings
+from server.router import Router
+
+MAX_INPUTS = 2048
+ENCODING_FORMATS = frozenset({"", "float", "base64"})
+
+
+class EmbeddingServicer(embedding_grpc.EmbeddingServiceServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    @unary
+    async def CreateEmbedding(
+        self,
+        request: embedding_pb.CreateEmbeddingRequest,
+        context: grpc.aio.ServicerContext[embedding_pb.CreateEmbeddingRequest, embedding_pb.CreateEmbeddingResponse],
+    ) -> embedding_pb.CreateEmbeddingResponse:
+        _check(request)
+        route, adapter = self._router.resolve(request.model, Capability.EMBEDDINGS, Embeddings)
+        body = to_json(request)
+        body.pop("model", None)
+        answer = await adapter.create_embedding(body, route.upstream_model)
+        response = from_json(answer, embedding_pb.CreateEmbeddingResponse(), provider=route.provider.name)
+        response.model = route.public_model
+        response.object = "list"
+        return response
+
+
+def _check(request: embedding_pb.CreateEmbeddingRequest) -> None:
+    kind = request.input.WhichOneof("kind")
+    if kind == "string_value":
+        if not request.input.string_value:
+            raise InvalidRequest("input must not be empty", field="input")
+    elif kind == "list_value":
+        values = request.input.list_value.values
+        if not values:
+            raise InvalidRequest("input must not be an empty array", field="input")
+        if len(values) > MAX_INPUTS:
+            raise InvalidRequest(f"input takes at most {MAX_INPUTS} items", field="input")
+        for index, item in enumerate(values):
+            item_kind = item.WhichOneof("kind")
+            empty = (item_kind == "string_value" and not item.string_value) or (
+                item_kind == "list_value" and not item.list_value.values
+            )
+            if item_kind not in ("string_value", "number_value", "list_value") or empty:
+                raise InvalidRequest(
+                    f"input[{index}] must be a non-empty string or token array", field=f"input[{index}]"
+                )
+    else:
+        raise InvalidRequest("input is required: a string, an array of strings or token arrays", field="input")
+    if request.encoding_format not in ENCODING_FORMATS:
+        raise InvalidRequest(
+            f"encoding_format must be float or base64, got {request.encoding_format!r}", field="encoding_format"
+        )
+    if request.HasField("dimensions") and request.dimensions < 1:
+        raise InvalidRequest("dimensions must be at least 1", field="dimensions")

@@ -1,0 +1,44 @@
+"""ImageService."""
+
+from __future__ import annotations
+
+import grpc
+
+from aigne.hub.v1 import image_service_pb2 as image_pb
+from aigne.hub.v1 import image_service_pb2_grpc as image_grpc
+from server.api.calls import unary
+from server.api.convert import from_json, to_json
+from server.api.validation import check_range
+from server.errors import InvalidRequest
+from server.providers.base import Capability, ImageGeneration
+from server.router import Router
+
+RESPONSE_FORMATS = frozenset({"", "url", "b64_json"})
+MAX_PROMPT_CHARS = 32_000
+
+
+class ImageServicer(image_grpc.ImageServiceServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    @unary
+    async def CreateImage(
+        self,
+        request: image_pb.CreateImageRequest,
+        context: grpc.aio.ServicerContext[image_pb.CreateImageRequest, image_pb.CreateImageResponse],
+    ) -> image_pb.CreateImageResponse:
+        if not request.prompt.strip():
+            raise InvalidRequest("prompt is required", field="prompt")
+        if len(request.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"prompt is longer than {MAX_PROMPT_CHARS} characters", field="prompt")
+        if request.HasField("n"):
+            check_range("n", request.n, 1, 10)
+        if request.response_format not in RESPONSE_FORMATS:
+            raise InvalidRequest(
+                f"response_format must be url or b64_json, got {request.response_format!r}", field="response_format"
+            )
+        route, adapter = self._router.resolve(request.model, Capability.IMAGES, ImageGeneration)
+        body = to_json(request)
+        body.pop("model", None)
+        answer = await adapter.create_image(body, route.upstream_model)
+        return from_json(answer, image_pb.CreateImageResponse(), provider=route.provider.name)

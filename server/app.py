@@ -1,0 +1,135 @@
+"""The gRPC server: services, health checking, reflection and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aigne.hub.v1 import (
+    audio_service_pb2,
+    audio_service_pb2_grpc,
+    chat_service_pb2,
+    chat_service_pb2_grpc,
+    embedding_service_pb2,
+    embedding_service_pb2_grpc,
+    image_service_pb2,
+    image_service_pb2_grpc,
+    status_service_pb2,
+    status_service_pb2_grpc,
+)
+from server.api.audio import AudioServicer
+from server.api.chat import ChatServicer
+from server.api.embeddings import EmbeddingServicer
+from server.api.images import ImageServicer
+from server.api.status import ServingFlag, StatusServicer
+from server.config import GatewayConfig, Settings, load_gateway_config
+from server.providers.base import Provider
+from server.providers.registry import build_provider
+from server.router import Router
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
+    embedding_service_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
+    image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
+    audio_service_pb2.DESCRIPTOR.services_by_name["AudioService"].full_name,
+    status_service_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name,
+]
+
+
+def upstream_client(settings: Settings) -> httpx.AsyncClient:
+    """The one HTTP client every adapter shares: pooled connections, bounded waits."""
+    timeout = httpx.Timeout(
+        connect=settings.upstream_connect_timeout_s,
+        read=settings.upstream_read_timeout_s,
+        write=60.0,
+        pool=settings.upstream_connect_timeout_s,
+    )
+    limits = httpx.Limits(
+        max_connections=settings.upstream_max_connections,
+        max_keepalive_connections=min(settings.upstream_max_connections, 200),
+        keepalive_expiry=30.0,
+    )
+    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False)
+
+
+@dataclass
+class Gateway:
+    """A running gRPC server and what it owns."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    client: httpx.AsyncClient
+    health: health.aio.HealthServicer
+    serving: ServingFlag
+    providers: dict[str, Provider] = field(default_factory=dict)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops taking calls, lets in-flight ones (streams too) finish within
+        `grace` seconds, then cancels the rest and releases the upstream client."""
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        self.serving.serving = False
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for provider in self.providers.values():
+            await provider.aclose()
+        await self.client.aclose()
+
+
+async def start_gateway(settings: Settings, config: GatewayConfig | None = None) -> Gateway:
+    """Builds and starts the gRPC server on settings.grpc_host:grpc_port (0: any port)."""
+    if config is None:
+        config = load_gateway_config(settings.config)
+    client = upstream_client(settings)
+    providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+    router = Router(config, providers)
+    serving = ServingFlag()
+    limit = settings.max_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router), server)
+    embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(router), server)
+    image_service_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(router), server)
+    audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router), server)
+    status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
+    await server.start()
+    for name in ["", *SERVICE_NAMES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")
+    return Gateway(settings, server, port, client, health_servicer, serving, providers)
+
+
+async def serve_until_signalled(settings: Settings) -> None:
+    """Runs the gRPC server until SIGTERM or SIGINT, then shuts down gracefully."""
+    gateway = await start_gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"gRPC listening on {settings.grpc_host}:{gateway.port}", flush=True)
+    await stop.wait()
+    log.info("shutting down: draining in-flight calls for up to %.0f s", settings.shutdown_grace_s)
+    await gateway.stop()

@@ -1,0 +1,133 @@
+"""Configuration: process settings from the environment, providers from a YAML file.
+
+Settings (`AIGNE_HUB_*` variables, all optional):
+    AIGNE_HUB_GRPC_HOST / AIGNE_HUB_GRPC_PORT   gRPC listener, default 127.0.0.1:50051
+    AIGNE_HUB_REST_HOST / AIGNE_HUB_REST_PORT   REST bridge (Envoy), default 127.0.0.1:8080
+    AIGNE_HUB_ADMIN_PORT                        Envoy admin (loopback only), default 9901
+    AIGNE_HUB_CONFIG                            YAML file of providers, models, aliases
+    AIGNE_HUB_MAX_MESSAGE_BYTES                 request/response size limit, default 32 MiB
+    ...                                         see `Settings` for the rest
+
+Providers: with a YAML file, exactly the providers it lists; without one, every
+provider whose official SDK variables are set (`OPENAI_API_KEY`, `OPENAI_BASE_URL`).
+Secrets belong in the environment: the file names the variable (`api_key_env`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.providers.base import Capability
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Process settings, read from `AIGNE_HUB_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="AIGNE_HUB_", extra="ignore")
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    rest_host: str = "127.0.0.1"
+    rest_port: int = Field(8080, ge=0, le=65535)
+    admin_port: int = Field(9901, ge=0, le=65535)
+    config: Path | None = None
+    # One limit for request and response messages, in gRPC and in Envoy's buffers.
+    max_message_bytes: int = Field(32 * MIB, ge=MIB, le=512 * MIB)
+    upstream_connect_timeout_s: float = Field(10.0, gt=0)
+    # How long an upstream may stay silent (between stream chunks, or before answering).
+    upstream_read_timeout_s: float = Field(600.0, gt=0)
+    # Graceful shutdown: how long in-flight calls (streams included) may take to finish.
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    upstream_max_connections: int = Field(1000, ge=1)
+    log_level: str = "INFO"
+
+
+def _models_list(value: Any) -> Any:
+    """Accepts `models: [name, ...]` as well as `models: [{id: name, ...}, ...]`."""
+    if isinstance(value, list):
+        return [{"id": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
+class ModelEntry(BaseModel):
+    """One catalog model of a provider."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    # Narrows what the provider can do for this model; default: all of it.
+    capabilities: list[Capability] | None = None
+
+
+class ProviderConfig(BaseModel):
+    """One provider: which adapter speaks to it, where, and with which credential."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The adapter module (a key of `registry.ADAPTERS`) or a preset name; default:
+    # the provider's own name.
+    type: str | None = None
+    base_url: str | None = None
+    # The environment variable that holds the API key (preferred over `api_key`).
+    api_key_env: str | None = None
+    api_key: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    models: Annotated[list[ModelEntry], BeforeValidator(_models_list)] = Field(
+        default_factory=list
+    )
+    # When true, models outside `models` are refused with MODEL_NOT_FOUND instead of
+    # being passed to the provider, which knows best which models it has.
+    strict_models: bool = False
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return self.api_key
+
+
+class GatewayConfig(BaseModel):
+    """The YAML file's schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    # `alias: provider/model`, e.g. `fast: openai/gpt-4o-mini`.
+    aliases: dict[str, str] = Field(default_factory=dict)
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+def load_gateway_config(path: Path | None, environ: dict[str, str] | None = None) -> GatewayConfig:
+    """The file's configuration, or the one implied by SDK environment variables."""
+    if path is None:
+        return config_from_environment(dict(os.environ) if environ is None else environ)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    try:
+        return GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"config file {path} is invalid:\n{exc}") from exc
+
+
+def config_from_environment(environ: dict[str, str]) -> GatewayConfig:
+    """Providers enabled by the variables their official SDKs read."""
+    providers: dict[str, ProviderConfig] = {}
+    if environ.get("OPENAI_API_KEY") or environ.get("OPENAI_BASE_URL"):
+        providers["openai"] = ProviderConfig(
+            api_key_env="OPENAI_API_KEY", base_url=environ.get("OPENAI_BASE_URL") or None
+        )
+    return GatewayConfig(providers=providers)

@@ -1,0 +1,171 @@
+"""The gateway's one error tree.
+
+Every failure the gateway reports is one of these exceptions. They carry what a client
+needs (a message, a stable `reason` from `aigne.hub.v1.ErrorReason`, optional metadata
+and retry hint) and nothing about transport: adapters raise them without knowing about
+gRPC, and `server.api.errors` maps each class to a gRPC status code in one place.
+
+    GatewayError
+    ├── InvalidRequest            the caller's request is wrong (400)
+    │   └── RequestTooLarge       a field or body is over a documented limit (400)
+    ├── ModelNotFound             no such provider/model (404)
+    ├── ProviderNotConfigured     the provider exists but has no credential (400)
+    ├── UnsupportedFeature        the provider cannot do what was asked (501)
+    ├── ShuttingDown              the server is draining (503)
+    ├── InternalError             a bug in the gateway (500)
+    └── UpstreamError             the upstream provider failed
+        ├── UpstreamBadRequest        it rejected the request (400)
+        ├── UpstreamAuthFailed        it rejected the gateway's credential (403)
+        ├── UpstreamNotFound          it does not know the model (404)
+        ├── UpstreamRateLimited       it rate-limited us (429, with retry hint)
+        ├── UpstreamUnavailable       5xx, overloaded or unreachable (503)
+        ├── UpstreamTimeout           it did not answer in time (504)
+        └── UpstreamMalformedResponse it answered something unparsable (503)
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    reason = "INTERNAL_ERROR"
+    # OpenAI's error `type` for REST clients; used in stream error events.
+    openai_type = "api_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.metadata = dict(metadata or {})
+        if field:
+            self.metadata.setdefault("field", field)
+
+
+class InvalidRequest(GatewayError):
+    """The request is malformed or a field is out of range."""
+
+    reason = "INVALID_REQUEST"
+    openai_type = "invalid_request_error"
+
+
+class RequestTooLarge(InvalidRequest):
+    """A field or the request is larger than a documented limit."""
+
+    reason = "REQUEST_TOO_LARGE"
+
+
+class ModelNotFound(GatewayError):
+    """The model is not `provider/model`, or names an unknown provider or model."""
+
+    reason = "MODEL_NOT_FOUND"
+    openai_type = "not_found_error"
+
+
+class ProviderNotConfigured(GatewayError):
+    """The provider is known but not set up (for example no API key)."""
+
+    reason = "PROVIDER_NOT_CONFIGURED"
+    openai_type = "invalid_request_error"
+
+
+class UnsupportedFeature(GatewayError):
+    """The provider does not offer the requested capability or feature."""
+
+    reason = "UNSUPPORTED_FEATURE"
+    openai_type = "invalid_request_error"
+
+
+class ShuttingDown(GatewayError):
+    """The server is draining and takes no new calls."""
+
+    reason = "SHUTTING_DOWN"
+    openai_type = "service_unavailable_error"
+
+
+class InternalError(GatewayError):
+    """An unexpected fault inside the gateway."""
+
+    reason = "INTERNAL_ERROR"
+
+
+class UpstreamError(GatewayError):
+    """The upstream provider failed; `status` is its HTTP status when it answered."""
+
+    reason = "UPSTREAM_UNAVAILABLE"
+    openai_type = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        status: int | None = None,
+        retry_after_seconds: float | None = None,
+        field: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, field=field, metadata=metadata)
+        self.provider = provider
+        self.status = status
+        self.retry_after_seconds = retry_after_seconds
+        self.metadata["provider"] = provider
+        if status is not None:
+            self.metadata["upstream_status"] = str(status)
+        if retry_after_seconds is not None:
+            self.metadata["retry_after_seconds"] = f"{retry_after_seconds:g}"
+
+
+class UpstreamBadRequest(UpstreamError):
+    """The provider rejected the request as invalid."""
+
+    reason = "UPSTREAM_BAD_REQUEST"
+    openai_type = "invalid_request_error"
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """The provider rejected the gateway's credential: an operator must act."""
+
+    reason = "UPSTREAM_AUTH_FAILED"
+    openai_type = "permission_denied_error"
+
+
+class UpstreamNotFound(UpstreamError):
+    """The provider does not know the model or resource."""
+
+    reason = "UPSTREAM_NOT_FOUND"
+    openai_type = "not_found_error"
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The provider rate-limited the call; `retry_after_seconds` carries its hint."""
+
+    reason = "UPSTREAM_RATE_LIMITED"
+    openai_type = "rate_limit_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The provider failed (5xx), is overloaded, or could not be reached."""
+
+    reason = "UPSTREAM_UNAVAILABLE"
+    openai_type = "service_unavailable_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The provider did not answer in time."""
+
+    reason = "UPSTREAM_TIMEOUT"
+    openai_type = "timeout_error"
+
+
+class UpstreamMalformedResponse(UpstreamError):
+    """The provider answered with something the gateway could not parse."""
+
+    reason = "UPSTREAM_MALFORMED_RESPONSE"
+    openai_type = "upstream_error"

@@ -1,0 +1,197 @@
+"""OpenAI and the OpenAI-compatible family (DeepSeek, xAI, OpenRouter, vLLM,
+llama.cpp's server, Ollama's /v1, ...): the internal format is OpenAI's, so requests
+go upstream nearly unchanged.
+
+One adapter instance per configured provider; all share the process's httpx client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+
+from server import errors
+from server.providers.base import (
+    JSON,
+    AudioFile,
+    Capability,
+    TranscriptionInput,
+    TranscriptionOutput,
+)
+from server.providers.http_errors import (
+    error_message_from_body,
+    transport_error,
+    upstream_status_error,
+)
+
+ALL_CAPABILITIES = frozenset(Capability)
+
+
+class OpenAIAdapter:
+    """Speaks OpenAI's REST API at `base_url` (which includes the `/v1` part)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str,
+        api_key: str | None,
+        client: httpx.AsyncClient,
+        extra_headers: Mapping[str, str] | None = None,
+        capabilities: frozenset[Capability] = ALL_CAPABILITIES,
+    ) -> None:
+        self.name = name
+        self.capabilities = capabilities
+        self._base_url = base_url.rstrip("/")
+        self._client = client
+        self._headers = dict(extra_headers or {})
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    async def aclose(self) -> None:
+        """Nothing of its own to release: the HTTP client is shared."""
+
+    # -- chat -------------------------------------------------------------------------
+
+    async def create_chat_completion(self, request: JSON, model: str) -> JSON:
+        body = {**request, "model": model}
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+        return await self._post_json("/chat/completions", body)
+
+    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncIterator[JSON]:
+        # Usage is always asked for: billing needs it even when the client did not.
+        body = {**request, "model": model, "stream": True, "stream_options": {"include_usage": True}}
+        async with self._open_stream("/chat/completions", body) as response:
+            async for event in _sse_data(response, self.name):
+                if event == "[DONE]":
+                    return
+                chunk = self._parse_event(event)
+                if "error" in chunk and "choices" not in chunk:
+                    raise self._stream_error(chunk["error"])
+                yield chunk
+        raise errors.UpstreamUnavailable(
+            f"{self.name} ended the stream before [DONE]", provider=self.name
+        )
+
+    # -- embeddings, images, audio --------------------------------------------------------
+
+    async def create_embedding(self, request: JSON, model: str) -> JSON:
+        return await self._post_json("/embeddings", {**request, "model": model})
+
+    async def create_image(self, request: JSON, model: str) -> JSON:
+        return await self._post_json("/images/generations", {**request, "model": model})
+
+    async def create_speech(self, request: JSON, model: str) -> AudioFile:
+        response = await self._send("POST", "/audio/speech", json={**request, "model": model})
+        content_type = response.headers.get("content-type", "application/octet-stream")
+        return AudioFile(content_type=content_type, data=response.content)
+
+    async def create_transcription(
+        self, audio: TranscriptionInput, model: str
+    ) -> TranscriptionOutput:
+        data = [("model", model), *audio.fields]
+        files = {"file": (audio.filename, audio.file, audio.file_content_type)}
+        response = await self._send("POST", "/audio/transcriptions", data=data, files=files)
+        content_type = response.headers.get("content-type", "text/plain")
+        return TranscriptionOutput(content_type=content_type, body=response.content)
+
+    # -- HTTP plumbing --------------------------------------------------------------------
+
+    async def _post_json(self, path: str, body: JSON) -> JSON:
+        response = await self._send("POST", path, json=body)
+        return self._parse_json(response.content)
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._client.request(
+                method, self._base_url + path, headers=self._headers, **kwargs
+            )
+        except httpx.HTTPError as exc:
+            raise transport_error(self.name, exc) from exc
+        if response.status_code >= 400:
+            message = error_message_from_body(response.content)
+            raise upstream_status_error(self.name, response.status_code, response.headers, message)
+        return response
+
+    def _open_stream(self, path: str, body: JSON) -> _StreamContext:
+        request = self._client.build_request(
+            "POST", self._base_url + path, headers=self._headers, json=body
+        )
+        return _StreamContext(self._client, request, self.name)
+
+    def _parse_json(self, content: bytes) -> JSON:
+        try:
+            parsed = json.loads(content)
+        except ValueError as exc:
+            raise errors.UpstreamMalformedResponse(
+                f"{self.name} answered with invalid JSON: {content[:200]!r}", provider=self.name
+            ) from exc
+        if not isinstance(parsed, dict):
+            raise errors.UpstreamMalformedResponse(
+                f"{self.name} answered with JSON that is not an object", provider=self.name
+            )
+        return parsed
+
+    def _parse_event(self, data: str) -> JSON:
+        return self._parse_json(data.encode())
+
+    def _stream_error(self, error: Any) -> errors.UpstreamError:
+        message = error.get("message") if isinstance(error, dict) else None
+        return errors.UpstreamUnavailable(
+            f"{self.name} failed mid-stream: {message or error}", provider=self.name
+        )
+
+
+class _StreamContext:
+    """`async with`: sends the request, raises the mapped error on a failed status,
+    and closes the upstream connection on exit, which is how a client's cancellation
+    reaches the upstream at once."""
+
+    def __init__(self, client: httpx.AsyncClient, request: httpx.Request, provider: str) -> None:
+        self._client = client
+        self._request = request
+        self._provider = provider
+        self._response: httpx.Response | None = None
+
+    async def __aenter__(self) -> httpx.Response:
+        try:
+            response = await self._client.send(self._request, stream=True)
+        except httpx.HTTPError as exc:
+            raise transport_error(self._provider, exc) from exc
+        if response.status_code >= 400:
+            try:
+                body = await response.aread()
+            except httpx.HTTPError:
+                body = b""
+            finally:
+                await response.aclose()
+            message = error_message_from_body(body)
+            raise upstream_status_error(self._provider, response.status_code, response.headers, message)
+        self._response = response
+        return response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._response is not None:
+            await self._response.aclose()
+
+
+async def _sse_data(response: httpx.Response, provider: str) -> AsyncIterator[str]:
+    """The `data` of each server-sent event, multi-line data joined with newlines."""
+    data_lines: list[str] = []
+    try:
+        async for line in response.aiter_lines():
+            if not line:
+                if data_lines:
+                    yield "\n".join(data_lines)
+                    data_lines = []
+            elif line.startswith("data:"):
+                data_lines.append(line[5:].removeprefix(" "))
+            # Other fields (event:, id:, retry:) and comments (:) carry nothing we use.
+    except httpx.HTTPError as exc:
+        raise transport_error(provider, exc) from exc
+    if data_lines:
+        yield "\n".join(data_lines)

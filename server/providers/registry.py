@@ -1,0 +1,119 @@
+"""Which adapter serves which provider name, and the presets of the OpenAI family.
+
+Adding a provider: write `server/providers/<name>.py` with an adapter class and add one
+line to `ADAPTERS` (or, for an OpenAI-compatible API, one line to `PRESETS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from server.config import ModelEntry, ProviderConfig
+from server.errors import ProviderNotConfigured
+from server.providers.base import Capability, Provider
+from server.providers.openai import OpenAIAdapter
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults for a named provider: its adapter, base URL and key variable."""
+
+    adapter: str
+    base_url: str | None
+    api_key_env: str | None
+    capabilities: frozenset[Capability] = frozenset(Capability)
+    # The catalog used when the configuration lists no models.
+    models: tuple[ModelEntry, ...] = ()
+
+
+_CHAT_ONLY = frozenset({Capability.CHAT, Capability.CHAT_STREAM, Capability.TOOLS, Capability.JSON_SCHEMA})
+
+_C = Capability
+_OPENAI_CHAT = [_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.JSON_SCHEMA, _C.VISION]
+OPENAI_MODELS = tuple(
+    ModelEntry(id=model_id, capabilities=caps)
+    for model_id, caps in [
+        ("gpt-4o", _OPENAI_CHAT),
+        ("gpt-4o-mini", _OPENAI_CHAT),
+        ("gpt-4.1", _OPENAI_CHAT),
+        ("gpt-4.1-mini", _OPENAI_CHAT),
+        ("gpt-4.1-nano", _OPENAI_CHAT),
+        ("o4-mini", _OPENAI_CHAT),
+        ("text-embedding-3-small", [_C.EMBEDDINGS]),
+        ("text-embedding-3-large", [_C.EMBEDDINGS]),
+        ("dall-e-2", [_C.IMAGES]),
+        ("dall-e-3", [_C.IMAGES]),
+        ("gpt-image-1", [_C.IMAGES]),
+        ("tts-1", [_C.SPEECH]),
+        ("gpt-4o-mini-tts", [_C.SPEECH]),
+        ("whisper-1", [_C.TRANSCRIPTION]),
+        ("gpt-4o-mini-transcribe", [_C.TRANSCRIPTION]),
+    ]
+)
+
+PRESETS: dict[str, Preset] = {
+    "openai": Preset("openai", "https://api.openai.com/v1", "OPENAI_API_KEY", models=OPENAI_MODELS),
+    "deepseek": Preset("openai", "https://api.deepseek.com/v1", "DEEPSEEK_API_KEY", _CHAT_ONLY),
+    "xai": Preset("openai", "https://api.x.ai/v1", "XAI_API_KEY", _CHAT_ONLY | {Capability.VISION}),
+    "openrouter": Preset(
+        "openai", "https://openrouter.ai/api/v1", "OPENROUTER_API_KEY", _CHAT_ONLY | {Capability.VISION}
+    ),
+}
+
+AdapterFactory = Callable[[str, ProviderConfig, Preset | None, httpx.AsyncClient], Provider]
+
+
+def _openai(
+    name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient
+) -> Provider:
+    base_url = cfg.base_url or (preset.base_url if preset else None)
+    if not base_url:
+        raise ProviderNotConfigured(f"provider {name!r} needs a base_url", field="base_url")
+    api_key = cfg.resolved_api_key()
+    if api_key is None and cfg.api_key_env is None and preset and preset.api_key_env:
+        api_key = ProviderConfig(api_key_env=preset.api_key_env).resolved_api_key()
+    capabilities = preset.capabilities if preset else frozenset(Capability)
+    return OpenAIAdapter(
+        name=name,
+        base_url=base_url,
+        api_key=api_key,
+        client=client,
+        extra_headers=cfg.headers,
+        capabilities=capabilities,
+    )
+
+
+ADAPTERS: dict[str, AdapterFactory] = {
+    "openai": _openai,
+}
+
+
+def build_provider(name: str, cfg: ProviderConfig, client: httpx.AsyncClient) -> Provider:
+    """The adapter for provider `name` configured by `cfg`."""
+    kind = cfg.type or name
+    preset = PRESETS.get(kind)
+    adapter = preset.adapter if preset else kind
+    factory = ADAPTERS.get(adapter)
+    if factory is None:
+        known = ", ".join(sorted({*ADAPTERS, *PRESETS}))
+        raise ProviderNotConfigured(
+            f"provider {name!r} has unknown type {kind!r} (known: {known})", field="type"
+        )
+    return factory(name, cfg, preset, client)
+
+
+def catalog_models(name: str, cfg: ProviderConfig) -> list[ModelEntry]:
+    """The provider's catalog: the configured models, else its preset's."""
+    if cfg.models:
+        return list(cfg.models)
+    preset = PRESETS.get(cfg.type or name)
+    return list(preset.models) if preset else []
+
+
+def api_key_variable(provider: str) -> str | None:
+    """The variable that enables a known provider, for error messages."""
+    preset = PRESETS.get(provider)
+    return preset.api_key_env if preset else None
