@@ -80,9 +80,7 @@ class ProviderConfig(BaseModel):
     api_key_env: str | None = None
     api_key: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
-    models: Annotated[list[ModelEntry], BeforeValidator(_models_list)] = Field(
-        default_factory=list
-    )
+    models: Annotated[list[ModelEntry], BeforeValidator(_models_list)] = Field(default_factory=list)
     # When true, models outside `models` are refused with MODEL_NOT_FOUND instead of
     # being passed to the provider, which knows best which models it has.
     strict_models: bool = False

@@ -55,8 +55,7 @@ class Router:
         allowed = catalog_entry.capabilities if catalog_entry else adapter.capabilities
         if capability not in allowed or not isinstance(adapter, interface):
             raise UnsupportedFeature(
-                f"provider {adapter.name!r} does not support {capability.value} "
-                f"for model {route.upstream_model!r}",
+                f"provider {adapter.name!r} does not support {capability.value} for model {route.upstream_model!r}",
                 field="model",
                 metadata={"provider": adapter.name, "feature": capability.value},
             )
@@ -96,9 +95,7 @@ class Router:
                 metadata={"provider": name},
             )
         enabled = ", ".join(sorted(self._providers)) or "none"
-        return ModelNotFound(
-            f"unknown provider {name!r} (enabled providers: {enabled})", field="model"
-        )
+        return ModelNotFound(f"unknown provider {name!r} (enabled providers: {enabled})", field="model")
 
     def _build_catalog(self) -> dict[str, CatalogModel]:
         catalog: dict[str, CatalogModel] = {}

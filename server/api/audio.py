@@ -8,10 +8,10 @@ from email.parser import BytesParser
 from email.policy import HTTP
 
 import grpc
-from google.api import httpbody_pb2
-
 from aigne.hub.v1 import audio_service_pb2 as audio_pb
 from aigne.hub.v1 import audio_service_pb2_grpc as audio_grpc
+from google.api import httpbody_pb2
+
 from server.api.calls import unary
 from server.api.convert import from_json, to_json
 from server.api.validation import check_range
@@ -30,7 +30,15 @@ TRANSCRIPTION_FORMATS = frozenset({"", "json", "text", "srt", "verbose_json", "v
 MAX_SPEECH_INPUT_CHARS = 4096
 # Form fields OpenAI's transcription endpoint takes besides `file` and `model`.
 TRANSCRIPTION_FIELDS = frozenset(
-    {"language", "prompt", "response_format", "temperature", "timestamp_granularities[]", "chunking_strategy", "include[]"}
+    {
+        "language",
+        "prompt",
+        "response_format",
+        "temperature",
+        "timestamp_granularities[]",
+        "chunking_strategy",
+        "include[]",
+    }
 )
 
 
@@ -60,11 +68,7 @@ class AudioServicer(audio_grpc.AudioServiceServicer):
         if not request.file:
             raise InvalidRequest("file is required: the audio file's bytes", field="file")
         _check_transcription_format(request.response_format)
-        fields = [
-            (name, str(value))
-            for name, value in to_json(request).items()
-            if name in TRANSCRIPTION_FIELDS
-        ]
+        fields = [(name, str(value)) for name, value in to_json(request).items() if name in TRANSCRIPTION_FIELDS]
         audio = TranscriptionInput(
             file=request.file,
             filename=request.filename or "audio.wav",
@@ -117,9 +121,7 @@ def _check_transcription_format(response_format: str) -> None:
 def parse_transcription_upload(content_type: str, body: bytes) -> tuple[str, TranscriptionInput]:
     """The model and audio of an OpenAI-style multipart/form-data upload."""
     if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
-        raise InvalidRequest(
-            "the body must be multipart/form-data with a file part and a model field", field="file"
-        )
+        raise InvalidRequest("the body must be multipart/form-data with a file part and a model field", field="file")
     header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
     message = BytesParser(policy=HTTP).parsebytes(header + body)
     if not isinstance(message, EmailMessage) or not message.is_multipart():

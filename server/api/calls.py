@@ -39,7 +39,7 @@ def unary(
             return await method(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure must become a status
+        except Exception as exc:
             await abort_for(context, exc)
             raise  # unreachable: abort_for raises
 
@@ -49,4 +49,3 @@ def unary(
 def from_bridge(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     """Whether the call came through the REST bridge as an SSE stream."""
     return any(key == BRIDGE_HEADER and value == "sse" for key, value in context.invocation_metadata() or ())
-

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-import grpc
+from typing import TypeAlias
 
+import grpc
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import common_pb2
+
 from server import errors
 from server.api.calls import abort_for, from_bridge, unary
 from server.api.convert import from_json, to_json
@@ -18,7 +20,9 @@ from server.providers.base import JSON, Capability, ChatCompletions
 from server.router import Route, Router
 
 log = logging.getLogger(__name__)
-StreamContext = grpc.aio.ServicerContext[chat_pb.CreateChatCompletionRequest, chat_pb.StreamChatCompletionResponse]
+StreamContext: TypeAlias = grpc.aio.ServicerContext[
+    chat_pb.CreateChatCompletionRequest, chat_pb.StreamChatCompletionResponse
+]
 
 # The sentinel that the REST bridge turns into `data: [DONE]`.
 DONE_SENTINEL_ID = "[DONE]"
@@ -97,9 +101,7 @@ def _public_model(route: Route, answer: JSON) -> str:
     return route.public_model
 
 
-def _client_chunk(
-    chunk: JSON, route: Route, include_usage: bool
-) -> chat_pb.StreamChatCompletionResponse | None:
+def _client_chunk(chunk: JSON, route: Route, include_usage: bool) -> chat_pb.StreamChatCompletionResponse | None:
     """The chunk as the client asked for it: usage only when asked for.
 
     The adapter always asks upstream for usage (billing needs it); a usage-only chunk
@@ -121,5 +123,3 @@ def _error_chunk(exc: Exception) -> chat_pb.StreamChatCompletionResponse:
         exc = errors.InternalError("internal error; the gateway's log has the details")
     error = common_pb2.ErrorObject(message=exc.message, type=exc.openai_type, code=exc.reason, param=exc.field or "")
     return chat_pb.StreamChatCompletionResponse(object="chat.completion.chunk", error=error)
-
-

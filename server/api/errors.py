@@ -82,7 +82,7 @@ def _code_number(code: grpc.StatusCode) -> int:
     return value if value in code_pb2.Code.values() else code_pb2.INTERNAL
 
 
-class _WithMetadata(grpc.Status):
+class _WithMetadata(grpc.Status):  # type: ignore[misc]
     """A status whose trailing metadata has extra entries (grpc.Status is a plain ABC)."""
 
     def __init__(self, status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> None:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import grpc
-
 from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
+
 from server.api.calls import unary
 from server.errors import GatewayError
 from server.router import Router
 
 
 class StatusServicer(status_grpc.StatusServiceServicer):
-    def __init__(self, router: Router, is_serving: "ServingFlag") -> None:
+    def __init__(self, router: Router, is_serving: ServingFlag) -> None:
         self._router = router
         self._is_serving = is_serving
 
@@ -23,7 +23,9 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         context: grpc.aio.ServicerContext[status_pb.GetStatusRequest, status_pb.GetStatusResponse],
     ) -> status_pb.GetStatusResponse:
         if not self._is_serving.serving:
-            return status_pb.GetStatusResponse(available=False, error="the gateway is shutting down", code="SHUTTING_DOWN")
+            return status_pb.GetStatusResponse(
+                available=False, error="the gateway is shutting down", code="SHUTTING_DOWN"
+            )
         if request.model:
             try:
                 self._router.route(request.model)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from google.protobuf import struct_pb2
 
-from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from server.errors import InvalidRequest
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -75,9 +75,7 @@ def _check_content(where: str, message: chat_pb.ChatMessage) -> bool:
     if kind == "string_value":
         return True
     if kind != "list_value":
-        raise InvalidRequest(
-            f"{where}.content must be a string or an array of content parts", field=f"{where}.content"
-        )
+        raise InvalidRequest(f"{where}.content must be a string or an array of content parts", field=f"{where}.content")
     for part_index, part in enumerate(content.list_value.values):
         _check_content_part(f"{where}.content[{part_index}]", part)
     return len(content.list_value.values) > 0
@@ -135,7 +133,9 @@ def _check_tools(request: chat_pb.CreateChatCompletionRequest) -> None:
         raise InvalidRequest(f"tools takes at most {MAX_TOOLS} tools", field="tools")
     for index, tool in enumerate(request.tools):
         if tool.type != "function":
-            raise InvalidRequest(f"tools[{index}].type must be 'function', got {tool.type!r}", field=f"tools[{index}].type")
+            raise InvalidRequest(
+                f"tools[{index}].type must be 'function', got {tool.type!r}", field=f"tools[{index}].type"
+            )
         if not tool.function.name:
             raise InvalidRequest(f"tools[{index}].function.name is required", field=f"tools[{index}].function.name")
     choice = request.tool_choice

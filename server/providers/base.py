@@ -9,7 +9,7 @@ upstream model name (the part after `provider/`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
@@ -74,7 +74,7 @@ class ChatCompletions(Protocol):
         """Answers an OpenAI chat request with an OpenAI `chat.completion` object."""
         ...
 
-    def stream_chat_completion(self, request: JSON, model: str) -> AsyncIterator[JSON]:
+    def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
         """Yields OpenAI `chat.completion.chunk` objects as the upstream produces them.
 
         Always ends with a chunk carrying `usage` (with empty `choices`) when the
@@ -115,9 +115,7 @@ class SpeechSynthesis(Protocol):
 class Transcription(Protocol):
     """Speech to text."""
 
-    async def create_transcription(
-        self, audio: TranscriptionInput, model: str
-    ) -> TranscriptionOutput:
+    async def create_transcription(self, audio: TranscriptionInput, model: str) -> TranscriptionOutput:
         """Transcribes audio, rendered in `audio.response_format`."""
         ...
 

@@ -53,9 +53,7 @@ def error_message_from_body(body: bytes) -> str:
     return json.dumps(parsed)[:_MAX_MESSAGE_CHARS]
 
 
-def upstream_status_error(
-    provider: str, status: int, headers: httpx.Headers, message: str
-) -> errors.UpstreamError:
+def upstream_status_error(provider: str, status: int, headers: httpx.Headers, message: str) -> errors.UpstreamError:
     """The exception for an upstream answer with HTTP status `status` (>= 400)."""
     text = f"{provider} answered {status}: {message}"
     kind: type[errors.UpstreamError]

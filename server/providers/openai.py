@@ -8,7 +8,7 @@ One adapter instance per configured provider; all share the process's httpx clie
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -62,7 +62,7 @@ class OpenAIAdapter:
         body.pop("stream_options", None)
         return await self._post_json("/chat/completions", body)
 
-    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncIterator[JSON]:
+    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
         # Usage is always asked for: billing needs it even when the client did not.
         body = {**request, "model": model, "stream": True, "stream_options": {"include_usage": True}}
         async with self._open_stream("/chat/completions", body) as response:
@@ -73,9 +73,7 @@ class OpenAIAdapter:
                 if "error" in chunk and "choices" not in chunk:
                     raise self._stream_error(chunk["error"])
                 yield chunk
-        raise errors.UpstreamUnavailable(
-            f"{self.name} ended the stream before [DONE]", provider=self.name
-        )
+        raise errors.UpstreamUnavailable(f"{self.name} ended the stream before [DONE]", provider=self.name)
 
     # -- embeddings, images, audio --------------------------------------------------------
 
@@ -90,9 +88,7 @@ class OpenAIAdapter:
         content_type = response.headers.get("content-type", "application/octet-stream")
         return AudioFile(content_type=content_type, data=response.content)
 
-    async def create_transcription(
-        self, audio: TranscriptionInput, model: str
-    ) -> TranscriptionOutput:
+    async def create_transcription(self, audio: TranscriptionInput, model: str) -> TranscriptionOutput:
         data = [("model", model), *audio.fields]
         files = {"file": (audio.filename, audio.file, audio.file_content_type)}
         response = await self._send("POST", "/audio/transcriptions", data=data, files=files)
@@ -107,9 +103,7 @@ class OpenAIAdapter:
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = await self._client.request(
-                method, self._base_url + path, headers=self._headers, **kwargs
-            )
+            response = await self._client.request(method, self._base_url + path, headers=self._headers, **kwargs)
         except httpx.HTTPError as exc:
             raise transport_error(self.name, exc) from exc
         if response.status_code >= 400:
@@ -118,9 +112,7 @@ class OpenAIAdapter:
         return response
 
     def _open_stream(self, path: str, body: JSON) -> _StreamContext:
-        request = self._client.build_request(
-            "POST", self._base_url + path, headers=self._headers, json=body
-        )
+        request = self._client.build_request("POST", self._base_url + path, headers=self._headers, json=body)
         return _StreamContext(self._client, request, self.name)
 
     def _parse_json(self, content: bytes) -> JSON:
@@ -141,9 +133,7 @@ class OpenAIAdapter:
 
     def _stream_error(self, error: Any) -> errors.UpstreamError:
         message = error.get("message") if isinstance(error, dict) else None
-        return errors.UpstreamUnavailable(
-            f"{self.name} failed mid-stream: {message or error}", provider=self.name
-        )
+        return errors.UpstreamUnavailable(f"{self.name} failed mid-stream: {message or error}", provider=self.name)
 
 
 class _StreamContext:

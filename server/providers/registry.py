@@ -66,9 +66,7 @@ PRESETS: dict[str, Preset] = {
 AdapterFactory = Callable[[str, ProviderConfig, Preset | None, httpx.AsyncClient], Provider]
 
 
-def _openai(
-    name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient
-) -> Provider:
+def _openai(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient) -> Provider:
     base_url = cfg.base_url or (preset.base_url if preset else None)
     if not base_url:
         raise ProviderNotConfigured(f"provider {name!r} needs a base_url", field="base_url")
@@ -99,9 +97,7 @@ def build_provider(name: str, cfg: ProviderConfig, client: httpx.AsyncClient) ->
     factory = ADAPTERS.get(adapter)
     if factory is None:
         known = ", ".join(sorted({*ADAPTERS, *PRESETS}))
-        raise ProviderNotConfigured(
-            f"provider {name!r} has unknown type {kind!r} (known: {known})", field="type"
-        )
+        raise ProviderNotConfigured(f"provider {name!r} has unknown type {kind!r} (known: {known})", field="type")
     return factory(name, cfg, preset, client)
 
 

@@ -74,11 +74,7 @@ def generate(out: Path) -> None:
 def _differences(expected: Path, actual: Path) -> list[str]:
     diffs: list[str] = []
     expected_files = {p.relative_to(expected) for p in expected.rglob("*") if p.is_file()}
-    actual_files = {
-        p.relative_to(actual)
-        for p in actual.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
-    }
+    actual_files = {p.relative_to(actual) for p in actual.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     diffs += [f"missing: {p}" for p in sorted(expected_files - actual_files)]
     diffs += [f"unexpected: {p}" for p in sorted(actual_files - expected_files)]
     for rel in sorted(expected_files & actual_files):

@@ -1,0 +1,150 @@
+"""The `aigne-hub` command.
+
+aigne-hub serve          gRPC server and the Envoy REST bridge together
+aigne-hub grpc           the gRPC server alone
+aigne-hub envoy-config   print the Envoy configuration `serve` would use
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from server.app import Gateway, serve_until_signalled, start_gateway
+from server.bridge.envoy_config import LUA_PATH, render_envoy_config
+from server.bridge.process import EnvoyProcess
+from server.config import ConfigError, Settings
+
+DESCRIPTOR_PATH = Path(__file__).resolve().parent.parent / "generated" / "descriptor.binpb"
+log = logging.getLogger("aigne_hub")
+
+
+def envoy_yaml(settings: Settings, grpc_port: int) -> str:
+    """The bridge configuration for these settings, pointing at `grpc_port`."""
+    return render_envoy_config(
+        rest_host=settings.rest_host,
+        rest_port=settings.rest_port,
+        grpc_host=settings.grpc_host,
+        grpc_port=grpc_port,
+        admin_port=settings.admin_port,
+        descriptor_path=DESCRIPTOR_PATH,
+        lua_path=LUA_PATH,
+        max_request_bytes=settings.max_message_bytes,
+        max_response_bytes=settings.max_message_bytes,
+    )
+
+
+async def wait_for_bridge(rest_url: str, timeout_s: float = 15.0) -> None:
+    """Waits until a REST call crosses Envoy and reaches the gRPC server."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with httpx.AsyncClient(timeout=1.0, trust_env=False) as client:
+        while loop.time() < deadline:
+            try:
+                if (await client.get(f"{rest_url}/status")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"the REST bridge at {rest_url} did not become healthy in {timeout_s} s")
+
+
+async def serve(settings: Settings) -> None:
+    """Starts gRPC and Envoy, waits for both, runs until SIGTERM/SIGINT, stops both."""
+    gateway: Gateway = await start_gateway(settings)
+    envoy = EnvoyProcess(envoy_yaml(settings, gateway.port), admin_url=f"http://127.0.0.1:{settings.admin_port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await envoy.start()
+        rest_url = f"http://{settings.rest_host}:{settings.rest_port}"
+        await wait_for_bridge(rest_url)
+        print(
+            f"aigne-hub ready: REST {rest_url} (OpenAI base_url {rest_url}/v1), "
+            f"gRPC {settings.grpc_host}:{gateway.port}, Envoy log {envoy.log_path}",
+            flush=True,
+        )
+        await stop.wait()
+        print("aigne-hub stopping: draining in-flight calls", flush=True)
+    finally:
+        await gateway.stop()
+        await envoy.stop()
+    print("aigne-hub stopped", flush=True)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "grpc_host": args.grpc_host,
+            "grpc_port": args.grpc_port,
+            "rest_host": args.rest_host,
+            "rest_port": args.rest_port,
+            "admin_port": args.admin_port,
+            "config": args.config,
+        }.items()
+        if value is not None
+    }
+    return Settings(**overrides)
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this is a fallback
+        asyncio.run(coro)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="aigne-hub", description="AIGNE Hub: a unified AI gateway over gRPC and REST."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [
+        ("serve", "run the gRPC server and the Envoy REST bridge"),
+        ("grpc", "run the gRPC server alone"),
+        ("envoy-config", "print the Envoy configuration that `serve` would use"),
+    ]:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--config", type=Path, help="YAML file of providers and aliases (env AIGNE_HUB_CONFIG)")
+        command.add_argument("--grpc-host", help="gRPC listen address (default 127.0.0.1)")
+        command.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
+        command.add_argument("--rest-host", help="REST listen address (default 127.0.0.1)")
+        command.add_argument("--rest-port", type=int, help="REST port (default 8080)")
+        command.add_argument("--admin-port", type=int, help="Envoy admin port, loopback only (default 9901)")
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "envoy-config":
+            print(envoy_yaml(settings, settings.grpc_port))
+        elif args.command == "grpc":
+            _run(serve_until_signalled(settings))
+        else:
+            _run(serve(settings))
+    except ConfigError as exc:
+        print(f"aigne-hub: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, TimeoutError, RuntimeError) as exc:
+        print(f"aigne-hub: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
