@@ -89,7 +89,13 @@ class OpenAIAdapter:
         return AudioFile(content_type=content_type, data=response.content)
 
     async def create_transcription(self, audio: TranscriptionInput, model: str) -> TranscriptionOutput:
-        data = [("model", model), *audio.fields]
+        data: dict[str, str | list[str]] = {"model": model}
+        for name, value in audio.fields:  # repeated fields (`include[]`) become lists
+            previous = data.get(name)
+            if previous is None:
+                data[name] = value
+            else:
+                data[name] = [*([previous] if isinstance(previous, str) else previous), value]
         files = {"file": (audio.filename, audio.file, audio.file_content_type)}
         response = await self._send("POST", "/audio/transcriptions", data=data, files=files)
         content_type = response.headers.get("content-type", "text/plain")

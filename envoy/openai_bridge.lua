@@ -1,0 +1,199 @@
+-- AIGNE Hub REST bridge: the parts of OpenAI's REST API that the gRPC-JSON transcoder
+-- cannot express by itself. Runs before the transcoder on requests (so after it on
+-- responses). Loaded by envoy.yaml (default_source_code.filename).
+--
+-- Requests:
+--   * POST /chat/completions and /v1/chat/completions whose top-level "stream" is true
+--     are re-routed to the internal binding of ChatService.StreamChatCompletion, with
+--     the header `x-aigne-bridge: sse` that asks the server for the end-of-stream
+--     sentinel.
+--   * /internal/... sent by a client is answered 404.
+--   * Every other request passes untouched after two header look-ups.
+-- Responses:
+--   * text/event-stream: the sentinel event `data: {"id":"[DONE]",...}` becomes
+--     `data: [DONE]`, chunk by chunk, without buffering the stream.
+--   * status >= 400 with a JSON google.rpc.Status body (the transcoder's
+--     convert_grpc_status): an OpenAI `error` object is added in front of the original
+--     fields. Envoy's own error replies are shaped by local_reply_config instead.
+
+local find, sub, byte, gsub = string.find, string.sub, string.byte, string.gsub
+
+local STREAM_PATH = "/internal/chat/completions:stream"
+local CHAT_PATHS = { ["/chat/completions"] = true, ["/v1/chat/completions"] = true }
+local SENTINEL = 'data: {"id":"[DONE]"'
+local DONE_EVENT = "data: [DONE]\n\n"
+
+local ERROR_TYPES = {
+  [400] = "invalid_request_error",
+  [401] = "authentication_error",
+  [403] = "permission_denied_error",
+  [404] = "not_found_error",
+  [408] = "timeout_error",
+  [413] = "invalid_request_error",
+  [429] = "rate_limit_error",
+  [501] = "not_implemented_error",
+  [503] = "service_unavailable_error",
+  [504] = "timeout_error",
+}
+
+-- Position of the closing quote of the JSON string whose opening quote is at `i`, or nil.
+-- Plain find of one character is a memchr, far faster than a pattern class over long
+-- strings (base64 images); a quote preceded by an odd number of backslashes is escaped.
+local function string_end(s, i)
+  local j = i + 1
+  while true do
+    local k = find(s, '"', j, true)
+    if not k then return nil end
+    local b = k - 1
+    while byte(s, b) == 92 do b = b - 1 end
+    if (k - 1 - b) % 2 == 0 then return k end
+    j = k + 1
+  end
+end
+
+-- Whether `s`, a JSON object, has the top-level member "stream": true. Strings and
+-- nested values are skipped structurally, so "stream" inside a message or a nested
+-- object never counts; each step is one C-level string.find. The scan stops at the
+-- first top-level "stream" (the transcoder rejects a duplicate key with 400 anyway).
+local function top_level_stream_true(s)
+  local pos = find(s, "[^ \t\r\n]")
+  if not pos or byte(s, pos) ~= 123 then return false end -- not an object
+  pos = pos + 1
+  local depth = 1
+  while true do
+    local i, _, c = find(s, '([{}%[%]"])', pos)
+    if not i then return false end
+    if c == '"' then
+      local j = string_end(s, i)
+      if not j then return false end
+      pos = j + 1
+      if depth == 1 and j - i == 7 and sub(s, i + 1, j - 1) == "stream" then
+        local _, e = find(s, "^[ \t\r\n]*:[ \t\r\n]*", pos)
+        if e then return sub(s, e + 1, e + 4) == "true" end
+      end
+    elseif c == "{" or c == "[" then
+      depth = depth + 1
+      pos = i + 1
+    else
+      depth = depth - 1
+      if depth == 0 then return false end
+      pos = i + 1
+    end
+  end
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local path = headers:get(":path")
+  if not path then return end
+  local query = ""
+  local q = find(path, "?", 1, true)
+  if q then
+    query = sub(path, q)
+    path = sub(path, 1, q - 1)
+  end
+
+  if CHAT_PATHS[path] then
+    if headers:get(":method") ~= "POST" then return end
+    local body = handle:body()
+    if not body then return end
+    local n = body:length()
+    if n < 14 then return end -- too short to hold "stream":true
+    local text = body:getBytes(0, n)
+    if find(text, '"stream"', 1, true) and top_level_stream_true(text) then
+      -- A header map wrapper taken before body() is dead after it: take a new one.
+      headers = handle:headers()
+      headers:replace(":path", STREAM_PATH .. query)
+      headers:replace("x-aigne-bridge", "sse")
+    end
+    return
+  end
+
+  if sub(path, 1, 10) == "/internal/" or path == "/internal" then
+    -- Shaped as an OpenAI error by local_reply_config (404 mapper).
+    handle:respond({ [":status"] = "404" }, "Not Found")
+  end
+end
+
+local function json_escape(s)
+  return (gsub(s, '[%c"\\]', function(c)
+    if c == '"' then return '\\"' end
+    if c == "\\" then return "\\\\" end
+    if c == "\n" then return "\\n" end
+    if c == "\r" then return "\\r" end
+    if c == "\t" then return "\\t" end
+    return string.format("\\u%04x", byte(c))
+  end))
+end
+
+-- The raw (still escaped) text of the JSON string value that starts right after the
+-- `key` pattern found at or after `init` and before `limit`, or nil.
+local function raw_string_after(s, key, init, limit)
+  local _, e = find(s, key, init, true)
+  if not e or (limit and e > limit) then return nil end
+  local close = string_end(s, e)
+  if not close then return nil end
+  return sub(s, e + 1, close - 1)
+end
+
+local function rewrite_error(handle, status)
+  local body = handle:body()
+  if not body then return end
+  local n = body:length()
+  local text = n > 0 and body:getBytes(0, n) or ""
+  if sub(text, 1, 10) == '{"error":{' then return end -- already OpenAI-shaped
+  local etype = ERROR_TYPES[status] or "api_error"
+
+  if sub(text, 1, 8) == '{"code":' then
+    -- google.rpc.Status as printed by the transcoder: code, message, details, in order.
+    local details_at = find(text, ',"details":', 1, true)
+    local message = raw_string_after(text, '"message":"', 1, details_at) or ""
+    local code, param = "null", "null"
+    local info = details_at and find(text, '"@type":"type.googleapis.com/google.rpc.ErrorInfo"', details_at, true)
+    if info then
+      -- Search only this detail: up to the next "@type" (ErrorInfo has no nested Any).
+      local limit = find(text, '"@type":', info + 8, true)
+      local reason = raw_string_after(text, '"reason":"', info, limit)
+      if reason and reason ~= "" then code = '"' .. reason .. '"' end
+      local meta = find(text, '"metadata":{', info, true)
+      if meta and (not limit or meta < limit) then
+        local meta_end = find(text, "}", meta, true)
+        local field = raw_string_after(text, '"field":"', meta, meta_end)
+        if field and field ~= "" then param = '"' .. field .. '"' end
+      end
+    end
+    body:setBytes('{"error":{"message":"' .. message .. '","type":"' .. etype ..
+      '","param":' .. param .. ',"code":' .. code .. "}," .. sub(text, 2))
+  else
+    -- Anything else (plain text from an upstream, an empty body): wrap it.
+    local message = text ~= "" and text or ("HTTP " .. status)
+    body:setBytes('{"error":{"message":"' .. json_escape(message) .. '","type":"' .. etype ..
+      '","param":null,"code":null}}')
+  end
+  handle:headers():replace("content-type", "application/json")
+end
+
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  local status = tonumber(headers:get(":status")) or 0
+  if status >= 400 then
+    rewrite_error(handle, status)
+    return
+  end
+  local ctype = headers:get("content-type")
+  if not ctype or sub(ctype, 1, 17) ~= "text/event-stream" then return end
+
+  -- Each chunk is forwarded as soon as this loop body returns: nothing is buffered.
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n >= #SENTINEL then
+      local data = chunk:getBytes(0, n)
+      local i = find(data, SENTINEL, 1, true)
+      if i then
+        local j = find(data, "\n\n", i, true)
+        local rest = j and sub(data, j + 2) or ""
+        chunk:setBytes(sub(data, 1, i - 1) .. DONE_EVENT .. rest)
+      end
+    end
+  end
+end

@@ -1,0 +1,14 @@
+"""The OpenAI-compatible REST bridge: Envoy's gRPC-JSON transcoder plus a Lua filter.
+
+`envoy_config` renders and validates the Envoy configuration (envoy/envoy.yaml.tmpl).
+"""
+
+from server.bridge.envoy_config import (
+    ENVOY_DIR,
+    LUA_PATH,
+    TEMPLATE_PATH,
+    render_envoy_config,
+    validate_envoy_config,
+)
+
+__all__ = ["ENVOY_DIR", "LUA_PATH", "TEMPLATE_PATH", "render_envoy_config", "validate_envoy_config"]

