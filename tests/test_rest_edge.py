@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import httpx
 import pytest
@@ -129,7 +130,7 @@ async def test_stream_events_arrive_incrementally(bridge, fake_openai):
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 arrivals.append(loop.time())
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     # The fake sleeps chunk_delay between chunks: if the bridge buffered, the events
     # would all arrive together at the end.
     assert max(gaps) >= fake_openai.chunk_delay * 0.5, gaps
