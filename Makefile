@@ -6,7 +6,8 @@ PY := .venv/bin/python
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := python3
 
-.PHONY: setup run test bench generate check-generated lint typecheck buf-lint buf-breaking clean
+
+.PHONY: setup run test pytest bench generate check-generated lint typecheck buf-lint buf-breaking clean
 
 setup: .venv/.installed node_modules/.installed
 
@@ -25,8 +26,12 @@ node_modules/.installed: package.json package-lock.json
 run: setup
 	.venv/bin/aigne-hub serve
 
-test: setup
+# The one test command (README, CI): static checks, then the whole suite.
+test: setup check-generated lint typecheck
 	.venv/bin/pytest
+
+pytest: setup
+	.venv/bin/pytest $(ARGS)
 
 bench: setup
 	$(PY) -m tests.bench
@@ -47,8 +52,11 @@ typecheck: setup
 buf-lint: node_modules/.installed
 	npx --no-install buf lint
 
+# Compares the protos with a git ref (default: the previous commit); e.g.
+# `make buf-breaking AGAINST=origin/main` before proposing a contract change.
+AGAINST ?= HEAD~1
 buf-breaking: node_modules/.installed
-	npx --no-install buf breaking --against '.git#branch=main'
+	npx --no-install buf breaking --against '.git#ref=$(AGAINST)'
 
 clean:
 	rm -rf .venv .tools node_modules

@@ -7,6 +7,12 @@ aigne-hub envoy-config   print the Envoy configuration `serve` would use
 
 from __future__ import annotations
 
+import os
+
+# Envoy is started as a child process; grpc's fork handlers are not needed for that
+# and only print warnings. Must be set before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import argparse
 import asyncio
 import logging
@@ -131,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every upstream request at INFO: too much for a gateway's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if args.command == "envoy-config":
             print(envoy_yaml(settings, settings.grpc_port))

@@ -1,0 +1,126 @@
+"""The contract itself: buf lint and breaking checks, generated code is current, the
+REST paths are exactly the seed's (plus the SDK twins), and Envoy accepts its config."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+
+from server.bridge.envoy_config import LUA_PATH, render_envoy_config, validate_envoy_config
+from server.cli import DESCRIPTOR_PATH
+
+ROOT = Path(__file__).resolve().parents[1]
+BUF = ROOT / "node_modules" / ".bin" / "buf"
+needs_buf = pytest.mark.skipif(not BUF.exists(), reason="buf not installed (make setup)")
+
+SEED_PATHS = {
+    ("post", "/chat/completions"),
+    ("post", "/embeddings"),
+    ("post", "/image/generations"),
+    ("post", "/audio/transcriptions"),
+    ("post", "/audio/speech"),
+    ("get", "/status"),
+}
+SDK_TWINS = {("post", "/images/generations"), ("get", "/models")}
+
+
+def buf(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BUF), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@needs_buf
+def test_buf_lint_is_clean():
+    result = buf("lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_buf
+def test_buf_breaking_catches_a_removed_field(tmp_path):
+    baseline = tmp_path / "baseline.binpb"
+    assert buf("build", "-o", str(baseline)).returncode == 0
+    changed = tmp_path / "changed"
+    shutil.copytree(ROOT / "protos", changed / "protos")
+    shutil.copy(ROOT / "buf.yaml", changed / "buf.yaml")
+    proto = changed / "protos" / "aigne" / "hub" / "v1" / "chat_service.proto"
+    text = proto.read_text()
+    assert "  optional double top_p = 4;\n" in text
+    proto.write_text(text.replace("  optional double top_p = 4;\n", ""))
+
+    unchanged = buf("breaking", str(ROOT), "--against", str(baseline))
+    assert unchanged.returncode == 0, unchanged.stdout + unchanged.stderr
+    broken = buf("breaking", str(changed), "--against", str(baseline))
+    assert broken.returncode != 0
+    assert "top_p" in broken.stdout + broken.stderr
+
+
+def test_generated_code_is_current():
+    result = subprocess.run(
+        [sys.executable, "-m", "server.tools.generate", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _http_rules() -> dict[str, list[tuple[str, str]]]:
+    files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_PATH.read_bytes())
+    rules: dict[str, list[tuple[str, str]]] = {}
+    for file in files.file:
+        if file.package != "aigne.hub.v1":
+            continue
+        for service in file.service:
+            for method in service.method:
+                rule = method.options.Extensions[annotations_pb2.http]
+                bindings = [rule, *rule.additional_bindings]
+                rules[f"{service.name}.{method.name}"] = [
+                    (kind, getattr(b, kind)) for b in bindings for kind in ("get", "post") if getattr(b, kind)
+                ]
+    return rules
+
+
+def test_rest_paths_are_the_seeds_with_v1_twins():
+    public = {pair for pairs in _http_rules().values() for pair in pairs if not pair[1].startswith("/internal/")}
+    expected = SEED_PATHS | SDK_TWINS
+    assert public == expected | {(method, "/v1" + path) for method, path in expected}
+
+
+def test_every_rpc_but_typed_transcription_is_on_rest():
+    rules = _http_rules()
+    assert [name for name, pairs in rules.items() if not pairs] == ["AudioService.CreateTranscription"]
+
+
+def test_every_element_is_commented():
+    files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_PATH.read_bytes())
+    for file in files.file:
+        if file.package != "aigne.hub.v1":
+            continue
+        commented = {tuple(loc.path) for loc in file.source_code_info.location if loc.leading_comments.strip()}
+        for index, message in enumerate(file.message_type):
+            assert (4, index) in commented, f"{file.name}: message {message.name} has no comment"
+            for field_index, field in enumerate(message.field):
+                assert (4, index, 2, field_index) in commented, f"{message.name}.{field.name} has no comment"
+
+
+def test_envoy_accepts_the_rendered_config(tmp_path):
+    config = render_envoy_config(
+        rest_host="127.0.0.1",
+        rest_port=18080,
+        grpc_host="127.0.0.1",
+        grpc_port=15051,
+        admin_port=19901,
+        descriptor_path=DESCRIPTOR_PATH,
+        lua_path=LUA_PATH,
+        max_request_bytes=32 * 1024 * 1024,
+        max_response_bytes=32 * 1024 * 1024,
+    )
+    path = tmp_path / "envoy.yaml"
+    path.write_text(config)
+    validate_envoy_config(path)  # raises with Envoy's own message on failure
