@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 import grpc
 import httpx
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from aigne.hub.v1 import (
     audio_service_pb2,
     audio_service_pb2_grpc,
@@ -21,9 +24,6 @@ from aigne.hub.v1 import (
     status_service_pb2,
     status_service_pb2_grpc,
 )
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from server.api.audio import AudioServicer
 from server.api.chat import ChatServicer
 from server.api.embeddings import EmbeddingServicer

@@ -91,7 +91,7 @@ async def channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
         yield ch
 
 
-async def start_bridge(grpc_port: int, tmp_dir: Path, max_bytes: int = MAX_MESSAGE_BYTES) -> Bridge:
+async def start_bridge(grpc_port: int, tmp_dir: Path, max_bytes: int = MAX_MESSAGE_BYTES, **timeouts: float) -> Bridge:
     rest_port, admin_port = free_port(), free_port()
     config = render_envoy_config(
         rest_host="127.0.0.1",
@@ -103,6 +103,7 @@ async def start_bridge(grpc_port: int, tmp_dir: Path, max_bytes: int = MAX_MESSA
         lua_path=LUA_PATH,
         max_request_bytes=max_bytes,
         max_response_bytes=max_bytes,
+        **timeouts,
     )
     admin_url = f"http://127.0.0.1:{admin_port}"
     envoy = EnvoyProcess(config, admin_url=admin_url, work_dir=tmp_dir)

@@ -134,3 +134,46 @@ async def test_stream_events_arrive_incrementally(bridge, fake_openai):
     # The fake sleeps chunk_delay between chunks: if the bridge buffered, the events
     # would all arrive together at the end.
     assert max(gaps) >= fake_openai.chunk_delay * 0.5, gaps
+
+
+@pytest.fixture(scope="module")
+async def impatient_bridge(gateway, tmp_path_factory):
+    """A bridge with 1 s edge timeouts, so stalls can be tested quickly."""
+    from tests.conftest import start_bridge
+
+    running = await start_bridge(
+        gateway.port,
+        tmp_path_factory.mktemp("impatient-envoy"),
+        request_headers_timeout_s=1.0,
+        request_receive_timeout_s=1.0,
+    )
+    yield running
+    await running.envoy.stop()
+
+
+async def _stall(bridge, partial_request: bytes) -> tuple[bytes, float]:
+    host, port = bridge.rest_url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    started = loop.time()
+    writer.write(partial_request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)  # until Envoy closes the connection
+    writer.close()
+    return answer, loop.time() - started
+
+
+async def test_client_stalling_in_headers_is_closed(impatient_bridge):
+    answer, waited = await _stall(impatient_bridge, b"POST /chat/completions HTTP/1.1\r\nHost: x\r\n")
+    assert waited < 5
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer
+
+
+async def test_client_stalling_in_body_gets_408(impatient_bridge):
+    head = (
+        b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    answer, waited = await _stall(impatient_bridge, head + b'{"model": ')
+    assert waited < 5
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b'"error"' in answer

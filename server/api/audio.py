@@ -8,10 +8,10 @@ from email.parser import BytesParser
 from email.policy import HTTP
 
 import grpc
-from aigne.hub.v1 import audio_service_pb2 as audio_pb
-from aigne.hub.v1 import audio_service_pb2_grpc as audio_grpc
 from google.api import httpbody_pb2
 
+from aigne.hub.v1 import audio_service_pb2 as audio_pb
+from aigne.hub.v1 import audio_service_pb2_grpc as audio_grpc
 from server.api.calls import unary
 from server.api.convert import from_json, to_json
 from server.api.validation import check_range

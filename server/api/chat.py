@@ -8,10 +8,10 @@ from contextlib import aclosing
 from typing import TypeAlias
 
 import grpc
+
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import common_pb2
-
 from server import errors
 from server.api.calls import abort_for, from_bridge, unary
 from server.api.convert import from_json, to_json

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
+
 from aigne.hub.v1 import image_service_pb2 as image_pb
 from aigne.hub.v1 import image_service_pb2_grpc as image_grpc
-
 from server.api.calls import unary
 from server.api.convert import from_json, to_json
 from server.api.validation import check_range

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
+
 from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
-
 from server.api.calls import unary
 from server.errors import GatewayError
 from server.router import Router

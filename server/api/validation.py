@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from google.protobuf import struct_pb2
 
+from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from server.errors import InvalidRequest
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})

@@ -1,0 +1,88 @@
+"""`aigne-hub serve` as a user runs it: starts gRPC and Envoy, says where they listen,
+serves REST and gRPC, and stops both cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import httpx
+
+from aigne.hub.v1 import status_service_pb2 as status_pb
+from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
+from tests.conftest import FAKE_KEY, free_port
+
+AIGNE_HUB = Path(sys.executable).parent / "aigne-hub"
+
+
+async def test_serve_starts_both_serves_and_stops_cleanly(fake_openai, tmp_path):
+    rest_port, grpc_port, admin_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "OPENAI_API_KEY": FAKE_KEY,
+        "OPENAI_BASE_URL": fake_openai.base_url,
+        "AIGNE_HUB_SHUTDOWN_GRACE_S": "2",
+    }
+    env.pop("AIGNE_HUB_CONFIG", None)
+    process = await asyncio.create_subprocess_exec(
+        str(AIGNE_HUB),
+        "serve",
+        f"--rest-port={rest_port}",
+        f"--grpc-port={grpc_port}",
+        f"--admin-port={admin_port}",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        assert process.stdout is not None
+        ready = await asyncio.wait_for(process.stdout.readline(), 30)
+        while ready and b"ready" not in ready:
+            ready = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert f"127.0.0.1:{rest_port}".encode() in ready and f"127.0.0.1:{grpc_port}".encode() in ready
+
+        async with httpx.AsyncClient(timeout=10) as client:
+            reply = await client.post(
+                f"http://127.0.0.1:{rest_port}/v1/chat/completions",
+                json={"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "via serve"}]},
+            )
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "echo: via serve"
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            status = await status_grpc.StatusServiceStub(channel).GetStatus(status_pb.GetStatusRequest())
+        assert status.available
+
+        process.send_signal(signal.SIGTERM)
+        output = await asyncio.wait_for(process.stdout.read(), 20)
+        assert await process.wait() == 0
+        assert b"aigne-hub stopped" in output
+        async with httpx.AsyncClient(timeout=2) as client:
+            try:
+                await client.get(f"http://127.0.0.1:{rest_port}/status")
+                envoy_gone = False
+            except httpx.ConnectError:
+                envoy_gone = True
+        assert envoy_gone, "Envoy must stop with the gateway"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_serve_with_a_bad_config_file_says_what_is_wrong(tmp_path):
+    config = tmp_path / "hub.yaml"
+    config.write_text("providers:\n  openai:\n    base_ulr: http://x\n")
+    process = await asyncio.create_subprocess_exec(
+        str(AIGNE_HUB),
+        "grpc",
+        f"--config={config}",
+        f"--grpc-port={free_port()}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2
+    assert b"base_ulr" in stderr and str(config).encode() in stderr
