@@ -27,7 +27,7 @@ run: setup
 	.venv/bin/aigne-hub serve
 
 # The one test command (README, CI): static checks, then the whole suite.
-test: setup check-generated lint typecheck
+test: setup check-generated lint typecheck buf-breaking
 	.venv/bin/pytest
 
 pytest: setup
@@ -56,7 +56,10 @@ buf-lint: node_modules/.installed
 # `make buf-breaking AGAINST=origin/main` before proposing a contract change.
 AGAINST ?= HEAD~1
 buf-breaking: node_modules/.installed
-	npx --no-install buf breaking --against '.git#ref=$(AGAINST)'
+	@if git rev-parse -q --verify '$(AGAINST):protos' >/dev/null; then \
+		echo "buf breaking against $(AGAINST)"; \
+		npx --no-install buf breaking --against '.git#ref=$(AGAINST)'; \
+	else echo "buf breaking: $(AGAINST) has no protos to compare with"; fi
 
 clean:
 	rm -rf .venv .tools node_modules

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
+
+from aigne.hub.v1 import chat_service_pb2 as chat_pb
 
 
 def value(python: Any) -> struct_pb2.Value:

@@ -7,9 +7,9 @@ import json
 
 import grpc
 import pytest
+
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
-
 from tests.helpers import chat_request, error_info, retry_info, value
 
 WEATHER_TOOL = {

@@ -7,6 +7,10 @@ import struct
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from aigne.hub.v1 import audio_service_pb2 as audio_pb
 from aigne.hub.v1 import audio_service_pb2_grpc as audio_grpc
 from aigne.hub.v1 import embedding_service_pb2 as embedding_pb
@@ -15,10 +19,6 @@ from aigne.hub.v1 import image_service_pb2 as image_pb
 from aigne.hub.v1 import image_service_pb2_grpc as image_grpc
 from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
-from google.protobuf import descriptor_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from server.app import SERVICE_NAMES
 from tests.helpers import error_info, value
 

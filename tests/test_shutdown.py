@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 
+from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from server.app import start_gateway
 from server.config import Settings
 from tests.conftest import gateway_config
