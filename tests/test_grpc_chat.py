@@ -242,8 +242,10 @@ async def test_upstream_rate_limit_keeps_retry_hint(chat):
             "model",
         ),
         (
+            # A known provider without a credential: a precondition, and the message says
+            # which variable to set.
             {"model": "anthropic/claude", "messages": [{"role": "user", "content": "x"}]},
-            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.FAILED_PRECONDITION,
             "model",
         ),
         (

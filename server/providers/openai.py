@@ -66,13 +66,21 @@ class OpenAIAdapter:
         # Usage is always asked for: billing needs it even when the client did not.
         body = {**request, "model": model, "stream": True, "stream_options": {"include_usage": True}}
         async with self._open_stream("/chat/completions", body) as response:
+            done = False
             async for event in _sse_data(response, self.name):
+                # After [DONE] the body is still read to its end: only then does the
+                # connection go back to the pool instead of being dropped.
+                if done:
+                    continue
                 if event == "[DONE]":
-                    return
+                    done = True
+                    continue
                 chunk = self._parse_event(event)
                 if "error" in chunk and "choices" not in chunk:
                     raise self._stream_error(chunk["error"])
                 yield chunk
+        if done:
+            return
         raise errors.UpstreamUnavailable(f"{self.name} ended the stream before [DONE]", provider=self.name)
 
     # -- embeddings, images, audio --------------------------------------------------------
