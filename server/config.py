@@ -128,4 +128,23 @@ def config_from_environment(environ: dict[str, str]) -> GatewayConfig:
         providers["openai"] = ProviderConfig(
             api_key_env="OPENAI_API_KEY", base_url=environ.get("OPENAI_BASE_URL") or None
         )
+    if environ.get("ANTHROPIC_API_KEY") or environ.get("ANTHROPIC_BASE_URL"):
+        providers["anthropic"] = ProviderConfig(
+            api_key_env="ANTHROPIC_API_KEY", base_url=environ.get("ANTHROPIC_BASE_URL") or None
+        )
+    for name, variable in (
+        ("mistral", "MISTRAL_API_KEY"),
+        ("deepseek", "DEEPSEEK_API_KEY"),
+        ("xai", "XAI_API_KEY"),
+        ("openrouter", "OPENROUTER_API_KEY"),
+    ):
+        if environ.get(variable):
+            providers[name] = ProviderConfig(api_key_env=variable)
+    # google-genai reads GOOGLE_API_KEY first, then GEMINI_API_KEY, and GOOGLE_GEMINI_BASE_URL.
+    if gemini_key := next((v for v in ("GOOGLE_API_KEY", "GEMINI_API_KEY") if environ.get(v)), None):
+        gemini_url = environ.get("GOOGLE_GEMINI_BASE_URL") or None
+        providers["gemini"] = ProviderConfig(api_key_env=gemini_key, base_url=gemini_url)
+    # Ollama needs no key (OLLAMA_API_KEY only for ollama.com); its host enables it.
+    if environ.get("OLLAMA_HOST"):
+        providers["ollama"] = ProviderConfig(base_url=environ["OLLAMA_HOST"], api_key_env="OLLAMA_API_KEY")
     return GatewayConfig(providers=providers)

@@ -13,7 +13,11 @@ import httpx
 
 from server.config import ModelEntry, ProviderConfig
 from server.errors import ProviderNotConfigured
+from server.providers.anthropic import CLAUDE_CHAT, CLAUDE_MODELS, build_anthropic_adapter
 from server.providers.base import Capability, Provider
+from server.providers.gemini import GEMINI_BASE_URL, GEMINI_CAPABILITIES, GEMINI_MODELS, build_gemini
+from server.providers.mistral import build_mistral
+from server.providers.ollama import build_ollama
 from server.providers.openai import OpenAIAdapter
 
 
@@ -55,11 +59,44 @@ OPENAI_MODELS = tuple(
 )
 
 PRESETS: dict[str, Preset] = {
+    "anthropic": Preset("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY", CLAUDE_CHAT, CLAUDE_MODELS),
+    "gemini": Preset("gemini", GEMINI_BASE_URL, "GEMINI_API_KEY", GEMINI_CAPABILITIES, GEMINI_MODELS),
     "openai": Preset("openai", "https://api.openai.com/v1", "OPENAI_API_KEY", models=OPENAI_MODELS),
-    "deepseek": Preset("openai", "https://api.deepseek.com/v1", "DEEPSEEK_API_KEY", _CHAT_ONLY),
-    "xai": Preset("openai", "https://api.x.ai/v1", "XAI_API_KEY", _CHAT_ONLY | {Capability.VISION}),
+    # DeepSeek: reasoning_content in messages and deltas passes through; JSON mode is
+    # json_object only (no json_schema), no images.
+    "deepseek": Preset(
+        "openai",
+        "https://api.deepseek.com",
+        "DEEPSEEK_API_KEY",
+        frozenset({_C.CHAT, _C.CHAT_STREAM, _C.TOOLS}),
+        tuple(ModelEntry(id=m) for m in ("deepseek-chat", "deepseek-reasoner")),
+    ),
+    "xai": Preset(
+        "openai",
+        "https://api.x.ai/v1",
+        "XAI_API_KEY",
+        _CHAT_ONLY | {_C.VISION, _C.IMAGES},
+        (
+            *(ModelEntry(id=m, capabilities=[*_CHAT_ONLY, _C.VISION]) for m in ("grok-4", "grok-2-vision-1212")),
+            *(ModelEntry(id=m, capabilities=list(_CHAT_ONLY)) for m in ("grok-3", "grok-3-mini")),
+            ModelEntry(id="grok-2-image-1212", capabilities=[_C.IMAGES]),
+        ),
+    ),
+    # OpenRouter's model names carry their vendor: `openrouter/openai/gpt-4o-mini`.
     "openrouter": Preset(
-        "openai", "https://openrouter.ai/api/v1", "OPENROUTER_API_KEY", _CHAT_ONLY | {Capability.VISION}
+        "openai",
+        "https://openrouter.ai/api/v1",
+        "OPENROUTER_API_KEY",
+        _CHAT_ONLY | {_C.VISION},
+        tuple(
+            ModelEntry(id=m)
+            for m in (
+                "openai/gpt-4o-mini",
+                "anthropic/claude-sonnet-4",
+                "google/gemini-2.5-flash",
+                "deepseek/deepseek-r1",
+            )
+        ),
     ),
 }
 
@@ -85,6 +122,10 @@ def _openai(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx
 
 
 ADAPTERS: dict[str, AdapterFactory] = {
+    "anthropic": build_anthropic_adapter,
+    "gemini": build_gemini,
+    "mistral": build_mistral,
+    "ollama": build_ollama,
     "openai": _openai,
 }
 

@@ -254,7 +254,9 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
 
 
 def _head(status: int, content_type: str, headers: dict[str, str], body: bytes | None) -> bytes:
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"content-type: {content_type}"]
+    # Providers use statuses the standard library has no name for (Anthropic's 529).
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Unknown"
+    lines = [f"HTTP/1.1 {status} {phrase}", f"content-type: {content_type}"]
     if body is not None:
         lines.append(f"content-length: {len(body)}")
     lines += [f"{name}: {value}" for name, value in headers.items()]

@@ -1,0 +1,726 @@
+"""Anthropic's Messages API (`POST {base_url}/v1/messages`) behind the OpenAI-shaped seam.
+
+Requests (OpenAI chat → Anthropic message):
+  - system and developer messages → the top-level `system` (a string, or text blocks
+    when there are several or one carries `cache_control`);
+  - user parts: text → text blocks, `image_url` → image blocks (a base64 data URL →
+    a base64 source, an http(s) URL → a url source), a PDF `file` data URL → a
+    document block; assistant `tool_calls` → `tool_use` blocks (the JSON string
+    `arguments` → the `input` object); `tool` messages → `tool_result` blocks in a
+    user message, consecutive ones (and any user text after them) in one message;
+  - `max_completion_tokens` / `max_tokens` → `max_tokens`, which Anthropic requires:
+    without one the model's default (`default_max_tokens`) is sent;
+  - `stop` → `stop_sequences`; `user` → `metadata.user_id`; `temperature`, `top_p`;
+    tools → `tools` (`parameters` → `input_schema`); `tool_choice` auto / none /
+    required / a function → auto / none / any / tool; `parallel_tool_calls: false` →
+    `disable_parallel_tool_use`; `response_format` json_schema → the native structured
+    output `output_config.format`; `reasoning_effort` → `output_config.effort`.
+  - Anthropic has no equivalent for n > 1, penalties, logit_bias, seed or a schema-less
+    JSON mode: those raise `UnsupportedFeature` rather than being dropped.
+
+Responses: the message id is the completion id and tool_use ids are the tool call
+ids; text blocks → `content`, thinking blocks → `reasoning_content`; stop_reason →
+finish_reason (`FINISH_REASONS`); usage → OpenAI usage, where prompt_tokens counts
+cache reads and writes too and `cached_tokens` the cache reads. A stream's events
+(message_start, content_block_start/delta/stop, message_delta with CUMULATIVE usage,
+message_stop, ping, error) become chunks; tool calls are numbered among tool calls,
+not by content block index.
+
+Models that think (adaptive thinking is on by default on current Claude models) need
+the thinking blocks of a tool-calling turn sent back with the tool results, and
+OpenAI's format has no place for them: `TurnMemory` keeps such turns in process and
+puts them back when a client echoes the same tool calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from server import errors
+from server.config import ModelEntry, ProviderConfig
+from server.providers.base import JSON, Capability
+from server.providers.http_errors import retry_after_seconds, transport_error, upstream_status_error
+
+if TYPE_CHECKING:
+    from server.providers.registry import Preset
+
+API_VERSION = "2023-06-01"
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+API_KEY_ENV = "ANTHROPIC_API_KEY"
+
+_C = Capability
+CLAUDE_CHAT = frozenset({_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA})
+CLAUDE_MODELS = tuple(
+    ModelEntry(id=model_id, capabilities=sorted(CLAUDE_CHAT))
+    for model_id in ("claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5", "claude-haiku-4-5")
+)
+
+# stop_reason → finish_reason; pause_turn (a server tool's long turn) ends the turn too.
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+# Anthropic's error types → the gateway's errors. Billing is the operator's to fix,
+# like a bad key, so it counts as an authentication failure rather than an outage.
+_ERROR_KINDS: dict[str, type[errors.UpstreamError]] = {
+    "invalid_request_error": errors.UpstreamBadRequest,
+    "authentication_error": errors.UpstreamAuthFailed,
+    "permission_error": errors.UpstreamAuthFailed,
+    "billing_error": errors.UpstreamAuthFailed,
+    "not_found_error": errors.UpstreamNotFound,
+    "rate_limit_error": errors.UpstreamRateLimited,
+    "timeout_error": errors.UpstreamTimeout,
+    "api_error": errors.UpstreamUnavailable,
+    "overloaded_error": errors.UpstreamUnavailable,
+}
+
+# 32K is the output limit of the Claude 4+ model with the smallest one (Opus 4/4.1),
+# so it is valid for all of them; the larger limits (64K, 128K) are not used as a
+# default because output rate limits and idle connections punish needlessly large
+# `max_tokens`. Older models have smaller limits.
+_DEFAULT_MAX_TOKENS = 32_000
+_OLD_MODEL_MAX_TOKENS = (("claude-3-5-", 8192), ("claude-3-7-", 32_000), ("claude-3-", 4096))
+# Structured outputs exist from the 4.5 generation on.
+_NO_STRUCTURED_OUTPUTS = re.compile(r"claude-(3-|opus-4-(0|1|2025)|sonnet-4-(0|2025))")
+_THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})
+_DATA_URL = re.compile(r"data:(?P<media>[\w.+-]+/[\w.+-]+)(;[^,;]*)*;base64,(?P<data>.*)", re.DOTALL)
+
+
+def default_max_tokens(model: str) -> int:
+    """The `max_tokens` sent when the client gave none (Anthropic requires one)."""
+    for prefix, limit in _OLD_MODEL_MAX_TOKENS:
+        if model.startswith(prefix):
+            return limit
+    return _DEFAULT_MAX_TOKENS
+
+
+class AnthropicAdapter:
+    """Speaks Anthropic's Messages API at `base_url` (without `/v1`)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str,
+        api_key: str | None,
+        client: httpx.AsyncClient,
+        extra_headers: Mapping[str, str] | None = None,
+        capabilities: frozenset[Capability] = CLAUDE_CHAT,
+    ) -> None:
+        self.name = name
+        self.capabilities = capabilities
+        # Tolerate an OpenAI-style base URL that already ends in /v1.
+        self._url = base_url.rstrip("/").removesuffix("/v1") + "/v1/messages"
+        self._client = client
+        self._headers = {"anthropic-version": API_VERSION, **(extra_headers or {})}
+        if api_key:
+            self._headers["x-api-key"] = api_key
+        self.memory = TurnMemory()
+
+    async def aclose(self) -> None:
+        """Nothing of its own to release: the HTTP client is shared."""
+
+    async def create_chat_completion(self, request: JSON, model: str) -> JSON:
+        body = to_messages_request(self.name, request, model, self.memory)
+        try:
+            response = await self._client.post(self._url, headers=self._headers, json=body)
+        except httpx.HTTPError as exc:
+            raise transport_error(self.name, exc) from exc
+        if response.status_code >= 400:
+            raise self._status_error(response.status_code, response.headers, response.content)
+        message = _json_object(self.name, response.content)
+        completion = to_chat_completion(self.name, message, int(time.time()))
+        if message.get("stop_reason") == "tool_use":
+            self.memory.remember(message["content"])
+        return completion
+
+    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
+        body = {**to_messages_request(self.name, request, model, self.memory), "stream": True}
+        translator = StreamTranslator(self.name, int(time.time()))
+        async with self._open_stream(body) as response:
+            async for data in _sse_data(response, self.name):
+                # After message_stop the body is still read to its end: only then does
+                # the connection go back to the pool instead of being dropped.
+                if translator.finished:
+                    continue
+                chunks = translator.feed(_json_object(self.name, data.encode()))
+                if translator.finished and translator.stop_reason == "tool_use":
+                    self.memory.remember(translator.blocks())  # before the client can answer the calls
+                for chunk in chunks:
+                    yield chunk
+        if not translator.finished:
+            raise errors.UpstreamUnavailable(f"{self.name} ended the stream before message_stop", provider=self.name)
+
+    @asynccontextmanager
+    async def _open_stream(self, body: JSON) -> AsyncIterator[httpx.Response]:
+        """The streaming response; closing it on exit is how a client's cancellation
+        reaches the upstream at once."""
+        request = self._client.build_request("POST", self._url, headers=self._headers, json=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise transport_error(self.name, exc) from exc
+        try:
+            if response.status_code >= 400:
+                try:
+                    content = await response.aread()
+                except httpx.HTTPError:
+                    content = b""
+                raise self._status_error(response.status_code, response.headers, content)
+            yield response
+        finally:
+            await response.aclose()
+
+    def _status_error(self, status: int, headers: httpx.Headers, content: bytes) -> errors.UpstreamError:
+        kind, message = _error_fields(content)
+        error_class = _ERROR_KINDS.get(kind or "")
+        if error_class is None:  # an unknown or missing type: the status decides
+            return upstream_status_error(self.name, status, headers, message)
+        return error_class(
+            f"{self.name} answered {status} ({kind}): {message}",
+            provider=self.name,
+            status=status,
+            retry_after_seconds=retry_after_seconds(headers),
+        )
+
+
+# ------------------------------------------------------------------------- requests
+
+
+def to_messages_request(provider: str, request: JSON, model: str, memory: TurnMemory) -> JSON:
+    """The Anthropic Messages request for an OpenAI chat request."""
+    _refuse_unsupported(provider, request)
+    system, messages = _conversation(provider, request.get("messages") or [], memory)
+    max_tokens = request.get("max_completion_tokens") or request.get("max_tokens") or default_max_tokens(model)
+    body: JSON = {"model": model, "max_tokens": max_tokens, "messages": messages}
+    if system:
+        plain = len(system) == 1 and set(system[0]) == {"type", "text"}
+        body["system"] = system[0]["text"] if plain else system
+    for name in ("temperature", "top_p"):
+        if request.get(name) is not None:
+            body[name] = request[name]
+    stop = request.get("stop")
+    if stop:
+        body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if request.get("user"):
+        body["metadata"] = {"user_id": request["user"]}
+    if request.get("tools"):
+        body["tools"] = [_tool(provider, tool) for tool in request["tools"]]
+        if (choice := _tool_choice(request)) is not None:
+            body["tool_choice"] = choice
+    if output_config := _output_config(provider, request, model):
+        body["output_config"] = output_config
+    return body
+
+
+def _refuse_unsupported(provider: str, request: JSON) -> None:
+    """Raises for what Anthropic cannot do, instead of silently ignoring it."""
+    refused = [
+        ("n", (request.get("n") or 1) > 1),
+        ("presence_penalty", bool(request.get("presence_penalty"))),
+        ("frequency_penalty", bool(request.get("frequency_penalty"))),
+        ("logit_bias", bool(request.get("logit_bias"))),
+        ("seed", request.get("seed") is not None),
+    ]
+    for feature, asked in refused:
+        if asked:
+            raise _unsupported(provider, feature, f"{provider} (Anthropic) does not support {feature}")
+    if (request.get("temperature") or 0) > 1:
+        raise errors.InvalidRequest(
+            f"{provider} (Anthropic) accepts temperature from 0 to 1, got {request['temperature']:g}",
+            field="temperature",
+        )
+
+
+def _unsupported(provider: str, feature: str, message: str) -> errors.UnsupportedFeature:
+    return errors.UnsupportedFeature(message, field=feature, metadata={"provider": provider, "feature": feature})
+
+
+def _conversation(provider: str, messages: list[JSON], memory: TurnMemory) -> tuple[list[JSON], list[JSON]]:
+    """The system blocks and the user/assistant turns of an OpenAI conversation.
+
+    Consecutive messages that map to the same role share one turn: tool results
+    become one user message, with any user text after them.
+    """
+    system: list[JSON] = []
+    turns: list[JSON] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system += _text_blocks(provider, message.get("content"), where)
+            continue
+        if role == "assistant":
+            blocks = memory.recall(_assistant_blocks(provider, message, where))
+        elif role == "tool":
+            blocks = [_tool_result(provider, message, where)]
+        else:
+            blocks = _user_blocks(provider, message.get("content"), where)
+        anthropic_role = "assistant" if role == "assistant" else "user"
+        if not blocks:
+            continue  # Anthropic refuses empty content; an empty message says nothing
+        if turns and turns[-1]["role"] == anthropic_role:
+            turns[-1]["content"] += blocks
+        else:
+            turns.append({"role": anthropic_role, "content": blocks})
+    return system, turns
+
+
+def _parts(content: Any) -> list[JSON]:
+    """Message content as a list of OpenAI content parts."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [part for part in content or [] if isinstance(part, dict)]
+
+
+def _text_block(part: JSON) -> JSON | None:
+    """A text block for a text (or refusal) part; None for empty text, which
+    Anthropic refuses. `cache_control` is kept for prompt caching."""
+    text = part.get("text") if part.get("type") == "text" else part.get("refusal")
+    if not text:
+        return None
+    block: JSON = {"type": "text", "text": text}
+    if "cache_control" in part:
+        block["cache_control"] = part["cache_control"]
+    return block
+
+
+def _text_blocks(provider: str, content: Any, where: str) -> list[JSON]:
+    blocks = []
+    for index, part in enumerate(_parts(content)):
+        if part.get("type") not in ("text", "refusal"):
+            kind = part.get("type")
+            raise _unsupported(provider, f"{where}.content[{index}]", f"{provider} accepts only text here, not {kind}")
+        if (block := _text_block(part)) is not None:
+            blocks.append(block)
+    return blocks
+
+
+def _user_blocks(provider: str, content: Any, where: str) -> list[JSON]:
+    blocks = []
+    for index, part in enumerate(_parts(content)):
+        part_where = f"{where}.content[{index}]"
+        kind = part.get("type")
+        block: JSON | None
+        if kind in ("text", "refusal"):
+            block = _text_block(part)
+        elif kind == "image_url":
+            block = _image_block(part.get("image_url") or {}, part_where)
+        elif kind == "file":
+            block = _document_block(provider, part.get("file") or {}, part_where)
+        else:
+            raise _unsupported(provider, part_where, f"{provider} (Anthropic) does not accept {kind} content")
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
+def _image_block(image: JSON, where: str) -> JSON:
+    url = str(image.get("url") or "")
+    if url.startswith("data:"):
+        match = _DATA_URL.fullmatch(url)
+        if match is None:
+            raise errors.InvalidRequest(
+                f"{where}.image_url.url: a data URL must be data:<media type>;base64,<data>",
+                field=f"{where}.image_url.url",
+            )
+        source = {"type": "base64", "media_type": match["media"], "data": match["data"]}
+        return {"type": "image", "source": source}
+    if url.startswith(("https://", "http://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise errors.InvalidRequest(
+        f"{where}.image_url.url must be an http(s) URL or a base64 data URL", field=f"{where}.image_url.url"
+    )
+
+
+def _document_block(provider: str, file: JSON, where: str) -> JSON:
+    """A PDF sent inline as OpenAI's `file_data` data URL; file ids mean nothing here."""
+    match = _DATA_URL.fullmatch(str(file.get("file_data") or ""))
+    if match is None or match["media"] != "application/pdf":
+        raise _unsupported(provider, where, f"{provider} (Anthropic) accepts files only as base64 PDF data URLs")
+    source = {"type": "base64", "media_type": "application/pdf", "data": match["data"]}
+    return {"type": "document", "source": source}
+
+
+def _assistant_blocks(provider: str, message: JSON, where: str) -> list[JSON]:
+    content = message.get("content")
+    if content is None and message.get("refusal"):
+        content = message["refusal"]
+    blocks = _text_blocks(provider, content, where)
+    for index, call in enumerate(message.get("tool_calls") or []):
+        function = call.get("function") or {}
+        arguments = _arguments(function.get("arguments"), f"{where}.tool_calls[{index}].function.arguments")
+        blocks.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": arguments})
+    return blocks
+
+
+def _arguments(arguments: Any, where: str) -> JSON:
+    """OpenAI's JSON-string arguments as Anthropic's input object."""
+    try:
+        parsed = json.loads(arguments) if arguments else {}
+    except ValueError as exc:
+        raise errors.InvalidRequest(f"{where} is not valid JSON: {exc}", field=where) from exc
+    if not isinstance(parsed, dict):
+        raise errors.InvalidRequest(f"{where} must be a JSON object", field=where)
+    return parsed
+
+
+def _tool_result(provider: str, message: JSON, where: str) -> JSON:
+    block: JSON = {"type": "tool_result", "tool_use_id": message.get("tool_call_id")}
+    content = message.get("content")
+    if isinstance(content, str):
+        if content:
+            block["content"] = content
+    elif content_blocks := _user_blocks(provider, content, where):
+        block["content"] = content_blocks
+    return block
+
+
+def _tool(provider: str, tool: JSON) -> JSON:
+    if tool.get("type", "function") != "function":
+        raise _unsupported(provider, "tools", f"{provider} (Anthropic) supports only function tools")
+    function = tool.get("function") or {}
+    result: JSON = {
+        "name": function.get("name"),
+        # Anthropic requires a schema; OpenAI's default is a function without parameters.
+        "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if function.get("description"):
+        result["description"] = function["description"]
+    if function.get("strict"):
+        result["strict"] = True
+    return result
+
+
+def _tool_choice(request: JSON) -> JSON | None:
+    choice = request.get("tool_choice")
+    result: JSON | None
+    if choice is None:
+        result = None
+    elif isinstance(choice, str):
+        result = {"type": {"auto": "auto", "none": "none", "required": "any"}.get(choice, choice)}
+    else:
+        result = {"type": "tool", "name": (choice.get("function") or {}).get("name")}
+    if request.get("parallel_tool_calls") is False and (result or {}).get("type") != "none":
+        result = {**(result or {"type": "auto"}), "disable_parallel_tool_use": True}
+    return result
+
+
+def _output_config(provider: str, request: JSON, model: str) -> JSON:
+    config: JSON = {}
+    response_format = request.get("response_format") or {}
+    kind = response_format.get("type", "text")
+    if kind == "json_object":
+        raise _unsupported(
+            provider,
+            "response_format",
+            f"{provider} (Anthropic) has no schema-less JSON mode: use response_format json_schema",
+        )
+    if kind == "json_schema":
+        if _NO_STRUCTURED_OUTPUTS.match(model):
+            raise _unsupported(provider, "response_format", f"{model} does not support structured outputs")
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise errors.InvalidRequest(
+                "response_format.json_schema.schema is required", field="response_format.json_schema.schema"
+            )
+        config["format"] = {"type": "json_schema", "schema": schema}
+    if effort := request.get("reasoning_effort"):
+        config["effort"] = "low" if effort == "minimal" else effort
+    return config
+
+
+# ------------------------------------------------------------------------ responses
+
+
+def to_chat_completion(provider: str, message: JSON, created: int) -> JSON:
+    """The OpenAI chat.completion for an Anthropic message."""
+    blocks = message.get("content")
+    if not isinstance(blocks, list) or not isinstance(message.get("id"), str):
+        raise errors.UpstreamMalformedResponse(
+            f"{provider} answered a message without id or content", provider=provider
+        )
+    texts = [b.get("text") or "" for b in blocks if b.get("type") == "text"]
+    thoughts = [b.get("thinking") or "" for b in blocks if b.get("type") == "thinking"]
+    calls = [_tool_call(b) for b in blocks if b.get("type") == "tool_use"]
+    reply: JSON = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if calls:
+        reply["tool_calls"] = calls
+    if thoughts:
+        reply["reasoning_content"] = "".join(thoughts)
+    return {
+        "id": message["id"],
+        "object": "chat.completion",
+        "created": created,
+        "model": message.get("model") or "",
+        "choices": [{"index": 0, "message": reply, "finish_reason": finish_reason(message.get("stop_reason"))}],
+        "usage": to_usage(message.get("usage") or {}),
+    }
+
+
+def _tool_call(block: JSON) -> JSON:
+    arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+    return {"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": arguments}}
+
+
+def finish_reason(stop_reason: str | None) -> str:
+    return FINISH_REASONS.get(stop_reason or "", "stop")
+
+
+def to_usage(usage: JSON) -> JSON:
+    """OpenAI usage for Anthropic's: input_tokens excludes the cached part, which
+    OpenAI's prompt_tokens includes."""
+    cache_read = int(usage.get("cache_read_input_tokens") or 0)
+    cache_write = int(usage.get("cache_creation_input_tokens") or 0)
+    prompt = int(usage.get("input_tokens") or 0) + cache_read + cache_write
+    completion = int(usage.get("output_tokens") or 0)
+    thinking = int((usage.get("output_tokens_details") or {}).get("thinking_tokens") or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cache_read},
+        "completion_tokens_details": {"reasoning_tokens": thinking},
+    }
+
+
+class StreamTranslator:
+    """Turns Anthropic stream events into OpenAI chunks, one event at a time."""
+
+    def __init__(self, provider: str, created: int) -> None:
+        self.provider = provider
+        self.created = created
+        self.id = ""
+        self.model = ""
+        self.usage: JSON = {}
+        self.stop_reason: str | None = None
+        self.finished = False
+        self._blocks: dict[int, JSON] = {}  # content block index → the block so far
+        self._tool_index: dict[int, int] = {}  # content block index → tool call index
+        self._arguments: dict[int, str] = {}  # content block index → input JSON so far
+
+    def feed(self, event: JSON) -> list[JSON]:
+        handler = {
+            "message_start": self._message_start,
+            "content_block_start": self._block_start,
+            "content_block_delta": self._block_delta,
+            "content_block_stop": self._block_stop,
+            "message_delta": self._message_delta,
+            "message_stop": self._message_stop,
+            "error": self._error,
+        }.get(str(event.get("type")))
+        # ping, and event types added later, carry nothing for the client.
+        return handler(event) if handler else []
+
+    def blocks(self) -> list[JSON]:
+        """The message's content blocks as they would be in a complete response."""
+        result = []
+        for index in sorted(self._blocks):
+            block = dict(self._blocks[index])
+            if block.get("type") == "tool_use":
+                try:
+                    block["input"] = json.loads(self._arguments.get(index) or "{}")
+                except ValueError:
+                    block["input"] = None  # then no client's echo matches it
+            result.append(block)
+        return result
+
+    def _chunk(self, delta: JSON, finish: str | None = None) -> JSON:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+
+    def _message_start(self, event: JSON) -> list[JSON]:
+        message = event.get("message") or {}
+        self.id = str(message.get("id") or "")
+        self.model = str(message.get("model") or "")
+        self.usage = dict(message.get("usage") or {})
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def _block_start(self, event: JSON) -> list[JSON]:
+        index = int(event.get("index", 0))
+        block = dict(event.get("content_block") or {})
+        self._blocks[index] = block
+        kind = block.get("type")
+        if kind == "tool_use":
+            self._tool_index[index] = len(self._tool_index)
+            self._arguments[index] = ""
+            head = {"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": ""}}
+            return [self._tool_chunk(index, head)]
+        if kind == "text" and block.get("text"):
+            return [self._chunk({"content": block["text"]})]
+        if kind == "thinking" and block.get("thinking"):
+            return [self._chunk({"reasoning_content": block["thinking"]})]
+        return []
+
+    def _block_delta(self, event: JSON) -> list[JSON]:
+        index = int(event.get("index", 0))
+        delta = event.get("delta") or {}
+        block = self._blocks.setdefault(index, {})
+        kind = delta.get("type")
+        if kind == "text_delta":
+            block["text"] = block.get("text", "") + delta.get("text", "")
+            return [self._chunk({"content": delta.get("text", "")})]
+        if kind == "input_json_delta" and index in self._tool_index:
+            fragment = str(delta.get("partial_json") or "")
+            self._arguments[index] += fragment
+            return [self._tool_chunk(index, {"function": {"arguments": fragment}})] if fragment else []
+        if kind == "thinking_delta":
+            block["thinking"] = block.get("thinking", "") + delta.get("thinking", "")
+            return [self._chunk({"reasoning_content": delta.get("thinking", "")})]
+        if kind == "signature_delta":
+            block["signature"] = block.get("signature", "") + delta.get("signature", "")
+        return []  # citations and delta types added later
+
+    def _block_stop(self, event: JSON) -> list[JSON]:
+        index = int(event.get("index", 0))
+        if index in self._tool_index and not self._arguments[index]:
+            # A call without arguments streams no input JSON; "" would not parse.
+            self._arguments[index] = "{}"
+            return [self._tool_chunk(index, {"function": {"arguments": "{}"}})]
+        return []
+
+    def _tool_chunk(self, index: int, call: JSON) -> JSON:
+        return self._chunk({"tool_calls": [{"index": self._tool_index[index], **call}]})
+
+    def _message_delta(self, event: JSON) -> list[JSON]:
+        self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
+        # Its usage is cumulative: each count replaces the one before.
+        self.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+        return []
+
+    def _message_stop(self, _: JSON) -> list[JSON]:
+        self.finished = True
+        usage_chunk = {**self._chunk({}), "choices": [], "usage": to_usage(self.usage)}
+        return [self._chunk({}, finish_reason(self.stop_reason)), usage_chunk]
+
+    def _error(self, event: JSON) -> list[JSON]:
+        error = event.get("error") or {}
+        kind = str(error.get("type") or "")
+        error_class = _ERROR_KINDS.get(kind, errors.UpstreamUnavailable)
+        message = f"{self.provider} failed mid-stream ({kind or 'error'}): {error.get('message') or error}"
+        raise error_class(message, provider=self.provider)
+
+
+# ----------------------------------------------------------------------- turn memory
+
+
+class TurnMemory:
+    """Assistant turns that thought before calling tools, kept to be sent back.
+
+    Anthropic wants a tool-calling turn's thinking blocks back, unmodified, with the
+    tool results; an OpenAI client only echoes the text and the tool calls. The turn
+    is found again by its tool call ids (unguessable, issued by Anthropic) and used
+    only if the echoed text and calls are unchanged. In process and bounded: after a
+    restart, on another replica, or once evicted, the turn is sent without thinking.
+    """
+
+    def __init__(self, capacity: int = 1000) -> None:
+        self._capacity = capacity
+        self._turns: OrderedDict[tuple[str, ...], list[JSON]] = OrderedDict()
+
+    def remember(self, blocks: list[JSON]) -> None:
+        ids = _tool_use_ids(blocks)
+        if not ids or not any(block.get("type") in _THINKING_BLOCKS for block in blocks):
+            return
+        self._turns[ids] = blocks
+        self._turns.move_to_end(ids)
+        while len(self._turns) > self._capacity:
+            self._turns.popitem(last=False)
+
+    def recall(self, blocks: list[JSON]) -> list[JSON]:
+        """The remembered turn that `blocks` (rebuilt from OpenAI's message) echoes, or `blocks`."""
+        turn = self._turns.get(_tool_use_ids(blocks)) if blocks else None
+        if turn is None or _visible(turn) != _visible(blocks):
+            return blocks
+        return turn
+
+
+def _tool_use_ids(blocks: list[JSON]) -> tuple[str, ...]:
+    return tuple(str(block.get("id")) for block in blocks if block.get("type") == "tool_use")
+
+
+def _visible(blocks: list[JSON]) -> tuple[str, list[tuple[Any, ...]]]:
+    """What an OpenAI client sees of a turn: its text and its tool calls."""
+    text = "".join(str(block.get("text") or "") for block in blocks if block.get("type") == "text")
+    calls = [(b.get("id"), b.get("name"), b.get("input")) for b in blocks if b.get("type") == "tool_use"]
+    return text, calls
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+
+def _json_object(provider: str, content: bytes) -> JSON:
+    try:
+        parsed = json.loads(content)
+    except ValueError as exc:
+        raise errors.UpstreamMalformedResponse(
+            f"{provider} answered with invalid JSON: {content[:200]!r}", provider=provider
+        ) from exc
+    if not isinstance(parsed, dict):
+        raise errors.UpstreamMalformedResponse(f"{provider} answered JSON that is not an object", provider=provider)
+    return parsed
+
+
+def _error_fields(content: bytes) -> tuple[str | None, str]:
+    """The type and message of Anthropic's error body {"type": "error", "error": {...}}."""
+    try:
+        error = json.loads(content).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return (str(error.get("type")) if error.get("type") else None), error["message"][:500]
+    return None, content.decode("utf-8", "replace").strip()[:500] or "(empty body)"
+
+
+async def _sse_data(response: httpx.Response, provider: str) -> AsyncIterator[str]:
+    """The `data` of each server-sent event; the event name repeats the data's type."""
+    data_lines: list[str] = []
+    try:
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                data_lines.append(line[5:].removeprefix(" "))
+            elif not line and data_lines:
+                yield "\n".join(data_lines)
+                data_lines = []
+    except httpx.HTTPError as exc:
+        raise transport_error(provider, exc) from exc
+    if data_lines:
+        yield "\n".join(data_lines)
+
+
+def build_anthropic_adapter(
+    name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient
+) -> AnthropicAdapter:
+    """The registry's factory: configuration first, then the preset, then the SDK's defaults."""
+    api_key = cfg.resolved_api_key()
+    if api_key is None and cfg.api_key_env is None:
+        api_key = os.environ.get((preset.api_key_env if preset else None) or API_KEY_ENV) or None
+    return AnthropicAdapter(
+        name=name,
+        base_url=cfg.base_url or (preset.base_url if preset else None) or DEFAULT_BASE_URL,
+        api_key=api_key,
+        client=client,
+        extra_headers=cfg.headers,
+        capabilities=preset.capabilities if preset else CLAUDE_CHAT,
+    )

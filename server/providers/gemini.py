@@ -1,0 +1,923 @@
+"""Google Gemini through the Gemini Developer API (generativelanguage.googleapis.com).
+
+Calls `POST {base}/v1beta/models/{model}:generateContent` (`:streamGenerateContent?alt=sse`
+when streaming), `:embedContent` for one embedding input and `:batchEmbedContents` for
+several, with the API key in the `x-goog-api-key` header.
+
+Requests, OpenAI -> Gemini:
+  - system and developer messages -> `systemInstruction` (text only, in order: Gemini has
+    one system instruction, so a late system message moves to the front); user -> a "user"
+    content; assistant -> a "model" content (text, then one `functionCall` part per tool
+    call); tool results -> `functionResponse` parts of a "user" content, named after the
+    call they answer. Adjacent contents of the same role are merged, as Gemini expects
+    user and model turns to alternate.
+  - content parts: text; image_url as a data URL -> `inlineData`; as an http(s) URL ->
+    `fileData`, with the MIME type guessed from the URL's extension (a Files API URI needs
+    none) or UnsupportedFeature when there is no telling; input_audio -> `inlineData`;
+    file with `file_data` -> `inlineData` (with `file_id` -> UnsupportedFeature).
+  - tools -> `functionDeclarations` with `parametersJsonSchema`: Gemini's JSON Schema field,
+    which takes additionalProperties, anyOf, $ref and the like that the older
+    OpenAPI-subset `parameters` rejects; only `$schema`, which it refuses, is removed.
+    tool_choice auto/none/required/{function} -> `toolConfig.functionCallingConfig` mode
+    AUTO/NONE/ANY (+ `allowedFunctionNames`).
+  - generationConfig: temperature, top_p -> topP, max_completion_tokens or max_tokens ->
+    maxOutputTokens, stop -> stopSequences, n -> candidateCount, seed, presence/frequency
+    penalties, response_format json_object/json_schema -> responseMimeType (+
+    responseJsonSchema), reasoning_effort -> thinkingConfig (thinkingLevel on Gemini 3 and
+    later, a thinkingBudget before).
+  - logit_bias and parallel_tool_calls=false have no Gemini equivalent: UnsupportedFeature.
+    `user` and `metadata` (abuse-monitoring and storage hints) have no effect on output
+    and are not sent.
+
+Tool-call ids, without state: Gemini's `functionCall` has at most an optional `id`, and a
+thinking model's first call of a step carries a `thoughtSignature` that must come back
+on the same part in the next request. The gateway mints each call's OpenAI id as
+`call_<16 hex>` and, when there is something to carry, `_<base64url of {"i": upstream id,
+"s": signature}>`. The next request's assistant `tool_calls` are turned back into
+`functionCall` parts with those, and each tool message into a `functionResponse` named
+after the call with that id. Ids minted elsewhere are accepted and carry nothing. The
+signature Gemini may put on a plain text answer is not carried (it is optional there).
+
+Responses: text parts -> content, `thought` parts -> reasoning_content, functionCall parts
+-> tool_calls (arguments re-encoded as a JSON string). finishReason: STOP -> stop, or
+tool_calls when the candidate called functions; MAX_TOKENS -> length; SAFETY, BLOCKLIST,
+PROHIBITED_CONTENT, SPII, RECITATION (the text was withheld because it recited training
+data), LANGUAGE and the image filters -> content_filter; anything else -> stop. A prompt
+blocked by `promptFeedback.blockReason` is answered with content_filter and a refusal
+naming the reason. Usage: promptTokenCount (+ toolUsePromptTokenCount) -> prompt_tokens,
+candidatesTokenCount + thoughtsTokenCount -> completion_tokens, cachedContentTokenCount ->
+cached_tokens, thoughtsTokenCount -> reasoning_tokens. Non-text output parts (inline
+images of image models, code execution) are not carried.
+
+Streaming: each SSE event is a whole GenerateContentResponse holding the next text piece,
+and function calls whole: they become one tool-call delta each (id, name and all of the
+arguments), indexed per choice. A stream that ends before every choice has a
+finishReason was cut: UpstreamUnavailable. The last usageMetadata becomes the usage chunk.
+
+Embeddings come back as floats; `encoding_format: base64` is done here (little-endian
+float32). Token-array inputs are refused. The Developer API reports no embedding usage:
+it is 0 unless the upstream sends `usageMetadata`.
+
+Errors: Google's `{"error": {"code", "message", "status", "details"}}` by HTTP status, with
+two Gemini specifics: a rejected API key is a 400 with ErrorInfo reason API_KEY_INVALID
+(-> UpstreamAuthFailed), and the 429 retry hint is a RetryInfo `retryDelay` in the body.
+A failure in the middle of a stream may arrive as a bare JSON error (no `data:`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import mimetypes
+import os
+import re
+import secrets
+import struct
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from server import errors
+from server.config import ModelEntry, ProviderConfig
+from server.providers.base import JSON, Capability
+from server.providers.http_errors import error_message_from_body, transport_error, upstream_status_error
+
+if TYPE_CHECKING:
+    from server.providers.registry import Preset
+
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
+API_VERSION = "v1beta"
+# The variables the official google-genai SDK reads, in its order of precedence.
+API_KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
+
+_C = Capability
+GEMINI_CAPABILITIES = frozenset({_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA, _C.EMBEDDINGS})
+_GEMINI_CHAT = [_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA]
+GEMINI_MODELS = tuple(
+    ModelEntry(id=model_id, capabilities=caps)
+    for model_id, caps in [
+        ("gemini-2.5-flash", _GEMINI_CHAT),
+        ("gemini-2.5-pro", _GEMINI_CHAT),
+        ("gemini-2.5-flash-lite", _GEMINI_CHAT),
+        ("gemini-embedding-001", [_C.EMBEDDINGS]),
+        ("text-embedding-004", [_C.EMBEDDINGS]),
+    ]
+)
+
+_FINISH_REASONS = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "RECITATION": "content_filter",
+    "LANGUAGE": "content_filter",
+    "BLOCKLIST": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter",
+    "SPII": "content_filter",
+    "IMAGE_SAFETY": "content_filter",
+    "IMAGE_PROHIBITED_CONTENT": "content_filter",
+    "IMAGE_RECITATION": "content_filter",
+    "MODEL_ARMOR": "content_filter",
+}
+# Budgets for Gemini 2.5's thinkingBudget, as Google's OpenAI-compatible endpoint maps
+# low/medium/high; 512 for minimal is the smallest budget every 2.5 model accepts.
+_THINKING_BUDGETS = {"minimal": 512, "low": 1024, "medium": 8192, "high": 24576}
+_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+_IMAGE_TYPES |= {".gif": "image/gif", ".heic": "image/heic", ".heif": "image/heif"}
+_API_KEY_REJECTED = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED"})
+_CALL_PREFIX = "call_"
+_NONCE_HEX = 16
+
+
+def build_gemini(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient) -> GeminiAdapter:
+    """The registry's factory: the adapter for provider `name` configured by `cfg`."""
+    base_url = cfg.base_url or (preset.base_url if preset else None) or GEMINI_BASE_URL
+    api_key = cfg.resolved_api_key()
+    if api_key is None and cfg.api_key_env is None:
+        api_key = next((os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v)), None)
+    return GeminiAdapter(
+        name=name,
+        base_url=base_url,
+        api_key=api_key,
+        client=client,
+        extra_headers=cfg.headers,
+        capabilities=preset.capabilities if preset else GEMINI_CAPABILITIES,
+    )
+
+
+class GeminiAdapter:
+    """Speaks the Gemini Developer API at `base_url` (with or without the `/v1beta`)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str,
+        api_key: str | None,
+        client: httpx.AsyncClient,
+        extra_headers: Mapping[str, str] | None = None,
+        capabilities: frozenset[Capability] = GEMINI_CAPABILITIES,
+    ) -> None:
+        self.name = name
+        self.capabilities = capabilities
+        root = base_url.rstrip("/")
+        # GOOGLE_GEMINI_BASE_URL, like the SDK's base_url, has no version; accept one anyway.
+        self._api_root = root if re.search(r"/v1(alpha|beta)?$", root) else f"{root}/{API_VERSION}"
+        self._client = client
+        self._headers = dict(extra_headers or {})
+        if api_key:
+            self._headers["x-goog-api-key"] = api_key
+
+    async def aclose(self) -> None:
+        """Nothing of its own to release: the HTTP client is shared."""
+
+    # -- chat -------------------------------------------------------------------------
+
+    async def create_chat_completion(self, request: JSON, model: str) -> JSON:
+        body = generate_content_request(request, model, self.name)
+        answer = await self._post(self._url(model, "generateContent"), body)
+        return completion_from_response(answer, model, int(request.get("n") or 1), self.name)
+
+    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
+        body = generate_content_request(request, model, self.name)
+        translator = StreamTranslator(model, int(request.get("n") or 1))
+        async with self._open_stream(self._url(model, "streamGenerateContent") + "?alt=sse", body) as response:
+            async for event in _sse_events(response, self.name):
+                for chunk in translator.chunks(self._parse_event(event)):
+                    yield chunk
+        if not translator.finished:
+            raise errors.UpstreamUnavailable(
+                f"{self.name} ended the stream before its finishReason", provider=self.name
+            )
+        if (usage := translator.usage_chunk()) is not None:
+            yield usage
+
+    # -- embeddings -------------------------------------------------------------------
+
+    async def create_embedding(self, request: JSON, model: str) -> JSON:
+        texts = _embedding_texts(request.get("input"), self.name)
+        vectors, answer = await self._embed(texts, request.get("dimensions"), model)
+        base64_wanted = request.get("encoding_format") == "base64"
+        data = [
+            {"object": "embedding", "index": i, "embedding": _float32_base64(v) if base64_wanted else v}
+            for i, v in enumerate(vectors)
+        ]
+        tokens = _int(_object(answer.get("usageMetadata")).get("promptTokenCount"))
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": model, "usage": usage}
+
+    async def _embed(self, texts: list[str], dimensions: Any, model: str) -> tuple[list[list[float]], JSON]:
+        """The vectors, in input order, and Gemini's answer: embedContent for one text,
+        batchEmbedContents for several."""
+        if len(texts) == 1:
+            answer = await self._post(self._url(model, "embedContent"), _embed_request(texts[0], dimensions))
+            vectors = [self._vector(answer.get("embedding"))]
+        else:
+            batch = [{"model": _model_path(model), **_embed_request(text, dimensions)} for text in texts]
+            answer = await self._post(self._url(model, "batchEmbedContents"), {"requests": batch})
+            vectors = [self._vector(item) for item in answer.get("embeddings") or []]
+        if len(vectors) != len(texts):
+            raise errors.UpstreamMalformedResponse(
+                f"{self.name} returned {len(vectors)} embeddings for {len(texts)} inputs", provider=self.name
+            )
+        return vectors, answer
+
+    def _vector(self, embedding: Any) -> list[float]:
+        values = embedding.get("values") if isinstance(embedding, dict) else None
+        if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values):
+            raise errors.UpstreamMalformedResponse(
+                f"{self.name} returned an embedding without values", provider=self.name
+            )
+        return [float(v) for v in values]
+
+    # -- HTTP plumbing ----------------------------------------------------------------
+
+    def _url(self, model: str, method: str) -> str:
+        return f"{self._api_root}/{quote(_model_path(model), safe='/')}:{method}"
+
+    async def _post(self, url: str, body: JSON) -> JSON:
+        try:
+            response = await self._client.post(url, headers=self._headers, json=body)
+        except httpx.HTTPError as exc:
+            raise transport_error(self.name, exc) from exc
+        if response.status_code >= 400:
+            raise google_error(self.name, response.status_code, response.headers, response.content)
+        return self._parse_event(response.content)
+
+    @asynccontextmanager
+    async def _open_stream(self, url: str, body: JSON) -> AsyncIterator[httpx.Response]:
+        """Sends the request, raises the mapped error on a failed status, and closes the
+        upstream response on exit: that is how a client's cancellation reaches Google."""
+        request = self._client.build_request("POST", url, headers=self._headers, json=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise transport_error(self.name, exc) from exc
+        try:
+            if response.status_code >= 400:
+                try:
+                    content = await response.aread()
+                except httpx.HTTPError:
+                    content = b""
+                raise google_error(self.name, response.status_code, response.headers, content)
+            yield response
+        finally:
+            await response.aclose()
+
+    def _parse_event(self, data: str | bytes) -> JSON:
+        """A response object; a Google error object (mid-stream, or in a 200) is raised."""
+        try:
+            parsed = json.loads(data)
+        except ValueError as exc:
+            shown = data[:200] if isinstance(data, str) else data[:200].decode("utf-8", "replace")
+            raise errors.UpstreamMalformedResponse(
+                f"{self.name} answered with invalid JSON: {shown!r}", provider=self.name
+            ) from exc
+        if not isinstance(parsed, dict):
+            raise errors.UpstreamMalformedResponse(
+                f"{self.name} answered with JSON that is not an object", provider=self.name
+            )
+        if isinstance(parsed.get("error"), dict):
+            error = parsed["error"]
+            status = error.get("code") if isinstance(error.get("code"), int) else 500
+            raise google_error_from_object(self.name, status, httpx.Headers(), error)
+        return parsed
+
+
+# ---------------------------------------------------------------------------- tool-call ids
+
+
+@dataclass(frozen=True, slots=True)
+class CallRef:
+    """What a gateway-minted tool-call id carries for the next turn."""
+
+    upstream_id: str | None = None
+    signature: str | None = None
+
+
+def mint_call_id(upstream_id: str | None, signature: str | None) -> str:
+    """A unique OpenAI tool-call id (letters, digits, `_`, `-`) carrying Gemini's call id
+    and thought signature; the random part keeps two identical calls apart."""
+    nonce = secrets.token_hex(_NONCE_HEX // 2)
+    carried = {key: value for key, value in (("i", upstream_id), ("s", signature)) if value}
+    if not carried:
+        return f"{_CALL_PREFIX}{nonce}"
+    payload = base64.urlsafe_b64encode(json.dumps(carried, separators=(",", ":")).encode()).rstrip(b"=")
+    return f"{_CALL_PREFIX}{nonce}_{payload.decode()}"
+
+
+def read_call_id(call_id: str) -> CallRef:
+    """What `mint_call_id` put into `call_id`; nothing for an id minted elsewhere."""
+    head = len(_CALL_PREFIX) + _NONCE_HEX
+    if not call_id.startswith(_CALL_PREFIX) or call_id[head : head + 1] != "_":
+        return CallRef()
+    payload = call_id[head + 1 :]
+    try:
+        carried = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, binascii.Error):
+        return CallRef()
+    if not isinstance(carried, dict):
+        return CallRef()
+    upstream_id, signature = carried.get("i"), carried.get("s")
+    return CallRef(
+        upstream_id if isinstance(upstream_id, str) else None, signature if isinstance(signature, str) else None
+    )
+
+
+# ------------------------------------------------------------------- request translation
+
+
+def generate_content_request(request: JSON, model: str, provider: str) -> JSON:
+    """The GenerateContentRequest body for an OpenAI chat request."""
+    _refuse_unsupported(request, provider)
+    system, contents = _conversation(request.get("messages") or [], provider)
+    body: JSON = {"contents": contents}
+    if system:
+        body["systemInstruction"] = {"parts": system}
+    tools = request.get("tools") or []
+    if tools:
+        body["tools"] = [{"functionDeclarations": [_function_declaration(tool) for tool in tools]}]
+    if tool_config := _tool_config(request.get("tool_choice"), bool(tools)):
+        body["toolConfig"] = tool_config
+    if generation_config := _generation_config(request, model):
+        body["generationConfig"] = generation_config
+    return body
+
+
+def _unsupported(provider: str, feature: str, where: str) -> errors.UnsupportedFeature:
+    return errors.UnsupportedFeature(
+        f"provider {provider!r} (Gemini) does not support {feature}",
+        field=where,
+        metadata={"provider": provider, "feature": feature},
+    )
+
+
+def _refuse_unsupported(request: JSON, provider: str) -> None:
+    if request.get("logit_bias"):
+        raise _unsupported(provider, "logit_bias", "logit_bias")
+    if request.get("parallel_tool_calls") is False:
+        raise _unsupported(
+            provider, "parallel_tool_calls=false (it cannot limit a turn to one call)", "parallel_tool_calls"
+        )
+
+
+def _conversation(messages: list[JSON], provider: str) -> tuple[list[JSON], list[JSON]]:
+    """The system instruction's parts and the contents."""
+    names = {
+        call.get("id"): (call.get("function") or {}).get("name")
+        for message in messages
+        if message.get("role") == "assistant"
+        for call in message.get("tool_calls") or []
+    }
+    system: list[JSON] = []
+    contents: list[JSON] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        role = message.get("role")
+        if role in ("system", "developer"):
+            text = _text_of(message.get("content"), where, provider)
+            system += [{"text": text}] if text else []
+        elif role == "user":
+            _append(contents, "user", _parts(message.get("content"), where, provider))
+        elif role == "assistant":
+            _append(contents, "model", _model_parts(message, where, provider))
+        elif role == "tool":
+            _append(contents, "user", [_function_response(message, where, names, provider)])
+        else:
+            raise errors.InvalidRequest(f"{where}.role {role!r} is not a chat role", field=f"{where}.role")
+    return system, contents
+
+
+def _append(contents: list[JSON], role: str, parts: list[JSON]) -> None:
+    if not parts:  # Gemini refuses a content without parts
+        return
+    if contents and contents[-1]["role"] == role:
+        contents[-1]["parts"].extend(parts)
+    else:
+        contents.append({"role": role, "parts": parts})
+
+
+def _content_items(content: Any) -> list[JSON]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list):
+        return [item for item in content if isinstance(item, dict)]
+    return []
+
+
+def _text_of(content: Any, where: str, provider: str) -> str:
+    """The text of a message that Gemini takes as text only (system, tool)."""
+    texts = []
+    for index, item in enumerate(_content_items(content)):
+        if item.get("type") != "text":
+            raise _unsupported(provider, f"{item.get('type')} parts in this message", f"{where}.content[{index}]")
+        texts.append(str(item.get("text") or ""))
+    return "".join(texts)
+
+
+def _parts(content: Any, where: str, provider: str) -> list[JSON]:
+    parts = [_part(item, f"{where}.content[{i}]", provider) for i, item in enumerate(_content_items(content))]
+    return [part for part in parts if part.get("text") != ""]
+
+
+def _part(item: JSON, where: str, provider: str) -> JSON:
+    kind = item.get("type")
+    if kind in ("text", "refusal"):
+        return {"text": str(item.get(kind) or "")}
+    if kind == "image_url":
+        return _image_part(item.get("image_url") or {}, where, provider)
+    if kind == "input_audio":
+        audio = item.get("input_audio") or {}
+        return {"inlineData": {"mimeType": f"audio/{audio.get('format') or 'wav'}", "data": audio.get("data") or ""}}
+    if kind == "file":
+        return _file_part(item.get("file") or {}, where, provider)
+    raise _unsupported(provider, f"content parts of type {kind!r}", where)
+
+
+def _image_part(image: JSON, where: str, provider: str) -> JSON:
+    url = str(image.get("url") or "")
+    # `detail` has no per-request Gemini equivalent that means the same; it is a hint.
+    if url.startswith("data:"):
+        return {"inlineData": _data_url(url, f"{where}.image_url.url")}
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https"):
+        raise _unsupported(provider, f"image URLs of scheme {parsed.scheme!r}", f"{where}.image_url.url")
+    if parsed.hostname == "generativelanguage.googleapis.com" and "/files/" in parsed.path:
+        return {"fileData": {"fileUri": url}}  # a Files API upload knows its own MIME type
+    suffix = os.path.splitext(parsed.path)[1].lower()
+    mime_type = _IMAGE_TYPES.get(suffix) or mimetypes.guess_type(parsed.path)[0]
+    if mime_type is None:
+        raise _unsupported(
+            provider,
+            "image URLs without a known file extension (Gemini needs the MIME type; send a data URL)",
+            f"{where}.image_url.url",
+        )
+    return {"fileData": {"mimeType": mime_type, "fileUri": url}}
+
+
+def _file_part(file: JSON, where: str, provider: str) -> JSON:
+    data = file.get("file_data")
+    if not isinstance(data, str) or not data:
+        raise _unsupported(provider, "file parts without file_data (file_id)", f"{where}.file")
+    if data.startswith("data:"):
+        return {"inlineData": _data_url(data, f"{where}.file.file_data")}
+    mime_type = mimetypes.guess_type(str(file.get("filename") or ""))[0]
+    if mime_type is None:
+        raise _unsupported(provider, "file_data without a data: URL or a filename with a known extension", where)
+    return {"inlineData": {"mimeType": mime_type, "data": data}}
+
+
+def _data_url(url: str, where: str) -> JSON:
+    header, comma, data = url.removeprefix("data:").partition(",")
+    mime_type, *params = header.split(";")
+    if not comma or not mime_type or "base64" not in params:
+        raise errors.InvalidRequest(f"{where} must be a base64 data URL (data:<type>;base64,...)", field=where)
+    return {"mimeType": mime_type, "data": data}
+
+
+def _model_parts(message: JSON, where: str, provider: str) -> list[JSON]:
+    parts = _parts(message.get("content"), where, provider)
+    if not parts and message.get("refusal"):
+        parts = [{"text": str(message["refusal"])}]
+    for index, call in enumerate(message.get("tool_calls") or []):
+        parts.append(_function_call_part(call, f"{where}.tool_calls[{index}]"))
+    return parts
+
+
+def _function_call_part(call: JSON, where: str) -> JSON:
+    function = call.get("function") or {}
+    ref = read_call_id(str(call.get("id") or ""))
+    function_call: JSON = {"name": function.get("name") or "", "args": _arguments(function.get("arguments"), where)}
+    if ref.upstream_id:
+        function_call["id"] = ref.upstream_id
+    part: JSON = {"functionCall": function_call}
+    if ref.signature:  # back on the very part it came with, as Gemini requires
+        part["thoughtSignature"] = ref.signature
+    return part
+
+
+def _arguments(arguments: Any, where: str) -> JSON:
+    if not arguments:
+        return {}
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise errors.InvalidRequest(
+            f"{where}.function.arguments must be a JSON object: Gemini takes arguments as an object",
+            field=f"{where}.function.arguments",
+        )
+    return parsed
+
+
+def _function_response(message: JSON, where: str, names: dict[Any, Any], provider: str) -> JSON:
+    call_id = str(message.get("tool_call_id") or "")
+    name = names.get(call_id)
+    if not name:
+        raise errors.InvalidRequest(
+            f"{where}.tool_call_id {call_id!r} answers no tool call of an earlier assistant message "
+            "(Gemini needs the called function's name)",
+            field=f"{where}.tool_call_id",
+        )
+    text = _text_of(message.get("content"), where, provider)
+    response: JSON = {"name": name, "response": _response_object(text)}
+    if upstream_id := read_call_id(call_id).upstream_id:
+        response["id"] = upstream_id
+    return {"functionResponse": response}
+
+
+def _response_object(text: str) -> JSON:
+    """Gemini takes a function's result as an object: a JSON object result as is, any
+    other result under "output", the key its documentation names for a function's output."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    return parsed if isinstance(parsed, dict) else {"output": text}
+
+
+def _function_declaration(tool: JSON) -> JSON:
+    function = tool.get("function") or {}
+    declaration: JSON = {"name": function.get("name") or ""}
+    if function.get("description"):
+        declaration["description"] = function["description"]
+    if parameters := function.get("parameters"):
+        declaration["parametersJsonSchema"] = _json_schema(parameters)
+    # `strict` has no Gemini switch: Gemini decodes calls against the declared schema.
+    return declaration
+
+
+def _json_schema(schema: JSON) -> JSON:
+    """The schema for Gemini's JSON Schema fields, which refuse the `$schema` dialect key."""
+    return {key: value for key, value in schema.items() if key != "$schema"}
+
+
+def _tool_config(choice: Any, has_tools: bool) -> JSON | None:
+    if choice is None:
+        return None
+    names: list[str] = []
+    if isinstance(choice, dict):
+        mode = "ANY"
+        names = [str((choice.get("function") or {}).get("name") or "")]
+    else:
+        mode = {"auto": "AUTO", "none": "NONE", "required": "ANY"}.get(str(choice), "AUTO")
+    if not has_tools:
+        if mode == "ANY":
+            raise errors.InvalidRequest("tool_choice requires a tool call but no tools are given", field="tool_choice")
+        return None
+    config: JSON = {"mode": mode}
+    if names:
+        config["allowedFunctionNames"] = names
+    return {"functionCallingConfig": config}
+
+
+_SAME_MEANING = (
+    ("temperature", "temperature"),
+    ("top_p", "topP"),
+    ("n", "candidateCount"),
+    ("seed", "seed"),
+    ("presence_penalty", "presencePenalty"),
+    ("frequency_penalty", "frequencyPenalty"),
+)
+
+
+def _generation_config(request: JSON, model: str) -> JSON:
+    config: JSON = {gemini: request[openai] for openai, gemini in _SAME_MEANING if request.get(openai) is not None}
+    if max_tokens := request.get("max_completion_tokens") or request.get("max_tokens"):
+        config["maxOutputTokens"] = max_tokens
+    if stop := request.get("stop"):
+        config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    config |= _response_format(request.get("response_format") or {})
+    if effort := request.get("reasoning_effort"):
+        config["thinkingConfig"] = _thinking_config(str(effort), model)
+    return config
+
+
+def _response_format(response_format: JSON) -> JSON:
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return {"responseMimeType": "application/json"}
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        config: JSON = {"responseMimeType": "application/json"}
+        if schema:
+            config["responseJsonSchema"] = _json_schema(schema)
+        return config
+    return {}
+
+
+def _thinking_config(effort: str, model: str) -> JSON:
+    if effort not in _THINKING_BUDGETS:
+        raise errors.InvalidRequest(
+            f"reasoning_effort must be minimal, low, medium or high, got {effort!r}", field="reasoning_effort"
+        )
+    version = re.match(r"(?:models/)?gemini-(\d+)", model)
+    if version and int(version.group(1)) >= 3:
+        return {"thinkingLevel": effort.upper()}  # Gemini 3 replaced budgets by levels
+    return {"thinkingBudget": _THINKING_BUDGETS[effort]}
+
+
+# ------------------------------------------------------------------ response translation
+
+
+@dataclass
+class _Output:
+    """One candidate's parts, sorted by what they become."""
+
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[JSON] = field(default_factory=list)
+
+
+def _read_parts(candidate: JSON) -> _Output:
+    output = _Output()
+    for part in _object(candidate.get("content")).get("parts") or []:
+        if not isinstance(part, dict):
+            continue
+        if isinstance(part.get("functionCall"), dict):
+            output.tool_calls.append(_tool_call(part["functionCall"], part.get("thoughtSignature")))
+        elif isinstance(part.get("text"), str):
+            (output.reasoning if part.get("thought") else output.text).append(part["text"])
+    return output
+
+
+def _tool_call(function_call: JSON, signature: Any) -> JSON:
+    return {
+        "id": mint_call_id(function_call.get("id"), signature if isinstance(signature, str) else None),
+        "type": "function",
+        "function": {
+            "name": function_call.get("name") or "",
+            "arguments": json.dumps(function_call.get("args") or {}, ensure_ascii=False),
+        },
+    }
+
+
+def _finish_reason(reason: Any, called_tools: bool) -> str:
+    finish = _FINISH_REASONS.get(str(reason), "stop")
+    return "tool_calls" if finish == "stop" and called_tools else finish
+
+
+def _block_refusal(answer: JSON) -> str | None:
+    """Why Gemini refused the prompt, when it did."""
+    feedback = _object(answer.get("promptFeedback"))
+    reason = feedback.get("blockReason")
+    if not reason:
+        return None
+    detail = feedback.get("blockReasonMessage")
+    return f"the prompt was blocked ({reason})" + (f": {detail}" if detail else "")
+
+
+def _completion_id(answer: JSON) -> str:
+    response_id = answer.get("responseId")
+    return (
+        f"chatcmpl-{response_id}"
+        if isinstance(response_id, str) and response_id
+        else f"chatcmpl-{secrets.token_hex(12)}"
+    )
+
+
+def _object(value: Any) -> JSON:
+    return value if isinstance(value, dict) else {}
+
+
+def _candidate_index(candidate: JSON, position: int) -> int:
+    index = candidate.get("index")
+    return index if isinstance(index, int) else position
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def usage_from_metadata(metadata: Any) -> JSON | None:
+    """OpenAI usage from Gemini's usageMetadata; thoughts count as completion tokens."""
+    if not isinstance(metadata, dict):
+        return None
+    prompt = _int(metadata.get("promptTokenCount")) + _int(metadata.get("toolUsePromptTokenCount"))
+    thoughts = _int(metadata.get("thoughtsTokenCount"))
+    completion = _int(metadata.get("candidatesTokenCount")) + thoughts
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": _int(metadata.get("totalTokenCount")) or prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": _int(metadata.get("cachedContentTokenCount"))},
+        "completion_tokens_details": {"reasoning_tokens": thoughts},
+    }
+
+
+def completion_from_response(answer: JSON, model: str, n: int, provider: str) -> JSON:
+    """The OpenAI chat.completion for a GenerateContentResponse."""
+    candidates = [c for c in answer.get("candidates") or [] if isinstance(c, dict)]
+    refusal = _block_refusal(answer)
+    if candidates:
+        choices = [_choice(candidate, position) for position, candidate in enumerate(candidates)]
+    elif refusal:
+        message = {"role": "assistant", "content": None, "refusal": refusal}
+        choices = [{"index": i, "message": message, "finish_reason": "content_filter"} for i in range(n)]
+    else:
+        raise errors.UpstreamMalformedResponse(f"{provider} answered without candidates", provider=provider)
+    completion: JSON = {
+        "id": _completion_id(answer),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": answer.get("modelVersion") or model,
+        "choices": choices,
+    }
+    if usage := usage_from_metadata(answer.get("usageMetadata")):
+        completion["usage"] = usage
+    return completion
+
+
+def _choice(candidate: JSON, position: int) -> JSON:
+    output = _read_parts(candidate)
+    message: JSON = {"role": "assistant", "content": "".join(output.text) if output.text else None}
+    if output.tool_calls:
+        message["tool_calls"] = output.tool_calls
+    if output.reasoning:
+        message["reasoning_content"] = "".join(output.reasoning)
+    return {
+        "index": _candidate_index(candidate, position),
+        "message": message,
+        "finish_reason": _finish_reason(candidate.get("finishReason"), bool(output.tool_calls)),
+    }
+
+
+@dataclass
+class _ChoiceState:
+    started: bool = False
+    tool_calls: int = 0
+    finished: bool = False
+
+
+class StreamTranslator:
+    """Turns the GenerateContentResponse events of one stream into OpenAI chunks."""
+
+    def __init__(self, model: str, n: int) -> None:
+        self._id: str | None = None
+        self._created = int(time.time())
+        self._model = model
+        self._n = n
+        self._choices: dict[int, _ChoiceState] = {}
+        self._usage: JSON | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether every choice got its finishReason (a cut stream leaves one open)."""
+        return bool(self._choices) and all(state.finished for state in self._choices.values())
+
+    def chunks(self, event: JSON) -> list[JSON]:
+        self._id = self._id or _completion_id(event)
+        self._model = event.get("modelVersion") or self._model
+        # Each event repeats the usage so far; the last one is the whole call's.
+        self._usage = usage_from_metadata(event.get("usageMetadata")) or self._usage
+        candidates = [c for c in event.get("candidates") or [] if isinstance(c, dict)]
+        if not candidates and (refusal := _block_refusal(event)):
+            return [self._chunk(self._blocked(index, refusal)) for index in range(self._n)]
+        choices = (self._choice_delta(candidate, position) for position, candidate in enumerate(candidates))
+        return [self._chunk(choice) for choice in choices if choice is not None]
+
+    def usage_chunk(self) -> JSON | None:
+        if self._usage is None:
+            return None
+        return {**self._chunk(None), "choices": [], "usage": self._usage}
+
+    def _chunk(self, choice: JSON | None) -> JSON:
+        return {
+            "id": self._id or _completion_id({}),
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "choices": [choice] if choice else [],
+        }
+
+    def _blocked(self, index: int, refusal: str) -> JSON:
+        self._choices[index] = _ChoiceState(started=True, finished=True)
+        return {"index": index, "delta": {"role": "assistant", "refusal": refusal}, "finish_reason": "content_filter"}
+
+    def _choice_delta(self, candidate: JSON, position: int) -> JSON | None:
+        index = _candidate_index(candidate, position)
+        state = self._choices.setdefault(index, _ChoiceState())
+        output = _read_parts(candidate)
+        delta: JSON = {}
+        if not state.started:
+            delta["role"] = "assistant"
+            state.started = True
+        if output.text:
+            delta["content"] = "".join(output.text)
+        if output.reasoning:
+            delta["reasoning_content"] = "".join(output.reasoning)
+        if output.tool_calls:
+            delta["tool_calls"] = [{"index": state.tool_calls + i, **call} for i, call in enumerate(output.tool_calls)]
+            state.tool_calls += len(output.tool_calls)
+        choice: JSON = {"index": index, "delta": delta}
+        if reason := candidate.get("finishReason"):
+            choice["finish_reason"] = _finish_reason(reason, state.tool_calls > 0)
+            state.finished = True
+        return choice if delta or "finish_reason" in choice else None
+
+
+async def _sse_events(response: httpx.Response, provider: str) -> AsyncIterator[str]:
+    """The JSON text of each event: the data of `data:` lines, or a bare JSON object,
+    which is how Google sends a failure in the middle of a stream."""
+    data: list[str] = []
+    bare: list[str] = []
+    try:
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+            elif not line.strip():
+                if data:
+                    yield "\n".join(data)
+                    data = []
+            elif not line.startswith((":", "event:", "id:", "retry:")):
+                bare.append(line)
+                if _is_json("\n".join(bare)):
+                    yield "\n".join(bare)
+                    bare = []
+    except httpx.HTTPError as exc:
+        raise transport_error(provider, exc) from exc
+    for rest in (data, bare):
+        if rest:
+            yield "\n".join(rest)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def _embedding_texts(value: Any, provider: str) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, str) for item in items):
+        raise _unsupported(provider, "token-array embedding inputs (send text)", "input")
+    return [str(item) for item in items]
+
+
+def _embed_request(text: str, dimensions: Any) -> JSON:
+    request: JSON = {"content": {"parts": [{"text": text}]}}
+    if dimensions:
+        request["outputDimensionality"] = dimensions
+    return request
+
+
+def _float32_base64(vector: list[float]) -> str:
+    """OpenAI's `encoding_format: base64`: little-endian float32 values, base64-encoded."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def _model_path(model: str) -> str:
+    return model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def google_error(provider: str, status: int, headers: httpx.Headers, content: bytes) -> errors.UpstreamError:
+    """The exception for a failed HTTP answer carrying Google's error body."""
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, list) and parsed:  # the non-SSE stream wraps it in an array
+        parsed = parsed[0]
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if not isinstance(error, dict):
+        return upstream_status_error(provider, status, headers, error_message_from_body(content))
+    return google_error_from_object(provider, status, headers, error)
+
+
+def google_error_from_object(provider: str, status: int, headers: httpx.Headers, error: JSON) -> errors.UpstreamError:
+    details = [detail for detail in error.get("details") or [] if isinstance(detail, dict)]
+    if status == 400 and any(detail.get("reason") in _API_KEY_REJECTED for detail in details):
+        status = 401  # Google answers a bad API key with 400 INVALID_ARGUMENT
+    delay = _retry_delay(details)
+    if delay is not None and "retry-after" not in headers:
+        headers = httpx.Headers(headers)
+        headers["retry-after"] = f"{delay:g}"
+    message = str(error.get("message") or "(no message)")[:500]
+    if isinstance(error.get("status"), str):
+        message = f"{error['status']}: {message}"
+    return upstream_status_error(provider, status, headers, message)
+
+
+def _retry_delay(details: list[JSON]) -> float | None:
+    """RetryInfo's retryDelay (a protobuf Duration such as "7s" or "1.5s"), in seconds."""
+    for detail in details:
+        if str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            try:
+                return max(float(str(detail.get("retryDelay", "")).removesuffix("s")), 0.0)
+            except ValueError:
+                return None
+    return None
