@@ -204,10 +204,6 @@ async def test_openrouter_sse_comments_are_skipped(stack):
     assert answer.content == "echo: a b" and answer.finish_reasons == ["stop"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OpenRouter names the field `reasoning`; OpenAIAdapter needs a hook to map it to reasoning_content",
-)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_openrouter_reasoning_reaches_clients(stack, transport):
     answer = await stack.via(transport).chat(model="openrouter/deepseek/deepseek-r1", messages=[user("hi")])

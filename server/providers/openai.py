@@ -42,8 +42,12 @@ class OpenAIAdapter:
         client: httpx.AsyncClient,
         extra_headers: Mapping[str, str] | None = None,
         capabilities: frozenset[Capability] = ALL_CAPABILITIES,
+        reasoning_field: str = "reasoning_content",
     ) -> None:
         self.name = name
+        # Where this dialect puts visible reasoning (DeepSeek: reasoning_content,
+        # OpenRouter: reasoning); it is always handed on as reasoning_content.
+        self._reasoning_field = reasoning_field
         self.capabilities = capabilities
         self._base_url = base_url.rstrip("/")
         self._client = client
@@ -60,7 +64,7 @@ class OpenAIAdapter:
         body = {**request, "model": model}
         body.pop("stream", None)
         body.pop("stream_options", None)
-        return await self._post_json("/chat/completions", body)
+        return self._rename_reasoning(await self._post_json("/chat/completions", body), "message")
 
     async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
         # Usage is always asked for: billing needs it even when the client did not.
@@ -76,9 +80,9 @@ class OpenAIAdapter:
                     done = True
                     continue
                 chunk = self._parse_event(event)
-                if "error" in chunk and "choices" not in chunk:
+                if "error" in chunk:  # OpenRouter sends it beside choices
                     raise self._stream_error(chunk["error"])
-                yield chunk
+                yield self._rename_reasoning(chunk, "delta")
         if done:
             return
         raise errors.UpstreamUnavailable(f"{self.name} ended the stream before [DONE]", provider=self.name)
@@ -141,6 +145,15 @@ class OpenAIAdapter:
                 f"{self.name} answered with JSON that is not an object", provider=self.name
             )
         return parsed
+
+    def _rename_reasoning(self, answer: JSON, part: str) -> JSON:
+        if self._reasoning_field == "reasoning_content":
+            return answer
+        for choice in answer.get("choices") or ():
+            message = choice.get(part) if isinstance(choice, dict) else None
+            if isinstance(message, dict) and self._reasoning_field in message:
+                message["reasoning_content"] = message.pop(self._reasoning_field)
+        return answer
 
     def _parse_event(self, data: str) -> JSON:
         return self._parse_json(data.encode())

@@ -31,6 +31,8 @@ class Preset:
     capabilities: frozenset[Capability] = frozenset(Capability)
     # The catalog used when the configuration lists no models.
     models: tuple[ModelEntry, ...] = ()
+    # OpenAI-compatible dialects: the field that carries visible reasoning.
+    reasoning_field: str = "reasoning_content"
 
 
 _CHAT_ONLY = frozenset({Capability.CHAT, Capability.CHAT_STREAM, Capability.TOOLS, Capability.JSON_SCHEMA})
@@ -97,6 +99,7 @@ PRESETS: dict[str, Preset] = {
                 "deepseek/deepseek-r1",
             )
         ),
+        reasoning_field="reasoning",
     ),
 }
 
@@ -118,6 +121,7 @@ def _openai(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx
         client=client,
         extra_headers=cfg.headers,
         capabilities=capabilities,
+        reasoning_field=preset.reasoning_field if preset else "reasoning_content",
     )
 
 
