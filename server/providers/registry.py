@@ -16,6 +16,8 @@ from server.errors import ProviderNotConfigured
 from server.providers.anthropic import CLAUDE_CHAT, CLAUDE_MODELS, build_anthropic_adapter
 from server.providers.base import Capability, Provider
 from server.providers.gemini import GEMINI_BASE_URL, GEMINI_CAPABILITIES, GEMINI_MODELS, build_gemini
+from server.providers.mistral import CAPABILITIES as MISTRAL_CAPABILITIES
+from server.providers.mistral import DEFAULT_BASE_URL as MISTRAL_BASE_URL
 from server.providers.mistral import build_mistral
 from server.providers.ollama import build_ollama
 from server.providers.openai import OpenAIAdapter
@@ -64,6 +66,20 @@ PRESETS: dict[str, Preset] = {
     "anthropic": Preset("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY", CLAUDE_CHAT, CLAUDE_MODELS),
     "gemini": Preset("gemini", GEMINI_BASE_URL, "GEMINI_API_KEY", GEMINI_CAPABILITIES, GEMINI_MODELS),
     "openai": Preset("openai", "https://api.openai.com/v1", "OPENAI_API_KEY", models=OPENAI_MODELS),
+    "mistral": Preset(
+        "mistral",
+        MISTRAL_BASE_URL,
+        "MISTRAL_API_KEY",
+        MISTRAL_CAPABILITIES,
+        (
+            *(
+                ModelEntry(id=m, capabilities=[*_CHAT_ONLY, _C.VISION])
+                for m in ("mistral-medium-latest", "mistral-small-latest")
+            ),
+            ModelEntry(id="mistral-large-latest", capabilities=list(_CHAT_ONLY)),
+            ModelEntry(id="mistral-embed", capabilities=[_C.EMBEDDINGS]),
+        ),
+    ),
     # DeepSeek: reasoning_content in messages and deltas passes through; JSON mode is
     # json_object only (no json_schema), no images.
     "deepseek": Preset(
