@@ -124,3 +124,9 @@ def test_envoy_accepts_the_rendered_config(tmp_path):
     path = tmp_path / "envoy.yaml"
     path.write_text(config)
     validate_envoy_config(path)  # raises with Envoy's own message on failure
+
+
+def test_readme_provider_table_matches_the_code():
+    from server.providers.registry import capability_table
+
+    assert capability_table() in (ROOT / "README.md").read_text()

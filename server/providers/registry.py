@@ -174,3 +174,31 @@ def api_key_variable(provider: str) -> str | None:
     """The variable that enables a known provider, for error messages."""
     preset = PRESETS.get(provider)
     return preset.api_key_env if preset else None
+
+
+# Providers enabled by something other than their preset's key variable (config.py).
+_ENABLED_BY = {"ollama": "OLLAMA_HOST", "gemini": "GEMINI_API_KEY or GOOGLE_API_KEY"}
+
+
+def capability_table() -> str:
+    """The README's provider table, rendered from the code (`python -m server.providers.registry`)."""
+    client = httpx.AsyncClient()  # the adapters are only built, never called
+    columns = list(Capability)
+    lines = [
+        "| provider | adapter | enabled by | " + " | ".join(c.value for c in columns) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " |",
+    ]
+    for name in sorted({*PRESETS, *ADAPTERS}):
+        preset = PRESETS.get(name)
+        adapter = preset.adapter if preset else name
+        capabilities = build_provider(
+            name, ProviderConfig(base_url="http://unused", api_key="unused"), client
+        ).capabilities
+        marks = " | ".join("yes" if c in capabilities else "-" for c in columns)
+        variable = _ENABLED_BY.get(name) or (preset.api_key_env if preset else None) or "-"
+        lines.append(f"| {name} | {adapter} | {variable} | {marks} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(capability_table())
