@@ -261,3 +261,25 @@ async def test_stream_error_before_first_chunk_is_http_error(oai):
         await oai.chat.completions.create(
             model="openai/error-429", messages=[{"role": "user", "content": "x"}], stream=True
         )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "field"),
+    [
+        ({"model": "openai/dall-e-3", "size": "256x256"}, "size"),
+        ({"model": "openai/dall-e-3", "n": 2}, "n"),
+        ({"model": "openai/dall-e-2", "quality": "hd"}, "quality"),
+        ({"model": "openai/gpt-image-1", "response_format": "url"}, "response_format"),
+    ],
+)
+async def test_image_options_a_model_lacks_are_refused_with_the_allowed_values(oai, fake_openai, arguments, field):
+    with pytest.raises(openai.BadRequestError) as caught:
+        await oai.images.generate(prompt="x", **arguments)
+    assert caught.value.param == field
+    assert not fake_openai.requests
+
+
+async def test_gpt_image_answers_base64_without_sending_response_format(oai, fake_openai):
+    images = await oai.images.generate(model="openai/gpt-image-1", prompt="x", response_format="b64_json", quality="high")
+    assert images.data[0].b64_json
+    assert "response_format" not in fake_openai.requests[-1].json

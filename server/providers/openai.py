@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -93,7 +94,11 @@ class OpenAIAdapter:
         return await self._post_json("/embeddings", {**request, "model": model})
 
     async def create_image(self, request: JSON, model: str) -> JSON:
-        return await self._post_json("/images/generations", {**request, "model": model})
+        body = {**request, "model": model}
+        rules = IMAGE_MODELS.get(model) if self.name == "openai" else None
+        if rules is not None:
+            body = rules.check(self.name, model, body)
+        return await self._post_json("/images/generations", body)
 
     async def create_speech(self, request: JSON, model: str) -> AudioFile:
         response = await self._send("POST", "/audio/speech", json={**request, "model": model})
@@ -161,6 +166,52 @@ class OpenAIAdapter:
     def _stream_error(self, error: Any) -> errors.UpstreamError:
         message = error.get("message") if isinstance(error, dict) else None
         return errors.UpstreamUnavailable(f"{self.name} failed mid-stream: {message or error}", provider=self.name)
+
+
+@dataclass(frozen=True)
+class ImageModelRules:
+    """What one of OpenAI's image models accepts, checked before the call so the client
+    gets a message naming the allowed values rather than the upstream's."""
+
+    sizes: frozenset[str]
+    qualities: frozenset[str]
+    max_n: int
+    # gpt-image-1 always answers base64 and takes no response_format at all.
+    base64_only: bool = False
+
+    def check(self, provider: str, model: str, body: JSON) -> JSON:
+        for name, allowed in (("size", self.sizes), ("quality", self.qualities)):
+            if name in body and body[name] not in allowed:
+                raise errors.InvalidRequest(
+                    f"{name} {body[name]!r} is not available for {provider}/{model}; "
+                    f"choose one of {', '.join(sorted(allowed))}",
+                    field=name,
+                )
+        if body.get("n", 1) > self.max_n:
+            raise errors.InvalidRequest(f"{provider}/{model} makes at most {self.max_n} image(s) per call", field="n")
+        if self.base64_only:
+            if body.get("response_format", "b64_json") != "b64_json":
+                raise errors.UnsupportedFeature(
+                    f"{provider}/{model} only returns b64_json images, not URLs",
+                    field="response_format",
+                    metadata={"provider": provider, "feature": "response_format=url"},
+                )
+            body = {k: v for k, v in body.items() if k not in ("response_format", "style")}
+        return body
+
+
+_GPT_IMAGE = ImageModelRules(
+    sizes=frozenset({"auto", "1024x1024", "1536x1024", "1024x1536"}),
+    qualities=frozenset({"auto", "low", "medium", "high"}),
+    max_n=10,
+    base64_only=True,
+)
+IMAGE_MODELS: dict[str, ImageModelRules] = {
+    "dall-e-2": ImageModelRules(frozenset({"256x256", "512x512", "1024x1024"}), frozenset({"standard"}), 10),
+    "dall-e-3": ImageModelRules(frozenset({"1024x1024", "1792x1024", "1024x1792"}), frozenset({"standard", "hd"}), 1),
+    "gpt-image-1": _GPT_IMAGE,
+    "gpt-image-1-mini": _GPT_IMAGE,
+}
 
 
 class _StreamContext:

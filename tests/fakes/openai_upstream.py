@@ -413,6 +413,11 @@ class FakeOpenAI:
         if not isinstance(prompt, str) or not prompt:
             raise _missing("prompt")
         response_format = body.get("response_format") or "url"
+        if str(body.get("model", "")).startswith("gpt-image"):
+            # OpenAI's gpt-image models take no response_format and always answer base64.
+            if "response_format" in body:
+                raise OpenAIError(400, "Unknown parameter: 'response_format'.", param="response_format")
+            response_format = "b64_json"
         if response_format not in ("url", "b64_json"):
             raise OpenAIError(400, f"Invalid response_format: {response_format!r}.", param="response_format")
         digest = hashlib.sha256(prompt.encode()).hexdigest()[:16]
