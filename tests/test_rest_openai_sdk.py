@@ -280,6 +280,8 @@ async def test_image_options_a_model_lacks_are_refused_with_the_allowed_values(o
 
 
 async def test_gpt_image_answers_base64_without_sending_response_format(oai, fake_openai):
-    images = await oai.images.generate(model="openai/gpt-image-1", prompt="x", response_format="b64_json", quality="high")
+    images = await oai.images.generate(
+        model="openai/gpt-image-1", prompt="x", response_format="b64_json", quality="high"
+    )
     assert images.data[0].b64_json
     assert "response_format" not in fake_openai.requests[-1].json
