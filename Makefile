@@ -7,7 +7,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := python3
 
 
-.PHONY: setup run test pytest bench generate check-generated lint typecheck buf-lint buf-breaking clean
+.PHONY: setup run test pytest postgres bench generate check-generated lint typecheck buf-lint buf-breaking clean
 
 setup: .venv/.installed node_modules/.installed
 
@@ -27,8 +27,16 @@ run: setup
 	.venv/bin/aigne-hub serve
 
 # The one test command (README, CI): static checks, then the whole suite.
-test: setup check-generated lint typecheck buf-breaking
-	.venv/bin/pytest
+test: setup check-generated lint typecheck buf-breaking postgres
+	AIGNE_HUB_REQUIRE_POSTGRES=1 .venv/bin/pytest
+
+# Storage tests run against SQLite and PostgreSQL (127.0.0.1:5432, trust auth, database
+# `test`, as on these machines): start the local cluster if it is installed but stopped.
+postgres:
+	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
+		echo "starting PostgreSQL"; \
+		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start && \
+		for i in $$(seq 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done; }
 
 pytest: setup
 	.venv/bin/pytest $(ARGS)

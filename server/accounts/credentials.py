@@ -1,0 +1,260 @@
+"""Provider credentials, encrypted at rest and never shown in full.
+
+Each secret is sealed with AES-256-GCM under the master key (AIGNE_HUB_MASTER_KEY,
+base64 of 32 random bytes, from the environment — never from the database): a fresh
+random 96-bit nonce per encryption, and associated data binding the ciphertext to its
+provider and row, so a ciphertext copied onto another provider or row fails to open.
+A fingerprint of the master key is stored alongside, so a changed master key is
+reported as exactly that instead of as corruption.
+
+Only a masked form (`sk-...abcd`) is ever listed, logged or returned; `Credential`,
+the one object holding a decrypted secret, hides it from `repr`.
+
+`select(provider)` rotates round-robin over the provider's active credentials from an
+in-process cache (refreshed every `cache_ttl_s`); `mark_invalid` takes one out of
+rotation (here at once, on other replicas within the TTL).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import itertools
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, cast
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import Row, delete, select, update
+
+from server.errors import ProviderNotConfigured
+from server.storage.database import Database
+from server.storage.schema import provider_credentials, utcnow
+
+MASTER_KEY_ENV = "AIGNE_HUB_MASTER_KEY"
+_AAD_LABEL = b"aigne-hub/provider-credential/v1"
+
+CredentialStatus = Literal["active", "invalid"]
+
+
+class MasterKeyError(Exception):
+    """The master key is missing or malformed, or cannot open a stored credential."""
+
+
+def load_master_key(value: str | None = None) -> bytes:
+    """The 32-byte master key from `value` (default: $AIGNE_HUB_MASTER_KEY, base64)."""
+    encoded = value if value is not None else os.environ.get(MASTER_KEY_ENV)
+    if not encoded:
+        raise MasterKeyError(f"{MASTER_KEY_ENV} is not set; generate one with generate_master_key()")
+    try:
+        key = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MasterKeyError(f"{MASTER_KEY_ENV} is not valid base64") from exc
+    if len(key) != 32:
+        raise MasterKeyError(f"{MASTER_KEY_ENV} must be 32 bytes (base64), not {len(key)}")
+    return key
+
+
+def generate_master_key() -> str:
+    """A new random master key, base64-encoded (what AIGNE_HUB_MASTER_KEY holds)."""
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def key_fingerprint(master_key: bytes) -> str:
+    """16 hex digits identifying a master key without revealing it."""
+    return hmac.new(master_key, b"aigne-hub master key fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
+def mask_secret(secret: str) -> str:
+    """`sk-...abcd`: the first three and the last four characters, when long enough."""
+    if len(secret) < 12:
+        return "****"
+    return f"{secret[:3]}...{secret[-4:]}"
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialInfo:
+    """A stored credential as listed: everything but the secret."""
+
+    id: str
+    provider: str
+    label: str
+    masked: str
+    status: CredentialStatus
+    invalid_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A decrypted credential, for the adapter's request only. Never log `secret`."""
+
+    id: str
+    provider: str
+    label: str
+    masked: str
+    secret: str = field(repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.provider} credential {self.masked} ({self.id})"
+
+
+class CredentialVault:
+    """Encrypted provider credentials: add, list (masked), remove, select, mark_invalid."""
+
+    def __init__(self, db: Database, master_key: bytes, *, cache_ttl_s: float = 5.0) -> None:
+        if len(master_key) != 32:
+            raise MasterKeyError("the master key must be 32 bytes")
+        self._db = db
+        self._aead = AESGCM(master_key)
+        self._fingerprint = key_fingerprint(master_key)
+        self._ttl = cache_ttl_s
+        self._active: dict[str, tuple[float, list[Credential]]] = {}
+        self._turns: dict[str, itertools.count[int]] = {}
+
+    async def add(self, provider: str, secret: str, *, label: str = "") -> CredentialInfo:
+        if not provider or not secret:
+            raise ValueError("a credential needs a provider and a secret")
+        credential_id = uuid.uuid4().hex
+        nonce = os.urandom(12)
+        ciphertext = self._aead.encrypt(nonce, secret.encode(), _aad(provider, credential_id))
+        now = utcnow()
+        info = CredentialInfo(credential_id, provider, label, mask_secret(secret), "active", None, now, now)
+        async with self._db.write() as conn:
+            await conn.execute(
+                provider_credentials.insert().values(
+                    id=credential_id,
+                    provider=provider,
+                    label=label,
+                    nonce=nonce,
+                    ciphertext=ciphertext,
+                    key_fingerprint=self._fingerprint,
+                    masked=info.masked,
+                    status="active",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        self._active.pop(provider, None)
+        return info
+
+    async def list_credentials(self, provider: str | None = None) -> list[CredentialInfo]:
+        """Every stored credential (of `provider`), masked."""
+        query = select(provider_credentials).order_by(
+            provider_credentials.c.provider, provider_credentials.c.created_at, provider_credentials.c.id
+        )
+        if provider is not None:
+            query = query.where(provider_credentials.c.provider == provider)
+        async with self._db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_info(row) for row in rows]
+
+    async def remove(self, credential_id: str) -> bool:
+        async with self._db.write() as conn:
+            done = await conn.execute(
+                delete(provider_credentials)
+                .where(provider_credentials.c.id == credential_id)
+                .returning(provider_credentials.c.provider)
+            )
+            provider = done.scalar_one_or_none()
+        if provider is not None:
+            self._active.pop(provider, None)
+        return provider is not None
+
+    async def reveal(self, credential_id: str) -> Credential:
+        """The decrypted credential (for the gateway's own use, never for a client)."""
+        async with self._db.read() as conn:
+            row = (
+                await conn.execute(select(provider_credentials).where(provider_credentials.c.id == credential_id))
+            ).one_or_none()
+        if row is None:
+            raise KeyError(credential_id)
+        return self._open(row)
+
+    async def select(self, provider: str) -> Credential:
+        """The next active credential of `provider`, round-robin; PROVIDER_NOT_CONFIGURED
+        when it has none."""
+        active = await self._active_credentials(provider)
+        if not active:
+            raise ProviderNotConfigured(
+                f"provider {provider!r} has no active credential", metadata={"provider": provider}
+            )
+        turn = next(self._turns.setdefault(provider, itertools.count()))
+        return active[turn % len(active)]
+
+    async def mark_invalid(self, credential_id: str, reason: str) -> None:
+        """Takes the credential out of rotation (e.g. the provider answered 401)."""
+        await self._set_status(credential_id, "invalid", reason)
+
+    async def mark_active(self, credential_id: str) -> None:
+        await self._set_status(credential_id, "active", None)
+
+    async def _set_status(self, credential_id: str, status: CredentialStatus, reason: str | None) -> None:
+        async with self._db.write() as conn:
+            done = await conn.execute(
+                update(provider_credentials)
+                .where(provider_credentials.c.id == credential_id)
+                .values(status=status, invalid_reason=reason, updated_at=utcnow())
+                .returning(provider_credentials.c.provider)
+            )
+            provider = done.scalar_one_or_none()
+        if provider is None:
+            raise KeyError(credential_id)
+        self._active.pop(provider, None)
+
+    async def _active_credentials(self, provider: str) -> list[Credential]:
+        cached = self._active.get(provider)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        async with self._db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(provider_credentials)
+                    .where(provider_credentials.c.provider == provider, provider_credentials.c.status == "active")
+                    .order_by(provider_credentials.c.created_at, provider_credentials.c.id)
+                )
+            ).all()
+        active = [self._open(row) for row in rows]
+        self._active[provider] = (now + self._ttl, active)
+        return active
+
+    def _open(self, row: Row[tuple[object, ...]]) -> Credential:
+        if row.key_fingerprint != self._fingerprint:
+            raise MasterKeyError(
+                f"{row.provider} credential {row.masked} ({row.id}) was encrypted with another master key "
+                f"(fingerprint {row.key_fingerprint}, configured {self._fingerprint}): "
+                f"was {MASTER_KEY_ENV} changed?"
+            )
+        try:
+            plaintext = self._aead.decrypt(bytes(row.nonce), bytes(row.ciphertext), _aad(row.provider, row.id))
+        except InvalidTag:
+            raise MasterKeyError(
+                f"{row.provider} credential {row.masked} ({row.id}) does not decrypt: "
+                "the stored ciphertext is corrupted or was tampered with"
+            ) from None
+        return Credential(row.id, row.provider, row.label, row.masked, plaintext.decode())
+
+
+def _aad(provider: str, credential_id: str) -> bytes:
+    return b"\x00".join((_AAD_LABEL, provider.encode(), credential_id.encode()))
+
+
+def _info(row: Row[tuple[object, ...]]) -> CredentialInfo:
+    return CredentialInfo(
+        id=row.id,
+        provider=row.provider,
+        label=row.label,
+        masked=row.masked,
+        status=cast(CredentialStatus, row.status),
+        invalid_reason=row.invalid_reason,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )

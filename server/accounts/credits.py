@@ -1,0 +1,472 @@
+"""Credits: per-model rates, per-owner balances, reservations and settlement.
+
+Amounts are integer micro-credits (1 credit = 1_000_000 micros).
+
+A call first `reserve`s its worst-case cost, then settles the actual cost when it
+ends: `charged = min(actual, reserved)` leaves the balance, the rest of the hold is
+released. Both steps are single transactions built from conditional UPDATEs:
+
+    UPDATE balances SET reserved = reserved + :x
+     WHERE owner_id = :o AND balance - reserved >= :x          -- the owner's credits
+    UPDATE api_keys SET reserved = reserved + :x
+     WHERE id = :k AND (cap IS NULL OR cap - spent - reserved >= :x)   -- the key's cap
+
+PostgreSQL re-evaluates the WHERE clause on the newest row version after waiting for
+a concurrent writer, and SQLite runs one writer at a time (BEGIN IMMEDIATE), so any
+number of concurrent calls on any number of replicas can never overdraw a balance or
+a cap; CHECK constraints back this up. Every transaction takes its row locks in one
+global order — reservations, usage records, balances (by owner), keys (by id) — so
+batches on different replicas cannot deadlock.
+
+Each reservation is a row: settling deletes it (so a settlement is idempotent) and a
+reservation whose replica died is released by `release_expired`.
+
+With billing off (the default) nothing is reserved or charged: `reserve` returns an
+empty reservation without touching the database, and usage is still recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from fnmatch import fnmatchcase
+
+from sqlalchemy import Row, delete, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from server.accounts.errors import (
+    MICROS_PER_CREDIT,
+    InsufficientCredits,
+    ModelNotAllowed,
+    SpendingCapReached,
+    format_credits,
+)
+from server.storage.database import Database
+from server.storage.schema import api_keys, balances, credit_grants, model_rates, reservations, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def credits_to_micros(credits: float | int | str) -> int:
+    """12.5 → 12_500_000 (rounded to the micro-credit; use strings for exact input)."""
+    return int((Decimal(str(credits)) * MICROS_PER_CREDIT).to_integral_value())
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """What a model costs, in micro-credits. `model` may be a glob ("openai/*", "*")."""
+
+    model: str
+    input_per_million_micros: int = 0
+    output_per_million_micros: int = 0
+    # Cached input tokens are billed at this rate instead of the input rate.
+    cached_input_per_million_micros: int = 0
+    per_image_micros: int = 0
+    per_audio_second_micros: int = 0
+    per_character_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a call consumed. `input_tokens` includes `cached_tokens` (OpenAI's usage
+    semantics: cached tokens are the part of the prompt served from the cache)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    images: int = 0
+    audio_ms: int = 0
+    characters: int = 0
+
+
+def cost_of(rate: Rate, usage: Usage) -> int:
+    """The cost in micro-credits, rounded up to the micro-credit once per unit kind."""
+    cached = min(max(usage.cached_tokens, 0), max(usage.input_tokens, 0))
+    uncached = max(usage.input_tokens, 0) - cached
+    token_micros = (
+        uncached * rate.input_per_million_micros
+        + cached * rate.cached_input_per_million_micros
+        + max(usage.output_tokens, 0) * rate.output_per_million_micros
+    )
+    return (
+        _ceil_div(token_micros, 1_000_000)
+        + max(usage.images, 0) * rate.per_image_micros
+        + _ceil_div(max(usage.audio_ms, 0) * rate.per_audio_second_micros, 1000)
+        + max(usage.characters, 0) * rate.per_character_micros
+    )
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    owner_id: str
+    balance_micros: int
+    reserved_micros: int
+
+    @property
+    def available_micros(self) -> int:
+        return self.balance_micros - self.reserved_micros
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Credits held for one call. `id` is None when nothing was reserved (billing off)."""
+
+    id: str | None
+    owner_id: str
+    key_id: str | None
+    amount_micros: int
+    request_id: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+
+
+class CreditService:
+    """Rates, balances, reservations. `billing_enabled=False` charges nothing."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        billing_enabled: bool = False,
+        reservation_ttl_s: float = 7200.0,
+        rates_cache_ttl_s: float = 5.0,
+    ) -> None:
+        self._db = db
+        self.billing_enabled = billing_enabled
+        self._reservation_ttl = timedelta(seconds=reservation_ttl_s)
+        self._rates_ttl = rates_cache_ttl_s
+        self._rates: tuple[dict[str, Rate], list[Rate]] | None = None
+        self._rates_fresh_until = 0.0
+
+    # -- rates ---------------------------------------------------------------------------
+
+    async def set_rate(self, rate: Rate) -> None:
+        prices = {
+            "input_per_million_micros": rate.input_per_million_micros,
+            "output_per_million_micros": rate.output_per_million_micros,
+            "cached_input_per_million_micros": rate.cached_input_per_million_micros,
+            "per_image_micros": rate.per_image_micros,
+            "per_audio_second_micros": rate.per_audio_second_micros,
+            "per_character_micros": rate.per_character_micros,
+        }
+        if not rate.model or any(price < 0 for price in prices.values()):
+            raise ValueError("a rate needs a model and non-negative prices")
+        now = utcnow()
+        async with self._db.write() as conn:
+            done = await conn.execute(
+                update(model_rates).where(model_rates.c.model == rate.model).values(**prices, updated_at=now)
+            )
+            if done.rowcount == 0:
+                await conn.execute(model_rates.insert().values(model=rate.model, **prices, updated_at=now))
+        self._rates = None
+
+    async def delete_rate(self, model: str) -> bool:
+        async with self._db.write() as conn:
+            done = await conn.execute(delete(model_rates).where(model_rates.c.model == model))
+        self._rates = None
+        return done.rowcount > 0
+
+    async def list_rates(self) -> list[Rate]:
+        async with self._db.read() as conn:
+            rows = (await conn.execute(select(model_rates).order_by(model_rates.c.model))).all()
+        return [_rate(row) for row in rows]
+
+    async def rate_for(self, model: str) -> Rate | None:
+        """The exact rate of `model`, else the longest matching glob's, else None."""
+        now = time.monotonic()
+        if self._rates is None or now >= self._rates_fresh_until:
+            rates = await self.list_rates()
+            exact = {r.model: r for r in rates if not _is_glob(r.model)}
+            globs = sorted((r for r in rates if _is_glob(r.model)), key=lambda r: (-len(r.model), r.model))
+            self._rates = (exact, globs)
+            self._rates_fresh_until = now + self._rates_ttl
+        exact, globs = self._rates
+        if model in exact:
+            return exact[model]
+        return next((r for r in globs if fnmatchcase(model, r.model)), None)
+
+    async def price(self, model: str, usage: Usage) -> int:
+        """What `usage` of `model` costs. With billing on, a model without a rate is
+        refused (MODEL_NOT_ALLOWED) rather than served for free."""
+        rate = await self.rate_for(model)
+        if rate is None:
+            if self.billing_enabled:
+                raise ModelNotAllowed(
+                    f"model {model!r} has no price, so it cannot be used while billing is on",
+                    metadata={"model": model},
+                )
+            return 0
+        return cost_of(rate, usage)
+
+    # -- balances ------------------------------------------------------------------------
+
+    async def balance(self, owner_id: str) -> Balance:
+        async with self._db.read() as conn:
+            row = (await conn.execute(select(balances).where(balances.c.owner_id == owner_id))).one_or_none()
+        if row is None:
+            return Balance(owner_id, 0, 0)
+        return Balance(owner_id, row.balance_micros, row.reserved_micros)
+
+    async def grant(self, owner_id: str, amount_micros: int, note: str = "") -> Balance:
+        """Adds (or, when negative, takes away) credits; a debit never takes more than
+        is available. Every grant is kept in `credit_grants`."""
+        now = utcnow()
+        async with self._db.write() as conn:
+            insert = self._db.insert_ignoring_conflicts(balances, "owner_id").values(
+                owner_id=owner_id, balance_micros=0, reserved_micros=0, updated_at=now
+            )
+            await conn.execute(insert)
+            done = await conn.execute(
+                update(balances)
+                .where(
+                    balances.c.owner_id == owner_id,
+                    balances.c.balance_micros - balances.c.reserved_micros + amount_micros >= 0,
+                )
+                .values(balance_micros=balances.c.balance_micros + amount_micros, updated_at=now)
+                .returning(balances.c.balance_micros, balances.c.reserved_micros)
+            )
+            row = done.one_or_none()
+            if row is None:
+                current = await _available(conn, owner_id)
+                raise InsufficientCredits(
+                    f"cannot debit {format_credits(-amount_micros)} credits from {owner_id}: "
+                    f"only {format_credits(current)} available",
+                    available_micros=current,
+                    needed_micros=-amount_micros,
+                )
+            await conn.execute(
+                credit_grants.insert().values(owner_id=owner_id, amount_micros=amount_micros, note=note, created_at=now)
+            )
+        return Balance(owner_id, row.balance_micros, row.reserved_micros)
+
+    # -- reservations --------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        owner_id: str,
+        amount_micros: int,
+        *,
+        key_id: str | None = None,
+        request_id: str | None = None,
+    ) -> Reservation:
+        """Holds `amount_micros` of the owner's credits and of the key's cap, or raises
+        INSUFFICIENT_CREDITS / SPENDING_CAP_REACHED saying what is left and what was needed."""
+        if amount_micros < 0:
+            raise ValueError("a reservation cannot be negative")
+        if not self.billing_enabled:
+            return Reservation(None, owner_id, key_id, 0, request_id)
+        reservation = Reservation(uuid.uuid4().hex, owner_id, key_id, amount_micros, request_id)
+        async with self._db.write() as conn:
+            held = await conn.execute(
+                update(balances)
+                .where(
+                    balances.c.owner_id == owner_id,
+                    balances.c.balance_micros - balances.c.reserved_micros >= amount_micros,
+                )
+                .values(reserved_micros=balances.c.reserved_micros + amount_micros, updated_at=reservation.created_at)
+            )
+            if held.rowcount != 1:
+                available = await _available(conn, owner_id)
+                raise InsufficientCredits(
+                    f"insufficient credits: {format_credits(available)} available to {owner_id}, "
+                    f"this call needs up to {format_credits(amount_micros)}",
+                    available_micros=available,
+                    needed_micros=amount_micros,
+                )
+            if key_id is not None:
+                capped = await conn.execute(
+                    update(api_keys)
+                    .where(
+                        api_keys.c.id == key_id,
+                        api_keys.c.spend_cap_micros.is_(None)
+                        | (
+                            api_keys.c.spend_cap_micros - api_keys.c.spent_micros - api_keys.c.reserved_micros
+                            >= amount_micros
+                        ),
+                    )
+                    .values(reserved_micros=api_keys.c.reserved_micros + amount_micros)
+                )
+                if capped.rowcount != 1:
+                    left = await _cap_left(conn, key_id)
+                    # Raising rolls the balance hold back too.
+                    raise SpendingCapReached(
+                        f"the API key's spending cap leaves {format_credits(left)} credits, "
+                        f"this call needs up to {format_credits(amount_micros)}",
+                        available_micros=left,
+                        needed_micros=amount_micros,
+                    )
+            await conn.execute(
+                reservations.insert().values(
+                    id=reservation.id,
+                    owner_id=owner_id,
+                    key_id=key_id,
+                    amount_micros=amount_micros,
+                    request_id=request_id,
+                    created_at=reservation.created_at,
+                    expires_at=reservation.created_at + self._reservation_ttl,
+                )
+            )
+        return reservation
+
+    async def settle(self, reservation: Reservation, actual_micros: int) -> int:
+        """Charges `min(actual, reserved)` and releases the rest; returns the charge.
+        Idempotent: a reservation already settled or released charges nothing."""
+        if reservation.id is None:
+            return 0
+        async with self._db.write() as conn:
+            charged = await settle_in(conn, {reservation.id: actual_micros})
+        return charged.get(reservation.id, 0)
+
+    async def release(self, reservation: Reservation) -> None:
+        """Gives the whole hold back (the call failed before it cost anything)."""
+        await self.settle(reservation, 0)
+
+    async def release_expired(self, now: datetime | None = None) -> int:
+        """Releases reservations past their expiry (their replica died mid-call); run it
+        periodically. Returns how many were released."""
+        cutoff = now or utcnow()
+        async with self._db.read() as conn:
+            ids = (
+                await conn.execute(
+                    select(reservations.c.id).where(reservations.c.expires_at < cutoff).order_by(reservations.c.id)
+                )
+            ).scalars()
+            stale = list(ids)
+        released = 0
+        for reservation_id in stale:  # one by one: each is a short transaction
+            async with self._db.write() as conn:
+                taken = await take_reservations(conn, [reservation_id])
+                if taken:
+                    log.warning("releasing expired credit reservation %s", reservation_id)
+                    await apply_settlements(conn, [(taken[reservation_id], 0)])
+                    released += 1
+        return released
+
+
+# -- settlement building blocks, shared with the ledger's group commit --------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeldReservation:
+    id: str
+    owner_id: str
+    key_id: str | None
+    amount_micros: int
+
+
+async def take_reservations(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, HeldReservation]:
+    """Deletes the reservations (in id order) and returns those that still existed."""
+    taken: dict[str, HeldReservation] = {}
+    for reservation_id in sorted(set(ids)):
+        row = (
+            await conn.execute(
+                delete(reservations)
+                .where(reservations.c.id == reservation_id)
+                .returning(reservations.c.owner_id, reservations.c.key_id, reservations.c.amount_micros)
+            )
+        ).one_or_none()
+        if row is not None:
+            taken[reservation_id] = HeldReservation(reservation_id, row.owner_id, row.key_id, row.amount_micros)
+    return taken
+
+
+async def apply_settlements(conn: AsyncConnection, settlements: Sequence[tuple[HeldReservation, int]]) -> None:
+    """Moves each taken reservation's charge from held to spent: balances (by owner),
+    then keys (by id), one UPDATE per row."""
+    owner_delta: dict[str, tuple[int, int]] = {}
+    key_delta: dict[str, tuple[int, int]] = {}
+    for held, charged in settlements:
+        spent, released = owner_delta.get(held.owner_id, (0, 0))
+        owner_delta[held.owner_id] = (spent + charged, released + held.amount_micros)
+        if held.key_id is not None:
+            spent, released = key_delta.get(held.key_id, (0, 0))
+            key_delta[held.key_id] = (spent + charged, released + held.amount_micros)
+    now = utcnow()
+    for owner_id in sorted(owner_delta):
+        charged, held_amount = owner_delta[owner_id]
+        await conn.execute(
+            update(balances)
+            .where(balances.c.owner_id == owner_id)
+            .values(
+                balance_micros=balances.c.balance_micros - charged,
+                reserved_micros=balances.c.reserved_micros - held_amount,
+                updated_at=now,
+            )
+        )
+    for key_id in sorted(key_delta):
+        charged, held_amount = key_delta[key_id]
+        await conn.execute(
+            update(api_keys)
+            .where(api_keys.c.id == key_id)
+            .values(
+                spent_micros=api_keys.c.spent_micros + charged,
+                reserved_micros=api_keys.c.reserved_micros - held_amount,
+            )
+        )
+
+
+async def settle_in(conn: AsyncConnection, actual_by_reservation: dict[str, int]) -> dict[str, int]:
+    """Settles reservations inside `conn`'s transaction; returns what each was charged."""
+    taken = await take_reservations(conn, actual_by_reservation)
+    charges = {rid: charge_for(held, actual_by_reservation[rid]) for rid, held in taken.items()}
+    await apply_settlements(conn, [(held, charges[rid]) for rid, held in taken.items()])
+    for rid in actual_by_reservation.keys() - taken.keys():
+        log.warning("credit reservation %s was already settled or released; nothing charged", rid)
+    return charges
+
+
+def charge_for(held: HeldReservation, actual_micros: int) -> int:
+    actual = max(actual_micros, 0)
+    if actual > held.amount_micros:
+        log.warning(
+            "call cost %s credits but only %s were reserved; charging the reservation",
+            format_credits(actual),
+            format_credits(held.amount_micros),
+        )
+    return min(actual, held.amount_micros)
+
+
+async def _available(conn: AsyncConnection, owner_id: str) -> int:
+    row = (
+        await conn.execute(
+            select(balances.c.balance_micros, balances.c.reserved_micros).where(balances.c.owner_id == owner_id)
+        )
+    ).one_or_none()
+    return 0 if row is None else int(row.balance_micros - row.reserved_micros)
+
+
+async def _cap_left(conn: AsyncConnection, key_id: str) -> int:
+    row = (
+        await conn.execute(
+            select(api_keys.c.spend_cap_micros, api_keys.c.spent_micros, api_keys.c.reserved_micros).where(
+                api_keys.c.id == key_id
+            )
+        )
+    ).one_or_none()
+    if row is None or row.spend_cap_micros is None:
+        return 0
+    return max(int(row.spend_cap_micros - row.spent_micros - row.reserved_micros), 0)
+
+
+def _is_glob(model: str) -> bool:
+    return any(c in model for c in "*?[")
+
+
+def _rate(row: Row[tuple[object, ...]]) -> Rate:
+    return Rate(
+        model=row.model,
+        input_per_million_micros=row.input_per_million_micros,
+        output_per_million_micros=row.output_per_million_micros,
+        cached_input_per_million_micros=row.cached_input_per_million_micros,
+        per_image_micros=row.per_image_micros,
+        per_audio_second_micros=row.per_audio_second_micros,
+        per_character_micros=row.per_character_micros,
+    )

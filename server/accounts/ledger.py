@@ -1,0 +1,359 @@
+"""The usage ledger: one durable record per call, and totals that match it exactly.
+
+`Ledger.record` returns only after the record is committed, so awaiting it before a
+response completes makes the response's record durable. Concurrent records are
+committed together (group commit): while one transaction is in flight, new records
+queue up and the next transaction takes all of them, so under load the number of
+commits (and fsyncs) per record falls instead of the latency rising.
+
+The request id is unique and the insert is `ON CONFLICT DO NOTHING`: recording a call
+twice (a retry, a bug, two replicas) leaves one record and charges once.
+
+A record may carry the call's credit `Reservation`: it is settled in the same
+transaction as the record is written, so a charge never exists without its record or
+a record without its charge, and `credits_micros` in the ledger is exactly what left
+the balance. `cost_micros` is the call's price at the rates even with billing off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Literal, get_args
+
+from sqlalchemy import ColumnElement, case, func, select
+
+from server.accounts.credits import HeldReservation, Reservation, apply_settlements, charge_for, take_reservations
+from server.storage.database import Database
+from server.storage.schema import usage_records, utcnow
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["ok", "error", "cancelled"]
+GroupBy = Literal["key", "owner", "provider", "model", "day"]
+# Rows per multi-row INSERT: 21 columns each stays under both backends' bind limits.
+_ROWS_PER_INSERT = 1000
+_COUNTERS = (
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "image_count",
+    "audio_ms",
+    "characters",
+    "cost_micros",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One call. Token counts follow OpenAI's semantics (`input_tokens` includes
+    `cached_tokens`); non-token work is counted in images, audio milliseconds or
+    characters. Strings longer than their column are truncated, negatives clamped."""
+
+    request_id: str
+    provider: str
+    model: str
+    outcome: Outcome = "ok"
+    key_id: str | None = None
+    owner_id: str | None = None
+    # "chat", "embedding", "image", "speech", "transcription", ...
+    operation: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    image_count: int = 0
+    audio_ms: int = 0
+    characters: int = 0
+    cost_micros: int = 0
+    latency_ms: int = 0
+    ttft_ms: int | None = None
+    error_reason: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            raise ValueError("a usage record needs a request id")
+        if self.outcome not in get_args(Outcome):
+            raise ValueError(f"outcome must be one of {get_args(Outcome)}, not {self.outcome!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUsage(UsageRecord):
+    """A record as stored: with what was actually charged."""
+
+    credits_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What `Ledger.record` did: `inserted` is False for a request id already recorded."""
+
+    inserted: bool
+    credits_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """Sums over the records of one group; the grouping fields not asked for are None."""
+
+    key_id: str | None = None
+    owner_id: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    day: date | None = None
+    calls: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    image_count: int = 0
+    audio_ms: int = 0
+    characters: int = 0
+    cost_micros: int = 0
+    credits_micros: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    usage: UsageRecord
+    reservation: Reservation | None
+    done: asyncio.Future[Recorded]
+
+
+class Ledger:
+    """Records usage (group-committed) and answers totals."""
+
+    def __init__(self, db: Database, *, max_batch: int = 500) -> None:
+        self._db = db
+        self._max_batch = max_batch
+        self._queue: list[_Pending] = []
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+        self.commits = 0  # transactions committed (for tests and metrics)
+
+    async def record(self, usage: UsageRecord, *, reservation: Reservation | None = None) -> Recorded:
+        """Writes `usage` (settling `reservation` with `usage.cost_micros`) and returns
+        once it is committed. Cancelling the caller does not cancel the write."""
+        if self._closed:
+            raise RuntimeError("the ledger is closed")
+        pending = _Pending(usage, reservation, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._drain(), name="ledger-group-commit")
+        return await asyncio.shield(pending.done)
+
+    async def close(self) -> None:
+        """Waits for queued records to be committed; no new ones are accepted."""
+        self._closed = True
+        if self._worker is not None:
+            await asyncio.shield(self._worker)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._commit(batch)
+        finally:
+            self._worker = None
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            results = await self._write(batch)
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the waiting callers
+            if len(batch) == 1:
+                log.error("could not record usage of request %s: %s", batch[0].usage.request_id, exc)
+                _resolve(batch[0].done, exc)
+                return
+            # One bad record must not sink the others: retry them one by one.
+            log.warning("group commit of %d usage records failed (%s); retrying one by one", len(batch), exc)
+            for pending in batch:
+                await self._commit([pending])
+            return
+        for pending, result in zip(batch, results, strict=True):
+            _resolve(pending.done, result)
+
+    async def _write(self, batch: Sequence[_Pending]) -> list[Recorded]:
+        order = sorted(range(len(batch)), key=lambda i: batch[i].usage.request_id)
+        async with self._db.write() as conn:
+            # Lock order (see server.accounts.credits): reservations, usage, balances, keys.
+            taken = await take_reservations(
+                conn, [p.reservation.id for p in batch if p.reservation is not None and p.reservation.id is not None]
+            )
+            held: list[HeldReservation | None] = [None] * len(batch)
+            charges = [0] * len(batch)
+            rows: dict[str, dict[str, Any]] = {}  # by request id: the first of a batch's duplicates
+            owner_of_row: dict[str, int] = {}
+            for index in order:
+                pending = batch[index]
+                if pending.reservation is not None and pending.reservation.id is not None:
+                    held[index] = taken.pop(pending.reservation.id, None)
+                hold = held[index]
+                charges[index] = charge_for(hold, pending.usage.cost_micros) if hold is not None else 0
+                row = _row(pending.usage, charges[index])
+                if row["request_id"] not in rows:
+                    rows[row["request_id"]] = row
+                    owner_of_row[row["request_id"]] = index
+            inserted: set[str] = set()
+            values = list(rows.values())
+            for start in range(0, len(values), _ROWS_PER_INSERT):
+                insert = self._db.insert_ignoring_conflicts(usage_records, "request_id")
+                done = await conn.execute(
+                    insert.values(values[start : start + _ROWS_PER_INSERT]).returning(usage_records.c.request_id)
+                )
+                inserted.update(done.scalars())
+            results: list[Recorded] = []
+            settlements: list[tuple[HeldReservation, int]] = []
+            for index, pending in enumerate(batch):
+                request_id = _clip(pending.usage.request_id, "request_id")
+                was_inserted = request_id in inserted and owner_of_row.get(request_id or "") == index
+                # A request already recorded (and charged): only release the hold.
+                charge = charges[index] if was_inserted else 0
+                hold = held[index]
+                if hold is not None:
+                    settlements.append((hold, charge))
+                results.append(Recorded(was_inserted, charge))
+            await apply_settlements(conn, settlements)
+        self.commits += 1
+        return results
+
+    # -- queries -------------------------------------------------------------------------
+
+    async def get(self, request_id: str) -> StoredUsage | None:
+        async with self._db.read() as conn:
+            row = (
+                await conn.execute(select(usage_records).where(usage_records.c.request_id == request_id))
+            ).one_or_none()
+        return None if row is None else _stored(row._mapping)
+
+    async def records(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        key_id: str | None = None,
+        owner_id: str | None = None,
+        limit: int = 1000,
+    ) -> list[StoredUsage]:
+        """Records in [since, until), oldest first."""
+        query = (
+            select(usage_records)
+            .where(*_filters(since, until, key_id, owner_id))
+            .order_by(usage_records.c.created_at, usage_records.c.id)
+            .limit(limit)
+        )
+        async with self._db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_stored(row._mapping) for row in rows]
+
+    async def totals(
+        self,
+        group_by: GroupBy | Sequence[GroupBy] = (),
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        key_id: str | None = None,
+        owner_id: str | None = None,
+    ) -> list[UsageTotals]:
+        """Sums of the records in [since, until) per group (days are UTC days)."""
+        groups: Sequence[GroupBy] = (group_by,) if isinstance(group_by, str) else tuple(group_by)
+        columns: dict[GroupBy, tuple[str, ColumnElement[Any]]] = {
+            "key": ("key_id", usage_records.c.key_id),
+            "owner": ("owner_id", usage_records.c.owner_id),
+            "provider": ("provider", usage_records.c.provider),
+            "model": ("model", usage_records.c.model),
+            "day": ("day", func.date(usage_records.c.created_at)),
+        }
+        unknown = set(groups) - columns.keys()
+        if unknown:
+            raise ValueError(f"cannot group by {sorted(unknown)}; choose from {sorted(columns)}")
+        keys = [columns[g] for g in groups]
+        sums = [
+            func.count().label("calls"),
+            func.coalesce(func.sum(case((usage_records.c.outcome != "ok", 1), else_=0)), 0).label("errors"),
+            *(func.coalesce(func.sum(usage_records.c[name]), 0).label(name) for name in _COUNTERS),
+            func.coalesce(func.sum(usage_records.c.credits_micros), 0).label("credits_micros"),
+        ]
+        query = select(*(expr.label(name) for name, expr in keys), *sums).where(
+            *_filters(since, until, key_id, owner_id)
+        )
+        if keys:
+            exprs = [expr for _, expr in keys]
+            query = query.group_by(*exprs).order_by(*exprs)
+        async with self._db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        totals = []
+        for row in rows:
+            values: dict[str, Any] = {name: int(row._mapping[name]) for name in ("calls", "errors", *_COUNTERS)}
+            values["credits_micros"] = int(row._mapping["credits_micros"])
+            for name, _ in keys:
+                value = row._mapping[name]
+                values[name] = _as_date(value) if name == "day" else value
+            if values["calls"] or not keys:
+                totals.append(UsageTotals(**values))
+        return totals
+
+
+def _resolve(future: asyncio.Future[Recorded], outcome: Recorded | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _filters(
+    since: datetime | None, until: datetime | None, key_id: str | None, owner_id: str | None
+) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if since is not None:
+        conditions.append(usage_records.c.created_at >= since)
+    if until is not None:
+        conditions.append(usage_records.c.created_at < until)
+    if key_id is not None:
+        conditions.append(usage_records.c.key_id == key_id)
+    if owner_id is not None:
+        conditions.append(usage_records.c.owner_id == owner_id)
+    return conditions
+
+
+def _clip(value: str | None, column: str) -> str | None:
+    if value is None:
+        return None
+    length = getattr(usage_records.c[column].type, "length", None)
+    return value[:length] if length else value
+
+
+def _row(usage: UsageRecord, credits_micros: int) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "request_id": _clip(usage.request_id, "request_id"),
+        "created_at": usage.created_at,
+        "key_id": _clip(usage.key_id, "key_id"),
+        "owner_id": _clip(usage.owner_id, "owner_id"),
+        "provider": _clip(usage.provider, "provider"),
+        "model": _clip(usage.model, "model"),
+        "operation": _clip(usage.operation, "operation"),
+        "credits_micros": credits_micros,
+        "latency_ms": max(usage.latency_ms, 0),
+        "ttft_ms": None if usage.ttft_ms is None else max(usage.ttft_ms, 0),
+        "outcome": usage.outcome,
+        "error_reason": _clip(usage.error_reason, "error_reason"),
+    }
+    for name in _COUNTERS:
+        row[name] = max(int(getattr(usage, name)), 0)
+    return row
+
+
+def _stored(row: Any) -> StoredUsage:
+    names = [f for f in StoredUsage.__dataclass_fields__ if f in row]
+    return StoredUsage(**{name: row[name] for name in names})
+
+
+def _as_date(value: object) -> date | None:
+    if value is None or isinstance(value, date):
+        return value if not isinstance(value, datetime) else value.date()
+    return date.fromisoformat(str(value))

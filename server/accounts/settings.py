@@ -1,0 +1,29 @@
+"""Accounts settings (`AIGNE_HUB_*`); meant to be folded into `server.config.Settings`.
+
+AIGNE_HUB_BILLING_ENABLED         charge credits (default off: usage is still recorded)
+AIGNE_HUB_KEY_CACHE_TTL_S         how long a replica trusts a cached key (default 5 s):
+                                  the bound on how late a revocation takes effect
+AIGNE_HUB_KEY_NEGATIVE_CACHE_TTL_S   same for unknown/wrong secrets (default 1 s)
+AIGNE_HUB_KEY_PEPPER              optional server secret mixed into key hashes (HMAC)
+AIGNE_HUB_MASTER_KEY              base64 of 32 bytes: encrypts provider credentials
+AIGNE_HUB_RESERVATION_TTL_S       after this an unsettled reservation may be swept
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AccountsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AIGNE_HUB_", extra="ignore")
+
+    billing_enabled: bool = False
+    key_cache_ttl_s: float = Field(5.0, ge=0)
+    key_negative_cache_ttl_s: float = Field(1.0, ge=0)
+    key_cache_max_entries: int = Field(100_000, ge=1)
+    key_pepper: SecretStr | None = None
+    master_key: SecretStr | None = None
+    credential_cache_ttl_s: float = Field(5.0, ge=0)
+    reservation_ttl_s: float = Field(7200.0, gt=0)
+    ledger_max_batch: int = Field(500, ge=1)

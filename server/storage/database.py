@@ -1,0 +1,169 @@
+"""The storage engine: one async SQLAlchemy engine over SQLite or PostgreSQL.
+
+`Database.read()` and `Database.write()` hand out a connection inside a transaction
+that commits when the block ends (and rolls back on an exception).
+
+SQLite: WAL (readers never block the writer), `busy_timeout`, foreign keys on and
+`synchronous=FULL` (a committed ledger record survives a power cut). Writers are
+serialised: in-process by an asyncio lock (no busy-polling among our own coroutines),
+across processes by `BEGIN IMMEDIATE`, which takes the write lock up front so a
+read-then-write transaction can never be overtaken — that is what makes a
+reservation's check-and-update atomic.
+
+PostgreSQL: READ COMMITTED; every balance change is a single conditional UPDATE, which
+re-checks its WHERE clause against the latest row version after waiting for a
+concurrent writer, so check-and-update is atomic without explicit locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import Table, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.dml import Insert
+
+Backend = Literal["sqlite", "postgresql"]
+
+_BEGIN_MODE = "aigne_begin_mode"
+
+
+class StorageError(Exception):
+    """The database is unusable: bad URL, schema out of date, unreachable."""
+
+
+def normalize_url(url: str | URL) -> URL:
+    """`url` with an async driver: sqlite:// → sqlite+aiosqlite://, postgresql:// → +asyncpg."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.get_driver_name() != "aiosqlite":
+            parsed = parsed.set(drivername="sqlite+aiosqlite")
+        if parsed.database in (None, "", ":memory:"):
+            raise StorageError("an in-memory SQLite database cannot be shared; give a file path")
+    elif backend in ("postgresql", "postgres"):
+        if parsed.get_driver_name() != "asyncpg":
+            parsed = parsed.set(drivername="postgresql+asyncpg")
+    else:
+        raise StorageError(f"unsupported database {backend!r}: use sqlite:///path or postgresql://...")
+    return parsed
+
+
+def backend_of(url: str | URL) -> Backend:
+    return "sqlite" if make_url(url).get_backend_name() == "sqlite" else "postgresql"
+
+
+def create_engine(
+    url: str | URL,
+    *,
+    sqlite_busy_timeout_ms: int = 10_000,
+    pool_size: int = 10,
+    max_overflow: int = 20,
+) -> AsyncEngine:
+    """An engine for `url`, with the SQLite pragmas and BEGIN handling installed."""
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        assert parsed.database is not None
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(parsed, pool_size=pool_size, max_overflow=max_overflow)
+        _install_sqlite_hooks(engine, sqlite_busy_timeout_ms)
+        return engine
+    return create_async_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        connect_args={"server_settings": {"timezone": "UTC", "application_name": "aigne-hub"}},
+    )
+
+
+def _install_sqlite_hooks(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Take over transaction control from the sqlite3 module (see SQLAlchemy's
+        # "sqlite_transactions" notes) so that BEGIN is emitted by `_on_begin`.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=FULL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_BEGIN_MODE, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Database:
+    """The gateway's database: an engine plus the transaction discipline above."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.backend: Backend = backend_of(engine.url)
+        self._write_lock = asyncio.Lock() if self.backend == "sqlite" else None
+
+    @classmethod
+    async def open(
+        cls,
+        url: str | URL,
+        *,
+        migrate: bool | None = None,
+        sqlite_busy_timeout_ms: int = 10_000,
+        pool_size: int = 10,
+        max_overflow: int = 20,
+    ) -> Database:
+        """Connects to `url`. Migrates it to the latest schema when `migrate` is true
+        (default: for SQLite only); otherwise checks that it is up to date."""
+        from server.storage.migrate import check_current, upgrade_engine
+
+        engine = create_engine(
+            url, sqlite_busy_timeout_ms=sqlite_busy_timeout_ms, pool_size=pool_size, max_overflow=max_overflow
+        )
+        db = cls(engine)
+        try:
+            if migrate if migrate is not None else db.backend == "sqlite":
+                await upgrade_engine(engine)
+            else:
+                await check_current(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return db
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only transaction (a consistent snapshot; never blocks the writer)."""
+        async with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction; on SQLite the only one running in this process."""
+        if self._write_lock is None:
+            async with self.engine.connect() as conn, conn.begin():
+                yield conn
+            return
+        async with self._write_lock, self.engine.connect() as conn:
+            conn = await conn.execution_options(**{_BEGIN_MODE: "IMMEDIATE"})
+            async with conn.begin():
+                yield conn
+
+    def insert_ignoring_conflicts(self, table: Table, *index_elements: str) -> Insert:
+        """`INSERT ... ON CONFLICT (index_elements) DO NOTHING` in this backend's dialect."""
+        if self.backend == "sqlite":
+            return sqlite.insert(table).on_conflict_do_nothing(index_elements=list(index_elements))
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(index_elements))
+
+    async def close(self) -> None:
+        await self.engine.dispose()

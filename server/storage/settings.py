@@ -1,0 +1,39 @@
+"""Storage settings (`AIGNE_HUB_*`); meant to be folded into `server.config.Settings`.
+
+AIGNE_HUB_DATA_DIR       where the embedded SQLite file lives; default
+                         $XDG_DATA_HOME/aigne-hub (~/.local/share/aigne-hub)
+AIGNE_HUB_DATABASE_URL   a PostgreSQL URL (postgresql://user@host/db) for several
+                         replicas sharing state; default: SQLite in the data dir
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SQLITE_FILENAME = "aigne-hub.db"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "aigne-hub"
+
+
+class StorageSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AIGNE_HUB_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str | None = None
+    # How long a SQLite writer waits for another process's write lock.
+    sqlite_busy_timeout_ms: int = Field(10_000, ge=0)
+    # PostgreSQL connection pool per replica.
+    database_pool_size: int = Field(10, ge=1)
+    database_max_overflow: int = Field(20, ge=0)
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / SQLITE_FILENAME}"

@@ -1,0 +1,199 @@
+"""The usage ledger: exactly-once records, group commit, totals that match to the unit."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from server.accounts import CreditService, KeyStore, Ledger, UsageRecord, ensure_owner
+from server.storage import Database
+from server.storage.schema import usage_records
+from tests.storage_fixtures import database_url, db, open_replica  # noqa: F401
+
+DAY0 = datetime(2026, 3, 1, 23, 30, tzinfo=UTC)
+
+
+async def _count(db: Database) -> int:  # noqa: F811
+    async with db.read() as conn:
+        return int((await conn.execute(select(func.count()).select_from(usage_records))).scalar_one())
+
+
+def _usage(request_id: str, **fields: object) -> UsageRecord:
+    values: dict[str, object] = {"provider": "openai", "model": "openai/gpt-4o", **fields}
+    return UsageRecord(request_id=request_id, **values)  # type: ignore[arg-type]
+
+
+async def test_concurrent_records_land_exactly_once_in_few_commits(db: Database) -> None:  # noqa: F811
+    ledger = Ledger(db)
+    results = await asyncio.gather(*(ledger.record(_usage(f"req-{i}", input_tokens=i)) for i in range(300)))
+    assert all(r.inserted for r in results)
+    assert await _count(db) == 300
+    assert ledger.commits < 300 / 5  # group commit: many records per transaction
+    stored = await ledger.get("req-42")
+    assert stored is not None and stored.input_tokens == 42 and stored.outcome == "ok"
+    await ledger.close()
+
+
+async def test_duplicate_request_id_is_ignored(database_url: str, db: Database) -> None:  # noqa: F811
+    ledger = Ledger(db)
+    first = await ledger.record(_usage("dup", output_tokens=7))
+    again = await ledger.record(_usage("dup", output_tokens=999))
+    assert first.inserted and not again.inserted
+    # Concurrently, in one batch and from another replica at the same time.
+    replica = await open_replica(database_url)
+    try:
+        other = Ledger(replica)
+        results = await asyncio.gather(
+            *(ledger.record(_usage("race")) for _ in range(10)),
+            *(other.record(_usage("race")) for _ in range(10)),
+        )
+        assert sum(r.inserted for r in results) == 1
+    finally:
+        await replica.close()
+    assert await _count(db) == 2
+    stored = await ledger.get("dup")
+    assert stored is not None and stored.output_tokens == 7
+
+
+async def test_record_is_committed_when_record_returns(database_url: str, db: Database) -> None:  # noqa: F811
+    ledger = Ledger(db)
+    await ledger.record(_usage("durable", latency_ms=12, ttft_ms=3))
+    replica = await open_replica(database_url)  # a separate engine sees it at once
+    try:
+        stored = await Ledger(replica).get("durable")
+        assert stored is not None and stored.latency_ms == 12 and stored.ttft_ms == 3
+    finally:
+        await replica.close()
+
+
+async def test_cancelled_caller_still_records(db: Database) -> None:  # noqa: F811
+    ledger = Ledger(db)
+    task = asyncio.create_task(ledger.record(_usage("cancelled-caller")))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await ledger.close()
+    assert await ledger.get("cancelled-caller") is not None
+    with pytest.raises(RuntimeError):
+        await ledger.record(_usage("after-close"))
+
+
+async def test_a_bad_record_does_not_sink_its_batch(db: Database) -> None:  # noqa: F811
+    ledger = Ledger(db)
+    good = [ledger.record(_usage(f"ok-{i}")) for i in range(5)]
+    bad = ledger.record(_usage("bad", input_tokens=2**70))  # out of BIGINT range
+    results = await asyncio.gather(*good, bad, return_exceptions=True)
+    assert all(not isinstance(r, BaseException) and r.inserted for r in results[:5])
+    assert isinstance(results[5], Exception)
+    assert await _count(db) == 5
+
+
+async def test_long_strings_are_clipped_and_errors_kept(db: Database) -> None:  # noqa: F811
+    ledger = Ledger(db)
+    await ledger.record(_usage("err", model="m" * 500, outcome="error", error_reason="UPSTREAM_TIMEOUT", latency_ms=-5))
+    stored = await ledger.get("err")
+    assert stored is not None
+    assert stored.model == "m" * 200 and stored.outcome == "error" and stored.error_reason == "UPSTREAM_TIMEOUT"
+    assert stored.latency_ms == 0
+    with pytest.raises(ValueError):
+        _usage("x", outcome="weird")
+
+
+async def test_totals_match_the_records_to_the_unit(db: Database) -> None:  # noqa: F811
+    rng = random.Random(7)
+    ledger = Ledger(db)
+    records = []
+    for i in range(400):
+        provider = rng.choice(["openai", "anthropic"])
+        records.append(
+            _usage(
+                f"r{i}",
+                key_id=rng.choice(["k1", "k2", "k3"]),
+                owner_id=rng.choice(["user:a", "project:b"]),
+                provider=provider,
+                model=f"{provider}/{rng.choice(['small', 'large'])}",
+                input_tokens=rng.randrange(0, 10**9),
+                output_tokens=rng.randrange(0, 10**6),
+                cached_tokens=rng.randrange(0, 1000),
+                image_count=rng.randrange(0, 3),
+                audio_ms=rng.randrange(0, 100_000),
+                characters=rng.randrange(0, 5000),
+                cost_micros=rng.randrange(0, 10**12),
+                outcome=rng.choice(["ok", "ok", "ok", "error"]),
+                created_at=DAY0 + timedelta(minutes=rng.randrange(0, 3 * 24 * 60)),
+            )
+        )
+    await asyncio.gather(*(ledger.record(r) for r in records))
+
+    fields = ("input_tokens", "output_tokens", "cached_tokens", "image_count", "audio_ms", "characters", "cost_micros")
+    attribute = {"key": "key_id", "owner": "owner_id", "provider": "provider", "model": "model"}
+
+    def group_key(record: UsageRecord, groups: tuple[str, ...]) -> tuple[object, ...]:
+        return tuple(record.created_at.date() if g == "day" else getattr(record, attribute[g]) for g in groups)
+
+    for groups in [(), ("key",), ("owner",), ("model",), ("day",), ("owner", "day"), ("key", "model", "day")]:
+        expected: dict[tuple[object, ...], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for record in records:
+            sums = expected[group_key(record, groups)]
+            sums["calls"] += 1
+            sums["errors"] += record.outcome != "ok"
+            for name in fields:
+                sums[name] += getattr(record, name)
+        totals = await ledger.totals(groups)  # type: ignore[arg-type]
+        got = {
+            tuple(getattr(t, "day" if g == "day" else attribute[g]) for g in groups): {
+                name: getattr(t, name) for name in ("calls", "errors", *fields)
+            }
+            for t in totals
+        }
+        assert got == {k: dict(v) for k, v in expected.items()}, groups
+
+    days = await ledger.totals("day")
+    assert [t.day for t in days] == [date(2026, 3, 1), date(2026, 3, 2), date(2026, 3, 3), date(2026, 3, 4)]
+
+    since, until = DAY0 + timedelta(hours=5), DAY0 + timedelta(hours=30)
+    window = [r for r in records if since <= r.created_at < until and r.key_id == "k2"]
+    (total,) = await ledger.totals(since=since, until=until, key_id="k2")
+    assert total.calls == len(window)
+    assert total.input_tokens == sum(r.input_tokens for r in window)
+    assert total.cost_micros == sum(r.cost_micros for r in window)
+    listed = await ledger.records(since=since, until=until, key_id="k2")
+    assert [r.request_id for r in listed] == [r.request_id for r in sorted(window, key=lambda r: r.created_at)]
+
+
+async def test_record_settles_its_reservation_in_the_same_transaction(db: Database) -> None:  # noqa: F811
+    owner = (await ensure_owner(db, "project", "billing")).id
+    key, _ = await KeyStore(db).create_key(owner, "k", spend_cap_micros=100_000_000)
+    credits = CreditService(db, billing_enabled=True)
+    ledger = Ledger(db)
+    await credits.grant(owner, 10_000_000)
+
+    held = await credits.reserve(owner, 3_000_000, key_id=key.id, request_id="a")
+    recorded = await ledger.record(_usage("a", key_id=key.id, owner_id=owner, cost_micros=1_250_000), reservation=held)
+    assert recorded.inserted and recorded.credits_micros == 1_250_000
+    balance = await credits.balance(owner)
+    assert (balance.balance_micros, balance.reserved_micros) == (8_750_000, 0)
+
+    # A duplicate record with a new reservation: nothing charged, the hold released.
+    held = await credits.reserve(owner, 3_000_000, key_id=key.id, request_id="a")
+    again = await ledger.record(_usage("a", key_id=key.id, owner_id=owner, cost_micros=1_250_000), reservation=held)
+    assert not again.inserted and again.credits_micros == 0
+    assert (await credits.balance(owner)).available_micros == 8_750_000
+
+    # More than reserved: only the reservation is charged (never an overdraft).
+    held = await credits.reserve(owner, 1_000_000, key_id=key.id)
+    over = await ledger.record(_usage("b", owner_id=owner, cost_micros=5_000_000), reservation=held)
+    assert over.credits_micros == 1_000_000
+    stored = await ledger.get("b")
+    assert stored is not None and stored.cost_micros == 5_000_000 and stored.credits_micros == 1_000_000
+
+    (total,) = await ledger.totals(owner_id=owner)
+    assert total.credits_micros == 10_000_000 - (await credits.balance(owner)).balance_micros
+    refreshed = await KeyStore(db).get_key(key.id)
+    assert refreshed is not None
