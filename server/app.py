@@ -26,7 +26,9 @@ from aigne.hub.v1 import (
     status_service_pb2,
     status_service_pb2_grpc,
 )
+from server.accounts.service import Accounts
 from server.api.audio import AudioServicer
+from server.api.auth import AuthInterceptor
 from server.api.chat import ChatServicer
 from server.api.embeddings import EmbeddingServicer
 from server.api.images import ImageServicer
@@ -91,6 +93,7 @@ class Gateway:
     client: httpx.AsyncClient
     health: health.aio.HealthServicer
     serving: ServingFlag
+    accounts: Accounts
     providers: dict[str, Provider] = field(default_factory=dict)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -103,12 +106,21 @@ class Gateway:
         for provider in self.providers.values():
             await provider.aclose()
         await self.client.aclose()
+        await self.accounts.close()
 
 
 async def start_gateway(settings: Settings, config: GatewayConfig | None = None) -> Gateway:
     """Builds and starts the gRPC server on settings.grpc_host:grpc_port (0: any port)."""
     if config is None:
         config = load_gateway_config(settings.config)
+    accounts = await Accounts.open(
+        settings,
+        auth_required=settings.auth_required,
+        billing_enabled=settings.billing_enabled,
+        key_cache_ttl_s=settings.key_cache_ttl_s,
+        key_negative_cache_ttl_s=settings.key_negative_cache_ttl_s,
+        key_pepper=settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None,
+    )
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
     router = Router(config, providers)
@@ -119,12 +131,13 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
+        interceptors=[AuthInterceptor(accounts)],
     )
-    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router), server)
-    embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(router), server)
-    image_service_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(router), server)
-    audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router), server)
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router, accounts), server)
+    embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(router, accounts), server)
+    image_service_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(router, accounts), server)
+    audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts), server)
     status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -139,7 +152,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")
-    return Gateway(settings, server, port, client, health_servicer, serving, providers)
+    return Gateway(settings, server, port, client, health_servicer, serving, accounts, providers)
 
 
 async def serve_until_signalled(settings: Settings) -> None:

@@ -24,11 +24,14 @@ from typing import Any
 
 import httpx
 
+from server.accounts.cli import add_commands as add_account_commands
+from server.accounts.cli import run as run_account_command
 from server.app import Gateway, serve_until_signalled, start_gateway
 from server.bridge.envoy_config import LUA_PATH, render_envoy_config
 from server.bridge.process import EnvoyProcess
 from server.config import ConfigError, Settings
 
+ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "migrate"})
 DESCRIPTOR_PATH = Path(__file__).resolve().parent.parent / "generated" / "descriptor.binpb"
 log = logging.getLogger("aigne_hub")
 
@@ -92,12 +95,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         key: value
         for key, value in {
-            "grpc_host": args.grpc_host,
-            "grpc_port": args.grpc_port,
-            "rest_host": args.rest_host,
-            "rest_port": args.rest_port,
-            "admin_port": args.admin_port,
-            "config": args.config,
+            "grpc_host": getattr(args, "grpc_host", None),
+            "grpc_port": getattr(args, "grpc_port", None),
+            "rest_host": getattr(args, "rest_host", None),
+            "rest_port": getattr(args, "rest_port", None),
+            "admin_port": getattr(args, "admin_port", None),
+            "config": getattr(args, "config", None),
         }.items()
         if value is not None
     }
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--rest-host", help="REST listen address (default 127.0.0.1)")
         command.add_argument("--rest-port", type=int, help="REST port (default 8080)")
         command.add_argument("--admin-port", type=int, help="Envoy admin port, loopback only (default 9901)")
+    add_account_commands(sub)
     args = parser.parse_args(argv)
     try:
         settings = _settings(args)
@@ -139,8 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every upstream request at INFO: too much for a gateway's log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        if args.command == "envoy-config":
+        if args.command in ACCOUNT_COMMANDS:
+            _run(run_account_command(args, settings))
+        elif args.command == "envoy-config":
             print(envoy_yaml(settings, settings.grpc_port))
         elif args.command == "grpc":
             _run(serve_until_signalled(settings))

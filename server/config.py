@@ -6,6 +6,8 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     AIGNE_HUB_ADMIN_PORT                        Envoy admin (loopback only), default 9901
     AIGNE_HUB_CONFIG                            YAML file of providers, models, aliases
     AIGNE_HUB_MAX_MESSAGE_BYTES                 request/response size limit, default 32 MiB
+    AIGNE_HUB_DATA_DIR / AIGNE_HUB_DATABASE_URL SQLite file's folder / a PostgreSQL URL
+    AIGNE_HUB_BILLING_ENABLED                   charge credits (default off)
     ...                                         see `Settings` for the rest
 
 Providers: with a YAML file, exactly the providers it lists; without one, every
@@ -21,17 +23,24 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from server.accounts.settings import AccountsSettings
 from server.providers.base import Capability
+from server.storage.settings import StorageSettings
 
 MIB = 1024 * 1024
 
 
-class Settings(BaseSettings):
-    """Process settings, read from `AIGNE_HUB_*` environment variables."""
+class Settings(StorageSettings, AccountsSettings):
+    """Process settings, read from `AIGNE_HUB_*` environment variables (storage and
+    accounts settings included: data dir, database URL, billing, key cache, master key)."""
 
     model_config = SettingsConfigDict(env_prefix="AIGNE_HUB_", extra="ignore")
+
+    # Every call but health checks and an anonymous /status needs an API key. Turning
+    # this off (trusted networks, tests of other things) records usage without a key.
+    auth_required: bool = True
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(50051, ge=0, le=65535)

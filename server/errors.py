@@ -21,6 +21,9 @@ gRPC, and `server.api.errors` maps each class to a gRPC status code in one place
         ├── UpstreamUnavailable       5xx, overloaded or unreachable (503)
         ├── UpstreamTimeout           it did not answer in time (504)
         └── UpstreamMalformedResponse it answered something unparsable (503)
+
+Keys, allow-lists and credits add their branch in `server.accounts.errors`
+(Unauthenticated 401, PermissionDenied 403, QuotaExceeded 429).
 """
 
 from __future__ import annotations

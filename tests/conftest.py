@@ -8,7 +8,9 @@ attached to its report.
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +20,14 @@ import openai
 import pytest
 import pytest_asyncio
 
+from server.accounts.owners import ensure_owner
 from server.app import Gateway, start_gateway
 from server.bridge.envoy_config import LUA_PATH, render_envoy_config
 from server.bridge.process import EnvoyProcess
 from server.cli import DESCRIPTOR_PATH, wait_for_bridge
 from server.config import GatewayConfig, ProviderConfig, Settings
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.helpers import bearer_interceptors
 
 FAKE_KEY = "sk-fake"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -72,13 +76,19 @@ def _reset_fake(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("fake_openai").reset()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Every gateway a test starts keeps its SQLite ledger in a temporary folder."""
+    os.environ.setdefault("AIGNE_HUB_DATA_DIR", tempfile.mkdtemp(prefix="aigne-hub-test-data-"))
+
+
 @pytest_asyncio.fixture(scope="session")
-async def gateway(fake_openai: FakeOpenAI) -> AsyncIterator[Gateway]:
+async def gateway(fake_openai: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
     settings = Settings(
         grpc_port=0,
         max_message_bytes=MAX_MESSAGE_BYTES,
         upstream_read_timeout_s=2.0,
         shutdown_grace_s=2.0,
+        data_dir=tmp_path_factory.mktemp("gateway-data"),
     )
     gw = await start_gateway(settings, gateway_config(fake_openai.base_url))
     yield gw
@@ -86,7 +96,28 @@ async def gateway(fake_openai: FakeOpenAI) -> AsyncIterator[Gateway]:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
+async def api_key(gateway: Gateway) -> str:
+    """A key of the user `tester`, as `aigne-hub keys create` would make it."""
+    owner = await ensure_owner(gateway.accounts.db, "user", "tester")
+    _, secret = await gateway.accounts.keys.create_key(owner.id, "tests")
+    return secret
+
+
+@pytest.fixture
+def auth_headers(api_key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {api_key}"}
+
+
+@pytest_asyncio.fixture(scope="session")
+async def channel(gateway: Gateway, api_key: str) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel that sends the test key with every call."""
+    interceptors = bearer_interceptors(api_key)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}", interceptors=interceptors) as ch:
+        yield ch
+
+
+@pytest_asyncio.fixture(scope="session")
+async def anonymous_channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as ch:
         yield ch
 
@@ -122,9 +153,9 @@ async def bridge(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest_asyncio.fixture(scope="session")
-async def oai(bridge: Bridge) -> AsyncIterator[openai.AsyncOpenAI]:
+async def oai(bridge: Bridge, api_key: str) -> AsyncIterator[openai.AsyncOpenAI]:
     """The official OpenAI SDK pointed at the bridge, as its users would configure it."""
-    client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key="sk-gateway", max_retries=0, timeout=20)
+    client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=api_key, max_retries=0, timeout=20)
     yield client
     await client.close()
 

@@ -49,3 +49,29 @@ def retry_info(error: grpc.aio.AioRpcError) -> error_details_pb2.RetryInfo | Non
                 if detail.Unpack(info):
                     return info
     return None
+
+
+class _Bearer:
+    """Adds `authorization: Bearer <key>` to every call, as a gRPC client would."""
+
+    def __init__(self, secret: str) -> None:
+        self._entry = ("authorization", f"Bearer {secret}")
+
+    def _with_key(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._entry)
+        return details._replace(metadata=metadata)
+
+
+# grpc.aio files an interceptor under the first call kind it implements only.
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._with_key(details), request)
+
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._with_key(details), request)
+
+
+def bearer_interceptors(secret: str) -> list[grpc.aio.ClientInterceptor]:
+    return [_BearerUnary(secret), _BearerStream(secret)]

@@ -69,7 +69,9 @@ class Stack:
 
 
 async def start_stack(providers: dict[str, ProviderConfig], tmp_dir: Path) -> Stack:
-    settings = Settings(grpc_port=0, upstream_read_timeout_s=UPSTREAM_TIMEOUT_S, shutdown_grace_s=1.0)
+    settings = Settings(
+        grpc_port=0, auth_required=False, upstream_read_timeout_s=UPSTREAM_TIMEOUT_S, shutdown_grace_s=1.0
+    )
     gateway = await start_gateway(settings, GatewayConfig(providers=providers))
     bridge = await start_bridge(gateway.port, tmp_dir)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")

@@ -4,6 +4,7 @@ serves REST and gRPC, and stops both cleanly on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -26,8 +27,12 @@ async def test_serve_starts_both_serves_and_stops_cleanly(fake_openai, tmp_path)
         "OPENAI_API_KEY": FAKE_KEY,
         "OPENAI_BASE_URL": fake_openai.base_url,
         "AIGNE_HUB_SHUTDOWN_GRACE_S": "2",
+        "AIGNE_HUB_DATA_DIR": str(tmp_path / "data"),
     }
     env.pop("AIGNE_HUB_CONFIG", None)
+    created = json.loads(await cli(env, "keys", "create", "--owner", "user:cli", "--name", "serve-test", "--json"))
+    secret = created["secret"]
+    assert secret.startswith("ahk_") and created["owner_id"] == "user:cli"
     process = await asyncio.create_subprocess_exec(
         str(AIGNE_HUB),
         "serve",
@@ -45,13 +50,15 @@ async def test_serve_starts_both_serves_and_stops_cleanly(fake_openai, tmp_path)
             ready = await asyncio.wait_for(process.stdout.readline(), 30)
         assert f"127.0.0.1:{rest_port}".encode() in ready and f"127.0.0.1:{grpc_port}".encode() in ready
 
+        chat = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "via serve"}]}
+        url = f"http://127.0.0.1:{rest_port}/v1/chat/completions"
         async with httpx.AsyncClient(timeout=10) as client:
-            reply = await client.post(
-                f"http://127.0.0.1:{rest_port}/v1/chat/completions",
-                json={"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "via serve"}]},
-            )
+            reply = await client.post(url, json=chat, headers={"authorization": f"Bearer {secret}"})
+            anonymous = await client.post(url, json=chat)
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "echo: via serve"
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "UNAUTHENTICATED"
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            # GetStatus answers anonymous callers.
             status = await status_grpc.StatusServiceStub(channel).GetStatus(status_pb.GetStatusRequest())
         assert status.available
 
@@ -66,10 +73,22 @@ async def test_serve_starts_both_serves_and_stops_cleanly(fake_openai, tmp_path)
             except httpx.ConnectError:
                 envoy_gone = True
         assert envoy_gone, "Envoy must stop with the gateway"
+        usage = json.loads(await cli(env, "usage", "--by", "key", "model", "--json"))
+        assert [(u["key_id"], u["model"], u["calls"]) for u in usage] == [(created["id"], "openai/gpt-4o-mini", 1)]
+        assert usage[0]["input_tokens"] == reply.json()["usage"]["prompt_tokens"]
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def cli(env: dict[str, str], *args: str) -> bytes:
+    process = await asyncio.create_subprocess_exec(
+        str(AIGNE_HUB), *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    return stdout
 
 
 async def test_serve_with_a_bad_config_file_says_what_is_wrong(tmp_path):

@@ -36,8 +36,8 @@ async def test_node_client_loads_every_service():
     ]
 
 
-async def test_node_client_calls_status_chat_and_stream(gateway):
-    code, output = await run_node(f"127.0.0.1:{gateway.port}", "--model", "openai/gpt-4o-mini")
+async def test_node_client_calls_status_chat_and_stream(gateway, api_key):
+    code, output = await run_node(f"127.0.0.1:{gateway.port}", "--model", "openai/gpt-4o-mini", "--token", api_key)
     assert code == 0, output
     assert output["status"]["available"] is True
     assert "openai/gpt-4o-mini" in output["models"]
@@ -47,7 +47,7 @@ async def test_node_client_calls_status_chat_and_stream(gateway):
     assert output["stream"]["chunks"] > 1
 
 
-async def test_node_client_sees_rich_error_status(gateway):
-    code, output = await run_node(f"127.0.0.1:{gateway.port}", "--model", "openai/error-429")
+async def test_node_client_sees_rich_error_status(gateway, api_key):
+    code, output = await run_node(f"127.0.0.1:{gateway.port}", "--model", "openai/error-429", "--token", api_key)
     assert code == 1
     assert output["error"]["code"] == 8  # RESOURCE_EXHAUSTED

@@ -71,7 +71,7 @@ async def claude_gateway(fake: FakeAnthropic) -> AsyncIterator[Gateway]:
             "claude-badkey": ProviderConfig(type="anthropic", base_url=fake.base_url, api_key="sk-ant-wrong"),
         }
     )
-    settings = Settings(grpc_port=0, upstream_read_timeout_s=2.0, shutdown_grace_s=1.0)
+    settings = Settings(grpc_port=0, auth_required=False, upstream_read_timeout_s=2.0, shutdown_grace_s=1.0)
     gateway = await start_gateway(settings, config)
     yield gateway
     await gateway.stop(0.5)

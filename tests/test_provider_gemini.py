@@ -76,7 +76,7 @@ async def gemini_gateway(gemini_fake: FakeGemini) -> AsyncIterator[Gateway]:
         # The same fake behind a wrong key: Google answers it with 400 API_KEY_INVALID.
         "geminibad": ProviderConfig(type="gemini", base_url=gemini_fake.base_url, api_key="wrong-key"),
     }
-    settings = Settings(grpc_port=0, upstream_read_timeout_s=2.0, shutdown_grace_s=1.0)
+    settings = Settings(grpc_port=0, auth_required=False, upstream_read_timeout_s=2.0, shutdown_grace_s=1.0)
     gateway = await start_gateway(settings, GatewayConfig(providers=providers))
     yield gateway
     await gateway.stop(0.5)

@@ -10,8 +10,8 @@ import pytest
 
 
 @pytest.fixture
-async def http(bridge):
-    async with httpx.AsyncClient(base_url=bridge.rest_url, timeout=10) as client:
+async def http(bridge, auth_headers):
+    async with httpx.AsyncClient(base_url=bridge.rest_url, timeout=10, headers=auth_headers) as client:
         yield client
 
 
@@ -98,14 +98,14 @@ async def test_malformed_http_is_4xx_not_a_crash(bridge):
     assert answer.startswith(b"HTTP/1.1 4"), answer
 
 
-async def test_client_disconnect_cancels_upstream_stream(bridge, fake_openai):
+async def test_client_disconnect_cancels_upstream_stream(bridge, fake_openai, auth_headers):
     body = {
         "model": "openai/stream-slow",
         "messages": [{"role": "user", "content": "a b c d e f g h i j"}],
         "stream": True,
     }
     async with (
-        httpx.AsyncClient(timeout=10) as client,
+        httpx.AsyncClient(timeout=10, headers=auth_headers) as client,
         client.stream("POST", f"{bridge.rest_url}/chat/completions", json=body) as response,
     ):
         assert response.status_code == 200
@@ -119,12 +119,12 @@ async def test_client_disconnect_cancels_upstream_stream(bridge, fake_openai):
     assert fake_openai.cancelled_streams >= 1
 
 
-async def test_stream_events_arrive_incrementally(bridge, fake_openai):
+async def test_stream_events_arrive_incrementally(bridge, fake_openai, auth_headers):
     body = {"model": "openai/stream-slow", "messages": [{"role": "user", "content": "a b c d"}], "stream": True}
     loop = asyncio.get_running_loop()
     arrivals = []
     async with (
-        httpx.AsyncClient(timeout=10) as client,
+        httpx.AsyncClient(timeout=10, headers=auth_headers) as client,
         client.stream("POST", f"{bridge.rest_url}/chat/completions", json=body) as response,
     ):
         async for line in response.aiter_lines():

@@ -33,8 +33,8 @@ async def test_chat_completion(oai, fake_openai):
     assert sent["max_completion_tokens"] == 50 and sent["stop"] == ["\n\n"] and sent["temperature"] == 0.2
 
 
-async def test_chat_completion_with_base_url_without_v1(bridge):
-    client = openai.AsyncOpenAI(base_url=bridge.rest_url, api_key="k", max_retries=0)
+async def test_chat_completion_with_base_url_without_v1(bridge, api_key):
+    client = openai.AsyncOpenAI(base_url=bridge.rest_url, api_key=api_key, max_retries=0)
     completion = await client.chat.completions.create(
         model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "no v1"}]
     )
@@ -42,8 +42,8 @@ async def test_chat_completion_with_base_url_without_v1(bridge):
     await client.close()
 
 
-async def test_camel_case_input_is_accepted(bridge, fake_openai):
-    async with httpx.AsyncClient() as client:
+async def test_camel_case_input_is_accepted(bridge, fake_openai, auth_headers):
+    async with httpx.AsyncClient(headers=auth_headers) as client:
         response = await client.post(
             f"{bridge.rest_url}/chat/completions",
             json={"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "maxTokens": 7},
@@ -71,9 +71,9 @@ async def test_streaming_chat(oai):
     assert all(c.object == "chat.completion.chunk" for c in chunks)
 
 
-async def test_stream_wire_format_ends_with_done(bridge):
+async def test_stream_wire_format_ends_with_done(bridge, auth_headers):
     body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "wire"}], "stream": True}
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=auth_headers) as client:
         response = await client.post(f"{bridge.rest_url}/v1/chat/completions", json=body)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -154,12 +154,12 @@ async def test_embeddings_default_base64_and_float(oai):
     assert len(tokens.data) == 1
 
 
-async def test_images_at_both_paths(oai, bridge):
+async def test_images_at_both_paths(oai, bridge, auth_headers):
     images = await oai.images.generate(model="openai/dall-e-3", prompt="a lighthouse", size="1024x1024", quality="hd")
     assert images.data[0].url.startswith("http")
     b64 = await oai.images.generate(model="openai/dall-e-2", prompt="x", response_format="b64_json", n=1)
     assert base64.b64decode(b64.data[0].b64_json)
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=auth_headers) as client:
         seed_path = await client.post(
             f"{bridge.rest_url}/image/generations", json={"model": "openai/dall-e-2", "prompt": "seed path"}
         )
@@ -203,11 +203,11 @@ async def test_transcription_multipart(oai, fake_openai, response_format):
         assert result.startswith("WEBVTT")
 
 
-async def test_models_and_status(oai, bridge):
+async def test_models_and_status(oai, bridge, auth_headers):
     models = [m async for m in oai.models.list()]
     ids = {m.id for m in models}
     assert "openai/gpt-4o-mini" in ids and "fast" in ids
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=auth_headers) as client:
         ok = await client.get(f"{bridge.rest_url}/status")
         model_ok = await client.get(f"{bridge.rest_url}/status", params={"model": "openai/gpt-4o"})
         missing = await client.get(f"{bridge.rest_url}/v1/status", params={"model": "nosuch/x"})

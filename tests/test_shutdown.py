@@ -14,7 +14,9 @@ from tests.helpers import chat_request
 
 
 async def test_stop_drains_streams_in_flight_and_refuses_new_calls(fake_openai):
-    gateway = await start_gateway(Settings(grpc_port=0, shutdown_grace_s=10), gateway_config(fake_openai.base_url))
+    gateway = await start_gateway(
+        Settings(grpc_port=0, shutdown_grace_s=10, auth_required=False), gateway_config(fake_openai.base_url)
+    )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         chat = chat_grpc.ChatServiceStub(channel)
         call = chat.StreamChatCompletion(chat_request(model="openai/stream-slow", text="a b c d e"))

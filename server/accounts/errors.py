@@ -11,8 +11,8 @@
         ├── InsufficientCredits   the owner's balance is too low
         └── SpendingCapReached    the key's spending cap is reached
 
-`GRPC_CODE_NAMES` gives each class's gRPC status code by name, for
-`server.api.errors.GRPC_CODES`. The reasons are new `ErrorReason` values.
+`server.api.errors.GRPC_CODES` maps them to gRPC codes with the rest of the tree; the
+reasons are `aigne.hub.v1.ErrorReason` values.
 """
 
 from __future__ import annotations
@@ -95,10 +95,3 @@ class SpendingCapReached(QuotaExceeded):
     """The key's spending cap leaves less than the call's cost."""
 
     reason = "SPENDING_CAP_REACHED"
-
-
-GRPC_CODE_NAMES: dict[type[GatewayError], str] = {
-    Unauthenticated: "UNAUTHENTICATED",
-    PermissionDenied: "PERMISSION_DENIED",
-    QuotaExceeded: "RESOURCE_EXHAUSTED",
-}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -12,8 +13,10 @@ from google.api import httpbody_pb2
 
 from aigne.hub.v1 import audio_service_pb2 as audio_pb
 from aigne.hub.v1 import audio_service_pb2_grpc as audio_grpc
-from server.api.calls import unary
+from server.accounts.credits import Usage
+from server.api.calls import MeteredServicer, unary
 from server.api.convert import from_json, to_json
+from server.api.metering import usage_from_openai
 from server.api.validation import check_range
 from server.errors import InvalidRequest
 from server.providers.base import (
@@ -23,7 +26,7 @@ from server.providers.base import (
     TranscriptionInput,
     TranscriptionOutput,
 )
-from server.router import Route, Router
+from server.router import Route
 
 SPEECH_FORMATS = frozenset({"", "mp3", "opus", "aac", "flac", "wav", "pcm"})
 TRANSCRIPTION_FORMATS = frozenset({"", "json", "text", "srt", "verbose_json", "vtt"})
@@ -42,10 +45,7 @@ TRANSCRIPTION_FIELDS = frozenset(
 )
 
 
-class AudioServicer(audio_grpc.AudioServiceServicer):
-    def __init__(self, router: Router) -> None:
-        self._router = router
-
+class AudioServicer(MeteredServicer, audio_grpc.AudioServiceServicer):
     @unary
     async def CreateSpeech(
         self,
@@ -56,7 +56,10 @@ class AudioServicer(audio_grpc.AudioServiceServicer):
         route, adapter = self._router.resolve(request.model, Capability.SPEECH, SpeechSynthesis)
         body = to_json(request)
         body.pop("model", None)
-        audio = await adapter.create_speech(body, route.upstream_model)
+        characters = Usage(characters=len(request.input))
+        async with self._meter(route, "speech", characters) as meter:
+            audio = await adapter.create_speech(body, route.upstream_model)
+            meter.usage = characters
         return httpbody_pb2.HttpBody(content_type=audio.content_type, data=audio.data)
 
     @unary
@@ -91,7 +94,10 @@ class AudioServicer(audio_grpc.AudioServiceServicer):
 
     async def _transcribe(self, model: str, audio: TranscriptionInput) -> tuple[Route, TranscriptionOutput]:
         route, adapter = self._router.resolve(model, Capability.TRANSCRIPTION, Transcription)
-        return route, await adapter.create_transcription(audio, route.upstream_model)
+        async with self._meter(route, "transcription", Usage()) as meter:
+            output = await adapter.create_transcription(audio, route.upstream_model)
+            meter.usage = _transcription_usage(output)
+        return route, output
 
 
 def _check_speech(request: audio_pb.CreateSpeechRequest) -> None:
@@ -157,3 +163,18 @@ def _typed_transcription(
         if isinstance(parsed, dict):
             return from_json(parsed, audio_pb.CreateTranscriptionResponse(), provider=route.provider.name)
     return audio_pb.CreateTranscriptionResponse(text=output.body.decode("utf-8", "replace"))
+
+
+def _transcription_usage(output: TranscriptionOutput) -> Usage:
+    """Audio seconds when the provider reports the duration (verbose_json), and tokens
+    for models that bill by them; otherwise nothing is known."""
+    try:
+        parsed = json.loads(output.body) if output.content_type.startswith("application/json") else None
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        return Usage()
+    duration = parsed.get("duration")
+    audio_ms = round(duration * 1000) if isinstance(duration, (int, float)) else 0
+    tokens = usage_from_openai(parsed.get("usage"))
+    return replace(tokens, audio_ms=audio_ms)

@@ -11,7 +11,11 @@ from typing import Any, TypeVar
 import grpc
 
 from server import errors
+from server.accounts.credits import Usage
+from server.accounts.service import Accounts, Meter
+from server.api.auth import CURRENT_KEY
 from server.api.errors import to_grpc_status, unexpected_error_status
+from server.router import Route, Router
 
 S = TypeVar("S")
 Req = TypeVar("Req")
@@ -49,3 +53,15 @@ def unary(
 def from_bridge(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     """Whether the call came through the REST bridge as an SSE stream."""
     return any(key == BRIDGE_HEADER and value == "sse" for key, value in context.invocation_metadata() or ())
+
+
+class MeteredServicer:
+    """Base of the servicers that call providers: routing plus the per-call meter."""
+
+    def __init__(self, router: Router, accounts: Accounts) -> None:
+        self._router = router
+        self._accounts = accounts
+
+    def _meter(self, route: Route, operation: str, worst_case: Usage) -> Meter:
+        """Checks the caller's allow-list for the route, and measures the call."""
+        return self._accounts.meter(CURRENT_KEY.get(), route.provider.name, route.upstream_model, operation, worst_case)

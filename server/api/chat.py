@@ -13,11 +13,12 @@ from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import common_pb2
 from server import errors
-from server.api.calls import abort_for, from_bridge, unary
+from server.api.calls import MeteredServicer, abort_for, from_bridge, unary
 from server.api.convert import from_json, to_json
+from server.api.metering import chat_worst_case, streamed_text_chars, usage_from_openai
 from server.api.validation import check_chat_request
 from server.providers.base import JSON, Capability, ChatCompletions
-from server.router import Route, Router
+from server.router import Route
 
 log = logging.getLogger(__name__)
 StreamContext: TypeAlias = grpc.aio.ServicerContext[
@@ -28,10 +29,7 @@ StreamContext: TypeAlias = grpc.aio.ServicerContext[
 DONE_SENTINEL_ID = "[DONE]"
 
 
-class ChatServicer(chat_grpc.ChatServiceServicer):
-    def __init__(self, router: Router) -> None:
-        self._router = router
-
+class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
     @unary
     async def CreateChatCompletion(
         self,
@@ -43,7 +41,9 @@ class ChatServicer(chat_grpc.ChatServiceServicer):
                 "stream is true: call StreamChatCompletion (REST: the bridge does this for you)", field="stream"
             )
         route, adapter = self._resolve(request)
-        answer = await adapter.create_chat_completion(_chat_body(request), route.upstream_model)
+        async with self._meter(route, "chat", chat_worst_case(request)) as meter:
+            answer = await adapter.create_chat_completion(_chat_body(request), route.upstream_model)
+            meter.usage = usage_from_openai(answer.get("usage"))
         response = from_json(answer, chat_pb.CreateChatCompletionResponse(), provider=route.provider.name)
         response.model = _public_model(route, answer)
         response.object = "chat.completion"
@@ -62,8 +62,11 @@ class ChatServicer(chat_grpc.ChatServiceServicer):
             body["stream"] = True
             include_usage = request.stream_options.include_usage
             chunks = adapter.stream_chat_completion(body, route.upstream_model)
-            async with aclosing(chunks):
+            async with aclosing(chunks), self._meter(route, "chat_stream", chat_worst_case(request)) as meter:
                 async for chunk in chunks:
+                    if "usage" in chunk:
+                        meter.usage = usage_from_openai(chunk["usage"])
+                    meter.add_streamed_chars(streamed_text_chars(chunk))
                     message = _client_chunk(chunk, route, include_usage)
                     if message is not None:
                         started = True

@@ -6,20 +6,17 @@ import grpc
 
 from aigne.hub.v1 import embedding_service_pb2 as embedding_pb
 from aigne.hub.v1 import embedding_service_pb2_grpc as embedding_grpc
-from server.api.calls import unary
+from server.api.calls import MeteredServicer, unary
 from server.api.convert import from_json, to_json
+from server.api.metering import input_worst_case, usage_from_openai
 from server.errors import InvalidRequest
 from server.providers.base import Capability, Embeddings
-from server.router import Router
 
 MAX_INPUTS = 2048
 ENCODING_FORMATS = frozenset({"", "float", "base64"})
 
 
-class EmbeddingServicer(embedding_grpc.EmbeddingServiceServicer):
-    def __init__(self, router: Router) -> None:
-        self._router = router
-
+class EmbeddingServicer(MeteredServicer, embedding_grpc.EmbeddingServiceServicer):
     @unary
     async def CreateEmbedding(
         self,
@@ -30,7 +27,9 @@ class EmbeddingServicer(embedding_grpc.EmbeddingServiceServicer):
         route, adapter = self._router.resolve(request.model, Capability.EMBEDDINGS, Embeddings)
         body = to_json(request)
         body.pop("model", None)
-        answer = await adapter.create_embedding(body, route.upstream_model)
+        async with self._meter(route, "embedding", input_worst_case(request.input.ByteSize())) as meter:
+            answer = await adapter.create_embedding(body, route.upstream_model)
+            meter.usage = usage_from_openai(answer.get("usage"))
         response = from_json(answer, embedding_pb.CreateEmbeddingResponse(), provider=route.provider.name)
         response.model = route.public_model
         response.object = "list"

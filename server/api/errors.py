@@ -16,6 +16,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server import errors
+from server.accounts import errors as accounts_errors
 
 DOMAIN = "hub.aigne.io"
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ GRPC_CODES: dict[type[errors.GatewayError], grpc.StatusCode] = {
     errors.UpstreamTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.UpstreamMalformedResponse: grpc.StatusCode.UNAVAILABLE,
     errors.UpstreamError: grpc.StatusCode.UNAVAILABLE,
+    accounts_errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    accounts_errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    accounts_errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 
 from aigne.hub.v1 import image_service_pb2 as image_pb
 from aigne.hub.v1 import image_service_pb2_grpc as image_grpc
-from server.api.calls import unary
+from server.accounts.credits import Usage
+from server.api.calls import MeteredServicer, unary
 from server.api.convert import from_json, to_json
+from server.api.metering import usage_from_openai
 from server.api.validation import check_range
 from server.errors import InvalidRequest
 from server.providers.base import Capability, ImageGeneration
-from server.router import Router
 
 RESPONSE_FORMATS = frozenset({"", "url", "b64_json"})
 MAX_PROMPT_CHARS = 32_000
 
 
-class ImageServicer(image_grpc.ImageServiceServicer):
-    def __init__(self, router: Router) -> None:
-        self._router = router
-
+class ImageServicer(MeteredServicer, image_grpc.ImageServiceServicer):
     @unary
     async def CreateImage(
         self,
@@ -40,5 +40,9 @@ class ImageServicer(image_grpc.ImageServiceServicer):
         route, adapter = self._router.resolve(request.model, Capability.IMAGES, ImageGeneration)
         body = to_json(request)
         body.pop("model", None)
-        answer = await adapter.create_image(body, route.upstream_model)
-        return from_json(answer, image_pb.CreateImageResponse(), provider=route.provider.name)
+        images = request.n if request.HasField("n") else 1
+        async with self._meter(route, "image", Usage(images=images)) as meter:
+            answer = await adapter.create_image(body, route.upstream_model)
+            response = from_json(answer, image_pb.CreateImageResponse(), provider=route.provider.name)
+            meter.usage = replace(usage_from_openai(answer.get("usage")), images=len(response.data))
+        return response

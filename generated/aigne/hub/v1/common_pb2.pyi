@@ -75,6 +75,31 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The gateway is shutting down (UNAVAILABLE, HTTP 503). Retry on another replica."""
     INTERNAL_ERROR: _ErrorReason.ValueType  # 14
     """An unexpected fault inside the gateway (INTERNAL, HTTP 500). Always a bug."""
+    UNAUTHENTICATED: _ErrorReason.ValueType  # 15
+    """No API key was sent (UNAUTHENTICATED, HTTP 401). Send `Authorization: Bearer <key>`
+    (gRPC: the `authorization` metadata).
+    """
+    KEY_INVALID: _ErrorReason.ValueType  # 16
+    """The API key is malformed, unknown or its secret is wrong (UNAUTHENTICATED, HTTP 401)."""
+    KEY_EXPIRED: _ErrorReason.ValueType  # 17
+    """The API key is past its expiry time (UNAUTHENTICATED, HTTP 401)."""
+    KEY_REVOKED: _ErrorReason.ValueType  # 18
+    """The API key was revoked (UNAUTHENTICATED, HTTP 401)."""
+    PERMISSION_DENIED: _ErrorReason.ValueType  # 19
+    """The API key may not do this (PERMISSION_DENIED, HTTP 403)."""
+    MODEL_NOT_ALLOWED: _ErrorReason.ValueType  # 20
+    """The model is outside the API key's allow-list, or has no rate while billing is on
+    (PERMISSION_DENIED, HTTP 403).
+    """
+    INSUFFICIENT_CREDITS: _ErrorReason.ValueType  # 21
+    """The owner's credit balance cannot cover the call's worst-case cost
+    (RESOURCE_EXHAUSTED, HTTP 429). ErrorInfo metadata gives "available_credits" and
+    "needed_credits".
+    """
+    SPENDING_CAP_REACHED: _ErrorReason.ValueType  # 22
+    """The API key's spending cap cannot cover the call's worst-case cost
+    (RESOURCE_EXHAUSTED, HTTP 429).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reasons carried in `google.rpc.ErrorInfo.reason` (domain
@@ -131,6 +156,31 @@ SHUTTING_DOWN: ErrorReason.ValueType  # 13
 """The gateway is shutting down (UNAVAILABLE, HTTP 503). Retry on another replica."""
 INTERNAL_ERROR: ErrorReason.ValueType  # 14
 """An unexpected fault inside the gateway (INTERNAL, HTTP 500). Always a bug."""
+UNAUTHENTICATED: ErrorReason.ValueType  # 15
+"""No API key was sent (UNAUTHENTICATED, HTTP 401). Send `Authorization: Bearer <key>`
+(gRPC: the `authorization` metadata).
+"""
+KEY_INVALID: ErrorReason.ValueType  # 16
+"""The API key is malformed, unknown or its secret is wrong (UNAUTHENTICATED, HTTP 401)."""
+KEY_EXPIRED: ErrorReason.ValueType  # 17
+"""The API key is past its expiry time (UNAUTHENTICATED, HTTP 401)."""
+KEY_REVOKED: ErrorReason.ValueType  # 18
+"""The API key was revoked (UNAUTHENTICATED, HTTP 401)."""
+PERMISSION_DENIED: ErrorReason.ValueType  # 19
+"""The API key may not do this (PERMISSION_DENIED, HTTP 403)."""
+MODEL_NOT_ALLOWED: ErrorReason.ValueType  # 20
+"""The model is outside the API key's allow-list, or has no rate while billing is on
+(PERMISSION_DENIED, HTTP 403).
+"""
+INSUFFICIENT_CREDITS: ErrorReason.ValueType  # 21
+"""The owner's credit balance cannot cover the call's worst-case cost
+(RESOURCE_EXHAUSTED, HTTP 429). ErrorInfo metadata gives "available_credits" and
+"needed_credits".
+"""
+SPENDING_CAP_REACHED: ErrorReason.ValueType  # 22
+"""The API key's spending cap cannot cover the call's worst-case cost
+(RESOURCE_EXHAUSTED, HTTP 429).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,202 @@
+"""`aigne-hub keys|credits|usage|migrate`: account administration on the local database
+(the one `AIGNE_HUB_DATA_DIR` / `AIGNE_HUB_DATABASE_URL` name, as the server uses).
+
+Readable tables by default, `--json` for scripts. Key secrets are printed once, at
+creation, and never again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, cast
+
+from server.accounts.credits import CreditService, Rate, credits_to_micros
+from server.accounts.errors import format_credits
+from server.accounts.keys import KeyRecord, KeyStore
+from server.accounts.ledger import GroupBy, Ledger
+from server.accounts.owners import OwnerKind, ensure_owner
+from server.config import Settings
+from server.storage import Database
+from server.storage.migrate import upgrade
+
+
+def add_commands(sub: Any) -> None:
+    """Registers the account commands on the `aigne-hub` parser's subparsers."""
+    keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="create a key and print its secret (shown once)")
+    create.add_argument("--owner", required=True, help="user:NAME or project:NAME")
+    create.add_argument("--name", required=True, help="what the key is for")
+    create.add_argument("--models", nargs="*", help="allowed models, globs such as openai/* (default: all)")
+    create.add_argument("--expires-in-days", type=float, help="expiry, in days from now")
+    create.add_argument("--cap", help="spending cap in credits (default: none)")
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--owner", help="only this owner's keys")
+    revoke = keys.add_parser("revoke", help="revoke a key (every replica within the key cache TTL)")
+    revoke.add_argument("key_id")
+
+    credits = sub.add_parser("credits", help="grant and show credit balances, set rates").add_subparsers(
+        dest="action", required=True
+    )
+    grant = credits.add_parser("grant", help="add credits to an owner's balance")
+    grant.add_argument("owner", help="user:NAME or project:NAME")
+    grant.add_argument("amount", help="credits, e.g. 25 or 0.5")
+    grant.add_argument("--note", default="")
+    show = credits.add_parser("show", help="an owner's balance")
+    show.add_argument("owner")
+    rate = credits.add_parser("rate", help="set a model's rates (credits per million tokens, per image, ...)")
+    rate.add_argument("model", help="provider/model or a glob such as openai/* or *")
+    for name in ("input", "output", "cached-input", "image", "audio-second", "character"):
+        rate.add_argument(f"--{name}", default="0")
+    credits.add_parser("rates", help="list the rates")
+
+    usage = sub.add_parser("usage", help="usage totals from the ledger")
+    usage.add_argument(
+        "--by", nargs="*", default=["key", "model", "day"], choices=["key", "owner", "provider", "model", "day"]
+    )
+    usage.add_argument("--since", type=date.fromisoformat, help="first UTC day (YYYY-MM-DD)")
+    usage.add_argument("--until", type=date.fromisoformat, help="day after the last (YYYY-MM-DD)")
+
+    sub.add_parser("migrate", help="bring the database schema up to date (PostgreSQL: run before serving)")
+    for command in ("keys", "credits", "usage", "migrate"):
+        sub.choices[command].add_argument("--json", action="store_true", help="machine-readable output")
+    for parser in (create, listing, revoke, grant, show, rate):
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> None:
+    if args.command == "migrate":
+        upgrade(settings.resolved_database_url())
+        _print(args, {"migrated": True}, "database schema is up to date")
+        return
+    db = await Database.open(settings.resolved_database_url())
+    try:
+        if args.command == "keys":
+            await _keys(args, db, settings)
+        elif args.command == "credits":
+            await _credits(args, CreditService(db, billing_enabled=True), db)
+        else:
+            await _usage(args, Ledger(db))
+    finally:
+        await db.close()
+
+
+async def _keys(args: argparse.Namespace, db: Database, settings: Settings) -> None:
+    pepper = settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None
+    store = KeyStore(db, pepper=pepper)
+    if args.action == "create":
+        owner = await _owner(db, args.owner)
+        expires = datetime.now(UTC) + timedelta(days=args.expires_in_days) if args.expires_in_days else None
+        cap = credits_to_micros(args.cap) if args.cap is not None else None
+        record, secret = await store.create_key(
+            owner.id, args.name, expires_at=expires, allowed_models=args.models or None, spend_cap_micros=cap
+        )
+        _print(
+            args,
+            {**_key_row(record), "secret": secret},
+            f"created key {record.id} ({record.display})\nsecret (shown once, store it now): {secret}",
+        )
+    elif args.action == "list":
+        rows = [_key_row(r) for r in await store.list_keys(owner_id=args.owner)]
+        _table(args, rows, ["id", "display", "name", "owner_id", "allowed_models", "expires_at", "revoked_at"])
+    else:
+        record = await store.revoke_key(args.key_id)
+        _print(args, _key_row(record), f"revoked key {record.id} ({record.display})")
+
+
+async def _credits(args: argparse.Namespace, service: CreditService, db: Database) -> None:
+    if args.action == "grant":
+        owner = await _owner(db, args.owner)
+        balance = await service.grant(owner.id, credits_to_micros(args.amount), args.note)
+        _print(args, _balance_row(balance), f"{owner.id}: balance {format_credits(balance.balance_micros)} credits")
+    elif args.action == "show":
+        balance = await service.balance(args.owner)
+        _table(args, [_balance_row(balance)], ["owner_id", "balance", "reserved", "available"])
+    elif args.action == "rate":
+        rate = Rate(
+            model=args.model,
+            input_per_million_micros=credits_to_micros(args.input),
+            output_per_million_micros=credits_to_micros(args.output),
+            cached_input_per_million_micros=credits_to_micros(args.cached_input),
+            per_image_micros=credits_to_micros(args.image),
+            per_audio_second_micros=credits_to_micros(args.audio_second),
+            per_character_micros=credits_to_micros(args.character),
+        )
+        await service.set_rate(rate)
+        _print(args, asdict(rate), f"rate set for {rate.model}")
+    else:
+        _table(
+            args,
+            [asdict(r) for r in await service.list_rates()],
+            [
+                "model",
+                "input_per_million_micros",
+                "output_per_million_micros",
+                "cached_input_per_million_micros",
+                "per_image_micros",
+            ],
+        )
+
+
+async def _usage(args: argparse.Namespace, ledger: Ledger) -> None:
+    since = datetime.combine(args.since, datetime.min.time()) if args.since else None
+    until = datetime.combine(args.until, datetime.min.time()) if args.until else None
+    groups = cast(Sequence[GroupBy], args.by)
+    totals = await ledger.totals(groups, since=since, until=until)
+    rows = []
+    for total in totals:
+        row = {k: (v.isoformat() if isinstance(v, date) else v) for k, v in asdict(total).items()}
+        row["credits"] = format_credits(total.credits_micros)
+        rows.append(row)
+    columns = [{"key": "key_id", "owner": "owner_id"}.get(g, g) for g in groups]
+    _table(args, rows, [*columns, "calls", "errors", "input_tokens", "output_tokens", "cached_tokens", "credits"])
+
+
+async def _owner(db: Database, text: str) -> Any:
+    kind, sep, name = text.partition(":")
+    if not sep or kind not in ("user", "project") or not name:
+        raise SystemExit(f"aigne-hub: owner must be user:NAME or project:NAME, not {text!r}")
+    return await ensure_owner(db, cast(OwnerKind, kind), name)
+
+
+def _key_row(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "display": record.display,
+        "name": record.name,
+        "owner_id": record.owner_id,
+        "allowed_models": ",".join(record.allowed_models) if record.allowed_models else "*",
+        "spend_cap": format_credits(record.spend_cap_micros) if record.spend_cap_micros is not None else "",
+        "created_at": record.created_at.isoformat(),
+        "expires_at": record.expires_at.isoformat() if record.expires_at else "",
+        "revoked_at": record.revoked_at.isoformat() if record.revoked_at else "",
+    }
+
+
+def _balance_row(balance: Any) -> dict[str, Any]:
+    return {
+        "owner_id": balance.owner_id,
+        "balance": format_credits(balance.balance_micros),
+        "reserved": format_credits(balance.reserved_micros),
+        "available": format_credits(balance.available_micros),
+    }
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    print(json.dumps(data, default=str) if args.json else text)
+
+
+def _table(args: argparse.Namespace, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return
+    cells = [[str(row.get(c, "") if row.get(c) is not None else "") for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    if not rows:
+        print("(none)")

@@ -1,0 +1,171 @@
+"""The accounts layer as the request path sees it: who is calling, may they use this
+model, can they pay for it, and what did the call consume.
+
+`Accounts` is opened once per process; each call gets a `Meter`:
+
+    async with accounts.meter(key, provider, model, "chat", worst_case) as meter:
+        answer = await adapter...
+        meter.usage = Usage(...)
+
+The meter reserves the worst-case cost before the upstream call (when billing is on),
+and on exit commits one usage record (settling the reservation in the same
+transaction) before the servicer hands the response back: a client never holds an
+answer the ledger does not know about. A call cut short by the client is recorded as
+"cancelled" with what it consumed so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, replace
+from types import TracebackType
+
+from server.accounts.credits import CreditService, Reservation, Usage
+from server.accounts.keys import KeyRecord, KeyStore, authorize
+from server.accounts.ledger import Ledger, Outcome, UsageRecord
+from server.errors import GatewayError
+from server.storage import Database
+from server.storage.settings import StorageSettings
+
+log = logging.getLogger(__name__)
+CHARS_PER_TOKEN = 4
+
+
+@dataclass
+class Accounts:
+    """Keys, ledger and credits over one database."""
+
+    db: Database
+    keys: KeyStore
+    ledger: Ledger
+    credits: CreditService
+    auth_required: bool
+
+    @classmethod
+    async def open(
+        cls,
+        storage: StorageSettings,
+        *,
+        auth_required: bool,
+        billing_enabled: bool,
+        key_cache_ttl_s: float = 5.0,
+        key_negative_cache_ttl_s: float = 1.0,
+        key_pepper: bytes | None = None,
+    ) -> Accounts:
+        db = await Database.open(storage.resolved_database_url(), sqlite_busy_timeout_ms=storage.sqlite_busy_timeout_ms)
+        keys = KeyStore(db, pepper=key_pepper, cache_ttl_s=key_cache_ttl_s, negative_ttl_s=key_negative_cache_ttl_s)
+        return cls(db, keys, Ledger(db), CreditService(db, billing_enabled=billing_enabled), auth_required)
+
+    async def close(self) -> None:
+        """Commits what the ledger still holds, then disconnects."""
+        await self.ledger.close()
+        await self.db.close()
+
+    async def authenticate(self, secret: str | None) -> KeyRecord | None:
+        """The caller's key. With auth off, a call without a valid key is served
+        anonymously (a valid key still gets its allow-list and its usage)."""
+        if self.auth_required:
+            return await self.keys.authenticate(secret)
+        if secret is None:
+            return None
+        try:
+            return await self.keys.authenticate(secret)
+        except GatewayError:
+            return None
+
+    def meter(self, key: KeyRecord | None, provider: str, model: str, operation: str, worst_case: Usage) -> Meter:
+        """The meter of one call to `provider/model`; checks the key's allow-list now."""
+        if key is not None:
+            authorize(key, f"{provider}/{model}")
+        return Meter(self, key, provider, model, operation, worst_case)
+
+
+class Meter:
+    """Measures one call and records it on exit (see the module docstring)."""
+
+    def __init__(
+        self, accounts: Accounts, key: KeyRecord | None, provider: str, model: str, operation: str, worst_case: Usage
+    ) -> None:
+        self.request_id = uuid.uuid4().hex
+        self.usage = Usage()
+        self._accounts = accounts
+        self._key = key
+        self._provider = provider
+        self._model = f"{provider}/{model}"
+        self._operation = operation
+        self._worst_case = worst_case
+        self._reservation: Reservation | None = None
+        self._started = time.monotonic()
+        self._first_token: float | None = None
+        self._streamed_chars = 0
+
+    def first_token(self) -> None:
+        if self._first_token is None:
+            self._first_token = time.monotonic()
+
+    def add_streamed_chars(self, count: int) -> None:
+        """Text streamed to the client so far: the estimate of a cut stream's output."""
+        if count:
+            self.first_token()
+            self._streamed_chars += count
+
+    def _final_usage(self) -> Usage:
+        usage = self.usage
+        if usage.output_tokens == 0 and self._streamed_chars:
+            # No usage arrived (the stream was cut): about 4 characters per token.
+            usage = replace(usage, output_tokens=-(-self._streamed_chars // CHARS_PER_TOKEN))
+        return usage
+
+    async def __aenter__(self) -> Meter:
+        if self._key is not None and self._accounts.credits.billing_enabled:
+            worst = await self._accounts.credits.price(self._model, self._worst_case)
+            self._reservation = await self._accounts.credits.reserve(
+                self._key.owner_id, worst, key_id=self._key.id, request_id=self.request_id
+            )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.usage = self._final_usage()
+        record = self._record(exc)
+        # Shielded: a cancelled call is still recorded, and a second cancellation of
+        # the handler must not interrupt the commit half-way.
+        await asyncio.shield(self._commit(record))
+
+    def _record(self, exc: BaseException | None) -> UsageRecord:
+        outcome: Outcome = "ok"
+        if isinstance(exc, asyncio.CancelledError):
+            outcome = "cancelled"
+        elif exc is not None:
+            outcome = "error"
+        reason = exc.reason if isinstance(exc, GatewayError) else (type(exc).__name__ if exc else None)
+        now = time.monotonic()
+        usage = self.usage
+        return UsageRecord(
+            request_id=self.request_id,
+            provider=self._provider,
+            model=self._model,
+            outcome=outcome,
+            key_id=self._key.id if self._key else None,
+            owner_id=self._key.owner_id if self._key else None,
+            operation=self._operation,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_tokens=usage.cached_tokens,
+            image_count=usage.images,
+            audio_ms=usage.audio_ms,
+            characters=usage.characters,
+            latency_ms=round((now - self._started) * 1000),
+            ttft_ms=round((self._first_token - self._started) * 1000) if self._first_token else None,
+            error_reason=None if outcome == "ok" else reason,
+        )
+
+    async def _commit(self, record: UsageRecord) -> None:
+        credits = self._accounts.credits
+        if credits.billing_enabled:
+            record = replace(record, cost_micros=await credits.price(record.model, self.usage))
+        await self._accounts.ledger.record(record, reservation=self._reservation)
