@@ -1,0 +1,203 @@
+"""Keys, allow-lists, the usage ledger and credits, through the real server and the
+REST bridge (the accounts library itself is tested in tests/test_storage_*.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import httpx
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
+from aigne.hub.v1 import status_service_pb2 as status_pb
+from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
+from server.accounts.credits import Rate, credits_to_micros
+from server.accounts.owners import ensure_owner
+from server.app import start_gateway
+from server.config import Settings
+from tests.conftest import gateway_config
+from tests.helpers import bearer_interceptors, chat_request, error_info
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+async def new_key(gateway, owner="user:tester", **options):
+    kind, _, name = owner.partition(":")
+    record = await ensure_owner(gateway.accounts.db, kind, name)
+    return await gateway.accounts.keys.create_key(record.id, "test key", **options)
+
+
+def sdk(bridge, secret):
+    return openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=secret, max_retries=0)
+
+
+async def test_missing_and_wrong_keys_are_401_with_the_reason(bridge, anonymous_channel):
+    async with httpx.AsyncClient(base_url=bridge.rest_url) as client:
+        missing = await client.post("/v1/chat/completions", json={"model": "openai/gpt-4o", "messages": HELLO})
+        malformed = await client.post(
+            "/v1/chat/completions",
+            json={"model": "openai/gpt-4o", "messages": HELLO},
+            headers={"authorization": "Bearer nope"},
+        )
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "UNAUTHENTICATED"
+    assert malformed.status_code == 401 and malformed.json()["error"]["code"] == "KEY_INVALID"
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await sdk(bridge, "ahk_abcdefgh_" + "x" * 43).chat.completions.create(model="openai/gpt-4o", messages=HELLO)
+    assert caught.value.code == "KEY_INVALID"
+    with pytest.raises(grpc.aio.AioRpcError) as rpc:
+        await chat_grpc.ChatServiceStub(anonymous_channel).CreateChatCompletion(chat_request())
+    assert rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_health_and_anonymous_status_need_no_key(bridge, anonymous_channel):
+    health = await health_pb2_grpc.HealthStub(anonymous_channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    status = await status_grpc.StatusServiceStub(anonymous_channel).GetStatus(status_pb.GetStatusRequest())
+    assert status.available
+    async with httpx.AsyncClient(base_url=bridge.rest_url) as client:
+        assert (await client.get("/status")).json()["available"] is True
+        models = await client.get("/v1/models")
+    assert models.status_code == 401, "the catalog is for key holders"
+
+
+async def test_revoked_key_stops_working(gateway, bridge):
+    record, secret = await new_key(gateway)
+    client = sdk(bridge, secret)
+    await client.chat.completions.create(model="openai/gpt-4o", messages=HELLO)
+    await gateway.accounts.keys.revoke_key(record.id)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await client.chat.completions.create(model="openai/gpt-4o", messages=HELLO)
+    assert caught.value.code == "KEY_REVOKED"
+
+
+async def test_expired_key_is_refused(gateway, bridge):
+    _, secret = await new_key(gateway, expires_at=datetime.now(UTC) + timedelta(milliseconds=300))
+    await asyncio.sleep(0.4)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await sdk(bridge, secret).chat.completions.create(model="openai/gpt-4o", messages=HELLO)
+    assert caught.value.code == "KEY_EXPIRED"
+
+
+async def test_allow_list_is_enforced_after_alias_resolution(gateway, bridge, fake_openai):
+    _, secret = await new_key(gateway, allowed_models=["openai/gpt-4o-mini*"])
+    client = sdk(bridge, secret)
+    allowed = await client.chat.completions.create(model="fast", messages=HELLO)  # alias of openai/gpt-4o-mini
+    assert allowed.choices[0].message.content
+    fake_openai.reset()
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await client.chat.completions.create(model="openai/gpt-4o", messages=HELLO)
+    assert caught.value.code == "MODEL_NOT_ALLOWED"
+    assert not fake_openai.requests
+
+
+async def test_every_call_leaves_one_record(gateway, bridge):
+    record, secret = await new_key(gateway, owner="project:ledger")
+    client = sdk(bridge, secret)
+    completion = await client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)
+    stream = await client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO, stream=True)
+    async for _ in stream:
+        pass
+    await client.embeddings.create(model="openai/text-embedding-3-small", input=["a b", "c"])
+    await client.images.generate(model="openai/dall-e-2", prompt="x", n=2)
+    await client.audio.speech.create(model="openai/tts-1", voice="alloy", input="twelve chars")
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="openai/error-429", messages=HELLO)
+
+    records = await gateway.accounts.ledger.records(key_id=record.id)
+    by_operation = {}
+    for usage in records:
+        by_operation.setdefault(usage.operation, []).append(usage)
+    assert sorted(by_operation) == ["chat", "chat_stream", "embedding", "image", "speech"]
+    failed, chat = sorted(by_operation["chat"], key=lambda u: u.outcome)  # "error" < "ok"
+    assert chat.outcome == "ok" and failed.outcome == "error" and failed.error_reason == "UPSTREAM_RATE_LIMITED"
+    assert chat.input_tokens == completion.usage.prompt_tokens
+    assert chat.output_tokens == completion.usage.completion_tokens
+    assert chat.owner_id == "project:ledger" and chat.model == "openai/gpt-4o-mini"
+    assert by_operation["chat_stream"][0].output_tokens > 0, "streams are billed from the usage the adapter asks for"
+    assert by_operation["chat_stream"][0].ttft_ms is not None
+    assert by_operation["image"][0].image_count == 2
+    assert by_operation["speech"][0].characters == len("twelve chars")
+    assert len({u.request_id for u in records}) == len(records) == 6
+
+    totals = await gateway.accounts.ledger.totals("key", key_id=record.id)
+    assert totals[0].calls == 6 and totals[0].errors == 1
+    assert totals[0].input_tokens == sum(u.input_tokens for u in records)
+
+
+async def test_abandoned_stream_is_recorded_with_what_was_streamed(gateway, bridge, fake_openai):
+    record, secret = await new_key(gateway)
+    body = {"model": "openai/stream-slow", "messages": [{"role": "user", "content": "a b c d e f g h"}], "stream": True}
+    headers = {"authorization": f"Bearer {secret}"}
+    async with (
+        httpx.AsyncClient(timeout=10) as client,
+        client.stream("POST", f"{bridge.rest_url}/chat/completions", json=body, headers=headers) as response,
+    ):
+        async for line in response.aiter_lines():
+            if '"content":"echo' in line:
+                break
+    for _ in range(100):
+        records = await gateway.accounts.ledger.records(key_id=record.id)
+        if records:
+            break
+        await asyncio.sleep(0.05)
+    assert len(records) == 1
+    assert records[0].outcome == "cancelled" and records[0].output_tokens > 0
+
+
+@pytest.fixture(scope="module")
+async def billing_gateway(fake_openai, tmp_path_factory):
+    settings = Settings(grpc_port=0, billing_enabled=True, data_dir=tmp_path_factory.mktemp("billing"))
+    gateway = await start_gateway(settings, gateway_config(fake_openai.base_url))
+    await gateway.accounts.credits.set_rate(
+        Rate(
+            model="openai/*",
+            input_per_million_micros=credits_to_micros(1000),
+            output_per_million_micros=credits_to_micros(1000),
+        )
+    )
+    yield gateway
+    await gateway.stop(0.5)
+
+
+async def test_concurrent_calls_never_overdraw_a_small_balance(billing_gateway):
+    record, secret = await new_key(billing_gateway, owner="user:poor")
+    # One call reserves (input bytes/2 + max_tokens 100) tokens at 1000 credits per million.
+    await billing_gateway.accounts.credits.grant(record.owner_id, credits_to_micros("0.5"))
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{billing_gateway.port}", interceptors=bearer_interceptors(secret)
+    ) as channel:
+        chat = chat_grpc.ChatServiceStub(channel)
+        results = await asyncio.gather(
+            *(chat.CreateChatCompletion(chat_request(max_tokens=100)) for _ in range(30)), return_exceptions=True
+        )
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    served = [r for r in results if not isinstance(r, Exception)]
+    assert served and refused, "the balance covers some calls, not all"
+    for error in refused:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = error_info(error)
+        assert info.reason == "INSUFFICIENT_CREDITS"
+        assert "available_credits" in info.metadata and "needed_credits" in info.metadata
+    balance = await billing_gateway.accounts.credits.balance(record.owner_id)
+    assert balance.balance_micros >= 0 and balance.reserved_micros == 0
+    charged = sum(u.credits_micros for u in await billing_gateway.accounts.ledger.records(key_id=record.id))
+    assert balance.balance_micros == credits_to_micros("0.5") - charged
+    assert charged > 0
+
+
+async def test_out_of_credits_over_rest_is_429_insufficient_credits(billing_gateway, tmp_path):
+    from tests.conftest import start_bridge
+
+    _, secret = await new_key(billing_gateway, owner="user:broke")
+    bridge = await start_bridge(billing_gateway.port, tmp_path)
+    try:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await sdk(bridge, secret).chat.completions.create(model="openai/gpt-4o", messages=HELLO)
+    finally:
+        await bridge.envoy.stop()
+    assert caught.value.code == "INSUFFICIENT_CREDITS"
+    assert "available" in str(caught.value) and "needs up to" in str(caught.value)
