@@ -58,6 +58,29 @@ Embeddings come back as floats; `encoding_format: base64` is done here (little-e
 float32). Token-array inputs are refused. The Developer API reports no embedding usage:
 it is 0 unless the upstream sends `usageMetadata`.
 
+Images (OpenAI's images endpoint) come from Gemini's image models ("Nano Banana":
+gemini-3.1-flash-image, gemini-3-pro-image) through `:generateContent` with
+`generationConfig.responseModalities: ["IMAGE"]`, not from Imagen: Google shut every
+Imagen model down on the Gemini API on 2026-08-17 (its `:predict` endpoint went with them),
+so `imagen-*` models are refused before any call. The prompt is one user text part.
+  - n (1-4) -> n concurrent calls, all or none: the image models refuse candidateCount > 1,
+    and 4 bounds the fan-out of billed calls. A call that fails cancels the others.
+  - size -> `imageConfig.aspectRatio`: OpenAI's sizes map to the ratio they are, or the
+    nearest (1792x1024 is 7:4 -> 16:9); any other WxH must be exactly one of Gemini's ratios.
+    A long side above 1792 (more than OpenAI's sizes) also asks `imageSize` 2K, above 3584
+    4K; otherwise the model's default, 1K (1024x1024 at 1:1, about 1376x768 at 16:9).
+    "auto" or absent sends no imageConfig.
+  - response_format: b64_json or absent -> b64_json; url -> UnsupportedFeature (Gemini
+    returns the image bytes only and the gateway stores none).
+  - quality auto/standard and background auto are the only behaviour Gemini has and are
+    accepted; other values, any style, and output_format (the Developer API cannot choose
+    the file type: the model answers PNG or JPEG) -> UnsupportedFeature. `user` is not sent.
+  - Every final image part (`inlineData` of an image type, not a `thought` draft) becomes
+    one `b64_json` item, so a model that draws more than one image per call returns them
+    all. A blocked prompt (promptFeedback.blockReason) or a candidate without an image
+    (finishReason IMAGE_SAFETY, NO_IMAGE, ... with the model's text, if any) ->
+    UpstreamBadRequest naming the reason. usageMetadata, summed over the calls -> usage.
+
 Errors: Google's `{"error": {"code", "message", "status", "details"}}` by HTTP status, with
 two Gemini specifics: a rejected API key is a 400 with ErrorInfo reason API_KEY_INVALID
 (-> UpstreamAuthFailed), and the 429 retry hint is a RetryInfo `retryDelay` in the body.
@@ -66,6 +89,7 @@ A failure in the middle of a stream may arrive as a bare JSON error (no `data:`)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -75,10 +99,10 @@ import re
 import secrets
 import struct
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -97,7 +121,9 @@ API_VERSION = "v1beta"
 API_KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 
 _C = Capability
-GEMINI_CAPABILITIES = frozenset({_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA, _C.EMBEDDINGS})
+GEMINI_CAPABILITIES = frozenset(
+    {_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA, _C.EMBEDDINGS, _C.IMAGES}
+)
 _GEMINI_CHAT = [_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA]
 GEMINI_MODELS = tuple(
     ModelEntry(id=model_id, capabilities=caps)
@@ -107,6 +133,9 @@ GEMINI_MODELS = tuple(
         ("gemini-2.5-flash-lite", _GEMINI_CHAT),
         ("gemini-embedding-001", [_C.EMBEDDINGS]),
         ("text-embedding-004", [_C.EMBEDDINGS]),
+        # Image models answer chat too, but the chat translation drops image parts.
+        ("gemini-3.1-flash-image", [_C.IMAGES]),
+        ("gemini-3-pro-image", [_C.IMAGES]),
     ]
 )
 
@@ -234,6 +263,26 @@ class GeminiAdapter:
                 f"{self.name} returned an embedding without values", provider=self.name
             )
         return [float(v) for v in values]
+
+    # -- images -----------------------------------------------------------------------
+
+    async def create_image(self, request: JSON, model: str) -> JSON:
+        body, count = image_generation_request(request, model, self.name)
+        url = self._url(model, "generateContent")
+        answers = await _all_or_none([self._image_call(url, body) for _ in range(count)])
+        result: JSON = {
+            "created": int(time.time()),
+            "data": [{"b64_json": image} for images, _ in answers for image in images],
+        }
+        if usage := usage_from_metadata(_summed_usage([answer for _, answer in answers])):
+            result["usage"] = usage
+        return result
+
+    async def _image_call(self, url: str, body: JSON) -> tuple[list[str], JSON]:
+        """One call's images (base64) and its answer; a refusal is raised at once, which
+        cancels the sibling calls."""
+        answer = await self._post(url, body)
+        return images_from_response(answer, self.name), answer
 
     # -- HTTP plumbing ----------------------------------------------------------------
 
@@ -879,6 +928,180 @@ def _float32_base64(vector: list[float]) -> str:
 
 def _model_path(model: str) -> str:
     return model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
+
+
+# ------------------------------------------------------------------------------- images
+
+MAX_IMAGES = 4
+# OpenAI's published sizes and the Gemini aspect ratio each is, or is nearest to.
+_OPENAI_SIZES = {
+    "256x256": "1:1",
+    "512x512": "1:1",
+    "1024x1024": "1:1",
+    "1536x1024": "3:2",
+    "1024x1536": "2:3",
+    "1792x1024": "16:9",
+    "1024x1792": "9:16",
+}
+# The ratios Google documents for its image models (a model may refuse some of them).
+_ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
+# The largest side OpenAI's sizes have: up to it the model's default 1K is enough.
+_LONG_SIDE_1K = 1792
+_LONG_SIDE_2K = 3584
+_DEFAULT_QUALITIES = frozenset({"auto", "standard"})
+
+
+def image_generation_request(request: JSON, model: str, provider: str) -> tuple[JSON, int]:
+    """The GenerateContentRequest body for an OpenAI images request, and how many calls."""
+    if re.match(r"(?:models/)?imagen-", model):
+        raise _unsupported(
+            provider,
+            "Imagen models (Google shut them down on the Gemini API on 2026-08-17); "
+            "use an image model such as gemini-3.1-flash-image",
+            "model",
+        )
+    count = _image_count(request.get("n"), provider)
+    _refuse_image_options(request, provider)
+    config: JSON = {"responseModalities": ["IMAGE"]}
+    if image_config := _image_config(request.get("size")):
+        config["imageConfig"] = image_config
+    body = {"contents": [{"role": "user", "parts": [{"text": str(request.get("prompt") or "")}]}]}
+    return {**body, "generationConfig": config}, count
+
+
+def _image_count(n: Any, provider: str) -> int:
+    count = 1 if n is None else n
+    if not isinstance(count, int) or not 1 <= count <= MAX_IMAGES:
+        raise errors.InvalidRequest(
+            f"{provider} makes 1 to {MAX_IMAGES} images per request (one call each), got n={n!r}", field="n"
+        )
+    return count
+
+
+def _refuse_image_options(request: JSON, provider: str) -> None:
+    response_format = request.get("response_format") or "b64_json"
+    if response_format != "b64_json":
+        raise _unsupported(
+            provider,
+            f"response_format={response_format!r}: it returns image bytes only, ask for b64_json",
+            "response_format",
+        )
+    quality = request.get("quality")
+    if quality and quality not in _DEFAULT_QUALITIES:
+        raise _unsupported(
+            provider, f"quality={quality!r} (it has one quality; a larger size asks more pixels)", "quality"
+        )
+    if style := request.get("style"):
+        raise _unsupported(provider, f"style={style!r}", "style")
+    if output_format := request.get("output_format"):
+        raise _unsupported(provider, f"output_format={output_format!r} (the model picks PNG or JPEG)", "output_format")
+    background = request.get("background")
+    if background and background != "auto":
+        raise _unsupported(provider, f"background={background!r}", "background")
+
+
+def _image_config(size: Any) -> JSON | None:
+    """imageConfig for an OpenAI size: its aspect ratio, and imageSize for sizes larger
+    than OpenAI's own."""
+    if not size or size == "auto":
+        return None
+    match = re.fullmatch(r"([1-9]\d{0,4})x([1-9]\d{0,4})", str(size))
+    if not match:
+        raise _bad_size(size)
+    width, height = int(match.group(1)), int(match.group(2))
+    ratio = _OPENAI_SIZES.get(str(size)) or _exact_ratio(width, height)
+    if ratio is None:
+        raise _bad_size(size)
+    config: JSON = {"aspectRatio": ratio}
+    long_side = max(width, height)
+    if long_side > _LONG_SIDE_1K:
+        config["imageSize"] = "2K" if long_side <= _LONG_SIDE_2K else "4K"
+    return config
+
+
+def _exact_ratio(width: int, height: int) -> str | None:
+    for ratio in _ASPECT_RATIOS:
+        across, down = (int(side) for side in ratio.split(":"))
+        if width * down == height * across:
+            return ratio
+    return None
+
+
+def _bad_size(size: Any) -> errors.InvalidRequest:
+    return errors.InvalidRequest(
+        f"size {size!r} is not available for Gemini image models; choose auto, "
+        f"{', '.join(_OPENAI_SIZES)}, or any WIDTHxHEIGHT in one of the ratios {', '.join(_ASPECT_RATIOS)}",
+        field="size",
+    )
+
+
+def images_from_response(answer: JSON, provider: str) -> list[str]:
+    """The base64 of every final image of every candidate; a refusal is raised."""
+    if reason := _block_refusal(answer):
+        raise errors.UpstreamBadRequest(f"{provider} refused to draw: {reason}", provider=provider)
+    candidates = [c for c in answer.get("candidates") or [] if isinstance(c, dict)]
+    if not candidates:
+        raise errors.UpstreamMalformedResponse(f"{provider} answered without candidates", provider=provider)
+    images: list[str] = []
+    for candidate in candidates:
+        drawn = _candidate_images(candidate, provider)
+        if not drawn:
+            raise errors.UpstreamBadRequest(_no_image_message(candidate, provider), provider=provider)
+        images += drawn
+    return images
+
+
+def _candidate_images(candidate: JSON, provider: str) -> list[str]:
+    images = []
+    for part in _object(candidate.get("content")).get("parts") or []:
+        blob = _object(part.get("inlineData")) if isinstance(part, dict) and not part.get("thought") else {}
+        if not str(blob.get("mimeType", "")).startswith("image/"):
+            continue
+        data = blob.get("data")
+        try:
+            base64.b64decode(data if isinstance(data, str) else "", validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise errors.UpstreamMalformedResponse(
+                f"{provider} answered an image that is not base64", provider=provider
+            ) from exc
+        if data:
+            images.append(str(data))
+    return images
+
+
+def _no_image_message(candidate: JSON, provider: str) -> str:
+    """Why a candidate has no image: its finishReason, finishMessage and text."""
+    text = " ".join(_read_parts(candidate).text).strip()
+    detail = "; ".join(str(d) for d in (candidate.get("finishMessage"), text[:300]) if d)
+    reason = candidate.get("finishReason") or "no reason given"
+    return f"{provider} answered without an image ({reason})" + (f": {detail}" if detail else "")
+
+
+def _summed_usage(answers: list[JSON]) -> JSON | None:
+    """The usageMetadata of several calls added up, as one call's."""
+    total: dict[str, int] = {}
+    for answer in answers:
+        for key, value in _object(answer.get("usageMetadata")).items():
+            if isinstance(value, int):
+                total[key] = total.get(key, 0) + value
+    return total or None
+
+
+_T = TypeVar("_T")
+
+
+async def _all_or_none(calls: list[Coroutine[Any, Any, _T]]) -> list[_T]:
+    """The calls' results in order, run concurrently; the first failure cancels the rest
+    and is raised as itself (the client sees one error, not an ExceptionGroup)."""
+    failure: Exception | None = None
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except ExceptionGroup as failed:
+        failure = failed.exceptions[0]
+    if failure is not None:
+        raise failure  # outside the handler, so it keeps its own cause (the HTTP error)
+    return [task.result() for task in tasks]
 
 
 # ------------------------------------------------------------------------------- errors

@@ -35,16 +35,17 @@ class Phase:
 
 
 def targets(stack: Stack) -> list[Target]:
+    key = stack.api_key
     chat = json.dumps({"model": "json/gpt-4o-mini", "messages": CHAT_MESSAGES, "max_tokens": 32})
     stream = json.dumps({"model": "sse/gpt-4o-mini", "messages": CHAT_MESSAGES, "max_tokens": 32, "stream": True})
     bridge_chat = f"{stack.rest_url}/v1/chat/completions"
     fake_chat = f"{stack.fake_url}/v1/chat/completions"
     return [
-        Target("a", "GET /status via bridge", wrk.Request(f"{stack.rest_url}/status", '"available":true')),
-        Target("b", "chat via bridge+gRPC", wrk.Request(bridge_chat, FAKE_CONTENT, "POST", chat)),
+        Target("a", "GET /status via bridge", wrk.Request(f"{stack.rest_url}/status", '"available":true', api_key=key)),
+        Target("b", "chat via bridge+gRPC", wrk.Request(bridge_chat, FAKE_CONTENT, "POST", chat, key)),
         Target("c", "chat, fake directly", wrk.Request(fake_chat, FAKE_CONTENT, "POST", chat)),
         # [DONE] comes last: seeing it proves the whole stream crossed the bridge.
-        Target("d", "stream via bridge+gRPC", wrk.Request(bridge_chat, "data: [DONE]", "POST", stream)),
+        Target("d", "stream via bridge+gRPC", wrk.Request(bridge_chat, "data: [DONE]", "POST", stream, key)),
     ]
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import signal
 import socket
 import sys
@@ -36,6 +38,9 @@ class Stack:
     fake_pid: int | None
     bridge_admin: str
     fake_admin: str
+    # A key of the gateway's own ledger: the bench measures with authentication and
+    # usage recording on, as the gateway runs in production.
+    api_key: str
 
 
 def free_port() -> int:
@@ -64,6 +69,7 @@ async def running(work_dir: Path) -> AsyncIterator[Stack]:
     gateway: asyncio.subprocess.Process | None = None
     try:
         await fake.start()
+        api_key = await _create_key(work_dir)
         gateway = await _start_gateway(grpc_port, gateway_config(fake_url), work_dir)
         await bridge.start()
         rest_url = f"http://127.0.0.1:{settings.rest_port}"
@@ -76,6 +82,7 @@ async def running(work_dir: Path) -> AsyncIterator[Stack]:
             fake_pid=procstat.child_pid(str(fake.config_path)),
             bridge_admin=bridge.admin_url,
             fake_admin=fake.admin_url,
+            api_key=api_key,
         )
     finally:
         await _stop_all(gateway, bridge, fake)
@@ -102,6 +109,35 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _gateway_env(work_dir: Path) -> dict[str, str]:
+    return {**os.environ, "AIGNE_HUB_DATA_DIR": str(work_dir / "data")}
+
+
+async def _create_key(work_dir: Path) -> str:
+    """A key made with `aigne-hub keys create`, in the bench's own data dir."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server.cli",
+        "keys",
+        "create",
+        "--owner",
+        "project:bench",
+        "--name",
+        "bench",
+        "--json",
+        cwd=REPO,
+        env=_gateway_env(work_dir),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"aigne-hub keys create failed: {stderr.decode()}")
+    secret: str = json.loads(stdout)["secret"]
+    return secret
+
+
 async def _start_gateway(grpc_port: int, config: str, work_dir: Path) -> asyncio.subprocess.Process:
     config_path = _write(work_dir / "gateway.yaml", config)
     with open(work_dir / "gateway.log", "ab") as log:  # noqa: ASYNC230 - opening a local file is instant
@@ -115,6 +151,7 @@ async def _start_gateway(grpc_port: int, config: str, work_dir: Path) -> asyncio
             "--config",
             str(config_path),
             cwd=REPO,
+            env=_gateway_env(work_dir),
             stdout=log,
             stderr=log,
             stdin=asyncio.subprocess.DEVNULL,

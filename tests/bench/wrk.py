@@ -19,7 +19,7 @@ _SCRIPT = """\
 wrk.method = {method}
 wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
-local expect = {expect}
+{auth}local expect = {expect}
 local threads = {{}}
 function setup(thread) table.insert(threads, thread) end
 function init(args) bad = 0; events = 0; responses = 0 end
@@ -47,6 +47,8 @@ class Request:
     expect: str
     method: str = "GET"
     body: str = ""
+    # The gateway's API key, sent as `Authorization: Bearer` (not to the fake).
+    api_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,12 @@ def ensure_installed() -> str:
 def write_script(request: Request, directory: Path, name: str) -> Path:
     path = directory / f"{name}.lua"
     path.write_text(
-        _SCRIPT.format(method=_lua_str(request.method), body=_lua_str(request.body), expect=_lua_str(request.expect))
+        _SCRIPT.format(
+            method=_lua_str(request.method),
+            body=_lua_str(request.body),
+            expect=_lua_str(request.expect),
+            auth=f'wrk.headers["Authorization"] = {_lua_str("Bearer " + request.api_key)}\n' if request.api_key else "",
+        )
     )
     return path
 

@@ -28,6 +28,15 @@ call had one), as Gemini requires; otherwise 400.
 Behaviour is chosen by the model name (see `SCENARIO_MODELS`). Other models answer
 "echo: <last user text>" (`{"echo": ...}` with responseMimeType application/json), with
 usage counted in words.
+
+Image generation (generateContent with `generationConfig.responseModalities` holding
+"IMAGE") works on models whose name contains "image" (see `IMAGE_SCENARIO_MODELS`); other
+models refuse the modality. Like the real image models they refuse candidateCount > 1 and,
+in `imageConfig`, anything but aspectRatio (one of `IMAGE_ASPECT_RATIOS`) and imageSize
+(1K, 2K, 4K): personGeneration, outputMimeType and the like are Vertex-only. An image is a
+real PNG of `IMAGE_UNIT` pixels per ratio unit (times 2 at 2K, 4 at 4K), e.g. 16:9 ->
+128x72, carrying tEXt chunks "prompt" (the request's text) and "serial" (1, 2, ... per
+fake), with usage IMAGE_TOKENS per image.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import random
 import re
 import secrets
 import struct
+import zlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +93,20 @@ TOOL_ARGS = {"city": "Paris"}
 RETRY_DELAY_SECONDS = 7
 THOUGHT_TOKENS = 12
 CACHED_TOKENS = 3
+IMAGE_SCENARIO_MODELS = (
+    "gemini-3.1-flash-image",  # any name containing "image": one PNG
+    "image-thinking",  # a thought text and a thought (draft) image before the final image
+    "image-two",  # two final images in one candidate
+    "image-blocked",  # promptFeedback.blockReason PROHIBITED_CONTENT, no candidates
+    "image-safety",  # finishReason IMAGE_SAFETY with a finishMessage, no content
+    "image-no-image",  # finishReason NO_IMAGE with a text part
+    "image-bad-base64",  # inlineData.data that is not base64
+)
+IMAGE_ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
+IMAGE_UNIT = 8
+IMAGE_TOKENS = 1290  # what Google documents for one 1K image
+IMAGE_SAFETY_MESSAGE = "The generated image was blocked by the image safety filter."
+NO_IMAGE_TEXT = "I can describe a cat, but I was not able to draw one."
 
 _STATUSES = {
     400: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
@@ -106,13 +130,22 @@ _STATUSES = {
     503: ("UNAVAILABLE", "The model is overloaded. Please try again later."),
     504: ("DEADLINE_EXCEEDED", "Deadline expired before operation could complete."),
 }
+
+
+class _WireGenerationConfig(types.GenerationConfig):
+    """GenerationConfig as the Developer API takes it: the SDK's type lacks the
+    `imageConfig` that the SDK itself sends (GenerateContentConfig.image_config)."""
+
+    image_config: types.ImageConfig | None = None
+
+
 _REQUEST_FIELDS: dict[str, tuple[str, Any]] = {
     # wire name (camelCase; the API also takes the proto's snake_case) -> (canonical, SDK type)
     "contents": ("contents", list[types.Content]),
     "systemInstruction": ("systemInstruction", types.Content),
     "tools": ("tools", list[types.Tool]),
     "toolConfig": ("toolConfig", types.ToolConfig),
-    "generationConfig": ("generationConfig", types.GenerationConfig),
+    "generationConfig": ("generationConfig", _WireGenerationConfig),
     "safetySettings": ("safetySettings", list[types.SafetySetting]),
     "cachedContent": ("cachedContent", str),
 }
@@ -192,6 +225,7 @@ class FakeGemini:
         self.embedding_dimensions = embedding_dimensions
         self.requests: list[RecordedRequest] = []
         self.signatures: list[str] = []
+        self.images_drawn = 0
         self._http = HttpServer(self._handle, host, port)
         self._ids = itertools.count(1)
 
@@ -293,6 +327,8 @@ class FakeGemini:
 
     def _generate(self, model: str, body: JSON, _: Request) -> Response:
         request = self._checked_request(body)
+        if "IMAGE" in (request.get("generationConfig") or {}).get("responseModalities", []):
+            return _json_response(self._image_response(model, request))
         reply = self._plan(model, request)
         n = int(request.get("generationConfig", {}).get("candidateCount") or 1)
         return _json_response(self._response(model, request, reply, n, self._response_id()))
@@ -452,6 +488,61 @@ class FakeGemini:
         if model == "stream-error-event":
             yield _sse(error)
 
+    # -------------------------------------------------------------- images
+
+    def _image_response(self, model: str, request: JSON) -> JSON:
+        """An image model's GenerateContentResponse, checked like the real ones check."""
+        config = _camel_part(request.get("generationConfig") or {})
+        if "image" not in model:
+            raise GoogleError(400, f"Image output is not supported by models/{model}.")
+        if int(config.get("candidateCount") or 1) > 1:
+            raise GoogleError(400, f"Multiple candidates is not enabled for models/{model}")
+        image_config = _checked_image_config(config.get("imageConfig") or {})
+        prompt = _text(request["contents"][-1])
+        response: JSON = {"modelVersion": model, "responseId": self._response_id()}
+        prompt_tokens = _words(prompt)
+        usage: JSON = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
+        usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": prompt_tokens}]
+        response["usageMetadata"] = usage
+        if model == "image-blocked":
+            response["promptFeedback"] = {"blockReason": "PROHIBITED_CONTENT"}
+            return response
+        candidate = self._image_candidate(model, prompt, image_config)
+        response["candidates"] = [candidate]
+        drawn = sum(
+            1 for p in candidate.get("content", {}).get("parts", []) if "inlineData" in p and not p.get("thought")
+        )
+        thoughts = THOUGHT_TOKENS if model == "image-thinking" else 0
+        usage["candidatesTokenCount"] = drawn * IMAGE_TOKENS
+        if drawn:
+            usage["candidatesTokensDetails"] = [{"modality": "IMAGE", "tokenCount": drawn * IMAGE_TOKENS}]
+        if thoughts:
+            usage["thoughtsTokenCount"] = thoughts
+        usage["totalTokenCount"] = prompt_tokens + drawn * IMAGE_TOKENS + thoughts
+        return response
+
+    def _image_candidate(self, model: str, prompt: str, image_config: JSON) -> JSON:
+        if model == "image-safety":
+            return {"index": 0, "finishReason": "IMAGE_SAFETY", "finishMessage": IMAGE_SAFETY_MESSAGE}
+        if model == "image-no-image":
+            return _candidate(0, [{"text": NO_IMAGE_TEXT}], "NO_IMAGE")
+        if model == "image-bad-base64":
+            return _candidate(0, [{"inlineData": {"mimeType": "image/png", "data": "not base64!"}}], "STOP")
+        parts: list[JSON] = []
+        if model == "image-thinking":
+            parts += [{"text": "Sketching the layout first.", "thought": True}, self._image_part(prompt, image_config)]
+            parts[-1]["thought"] = True
+        parts += [self._image_part(prompt, image_config) for _ in range(2 if model == "image-two" else 1)]
+        parts[-1]["thoughtSignature"] = self._new_signature()
+        return _candidate(0, parts, "STOP")
+
+    def _image_part(self, prompt: str, image_config: JSON) -> JSON:
+        across, down = (int(side) for side in image_config.get("aspectRatio", "1:1").split(":"))
+        scale = IMAGE_UNIT * {"1K": 1, "2K": 2, "4K": 4}[image_config.get("imageSize", "1K")]
+        self.images_drawn += 1
+        png = _png(across * scale, down * scale, {"prompt": prompt, "serial": str(self.images_drawn)})
+        return {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}}
+
     # -------------------------------------------------------------- embeddings
 
     def _embed(self, model: str, body: JSON, _: Request) -> Response:
@@ -499,6 +590,39 @@ def _validated(body: JSON, fields: dict[str, tuple[str, Any]], what: str) -> JSO
             ) from exc
         request[canonical] = value
     return request
+
+
+def _checked_image_config(image_config: JSON) -> JSON:
+    """The Developer API's ImageConfig has aspectRatio and imageSize only."""
+    config = _camel_part(image_config)
+    for name in config:
+        if name not in ("aspectRatio", "imageSize"):
+            raise GoogleError(
+                400,
+                f'Invalid JSON payload received. Unknown name "{name}" at '
+                "'generation_config.image_config': Cannot find field.",
+            )
+    if config.get("aspectRatio", "1:1") not in IMAGE_ASPECT_RATIOS:
+        raise GoogleError(400, f"Unsupported aspect ratio: {config['aspectRatio']}")
+    if config.get("imageSize", "1K") not in ("1K", "2K", "4K"):
+        raise GoogleError(400, f"Unsupported image size: {config['imageSize']}")
+    return config
+
+
+def _png(width: int, height: int, texts: dict[str, str]) -> bytes:
+    """A valid 8-bit RGB PNG of one colour, with tEXt chunks."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = b"".join(b"\x00" + b"\xc8\x78\x28" * width for _ in range(height))
+    text_chunks = b"".join(
+        chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1", "replace"))
+        for key, value in texts.items()
+    )
+    body = chunk(b"IHDR", header) + text_chunks + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def _signature_bytes(signature: Any) -> bytes | None:
@@ -621,4 +745,4 @@ async def _items(items: list[bytes]) -> AsyncGenerator[bytes, None]:
         yield item
 
 
-__all__ = ["SCENARIO_MODELS", "FakeGemini", "GoogleError", "RecordedRequest"]
+__all__ = ["IMAGE_SCENARIO_MODELS", "SCENARIO_MODELS", "FakeGemini", "GoogleError", "RecordedRequest"]
