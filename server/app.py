@@ -15,6 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aigne.hub.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
     audio_service_pb2,
     audio_service_pb2_grpc,
     chat_service_pb2,
@@ -27,6 +29,7 @@ from aigne.hub.v1 import (
     status_service_pb2_grpc,
 )
 from server.accounts.service import Accounts
+from server.api.admin import AdminServicer
 from server.api.audio import AudioServicer
 from server.api.auth import AuthInterceptor
 from server.api.chat import ChatServicer
@@ -35,6 +38,7 @@ from server.api.images import ImageServicer
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
 from server.providers.base import Provider
+from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
 from server.router import Router
 
@@ -46,6 +50,7 @@ SERVICE_NAMES = [
     image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
     audio_service_pb2.DESCRIPTOR.services_by_name["AudioService"].full_name,
     status_service_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 ]
 
 
@@ -68,6 +73,7 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
         cookies=_NoCookies(),
+        event_hooks={"request": [apply_call_credential]},
     )
 
 
@@ -120,6 +126,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         key_cache_ttl_s=settings.key_cache_ttl_s,
         key_negative_cache_ttl_s=settings.key_negative_cache_ttl_s,
         key_pepper=settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None,
+        master_key=settings.master_key.get_secret_value() if settings.master_key else None,
     )
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
@@ -132,12 +139,15 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
         ],
-        interceptors=[AuthInterceptor(accounts)],
+        interceptors=[
+            AuthInterceptor(accounts, settings.admin_token.get_secret_value() if settings.admin_token else None)
+        ],
     )
     chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router, accounts), server)
     embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(router, accounts), server)
     image_service_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(router, accounts), server)
     audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts), server)
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(accounts), server)
     status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

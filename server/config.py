@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from server.accounts.settings import AccountsSettings
@@ -41,6 +41,9 @@ class Settings(StorageSettings, AccountsSettings):
     # Every call but health checks and an anonymous /status needs an API key. Turning
     # this off (trusted networks, tests of other things) records usage without a key.
     auth_required: bool = True
+    # The credential of AdminService (`Authorization: Bearer <token>`); unset: the
+    # admin API is closed (the `aigne-hub keys|credits|usage` CLI still works locally).
+    admin_token: SecretStr | None = None
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(50051, ge=0, le=65535)

@@ -28,6 +28,7 @@ async def test_node_client_loads_every_service():
     code, output = await run_node("--check")
     assert code == 0
     assert output["services"] == [
+        "aigne.hub.v1.AdminService",
         "aigne.hub.v1.AudioService",
         "aigne.hub.v1.ChatService",
         "aigne.hub.v1.EmbeddingService",

@@ -20,13 +20,16 @@ import asyncio
 import logging
 import time
 import uuid
+from contextvars import Token
 from dataclasses import dataclass, replace
 from types import TracebackType
 
+from server.accounts.credentials import CredentialVault, load_master_key
 from server.accounts.credits import CreditService, Reservation, Usage
 from server.accounts.keys import KeyRecord, KeyStore, authorize
 from server.accounts.ledger import Ledger, Outcome, UsageRecord
-from server.errors import GatewayError
+from server.errors import GatewayError, ProviderNotConfigured, UpstreamAuthFailed
+from server.providers.credentials import CallCredential, clear_credential, use_credential
 from server.storage import Database
 from server.storage.settings import StorageSettings
 
@@ -43,6 +46,8 @@ class Accounts:
     ledger: Ledger
     credits: CreditService
     auth_required: bool
+    # Provider credentials stored through the admin API; None without a master key.
+    vault: CredentialVault | None = None
 
     @classmethod
     async def open(
@@ -54,10 +59,13 @@ class Accounts:
         key_cache_ttl_s: float = 5.0,
         key_negative_cache_ttl_s: float = 1.0,
         key_pepper: bytes | None = None,
+        master_key: str | None = None,
     ) -> Accounts:
         db = await Database.open(storage.resolved_database_url(), sqlite_busy_timeout_ms=storage.sqlite_busy_timeout_ms)
         keys = KeyStore(db, pepper=key_pepper, cache_ttl_s=key_cache_ttl_s, negative_ttl_s=key_negative_cache_ttl_s)
-        return cls(db, keys, Ledger(db), CreditService(db, billing_enabled=billing_enabled), auth_required)
+        vault = CredentialVault(db, load_master_key(master_key)) if master_key else None
+        credits = CreditService(db, billing_enabled=billing_enabled)
+        return cls(db, keys, Ledger(db), credits, auth_required, vault)
 
     async def close(self) -> None:
         """Commits what the ledger still holds, then disconnects."""
@@ -76,18 +84,33 @@ class Accounts:
         except GatewayError:
             return None
 
-    def meter(self, key: KeyRecord | None, provider: str, model: str, operation: str, worst_case: Usage) -> Meter:
+    def meter(
+        self,
+        key: KeyRecord | None,
+        provider: str,
+        model: str,
+        operation: str,
+        worst_case: Usage,
+        credential_header: tuple[str, str] | None = None,
+    ) -> Meter:
         """The meter of one call to `provider/model`; checks the key's allow-list now."""
         if key is not None:
             authorize(key, f"{provider}/{model}")
-        return Meter(self, key, provider, model, operation, worst_case)
+        return Meter(self, key, provider, model, operation, worst_case, credential_header)
 
 
 class Meter:
     """Measures one call and records it on exit (see the module docstring)."""
 
     def __init__(
-        self, accounts: Accounts, key: KeyRecord | None, provider: str, model: str, operation: str, worst_case: Usage
+        self,
+        accounts: Accounts,
+        key: KeyRecord | None,
+        provider: str,
+        model: str,
+        operation: str,
+        worst_case: Usage,
+        credential_header: tuple[str, str] | None = None,
     ) -> None:
         self.request_id = uuid.uuid4().hex
         self.usage = Usage()
@@ -101,6 +124,9 @@ class Meter:
         self._started = time.monotonic()
         self._first_token: float | None = None
         self._streamed_chars = 0
+        self._credential_header = credential_header
+        self._credential_id: str | None = None
+        self._credential_token: Token[CallCredential | None] | None = None
 
     def first_token(self) -> None:
         if self._first_token is None:
@@ -112,6 +138,19 @@ class Meter:
             self.first_token()
             self._streamed_chars += count
 
+    async def _choose_credential(self) -> None:
+        """The next stored credential of the provider, when the vault has any; else the
+        adapter's configured key is used."""
+        vault = self._accounts.vault
+        if vault is None or self._credential_header is None:
+            return
+        try:
+            credential = await vault.select(self._provider)
+        except ProviderNotConfigured:
+            return
+        self._credential_id = credential.id
+        self._credential_token = use_credential(self._credential_header, credential.secret)
+
     def _final_usage(self) -> Usage:
         usage = self.usage
         if usage.output_tokens == 0 and self._streamed_chars:
@@ -120,6 +159,7 @@ class Meter:
         return usage
 
     async def __aenter__(self) -> Meter:
+        await self._choose_credential()
         if self._key is not None and self._accounts.credits.billing_enabled:
             worst = await self._accounts.credits.price(self._model, self._worst_case)
             self._reservation = await self._accounts.credits.reserve(
@@ -130,6 +170,11 @@ class Meter:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._credential_token is not None:
+            clear_credential(self._credential_token)
+        if isinstance(exc, UpstreamAuthFailed) and self._credential_id and self._accounts.vault:
+            # The provider rejected this credential: out of rotation until an admin acts.
+            await asyncio.shield(self._accounts.vault.mark_invalid(self._credential_id, exc.message[:500]))
         self.usage = self._final_usage()
         record = self._record(exc)
         # Shielded: a cancelled call is still recorded, and a second cancellation of

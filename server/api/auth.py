@@ -8,12 +8,14 @@ ledger): the interceptor runs in the same task as the handler.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
 import grpc
 
+from server.accounts.errors import KeyInvalid, PermissionDenied, Unauthenticated
 from server.accounts.keys import KeyRecord
 from server.accounts.service import Accounts
 from server.api.errors import to_grpc_status
@@ -22,6 +24,8 @@ from server.errors import GatewayError
 CURRENT_KEY: ContextVar[KeyRecord | None] = ContextVar("aigne_hub_key", default=None)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # Answers anonymously when no key is sent (the seed's availability check).
+# Authorised by the admin credential instead of an API key.
+ADMIN_PREFIX = "/aigne.hub.v1.AdminService/"
 ANONYMOUS_METHODS = frozenset({"/aigne.hub.v1.StatusService/GetStatus"})
 
 
@@ -37,8 +41,9 @@ def bearer_secret(metadata: Any) -> str | None:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, accounts: Accounts) -> None:
+    def __init__(self, accounts: Accounts, admin_token: str | None = None) -> None:
         self._accounts = accounts
+        self._admin_token = admin_token.encode() if admin_token else None
 
     async def intercept_service(
         self,
@@ -50,6 +55,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return await continuation(details)
         secret = bearer_secret(details.invocation_metadata)
         try:
+            if method.startswith(ADMIN_PREFIX):
+                self._check_admin(secret)
+                return await continuation(details)
             if secret is None and method in ANONYMOUS_METHODS:
                 key = None
             else:
@@ -59,6 +67,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return _refusing(handler, exc) if handler is not None else None
         CURRENT_KEY.set(key)
         return await continuation(details)
+
+    def _check_admin(self, secret: str | None) -> None:
+        if self._admin_token is None:
+            raise PermissionDenied("the admin API is closed: set AIGNE_HUB_ADMIN_TOKEN to open it")
+        if secret is None:
+            raise Unauthenticated("the admin API needs 'Authorization: Bearer <AIGNE_HUB_ADMIN_TOKEN>'")
+        if not hmac.compare_digest(secret.encode(), self._admin_token):
+            raise KeyInvalid("wrong admin token")
 
 
 def _refusing(handler: grpc.RpcMethodHandler, exc: GatewayError) -> grpc.RpcMethodHandler:

@@ -64,4 +64,7 @@ class MeteredServicer:
 
     def _meter(self, route: Route, operation: str, worst_case: Usage) -> Meter:
         """Checks the caller's allow-list for the route, and measures the call."""
-        return self._accounts.meter(CURRENT_KEY.get(), route.provider.name, route.upstream_model, operation, worst_case)
+        header = getattr(route.provider, "credential_header", None)
+        return self._accounts.meter(
+            CURRENT_KEY.get(), route.provider.name, route.upstream_model, operation, worst_case, header
+        )

@@ -112,6 +112,9 @@ def default_max_tokens(model: str) -> int:
 class AnthropicAdapter:
     """Speaks Anthropic's Messages API at `base_url` (without `/v1`)."""
 
+    # Where a per-call credential from the vault goes (see server.providers.credentials).
+    credential_header = ("x-api-key", "")
+
     def __init__(
         self,
         *,

@@ -182,6 +182,9 @@ def build_gemini(name: str, cfg: ProviderConfig, preset: Preset | None, client: 
 class GeminiAdapter:
     """Speaks the Gemini Developer API at `base_url` (with or without the `/v1beta`)."""
 
+    # Where a per-call credential from the vault goes (see server.providers.credentials).
+    credential_header = ("x-goog-api-key", "")
+
     def __init__(
         self,
         *,

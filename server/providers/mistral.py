@@ -109,6 +109,9 @@ _MAX_MESSAGE_CHARS = 500
 class MistralAdapter:
     """Speaks Mistral's REST API at `base_url` (without the `/v1` part)."""
 
+    # Where a per-call credential from the vault goes (see server.providers.credentials).
+    credential_header = ("authorization", "Bearer ")
+
     def __init__(
         self,
         *,

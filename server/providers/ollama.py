@@ -107,6 +107,9 @@ _THINK = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "hi
 class OllamaAdapter:
     """Speaks Ollama's native REST API at `base_url` (the server's root)."""
 
+    # Where a per-call credential from the vault goes (see server.providers.credentials).
+    credential_header = ("authorization", "Bearer ")
+
     def __init__(
         self,
         *,

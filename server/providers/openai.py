@@ -34,6 +34,9 @@ ALL_CAPABILITIES = frozenset(Capability)
 class OpenAIAdapter:
     """Speaks OpenAI's REST API at `base_url` (which includes the `/v1` part)."""
 
+    # Where a per-call credential from the vault goes (see server.providers.credentials).
+    credential_header = ("authorization", "Bearer ")
+
     def __init__(
         self,
         *,

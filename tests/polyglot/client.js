@@ -26,7 +26,7 @@ const grpc = require(path.join(ROOT, 'node_modules', '@grpc', 'grpc-js'));
 const protoLoader = require(path.join(ROOT, 'node_modules', '@grpc', 'proto-loader'));
 
 const PROTO_DIR = path.join(ROOT, 'protos');
-const PROTO_FILES = ['chat', 'status', 'embedding', 'image', 'audio'].map(
+const PROTO_FILES = ['chat', 'status', 'embedding', 'image', 'audio', 'admin'].map(
   (name) => `aigne/hub/v1/${name}_service.proto`,
 );
 const PACKAGE = 'aigne.hub.v1';

@@ -1,0 +1,170 @@
+"""AdminService over REST (/admin/...) and gRPC: the admin credential, keys, credits,
+rates, encrypted provider credentials in rotation, and usage reports."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from aigne.hub.v1 import admin_service_pb2 as admin_pb
+from aigne.hub.v1 import admin_service_pb2_grpc as admin_grpc
+from server.app import start_gateway
+from server.config import GatewayConfig, ProviderConfig, Settings
+from tests.conftest import FAKE_KEY, gateway_config, start_bridge
+from tests.helpers import bearer_interceptors
+
+ADMIN_TOKEN = "admin-" + "t" * 32
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+async def admin_stack(fake_openai, tmp_path_factory):
+    config = gateway_config(fake_openai.base_url)
+    # A provider whose configured key is wrong: only a vault credential makes it work.
+    config = GatewayConfig(
+        providers={
+            **config.providers,
+            "vaulted": ProviderConfig(type="openai", base_url=fake_openai.base_url, api_key="sk-wrong"),
+        },
+        aliases=config.aliases,
+    )
+    settings = Settings(
+        grpc_port=0,
+        data_dir=tmp_path_factory.mktemp("admin-data"),
+        admin_token=ADMIN_TOKEN,
+        master_key=base64.b64encode(os.urandom(32)).decode(),
+        credential_cache_ttl_s=0,
+    )
+    gateway = await start_gateway(settings, config)
+    bridge = await start_bridge(gateway.port, tmp_path_factory.mktemp("admin-envoy"))
+    async with httpx.AsyncClient(base_url=bridge.rest_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+        yield gateway, bridge, admin
+    await bridge.envoy.stop()
+    await gateway.stop(0.5)
+
+
+async def test_admin_api_needs_the_admin_token(admin_stack, bridge):
+    _gateway, admin_bridge, admin = admin_stack
+    async with httpx.AsyncClient(base_url=admin_bridge.rest_url) as anonymous:
+        missing = await anonymous.get("/admin/keys")
+        wrong = await anonymous.get("/admin/keys", headers={"authorization": "Bearer nope"})
+    assert missing.status_code == 401 and wrong.status_code == 401
+    # An API key is not an admin credential.
+    created = (await admin.post("/admin/keys", json={"owner": "user:x", "name": "k"})).json()
+    as_key = await admin.get("/admin/keys", headers={"authorization": f"Bearer {created['secret']}"})
+    assert as_key.status_code == 401
+    # The session's main gateway has no admin token: its admin API is closed.
+    async with httpx.AsyncClient(base_url=bridge.rest_url) as closed:
+        answer = await closed.get("/admin/keys", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert answer.status_code == 403 and "AIGNE_HUB_ADMIN_TOKEN" in answer.json()["error"]["message"]
+
+
+async def test_key_lifecycle_over_rest(admin_stack):
+    _gateway, bridge, admin = admin_stack
+    created = await admin.post(
+        "/admin/keys",
+        json={"owner": "project:web", "name": "frontend", "allowed_models": ["openai/*"], "spend_cap": "2.5"},
+    )
+    assert created.status_code == 200, created.text
+    body = created.json()
+    secret, key = body["secret"], body["key"]
+    assert secret.startswith("ahk_") and key["owner"] == "project:web" and key["spend_cap"] == "2.500000"
+    assert secret not in (await admin.get("/admin/keys")).text, "secrets are never listed"
+
+    client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=secret, max_retries=0)
+    assert (await client.chat.completions.create(model="openai/gpt-4o", messages=HELLO)).choices
+    listed = (await admin.get("/admin/keys", params={"owner": "project:web"})).json()["keys"]
+    assert [k["id"] for k in listed] == [key["id"]]
+
+    revoked = await admin.post(f"/admin/keys/{key['id']}:revoke", json={})
+    assert revoked.status_code == 200 and revoked.json()["key"]["revoke_time"]
+    with pytest.raises(openai.AuthenticationError):
+        await client.chat.completions.create(model="openai/gpt-4o", messages=HELLO)
+    assert (await admin.post("/admin/keys/nosuch:revoke", json={})).status_code == 404
+
+
+async def test_credits_and_rates(admin_stack):
+    _, _, admin = admin_stack
+    granted = await admin.post(
+        "/admin/credits:grant", json={"owner": "user:carol", "amount": "12.5", "note": "welcome"}
+    )
+    assert granted.json()["balance"]["balance"] == "12.500000"
+    await admin.post("/admin/credits:grant", json={"owner": "user:carol", "amount": "0.25"})
+    balance = (await admin.get("/admin/balance", params={"owner": "user:carol"})).json()["balance"]
+    assert balance == {"owner": "user:carol", "balance": "12.750000", "reserved": "0.000000", "available": "12.750000"}
+    bad = await admin.post("/admin/credits:grant", json={"owner": "user:carol", "amount": "lots"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "amount"
+
+    rate = {"model": "openai/gpt-4o*", "input_per_million": "2.5", "output_per_million": "10"}
+    assert (await admin.post("/admin/rates", json={"rate": rate})).status_code == 200
+    rates = (await admin.get("/admin/rates")).json()["rates"]
+    assert {
+        "model": "openai/gpt-4o*",
+        "input_per_million": "2.500000",
+        "output_per_million": "10.000000",
+    }.items() <= next(r for r in rates if r["model"] == "openai/gpt-4o*").items()
+
+
+async def test_provider_credentials_are_encrypted_masked_and_rotated(admin_stack, fake_openai):
+    gateway, bridge, admin = admin_stack
+    key = (await admin.post("/admin/keys", json={"owner": "user:dan", "name": "k"})).json()["secret"]
+    client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):  # the configured key is wrong
+        await client.chat.completions.create(model="vaulted/gpt-4o", messages=HELLO)
+
+    bad = (
+        await admin.post(
+            "/admin/credentials", json={"provider": "vaulted", "secret": "sk-revoked-123456", "label": "old"}
+        )
+    ).json()
+    good = (
+        await admin.post("/admin/credentials", json={"provider": "vaulted", "secret": FAKE_KEY, "label": "new"})
+    ).json()
+    assert FAKE_KEY not in str(good) and good["credential"]["masked"] != FAKE_KEY
+
+    outcomes = []
+    for _ in range(4):
+        try:
+            await client.chat.completions.create(model="vaulted/gpt-4o", messages=HELLO)
+            outcomes.append("ok")
+        except openai.PermissionDeniedError:
+            outcomes.append("rejected")
+    assert outcomes.count("rejected") <= 1, "a rejected credential leaves the rotation"
+    assert outcomes[-2:] == ["ok", "ok"]
+    assert fake_openai.requests[-1].headers["authorization"] == f"Bearer {FAKE_KEY}"
+
+    listed = (await admin.get("/admin/credentials", params={"provider": "vaulted"})).json()["credentials"]
+    status = {c["id"]: c["status"] for c in listed}
+    assert status[bad["credential"]["id"]] == "invalid" and status[good["credential"]["id"]] == "active"
+    async with gateway.accounts.db.read() as conn:
+        from sqlalchemy import text
+
+        raw = (await conn.execute(text("select * from provider_credentials"))).all()
+    assert FAKE_KEY.encode() not in repr(raw).encode(), "stored encrypted"
+
+
+async def test_usage_query_matches_the_ledger_over_grpc(admin_stack):
+    gateway, bridge, admin = admin_stack
+    created = (await admin.post("/admin/keys", json={"owner": "user:erin", "name": "k"})).json()
+    client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=created["secret"], max_retries=0)
+    for _ in range(3):
+        await client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{gateway.port}", interceptors=bearer_interceptors(ADMIN_TOKEN)
+    ) as channel:
+        report = await admin_grpc.AdminServiceStub(channel).QueryUsage(
+            admin_pb.QueryUsageRequest(group_by=["key", "model"], key_id=created["key"]["id"])
+        )
+    records = await gateway.accounts.ledger.records(key_id=created["key"]["id"])
+    assert len(report.totals) == 1
+    total = report.totals[0]
+    assert total.calls == 3 and total.model == "openai/gpt-4o-mini"
+    assert total.input_tokens == sum(r.input_tokens for r in records)
+    assert total.output_tokens == sum(r.output_tokens for r in records)
+    rest = (await admin.get("/admin/usage", params={"group_by": "owner", "owner": "user:erin"})).json()["totals"]
+    assert rest[0]["calls"] == 3 and rest[0]["owner"] == "user:erin"
