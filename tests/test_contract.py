@@ -88,10 +88,7 @@ def _http_rules() -> dict[str, list[tuple[str, str]]]:
 
 def test_rest_paths_are_the_seeds_with_v1_twins():
     public = {
-        pair
-        for pairs in _http_rules().values()
-        for pair in pairs
-        if not pair[1].startswith(("/internal/", "/admin/"))
+        pair for pairs in _http_rules().values() for pair in pairs if not pair[1].startswith(("/internal/", "/admin/"))
     }
     expected = SEED_PATHS | SDK_TWINS
     assert public == expected | {(method, "/v1" + path) for method, path in expected}
