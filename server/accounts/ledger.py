@@ -199,11 +199,14 @@ class Ledger:
                     owner_of_row[row["request_id"]] = index
             inserted: set[str] = set()
             values = list(rows.values())
+            # One statement with the rows as parameters ("insertmanyvalues"): compiled
+            # once and cached, where .values(rows) compiled a new statement per batch
+            # (about 0.7 ms of CPU per call).
+            insert = self._db.insert_ignoring_conflicts(usage_records, "request_id").returning(
+                usage_records.c.request_id
+            )
             for start in range(0, len(values), _ROWS_PER_INSERT):
-                insert = self._db.insert_ignoring_conflicts(usage_records, "request_id")
-                done = await conn.execute(
-                    insert.values(values[start : start + _ROWS_PER_INSERT]).returning(usage_records.c.request_id)
-                )
+                done = await conn.execute(insert, values[start : start + _ROWS_PER_INSERT])
                 inserted.update(done.scalars())
             results: list[Recorded] = []
             settlements: list[tuple[HeldReservation, int]] = []
