@@ -105,3 +105,50 @@ async def test_serve_with_a_bad_config_file_says_what_is_wrong(tmp_path):
     _, stderr = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 2
     assert b"base_ulr" in stderr and str(config).encode() in stderr
+
+
+async def test_kill_9_loses_no_record_of_an_answered_call(fake_openai, tmp_path):
+    """Every response a client received is in the ledger, even if the server dies
+    the instant after (SIGKILL: no shutdown code runs)."""
+    from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
+    from server.accounts.ledger import Ledger
+    from server.storage import Database
+    from tests.helpers import bearer_interceptors, chat_request
+
+    grpc_port = free_port()
+    env = {
+        **os.environ,
+        "OPENAI_API_KEY": FAKE_KEY,
+        "OPENAI_BASE_URL": fake_openai.base_url,
+        "AIGNE_HUB_DATA_DIR": str(tmp_path / "data"),
+    }
+    created = json.loads(await cli(env, "keys", "create", "--owner", "user:k9", "--name", "k9", "--json"))
+    process = await asyncio.create_subprocess_exec(
+        str(AIGNE_HUB),
+        "grpc",
+        f"--grpc-port={grpc_port}",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        assert process.stdout is not None
+        while b"gRPC listening" not in (line := await asyncio.wait_for(process.stdout.readline(), 30)):
+            assert line, "the server exited"
+        target = f"127.0.0.1:{grpc_port}"
+        async with grpc.aio.insecure_channel(target, interceptors=bearer_interceptors(created["secret"])) as channel:
+            chat = chat_grpc.ChatServiceStub(channel)
+            answers = await asyncio.gather(*(chat.CreateChatCompletion(chat_request(text=f"n{i}")) for i in range(40)))
+            process.kill()  # the moment the last answer arrived
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+    assert len(answers) == 40
+    db = await Database.open(f"sqlite:///{tmp_path / 'data' / 'aigne-hub.db'}")
+    try:
+        records = await Ledger(db).records(key_id=created["id"])
+    finally:
+        await db.close()
+    assert len(records) == 40
+    assert sum(r.output_tokens for r in records) == sum(a.usage.completion_tokens for a in answers)
