@@ -26,10 +26,12 @@ import httpx
 
 from server.accounts.cli import add_commands as add_account_commands
 from server.accounts.cli import run as run_account_command
+from server.accounts.credentials import MasterKeyError
 from server.app import Gateway, serve_until_signalled, start_gateway
 from server.bridge.envoy_config import LUA_PATH, render_envoy_config
 from server.bridge.process import EnvoyProcess
 from server.config import ConfigError, Settings
+from server.storage.database import StorageError
 
 ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "migrate"})
 DESCRIPTOR_PATH = Path(__file__).resolve().parent.parent / "generated" / "descriptor.binpb"
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"aigne-hub: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (OSError, TimeoutError, RuntimeError) as exc:
+    except (OSError, TimeoutError, RuntimeError, StorageError, MasterKeyError) as exc:
         print(f"aigne-hub: {exc}", file=sys.stderr)
         sys.exit(1)
 

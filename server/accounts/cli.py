@@ -21,7 +21,6 @@ from server.accounts.ledger import GroupBy, Ledger
 from server.accounts.owners import OwnerKind, ensure_owner
 from server.config import Settings
 from server.storage import Database
-from server.storage.migrate import upgrade
 
 
 def add_commands(sub: Any) -> None:
@@ -69,7 +68,7 @@ def add_commands(sub: Any) -> None:
 
 async def run(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "migrate":
-        upgrade(settings.resolved_database_url())
+        await (await Database.open(settings.resolved_database_url(), migrate=True)).close()
         _print(args, {"migrated": True}, "database schema is up to date")
         return
     db = await Database.open(settings.resolved_database_url())

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from sqlalchemy import Table, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.dml import Insert
@@ -136,6 +137,10 @@ class Database:
                 await upgrade_engine(engine)
             else:
                 await check_current(engine)
+        except (SQLAlchemyError, OSError) as exc:
+            await engine.dispose()
+            shown = engine.url.render_as_string(hide_password=True)
+            raise StorageError(f"cannot use the database {shown}: {getattr(exc, 'orig', None) or exc}") from exc
         except BaseException:
             await engine.dispose()
             raise
