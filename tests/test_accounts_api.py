@@ -201,3 +201,21 @@ async def test_out_of_credits_over_rest_is_429_insufficient_credits(billing_gate
         await bridge.envoy.stop()
     assert caught.value.code == "INSUFFICIENT_CREDITS"
     assert "available" in str(caught.value) and "needs up to" in str(caught.value)
+
+
+async def test_refused_calls_are_recorded_too(gateway, bridge):
+    record, secret = await new_key(gateway, owner="user:refused", allowed_models=["openai/gpt-4o"])
+    client = sdk(bridge, secret)
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model="openai/gpt-4o", messages=[])
+    with pytest.raises(openai.PermissionDeniedError):
+        await client.embeddings.create(model="openai/text-embedding-3-small", input="x")
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="nosuch/model", messages=HELLO, stream=True)
+    records = await gateway.accounts.ledger.records(key_id=record.id)
+    reasons = sorted((r.operation, r.outcome, r.error_reason) for r in records)
+    assert reasons == [
+        ("chat", "error", "INVALID_REQUEST"),
+        ("chat_stream", "error", "MODEL_NOT_FOUND"),
+        ("embedding", "error", "MODEL_NOT_ALLOWED"),
+    ]

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 import uuid
-from contextvars import Token
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from types import TracebackType
 
@@ -35,6 +35,8 @@ from server.storage.settings import StorageSettings
 
 log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4
+# Whether the current call's meter started (then the meter records it, failures too).
+METERED: ContextVar[bool] = ContextVar("aigne_hub_metered", default=False)
 
 
 @dataclass
@@ -83,6 +85,22 @@ class Accounts:
             return await self.keys.authenticate(secret)
         except GatewayError:
             return None
+
+    async def record_refusal(self, key: KeyRecord | None, operation: str, model: str, exc: GatewayError) -> None:
+        """Records a call refused before it reached a provider (bad input, unknown model,
+        allow-list, credits), so that every call with a key leaves one record."""
+        provider = model.partition("/")[0] if "/" in model else ""
+        record = UsageRecord(
+            request_id=uuid.uuid4().hex,
+            provider=provider,
+            model=model,
+            outcome="error",
+            key_id=key.id if key else None,
+            owner_id=key.owner_id if key else None,
+            operation=operation,
+            error_reason=exc.reason,
+        )
+        await asyncio.shield(self.ledger.record(record))
 
     def meter(
         self,
@@ -159,6 +177,7 @@ class Meter:
         return usage
 
     async def __aenter__(self) -> Meter:
+        METERED.set(True)
         await self._choose_credential()
         if self._key is not None and self._accounts.credits.billing_enabled:
             worst = await self._accounts.credits.price(self._model, self._worst_case)

@@ -12,7 +12,7 @@ import grpc
 
 from server import errors
 from server.accounts.credits import Usage
-from server.accounts.service import Accounts, Meter
+from server.accounts.service import METERED, Accounts, Meter
 from server.api.auth import CURRENT_KEY
 from server.api.errors import to_grpc_status, unexpected_error_status
 from server.router import Route, Router
@@ -20,6 +20,17 @@ from server.router import Route, Router
 S = TypeVar("S")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+# The ledger's operation names of the RPCs that call providers.
+OPERATIONS = {
+    "CreateChatCompletion": "chat",
+    "StreamChatCompletion": "chat_stream",
+    "CreateEmbedding": "embedding",
+    "CreateImage": "image",
+    "CreateSpeech": "speech",
+    "CreateTranscription": "transcription",
+    "UploadTranscription": "transcription",
+}
 
 # Set by the REST bridge (Envoy's Lua filter) on streams it turns into SSE.
 BRIDGE_HEADER = "x-aigne-bridge"
@@ -44,6 +55,8 @@ def unary(
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
+            if isinstance(self, MeteredServicer):
+                await self.record_refusal(method.__name__, request, exc)
             await abort_for(context, exc)
             raise  # unreachable: abort_for raises
 
@@ -68,3 +81,10 @@ class MeteredServicer:
         return self._accounts.meter(
             CURRENT_KEY.get(), route.provider.name, route.upstream_model, operation, worst_case, header
         )
+
+    async def record_refusal(self, method: str, request: Any, exc: Exception) -> None:
+        """A call that failed before its meter started still leaves a ledger record."""
+        if METERED.get() or not isinstance(exc, errors.GatewayError):
+            return
+        model = getattr(request, "model", "") or ""
+        await self._accounts.record_refusal(CURRENT_KEY.get(), OPERATIONS.get(method, method), model, exc)

@@ -72,6 +72,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
                         started = True
                         yield message
         except Exception as exc:  # noqa: BLE001 - every failure must reach the client
+            await self.record_refusal("StreamChatCompletion", request, exc)
             if not (started and bridge):
                 await abort_for(context, exc)
             # Headers and chunks are out: over REST the status would be lost, so the
