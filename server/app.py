@@ -28,6 +28,7 @@ from aigne.hub.v1 import (
     status_service_pb2,
     status_service_pb2_grpc,
 )
+from server.accounts.credits import Rate, credits_to_micros
 from server.accounts.service import Accounts
 from server.api.admin import AdminServicer
 from server.api.audio import AudioServicer
@@ -128,6 +129,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         key_pepper=settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None,
         master_key=settings.master_key.get_secret_value() if settings.master_key else None,
     )
+    await apply_configured_rates(accounts, config)
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
     router = Router(config, providers)
@@ -163,6 +165,21 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")
     return Gateway(settings, server, port, client, health_servicer, serving, accounts, providers)
+
+
+async def apply_configured_rates(accounts: Accounts, config: GatewayConfig) -> None:
+    for model, rate in config.rates.items():
+        await accounts.credits.set_rate(
+            Rate(
+                model=model,
+                input_per_million_micros=credits_to_micros(rate.input_per_million),
+                output_per_million_micros=credits_to_micros(rate.output_per_million),
+                cached_input_per_million_micros=credits_to_micros(rate.cached_input_per_million),
+                per_image_micros=credits_to_micros(rate.per_image),
+                per_audio_second_micros=credits_to_micros(rate.per_audio_second),
+                per_character_micros=credits_to_micros(rate.per_character),
+            )
+        )
 
 
 async def serve_until_signalled(settings: Settings) -> None:

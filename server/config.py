@@ -18,6 +18,7 @@ Secrets belong in the environment: the file names the variable (`api_key_env`).
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -103,6 +104,19 @@ class ProviderConfig(BaseModel):
         return self.api_key
 
 
+class RateConfig(BaseModel):
+    """What a model (or glob) costs, in credits; written to the database on start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_million: Decimal = Decimal(0)
+    output_per_million: Decimal = Decimal(0)
+    cached_input_per_million: Decimal = Decimal(0)
+    per_image: Decimal = Decimal(0)
+    per_audio_second: Decimal = Decimal(0)
+    per_character: Decimal = Decimal(0)
+
+
 class GatewayConfig(BaseModel):
     """The YAML file's schema."""
 
@@ -111,6 +125,9 @@ class GatewayConfig(BaseModel):
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     # `alias: provider/model`, e.g. `fast: openai/gpt-4o-mini`.
     aliases: dict[str, str] = Field(default_factory=dict)
+    # `provider/model` or a glob (`openai/*`, `*`): its rates. The admin API can change
+    # rates at run time; the file's are applied again at each start.
+    rates: dict[str, RateConfig] = Field(default_factory=dict)
 
 
 class ConfigError(Exception):

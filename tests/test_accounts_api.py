@@ -219,3 +219,19 @@ async def test_refused_calls_are_recorded_too(gateway, bridge):
         ("chat_stream", "error", "MODEL_NOT_FOUND"),
         ("embedding", "error", "MODEL_NOT_ALLOWED"),
     ]
+
+
+async def test_rates_from_the_config_file_are_applied_on_start(fake_openai, tmp_path):
+    from decimal import Decimal
+
+    from server.config import RateConfig
+
+    config = gateway_config(fake_openai.base_url)
+    config.rates["openai/*"] = RateConfig(input_per_million=Decimal("2.5"), per_image=Decimal("0.04"))
+    gateway = await start_gateway(Settings(grpc_port=0, data_dir=tmp_path), config)
+    try:
+        rate = await gateway.accounts.credits.rate_for("openai/gpt-4o")
+    finally:
+        await gateway.stop(0.2)
+    assert rate is not None
+    assert rate.input_per_million_micros == 2_500_000 and rate.per_image_micros == 40_000

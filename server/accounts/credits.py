@@ -52,7 +52,7 @@ from server.storage.schema import api_keys, balances, credit_grants, model_rates
 log = logging.getLogger(__name__)
 
 
-def credits_to_micros(credits: float | int | str) -> int:
+def credits_to_micros(credits: Decimal | float | int | str) -> int:
     """12.5 → 12_500_000 (rounded to the micro-credit; use strings for exact input)."""
     return int((Decimal(str(credits)) * MICROS_PER_CREDIT).to_integral_value())
 
