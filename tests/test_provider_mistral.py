@@ -392,7 +392,7 @@ async def test_environment_enables_mistral_with_its_defaults(monkeypatch):
         adapter = build_provider("mistral", config.providers["mistral"], client)
     assert isinstance(adapter, MistralAdapter)
     assert adapter._base_url == "https://api.mistral.ai"
-    assert adapter._headers["Authorization"] == "Bearer from-env"
+    assert adapter._headers["authorization"] == "Bearer from-env"
     assert "mistral" not in config_from_environment({}).providers
 
 

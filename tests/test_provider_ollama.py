@@ -342,6 +342,6 @@ async def test_environment_enables_ollama_by_its_host(monkeypatch):
         adapter = build_provider("ollama", config.providers["ollama"], client)
         local = build_provider("ollama", ProviderConfig(base_url="localhost"), client)
     assert isinstance(adapter, OllamaAdapter) and adapter._base_url == "http://0.0.0.0:11500"
-    assert adapter._headers["Authorization"] == "Bearer cloud-key"
+    assert adapter._headers["authorization"] == "Bearer cloud-key"
     assert local._base_url == "http://localhost:11434"
     assert "ollama" not in config_from_environment({"OLLAMA_API_KEY": "k"}).providers

@@ -152,7 +152,7 @@ async def test_preset_defaults_and_environment(provider, monkeypatch):
         adapter = build_provider(provider, config.providers[provider], client)
     assert isinstance(adapter, OpenAIAdapter)
     assert adapter._base_url == base_url and PRESETS[provider].api_key_env == variable
-    assert adapter._headers["Authorization"] == "Bearer from-env"
+    assert adapter._headers["authorization"] == "Bearer from-env"
     assert model in {entry.id for entry in catalog_models(provider, config.providers[provider])}
 
 

@@ -47,7 +47,7 @@ import httpx
 
 from server import errors
 from server.config import ModelEntry, ProviderConfig
-from server.providers.base import JSON, Capability
+from server.providers.base import JSON, Capability, auth_headers
 from server.providers.http_errors import retry_after_seconds, transport_error, upstream_status_error
 
 if TYPE_CHECKING:
@@ -130,9 +130,9 @@ class AnthropicAdapter:
         # Tolerate an OpenAI-style base URL that already ends in /v1.
         self._url = base_url.rstrip("/").removesuffix("/v1") + "/v1/messages"
         self._client = client
-        self._headers = {"anthropic-version": API_VERSION, **(extra_headers or {})}
-        if api_key:
-            self._headers["x-api-key"] = api_key
+        self._headers = auth_headers(
+            self.credential_header, api_key, {"anthropic-version": API_VERSION, **(extra_headers or {})}
+        )
         self.memory = TurnMemory()
 
     async def aclose(self) -> None:

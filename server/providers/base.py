@@ -9,7 +9,7 @@ upstream model name (the part after `provider/`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
@@ -139,3 +139,15 @@ class Provider(Protocol):
     async def aclose(self) -> None:
         """Releases what the adapter holds (the shared HTTP client is not its own)."""
         ...
+
+
+def auth_headers(
+    credential_header: tuple[str, str], api_key: str | None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """An adapter's request headers: the configured extras, and the API key in the one
+    header its API reads (the same `credential_header` a vault credential replaces)."""
+    headers = dict(extra or {})
+    if api_key:
+        name, prefix = credential_header
+        headers[name] = prefix + api_key
+    return headers

@@ -109,7 +109,7 @@ import httpx
 
 from server import errors
 from server.config import ModelEntry, ProviderConfig
-from server.providers.base import JSON, Capability
+from server.providers.base import JSON, Capability, auth_headers
 from server.providers.http_errors import error_message_from_body, transport_error, upstream_status_error
 
 if TYPE_CHECKING:
@@ -201,9 +201,7 @@ class GeminiAdapter:
         # GOOGLE_GEMINI_BASE_URL, like the SDK's base_url, has no version; accept one anyway.
         self._api_root = root if re.search(r"/v1(alpha|beta)?$", root) else f"{root}/{API_VERSION}"
         self._client = client
-        self._headers = dict(extra_headers or {})
-        if api_key:
-            self._headers["x-goog-api-key"] = api_key
+        self._headers = auth_headers(self.credential_header, api_key, extra_headers)
 
     async def aclose(self) -> None:
         """Nothing of its own to release: the HTTP client is shared."""

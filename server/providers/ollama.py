@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from server import errors
-from server.providers.base import JSON, Capability
+from server.providers.base import JSON, Capability, auth_headers
 from server.providers.http_errors import error_message_from_body, transport_error, upstream_status_error
 from server.providers.openai import _StreamContext
 
@@ -124,9 +124,7 @@ class OllamaAdapter:
         self.capabilities = capabilities
         self._base_url = ollama_base_url(base_url)
         self._client = client
-        self._headers = dict(extra_headers or {})
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = auth_headers(self.credential_header, api_key, extra_headers)
 
     async def aclose(self) -> None:
         """Nothing of its own to release: the HTTP client is shared."""

@@ -21,6 +21,7 @@ from server.providers.base import (
     Capability,
     TranscriptionInput,
     TranscriptionOutput,
+    auth_headers,
 )
 from server.providers.http_errors import (
     error_message_from_body,
@@ -55,9 +56,7 @@ class OpenAIAdapter:
         self.capabilities = capabilities
         self._base_url = base_url.rstrip("/")
         self._client = client
-        self._headers = dict(extra_headers or {})
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = auth_headers(self.credential_header, api_key, extra_headers)
 
     async def aclose(self) -> None:
         """Nothing of its own to release: the HTTP client is shared."""
