@@ -47,6 +47,7 @@ from server.accounts.errors import (
     format_credits,
 )
 from server.storage.database import Database
+from server.storage.inline import Executor
 from server.storage.schema import api_keys, balances, credit_grants, model_rates, reservations, utcnow
 
 log = logging.getLogger(__name__)
@@ -362,7 +363,7 @@ class HeldReservation:
     amount_micros: int
 
 
-async def take_reservations(conn: AsyncConnection, ids: Iterable[str]) -> dict[str, HeldReservation]:
+async def take_reservations(conn: Executor, ids: Iterable[str]) -> dict[str, HeldReservation]:
     """Deletes the reservations (in id order) and returns those that still existed."""
     taken: dict[str, HeldReservation] = {}
     for reservation_id in sorted(set(ids)):
@@ -378,7 +379,7 @@ async def take_reservations(conn: AsyncConnection, ids: Iterable[str]) -> dict[s
     return taken
 
 
-async def apply_settlements(conn: AsyncConnection, settlements: Sequence[tuple[HeldReservation, int]]) -> None:
+async def apply_settlements(conn: Executor, settlements: Sequence[tuple[HeldReservation, int]]) -> None:
     """Moves each taken reservation's charge from held to spent: balances (by owner),
     then keys (by id), one UPDATE per row."""
     owner_delta: dict[str, tuple[int, int]] = {}

@@ -28,6 +28,7 @@ from sqlalchemy import ColumnElement, case, func, select
 
 from server.accounts.credits import HeldReservation, Reservation, apply_settlements, charge_for, take_reservations
 from server.storage.database import Database
+from server.storage.inline import Executor, InlineConnection, run_inline
 from server.storage.schema import usage_records, utcnow
 
 log = logging.getLogger(__name__)
@@ -177,50 +178,57 @@ class Ledger:
             _resolve(pending.done, result)
 
     async def _write(self, batch: Sequence[_Pending]) -> list[Recorded]:
-        order = sorted(range(len(batch)), key=lambda i: batch[i].usage.request_id)
-        async with self._db.write() as conn:
-            # Lock order (see server.accounts.credits): reservations, usage, balances, keys.
-            taken = await take_reservations(
-                conn, [p.reservation.id for p in batch if p.reservation is not None and p.reservation.id is not None]
+        if self._db.backend == "sqlite":
+            results = await self._db.write_in_thread(
+                lambda conn: run_inline(self._write_in(InlineConnection(conn), batch))
             )
-            held: list[HeldReservation | None] = [None] * len(batch)
-            charges = [0] * len(batch)
-            rows: dict[str, dict[str, Any]] = {}  # by request id: the first of a batch's duplicates
-            owner_of_row: dict[str, int] = {}
-            for index in order:
-                pending = batch[index]
-                if pending.reservation is not None and pending.reservation.id is not None:
-                    held[index] = taken.pop(pending.reservation.id, None)
-                hold = held[index]
-                charges[index] = charge_for(hold, pending.usage.cost_micros) if hold is not None else 0
-                row = _row(pending.usage, charges[index])
-                if row["request_id"] not in rows:
-                    rows[row["request_id"]] = row
-                    owner_of_row[row["request_id"]] = index
-            inserted: set[str] = set()
-            values = list(rows.values())
-            # One statement with the rows as parameters ("insertmanyvalues"): compiled
-            # once and cached, where .values(rows) compiled a new statement per batch
-            # (about 0.7 ms of CPU per call).
-            insert = self._db.insert_ignoring_conflicts(usage_records, "request_id").returning(
-                usage_records.c.request_id
-            )
-            for start in range(0, len(values), _ROWS_PER_INSERT):
-                done = await conn.execute(insert, values[start : start + _ROWS_PER_INSERT])
-                inserted.update(done.scalars())
-            results: list[Recorded] = []
-            settlements: list[tuple[HeldReservation, int]] = []
-            for index, pending in enumerate(batch):
-                request_id = _clip(pending.usage.request_id, "request_id")
-                was_inserted = request_id in inserted and owner_of_row.get(request_id or "") == index
-                # A request already recorded (and charged): only release the hold.
-                charge = charges[index] if was_inserted else 0
-                hold = held[index]
-                if hold is not None:
-                    settlements.append((hold, charge))
-                results.append(Recorded(was_inserted, charge))
-            await apply_settlements(conn, settlements)
+        else:
+            async with self._db.write() as conn:
+                results = await self._write_in(conn, batch)
         self.commits += 1
+        return results
+
+    async def _write_in(self, conn: Executor, batch: Sequence[_Pending]) -> list[Recorded]:
+        order = sorted(range(len(batch)), key=lambda i: batch[i].usage.request_id)
+        # Lock order (see server.accounts.credits): reservations, usage, balances, keys.
+        taken = await take_reservations(
+            conn, [p.reservation.id for p in batch if p.reservation is not None and p.reservation.id is not None]
+        )
+        held: list[HeldReservation | None] = [None] * len(batch)
+        charges = [0] * len(batch)
+        rows: dict[str, dict[str, Any]] = {}  # by request id: the first of a batch's duplicates
+        owner_of_row: dict[str, int] = {}
+        for index in order:
+            pending = batch[index]
+            if pending.reservation is not None and pending.reservation.id is not None:
+                held[index] = taken.pop(pending.reservation.id, None)
+            hold = held[index]
+            charges[index] = charge_for(hold, pending.usage.cost_micros) if hold is not None else 0
+            row = _row(pending.usage, charges[index])
+            if row["request_id"] not in rows:
+                rows[row["request_id"]] = row
+                owner_of_row[row["request_id"]] = index
+        inserted: set[str] = set()
+        values = list(rows.values())
+        # One statement with the rows as parameters ("insertmanyvalues"): compiled
+        # once and cached, where .values(rows) compiled a new statement per batch
+        # (about 0.7 ms of CPU per call).
+        insert = self._db.insert_ignoring_conflicts(usage_records, "request_id").returning(usage_records.c.request_id)
+        for start in range(0, len(values), _ROWS_PER_INSERT):
+            done = await conn.execute(insert, values[start : start + _ROWS_PER_INSERT])
+            inserted.update(done.scalars())
+        results: list[Recorded] = []
+        settlements: list[tuple[HeldReservation, int]] = []
+        for index, pending in enumerate(batch):
+            request_id = _clip(pending.usage.request_id, "request_id")
+            was_inserted = request_id in inserted and owner_of_row.get(request_id or "") == index
+            # A request already recorded (and charged): only release the hold.
+            charge = charges[index] if was_inserted else 0
+            hold = held[index]
+            if hold is not None:
+                settlements.append((hold, charge))
+            results.append(Recorded(was_inserted, charge))
+        await apply_settlements(conn, settlements)
         return results
 
     # -- queries -------------------------------------------------------------------------
