@@ -18,6 +18,7 @@ concurrent writer, so check-and-update is atomic without explicit locks.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -88,6 +89,22 @@ def create_engine(
     )
 
 
+def _switch_to_wal(cursor: Any, busy_timeout_ms: int) -> None:
+    """WAL mode (it stays set in the file). Switching a new file takes a lock that
+    connections opening it at once contend for, and SQLite answers "locked" at once
+    instead of waiting (the busy handler is not used there): retry for the busy timeout.
+    Only ever contended on a database's very first opening."""
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _install_sqlite_hooks(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     _install_sqlite_pragmas(engine.sync_engine, busy_timeout_ms)
 
@@ -100,10 +117,8 @@ def _install_sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            # busy_timeout first: switching a new file to WAL takes a lock that several
-            # processes starting at once contend for.
             cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cursor, busy_timeout_ms)
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=FULL")
         finally:
