@@ -28,7 +28,7 @@ from aigne.hub.v1 import (
     status_service_pb2,
     status_service_pb2_grpc,
 )
-from server.accounts.credits import Rate, credits_to_micros
+from server.accounts.credits import rate_from_credits
 from server.accounts.service import Accounts
 from server.api.admin import AdminServicer
 from server.api.audio import AudioServicer
@@ -169,17 +169,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
 
 async def apply_configured_rates(accounts: Accounts, config: GatewayConfig) -> None:
     for model, rate in config.rates.items():
-        await accounts.credits.set_rate(
-            Rate(
-                model=model,
-                input_per_million_micros=credits_to_micros(rate.input_per_million),
-                output_per_million_micros=credits_to_micros(rate.output_per_million),
-                cached_input_per_million_micros=credits_to_micros(rate.cached_input_per_million),
-                per_image_micros=credits_to_micros(rate.per_image),
-                per_audio_second_micros=credits_to_micros(rate.per_audio_second),
-                per_character_micros=credits_to_micros(rate.per_character),
-            )
-        )
+        await accounts.credits.set_rate(rate_from_credits(model, rate.model_dump()))
 
 
 async def serve_until_signalled(settings: Settings) -> None:

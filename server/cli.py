@@ -85,12 +85,25 @@ async def serve(settings: Settings) -> None:
             f"gRPC {settings.grpc_host}:{gateway.port}, Envoy log {envoy.log_path}",
             flush=True,
         )
+        _print_hints(gateway)
         await stop.wait()
         print("aigne-hub stopping: draining in-flight calls", flush=True)
     finally:
         await gateway.stop()
         await envoy.stop()
     print("aigne-hub stopped", flush=True)
+
+
+def _print_hints(gateway: Gateway) -> None:
+    """What a first-time user needs next: a provider, and a key to call with."""
+    if not gateway.providers:
+        print(
+            "aigne-hub: no provider is configured, so every model is refused: set OPENAI_API_KEY "
+            "(or ANTHROPIC_API_KEY, GEMINI_API_KEY, MISTRAL_API_KEY, OLLAMA_HOST, ...) or pass --config",
+            flush=True,
+        )
+    if gateway.settings.auth_required:
+        print("aigne-hub: calls need an API key: `aigne-hub keys create --owner user:NAME --name NAME`", flush=True)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -47,17 +48,22 @@ class Router:
     def providers(self) -> dict[str, Provider]:
         return self._providers
 
-    def resolve(self, model: str, capability: Capability, interface: type[T]) -> tuple[Route, T]:
-        """The route for `model`, checked to offer `capability` through `interface`."""
+    def resolve(
+        self, model: str, capability: Capability, interface: type[T], features: Iterable[Capability] = ()
+    ) -> tuple[Route, T]:
+        """The route for `model`, checked to offer `capability` through `interface`, and
+        the request's other `features` (tools, ...)."""
         route = self.route(model)
         adapter = route.provider
         catalog_entry = self._catalog.get(route.public_model)
         allowed = catalog_entry.capabilities if catalog_entry else adapter.capabilities
-        if capability not in allowed or not isinstance(adapter, interface):
+        missing = [c for c in (capability, *features) if c not in allowed]
+        if missing or not isinstance(adapter, interface):
+            feature = (missing[0] if missing else capability).value
             raise UnsupportedFeature(
-                f"provider {adapter.name!r} does not support {capability.value} for model {route.upstream_model!r}",
+                f"provider {adapter.name!r} does not support {feature} for model {route.upstream_model!r}",
                 field="model",
-                metadata={"provider": adapter.name, "feature": capability.value},
+                metadata={"provider": adapter.name, "feature": feature},
             )
         return route, adapter
 

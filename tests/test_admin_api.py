@@ -102,6 +102,10 @@ async def test_credits_and_rates(admin_stack):
 
     rate = {"model": "openai/gpt-4o*", "input_per_million": "2.5", "output_per_million": "10"}
     assert (await admin.post("/admin/rates", json={"rate": rate})).status_code == 200
+    bad_rate = await admin.post("/admin/rates", json={"rate": {"model": "x/*", "per_image": "a lot"}})
+    assert bad_rate.status_code == 400 and bad_rate.json()["error"]["param"] == "rate.per_image"
+    bad_owner = await admin.post("/admin/credits:grant", json={"owner": "carol", "amount": "1"})
+    assert bad_owner.status_code == 400 and "user:NAME" in bad_owner.json()["error"]["message"]
     rates = (await admin.get("/admin/rates")).json()["rates"]
     assert {
         "model": "openai/gpt-4o*",

@@ -14,11 +14,11 @@ from dataclasses import asdict
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
-from server.accounts.credits import CreditService, Rate, credits_to_micros
+from server.accounts.credits import RATE_AMOUNTS, CreditService, RateAmountError, credits_to_micros, rate_from_credits
 from server.accounts.errors import format_credits
 from server.accounts.keys import KeyRecord, KeyStore
 from server.accounts.ledger import GroupBy, Ledger
-from server.accounts.owners import OwnerKind, ensure_owner
+from server.accounts.owners import ensure_owner, parse_owner
 from server.config import Settings
 from server.storage import Database
 
@@ -48,8 +48,9 @@ def add_commands(sub: Any) -> None:
     show.add_argument("owner")
     rate = credits.add_parser("rate", help="set a model's rates (credits per million tokens, per image, ...)")
     rate.add_argument("model", help="provider/model or a glob such as openai/* or *")
-    for name in ("input", "output", "cached-input", "image", "audio-second", "character"):
-        rate.add_argument(f"--{name}", default="0")
+    flags = ("input", "output", "cached-input", "image", "audio-second", "character")
+    for flag, amount in zip(flags, RATE_AMOUNTS, strict=True):
+        rate.add_argument(f"--{flag}", dest=amount, default="0", help=f"credits ({amount.replace('_', ' ')})")
     credits.add_parser("rates", help="list the rates")
 
     usage = sub.add_parser("usage", help="usage totals from the ledger")
@@ -115,15 +116,11 @@ async def _credits(args: argparse.Namespace, service: CreditService, db: Databas
         balance = await service.balance(args.owner)
         _table(args, [_balance_row(balance)], ["owner_id", "balance", "reserved", "available"])
     elif args.action == "rate":
-        rate = Rate(
-            model=args.model,
-            input_per_million_micros=credits_to_micros(args.input),
-            output_per_million_micros=credits_to_micros(args.output),
-            cached_input_per_million_micros=credits_to_micros(args.cached_input),
-            per_image_micros=credits_to_micros(args.image),
-            per_audio_second_micros=credits_to_micros(args.audio_second),
-            per_character_micros=credits_to_micros(args.character),
-        )
+        amounts = {name: getattr(args, name) for name in RATE_AMOUNTS}
+        try:
+            rate = rate_from_credits(args.model, amounts)
+        except RateAmountError as exc:
+            raise SystemExit(f"aigne-hub: {exc}") from exc
         await service.set_rate(rate)
         _print(args, asdict(rate), f"rate set for {rate.model}")
     else:
@@ -155,10 +152,11 @@ async def _usage(args: argparse.Namespace, ledger: Ledger) -> None:
 
 
 async def _owner(db: Database, text: str) -> Any:
-    kind, sep, name = text.partition(":")
-    if not sep or kind not in ("user", "project") or not name:
-        raise SystemExit(f"aigne-hub: owner must be user:NAME or project:NAME, not {text!r}")
-    return await ensure_owner(db, cast(OwnerKind, kind), name)
+    try:
+        kind, name = parse_owner(text)
+    except ValueError as exc:
+        raise SystemExit(f"aigne-hub: {exc}") from exc
+    return await ensure_owner(db, kind, name)
 
 
 def _key_row(record: KeyRecord) -> dict[str, Any]:

@@ -30,10 +30,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
 
 from sqlalchemy import Row, delete, select, update
@@ -70,6 +70,38 @@ class Rate:
     per_image_micros: int = 0
     per_audio_second_micros: int = 0
     per_character_micros: int = 0
+
+
+# The Rate fields as people write them: credits, not micro-credits.
+RATE_AMOUNTS = (
+    "input_per_million",
+    "output_per_million",
+    "cached_input_per_million",
+    "per_image",
+    "per_audio_second",
+    "per_character",
+)
+
+
+class RateAmountError(ValueError):
+    """A rate amount that is not a decimal number of credits; `field` names it."""
+
+    def __init__(self, field: str, value: object) -> None:
+        super().__init__(f"{field} must be a decimal number of credits, not {value!r}")
+        self.field = field
+
+
+def rate_from_credits(model: str, amounts: Mapping[str, Decimal | int | str]) -> Rate:
+    """A Rate from amounts in credits keyed by `RATE_AMOUNTS` names (missing: 0), as
+    the config file, the admin API and the CLI give them."""
+    micros: dict[str, int] = {}
+    for name in RATE_AMOUNTS:
+        value = amounts.get(name) or 0
+        try:
+            micros[f"{name}_micros"] = credits_to_micros(value)
+        except (InvalidOperation, ValueError) as exc:
+            raise RateAmountError(name, value) from exc
+    return Rate(model=model, **micros)
 
 
 @dataclass(frozen=True, slots=True)

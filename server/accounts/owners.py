@@ -22,6 +22,14 @@ class Owner:
     created_at: datetime
 
 
+def parse_owner(text: str) -> tuple[OwnerKind, str]:
+    """`user:alice` -> ("user", "alice"); ValueError saying the form otherwise."""
+    kind, sep, name = text.partition(":")
+    if not sep or kind not in ("user", "project") or not name:
+        raise ValueError(f"owner must be user:NAME or project:NAME, not {text!r}")
+    return cast(OwnerKind, kind), name
+
+
 def owner_id(kind: OwnerKind, name: str) -> str:
     return f"{kind}:{name}"
 

@@ -13,11 +13,11 @@ from google.protobuf import timestamp_pb2
 from aigne.hub.v1 import admin_service_pb2 as admin_pb
 from aigne.hub.v1 import admin_service_pb2_grpc as admin_grpc
 from server.accounts.credentials import CredentialInfo
-from server.accounts.credits import Balance, Rate, credits_to_micros
+from server.accounts.credits import RATE_AMOUNTS, Balance, Rate, RateAmountError, credits_to_micros, rate_from_credits
 from server.accounts.errors import format_credits
 from server.accounts.keys import KeyRecord
 from server.accounts.ledger import GroupBy
-from server.accounts.owners import OwnerKind, ensure_owner
+from server.accounts.owners import ensure_owner, parse_owner
 from server.accounts.service import Accounts
 from server.api.calls import unary
 from server.errors import InvalidRequest, ModelNotFound, ProviderNotConfigured
@@ -86,17 +86,11 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         rate = request.rate
         if not rate.model:
             raise InvalidRequest("rate.model is required", field="rate.model")
-        stored = Rate(
-            model=rate.model,
-            input_per_million_micros=_credits(rate.input_per_million or "0", "rate.input_per_million"),
-            output_per_million_micros=_credits(rate.output_per_million or "0", "rate.output_per_million"),
-            cached_input_per_million_micros=_credits(
-                rate.cached_input_per_million or "0", "rate.cached_input_per_million"
-            ),
-            per_image_micros=_credits(rate.per_image or "0", "rate.per_image"),
-            per_audio_second_micros=_credits(rate.per_audio_second or "0", "rate.per_audio_second"),
-            per_character_micros=_credits(rate.per_character or "0", "rate.per_character"),
-        )
+        amounts = {name: getattr(rate, name) for name in RATE_AMOUNTS}
+        try:
+            stored = rate_from_credits(rate.model, amounts)
+        except RateAmountError as exc:
+            raise InvalidRequest(str(exc), field=f"rate.{exc.field}") from exc
         await self._accounts.credits.set_rate(stored)
         return admin_pb.SetModelRateResponse(rate=_rate(stored))
 
@@ -164,10 +158,11 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         return admin_pb.QueryUsageResponse(totals=rows)
 
     async def _owner(self, text: str) -> str:
-        kind, sep, name = text.partition(":")
-        if not sep or kind not in ("user", "project") or not name:
-            raise InvalidRequest(f"owner must be user:NAME or project:NAME, not {text!r}", field="owner")
-        return (await ensure_owner(self._accounts.db, cast(OwnerKind, kind), name)).id
+        try:
+            kind, name = parse_owner(text)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), field="owner") from exc
+        return (await ensure_owner(self._accounts.db, kind, name)).id
 
     def _vault(self) -> Any:
         if self._accounts.vault is None:

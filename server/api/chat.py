@@ -84,10 +84,8 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
 
     def _resolve(self, request: chat_pb.CreateChatCompletionRequest) -> tuple[Route, ChatCompletions]:
         check_chat_request(request)
-        route, adapter = self._router.resolve(request.model, Capability.CHAT, ChatCompletions)
-        if request.tools:
-            self._router.resolve(request.model, Capability.TOOLS, ChatCompletions)
-        return route, adapter
+        features = [Capability.TOOLS] if request.tools else []
+        return self._router.resolve(request.model, Capability.CHAT, ChatCompletions, features)
 
 
 def _chat_body(request: chat_pb.CreateChatCompletionRequest) -> JSON:
