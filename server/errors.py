@@ -12,6 +12,7 @@ gRPC, and `server.api.errors` maps each class to a gRPC status code in one place
     ├── ProviderNotConfigured     the provider exists but has no credential (400)
     ├── UnsupportedFeature        the provider cannot do what was asked (501)
     ├── ShuttingDown              the server is draining (503)
+    ├── StorageUnavailable        the gateway's database cannot be used now (503)
     ├── InternalError             a bug in the gateway (500)
     └── UpstreamError             the upstream provider failed
         ├── UpstreamBadRequest        it rejected the request (400)
@@ -90,6 +91,18 @@ class ShuttingDown(GatewayError):
 
     reason = "SHUTTING_DOWN"
     openai_type = "service_unavailable_error"
+
+
+class StorageUnavailable(GatewayError):
+    """The gateway's own database cannot be reached or written in time. Nothing was
+    charged and no provider was called; `retry_after_seconds` carries a hint."""
+
+    reason = "STORAGE_UNAVAILABLE"
+    openai_type = "service_unavailable_error"
+
+    def __init__(self, message: str, *, retry_after_seconds: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class InternalError(GatewayError):

@@ -196,6 +196,16 @@ class CredentialVault:
     async def mark_active(self, credential_id: str) -> None:
         await self._set_status(credential_id, "active", None)
 
+    async def info(self, credential_id: str) -> CredentialInfo:
+        """One credential, masked; KeyError if there is none with this id."""
+        async with self._db.read() as conn:
+            row = (
+                await conn.execute(select(provider_credentials).where(provider_credentials.c.id == credential_id))
+            ).one_or_none()
+        if row is None:
+            raise KeyError(credential_id)
+        return _info(row)
+
     async def _set_status(self, credential_id: str, status: CredentialStatus, reason: str | None) -> None:
         async with self._db.write() as conn:
             done = await conn.execute(

@@ -159,6 +159,8 @@ class Reservation:
     amount_micros: int
     request_id: str | None = None
     created_at: datetime = field(default_factory=utcnow)
+    # When the hold lapses (None: not stored, billing off).
+    expires_at: datetime | None = None
 
 
 class CreditService:
@@ -361,6 +363,20 @@ class CreditService:
     async def release(self, reservation: Reservation) -> None:
         """Gives the whole hold back (the call failed before it cost anything)."""
         await self.settle(reservation, 0)
+
+    async def list_reservations(self, owner_id: str | None = None) -> list[Reservation]:
+        """The reservations held now (of `owner_id`), oldest first."""
+        query = select(reservations).order_by(reservations.c.created_at, reservations.c.id)
+        if owner_id is not None:
+            query = query.where(reservations.c.owner_id == owner_id)
+        async with self._db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            Reservation(
+                row.id, row.owner_id, row.key_id, row.amount_micros, row.request_id, row.created_at, row.expires_at
+            )
+            for row in rows
+        ]
 
     async def release_expired(self, now: datetime | None = None) -> int:
         """Releases reservations past their expiry (their replica died mid-call); run it

@@ -13,7 +13,15 @@ from google.protobuf import timestamp_pb2
 from aigne.hub.v1 import admin_service_pb2 as admin_pb
 from aigne.hub.v1 import admin_service_pb2_grpc as admin_grpc
 from server.accounts.credentials import CredentialInfo
-from server.accounts.credits import RATE_AMOUNTS, Balance, Rate, RateAmountError, credits_to_micros, rate_from_credits
+from server.accounts.credits import (
+    RATE_AMOUNTS,
+    Balance,
+    Rate,
+    RateAmountError,
+    Reservation,
+    credits_to_micros,
+    rate_from_credits,
+)
 from server.accounts.errors import format_credits
 from server.accounts.keys import KeyRecord
 from server.accounts.ledger import GroupBy
@@ -123,6 +131,25 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         return admin_pb.RemoveProviderCredentialResponse(removed=await self._vault().remove(request.credential_id))
 
     @unary
+    async def ActivateProviderCredential(
+        self, request: admin_pb.ActivateProviderCredentialRequest, context: Context
+    ) -> admin_pb.ActivateProviderCredentialResponse:
+        vault = self._vault()
+        try:
+            await vault.mark_active(request.credential_id)
+            info = await vault.info(request.credential_id)
+        except KeyError:
+            raise ModelNotFound(f"no provider credential {request.credential_id!r}", field="credential_id") from None
+        return admin_pb.ActivateProviderCredentialResponse(credential=_credential(info))
+
+    @unary
+    async def ListReservations(
+        self, request: admin_pb.ListReservationsRequest, context: Context
+    ) -> admin_pb.ListReservationsResponse:
+        held = await self._accounts.credits.list_reservations(request.owner or None)
+        return admin_pb.ListReservationsResponse(reservations=[_reservation(r) for r in held])
+
+    @unary
     async def QueryUsage(self, request: admin_pb.QueryUsageRequest, context: Context) -> admin_pb.QueryUsageResponse:
         unknown = set(request.group_by) - GROUPS
         if unknown:
@@ -228,6 +255,18 @@ def _rate(rate: Rate) -> admin_pb.ModelRate:
         per_image=format_credits(rate.per_image_micros),
         per_audio_second=format_credits(rate.per_audio_second_micros),
         per_character=format_credits(rate.per_character_micros),
+    )
+
+
+def _reservation(held: Reservation) -> admin_pb.Reservation:
+    return admin_pb.Reservation(
+        id=held.id or "",
+        owner=held.owner_id,
+        key_id=held.key_id or "",
+        amount=format_credits(held.amount_micros),
+        request_id=held.request_id or "",
+        create_time=_timestamp(held.created_at),
+        expire_time=_timestamp(held.expires_at),
     )
 
 

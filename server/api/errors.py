@@ -27,6 +27,7 @@ GRPC_CODES: dict[type[errors.GatewayError], grpc.StatusCode] = {
     errors.ProviderNotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
     errors.UnsupportedFeature: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    errors.StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.InternalError: grpc.StatusCode.INTERNAL,
     errors.UpstreamBadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.UpstreamAuthFailed: grpc.StatusCode.PERMISSION_DENIED,

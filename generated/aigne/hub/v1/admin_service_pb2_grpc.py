@@ -88,6 +88,16 @@ class AdminServiceStub:
                 request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialRequest.SerializeToString,
                 response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialResponse.FromString,
                 _registered_method=True)
+        self.ActivateProviderCredential = channel.unary_unary(
+                '/aigne.hub.v1.AdminService/ActivateProviderCredential',
+                request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ActivateProviderCredentialRequest.SerializeToString,
+                response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ActivateProviderCredentialResponse.FromString,
+                _registered_method=True)
+        self.ListReservations = channel.unary_unary(
+                '/aigne.hub.v1.AdminService/ListReservations',
+                request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListReservationsRequest.SerializeToString,
+                response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListReservationsResponse.FromString,
+                _registered_method=True)
         self.QueryUsage = channel.unary_unary(
                 '/aigne.hub.v1.AdminService/QueryUsage',
                 request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.QueryUsageRequest.SerializeToString,
@@ -194,6 +204,27 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ActivateProviderCredential(self, request, context):
+        """Puts a provider credential back into rotation, after the provider rejected it
+        and the operator fixed the cause (the gateway also re-checks invalid credentials
+        periodically and reactivates those the provider accepts again).
+
+        REST: `POST /admin/credentials/{credential_id}:activate`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReservations(self, request, context):
+        """Lists the credit reservations held by calls in flight (and by calls whose server
+        died, until their lease expires and the sweeper releases them).
+
+        REST: `GET /admin/reservations?owner=user:alice`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def QueryUsage(self, request, context):
         """Usage totals from the ledger, grouped as asked.
 
@@ -255,6 +286,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RemoveProviderCredential,
                     request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialRequest.FromString,
                     response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialResponse.SerializeToString,
+            ),
+            'ActivateProviderCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivateProviderCredential,
+                    request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ActivateProviderCredentialRequest.FromString,
+                    response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ActivateProviderCredentialResponse.SerializeToString,
+            ),
+            'ListReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReservations,
+                    request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListReservationsRequest.FromString,
+                    response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListReservationsResponse.SerializeToString,
             ),
             'QueryUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryUsage,
@@ -536,6 +577,60 @@ class AdminService:
             '/aigne.hub.v1.AdminService/RemoveProviderCredential',
             aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialRequest.SerializeToString,
             aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivateProviderCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aigne.hub.v1.AdminService/ActivateProviderCredential',
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.ActivateProviderCredentialRequest.SerializeToString,
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.ActivateProviderCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aigne.hub.v1.AdminService/ListReservations',
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListReservationsRequest.SerializeToString,
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListReservationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

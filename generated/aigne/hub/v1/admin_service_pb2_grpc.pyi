@@ -92,6 +92,19 @@ class AdminServiceStub:
 
     REST: `POST /admin/credentials/{credential_id}:remove`.
     """
+    ActivateProviderCredential: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ActivateProviderCredentialRequest, _admin_service_pb2.ActivateProviderCredentialResponse]
+    """Puts a provider credential back into rotation, after the provider rejected it
+    and the operator fixed the cause (the gateway also re-checks invalid credentials
+    periodically and reactivates those the provider accepts again).
+
+    REST: `POST /admin/credentials/{credential_id}:activate`.
+    """
+    ListReservations: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListReservationsRequest, _admin_service_pb2.ListReservationsResponse]
+    """Lists the credit reservations held by calls in flight (and by calls whose server
+    died, until their lease expires and the sweeper releases them).
+
+    REST: `GET /admin/reservations?owner=user:alice`.
+    """
     QueryUsage: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.QueryUsageRequest, _admin_service_pb2.QueryUsageResponse]
     """Usage totals from the ledger, grouped as asked.
 
@@ -158,6 +171,19 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Deletes a provider credential.
 
     REST: `POST /admin/credentials/{credential_id}:remove`.
+    """
+    ActivateProviderCredential: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ActivateProviderCredentialRequest, _admin_service_pb2.ActivateProviderCredentialResponse]  # type: ignore[assignment]
+    """Puts a provider credential back into rotation, after the provider rejected it
+    and the operator fixed the cause (the gateway also re-checks invalid credentials
+    periodically and reactivates those the provider accepts again).
+
+    REST: `POST /admin/credentials/{credential_id}:activate`.
+    """
+    ListReservations: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListReservationsRequest, _admin_service_pb2.ListReservationsResponse]  # type: ignore[assignment]
+    """Lists the credit reservations held by calls in flight (and by calls whose server
+    died, until their lease expires and the sweeper releases them).
+
+    REST: `GET /admin/reservations?owner=user:alice`.
     """
     QueryUsage: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.QueryUsageRequest, _admin_service_pb2.QueryUsageResponse]  # type: ignore[assignment]
     """Usage totals from the ledger, grouped as asked.
@@ -282,6 +308,31 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes a provider credential.
 
         REST: `POST /admin/credentials/{credential_id}:remove`.
+        """
+
+    @_abc_1.abstractmethod
+    def ActivateProviderCredential(
+        self,
+        request: _admin_service_pb2.ActivateProviderCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ActivateProviderCredentialResponse, _abc.Awaitable[_admin_service_pb2.ActivateProviderCredentialResponse]]:
+        """Puts a provider credential back into rotation, after the provider rejected it
+        and the operator fixed the cause (the gateway also re-checks invalid credentials
+        periodically and reactivates those the provider accepts again).
+
+        REST: `POST /admin/credentials/{credential_id}:activate`.
+        """
+
+    @_abc_1.abstractmethod
+    def ListReservations(
+        self,
+        request: _admin_service_pb2.ListReservationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListReservationsResponse, _abc.Awaitable[_admin_service_pb2.ListReservationsResponse]]:
+        """Lists the credit reservations held by calls in flight (and by calls whose server
+        died, until their lease expires and the sweeper releases them).
+
+        REST: `GET /admin/reservations?owner=user:alice`.
         """
 
     @_abc_1.abstractmethod

@@ -100,6 +100,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The API key's spending cap cannot cover the call's worst-case cost
     (RESOURCE_EXHAUSTED, HTTP 429).
     """
+    STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 23
+    """The gateway's database cannot be reached or written in time (UNAVAILABLE, HTTP 503,
+    with a RetryInfo and a `retry-after` header). Retry after the hint; nothing was
+    charged and no provider was called.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reasons carried in `google.rpc.ErrorInfo.reason` (domain
@@ -180,6 +185,11 @@ INSUFFICIENT_CREDITS: ErrorReason.ValueType  # 21
 SPENDING_CAP_REACHED: ErrorReason.ValueType  # 22
 """The API key's spending cap cannot cover the call's worst-case cost
 (RESOURCE_EXHAUSTED, HTTP 429).
+"""
+STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 23
+"""The gateway's database cannot be reached or written in time (UNAVAILABLE, HTTP 503,
+with a RetryInfo and a `retry-after` header). Retry after the hint; nothing was
+charged and no provider was called.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
