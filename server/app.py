@@ -41,7 +41,7 @@ from server.config import GatewayConfig, Settings, load_gateway_config
 from server.providers.base import Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
-from server.router import Router
+from server.routing.router import Router
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
@@ -117,14 +117,101 @@ class RateConfig(BaseModel):
     per_character: Decimal = Decimal(0)
 
 
+class DeploymentConfig(BaseModel):
+    """One upstream that can serve a public model: a configured provider (its own base
+    URL and credential), the model name it knows, and a share of the traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    # Relative share under the `weighted` strategy.
+    weight: float = Field(1.0, gt=0, le=1_000_000)
+
+
+class TimeoutsConfig(BaseModel):
+    """How long one attempt may take (seconds; unset: the routing defaults').
+
+    first_token_s: until the first streamed chunk, or until a unary answer's response.
+    idle_s: between two streamed chunks. total_s: the whole client call, all attempts
+    and backoffs included (a shorter gRPC deadline or `x-aigne-hub-timeout-s` wins)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    first_token_s: float | None = Field(None, gt=0, le=86_400)
+    idle_s: float | None = Field(None, gt=0, le=86_400)
+    total_s: float | None = Field(None, gt=0, le=86_400)
+
+
+Strategy = Literal["weighted", "least-busy", "latency"]
+
+
+class ModelRouteConfig(BaseModel):
+    """A public model: the deployments that serve it and where to go when they cannot.
+
+    The key in `models:` is what clients call: a name of your own (`smart`) or a
+    `provider/model` (which then needs no `deployments`: it is its own deployment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Strategy = "weighted"
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+    # Models tried in order once this model's deployments are exhausted.
+    fallbacks: list[str] = Field(default_factory=list)
+    # A model with a larger context window, tried when the prompt is too long.
+    context_window_fallbacks: list[str] = Field(default_factory=list)
+    # Models tried when the provider refuses the content on policy grounds.
+    content_policy_fallbacks: list[str] = Field(default_factory=list)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    # Attempts across deployments and fallbacks (unset: the routing default).
+    max_attempts: int | None = Field(None, ge=1, le=20)
+
+
+class CooldownConfig(BaseModel):
+    """When a deployment rests: `failures` failures within `window_s`, or more than half
+    of at least `min_calls` calls failing in the window, or a 429. It rests for the
+    provider's Retry-After, else `rest_s` doubling on each repeated trip up to
+    `max_rest_s`; after that one trial call decides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    failures: int = Field(3, ge=1, le=1000)
+    window_s: float = Field(60.0, gt=0, le=3600)
+    min_calls: int = Field(10, ge=1, le=100_000)
+    rest_s: float = Field(5.0, gt=0, le=3600)
+    max_rest_s: float = Field(300.0, gt=0, le=86_400)
+
+
+class RoutingConfig(BaseModel):
+    """Defaults for every model (`routing:` in the YAML file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(3, ge=1, le=20)
+    fallbacks: list[str] = Field(default_factory=list)
+    # Exponential backoff with full jitter between attempts on the same deployment:
+    # base * 2^(n-1), at most max_backoff_s; a Retry-After hint is honoured up to
+    # max_retry_after_s (a longer hint rests the deployment instead of waiting).
+    backoff_base_s: float = Field(0.25, ge=0, le=60)
+    max_backoff_s: float = Field(8.0, ge=0, le=600)
+    max_retry_after_s: float = Field(30.0, ge=0, le=3600)
+    timeouts: TimeoutsConfig = Field(
+        default_factory=lambda: TimeoutsConfig(first_token_s=120.0, idle_s=120.0, total_s=600.0)
+    )
+    cooldown: CooldownConfig = Field(default_factory=CooldownConfig)
+
+
 class GatewayConfig(BaseModel):
     """The YAML file's schema."""
 
     model_config = ConfigDict(extra="forbid")
 
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
-    # `alias: provider/model`, e.g. `fast: openai/gpt-4o-mini`.
+    # `alias: provider/model`, e.g. `fast: openai/gpt-4o-mini` (a model with one deployment).
     aliases: dict[str, str] = Field(default_factory=dict)
+    # Public models with deployments, fallbacks and timeouts (see ModelRouteConfig).
+    models: dict[str, ModelRouteConfig] = Field(default_factory=dict)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     # `provider/model` or a glob (`openai/*`, `*`): its rates. The admin API can change
     # rates at run time; the file's are applied again at each start.
     rates: dict[str, RateConfig] = Field(default_factory=dict)

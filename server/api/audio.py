@@ -26,7 +26,7 @@ from server.providers.base import (
     TranscriptionInput,
     TranscriptionOutput,
 )
-from server.router import Route
+from server.routing.router import Route
 
 SPEECH_FORMATS = frozenset({"", "mp3", "opus", "aac", "flac", "wav", "pcm"})
 TRANSCRIPTION_FORMATS = frozenset({"", "json", "text", "srt", "verbose_json", "vtt"})

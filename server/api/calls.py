@@ -15,7 +15,7 @@ from server.accounts.credits import Usage
 from server.accounts.service import METERED, Accounts, Meter
 from server.api.auth import CURRENT_KEY
 from server.api.errors import to_grpc_status, unexpected_error_status
-from server.router import Route, Router
+from server.routing.router import Route, Router
 
 S = TypeVar("S")
 Req = TypeVar("Req")

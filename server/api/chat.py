@@ -18,7 +18,7 @@ from server.api.convert import from_json, to_json
 from server.api.metering import chat_worst_case, streamed_text_chars, usage_from_openai
 from server.api.validation import check_chat_request
 from server.providers.base import JSON, Capability, ChatCompletions
-from server.router import Route
+from server.routing.router import Route
 
 log = logging.getLogger(__name__)
 StreamContext: TypeAlias = grpc.aio.ServicerContext[

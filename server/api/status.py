@@ -8,7 +8,7 @@ from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
 from server.api.calls import unary
 from server.errors import GatewayError
-from server.router import Router
+from server.routing.router import Router
 
 
 class StatusServicer(status_grpc.StatusServiceServicer):
