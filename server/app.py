@@ -38,9 +38,10 @@ from server.api.embeddings import EmbeddingServicer
 from server.api.images import ImageServicer
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
-from server.providers.base import Provider
+from server.providers.base import CredentialProbe, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
+from server.redaction import register_secret
 from server.router import Router
 
 log = logging.getLogger(__name__)
@@ -130,9 +131,13 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         master_key=settings.master_key.get_secret_value() if settings.master_key else None,
     )
     await apply_configured_rates(accounts, config)
+    for secret in (settings.admin_token, settings.master_key, settings.key_pepper):
+        register_secret(secret.get_secret_value() if secret else None)
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
     router = Router(config, providers)
+    probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
+    accounts.watch_credentials(probes, settings.credential_recheck_s)
     serving = ServingFlag()
     limit = settings.max_message_bytes
     server = grpc.aio.server(

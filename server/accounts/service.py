@@ -20,15 +20,17 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from types import TracebackType
 
+from server.accounts.credential_checks import CredentialChecker, Probe
 from server.accounts.credentials import CredentialVault, load_master_key
 from server.accounts.credits import CreditService, Reservation, Usage
 from server.accounts.keys import KeyRecord, KeyStore, authorize
 from server.accounts.ledger import Ledger, Outcome, UsageRecord
-from server.errors import GatewayError, ProviderNotConfigured, UpstreamAuthFailed
+from server.errors import GatewayError, ProviderNotConfigured, UpstreamCredentialRejected
 from server.providers.credentials import CallCredential, clear_credential, use_credential
 from server.storage import Database
 from server.storage.settings import StorageSettings
@@ -50,6 +52,8 @@ class Accounts:
     auth_required: bool
     # Provider credentials stored through the admin API; None without a master key.
     vault: CredentialVault | None = None
+    # Confirms and re-checks invalid credentials (see `watch_credentials`).
+    credential_checker: CredentialChecker | None = None
 
     @classmethod
     async def open(
@@ -69,8 +73,17 @@ class Accounts:
         credits = CreditService(db, billing_enabled=billing_enabled)
         return cls(db, keys, Ledger(db), credits, auth_required, vault)
 
+    def watch_credentials(self, probes: Mapping[str, Probe], recheck_interval_s: float) -> None:
+        """With a vault: confirms provider rejections of stored credentials with these
+        probes (by provider name) and re-checks invalid ones every `recheck_interval_s`."""
+        if self.vault is not None and self.credential_checker is None:
+            self.credential_checker = CredentialChecker(self.vault, probes, recheck_interval_s=recheck_interval_s)
+            self.credential_checker.start()
+
     async def close(self) -> None:
         """Commits what the ledger still holds, then disconnects."""
+        if self.credential_checker is not None:
+            await self.credential_checker.stop()
         await self.ledger.close()
         await self.db.close()
 
@@ -191,9 +204,10 @@ class Meter:
     ) -> None:
         if self._credential_token is not None:
             clear_credential(self._credential_token)
-        if isinstance(exc, UpstreamAuthFailed) and self._credential_id and self._accounts.vault:
-            # The provider rejected this credential: out of rotation until an admin acts.
-            await asyncio.shield(self._accounts.vault.mark_invalid(self._credential_id, exc.message[:500]))
+        checker = self._accounts.credential_checker
+        if isinstance(exc, UpstreamCredentialRejected) and self._credential_id and checker:
+            # "Invalid key" (not a 403): out of rotation if a probe confirms it.
+            await asyncio.shield(checker.confirm_rejection(self._provider, self._credential_id, exc))
         self.usage = self._final_usage()
         record = self._record(exc)
         # Shielded: a cancelled call is still recorded, and a second cancellation of

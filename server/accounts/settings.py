@@ -6,6 +6,8 @@ AIGNE_HUB_KEY_CACHE_TTL_S         how long a replica trusts a cached key (defaul
 AIGNE_HUB_KEY_NEGATIVE_CACHE_TTL_S   same for unknown/wrong secrets (default 1 s)
 AIGNE_HUB_KEY_PEPPER              optional server secret mixed into key hashes (HMAC)
 AIGNE_HUB_MASTER_KEY              base64 of 32 bytes: encrypts provider credentials
+AIGNE_HUB_CREDENTIAL_RECHECK_S    how often invalid provider credentials are re-probed
+                                  and reactivated if accepted (default 300 s)
 AIGNE_HUB_RESERVATION_TTL_S       after this an unsettled reservation may be swept
 """
 
@@ -25,5 +27,6 @@ class AccountsSettings(BaseSettings):
     key_pepper: SecretStr | None = None
     master_key: SecretStr | None = None
     credential_cache_ttl_s: float = Field(5.0, ge=0)
+    credential_recheck_s: float = Field(300.0, gt=0)
     reservation_ttl_s: float = Field(7200.0, gt=0)
     ledger_max_batch: int = Field(500, ge=1)
