@@ -33,7 +33,7 @@ from server.bridge.process import EnvoyProcess
 from server.config import ConfigError, Settings
 from server.storage.database import StorageError
 
-ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "migrate"})
+ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "credentials", "migrate"})
 DESCRIPTOR_PATH = Path(__file__).resolve().parent.parent / "generated" / "descriptor.binpb"
 log = logging.getLogger("aigne_hub")
 

@@ -1,8 +1,11 @@
-"""`aigne-hub keys|credits|usage|migrate`: account administration on the local database
+"""`aigne-hub keys|credits|usage|credentials|migrate`: account administration on the local database
 (the one `AIGNE_HUB_DATA_DIR` / `AIGNE_HUB_DATABASE_URL` name, as the server uses).
 
 Readable tables by default, `--json` for scripts. Key secrets are printed once, at
-creation, and never again.
+creation, and never again; provider credentials only ever masked (`credentials`
+needs AIGNE_HUB_MASTER_KEY, as the server does). `credentials activate` puts a
+credential back into rotation without probing it: running servers pick it up within
+their credential cache TTL.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import asdict
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
+from server.accounts.credentials import CredentialInfo, CredentialVault, load_master_key
 from server.accounts.credits import RATE_AMOUNTS, CreditService, RateAmountError, credits_to_micros, rate_from_credits
 from server.accounts.errors import format_credits
 from server.accounts.keys import KeyRecord, KeyStore
@@ -60,10 +64,17 @@ def add_commands(sub: Any) -> None:
     usage.add_argument("--since", type=date.fromisoformat, help="first UTC day (YYYY-MM-DD)")
     usage.add_argument("--until", type=date.fromisoformat, help="day after the last (YYYY-MM-DD)")
 
+    credentials = sub.add_parser("credentials", help="list stored provider credentials, reactivate one")
+    credential_actions = credentials.add_subparsers(dest="action", required=True)
+    credential_list = credential_actions.add_parser("list", help="list credentials (masked) and their status")
+    credential_list.add_argument("--provider", help="only this provider's credentials")
+    activate = credential_actions.add_parser("activate", help="put an invalid credential back into rotation")
+    activate.add_argument("credential_id")
+
     sub.add_parser("migrate", help="bring the database schema up to date (PostgreSQL: run before serving)")
-    for command in ("keys", "credits", "usage", "migrate"):
+    for command in ("keys", "credits", "usage", "credentials", "migrate"):
         sub.choices[command].add_argument("--json", action="store_true", help="machine-readable output")
-    for parser in (create, listing, revoke, grant, show, rate):
+    for parser in (create, listing, revoke, grant, show, rate, credential_list, activate):
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -78,6 +89,9 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             await _keys(args, db, settings)
         elif args.command == "credits":
             await _credits(args, CreditService(db, billing_enabled=True), db)
+        elif args.command == "credentials":
+            master_key = settings.master_key.get_secret_value() if settings.master_key else None
+            await _credentials(args, CredentialVault(db, load_master_key(master_key)))
         else:
             await _usage(args, Ledger(db))
     finally:
@@ -135,6 +149,32 @@ async def _credits(args: argparse.Namespace, service: CreditService, db: Databas
                 "per_image_micros",
             ],
         )
+
+
+async def _credentials(args: argparse.Namespace, vault: CredentialVault) -> None:
+    if args.action == "list":
+        rows = [_credential_row(info) for info in await vault.list_credentials(args.provider)]
+        _table(args, rows, ["id", "provider", "label", "masked", "status", "invalid_reason", "updated_at"])
+        return
+    try:
+        await vault.mark_active(args.credential_id)
+        info = await vault.info(args.credential_id)
+    except KeyError:
+        raise SystemExit(f"aigne-hub: no provider credential {args.credential_id!r}") from None
+    _print(args, _credential_row(info), f"activated {info.provider} credential {info.masked} ({info.id})")
+
+
+def _credential_row(info: CredentialInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "provider": info.provider,
+        "label": info.label,
+        "masked": info.masked,
+        "status": info.status,
+        "invalid_reason": info.invalid_reason or "",
+        "created_at": info.created_at.isoformat(),
+        "updated_at": info.updated_at.isoformat(),
+    }
 
 
 async def _usage(args: argparse.Namespace, ledger: Ledger) -> None:
