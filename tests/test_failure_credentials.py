@@ -35,6 +35,9 @@ from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, ProviderConfig, Settings
 from server.redaction import redact
 from tests.conftest import Bridge, free_port, start_bridge
+from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.fakes.gemini_upstream import FakeGemini
+from tests.fakes.mistral_upstream import FakeMistral
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import bearer_interceptors, chat_request
 
@@ -443,3 +446,56 @@ async def _ignore_api_errors(call: Any) -> None:
                 pass
     except openai.APIError:
         pass
+
+
+# ------------------------------------------------ each adapter's invalid-key answer and probe
+
+ADAPTERS: dict[str, tuple[Any, str]] = {
+    # adapter: (its fake, a model the fake answers)
+    "anthropic": (FakeAnthropic, "claude-haiku-4-5"),
+    "gemini": (FakeGemini, "gemini-2.5-flash"),
+    "mistral": (FakeMistral, "mistral-small-latest"),
+}
+
+
+@pytest.mark.parametrize("adapter", sorted(ADAPTERS))
+async def test_each_adapter_confirms_an_invalid_key_with_its_own_probe(adapter, tmp_path):
+    """Anthropic's authentication_error, Gemini's 400 API_KEY_INVALID and Mistral's 401
+    take a stored credential out after a probe of the provider's model list; a 401 or
+    403 for one model leaves it in."""
+    fake_class, model = ADAPTERS[adapter]
+    good_key, bad_key = "k-" + secrets.token_hex(12), "k-" + secrets.token_hex(12)
+    fake = fake_class(api_key=good_key)
+    await fake.start()
+    try:
+        config = GatewayConfig(providers={adapter: ProviderConfig(base_url=fake.base_url, api_key=CONFIGURED_KEY)})
+        settings = _settings(tmp_path, recheck_s=300).model_copy(update={"auth_required": False})
+        gateway = await start_gateway(settings, config)
+        try:
+            vault = gateway.accounts.vault
+            assert vault is not None
+            bad = (await vault.add(adapter, bad_key)).id
+            good = (await vault.add(adapter, good_key)).id
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+                stub = chat_grpc.ChatServiceStub(channel)
+                codes = []
+                for _ in range(3):
+                    try:
+                        await stub.CreateChatCompletion(chat_request(f"{adapter}/{model}"))
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as exc:
+                        codes.append(exc.code())
+                        assert bad_key not in (exc.details() or "")
+                assert codes == [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OK, grpc.StatusCode.OK]
+                assert (await vault.info(bad)).status == "invalid"
+                for status in ("401", "403"):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await stub.CreateChatCompletion(chat_request(f"{adapter}/error-{status}"))
+                    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert (await vault.info(good)).status == "active"
+            probes = [r for r in fake.requests if r.method == "GET"]
+            assert len(probes) == 2, "one probe confirmed the bad key, one cleared the good one after the 401"
+        finally:
+            await gateway.stop(0.5)
+    finally:
+        await fake.stop()
