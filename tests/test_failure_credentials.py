@@ -372,8 +372,10 @@ async def test_seeded_secrets_appear_in_no_log_at_debug(tmp_path):
 
 
 def _fragments(secret: str) -> set[str]:
-    """The secret's 10-character windows, and the 8-character prefix a provider echoes."""
-    windows = {secret[i : i + 10] for i in range(len(secret) - 9)}
+    """The 10-character windows of the secret's private part, and the 8-character
+    prefix a provider echoes. A gateway key's `ahk_<prefix>_` is public (its display)."""
+    private = secret.split("_", 2)[2] if secret.startswith("ahk_") else secret
+    windows = {private[i : i + 10] for i in range(len(private) - 9)}
     return windows | ({secret[:8]} if secret.startswith("sk-") else set())
 
 
@@ -499,3 +501,24 @@ async def test_each_adapter_confirms_an_invalid_key_with_its_own_probe(adapter, 
             await gateway.stop(0.5)
     finally:
         await fake.stop()
+
+
+async def test_concurrent_rejections_of_one_credential_share_one_probe(upstream, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    settings = _settings(tmp_path, recheck_s=300).model_copy(update={"auth_required": False})
+    gateway = await start_gateway(settings, _config(upstream.base_url))
+    try:
+        assert gateway.accounts.vault is not None
+        bad_key = _bad_key()
+        await gateway.accounts.vault.add("auth", bad_key)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = chat_grpc.ChatServiceStub(channel)
+            calls = [stub.CreateChatCompletion(chat_request("auth/gpt-4o-mini")) for _ in range(20)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(
+            isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.PERMISSION_DENIED for r in results
+        )
+        assert _probes(upstream, bad_key) == 1
+        assert len([r for r in caplog.records if "marked invalid" in r.getMessage()]) == 1
+    finally:
+        await gateway.stop(0.5)

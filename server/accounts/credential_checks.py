@@ -97,6 +97,15 @@ class CredentialChecker:
         self._loop_task = None
 
     async def _confirm(self, provider: str, credential_id: str, error: UpstreamError) -> bool:
+        # Runs inside the failed call's exit: whatever goes wrong here must not replace
+        # the call's own error or keep it from being recorded.
+        try:
+            return await self._confirm_or_raise(provider, credential_id, error)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database is down; the next rejection retries
+            log.warning("could not confirm %s's rejection of credential %s: %s", provider, credential_id, exc)
+            return False
+
+    async def _confirm_or_raise(self, provider: str, credential_id: str, error: UpstreamError) -> bool:
         try:
             if (await self._vault.info(credential_id)).status == "invalid":
                 return False  # another call confirmed it already

@@ -12,6 +12,10 @@ and on exit commits one usage record (settling the reservation in the same
 transaction) before the servicer hands the response back: a client never holds an
 answer the ledger does not know about. A call cut short by the client is recorded as
 "cancelled" with what it consumed so far.
+
+When the provider answers a stored credential with "invalid key"
+(`UpstreamCredentialRejected`), the meter has `server.accounts.credential_checks`
+confirm it with a probe before the call ends; a 403 leaves the credential alone.
 """
 
 from __future__ import annotations
