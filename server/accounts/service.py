@@ -11,7 +11,21 @@ The meter reserves the worst-case cost before the upstream call (when billing is
 and on exit commits one usage record (settling the reservation in the same
 transaction) before the servicer hands the response back: a client never holds an
 answer the ledger does not know about. A call cut short by the client is recorded as
-"cancelled" with what it consumed so far.
+"cancelled" with what it consumed so far; one the gateway ends while shutting down
+(the servicer raises ShuttingDown inside the meter) as "interrupted".
+
+When the database fails, the ledger spools the record (server.accounts.spool) and the
+call is answered. When the spool fails too, that call fails with STORAGE_UNAVAILABLE
+and the meter refuses new calls on entry, before a provider is called, until a record
+can be written again. The one remaining window: a stream that has already sent content
+when its record fails gets an error event after that content. It needs both the
+database and the local disk to fail between the meter's entry check and the stream's
+end (calls already refused after the first such failure), so it is narrow.
+
+Usage estimates when the provider reported none: output from the streamed text (4
+characters per token) and, for a call that produced output or was cut short
+(cancelled, interrupted), input from the prompt (`prompt_tokens`, estimated by the
+servicer the same way): the provider read the prompt, so a cut stream pays for it.
 """
 
 from __future__ import annotations
@@ -28,7 +42,8 @@ from server.accounts.credentials import CredentialVault, load_master_key
 from server.accounts.credits import CreditService, Reservation, Usage
 from server.accounts.keys import KeyRecord, KeyStore, authorize
 from server.accounts.ledger import Ledger, Outcome, UsageRecord
-from server.errors import GatewayError, ProviderNotConfigured, UpstreamAuthFailed
+from server.accounts.spool import Spool, SpoolReplayer
+from server.errors import GatewayError, ProviderNotConfigured, ShuttingDown, StorageUnavailable, UpstreamAuthFailed
 from server.providers.credentials import CallCredential, clear_credential, use_credential
 from server.storage import Database
 from server.storage.settings import StorageSettings
@@ -50,6 +65,8 @@ class Accounts:
     auth_required: bool
     # Provider credentials stored through the admin API; None without a master key.
     vault: CredentialVault | None = None
+    # Where the ledger keeps records the database cannot take (None: nowhere).
+    spool: Spool | None = None
 
     @classmethod
     async def open(
@@ -67,7 +84,12 @@ class Accounts:
         keys = KeyStore(db, pepper=key_pepper, cache_ttl_s=key_cache_ttl_s, negative_ttl_s=key_negative_cache_ttl_s)
         vault = CredentialVault(db, load_master_key(master_key)) if master_key else None
         credits = CreditService(db, billing_enabled=billing_enabled)
-        return cls(db, keys, Ledger(db), credits, auth_required, vault)
+        spool = Spool(storage.resolved_spool_dir())
+        return cls(db, keys, Ledger(db, spool=spool), credits, auth_required, vault, spool)
+
+    def spool_replayer(self, interval_s: float) -> SpoolReplayer | None:
+        """The task body that replays spooled records (None without a spool)."""
+        return None if self.spool is None else SpoolReplayer(self.ledger, self.spool, interval_s=interval_s)
 
     async def close(self) -> None:
         """Commits what the ledger still holds, then disconnects."""
@@ -100,7 +122,11 @@ class Accounts:
             operation=operation,
             error_reason=exc.reason,
         )
-        await asyncio.shield(self.ledger.record(record))
+        try:
+            await asyncio.shield(self.ledger.record(record))
+        except StorageUnavailable:
+            # Nothing was answered: the caller gets its refusal even if it cannot be kept.
+            log.warning("could not record a refused %s call (%s): storage unavailable", operation, exc.reason)
 
     def meter(
         self,
@@ -110,11 +136,13 @@ class Accounts:
         operation: str,
         worst_case: Usage,
         credential_header: tuple[str, str] | None = None,
+        prompt_tokens: int = 0,
     ) -> Meter:
-        """The meter of one call to `provider/model`; checks the key's allow-list now."""
+        """The meter of one call to `provider/model`; checks the key's allow-list now.
+        `prompt_tokens` estimates the input, for a cut call that reports no usage."""
         if key is not None:
             authorize(key, f"{provider}/{model}")
-        return Meter(self, key, provider, model, operation, worst_case, credential_header)
+        return Meter(self, key, provider, model, operation, worst_case, credential_header, prompt_tokens)
 
 
 class Meter:
@@ -129,6 +157,7 @@ class Meter:
         operation: str,
         worst_case: Usage,
         credential_header: tuple[str, str] | None = None,
+        prompt_tokens: int = 0,
     ) -> None:
         self.request_id = uuid.uuid4().hex
         self.usage = Usage()
@@ -142,6 +171,7 @@ class Meter:
         self._started = time.monotonic()
         self._first_token: float | None = None
         self._streamed_chars = 0
+        self._prompt_tokens = prompt_tokens
         self._credential_header = credential_header
         self._credential_id: str | None = None
         self._credential_token: Token[CallCredential | None] | None = None
@@ -169,15 +199,24 @@ class Meter:
         self._credential_id = credential.id
         self._credential_token = use_credential(self._credential_header, credential.secret)
 
-    def _final_usage(self) -> Usage:
+    def _final_usage(self, exc: BaseException | None) -> Usage:
         usage = self.usage
         if usage.output_tokens == 0 and self._streamed_chars:
             # No usage arrived (the stream was cut): about 4 characters per token.
             usage = replace(usage, output_tokens=-(-self._streamed_chars // CHARS_PER_TOKEN))
+        cut = isinstance(exc, (asyncio.CancelledError, ShuttingDown))
+        if usage.input_tokens == 0 and (self._streamed_chars or cut):
+            # The provider read the prompt even if it never said how long it was.
+            usage = replace(usage, input_tokens=self._prompt_tokens)
         return usage
 
     async def __aenter__(self) -> Meter:
         METERED.set(True)
+        if not self._accounts.ledger.writable:
+            # Refused before any provider is called: its answer could not be recorded.
+            raise StorageUnavailable(
+                "the gateway cannot record usage right now (database and spool failing); retry later"
+            )
         await self._choose_credential()
         if self._key is not None and self._accounts.credits.billing_enabled:
             worst = await self._accounts.credits.price(self._model, self._worst_case)
@@ -194,7 +233,7 @@ class Meter:
         if isinstance(exc, UpstreamAuthFailed) and self._credential_id and self._accounts.vault:
             # The provider rejected this credential: out of rotation until an admin acts.
             await asyncio.shield(self._accounts.vault.mark_invalid(self._credential_id, exc.message[:500]))
-        self.usage = self._final_usage()
+        self.usage = self._final_usage(exc)
         record = self._record(exc)
         # Shielded: a cancelled call is still recorded, and a second cancellation of
         # the handler must not interrupt the commit half-way.
@@ -204,6 +243,8 @@ class Meter:
         outcome: Outcome = "ok"
         if isinstance(exc, asyncio.CancelledError):
             outcome = "cancelled"
+        elif isinstance(exc, ShuttingDown):
+            outcome = "interrupted"
         elif exc is not None:
             outcome = "error"
         reason = exc.reason if isinstance(exc, GatewayError) else (type(exc).__name__ if exc else None)
