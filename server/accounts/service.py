@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 
 from server.accounts.credentials import CredentialVault, load_master_key
-from server.accounts.credits import CreditService, Reservation, Usage
+from server.accounts.credits import CreditService, Rate, Reservation, Usage, cost_of
 from server.accounts.keys import KeyRecord, KeyStore, authorize
 from server.accounts.ledger import Ledger, Outcome, UsageRecord
 from server.accounts.spool import Spool, SpoolReplayer
@@ -94,6 +94,8 @@ class Accounts:
     async def close(self) -> None:
         """Commits what the ledger still holds, then disconnects."""
         await self.ledger.close()
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.rotate)
         await self.db.close()
 
     async def authenticate(self, secret: str | None) -> KeyRecord | None:
@@ -168,6 +170,8 @@ class Meter:
         self._operation = operation
         self._worst_case = worst_case
         self._reservation: Reservation | None = None
+        # The model's rate as of the call's start: pricing the record needs no database.
+        self._rate: Rate | None = None
         self._started = time.monotonic()
         self._first_token: float | None = None
         self._streamed_chars = 0
@@ -220,6 +224,7 @@ class Meter:
         await self._choose_credential()
         if self._key is not None and self._accounts.credits.billing_enabled:
             worst = await self._accounts.credits.price(self._model, self._worst_case)
+            self._rate = await self._accounts.credits.rate_for(self._model)
             self._reservation = await self._accounts.credits.reserve(
                 self._key.owner_id, worst, key_id=self._key.id, request_id=self.request_id
             )
@@ -272,5 +277,6 @@ class Meter:
     async def _commit(self, record: UsageRecord) -> None:
         credits = self._accounts.credits
         if credits.billing_enabled:
-            record = replace(record, cost_micros=await credits.price(record.model, self.usage))
+            cost = cost_of(self._rate, self.usage) if self._rate else await credits.price(record.model, self.usage)
+            record = replace(record, cost_micros=cost)
         await self._accounts.ledger.record(record, reservation=self._reservation)

@@ -145,11 +145,15 @@ class Spool:
 
 def spool_files(directory: Path) -> list[Path]:
     """The spool files in `directory`, oldest first (none when it does not exist)."""
+    found: list[tuple[float, str, Path]] = []
     try:
-        paths = [p for p in directory.iterdir() if p.name.endswith(SPOOL_SUFFIX) and not p.name.startswith(".")]
+        for path in directory.iterdir():
+            if path.name.endswith(SPOOL_SUFFIX) and not path.name.startswith("."):
+                with contextlib.suppress(FileNotFoundError):  # replayed meanwhile
+                    found.append((path.stat().st_mtime, path.name, path))
     except OSError:
         return []
-    return sorted(paths, key=lambda p: (p.stat().st_mtime if p.exists() else 0, p.name))
+    return [path for _, _, path in sorted(found)]
 
 
 @contextlib.contextmanager
