@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import secrets
 import time
@@ -220,8 +221,12 @@ async def test_replay_settles_a_spooled_records_reservation_once(tmp_path, proxi
 
         await proxied_postgres.proxy.open()
         replayer = SpoolReplayer(ledger, spool)
-        await wait_for(replayer.replay_once, what="a replay once the database is back")
-        await replayer.replay_once()
+        # A file another process holds (its writer, or another replica replaying it) is left alone.
+        with duplicate.open("rb") as held:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            await wait_for(replayer.replay_once, what="a replay once the database is back")
+            assert spool_files(spool.directory) == [duplicate]
+        assert await replayer.replay_once() == 1, "the duplicate is read, and recorded nothing new"
         assert not spool_files(spool.directory)
         balance = await credits.balance(owner.id)
         assert (balance.balance_micros, balance.reserved_micros) == (9_000_000, 0), "charged once, hold released"
@@ -338,22 +343,27 @@ async def test_grace_expiry_ends_open_streams_with_an_error_and_records_them_int
 # -- item 10: a cut stream's prompt ----------------------------------------------------------
 
 
-async def test_cancelled_stream_records_its_prompt_tokens(slow_fake, tmp_path):
+@pytest.mark.parametrize(("model", "outcome"), [("stream-slow", "cancelled"), ("stream-cut", "error")])
+async def test_cut_stream_records_its_prompt_tokens(slow_fake, tmp_path, model, outcome):
     settings = Settings(grpc_port=0, auth_required=False, data_dir=tmp_path, upstream_read_timeout_s=20)
     gateway = await start_gateway(settings, gateway_config(slow_fake.base_url))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             call = chat_grpc.ChatServiceStub(channel).StreamChatCompletion(
-                chat_request(model="openai/stream-slow", text=LONG_TEXT)
+                chat_request(model=f"openai/{model}", text=LONG_TEXT)
             )
-            for _ in range(3):  # the role, then words
+            for _ in range(2):  # the role, then a word
                 assert (await call.read()).choices
-            call.cancel()
-            await wait_for(gateway.accounts.ledger.records, what="the cancelled stream's record")
+            if model == "stream-cut":  # the upstream drops the connection
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await call.read()
+            else:  # the client goes away
+                call.cancel()
+            await wait_for(gateway.accounts.ledger.records, what="the cut stream's record")
             (record,) = await gateway.accounts.ledger.records()
     finally:
         await gateway.stop(0.5)
-    assert record.outcome == "cancelled"
+    assert record.outcome == outcome
     # About 4 characters a token: the role and the text of the one message.
     assert record.input_tokens == -(-(len("user") + len(LONG_TEXT)) // 4)
     assert record.output_tokens > 0

@@ -18,8 +18,10 @@ finds it first, and two replicas sharing the directory never replay one file at 
 To replay its own records a process first `rotate`s: it stops appending to its file
 (the next failure opens a new one) and releases the lock.
 
-A torn last line (the process died inside a write, before the fsync that would have
-let its caller be answered) is skipped with a warning. A line the database refuses on
+A failed append is cut off the file again (its callers are told their records are
+lost, so they must not be replayed); a torn last line left by a process that died
+inside a write (before the fsync that would have let its callers be answered) is
+skipped with a warning. A line the database refuses on
 its own while its neighbours are accepted is moved to `<file>.rejected` for an operator.
 """
 
@@ -90,12 +92,16 @@ class Spool:
         data = b"".join(encode(SpooledRecord(usage, reservation_id)) for usage, reservation_id in records)
         with self._lock:
             spool = self._file if self._file is not None else self._open()
+            size = os.fstat(spool.fileno()).st_size
             try:
                 spool.write(data)
                 spool.flush()
                 os.fsync(spool.fileno())
             except OSError:
-                # A half-written line may be left behind: never append after it.
+                # Their callers learn these records are lost: take back what reached
+                # the file (a replay would record calls whose answers were withheld),
+                # and never append to it again.
+                self._discard_after(spool, size)
                 self._close()
                 raise
 
@@ -107,7 +113,7 @@ class Spool:
     def probe(self) -> None:
         """Writes and fsyncs a small file: raises OSError when the spool could not
         keep a record now."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.directory / f"{_PROBE_NAME}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             with path.open("wb") as probe:
@@ -119,7 +125,7 @@ class Spool:
                 path.unlink()
 
     def _open(self) -> IO[bytes]:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         name = f"ledger-{os.getpid()}-{secrets.token_hex(6)}{SPOOL_SUFFIX}"
         temp = self.directory / f"{_TEMP_PREFIX}{name}"
         spool = temp.open("ab")
@@ -135,6 +141,14 @@ class Spool:
         log.warning("ledger records are being spooled to %s until the database takes them", self.directory / name)
         self._file = spool
         return spool
+
+    @staticmethod
+    def _discard_after(spool: IO[bytes], size: int) -> None:
+        try:
+            os.ftruncate(spool.fileno(), size)
+            os.fsync(spool.fileno())
+        except OSError as exc:
+            log.error("could not take back a failed append to the spool file %s: %s", spool.name, exc)
 
     def _close(self) -> None:
         if self._file is not None:
