@@ -18,9 +18,11 @@ When the database fails, the ledger spools the record (server.accounts.spool) an
 call is answered. When the spool fails too, that call fails with STORAGE_UNAVAILABLE
 and the meter refuses new calls on entry, before a provider is called, until a record
 can be written again. The one remaining window: a stream that has already sent content
-when its record fails gets an error event after that content. It needs both the
-database and the local disk to fail between the meter's entry check and the stream's
-end (calls already refused after the first such failure), so it is narrow.
+when its record fails gets an error event after that content (sent text cannot be
+taken back). Only streams already under way when the database and the local disk fail
+together are exposed: the first failed record turns the ledger unwritable and every
+later call is refused on entry; a stream that fails at its end sees the error event, so
+an SDK raises instead of taking the answer as complete.
 
 Usage estimates when the provider reported none: output from the streamed text (4
 characters per token) and, for a call that produced output or was cut short
