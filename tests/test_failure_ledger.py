@@ -130,6 +130,13 @@ async def proxied_postgres() -> AsyncIterator[ProxiedPostgres]:
         await admin.close()
 
 
+@pytest_asyncio.fixture
+async def slow_fake() -> AsyncIterator[FakeOpenAI]:
+    """Its own fake, streaming one word every 0.2 s (60 words: 12 s)."""
+    async with FakeOpenAI(api_key="sk-fake", chunk_delay=0.2) as fake:
+        yield fake
+
+
 async def wait_for(predicate: Callable[[], object], seconds: float = 20.0, what: str = "condition") -> None:
     deadline = time.monotonic() + seconds
     while not await _truthy(predicate()):
@@ -239,24 +246,36 @@ async def test_replay_settles_a_spooled_records_reservation_once(tmp_path, proxi
 
 
 async def test_with_database_and_spool_failing_calls_are_refused_before_the_provider(
-    fake_openai, tmp_path, proxied_postgres
+    slow_fake, tmp_path, proxied_postgres
 ):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("the spool cannot be created below a file")
     spool_dir = blocker / "spool"
-    gateway = await outage_gateway(fake_openai, tmp_path, proxied_postgres.url, spool_dir)
+    gateway = await outage_gateway(slow_fake, tmp_path, proxied_postgres.url, spool_dir)
     try:
         await proxied_postgres.proxy.close()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             chat = chat_grpc.ChatServiceStub(channel)
+            # A stream under way (its meter has started) when records start failing.
+            under_way = chat.StreamChatCompletion(chat_request(model="openai/stream-slow", text="one two three four"))
+            assert (await under_way.read()).choices
+
             # The call whose record fails: its answer is withheld.
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await chat.CreateChatCompletion(chat_request(text="lost"), timeout=20)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert error_info(caught.value).reason == "STORAGE_UNAVAILABLE"
             assert not gateway.accounts.ledger.writable
-            seen = len(fake_openai.requests)
 
+            # The remaining window: the stream's content is out, then its error.
+            text = ""
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                while (chunk := await under_way.read()) is not grpc.aio.EOF:
+                    text += "".join(c.delta.content for c in chunk.choices)
+            assert text == "echo: one two three four"
+            assert error_info(caught.value).reason == "STORAGE_UNAVAILABLE"
+
+            seen = len(slow_fake.requests)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await chat.CreateChatCompletion(chat_request(text="refused"), timeout=20)
             assert error_info(caught.value).reason == "STORAGE_UNAVAILABLE"
@@ -269,7 +288,7 @@ async def test_with_database_and_spool_failing_calls_are_refused_before_the_prov
                     pass
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert error_info(caught.value).reason == "STORAGE_UNAVAILABLE"
-            assert len(fake_openai.requests) == seen, "refused before any provider was called"
+            assert len(slow_fake.requests) == seen, "refused before any provider was called"
 
             blocker.unlink()  # the spool can keep records again: the replay task notices
             await wait_for(lambda: gateway.accounts.ledger.writable, what="the ledger to be writable again")
@@ -281,13 +300,6 @@ async def test_with_database_and_spool_failing_calls_are_refused_before_the_prov
 
 
 # -- item 6: shutdown grace expiry -------------------------------------------------------
-
-
-@pytest_asyncio.fixture
-async def slow_fake() -> AsyncIterator[FakeOpenAI]:
-    """Its own fake, streaming one word every 0.2 s (60 words: 12 s)."""
-    async with FakeOpenAI(api_key="sk-fake", chunk_delay=0.2) as fake:
-        yield fake
 
 
 async def read_records(database_url: str) -> list[UsageRecord]:
