@@ -75,11 +75,11 @@ class MeteredServicer:
         self._router = router
         self._accounts = accounts
 
-    def _meter(self, route: Route, operation: str, worst_case: Usage) -> Meter:
+    def _meter(self, route: Route, operation: str, worst_case: Usage, prompt_tokens: int = 0) -> Meter:
         """Checks the caller's allow-list for the route, and measures the call."""
         header = getattr(route.provider, "credential_header", None)
         return self._accounts.meter(
-            CURRENT_KEY.get(), route.provider.name, route.upstream_model, operation, worst_case, header
+            CURRENT_KEY.get(), route.provider.name, route.upstream_model, operation, worst_case, header, prompt_tokens
         )
 
     async def record_refusal(self, method: str, request: Any, exc: Exception) -> None:
