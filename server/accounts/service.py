@@ -28,7 +28,7 @@ from server.accounts.credentials import CredentialVault, load_master_key
 from server.accounts.credits import CreditService, Reservation, Usage
 from server.accounts.keys import KeyRecord, KeyStore, authorize
 from server.accounts.ledger import Ledger, Outcome, UsageRecord
-from server.errors import GatewayError, ProviderNotConfigured, UpstreamAuthFailed
+from server.errors import GatewayError, ProviderNotConfigured, StorageUnavailable, UpstreamAuthFailed
 from server.providers.credentials import CallCredential, clear_credential, use_credential
 from server.storage import Database
 from server.storage.settings import StorageSettings
@@ -63,7 +63,7 @@ class Accounts:
         key_pepper: bytes | None = None,
         master_key: str | None = None,
     ) -> Accounts:
-        db = await Database.open(storage.resolved_database_url(), sqlite_busy_timeout_ms=storage.sqlite_busy_timeout_ms)
+        db = await Database.open_with(storage)
         keys = KeyStore(db, pepper=key_pepper, cache_ttl_s=key_cache_ttl_s, negative_ttl_s=key_negative_cache_ttl_s)
         vault = CredentialVault(db, load_master_key(master_key)) if master_key else None
         credits = CreditService(db, billing_enabled=billing_enabled)
@@ -83,6 +83,8 @@ class Accounts:
             return None
         try:
             return await self.keys.authenticate(secret)
+        except StorageUnavailable:
+            raise  # not "no valid key": serving anonymously would drop its allow-list
         except GatewayError:
             return None
 
