@@ -1,0 +1,190 @@
+"""A PostgreSQL outage, through the real server and the REST bridge.
+
+The gateway reaches a database of its own (created for the test on the shared server)
+through `FaultProxy`, which plays the outage: "stopped" refuses connections and resets
+open ones, "frozen" holds them open and forwards nothing. The shared PostgreSQL itself
+is never touched. Each outage must give 503 STORAGE_UNAVAILABLE (gRPC UNAVAILABLE with
+ErrorInfo and RetryInfo; REST 503 with an OpenAI error body and `retry-after`) within
+the configured timeouts, with no internal text, and the same gateway must serve again
+once the database is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+import pytest_asyncio
+from sqlalchemy.engine import make_url
+
+from aigne.hub.v1 import status_service_pb2 as status_pb
+from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
+from server.accounts.owners import ensure_owner
+from server.app import Gateway, start_gateway
+from server.config import Settings
+from server.storage import upgrade_engine
+from server.storage.database import create_engine
+from tests.conftest import Bridge, gateway_config, start_bridge
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.tcp_proxy import FaultProxy
+from tests.helpers import bearer_interceptors, error_info, retry_info
+from tests.storage_fixtures import POSTGRES_URL, _admin_connection
+
+CONNECT_TIMEOUT_S = 1.0
+STATEMENT_TIMEOUT_S = 1.0
+# The longest a frozen database may hold a call: a statement's client-side bound
+# (statement timeout + 1 s) or a connection attempt; plus margin for a loaded machine.
+WORST_CASE_S = max(CONNECT_TIMEOUT_S, STATEMENT_TIMEOUT_S + 1.0)
+MARGIN_S = 3.0
+# Seen by trust auth as nothing; must never reach a client or the log.
+DB_PASSWORD = "pw-" + secrets.token_hex(8)
+INTERNAL_TEXT = ("Errno", "ConnectionRefused", "Connect call failed", "Traceback", "asyncpg", "TimeoutError")
+
+
+@dataclass
+class Outage:
+    proxy: FaultProxy
+    gateway: Gateway
+    bridge: Bridge
+
+    async def new_key(self) -> str:
+        """A key this gateway has never seen (so not in its cache)."""
+        owner = await ensure_owner(self.gateway.accounts.db, "user", "outage")
+        _, secret = await self.gateway.accounts.keys.create_key(owner.id, f"k-{secrets.token_hex(3)}")
+        return secret
+
+
+@pytest_asyncio.fixture
+async def outage(fake_openai: FakeOpenAI, tmp_path: Path) -> AsyncIterator[Outage]:
+    name = f"aigne_test_{secrets.token_hex(6)}"
+    admin = await _admin_connection()
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    proxy = FaultProxy(make_url(POSTGRES_URL).host or "127.0.0.1", make_url(POSTGRES_URL).port or 5432)
+    try:
+        direct = create_engine(make_url(POSTGRES_URL).set(database=name))
+        await upgrade_engine(direct)
+        await direct.dispose()
+        await proxy.start()
+        url = make_url(POSTGRES_URL).set(database=name, password=DB_PASSWORD, port=proxy.port)
+        settings = Settings(
+            grpc_port=0,
+            database_url=url.render_as_string(hide_password=False),
+            database_connect_timeout_s=CONNECT_TIMEOUT_S,
+            database_statement_timeout_s=STATEMENT_TIMEOUT_S,
+            data_dir=tmp_path / "data",
+        )
+        gateway = await start_gateway(settings, gateway_config(fake_openai.base_url))
+        bridge = await start_bridge(gateway.port, tmp_path / "envoy")
+        try:
+            yield Outage(proxy, gateway, bridge)
+        finally:
+            await proxy.resume()
+            await bridge.envoy.stop()
+            await gateway.stop(0.5)
+    finally:
+        await proxy.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def grpc_list_models(outage: Outage, secret: str) -> status_pb.ListModelsResponse:
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{outage.gateway.port}", interceptors=bearer_interceptors(secret)
+    ) as channel:
+        response: status_pb.ListModelsResponse = await status_grpc.StatusServiceStub(channel).ListModels(
+            status_pb.ListModelsRequest(), timeout=30
+        )
+        return response
+
+
+async def rest_chat(outage: Outage, secret: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=outage.bridge.rest_url, timeout=30) as client:
+        return await client.post(
+            "/v1/chat/completions",
+            headers={"authorization": f"Bearer {secret}"},
+            json={"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        )
+
+
+async def assert_grpc_outage(outage: Outage, secret: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await grpc_list_models(outage, secret)
+    elapsed = time.monotonic() - started
+    error = caught.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+    assert error_info(error).reason == "STORAGE_UNAVAILABLE"
+    hint = retry_info(error)
+    assert hint is not None and hint.retry_delay.seconds >= 1
+    assert_no_internal_text(error.details() or "")
+    assert elapsed < WORST_CASE_S + MARGIN_S, elapsed
+
+
+async def assert_rest_outage(outage: Outage, secret: str) -> None:
+    started = time.monotonic()
+    response = await rest_chat(outage, secret)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["code"] == "STORAGE_UNAVAILABLE"
+    assert error["type"] == "service_unavailable_error"
+    assert int(response.headers["retry-after"]) >= 1
+    assert_no_internal_text(response.text)
+    assert elapsed < WORST_CASE_S + MARGIN_S, elapsed
+
+
+def assert_no_internal_text(text: str) -> None:
+    for fragment in (*INTERNAL_TEXT, DB_PASSWORD):
+        assert fragment not in text, text
+
+
+async def assert_serving(outage: Outage, secret: str) -> None:
+    models = await grpc_list_models(outage, secret)
+    assert models.data
+    response = await rest_chat(outage, secret)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "echo: hi"
+
+
+async def test_stopped_database_is_503_with_a_retry_hint_and_recovers(
+    outage: Outage, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = await outage.new_key()
+    await assert_serving(outage, secret)  # pooled connections exist, as in production
+    fresh = await outage.new_key()
+    await outage.proxy.stop_server()
+    with caplog.at_level(logging.WARNING, logger="server.storage.database"):
+        await assert_grpc_outage(outage, fresh)
+        await assert_rest_outage(outage, fresh)
+    logged = caplog.text
+    assert "is unreachable" in logged or "is unavailable" in logged, logged
+    assert DB_PASSWORD not in logged and "***" in logged
+    await outage.proxy.resume()
+    await assert_serving(outage, fresh)  # the same gateway, no restart
+
+
+async def test_frozen_database_is_503_within_the_timeouts_and_recovers(outage: Outage) -> None:
+    secret = await outage.new_key()
+    await assert_serving(outage, secret)
+    fresh = await outage.new_key()
+    outage.proxy.freeze()
+    await assert_grpc_outage(outage, fresh)
+    await assert_rest_outage(outage, fresh)
+    await outage.proxy.resume()
+    await assert_serving(outage, fresh)
+
+
+async def test_a_cached_key_still_authenticates_during_an_outage(outage: Outage) -> None:
+    secret = await outage.new_key()
+    assert (await grpc_list_models(outage, secret)).data  # now cached
+    await outage.proxy.stop_server()
+    assert (await grpc_list_models(outage, secret)).data  # needs no database
+    # A key it has not seen cannot be checked: not KEY_INVALID, but 503.
+    await assert_grpc_outage(outage, "ahk_abcdefgh_" + "x" * 43)
