@@ -26,10 +26,13 @@ from sqlalchemy.engine import make_url
 
 from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
+from server.accounts.errors import KeyRevoked
+from server.accounts.keys import KeyStore
 from server.accounts.owners import ensure_owner
 from server.app import Gateway, start_gateway
 from server.config import Settings
-from server.storage import upgrade_engine
+from server.errors import StorageUnavailable
+from server.storage import Database, upgrade_engine
 from server.storage.database import create_engine
 from tests.conftest import Bridge, gateway_config, start_bridge
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -188,3 +191,58 @@ async def test_a_cached_key_still_authenticates_during_an_outage(outage: Outage)
     assert (await grpc_list_models(outage, secret)).data  # needs no database
     # A key it has not seen cannot be checked: not KEY_INVALID, but 503.
     await assert_grpc_outage(outage, "ahk_abcdefgh_" + "x" * 43)
+
+
+@pytest_asyncio.fixture
+async def proxied_database() -> AsyncIterator[tuple[FaultProxy, Database, Database]]:
+    """A fresh database reached through a fault proxy, and directly (another replica)."""
+    name = f"aigne_test_{secrets.token_hex(6)}"
+    admin = await _admin_connection()
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    target = make_url(POSTGRES_URL)
+    proxy = FaultProxy(target.host or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    try:
+        direct = await Database.open(target.set(database=name), migrate=True)
+        proxied = await Database.open(
+            target.set(database=name, port=proxy.port),
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+            statement_timeout_s=STATEMENT_TIMEOUT_S,
+        )
+        yield proxy, proxied, direct
+        await proxy.resume()
+        await proxied.close()
+        await direct.close()
+    finally:
+        await proxy.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_a_key_outlives_its_ttl_only_for_the_outage_grace(
+    proxied_database: tuple[FaultProxy, Database, Database],
+) -> None:
+    proxy, proxied, direct = proxied_database
+    now = [1000.0]
+    keys = KeyStore(proxied, cache_ttl_s=5, outage_grace_s=60, clock=lambda: now[0])
+    elsewhere = KeyStore(direct)  # another replica
+    owner = await ensure_owner(direct, "user", "grace")
+    kept, kept_secret = await elsewhere.create_key(owner.id, "kept")
+    revoked, revoked_secret = await elsewhere.create_key(owner.id, "revoked")
+    assert (await keys.authenticate(kept_secret)).id == kept.id
+    assert (await keys.authenticate(revoked_secret)).id == revoked.id
+    await elsewhere.revoke_key(revoked.id)
+    await proxy.stop_server()
+
+    now[0] += 10  # past the TTL, within the grace: both still answer from the cache
+    assert (await keys.authenticate(kept_secret)).id == kept.id
+    assert (await keys.authenticate(revoked_secret)).id == revoked.id  # the documented lag
+
+    now[0] += 60  # past TTL + grace: no longer
+    with pytest.raises(StorageUnavailable):
+        await keys.authenticate(kept_secret)
+
+    await proxy.resume()  # the database is back: the revocation is seen
+    with pytest.raises(KeyRevoked):
+        await keys.authenticate(revoked_secret)
+    assert (await keys.authenticate(kept_secret)).id == kept.id

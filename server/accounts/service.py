@@ -60,11 +60,18 @@ class Accounts:
         billing_enabled: bool,
         key_cache_ttl_s: float = 5.0,
         key_negative_cache_ttl_s: float = 1.0,
+        key_cache_outage_grace_s: float = 300.0,
         key_pepper: bytes | None = None,
         master_key: str | None = None,
     ) -> Accounts:
         db = await Database.open_with(storage)
-        keys = KeyStore(db, pepper=key_pepper, cache_ttl_s=key_cache_ttl_s, negative_ttl_s=key_negative_cache_ttl_s)
+        keys = KeyStore(
+            db,
+            pepper=key_pepper,
+            cache_ttl_s=key_cache_ttl_s,
+            negative_ttl_s=key_negative_cache_ttl_s,
+            outage_grace_s=key_cache_outage_grace_s,
+        )
         vault = CredentialVault(db, load_master_key(master_key)) if master_key else None
         credits = CreditService(db, billing_enabled=billing_enabled)
         return cls(db, keys, Ledger(db), credits, auth_required, vault)
