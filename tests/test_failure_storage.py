@@ -48,6 +48,7 @@ WORST_CASE_S = max(CONNECT_TIMEOUT_S, STATEMENT_TIMEOUT_S + 1.0)
 MARGIN_S = 3.0
 # Seen by trust auth as nothing; must never reach a client or the log.
 DB_PASSWORD = "pw-" + secrets.token_hex(8)
+ADMIN_TOKEN = "admin-" + secrets.token_hex(8)
 INTERNAL_TEXT = ("Errno", "ConnectionRefused", "Connect call failed", "Traceback", "asyncpg", "TimeoutError")
 
 
@@ -82,6 +83,7 @@ async def outage(fake_openai: FakeOpenAI, tmp_path: Path) -> AsyncIterator[Outag
             database_connect_timeout_s=CONNECT_TIMEOUT_S,
             database_statement_timeout_s=STATEMENT_TIMEOUT_S,
             data_dir=tmp_path / "data",
+            admin_token=ADMIN_TOKEN,
         )
         gateway = await start_gateway(settings, gateway_config(fake_openai.base_url))
         bridge = await start_bridge(gateway.port, tmp_path / "envoy")
@@ -166,6 +168,11 @@ async def test_stopped_database_is_503_with_a_retry_hint_and_recovers(
     with caplog.at_level(logging.WARNING, logger="server.storage.database"):
         await assert_grpc_outage(outage, fresh)
         await assert_rest_outage(outage, fresh)
+        async with httpx.AsyncClient(base_url=outage.bridge.rest_url, timeout=30) as client:
+            admin = await client.get("/admin/keys", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert admin.status_code == 503, admin.text
+        assert admin.json()["error"]["code"] == "STORAGE_UNAVAILABLE"
+        assert_no_internal_text(admin.text)
     logged = caplog.text
     assert "is unreachable" in logged or "is unavailable" in logged, logged
     assert DB_PASSWORD not in logged and "***" in logged
