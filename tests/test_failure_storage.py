@@ -11,6 +11,7 @@ once the database is back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -18,10 +19,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import grpc
 import httpx
 import pytest
 import pytest_asyncio
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from aigne.hub.v1 import status_service_pb2 as status_pb
@@ -34,6 +37,7 @@ from server.config import Settings
 from server.errors import StorageUnavailable
 from server.storage import Database, upgrade_engine
 from server.storage.database import create_engine
+from server.storage.migrate import _PG_LOCK_KEY
 from tests.conftest import Bridge, gateway_config, start_bridge
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.tcp_proxy import FaultProxy
@@ -253,3 +257,29 @@ async def test_a_key_outlives_its_ttl_only_for_the_outage_grace(
     with pytest.raises(KeyRevoked):
         await keys.authenticate(revoked_secret)
     assert (await keys.authenticate(kept_secret)).id == kept.id
+
+
+async def test_migrations_are_not_cut_by_the_statement_timeout() -> None:
+    """A replica waiting for another's migration lock (or building an index on a large
+    table) must not fail because of the request path's statement timeout."""
+    name = f"aigne_test_{secrets.token_hex(6)}"
+    admin = await _admin_connection()
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(POSTGRES_URL).set(database=name)
+    other = await asyncpg.connect(url.render_as_string(hide_password=False))
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", _PG_LOCK_KEY)  # "another replica migrating"
+        opening = asyncio.create_task(Database.open(url, migrate=True, statement_timeout_s=0.2))
+        while not await other.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"):
+            assert not opening.done(), opening.exception()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # well past the statement timeout while it waits
+        await other.execute("SELECT pg_advisory_unlock($1)", _PG_LOCK_KEY)
+        database = await asyncio.wait_for(opening, 30)
+        async with database.read() as conn:
+            assert await conn.scalar(text("SELECT count(*) FROM api_keys")) == 0
+        await database.close()
+    finally:
+        await other.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -48,7 +48,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -102,21 +102,23 @@ def backend_of(url: str | URL) -> Backend:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """How long the gateway waits for its database (see the module docstring)."""
+    """How long the gateway waits for its database (see the module docstring).
+    `statement_s` None: statements are not bounded (migrations, which may build an
+    index on a large table or wait for another replica's migration lock)."""
 
     connect_s: float = 5.0
-    statement_s: float = 10.0
+    statement_s: float | None = 10.0
     sqlite_busy_ms: int = 10_000
 
     @property
-    def command_s(self) -> float:
+    def command_s(self) -> float | None:
         """The client-side bound of one statement: after the server's own."""
-        return self.statement_s + 1.0
+        return None if self.statement_s is None else self.statement_s + 1.0
 
     @property
-    def transaction_s(self) -> float:
+    def transaction_s(self) -> float | None:
         """The bound on a whole read()/write() block, for what no driver bounds."""
-        return self.connect_s + 2 * self.command_s
+        return None if self.command_s is None else self.connect_s + 2 * self.command_s
 
 
 def create_engine(
@@ -149,7 +151,7 @@ def create_engine(
             "server_settings": {
                 "timezone": "UTC",
                 "application_name": "aigne-hub",
-                "statement_timeout": str(round(timeouts.statement_s * 1000)),
+                "statement_timeout": str(round((timeouts.statement_s or 0) * 1000)),  # 0: none
             },
         },
     )
@@ -243,7 +245,7 @@ class Database:
             self._sync_engine = sa_create_engine(
                 engine.url.set(drivername="sqlite+pysqlite"), pool_size=1, hide_parameters=True
             )
-            _install_sqlite_pragmas(self._sync_engine, sqlite_busy_timeout_ms)
+            _install_sqlite_pragmas(self._sync_engine, self.timeouts.sqlite_busy_ms)
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
 
     @classmethod
@@ -273,7 +275,7 @@ class Database:
     ) -> Database:
         """Connects to `url`. Migrates it to the latest schema when `migrate` is true
         (default: for SQLite only); otherwise checks that it is up to date."""
-        from server.storage.migrate import check_current, upgrade_engine
+        from server.storage.migrate import check_current
 
         timeouts = Timeouts(connect_timeout_s, statement_timeout_s, sqlite_busy_timeout_ms)
         engine = create_engine(
@@ -286,7 +288,7 @@ class Database:
         db = cls(engine, sqlite_busy_timeout_ms, timeouts)
         try:
             if migrate if migrate is not None else db.backend == "sqlite":
-                await upgrade_engine(engine)
+                await _migrate(url, replace(timeouts, statement_s=None))
             else:
                 await check_current(engine)
         except (sa_exc.SQLAlchemyError, OSError) as exc:
@@ -387,6 +389,17 @@ class Database:
             self._writer.shutdown(wait=True)
         if self._sync_engine is not None:
             self._sync_engine.dispose()
+
+
+async def _migrate(url: str | URL, timeouts: Timeouts) -> None:
+    """Runs the migrations on an engine of their own, whose statements are not bounded."""
+    from server.storage.migrate import upgrade_engine
+
+    engine = create_engine(url, sqlite_busy_timeout_ms=timeouts.sqlite_busy_ms, pool_size=1, timeouts=timeouts)
+    try:
+        await upgrade_engine(engine)
+    finally:
+        await engine.dispose()
 
 
 def _outage_kind(exc: BaseException) -> str | None:
