@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.sql.dml import Insert
 
 from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
@@ -38,6 +40,7 @@ from server.errors import StorageUnavailable
 from server.storage import Database, upgrade_engine
 from server.storage.database import create_engine
 from server.storage.migrate import _PG_LOCK_KEY
+from server.storage.schema import owners, utcnow
 from tests.conftest import Bridge, gateway_config, start_bridge
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.tcp_proxy import FaultProxy
@@ -283,3 +286,58 @@ async def test_migrations_are_not_cut_by_the_statement_timeout() -> None:
         await other.close()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_a_locked_sqlite_database_is_unavailable_after_the_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    database = await Database.open(f"sqlite:///{path}", sqlite_busy_timeout_ms=300)
+    other_process = sqlite3.connect(path, isolation_level=None)
+    try:
+        other_process.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        for attempt in (_write_async, _write_in_thread):
+            started = time.monotonic()
+            with pytest.raises(StorageUnavailable) as caught:
+                await attempt(database)
+            assert 0.25 < time.monotonic() - started < 0.3 + MARGIN_S
+            assert "locked" not in caught.value.message  # the driver's text stays in the log
+        other_process.execute("ROLLBACK")
+        await _write_async(database)  # and it works again
+    finally:
+        other_process.close()
+        await database.close()
+
+
+async def test_waiting_for_this_process_sqlite_writer_is_bounded_too(tmp_path: Path) -> None:
+    database = await Database.open(f"sqlite:///{tmp_path / 'hub.db'}", sqlite_busy_timeout_ms=300)
+    try:
+        holding = asyncio.Event()
+        release = asyncio.Event()
+
+        async def long_writer() -> None:
+            async with database.write():
+                holding.set()
+                await release.wait()
+
+        writer = asyncio.create_task(long_writer())
+        await holding.wait()
+        with pytest.raises(StorageUnavailable):
+            await asyncio.wait_for(_write_in_thread(database), 10)  # fails, not hangs, if unbounded
+        release.set()
+        await writer
+        await _write_in_thread(database)
+    finally:
+        await database.close()
+
+
+def _new_owner() -> Insert:
+    name = secrets.token_hex(4)
+    return owners.insert().values(id=f"user:{name}", kind="user", name=name, created_at=utcnow())
+
+
+async def _write_async(database: Database) -> None:
+    async with database.write() as conn:
+        await conn.execute(_new_owner())
+
+
+async def _write_in_thread(database: Database) -> None:
+    await database.write_in_thread(lambda conn: conn.execute(_new_owner()))
