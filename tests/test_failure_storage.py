@@ -341,3 +341,31 @@ async def _write_async(database: Database) -> None:
 
 async def _write_in_thread(database: Database) -> None:
     await database.write_in_thread(lambda conn: conn.execute(_new_owner()))
+
+
+async def test_during_a_freeze_only_one_lookup_per_interval_waits_for_the_database(
+    proxied_database: tuple[FaultProxy, Database, Database],
+) -> None:
+    proxy, proxied, direct = proxied_database
+    now = [1000.0]
+    keys = KeyStore(proxied, cache_ttl_s=5, outage_grace_s=60, outage_probe_interval_s=1, clock=lambda: now[0])
+    owner = await ensure_owner(direct, "user", "probe")
+    secrets_ = [(await KeyStore(direct).create_key(owner.id, f"k{i}"))[1] for i in range(3)]
+    for secret in secrets_:
+        await keys.authenticate(secret)
+    proxy.freeze()
+    now[0] += 10  # every entry is past its TTL
+
+    started = time.monotonic()
+    await keys.authenticate(secrets_[0])  # tries the database, gives up, answers from the cache
+    assert STATEMENT_TIMEOUT_S <= time.monotonic() - started < WORST_CASE_S + MARGIN_S
+
+    started = time.monotonic()
+    for secret in secrets_[1:]:
+        await keys.authenticate(secret)  # the database failed a moment ago: no waiting
+    assert time.monotonic() - started < 0.5
+
+    now[0] += 1.5  # the next interval: one lookup tries again
+    started = time.monotonic()
+    await keys.authenticate(secrets_[1])
+    assert time.monotonic() - started >= min(CONNECT_TIMEOUT_S, STATEMENT_TIMEOUT_S)
