@@ -144,6 +144,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         billing_enabled=settings.billing_enabled,
         key_cache_ttl_s=settings.key_cache_ttl_s,
         key_negative_cache_ttl_s=settings.key_negative_cache_ttl_s,
+        key_cache_outage_grace_s=settings.key_cache_outage_grace_s,
         key_pepper=settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None,
         master_key=settings.master_key.get_secret_value() if settings.master_key else None,
     )

@@ -80,10 +80,10 @@ def add_commands(sub: Any) -> None:
 
 async def run(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "migrate":
-        await (await Database.open(settings.resolved_database_url(), migrate=True)).close()
+        await (await Database.open_with(settings, migrate=True)).close()
         _print(args, {"migrated": True}, "database schema is up to date")
         return
-    db = await Database.open(settings.resolved_database_url())
+    db = await Database.open_with(settings)
     try:
         if args.command == "keys":
             await _keys(args, db, settings)

@@ -93,11 +93,18 @@ class Accounts:
         billing_enabled: bool,
         key_cache_ttl_s: float = 5.0,
         key_negative_cache_ttl_s: float = 1.0,
+        key_cache_outage_grace_s: float = 300.0,
         key_pepper: bytes | None = None,
         master_key: str | None = None,
     ) -> Accounts:
-        db = await Database.open(storage.resolved_database_url(), sqlite_busy_timeout_ms=storage.sqlite_busy_timeout_ms)
-        keys = KeyStore(db, pepper=key_pepper, cache_ttl_s=key_cache_ttl_s, negative_ttl_s=key_negative_cache_ttl_s)
+        db = await Database.open_with(storage)
+        keys = KeyStore(
+            db,
+            pepper=key_pepper,
+            cache_ttl_s=key_cache_ttl_s,
+            negative_ttl_s=key_negative_cache_ttl_s,
+            outage_grace_s=key_cache_outage_grace_s,
+        )
         vault = CredentialVault(db, load_master_key(master_key)) if master_key else None
         credits = CreditService(db, billing_enabled=billing_enabled)
         spool = Spool(storage.resolved_spool_dir())
@@ -132,6 +139,8 @@ class Accounts:
             return None
         try:
             return await self.keys.authenticate(secret)
+        except StorageUnavailable:
+            raise  # not "no valid key": serving anonymously would drop its allow-list
         except GatewayError:
             return None
 

@@ -86,5 +86,7 @@ class MeteredServicer:
         """A call that failed before its meter started still leaves a ledger record."""
         if METERED.get() or not isinstance(exc, errors.GatewayError):
             return
+        if isinstance(exc, errors.StorageUnavailable):
+            return  # the ledger is in that database: trying would only wait again
         model = getattr(request, "model", "") or ""
         await self._accounts.record_refusal(CURRENT_KEY.get(), OPERATIONS.get(method, method), model, exc)

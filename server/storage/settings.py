@@ -6,6 +6,13 @@ AIGNE_HUB_DATABASE_URL   a PostgreSQL URL (postgresql://user@host/db) for severa
                          replicas sharing state; default: SQLite in the data dir
 AIGNE_HUB_SPOOL_DIR      where usage records wait while the database cannot take
                          them (see server.accounts.spool); default <data dir>/spool
+AIGNE_HUB_DATABASE_CONNECT_TIMEOUT_S     longest wait for a database connection, pool
+                         checkout included (default 5 s)
+AIGNE_HUB_DATABASE_STATEMENT_TIMEOUT_S   longest a PostgreSQL statement may run
+                         (default 10 s; the gateway's are milliseconds, and no
+                         transaction spans a provider call)
+A database that cannot be used within these bounds fails the call with 503
+STORAGE_UNAVAILABLE and a retry hint.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ class StorageSettings(BaseSettings):
     # The ledger's spool, and how often its replay task looks for spooled records.
     spool_dir: Path | None = None
     spool_replay_interval_s: float = Field(5.0, gt=0)
+    database_connect_timeout_s: float = Field(5.0, gt=0)
+    database_statement_timeout_s: float = Field(10.0, gt=0)
 
     def resolved_database_url(self) -> str:
         if self.database_url:
