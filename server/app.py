@@ -1,4 +1,7 @@
-"""The gRPC server: services, health checking, reflection and graceful shutdown."""
+"""The gRPC server: services, health checking, reflection and graceful shutdown.
+
+A serving gateway also keeps its credit reservations' leases and sweeps expired ones
+(see `server.accounts.credits`): started with the server, stopped after it drained."""
 
 from __future__ import annotations
 
@@ -110,6 +113,7 @@ class Gateway:
         self.serving.serving = False
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.accounts.credits.stop_lease_keeping()
         for provider in self.providers.values():
             await provider.aclose()
         await self.client.aclose()
@@ -128,6 +132,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         key_negative_cache_ttl_s=settings.key_negative_cache_ttl_s,
         key_pepper=settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None,
         master_key=settings.master_key.get_secret_value() if settings.master_key else None,
+        reservation_lease_s=settings.reservation_lease_s,
     )
     await apply_configured_rates(accounts, config)
     client = upstream_client(settings)
@@ -161,6 +166,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     if port == 0:
         raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
     await server.start()
+    accounts.credits.start_lease_keeping()
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")

@@ -232,7 +232,7 @@ async def test_grants_and_debits(db: Database) -> None:  # noqa: F811
 async def test_expired_reservations_are_released(db: Database) -> None:  # noqa: F811
     owner = await _owner(db)
     key, _ = await KeyStore(db).create_key(owner, "k", spend_cap_micros=5 * CREDIT)
-    credits = CreditService(db, billing_enabled=True, reservation_ttl_s=60)
+    credits = CreditService(db, billing_enabled=True, reservation_lease_s=60)
     await credits.grant(owner, 5 * CREDIT)
     stale = await credits.reserve(owner, 4 * CREDIT, key_id=key.id)
     assert await credits.release_expired() == 0

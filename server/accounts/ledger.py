@@ -13,6 +13,10 @@ A record may carry the call's credit `Reservation`: it is settled in the same
 transaction as the record is written, so a charge never exists without its record or
 a record without its charge, and `credits_micros` in the ledger is exactly what left
 the balance. `cost_micros` is the call's price at the rates even with billing off.
+Once a record's transaction commits, or finally fails, the ledger tells the
+`CreditService` to stop renewing the reservation's lease (`forget`): settled, or left
+to lapse and be swept. Whatever keeps a failed record to write it later must `hold`
+the reservation again until then.
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ from typing import Any, Literal, get_args
 
 from sqlalchemy import ColumnElement, case, func, select
 
-from server.accounts.credits import HeldReservation, Reservation, apply_settlements, charge_for, take_reservations
+from server.accounts.credits import (
+    CreditService,
+    HeldReservation,
+    Reservation,
+    apply_settlements,
+    charge_for,
+    take_reservations,
+)
 from server.storage.database import Database
 from server.storage.inline import Executor, InlineConnection, run_inline
 from server.storage.schema import usage_records, utcnow
@@ -127,9 +138,11 @@ class _Pending:
 class Ledger:
     """Records usage (group-committed) and answers totals."""
 
-    def __init__(self, db: Database, *, max_batch: int = 500) -> None:
+    def __init__(self, db: Database, *, max_batch: int = 500, credits: CreditService | None = None) -> None:
         self._db = db
         self._max_batch = max_batch
+        # Told when a record's reservation no longer needs its lease renewed.
+        self._credits = credits
         self._queue: list[_Pending] = []
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
@@ -167,6 +180,7 @@ class Ledger:
         except Exception as exc:  # noqa: BLE001 - every failure must reach the waiting callers
             if len(batch) == 1:
                 log.error("could not record usage of request %s: %s", batch[0].usage.request_id, exc)
+                self._end_leases(batch)
                 _resolve(batch[0].done, exc)
                 return
             # One bad record must not sink the others: retry them one by one.
@@ -174,8 +188,16 @@ class Ledger:
             for pending in batch:
                 await self._commit([pending])
             return
+        self._end_leases(batch)
         for pending, result in zip(batch, results, strict=True):
             _resolve(pending.done, result)
+
+    def _end_leases(self, batch: Sequence[_Pending]) -> None:
+        if self._credits is None:
+            return
+        for pending in batch:
+            if pending.reservation is not None and pending.reservation.id is not None:
+                self._credits.forget(pending.reservation.id)
 
     async def _write(self, batch: Sequence[_Pending]) -> list[Recorded]:
         if self._db.backend == "sqlite":

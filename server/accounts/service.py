@@ -11,7 +11,10 @@ The meter reserves the worst-case cost before the upstream call (when billing is
 and on exit commits one usage record (settling the reservation in the same
 transaction) before the servicer hands the response back: a client never holds an
 answer the ledger does not know about. A call cut short by the client is recorded as
-"cancelled" with what it consumed so far.
+"cancelled" with what it consumed so far. A call the meter refuses as it starts
+(INSUFFICIENT_CREDITS, SPENDING_CAP_REACHED, a model without a rate) is recorded by the
+meter too, as an error with that reason: once the meter has started (METERED), it alone
+records the call, so every call leaves exactly one record.
 """
 
 from __future__ import annotations
@@ -62,12 +65,13 @@ class Accounts:
         key_negative_cache_ttl_s: float = 1.0,
         key_pepper: bytes | None = None,
         master_key: str | None = None,
+        reservation_lease_s: float = 120.0,
     ) -> Accounts:
         db = await Database.open(storage.resolved_database_url(), sqlite_busy_timeout_ms=storage.sqlite_busy_timeout_ms)
         keys = KeyStore(db, pepper=key_pepper, cache_ttl_s=key_cache_ttl_s, negative_ttl_s=key_negative_cache_ttl_s)
         vault = CredentialVault(db, load_master_key(master_key)) if master_key else None
-        credits = CreditService(db, billing_enabled=billing_enabled)
-        return cls(db, keys, Ledger(db), credits, auth_required, vault)
+        credits = CreditService(db, billing_enabled=billing_enabled, reservation_lease_s=reservation_lease_s)
+        return cls(db, keys, Ledger(db, credits=credits), credits, auth_required, vault)
 
     async def close(self) -> None:
         """Commits what the ledger still holds, then disconnects."""
@@ -178,13 +182,30 @@ class Meter:
 
     async def __aenter__(self) -> Meter:
         METERED.set(True)
-        await self._choose_credential()
+        try:
+            await self._choose_credential()
+            await self._reserve()
+        except BaseException as exc:
+            # A call refused here (out of credits, cap reached, no rate) is recorded
+            # by its meter, once: METERED tells the servicer's refusal path it is done.
+            await self._record_refusal(exc)
+            raise
+        return self
+
+    async def _reserve(self) -> None:
         if self._key is not None and self._accounts.credits.billing_enabled:
             worst = await self._accounts.credits.price(self._model, self._worst_case)
             self._reservation = await self._accounts.credits.reserve(
                 self._key.owner_id, worst, key_id=self._key.id, request_id=self.request_id
             )
-        return self
+
+    async def _record_refusal(self, exc: BaseException) -> None:
+        """Records the call refused by `exc`; a failure to record is logged, so that
+        the client still learns why it was refused."""
+        try:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+        except Exception as failure:  # noqa: BLE001 - the refusal is the error to report
+            log.error("could not record the refused call %s: %s", self.request_id, failure)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

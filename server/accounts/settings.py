@@ -6,7 +6,10 @@ AIGNE_HUB_KEY_CACHE_TTL_S         how long a replica trusts a cached key (defaul
 AIGNE_HUB_KEY_NEGATIVE_CACHE_TTL_S   same for unknown/wrong secrets (default 1 s)
 AIGNE_HUB_KEY_PEPPER              optional server secret mixed into key hashes (HMAC)
 AIGNE_HUB_MASTER_KEY              base64 of 32 bytes: encrypts provider credentials
-AIGNE_HUB_RESERVATION_TTL_S       after this an unsettled reservation may be swept
+AIGNE_HUB_RESERVATION_LEASE_S     a credit reservation's lease (default 120 s): the
+                                  serving process renews it every third of it, and a
+                                  reservation left unrenewed (its process died) is
+                                  released within about one lease
 """
 
 from __future__ import annotations
@@ -25,5 +28,5 @@ class AccountsSettings(BaseSettings):
     key_pepper: SecretStr | None = None
     master_key: SecretStr | None = None
     credential_cache_ttl_s: float = Field(5.0, ge=0)
-    reservation_ttl_s: float = Field(7200.0, gt=0)
+    reservation_lease_s: float = Field(120.0, ge=1)
     ledger_max_batch: int = Field(500, ge=1)
