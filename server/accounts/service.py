@@ -251,6 +251,8 @@ class Meter:
 
     async def _commit(self, record: UsageRecord) -> None:
         credits = self._accounts.credits
-        if credits.billing_enabled:
+        # Nothing consumed costs nothing (and a refusal for a model without a rate
+        # must not fail again on its price).
+        if credits.billing_enabled and self.usage != Usage():
             record = replace(record, cost_micros=await credits.price(record.model, self.usage))
         await self._accounts.ledger.record(record, reservation=self._reservation)
