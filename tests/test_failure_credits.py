@@ -110,6 +110,18 @@ async def test_renewal_keeps_held_reservations_and_the_sweeper_releases_the_rest
     assert await short.settle(kept, CREDIT) == CREDIT and short.held == frozenset()
 
 
+async def test_a_sweeper_never_releases_what_its_own_process_holds(db: Database) -> None:  # noqa: F811
+    owner = (await ensure_owner(db, "user", "holder")).id
+    credits = CreditService(db, billing_enabled=True, reservation_lease_s=1)
+    await credits.grant(owner, CREDIT)
+    mine = await credits.reserve(owner, CREDIT)
+    later = utcnow() + timedelta(seconds=60)  # the lease lapsed (say, the database was out of reach)
+    assert await credits.release_expired(now=later) == 0
+    assert await CreditService(db).release_expired(now=later) == 1, "another replica's sweeper releases it"
+    assert await credits.settle(mine, CREDIT) == 0, "then nothing is charged"
+    assert (await credits.balance(owner)).balance_micros == CREDIT
+
+
 async def test_the_ledger_ends_the_lease_of_a_record_written_or_failed(db: Database) -> None:  # noqa: F811
     owner = (await ensure_owner(db, "user", "recorder")).id
     credits = CreditService(db, billing_enabled=True)

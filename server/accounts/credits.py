@@ -22,14 +22,16 @@ Each reservation is a row: settling deletes it (so a settlement is idempotent).
 
 Reservations are leases. A reservation expires `reservation_lease_s` (default 120 s)
 after it is made, and the process that made it renews the lease of every reservation
-it still holds (`hold` / `forget`, an in-memory set) every lease/3, in one UPDATE. A
+it still holds (`hold` / `forget`, an in-memory set) every lease/3, in one UPDATE per
+500 ids. A
 sweeper on every replica releases expired reservations at start and every lease/3
 (jittered); two sweepers never release one twice because taking a reservation
 deletes its row, and a sweeper only deletes a row that is still expired (a renewal
 that wins the race keeps it). So the holds of a process killed mid-call come back
 within about one lease, however long calls take, and a live call's hold never lapses
-unless its process cannot reach the database for a whole lease (then the call is
-recorded but charged nothing, and a warning says so). On PostgreSQL lease times are
+unless its process cannot reach the database for a whole lease while another replica
+can (then the call is recorded but charged nothing, and a warning says so); a sweeper
+never releases what its own process holds. On PostgreSQL lease times are
 the database server's clock, so replicas with skewed clocks agree on what expired;
 SQLite is one machine's file, so its clock is the process's. Both background loops
 (`start_lease_keeping`) log a database failure and try again next round.
@@ -406,8 +408,10 @@ class CreditService:
 
     async def release_expired(self, now: datetime | None = None) -> int:
         """Releases the reservations whose lease ended before `now` (default: the
-        database's now): their process died or lost the database mid-call. Returns how
-        many were released."""
+        database's now): their process died or lost the database mid-call. The ones
+        this process holds are alive whatever their lease says (it lapsed while the
+        database was out of reach; the next renewal extends it). Returns how many were
+        released."""
         cutoff = self._now() if now is None else now
         async with self._db.read() as conn:
             ids = (
@@ -415,7 +419,7 @@ class CreditService:
                     select(reservations.c.id).where(reservations.c.expires_at < cutoff).order_by(reservations.c.id)
                 )
             ).scalars()
-            stale = list(ids)
+            stale = [reservation_id for reservation_id in ids if reservation_id not in self._held]
         released = 0
         for reservation_id in stale:  # one by one: each is a short transaction
             async with self._db.write() as conn:
@@ -430,7 +434,6 @@ class CreditService:
                     format_credits(taken.amount_micros),
                     taken.owner_id,
                 )
-                self.forget(reservation_id)
         return released
 
     # -- leases --------------------------------------------------------------------------

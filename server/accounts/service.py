@@ -251,8 +251,14 @@ class Meter:
 
     async def _commit(self, record: UsageRecord) -> None:
         credits = self._accounts.credits
-        # Nothing consumed costs nothing (and a refusal for a model without a rate
-        # must not fail again on its price).
-        if credits.billing_enabled and self.usage != Usage():
-            record = replace(record, cost_micros=await credits.price(record.model, self.usage))
+        try:
+            # Nothing consumed costs nothing (and a refusal for a model without a rate
+            # must not fail again on its price).
+            if credits.billing_enabled and self.usage != Usage():
+                record = replace(record, cost_micros=await credits.price(record.model, self.usage))
+        except Exception:
+            # No record will settle the hold: let its lease lapse (swept within a lease).
+            if self._reservation is not None and self._reservation.id is not None:
+                credits.forget(self._reservation.id)
+            raise
         await self._accounts.ledger.record(record, reservation=self._reservation)
