@@ -433,6 +433,7 @@ async def test_list_reservations_over_grpc_and_rest(slow_upstream: FakeOpenAI, t
             )
             await call
             after = await listed_over_rest()
+            bad_owner = await rest.get("/admin/reservations", params={"owner": "viewer"})
         assert held["owner"] == "user:viewer" and held["key_id"] == key.id and held["request_id"]
         assert float(held["amount"]) > 0 and held["expire_time"] > held["create_time"]
         assert [(r.id, r.owner) for r in over_grpc.reservations] == [
@@ -442,6 +443,8 @@ async def test_list_reservations_over_grpc_and_rest(slow_upstream: FakeOpenAI, t
         assert over_grpc.reservations[0].amount == "0.500000"
         assert over_grpc.reservations[0].request_id == "req-elsewhere"
         assert after == [], "settled with its record"
+        assert bad_owner.status_code == 400 and bad_owner.json()["error"]["param"] == "owner"
+        assert "user:NAME" in bad_owner.json()["error"]["message"]
         [record] = await gateway.accounts.ledger.records(key_id=key.id)
         assert record.request_id == held["request_id"]
     finally:
