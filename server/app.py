@@ -4,7 +4,9 @@ Shutdown lets calls in flight finish within the grace period; streams still open
 shortly before it ends are interrupted with an error event (server.api.shutdown)
 rather than cut silently. The ledger's spool replay task (server.accounts.spool)
 runs for the gateway's lifetime.
-"""
+
+A serving gateway also keeps its credit reservations' leases and sweeps expired ones
+(see `server.accounts.credits`): started with the server, stopped after it drained."""
 
 from __future__ import annotations
 
@@ -125,6 +127,7 @@ class Gateway:
         if not done:
             self.streams.interrupt()
         await stopping
+        await self.accounts.credits.stop_lease_keeping()
         for provider in self.providers.values():
             await provider.aclose()
         await self.client.aclose()
@@ -147,6 +150,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         key_cache_outage_grace_s=settings.key_cache_outage_grace_s,
         key_pepper=settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None,
         master_key=settings.master_key.get_secret_value() if settings.master_key else None,
+        reservation_lease_s=settings.reservation_lease_s,
     )
     await apply_configured_rates(accounts, config)
     for secret in (settings.admin_token, settings.master_key, settings.key_pepper):
@@ -185,6 +189,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     if port == 0:
         raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
     await server.start()
+    accounts.credits.start_lease_keeping()
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")

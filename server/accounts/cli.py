@@ -56,6 +56,11 @@ def add_commands(sub: Any) -> None:
     for flag, amount in zip(flags, RATE_AMOUNTS, strict=True):
         rate.add_argument(f"--{flag}", dest=amount, default="0", help=f"credits ({amount.replace('_', ' ')})")
     credits.add_parser("rates", help="list the rates")
+    held = credits.add_parser("reservations", help="credits held by calls in flight, oldest first")
+    held.add_argument("--owner", help="only this owner's reservations (user:NAME or project:NAME)")
+    release = credits.add_parser(
+        "release-expired", help="give back reservations whose lease ended (their server died mid-call)"
+    )
 
     usage = sub.add_parser("usage", help="usage totals from the ledger")
     usage.add_argument(
@@ -74,7 +79,7 @@ def add_commands(sub: Any) -> None:
     sub.add_parser("migrate", help="bring the database schema up to date (PostgreSQL: run before serving)")
     for command in ("keys", "credits", "usage", "credentials", "migrate"):
         sub.choices[command].add_argument("--json", action="store_true", help="machine-readable output")
-    for parser in (create, listing, revoke, grant, show, rate, credential_list, activate):
+    for parser in (create, listing, revoke, grant, show, rate, held, release, credential_list, activate):
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -137,6 +142,11 @@ async def _credits(args: argparse.Namespace, service: CreditService, db: Databas
             raise SystemExit(f"aigne-hub: {exc}") from exc
         await service.set_rate(rate)
         _print(args, asdict(rate), f"rate set for {rate.model}")
+    elif args.action == "reservations":
+        await _reservations(args, service)
+    elif args.action == "release-expired":
+        released = await service.release_expired()
+        _print(args, {"released": released}, f"released {released} expired reservation(s)")
     else:
         _table(
             args,
@@ -175,6 +185,27 @@ def _credential_row(info: CredentialInfo) -> dict[str, Any]:
         "created_at": info.created_at.isoformat(),
         "updated_at": info.updated_at.isoformat(),
     }
+
+
+async def _reservations(args: argparse.Namespace, service: CreditService) -> None:
+    if args.owner is not None:
+        try:
+            parse_owner(args.owner)
+        except ValueError as exc:
+            raise SystemExit(f"aigne-hub: {exc}") from exc
+    rows = [
+        {
+            "id": r.id,
+            "owner_id": r.owner_id,
+            "key_id": r.key_id or "",
+            "amount": format_credits(r.amount_micros),
+            "request_id": r.request_id or "",
+            "created_at": r.created_at.isoformat(),
+            "expires_at": r.expires_at.isoformat() if r.expires_at else "",
+        }
+        for r in await service.list_reservations(args.owner)
+    ]
+    _table(args, rows, ["id", "owner_id", "key_id", "amount", "request_id", "created_at", "expires_at"])
 
 
 async def _usage(args: argparse.Namespace, ledger: Ledger) -> None:

@@ -27,6 +27,11 @@ Outcomes: "ok"; "error" (the call failed, `error_reason` says why); "cancelled" 
 client went away); "interrupted" (the gateway ended the call itself while shutting
 down, `error_reason` SHUTTING_DOWN). The outcome column has no CHECK constraint, so a
 new value needs no migration; `errors` in the totals counts every outcome but "ok".
+
+Once a record's transaction commits, or finally fails, the ledger tells the
+`CreditService` to stop renewing the reservation's lease (`forget`): settled, or left
+to lapse and be swept. A spooled record's
+reservation stays held (renewed by this process) until the replay settles it.
 """
 
 from __future__ import annotations
@@ -40,7 +45,14 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from sqlalchemy import ColumnElement, case, func, select
 
-from server.accounts.credits import HeldReservation, Reservation, apply_settlements, charge_for, take_reservations
+from server.accounts.credits import (
+    CreditService,
+    HeldReservation,
+    Reservation,
+    apply_settlements,
+    charge_for,
+    take_reservations,
+)
 from server.errors import StorageUnavailable
 from server.storage.database import Database
 from server.storage.inline import Executor, InlineConnection, run_inline
@@ -147,10 +159,14 @@ class _Pending:
 class Ledger:
     """Records usage (group-committed) and answers totals."""
 
-    def __init__(self, db: Database, *, max_batch: int = 500, spool: Spool | None = None) -> None:
+    def __init__(
+        self, db: Database, *, max_batch: int = 500, spool: Spool | None = None, credits: CreditService | None = None
+    ) -> None:
         self._db = db
         self._max_batch = max_batch
         self._spool = spool
+        # Told when a record's reservation no longer needs its lease renewed.
+        self._credits = credits
         self._queue: list[_Pending] = []
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
@@ -203,6 +219,7 @@ class Ledger:
                 return
             if len(batch) == 1:
                 log.error("could not record usage of request %s: %s", batch[0].usage.request_id, exc)
+                self._end_leases(batch)
                 _resolve(batch[0].done, exc)
                 return
             # One bad record must not sink the others: retry them one by one.
@@ -211,6 +228,7 @@ class Ledger:
                 await self._commit([pending])
             return
         self.mark_writable()
+        self._end_leases(batch)
         for pending, result in zip(batch, results, strict=True):
             _resolve(pending.done, result)
 
@@ -225,12 +243,12 @@ class Ledger:
                 "could not spool %d usage records either (%s): refusing calls until they can be kept", len(batch), exc
             )
             self._writable = False
+            self._end_leases(batch)
             for pending in batch:
                 _resolve(pending.done, StorageUnavailable("the gateway cannot record usage right now; retry later"))
             return
         self.mark_writable()
-        # TODO(reservation leases): a spooled record's reservation must stay held until
-        # the replay settles it; with leases, renew it here (e.g. `credits.hold(id)`).
+        # The reservations stay held (their leases renewed) until the replay settles them.
         for pending in batch:
             _resolve(pending.done, Recorded(inserted=True, credits_micros=0, spooled=True))
 
@@ -243,12 +261,20 @@ class Ledger:
         ]
         results = await self._write(batch)
         self.mark_writable()
+        self._end_leases(batch)
         return results
 
     async def probe_database(self) -> None:
         """Raises unless a write transaction can be opened on the database."""
         async with self._db.write() as conn:
             await conn.execute(select(1))
+
+    def _end_leases(self, batch: Sequence[_Pending]) -> None:
+        if self._credits is None:
+            return
+        for pending in batch:
+            if pending.reservation is not None and pending.reservation.id is not None:
+                self._credits.forget(pending.reservation.id)
 
     async def _write(self, batch: Sequence[_Pending]) -> list[Recorded]:
         if self._db.backend == "sqlite":

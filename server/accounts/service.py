@@ -12,7 +12,10 @@ and on exit commits one usage record (settling the reservation in the same
 transaction) before the servicer hands the response back: a client never holds an
 answer the ledger does not know about. A call cut short by the client is recorded as
 "cancelled" with what it consumed so far; one the gateway ends while shutting down
-(the servicer raises ShuttingDown inside the meter) as "interrupted".
+(the servicer raises ShuttingDown inside the meter) as "interrupted". A call the meter
+refuses as it starts (INSUFFICIENT_CREDITS, SPENDING_CAP_REACHED, a model without a
+rate) is recorded by the meter too, as an error with that reason: once the meter has
+started (METERED), it alone records the call, so every call leaves exactly one record.
 
 When the provider answers a stored credential with "invalid key"
 (`UpstreamCredentialRejected`), the meter has `server.accounts.credential_checks`
@@ -96,6 +99,7 @@ class Accounts:
         key_cache_outage_grace_s: float = 300.0,
         key_pepper: bytes | None = None,
         master_key: str | None = None,
+        reservation_lease_s: float = 120.0,
     ) -> Accounts:
         db = await Database.open_with(storage)
         keys = KeyStore(
@@ -106,9 +110,9 @@ class Accounts:
             outage_grace_s=key_cache_outage_grace_s,
         )
         vault = CredentialVault(db, load_master_key(master_key)) if master_key else None
-        credits = CreditService(db, billing_enabled=billing_enabled)
+        credits = CreditService(db, billing_enabled=billing_enabled, reservation_lease_s=reservation_lease_s)
         spool = Spool(storage.resolved_spool_dir())
-        return cls(db, keys, Ledger(db, spool=spool), credits, auth_required, vault, spool)
+        return cls(db, keys, Ledger(db, spool=spool, credits=credits), credits, auth_required, vault, spool)
 
     def spool_replayer(self, interval_s: float) -> SpoolReplayer | None:
         """The task body that replays spooled records (None without a spool)."""
@@ -255,14 +259,31 @@ class Meter:
             raise StorageUnavailable(
                 "the gateway cannot record usage right now (database and spool failing); retry later"
             )
-        await self._choose_credential()
+        try:
+            await self._choose_credential()
+            await self._reserve()
+        except BaseException as exc:
+            # A call refused here (out of credits, cap reached, no rate) is recorded
+            # by its meter, once: METERED tells the servicer's refusal path it is done.
+            await self._record_refusal(exc)
+            raise
+        return self
+
+    async def _reserve(self) -> None:
         if self._key is not None and self._accounts.credits.billing_enabled:
             worst = await self._accounts.credits.price(self._model, self._worst_case)
             self._rate = await self._accounts.credits.rate_for(self._model)
             self._reservation = await self._accounts.credits.reserve(
                 self._key.owner_id, worst, key_id=self._key.id, request_id=self.request_id
             )
-        return self
+
+    async def _record_refusal(self, exc: BaseException) -> None:
+        """Records the call refused by `exc`; a failure to record is logged, so that
+        the client still learns why it was refused."""
+        try:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+        except Exception as failure:  # noqa: BLE001 - the refusal is the error to report
+            log.error("could not record the refused call %s: %s", self.request_id, failure)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -311,7 +332,15 @@ class Meter:
 
     async def _commit(self, record: UsageRecord) -> None:
         credits = self._accounts.credits
-        if credits.billing_enabled:
-            cost = cost_of(self._rate, self.usage) if self._rate else await credits.price(record.model, self.usage)
-            record = replace(record, cost_micros=cost)
+        try:
+            # Nothing consumed costs nothing (and a refusal for a model without a rate
+            # must not fail again on its price).
+            if credits.billing_enabled and self.usage != Usage():
+                cost = cost_of(self._rate, self.usage) if self._rate else await credits.price(record.model, self.usage)
+                record = replace(record, cost_micros=cost)
+        except Exception:
+            # No record will settle the hold: let its lease lapse (swept within a lease).
+            if self._reservation is not None and self._reservation.id is not None:
+                credits.forget(self._reservation.id)
+            raise
         await self._accounts.ledger.record(record, reservation=self._reservation)

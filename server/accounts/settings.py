@@ -10,7 +10,10 @@ AIGNE_HUB_KEY_PEPPER              optional server secret mixed into key hashes (
 AIGNE_HUB_MASTER_KEY              base64 of 32 bytes: encrypts provider credentials
 AIGNE_HUB_CREDENTIAL_RECHECK_S    how often invalid provider credentials are re-probed
                                   and reactivated if accepted (default 300 s)
-AIGNE_HUB_RESERVATION_TTL_S       after this an unsettled reservation may be swept
+AIGNE_HUB_RESERVATION_LEASE_S     a credit reservation's lease (default 120 s): the
+                                  serving process renews it every third of it, and a
+                                  reservation left unrenewed (its process died) is
+                                  released within about one lease
 """
 
 from __future__ import annotations
@@ -31,5 +34,5 @@ class AccountsSettings(BaseSettings):
     master_key: SecretStr | None = None
     credential_cache_ttl_s: float = Field(5.0, ge=0)
     credential_recheck_s: float = Field(300.0, gt=0)
-    reservation_ttl_s: float = Field(7200.0, gt=0)
+    reservation_lease_s: float = Field(120.0, ge=1)
     ledger_max_batch: int = Field(500, ge=1)
