@@ -132,7 +132,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     await apply_configured_rates(accounts, config)
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
-    router = Router(config, providers)
+    router = Router(config, providers, upstream_timeout_s=settings.upstream_read_timeout_s)
     serving = ServingFlag()
     limit = settings.max_message_bytes
     server = grpc.aio.server(
