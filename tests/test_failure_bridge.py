@@ -198,10 +198,13 @@ async def test_envoy_dies_with_a_killed_server_and_a_restart_serves_through_its_
     await first.exit_code()
     await poll(lambda: not alive(old_envoy), 10, "the killed server's Envoy is gone")
 
+    assert list(tmp_path.glob(f"aigne-hub-envoy-{first.process.pid}-*")), "the killed server's folder is left"
     second = servers()
     await second.start()
     await second.ready()
     assert second.process is not None
+    # ... until the next server starts.
+    assert list(tmp_path.glob(f"aigne-hub-envoy-{first.process.pid}-*")) == []
     # The Envoy answering on the admin port is the new server's own.
     assert (await admin_node_id(second.admin_port)).startswith(f"aigne-hub-{second.process.pid}-")
     reply = await chat_over_rest(second.rest_url, "after kill -9")

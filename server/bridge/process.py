@@ -8,8 +8,10 @@ Guarantees, each against a failure seen in practice:
   older Envoy still holding the admin port cannot pass for the new one.
 - A port already taken fails the start with a message naming it (`PortInUse`), checked
   before Envoy starts; the REST listener also refuses to share its port (no SO_REUSEPORT).
-- The folder it creates for the config and log (`aigne-hub-envoy-*` in the temp
-  folder) is removed by `stop`; a folder passed in as `work_dir` is left alone.
+- The folder it creates for the config and log (`aigne-hub-envoy-<pid>-*` in the temp
+  folder) is removed by `stop`; a folder passed in as `work_dir` is left alone. Folders
+  of processes that no longer exist (a gateway killed with `kill -9`) are removed when
+  the next one is created.
 - `start` may be called again after Envoy exited (the supervisor in `serve` does).
 """
 
@@ -34,6 +36,27 @@ import httpx
 from server.bridge.envoy_config import check_envoy_log_level, envoy_executable
 
 SHIM_PATH = Path(__file__).resolve().parent / "die_with_parent.py"
+
+
+WORK_DIR_PREFIX = "aigne-hub-envoy-"
+
+
+def remove_stale_work_dirs() -> None:
+    """Removes the temp folders of Envoys whose gateway process is gone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORK_DIR_PREFIX}*-*"):
+        owner = folder.name.removeprefix(WORK_DIR_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not _process_exists(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class PortInUse(OSError):
@@ -83,7 +106,9 @@ class EnvoyProcess:
         listens: Sequence[Listen] = (),
     ) -> None:
         self._owns_dir = work_dir is None
-        self._dir = work_dir or Path(tempfile.mkdtemp(prefix="aigne-hub-envoy-"))
+        if work_dir is None:
+            remove_stale_work_dirs()
+        self._dir = work_dir or Path(tempfile.mkdtemp(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-"))
         self._dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self._dir / "envoy.yaml"
         self.config_path.write_text(config_yaml)
