@@ -545,3 +545,35 @@ async def test_404_echoes_neither_the_query_nor_a_long_path(bridge):
     message = reply.json()["error"]["message"]
     assert SEEDED_SECRET not in reply.text and "api_key" not in reply.text
     assert message.startswith("Invalid URL (GET /v1/nope") and len(message) < 120, message
+
+
+async def test_rest_errors_are_not_mistaken_for_native_grpc(bridge, auth_headers):
+    """Transcoded REST requests carry content-type application/grpc inside Envoy: their
+    errors must still be REST errors, even with a client-sent marker header."""
+    async with httpx.AsyncClient(timeout=10, trust_env=False, headers=auth_headers) as client:
+        for extra in ({}, {"x-aigne-bridge": "grpc"}):
+            reply = await client.post(
+                f"{bridge.rest_url}/v1/chat/completions",
+                content=b'{"model": "openai/gpt-4o-mini", "messages": [',
+                headers={"content-type": "application/json", **extra},
+            )
+            assert reply.status_code == 400, reply.text
+            assert "gRPC" not in reply.json()["error"]["message"], reply.text
+
+
+@pytest.mark.parametrize("filler", ['\\"', "é", "\\u00e9", "\\\\", "€"])
+async def test_envoy_error_replies_quote_at_most_a_bounded_part_of_a_value(bridge, auth_headers, filler):
+    async with httpx.AsyncClient(timeout=10, trust_env=False, headers=auth_headers) as client:
+        for shift in range(8):  # the cut lands on each byte of an escape or a character
+            value = "x" * (290 + shift) + filler * 200 + SEEDED_SECRET
+            head = '{"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "n": "'
+            body = head + value + '"}'
+            reply = await client.post(
+                f"{bridge.rest_url}/v1/chat/completions",
+                content=body.encode(),
+                headers={"content-type": "application/json"},
+            )
+            assert reply.status_code == 400
+            message = json.loads(reply.content)["error"]["message"]  # still valid JSON and UTF-8
+            assert message.startswith("n: invalid value") and message.endswith("...")
+            assert len(message.encode()) <= 310 and SEEDED_SECRET not in reply.text
