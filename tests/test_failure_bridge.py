@@ -540,11 +540,12 @@ async def test_serve_leaves_no_envoy_temp_folder(servers, tmp_path):
 
 async def test_404_echoes_neither_the_query_nor_a_long_path(bridge):
     async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
-        reply = await client.get(f"{bridge.rest_url}/v1/nope{'x' * 500}?api_key={SEEDED_SECRET}")
-    assert reply.status_code == 404
-    message = reply.json()["error"]["message"]
-    assert SEEDED_SECRET not in reply.text and "api_key" not in reply.text
-    assert message.startswith("Invalid URL (GET /v1/nope") and len(message) < 120, message
+        for method, path in [("GET", "/v1/nope"), ("PATCH", "/v1/chat/completions"), ("GET", "/v1/" + "x" * 500)]:
+            reply = await client.request(method, f"{bridge.rest_url}{path}?api_key={SEEDED_SECRET}")
+            assert reply.status_code == 404, reply.text
+            message = reply.json()["error"]["message"]
+            assert SEEDED_SECRET not in reply.text and "api_key" not in reply.text, reply.text
+            assert message == f"Invalid URL ({method} {path[:80]})", message
 
 
 async def test_rest_errors_are_not_mistaken_for_native_grpc(bridge, auth_headers):
