@@ -93,7 +93,7 @@ class MeteredServicer:
         except TimeoutError:
             if not limit.expired():
                 raise
-            raise self._timeout(route, "to answer") from None
+            raise self._timeout(route, "no answer within") from None
 
     async def _upstream_stream(self, route: Route, chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
         """`chunks`, failing with UpstreamTimeout when the first one or the next one
@@ -109,13 +109,15 @@ class MeteredServicer:
                 except TimeoutError:
                     if not limit.expired():
                         raise
-                    raise self._timeout(route, "to start the stream" if first else "between chunks") from None
+                    raise self._timeout(route, "no first chunk within" if first else "no next chunk within") from None
                 first = False
                 yield chunk
 
     def _timeout(self, route: Route, what: str) -> errors.UpstreamTimeout:
         provider = route.provider.name
-        return errors.UpstreamTimeout(f"{provider} took longer than {route.timeout_s:g} s {what}", provider=provider)
+        return errors.UpstreamTimeout(
+            f"{provider} did not answer in time ({what} {route.timeout_s:g} s)", provider=provider
+        )
 
     def _meter(self, route: Route, operation: str, worst_case: Usage) -> Meter:
         """Checks the caller's allow-list for the route, and measures the call."""
