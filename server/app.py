@@ -157,7 +157,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         register_secret(secret.get_secret_value() if secret else None)
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
-    router = Router(config, providers)
+    router = Router(config, providers, upstream_timeout_s=settings.upstream_read_timeout_s)
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
     accounts.watch_credentials(probes, settings.credential_recheck_s)
     serving = ServingFlag()

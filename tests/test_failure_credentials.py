@@ -343,6 +343,8 @@ async def test_seeded_secrets_appear_in_no_log_at_debug(tmp_path):
             envoy_log = await _wait_until_ready(process)
             rest_url = f"http://127.0.0.1:{rest_port}"
             api_key = await _drive_every_path(rest_url, grpc_port, admin_token, vault_fake, stored_bad)
+            # Read before the stop: a stopping gateway removes Envoy's working folder.
+            envoy_text = envoy_log.read_text(errors="replace")
             process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(process.wait(), 30) == 0
         finally:
@@ -352,7 +354,7 @@ async def test_seeded_secrets_appear_in_no_log_at_debug(tmp_path):
             await main_fake.stop()
             await vault_fake.stop()
 
-    logs = {"server": server_log.read_text(errors="replace"), "envoy": envoy_log.read_text(errors="replace")}
+    logs = {"server": server_log.read_text(errors="replace"), "envoy": envoy_text}
     assert " DEBUG " in logs["server"], "the server really logged at DEBUG"
     assert "marked invalid" in logs["server"], "the failing paths were logged"
     assert "[info]" in logs["envoy"]

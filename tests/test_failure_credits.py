@@ -134,7 +134,7 @@ async def test_the_ledger_ends_the_lease_of_a_record_written_or_failed(db: Datab
     lost = await credits.reserve(owner, CREDIT // 4)
     await rename_table(db, "usage_records", "usage_records_away")
     try:
-        with pytest.raises(Exception, match="usage_records|unavailable"):
+        with pytest.raises(Exception, match=r"usage_records|unavailable"):
             await ledger.record(UsageRecord("req-lost", "openai", "openai/m", cost_micros=1000), reservation=lost)
     finally:
         await rename_table(db, "usage_records_away", "usage_records")

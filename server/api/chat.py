@@ -54,7 +54,9 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
             )
         route, adapter = self._resolve(request)
         async with self._meter(route, "chat", chat_worst_case(request), chat_prompt_tokens(request)) as meter:
-            answer = await adapter.create_chat_completion(_chat_body(request), route.upstream_model)
+            answer = await self._upstream(
+                route, adapter.create_chat_completion(_chat_body(request), route.upstream_model)
+            )
             meter.usage = usage_from_openai(answer.get("usage"))
         response = from_json(answer, chat_pb.CreateChatCompletionResponse(), provider=route.provider.name)
         response.model = _public_model(route, answer)
@@ -93,7 +95,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         body = _chat_body(request)
         body["stream"] = True
         include_usage = request.stream_options.include_usage
-        chunks = adapter.stream_chat_completion(body, route.upstream_model)
+        chunks = self._upstream_stream(route, adapter.stream_chat_completion(body, route.upstream_model))
         meter = self._meter(route, "chat_stream", chat_worst_case(request), chat_prompt_tokens(request))
         async with aclosing(chunks), meter:
             try:
