@@ -8,6 +8,9 @@
 --     the header `x-aigne-bridge: sse` that asks the server for the end-of-stream
 --     sentinel.
 --   * /internal/... sent by a client is answered 404.
+--   * Native gRPC (content-type application/grpc...) is marked `x-aigne-bridge: grpc`
+--     for the local reply that tells it to use the gRPC port (see envoy.yaml).
+--   * A client-sent `x-aigne-bridge` header is removed.
 --   * Every other request passes untouched after two header look-ups.
 -- Responses:
 --   * text/event-stream: the sentinel event `data: {"id":"[DONE]",...}` becomes
@@ -86,6 +89,17 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   local path = headers:get(":path")
   if not path then return end
+  local ctype = headers:get("content-type")
+  if ctype and sub(ctype, 1, 16) == "application/grpc" then
+    -- Native gRPC belongs on the gRPC port: its route answers 404, which Envoy turns
+    -- into gRPC status UNIMPLEMENTED; this marker selects the local_reply_config mapper
+    -- whose text (naming the gRPC port) becomes the grpc-message. The content-type
+    -- cannot select it: the transcoder gives every REST request that content-type too.
+    headers:replace("x-aigne-bridge", "grpc")
+    return
+  end
+  -- Only this filter may set the marker: a client's own never reaches a mapper or the server.
+  headers:remove("x-aigne-bridge")
   local query = ""
   local q = find(path, "?", 1, true)
   if q then
@@ -136,12 +150,49 @@ local function raw_string_after(s, key, init, limit)
   return sub(s, e + 1, close - 1)
 end
 
+-- Envoy's own error replies can quote the client's values (the transcoder's "n: invalid
+-- value ..." quotes the whole value): keep at most MAX_ECHO bytes of the message.
+local MAX_ECHO = 300
+
+-- The longest prefix of the escaped JSON string `s` of at most `n` bytes that ends
+-- neither inside an escape sequence nor inside a UTF-8 character.
+local function json_prefix(s, n)
+  local i = n
+  while i > 0 and byte(s, i + 1) and byte(s, i + 1) >= 0x80 and byte(s, i + 1) < 0xC0 do i = i - 1 end
+  -- An escape starts at the last backslash of an odd run; cut before it if incomplete.
+  local k = i
+  while k > 0 and byte(s, k) ~= 92 and i - k < 6 do k = k - 1 end
+  if k > 0 and byte(s, k) == 92 then
+    local b = k
+    while b > 1 and byte(s, b - 1) == 92 do b = b - 1 end
+    local run = k - b + 1
+    local escape_start = (run % 2 == 1) and k or nil
+    if escape_start then
+      local needed = byte(s, escape_start + 1) == 117 and 6 or 2 -- \uXXXX or \x
+      if i - escape_start + 1 < needed then i = escape_start - 1 end
+    end
+  end
+  return sub(s, 1, i)
+end
+
+local function bound_message(body, text)
+  local _, open = find(text, '"message":"', 1, true)
+  if not open then return end
+  local close = string_end(text, open)
+  if not close or close - open - 1 <= MAX_ECHO then return end
+  local message = json_prefix(sub(text, open + 1, close - 1), MAX_ECHO) .. "..."
+  body:setBytes(sub(text, 1, open) .. message .. sub(text, close))
+end
+
 local function rewrite_error(handle, status)
   local body = handle:body()
   if not body then return end
   local n = body:length()
   local text = n > 0 and body:getBytes(0, n) or ""
-  if sub(text, 1, 10) == '{"error":{' then return end -- already OpenAI-shaped
+  if sub(text, 1, 10) == '{"error":{' then -- already OpenAI-shaped: Envoy's own reply
+    bound_message(body, text)
+    return
+  end
   local etype = ERROR_TYPES[status] or "api_error"
 
   if sub(text, 1, 8) == '{"code":' then

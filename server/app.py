@@ -1,4 +1,12 @@
-"""The gRPC server: services, health checking, reflection and graceful shutdown."""
+"""The gRPC server: services, health checking, reflection and graceful shutdown.
+
+Shutdown lets calls in flight finish within the grace period; streams still open
+shortly before it ends are interrupted with an error event (server.api.shutdown)
+rather than cut silently. The ledger's spool replay task (server.accounts.spool)
+runs for the gateway's lifetime.
+
+A serving gateway also keeps its credit reservations' leases and sweeps expired ones
+(see `server.accounts.credits`): started with the server, stopped after it drained."""
 
 from __future__ import annotations
 
@@ -36,11 +44,13 @@ from server.api.auth import AuthInterceptor
 from server.api.chat import ChatServicer
 from server.api.embeddings import EmbeddingServicer
 from server.api.images import ImageServicer
+from server.api.shutdown import OpenStreams, interrupt_after
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
-from server.providers.base import Provider
+from server.providers.base import CredentialProbe, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
+from server.redaction import register_secret
 from server.routing.router import Router
 
 log = logging.getLogger(__name__)
@@ -102,17 +112,28 @@ class Gateway:
     serving: ServingFlag
     accounts: Accounts
     providers: dict[str, Provider] = field(default_factory=dict)
+    streams: OpenStreams = field(default_factory=OpenStreams)
+    spool_replay: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones (streams too) finish within
-        `grace` seconds, then cancels the rest and releases the upstream client."""
+        `grace` seconds, interrupts the streams still open just before it ends,
+        then cancels the rest and releases the upstream client."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
         self.serving.serving = False
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        done, _ = await asyncio.wait({stopping}, timeout=interrupt_after(grace))
+        if not done:
+            self.streams.interrupt()
+        await stopping
+        await self.accounts.credits.stop_lease_keeping()
         for provider in self.providers.values():
             await provider.aclose()
         await self.client.aclose()
+        if self.spool_replay is not None:
+            self.spool_replay.cancel()
+            await asyncio.gather(self.spool_replay, return_exceptions=True)
         await self.accounts.close()
 
 
@@ -126,14 +147,21 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         billing_enabled=settings.billing_enabled,
         key_cache_ttl_s=settings.key_cache_ttl_s,
         key_negative_cache_ttl_s=settings.key_negative_cache_ttl_s,
+        key_cache_outage_grace_s=settings.key_cache_outage_grace_s,
         key_pepper=settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None,
         master_key=settings.master_key.get_secret_value() if settings.master_key else None,
+        reservation_lease_s=settings.reservation_lease_s,
     )
     await apply_configured_rates(accounts, config)
+    for secret in (settings.admin_token, settings.master_key, settings.key_pepper):
+        register_secret(secret.get_secret_value() if secret else None)
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
-    router = Router(config, providers)
+    router = Router(config, providers, upstream_timeout_s=settings.upstream_read_timeout_s)
+    probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
+    accounts.watch_credentials(probes, settings.credential_recheck_s)
     serving = ServingFlag()
+    streams = OpenStreams()
     limit = settings.max_message_bytes
     server = grpc.aio.server(
         options=[
@@ -145,7 +173,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
             AuthInterceptor(accounts, settings.admin_token.get_secret_value() if settings.admin_token else None)
         ],
     )
-    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router, accounts), server)
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router, accounts, streams), server)
     embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(router, accounts), server)
     image_service_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(router, accounts), server)
     audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts), server)
@@ -161,10 +189,13 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     if port == 0:
         raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
     await server.start()
+    accounts.credits.start_lease_keeping()
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")
-    return Gateway(settings, server, port, client, health_servicer, serving, accounts, providers)
+    replayer = accounts.spool_replayer(settings.spool_replay_interval_s)
+    replay = asyncio.create_task(replayer.run(), name="ledger-spool-replay") if replayer else None
+    return Gateway(settings, server, port, client, health_servicer, serving, accounts, providers, streams, replay)
 
 
 async def apply_configured_rates(accounts: Accounts, config: GatewayConfig) -> None:

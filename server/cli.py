@@ -23,23 +23,26 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from grpc_health.v1 import health_pb2
 
 from server.accounts.cli import add_commands as add_account_commands
 from server.accounts.cli import run as run_account_command
 from server.accounts.credentials import MasterKeyError
 from server.app import Gateway, serve_until_signalled, start_gateway
-from server.bridge.envoy_config import LUA_PATH, render_envoy_config
-from server.bridge.process import EnvoyProcess
+from server.bridge.envoy_config import LUA_PATH, bridge_timeouts, render_envoy_config
+from server.bridge.process import EnvoyProcess, Listen
+from server.bridge.supervisor import supervise
 from server.config import ConfigError, Settings
 from server.storage.database import StorageError
 
-ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "migrate"})
+ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "credentials", "migrate"})
 DESCRIPTOR_PATH = Path(__file__).resolve().parent.parent / "generated" / "descriptor.binpb"
 log = logging.getLogger("aigne_hub")
 
 
 def envoy_yaml(settings: Settings, grpc_port: int) -> str:
-    """The bridge configuration for these settings, pointing at `grpc_port`."""
+    """The bridge configuration for these settings, pointing at `grpc_port`; Envoy's
+    timeouts are derived from the server's upstream timeout, so the server decides first."""
     return render_envoy_config(
         rest_host=settings.rest_host,
         rest_port=settings.rest_port,
@@ -50,6 +53,7 @@ def envoy_yaml(settings: Settings, grpc_port: int) -> str:
         lua_path=LUA_PATH,
         max_request_bytes=settings.max_message_bytes,
         max_response_bytes=settings.max_message_bytes,
+        **bridge_timeouts(settings.upstream_read_timeout_s),
     )
 
 
@@ -68,25 +72,49 @@ async def wait_for_bridge(rest_url: str, timeout_s: float = 15.0) -> None:
     raise TimeoutError(f"the REST bridge at {rest_url} did not become healthy in {timeout_s} s")
 
 
+def bridge_process(settings: Settings, grpc_port: int) -> EnvoyProcess:
+    """The Envoy of `serve`: checks its ports before each start and logs no secrets."""
+    return EnvoyProcess(
+        envoy_yaml(settings, grpc_port),
+        admin_url=f"http://127.0.0.1:{settings.admin_port}",
+        log_level=settings.envoy_log_level,
+        listens=[
+            Listen("REST", settings.rest_host, settings.rest_port),
+            Listen("Envoy admin", "127.0.0.1", settings.admin_port),
+        ],
+    )
+
+
 async def serve(settings: Settings) -> None:
-    """Starts gRPC and Envoy, waits for both, runs until SIGTERM/SIGINT, stops both."""
+    """Starts gRPC and Envoy, waits for both, runs until SIGTERM/SIGINT, stops both.
+
+    Envoy is supervised (server.bridge.supervisor): restarted when it dies, and gRPC
+    health for "" (the whole gateway) is NOT_SERVING while the REST bridge is down.
+    """
     gateway: Gateway = await start_gateway(settings)
-    envoy = EnvoyProcess(envoy_yaml(settings, gateway.port), admin_url=f"http://127.0.0.1:{settings.admin_port}")
+    envoy = bridge_process(settings, gateway.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    rest_url = f"http://{settings.rest_host}:{settings.rest_port}"
+
+    async def bridge_health(up: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        await gateway.health.set("", status)
+
     try:
+        await bridge_health(False)
         await envoy.start()
-        rest_url = f"http://{settings.rest_host}:{settings.rest_port}"
         await wait_for_bridge(rest_url)
+        await bridge_health(True)
         print(
             f"aigne-hub ready: REST {rest_url} (OpenAI base_url {rest_url}/v1), "
             f"gRPC {settings.grpc_host}:{gateway.port}, Envoy log {envoy.log_path}",
             flush=True,
         )
         _print_hints(gateway)
-        await stop.wait()
+        await supervise(envoy, stop, bridge_health, lambda: wait_for_bridge(rest_url))
         print("aigne-hub stopping: draining in-flight calls", flush=True)
     finally:
         await gateway.stop()

@@ -8,6 +8,8 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     AIGNE_HUB_MAX_MESSAGE_BYTES                 request/response size limit, default 32 MiB
     AIGNE_HUB_DATA_DIR / AIGNE_HUB_DATABASE_URL SQLite file's folder / a PostgreSQL URL
     AIGNE_HUB_BILLING_ENABLED                   charge credits (default off)
+    AIGNE_HUB_UPSTREAM_READ_TIMEOUT_S           upstream silence limit; Envoy's limits derive from it
+    AIGNE_HUB_ENVOY_LOG_LEVEL                   info, warning (default), error, critical, off
     ...                                         see `Settings` for the rest
 
 Providers: with a YAML file, exactly the providers it lists; without one, every
@@ -23,10 +25,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from server.accounts.settings import AccountsSettings
+from server.bridge.envoy_config import check_envoy_log_level
 from server.providers.base import Capability
 from server.storage.settings import StorageSettings
 
@@ -55,8 +58,12 @@ class Settings(StorageSettings, AccountsSettings):
     # One limit for request and response messages, in gRPC and in Envoy's buffers.
     max_message_bytes: int = Field(32 * MIB, ge=MIB, le=512 * MIB)
     upstream_connect_timeout_s: float = Field(10.0, gt=0)
-    # How long an upstream may stay silent (between stream chunks, or before answering).
+    # How long an upstream may take to answer (a whole unary answer; a stream's first
+    # chunk and each gap between chunks). The server then fails the call itself with
+    # UPSTREAM_TIMEOUT; Envoy's limits are derived from this one and are longer.
     upstream_read_timeout_s: float = Field(600.0, gt=0)
+    # Envoy's log level; debug and trace are refused (they log authorization headers).
+    envoy_log_level: Annotated[str, AfterValidator(check_envoy_log_level)] = "warning"
     # Graceful shutdown: how long in-flight calls (streams included) may take to finish.
     shutdown_grace_s: float = Field(30.0, ge=0)
     upstream_max_connections: int = Field(1000, ge=1)

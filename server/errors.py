@@ -16,18 +16,25 @@ gRPC, and `server.api.errors` maps each class to a gRPC status code in one place
     ├── InternalError             a bug in the gateway (500)
     └── UpstreamError             the upstream provider failed
         ├── UpstreamBadRequest        it rejected the request (400)
-        ├── UpstreamAuthFailed        it rejected the gateway's credential (403)
+        ├── UpstreamAuthFailed        it refused the call: no permission (403)
+        │   └── UpstreamCredentialRejected  the credential itself is not valid (403 to the client)
         ├── UpstreamNotFound          it does not know the model (404)
         ├── UpstreamRateLimited       it rate-limited us (429, with retry hint)
         ├── UpstreamUnavailable       5xx, overloaded or unreachable (503)
         ├── UpstreamTimeout           it did not answer in time (504)
         └── UpstreamMalformedResponse it answered something unparsable (503)
 
+Upstream messages are redacted as the exception is built (`server.redaction`):
+providers echo key fragments, and the message reaches clients, logs and a stored
+credential's `invalid_reason`.
+
 Keys, allow-lists and credits add their branch in `server.accounts.errors`
 (Unauthenticated 401, PermissionDenied 403, QuotaExceeded 429).
 """
 
 from __future__ import annotations
+
+from server.redaction import redact
 
 
 class GatewayError(Exception):
@@ -127,7 +134,8 @@ class UpstreamError(GatewayError):
         field: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message, field=field, metadata=metadata)
+        # The one place upstream text enters the gateway's errors: redact it here.
+        super().__init__(redact(message), field=field, metadata=metadata)
         self.provider = provider
         self.status = status
         self.retry_after_seconds = retry_after_seconds
@@ -146,10 +154,19 @@ class UpstreamBadRequest(UpstreamError):
 
 
 class UpstreamAuthFailed(UpstreamError):
-    """The provider rejected the gateway's credential: an operator must act."""
+    """The provider refused the call for lack of permission (a 403: often one model or
+    feature the account may not use). Says nothing about the credential as a whole."""
 
     reason = "UPSTREAM_AUTH_FAILED"
     openai_type = "permission_denied_error"
+
+
+class UpstreamCredentialRejected(UpstreamAuthFailed):
+    """The provider says the credential itself is not valid (a 401, or its own
+    invalid-key error such as Gemini's 400 API_KEY_INVALID). The gateway confirms it
+    with a probe before taking a stored credential out of rotation. The client sees
+    the same PERMISSION_DENIED as for a 403: its own key is fine; the gateway's is not.
+    """
 
 
 class UpstreamNotFound(UpstreamError):

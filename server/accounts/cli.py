@@ -1,8 +1,11 @@
-"""`aigne-hub keys|credits|usage|migrate`: account administration on the local database
+"""`aigne-hub keys|credits|usage|credentials|migrate`: account administration on the local database
 (the one `AIGNE_HUB_DATA_DIR` / `AIGNE_HUB_DATABASE_URL` name, as the server uses).
 
 Readable tables by default, `--json` for scripts. Key secrets are printed once, at
-creation, and never again.
+creation, and never again; provider credentials only ever masked (`credentials`
+needs AIGNE_HUB_MASTER_KEY, as the server does). `credentials activate` puts a
+credential back into rotation without probing it: running servers pick it up within
+their credential cache TTL.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import asdict
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
+from server.accounts.credentials import CredentialInfo, CredentialVault, load_master_key
 from server.accounts.credits import RATE_AMOUNTS, CreditService, RateAmountError, credits_to_micros, rate_from_credits
 from server.accounts.errors import format_credits
 from server.accounts.keys import KeyRecord, KeyStore
@@ -52,6 +56,11 @@ def add_commands(sub: Any) -> None:
     for flag, amount in zip(flags, RATE_AMOUNTS, strict=True):
         rate.add_argument(f"--{flag}", dest=amount, default="0", help=f"credits ({amount.replace('_', ' ')})")
     credits.add_parser("rates", help="list the rates")
+    held = credits.add_parser("reservations", help="credits held by calls in flight, oldest first")
+    held.add_argument("--owner", help="only this owner's reservations (user:NAME or project:NAME)")
+    release = credits.add_parser(
+        "release-expired", help="give back reservations whose lease ended (their server died mid-call)"
+    )
 
     usage = sub.add_parser("usage", help="usage totals from the ledger")
     usage.add_argument(
@@ -60,24 +69,34 @@ def add_commands(sub: Any) -> None:
     usage.add_argument("--since", type=date.fromisoformat, help="first UTC day (YYYY-MM-DD)")
     usage.add_argument("--until", type=date.fromisoformat, help="day after the last (YYYY-MM-DD)")
 
+    credentials = sub.add_parser("credentials", help="list stored provider credentials, reactivate one")
+    credential_actions = credentials.add_subparsers(dest="action", required=True)
+    credential_list = credential_actions.add_parser("list", help="list credentials (masked) and their status")
+    credential_list.add_argument("--provider", help="only this provider's credentials")
+    activate = credential_actions.add_parser("activate", help="put an invalid credential back into rotation")
+    activate.add_argument("credential_id")
+
     sub.add_parser("migrate", help="bring the database schema up to date (PostgreSQL: run before serving)")
-    for command in ("keys", "credits", "usage", "migrate"):
+    for command in ("keys", "credits", "usage", "credentials", "migrate"):
         sub.choices[command].add_argument("--json", action="store_true", help="machine-readable output")
-    for parser in (create, listing, revoke, grant, show, rate):
+    for parser in (create, listing, revoke, grant, show, rate, held, release, credential_list, activate):
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "migrate":
-        await (await Database.open(settings.resolved_database_url(), migrate=True)).close()
+        await (await Database.open_with(settings, migrate=True)).close()
         _print(args, {"migrated": True}, "database schema is up to date")
         return
-    db = await Database.open(settings.resolved_database_url())
+    db = await Database.open_with(settings)
     try:
         if args.command == "keys":
             await _keys(args, db, settings)
         elif args.command == "credits":
             await _credits(args, CreditService(db, billing_enabled=True), db)
+        elif args.command == "credentials":
+            master_key = settings.master_key.get_secret_value() if settings.master_key else None
+            await _credentials(args, CredentialVault(db, load_master_key(master_key)))
         else:
             await _usage(args, Ledger(db))
     finally:
@@ -123,6 +142,11 @@ async def _credits(args: argparse.Namespace, service: CreditService, db: Databas
             raise SystemExit(f"aigne-hub: {exc}") from exc
         await service.set_rate(rate)
         _print(args, asdict(rate), f"rate set for {rate.model}")
+    elif args.action == "reservations":
+        await _reservations(args, service)
+    elif args.action == "release-expired":
+        released = await service.release_expired()
+        _print(args, {"released": released}, f"released {released} expired reservation(s)")
     else:
         _table(
             args,
@@ -135,6 +159,53 @@ async def _credits(args: argparse.Namespace, service: CreditService, db: Databas
                 "per_image_micros",
             ],
         )
+
+
+async def _credentials(args: argparse.Namespace, vault: CredentialVault) -> None:
+    if args.action == "list":
+        rows = [_credential_row(info) for info in await vault.list_credentials(args.provider)]
+        _table(args, rows, ["id", "provider", "label", "masked", "status", "invalid_reason", "updated_at"])
+        return
+    try:
+        await vault.mark_active(args.credential_id)
+        info = await vault.info(args.credential_id)
+    except KeyError:
+        raise SystemExit(f"aigne-hub: no provider credential {args.credential_id!r}") from None
+    _print(args, _credential_row(info), f"activated {info.provider} credential {info.masked} ({info.id})")
+
+
+def _credential_row(info: CredentialInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "provider": info.provider,
+        "label": info.label,
+        "masked": info.masked,
+        "status": info.status,
+        "invalid_reason": info.invalid_reason or "",
+        "created_at": info.created_at.isoformat(),
+        "updated_at": info.updated_at.isoformat(),
+    }
+
+
+async def _reservations(args: argparse.Namespace, service: CreditService) -> None:
+    if args.owner is not None:
+        try:
+            parse_owner(args.owner)
+        except ValueError as exc:
+            raise SystemExit(f"aigne-hub: {exc}") from exc
+    rows = [
+        {
+            "id": r.id,
+            "owner_id": r.owner_id,
+            "key_id": r.key_id or "",
+            "amount": format_credits(r.amount_micros),
+            "request_id": r.request_id or "",
+            "created_at": r.created_at.isoformat(),
+            "expires_at": r.expires_at.isoformat() if r.expires_at else "",
+        }
+        for r in await service.list_reservations(args.owner)
+    ]
+    _table(args, rows, ["id", "owner_id", "key_id", "amount", "request_id", "created_at", "expires_at"])
 
 
 async def _usage(args: argparse.Namespace, ledger: Ledger) -> None:

@@ -12,7 +12,16 @@ the one object holding a decrypted secret, hides it from `repr`.
 
 `select(provider)` rotates round-robin over the provider's active credentials from an
 in-process cache (refreshed every `cache_ttl_s`); `mark_invalid` takes one out of
-rotation (here at once, on other replicas within the TTL).
+rotation (here at once, on other replicas within the TTL) and `mark_active` puts it
+back. Who decides is `server.accounts.credential_checks` (a probe confirms a provider's
+"invalid key" before a credential leaves rotation; invalid ones are re-checked), an
+admin (`ActivateProviderCredential`, `aigne-hub credentials activate`), or both.
+
+Where calls go is logged at WARNING once per change, not per call: when a credential
+leaves rotation (to the provider's other active credentials, or to the key configured
+for the provider when none is left), and when a provider whose stored credentials are
+all invalid falls back to its configured key. An `invalid_reason` is redacted of
+anything key-shaped, and every decrypted secret is registered with `server.redaction`.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import binascii
 import hashlib
 import hmac
 import itertools
+import logging
 import os
 import time
 import uuid
@@ -34,10 +44,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Row, delete, select, update
 
 from server.errors import ProviderNotConfigured
+from server.redaction import redact, register_secret
 from server.storage.database import Database
 from server.storage.schema import provider_credentials, utcnow
 
+log = logging.getLogger(__name__)
 MASTER_KEY_ENV = "AIGNE_HUB_MASTER_KEY"
+_MAX_REASON_CHARS = 500
 _AAD_LABEL = b"aigne-hub/provider-credential/v1"
 
 CredentialStatus = Literal["active", "invalid"]
@@ -106,6 +119,20 @@ class Credential:
         return f"{self.provider} credential {self.masked} ({self.id})"
 
 
+@dataclass(frozen=True, slots=True)
+class _Pool:
+    """A provider's stored credentials as the cache holds them."""
+
+    expires: float
+    active: list[Credential]
+    invalid: int  # stored but out of rotation
+
+    @property
+    def falls_back(self) -> bool:
+        """All stored credentials are invalid: calls use the provider's configured key."""
+        return self.invalid > 0 and not self.active
+
+
 class CredentialVault:
     """Encrypted provider credentials: add, list (masked), remove, select, mark_invalid."""
 
@@ -116,8 +143,10 @@ class CredentialVault:
         self._aead = AESGCM(master_key)
         self._fingerprint = key_fingerprint(master_key)
         self._ttl = cache_ttl_s
-        self._active: dict[str, tuple[float, list[Credential]]] = {}
+        self._pools: dict[str, _Pool] = {}
         self._turns: dict[str, itertools.count[int]] = {}
+        # Per provider: whether its calls fell back to the configured key when last seen.
+        self._falling_back: dict[str, bool] = {}
 
     async def add(self, provider: str, secret: str, *, label: str = "") -> CredentialInfo:
         if not provider or not secret:
@@ -142,7 +171,7 @@ class CredentialVault:
                     updated_at=now,
                 )
             )
-        self._active.pop(provider, None)
+        self._pools.pop(provider, None)
         return info
 
     async def list_credentials(self, provider: str | None = None) -> list[CredentialInfo]:
@@ -165,7 +194,7 @@ class CredentialVault:
             )
             provider = done.scalar_one_or_none()
         if provider is not None:
-            self._active.pop(provider, None)
+            self._pools.pop(provider, None)
         return provider is not None
 
     async def reveal(self, credential_id: str) -> Credential:
@@ -181,20 +210,36 @@ class CredentialVault:
     async def select(self, provider: str) -> Credential:
         """The next active credential of `provider`, round-robin; PROVIDER_NOT_CONFIGURED
         when it has none."""
-        active = await self._active_credentials(provider)
-        if not active:
+        pool = await self._pool(provider)
+        self._note_fallback(provider, pool)
+        if not pool.active:
             raise ProviderNotConfigured(
                 f"provider {provider!r} has no active credential", metadata={"provider": provider}
             )
         turn = next(self._turns.setdefault(provider, itertools.count()))
-        return active[turn % len(active)]
+        return pool.active[turn % len(pool.active)]
 
     async def mark_invalid(self, credential_id: str, reason: str) -> None:
-        """Takes the credential out of rotation (e.g. the provider answered 401)."""
-        await self._set_status(credential_id, "invalid", reason)
+        """Takes the credential out of rotation (the provider rejected it and a probe
+        confirmed) and logs where the provider's calls go now."""
+        reason = redact(reason)[:_MAX_REASON_CHARS]
+        provider, masked = await self._set_status(credential_id, "invalid", reason)
+        pool = await self._pool(provider)
+        self._falling_back[provider] = pool.falls_back
+        destination = (
+            f"the {len(pool.active)} other active stored credential(s)"
+            if pool.active
+            else "the key configured for the provider, if any (no stored credential is active)"
+        )
+        log.warning(
+            "%s credential %s (%s) marked invalid (%s); calls move to %s",
+            provider, masked, credential_id, reason, destination,
+        )  # fmt: skip
 
     async def mark_active(self, credential_id: str) -> None:
-        await self._set_status(credential_id, "active", None)
+        """Puts the credential back into rotation."""
+        provider, masked = await self._set_status(credential_id, "active", None)
+        log.warning("%s credential %s (%s) is active again and back in rotation", provider, masked, credential_id)
 
     async def info(self, credential_id: str) -> CredentialInfo:
         """One credential, masked; KeyError if there is none with this id."""
@@ -206,35 +251,53 @@ class CredentialVault:
             raise KeyError(credential_id)
         return _info(row)
 
-    async def _set_status(self, credential_id: str, status: CredentialStatus, reason: str | None) -> None:
+    async def _set_status(self, credential_id: str, status: CredentialStatus, reason: str | None) -> tuple[str, str]:
+        """Stores the status; the credential's provider and masked form."""
         async with self._db.write() as conn:
             done = await conn.execute(
                 update(provider_credentials)
                 .where(provider_credentials.c.id == credential_id)
                 .values(status=status, invalid_reason=reason, updated_at=utcnow())
-                .returning(provider_credentials.c.provider)
+                .returning(provider_credentials.c.provider, provider_credentials.c.masked)
             )
-            provider = done.scalar_one_or_none()
-        if provider is None:
+            row = done.one_or_none()
+        if row is None:
             raise KeyError(credential_id)
-        self._active.pop(provider, None)
+        self._pools.pop(row.provider, None)
+        return str(row.provider), str(row.masked)
 
-    async def _active_credentials(self, provider: str) -> list[Credential]:
-        cached = self._active.get(provider)
+    async def _pool(self, provider: str) -> _Pool:
+        cached = self._pools.get(provider)
         now = time.monotonic()
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not None and cached.expires > now:
+            return cached
         async with self._db.read() as conn:
             rows = (
                 await conn.execute(
                     select(provider_credentials)
-                    .where(provider_credentials.c.provider == provider, provider_credentials.c.status == "active")
+                    .where(provider_credentials.c.provider == provider)
                     .order_by(provider_credentials.c.created_at, provider_credentials.c.id)
                 )
             ).all()
-        active = [self._open(row) for row in rows]
-        self._active[provider] = (now + self._ttl, active)
-        return active
+        active = [self._open(row) for row in rows if row.status == "active"]
+        pool = _Pool(now + self._ttl, active, invalid=len(rows) - len(active))
+        self._pools[provider] = pool
+        return pool
+
+    def _note_fallback(self, provider: str, pool: _Pool) -> None:
+        """Logs when the provider's calls start or stop falling back to its configured
+        key because every stored credential is invalid (once per change)."""
+        if self._falling_back.get(provider, False) == pool.falls_back:
+            return
+        self._falling_back[provider] = pool.falls_back
+        if pool.falls_back:
+            log.warning(
+                "all %d stored %s credentials are invalid: calls fall back to the key configured for the "
+                "provider, if any, until one is reactivated",
+                pool.invalid, provider,
+            )  # fmt: skip
+        else:
+            log.warning("%s has an active stored credential again: calls use stored credentials", provider)
 
     def _open(self, row: Row[tuple[object, ...]]) -> Credential:
         if row.key_fingerprint != self._fingerprint:
@@ -250,7 +313,9 @@ class CredentialVault:
                 f"{row.provider} credential {row.masked} ({row.id}) does not decrypt: "
                 "the stored ciphertext is corrupted or was tampered with"
             ) from None
-        return Credential(row.id, row.provider, row.label, row.masked, plaintext.decode())
+        secret = plaintext.decode()
+        register_secret(secret)  # redacted wherever a provider echoes it
+        return Credential(row.id, row.provider, row.label, row.masked, secret)
 
 
 def _aad(provider: str, credential_id: str) -> bytes:

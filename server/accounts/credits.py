@@ -18,8 +18,23 @@ a cap; CHECK constraints back this up. Every transaction takes its row locks in 
 global order — reservations, usage records, balances (by owner), keys (by id) — so
 batches on different replicas cannot deadlock.
 
-Each reservation is a row: settling deletes it (so a settlement is idempotent) and a
-reservation whose replica died is released by `release_expired`.
+Each reservation is a row: settling deletes it (so a settlement is idempotent).
+
+Reservations are leases. A reservation expires `reservation_lease_s` (default 120 s)
+after it is made, and the process that made it renews the lease of every reservation
+it still holds (`hold` / `forget`, an in-memory set) every lease/3, in one UPDATE per
+500 ids. A
+sweeper on every replica releases expired reservations at start and every lease/3
+(jittered); two sweepers never release one twice because taking a reservation
+deletes its row, and a sweeper only deletes a row that is still expired (a renewal
+that wins the race keeps it). So the holds of a process killed mid-call come back
+within about one lease, however long calls take, and a live call's hold never lapses
+unless its process cannot reach the database for a whole lease while another replica
+can (then the call is recorded but charged nothing, and a warning says so); a sweeper
+never releases what its own process holds. On PostgreSQL lease times are
+the database server's clock, so replicas with skewed clocks agree on what expired;
+SQLite is one machine's file, so its clock is the process's. Both background loops
+(`start_lease_keeping`) log a database failure and try again next round.
 
 With billing off (the default) nothing is reserved or charged: `reserve` returns an
 empty reservation without touching the database, and usage is still recorded.
@@ -27,16 +42,18 @@ empty reservation without touching the database, and usage is still recorded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
 
-from sqlalchemy import Row, delete, select, update
+from sqlalchemy import ColumnElement, Interval, Row, delete, func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.accounts.errors import (
@@ -51,6 +68,11 @@ from server.storage.inline import Executor
 from server.storage.schema import api_keys, balances, credit_grants, model_rates, reservations, utcnow
 
 log = logging.getLogger(__name__)
+
+# Reservation ids per lease-renewing UPDATE: far under both backends' bind limits.
+_IDS_PER_RENEWAL = 500
+# How much the sweeper's period varies, so replicas started together spread out.
+_SWEEP_JITTER = 0.2
 
 
 def credits_to_micros(credits: Decimal | float | int | str) -> int:
@@ -171,12 +193,14 @@ class CreditService:
         db: Database,
         *,
         billing_enabled: bool = False,
-        reservation_ttl_s: float = 7200.0,
+        reservation_lease_s: float = 120.0,
         rates_cache_ttl_s: float = 5.0,
     ) -> None:
         self._db = db
         self.billing_enabled = billing_enabled
-        self._reservation_ttl = timedelta(seconds=reservation_ttl_s)
+        self.lease_s = reservation_lease_s
+        self._held: set[str] = set()
+        self._lease_tasks: list[asyncio.Task[None]] = []
         self._rates_ttl = rates_cache_ttl_s
         self._rates: tuple[dict[str, Rate], list[Rate]] | None = None
         self._rates_fresh_until = 0.0
@@ -298,7 +322,8 @@ class CreditService:
             raise ValueError("a reservation cannot be negative")
         if not self.billing_enabled:
             return Reservation(None, owner_id, key_id, 0, request_id)
-        reservation = Reservation(uuid.uuid4().hex, owner_id, key_id, amount_micros, request_id)
+        reservation_id = uuid.uuid4().hex
+        reservation = Reservation(reservation_id, owner_id, key_id, amount_micros, request_id)
         async with self._db.write() as conn:
             held = await conn.execute(
                 update(balances)
@@ -346,9 +371,11 @@ class CreditService:
                     amount_micros=amount_micros,
                     request_id=request_id,
                     created_at=reservation.created_at,
-                    expires_at=reservation.created_at + self._reservation_ttl,
+                    expires_at=self._lease_end(),
                 )
             )
+        # No await from here to the caller: a reservation held is always returned.
+        self.hold(reservation_id)
         return reservation
 
     async def settle(self, reservation: Reservation, actual_micros: int) -> int:
@@ -358,6 +385,7 @@ class CreditService:
             return 0
         async with self._db.write() as conn:
             charged = await settle_in(conn, {reservation.id: actual_micros})
+        self.forget(reservation.id)
         return charged.get(reservation.id, 0)
 
     async def release(self, reservation: Reservation) -> None:
@@ -379,25 +407,129 @@ class CreditService:
         ]
 
     async def release_expired(self, now: datetime | None = None) -> int:
-        """Releases reservations past their expiry (their replica died mid-call); run it
-        periodically. Returns how many were released."""
-        cutoff = now or utcnow()
+        """Releases the reservations whose lease ended before `now` (default: the
+        database's now): their process died or lost the database mid-call. The ones
+        this process holds are alive whatever their lease says (it lapsed while the
+        database was out of reach; the next renewal extends it). Returns how many were
+        released."""
+        cutoff = self._now() if now is None else now
         async with self._db.read() as conn:
             ids = (
                 await conn.execute(
                     select(reservations.c.id).where(reservations.c.expires_at < cutoff).order_by(reservations.c.id)
                 )
             ).scalars()
-            stale = list(ids)
+            stale = [reservation_id for reservation_id in ids if reservation_id not in self._held]
         released = 0
         for reservation_id in stale:  # one by one: each is a short transaction
             async with self._db.write() as conn:
-                taken = await take_reservations(conn, [reservation_id])
-                if taken:
-                    log.warning("releasing expired credit reservation %s", reservation_id)
-                    await apply_settlements(conn, [(taken[reservation_id], 0)])
+                taken = await _take_expired(conn, reservation_id, self._now() if now is None else now)
+                if taken is not None:
+                    await apply_settlements(conn, [(taken, 0)])
                     released += 1
+            if taken is not None:
+                log.warning(
+                    "released credit reservation %s (%s credits of %s): its lease ended unrenewed",
+                    reservation_id,
+                    format_credits(taken.amount_micros),
+                    taken.owner_id,
+                )
         return released
+
+    # -- leases --------------------------------------------------------------------------
+
+    def hold(self, reservation_id: str) -> None:
+        """Keeps renewing the reservation's lease: this process still answers for it
+        (its call runs, or its record waits to be written)."""
+        self._held.add(reservation_id)
+
+    def forget(self, reservation_id: str) -> None:
+        """Stops renewing the lease (the reservation was settled, or is left to lapse)."""
+        self._held.discard(reservation_id)
+
+    @property
+    def held(self) -> frozenset[str]:
+        """The reservations whose leases this process renews."""
+        return frozenset(self._held)
+
+    async def renew_leases(self) -> int:
+        """Extends the lease of every reservation this process holds to now + lease;
+        returns how many rows were renewed (settled ones are gone)."""
+        held = sorted(self._held)
+        renewed = 0
+        for start in range(0, len(held), _IDS_PER_RENEWAL):
+            chunk = held[start : start + _IDS_PER_RENEWAL]
+            # Rows locked in id order, as the ledger takes them: no deadlock with a
+            # concurrent settlement on PostgreSQL (SQLite has one writer anyway).
+            locked = (
+                select(reservations.c.id)
+                .where(reservations.c.id.in_(chunk))
+                .order_by(reservations.c.id)
+                .with_for_update()
+            )
+            async with self._db.write() as conn:
+                done = await conn.execute(
+                    update(reservations).where(reservations.c.id.in_(locked)).values(expires_at=self._lease_end())
+                )
+            renewed += max(done.rowcount, 0)
+        return renewed
+
+    def start_lease_keeping(self) -> None:
+        """Starts the two background loops of a serving process: lease renewal and the
+        sweeper of expired reservations (which runs at once, then every lease/3)."""
+        if self._lease_tasks:
+            return
+        period = self.lease_s / 3
+        self._lease_tasks = [
+            asyncio.create_task(
+                _every(period, 0.0, "renewing credit reservation leases", self.renew_leases, first_at_once=False),
+                name="credit-lease-renewal",
+            ),
+            asyncio.create_task(
+                _every(period, _SWEEP_JITTER, "releasing expired credit reservations", self.release_expired),
+                name="credit-reservation-sweeper",
+            ),
+        ]
+
+    async def stop_lease_keeping(self) -> None:
+        tasks, self._lease_tasks = self._lease_tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _now(self) -> datetime | ColumnElement[datetime]:
+        """Now, on the clock every replica shares: PostgreSQL's (UTC, naive like the
+        columns); SQLite's file lives on one machine, whose clock is ours."""
+        if self._db.backend == "postgresql":
+            return func.timezone("UTC", func.now())
+        return utcnow()
+
+    def _lease_end(self) -> datetime | ColumnElement[datetime]:
+        lease = timedelta(seconds=self.lease_s)
+        now = self._now()
+        if isinstance(now, datetime):
+            return now + lease
+        return now + literal(lease, Interval())
+
+
+async def _every(
+    period: float,
+    jitter: float,
+    what: str,
+    work: Callable[[], Awaitable[int]],
+    *,
+    first_at_once: bool = True,
+) -> None:
+    """Runs `work` every `period` seconds (± `jitter` of it) until cancelled; a failure
+    (the database is down) is logged and the next round tries again."""
+    if not first_at_once:
+        await asyncio.sleep(period)
+    while True:
+        try:
+            await work()
+        except Exception as exc:  # noqa: BLE001 - a background loop must outlive a database outage
+            log.warning("%s failed, retrying in %.1f s: %s", what, period, getattr(exc, "orig", None) or exc)
+        await asyncio.sleep(period * random.uniform(1 - jitter, 1 + jitter))
 
 
 # -- settlement building blocks, shared with the ledger's group commit --------------------
@@ -425,6 +557,20 @@ async def take_reservations(conn: Executor, ids: Iterable[str]) -> dict[str, Hel
         if row is not None:
             taken[reservation_id] = HeldReservation(reservation_id, row.owner_id, row.key_id, row.amount_micros)
     return taken
+
+
+async def _take_expired(
+    conn: AsyncConnection, reservation_id: str, cutoff: datetime | ColumnElement[datetime]
+) -> HeldReservation | None:
+    """Deletes the reservation if its lease is still over (a renewal may have won)."""
+    row = (
+        await conn.execute(
+            delete(reservations)
+            .where(reservations.c.id == reservation_id, reservations.c.expires_at < cutoff)
+            .returning(reservations.c.owner_id, reservations.c.key_id, reservations.c.amount_micros)
+        )
+    ).one_or_none()
+    return None if row is None else HeldReservation(reservation_id, row.owner_id, row.key_id, row.amount_micros)
 
 
 async def apply_settlements(conn: Executor, settlements: Sequence[tuple[HeldReservation, int]]) -> None:

@@ -20,6 +20,15 @@ Unknown or wrong secrets are cached too, for `negative_ttl_s`, so a flood of bad
 costs at most one database read per distinct secret per interval; the cache is an LRU
 bounded to `max_entries`, and concurrent misses for one secret share one read.
 Expiry is checked against the clock on every call, not cached.
+
+Database outages: a key that was read successfully keeps authenticating from the cache
+while the database cannot be reached, for at most `outage_grace_s` (default 300 s)
+past its TTL; then, and for keys never seen (or cached as unknown), the call gets 503
+STORAGE_UNAVAILABLE. So a revocation made on another replica during an outage takes
+effect here within TTL + grace at worst (a revocation on this replica is immediate),
+and a database restart or failover does not lock every client out. While the
+database is failing, one lookup per `outage_probe_interval_s` tries it again; the
+others answer from the cache at once instead of each waiting for the timeout.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from sqlalchemy import Row, select, update
 from sqlalchemy.exc import IntegrityError
 
 from server.accounts.errors import KeyExpired, KeyInvalid, KeyRevoked, ModelNotAllowed, Unauthenticated
+from server.errors import StorageUnavailable
 from server.storage.database import Database
 from server.storage.schema import api_keys, utcnow
 
@@ -106,6 +116,8 @@ class KeyStore:
         cache_ttl_s: float = 5.0,
         negative_ttl_s: float = 1.0,
         max_entries: int = 100_000,
+        outage_grace_s: float = 300.0,
+        outage_probe_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
@@ -116,6 +128,10 @@ class KeyStore:
         self._clock = clock
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[KeyRecord | _Failed | None]] = {}
+        self._outage_grace = outage_grace_s
+        self._probe_interval = outage_probe_interval_s
+        # While the database fails: when the next lookup may try it again.
+        self._next_probe: float | None = None
 
     # -- administration ---------------------------------------------------------------
 
@@ -253,6 +269,23 @@ class KeyStore:
         if entry is not None and entry.fresh_until > now:
             self._cache.move_to_end(digest)
             return entry.record
+        stale = entry.record if entry is not None and entry.fresh_until + self._outage_grace > now else None
+        if stale is not None and self._next_probe is not None:
+            if now < self._next_probe:
+                return stale  # the database failed a moment ago: do not wait on it again
+            self._next_probe = now + self._probe_interval  # this lookup probes; others wait not
+        try:
+            record = await self._load_shared(prefix, digest)
+        except StorageUnavailable:
+            self._next_probe = self._clock() + self._probe_interval
+            if stale is None:
+                raise
+            return stale
+        self._next_probe = None
+        return record
+
+    async def _load_shared(self, prefix: str, digest: bytes) -> KeyRecord | None:
+        """Reads the key and caches the answer; concurrent reads of one secret share one."""
         pending = self._inflight.get(digest)
         if pending is not None:
             shared = await asyncio.shield(pending)

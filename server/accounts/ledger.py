@@ -13,6 +13,25 @@ A record may carry the call's credit `Reservation`: it is settled in the same
 transaction as the record is written, so a charge never exists without its record or
 a record without its charge, and `credits_micros` in the ledger is exactly what left
 the balance. `cost_micros` is the call's price at the rates even with billing off.
+
+When the database write fails, a ledger with a `Spool` appends the batch's records to
+it (fsynced) and answers its callers as if committed: the records are durable and are
+replayed into the database later (see server.accounts.spool). A failed batch is spooled
+whole rather than retried record by record: in an outage every retry would wait for the
+database again, and one bad record no longer sinks the others (the replay sets aside a
+record the database refuses on its own). When the spool fails too, the callers get
+STORAGE_UNAVAILABLE and `writable` turns False until a record can be written again
+(the meter refuses new calls meanwhile, before any provider is called).
+
+Outcomes: "ok"; "error" (the call failed, `error_reason` says why); "cancelled" (the
+client went away); "interrupted" (the gateway ended the call itself while shutting
+down, `error_reason` SHUTTING_DOWN). The outcome column has no CHECK constraint, so a
+new value needs no migration; `errors` in the totals counts every outcome but "ok".
+
+Once a record's transaction commits, or finally fails, the ledger tells the
+`CreditService` to stop renewing the reservation's lease (`forget`): settled, or left
+to lapse and be swept. A spooled record's
+reservation stays held (renewed by this process) until the replay settles it.
 """
 
 from __future__ import annotations
@@ -22,18 +41,29 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from sqlalchemy import ColumnElement, case, func, select
 
-from server.accounts.credits import HeldReservation, Reservation, apply_settlements, charge_for, take_reservations
+from server.accounts.credits import (
+    CreditService,
+    HeldReservation,
+    Reservation,
+    apply_settlements,
+    charge_for,
+    take_reservations,
+)
+from server.errors import StorageUnavailable
 from server.storage.database import Database
 from server.storage.inline import Executor, InlineConnection, run_inline
 from server.storage.schema import usage_records, utcnow
 
+if TYPE_CHECKING:
+    from server.accounts.spool import Spool
+
 log = logging.getLogger(__name__)
 
-Outcome = Literal["ok", "error", "cancelled"]
+Outcome = Literal["ok", "error", "cancelled", "interrupted"]
 GroupBy = Literal["key", "owner", "provider", "model", "day"]
 # Rows per multi-row INSERT: 21 columns each stays under both backends' bind limits.
 _ROWS_PER_INSERT = 1000
@@ -90,10 +120,12 @@ class StoredUsage(UsageRecord):
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
-    """What `Ledger.record` did: `inserted` is False for a request id already recorded."""
+    """What `Ledger.record` did: `inserted` is False for a request id already recorded;
+    `spooled` is True when the record went to the spool (nothing charged yet)."""
 
     inserted: bool
     credits_micros: int
+    spooled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,13 +159,30 @@ class _Pending:
 class Ledger:
     """Records usage (group-committed) and answers totals."""
 
-    def __init__(self, db: Database, *, max_batch: int = 500) -> None:
+    def __init__(
+        self, db: Database, *, max_batch: int = 500, spool: Spool | None = None, credits: CreditService | None = None
+    ) -> None:
         self._db = db
         self._max_batch = max_batch
+        self._spool = spool
+        # Told when a record's reservation no longer needs its lease renewed.
+        self._credits = credits
         self._queue: list[_Pending] = []
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._writable = True
         self.commits = 0  # transactions committed (for tests and metrics)
+
+    @property
+    def writable(self) -> bool:
+        """False after a record could be written neither to the database nor to the
+        spool, until one can be again (a write succeeds, or `mark_writable`)."""
+        return self._writable
+
+    def mark_writable(self) -> None:
+        if not self._writable:
+            log.warning("usage records can be written again: taking calls")
+        self._writable = True
 
     async def record(self, usage: UsageRecord, *, reservation: Reservation | None = None) -> Recorded:
         """Writes `usage` (settling `reservation` with `usage.cost_micros`) and returns
@@ -165,8 +214,12 @@ class Ledger:
         try:
             results = await self._write(batch)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the waiting callers
+            if self._spool is not None:
+                await self._spool_batch(batch, exc)
+                return
             if len(batch) == 1:
                 log.error("could not record usage of request %s: %s", batch[0].usage.request_id, exc)
+                self._end_leases(batch)
                 _resolve(batch[0].done, exc)
                 return
             # One bad record must not sink the others: retry them one by one.
@@ -174,8 +227,54 @@ class Ledger:
             for pending in batch:
                 await self._commit([pending])
             return
+        self.mark_writable()
+        self._end_leases(batch)
         for pending, result in zip(batch, results, strict=True):
             _resolve(pending.done, result)
+
+    async def _spool_batch(self, batch: list[_Pending], db_error: Exception) -> None:
+        assert self._spool is not None
+        log.error("could not write %d usage records to the database (%s); spooling them", len(batch), db_error)
+        items = [(p.usage, p.reservation.id if p.reservation is not None else None) for p in batch]
+        try:
+            await asyncio.to_thread(self._spool.append, items)
+        except Exception as exc:  # noqa: BLE001 - the callers must learn their record is lost
+            log.error(
+                "could not spool %d usage records either (%s): refusing calls until they can be kept", len(batch), exc
+            )
+            self._writable = False
+            self._end_leases(batch)
+            for pending in batch:
+                _resolve(pending.done, StorageUnavailable("the gateway cannot record usage right now; retry later"))
+            return
+        self.mark_writable()
+        # The reservations stay held (their leases renewed) until the replay settles them.
+        for pending in batch:
+            _resolve(pending.done, Recorded(inserted=True, credits_micros=0, spooled=True))
+
+    async def replay(self, items: Sequence[tuple[UsageRecord, str | None]]) -> list[Recorded]:
+        """Writes spooled records (settling their reservations) in one transaction;
+        raises when the database fails (they stay spooled). Idempotent."""
+        batch = [
+            _Pending(usage, None if rid is None else Reservation(rid, "", None, 0), _ignored_future())
+            for usage, rid in items
+        ]
+        results = await self._write(batch)
+        self.mark_writable()
+        self._end_leases(batch)
+        return results
+
+    async def probe_database(self) -> None:
+        """Raises unless a write transaction can be opened on the database."""
+        async with self._db.write() as conn:
+            await conn.execute(select(1))
+
+    def _end_leases(self, batch: Sequence[_Pending]) -> None:
+        if self._credits is None:
+            return
+        for pending in batch:
+            if pending.reservation is not None and pending.reservation.id is not None:
+                self._credits.forget(pending.reservation.id)
 
     async def _write(self, batch: Sequence[_Pending]) -> list[Recorded]:
         if self._db.backend == "sqlite":
@@ -306,6 +405,10 @@ class Ledger:
             if values["calls"] or not keys:
                 totals.append(UsageTotals(**values))
         return totals
+
+
+def _ignored_future() -> asyncio.Future[Recorded]:
+    return asyncio.get_running_loop().create_future()
 
 
 def _resolve(future: asyncio.Future[Recorded], outcome: Recorded | BaseException) -> None:

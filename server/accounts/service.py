@@ -11,7 +11,30 @@ The meter reserves the worst-case cost before the upstream call (when billing is
 and on exit commits one usage record (settling the reservation in the same
 transaction) before the servicer hands the response back: a client never holds an
 answer the ledger does not know about. A call cut short by the client is recorded as
-"cancelled" with what it consumed so far.
+"cancelled" with what it consumed so far; one the gateway ends while shutting down
+(the servicer raises ShuttingDown inside the meter) as "interrupted". A call the meter
+refuses as it starts (INSUFFICIENT_CREDITS, SPENDING_CAP_REACHED, a model without a
+rate) is recorded by the meter too, as an error with that reason: once the meter has
+started (METERED), it alone records the call, so every call leaves exactly one record.
+
+When the provider answers a stored credential with "invalid key"
+(`UpstreamCredentialRejected`), the meter has `server.accounts.credential_checks`
+confirm it with a probe before the call ends; a 403 leaves the credential alone.
+
+When the database fails, the ledger spools the record (server.accounts.spool) and the
+call is answered. When the spool fails too, that call fails with STORAGE_UNAVAILABLE
+and the meter refuses new calls on entry, before a provider is called, until a record
+can be written again. The one remaining window: a stream that has already sent content
+when its record fails gets an error event after that content (sent text cannot be
+taken back). Only streams already under way when the database and the local disk fail
+together are exposed: the first failed record turns the ledger unwritable and every
+later call is refused on entry; a stream that fails at its end sees the error event, so
+an SDK raises instead of taking the answer as complete.
+
+Usage estimates when the provider reported none: output from the streamed text (4
+characters per token) and, for a call that produced output or was cut short
+(cancelled, interrupted), input from the prompt (`prompt_tokens`, estimated by the
+servicer the same way): the provider read the prompt, so a cut stream pays for it.
 """
 
 from __future__ import annotations
@@ -20,15 +43,24 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from types import TracebackType
 
+from server.accounts.credential_checks import CredentialChecker, Probe
 from server.accounts.credentials import CredentialVault, load_master_key
-from server.accounts.credits import CreditService, Reservation, Usage
+from server.accounts.credits import CreditService, Rate, Reservation, Usage, cost_of
 from server.accounts.keys import KeyRecord, KeyStore, authorize
 from server.accounts.ledger import Ledger, Outcome, UsageRecord
-from server.errors import GatewayError, ProviderNotConfigured, UpstreamAuthFailed
+from server.accounts.spool import Spool, SpoolReplayer
+from server.errors import (
+    GatewayError,
+    ProviderNotConfigured,
+    ShuttingDown,
+    StorageUnavailable,
+    UpstreamCredentialRejected,
+)
 from server.providers.credentials import CallCredential, clear_credential, use_credential
 from server.storage import Database
 from server.storage.settings import StorageSettings
@@ -50,6 +82,10 @@ class Accounts:
     auth_required: bool
     # Provider credentials stored through the admin API; None without a master key.
     vault: CredentialVault | None = None
+    # Where the ledger keeps records the database cannot take (None: nowhere).
+    spool: Spool | None = None
+    # Confirms and re-checks invalid credentials (see `watch_credentials`).
+    credential_checker: CredentialChecker | None = None
 
     @classmethod
     async def open(
@@ -60,18 +96,42 @@ class Accounts:
         billing_enabled: bool,
         key_cache_ttl_s: float = 5.0,
         key_negative_cache_ttl_s: float = 1.0,
+        key_cache_outage_grace_s: float = 300.0,
         key_pepper: bytes | None = None,
         master_key: str | None = None,
+        reservation_lease_s: float = 120.0,
     ) -> Accounts:
-        db = await Database.open(storage.resolved_database_url(), sqlite_busy_timeout_ms=storage.sqlite_busy_timeout_ms)
-        keys = KeyStore(db, pepper=key_pepper, cache_ttl_s=key_cache_ttl_s, negative_ttl_s=key_negative_cache_ttl_s)
+        db = await Database.open_with(storage)
+        keys = KeyStore(
+            db,
+            pepper=key_pepper,
+            cache_ttl_s=key_cache_ttl_s,
+            negative_ttl_s=key_negative_cache_ttl_s,
+            outage_grace_s=key_cache_outage_grace_s,
+        )
         vault = CredentialVault(db, load_master_key(master_key)) if master_key else None
-        credits = CreditService(db, billing_enabled=billing_enabled)
-        return cls(db, keys, Ledger(db), credits, auth_required, vault)
+        credits = CreditService(db, billing_enabled=billing_enabled, reservation_lease_s=reservation_lease_s)
+        spool = Spool(storage.resolved_spool_dir())
+        return cls(db, keys, Ledger(db, spool=spool, credits=credits), credits, auth_required, vault, spool)
+
+    def spool_replayer(self, interval_s: float) -> SpoolReplayer | None:
+        """The task body that replays spooled records (None without a spool)."""
+        return None if self.spool is None else SpoolReplayer(self.ledger, self.spool, interval_s=interval_s)
+
+    def watch_credentials(self, probes: Mapping[str, Probe], recheck_interval_s: float) -> None:
+        """With a vault: confirms provider rejections of stored credentials with these
+        probes (by provider name) and re-checks invalid ones every `recheck_interval_s`."""
+        if self.vault is not None and self.credential_checker is None:
+            self.credential_checker = CredentialChecker(self.vault, probes, recheck_interval_s=recheck_interval_s)
+            self.credential_checker.start()
 
     async def close(self) -> None:
         """Commits what the ledger still holds, then disconnects."""
+        if self.credential_checker is not None:
+            await self.credential_checker.stop()
         await self.ledger.close()
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.rotate)
         await self.db.close()
 
     async def authenticate(self, secret: str | None) -> KeyRecord | None:
@@ -83,6 +143,8 @@ class Accounts:
             return None
         try:
             return await self.keys.authenticate(secret)
+        except StorageUnavailable:
+            raise  # not "no valid key": serving anonymously would drop its allow-list
         except GatewayError:
             return None
 
@@ -100,7 +162,11 @@ class Accounts:
             operation=operation,
             error_reason=exc.reason,
         )
-        await asyncio.shield(self.ledger.record(record))
+        try:
+            await asyncio.shield(self.ledger.record(record))
+        except StorageUnavailable:
+            # Nothing was answered: the caller gets its refusal even if it cannot be kept.
+            log.warning("could not record a refused %s call (%s): storage unavailable", operation, exc.reason)
 
     def meter(
         self,
@@ -110,11 +176,13 @@ class Accounts:
         operation: str,
         worst_case: Usage,
         credential_header: tuple[str, str] | None = None,
+        prompt_tokens: int = 0,
     ) -> Meter:
-        """The meter of one call to `provider/model`; checks the key's allow-list now."""
+        """The meter of one call to `provider/model`; checks the key's allow-list now.
+        `prompt_tokens` estimates the input, for a cut call that reports no usage."""
         if key is not None:
             authorize(key, f"{provider}/{model}")
-        return Meter(self, key, provider, model, operation, worst_case, credential_header)
+        return Meter(self, key, provider, model, operation, worst_case, credential_header, prompt_tokens)
 
 
 class Meter:
@@ -129,6 +197,7 @@ class Meter:
         operation: str,
         worst_case: Usage,
         credential_header: tuple[str, str] | None = None,
+        prompt_tokens: int = 0,
     ) -> None:
         self.request_id = uuid.uuid4().hex
         self.usage = Usage()
@@ -139,9 +208,12 @@ class Meter:
         self._operation = operation
         self._worst_case = worst_case
         self._reservation: Reservation | None = None
+        # The model's rate as of the call's start: pricing the record needs no database.
+        self._rate: Rate | None = None
         self._started = time.monotonic()
         self._first_token: float | None = None
         self._streamed_chars = 0
+        self._prompt_tokens = prompt_tokens
         self._credential_header = credential_header
         self._credential_id: str | None = None
         self._credential_token: Token[CallCredential | None] | None = None
@@ -169,32 +241,60 @@ class Meter:
         self._credential_id = credential.id
         self._credential_token = use_credential(self._credential_header, credential.secret)
 
-    def _final_usage(self) -> Usage:
+    def _final_usage(self, exc: BaseException | None) -> Usage:
         usage = self.usage
         if usage.output_tokens == 0 and self._streamed_chars:
             # No usage arrived (the stream was cut): about 4 characters per token.
             usage = replace(usage, output_tokens=-(-self._streamed_chars // CHARS_PER_TOKEN))
+        cut = isinstance(exc, (asyncio.CancelledError, ShuttingDown))
+        if usage.input_tokens == 0 and (self._streamed_chars or cut):
+            # The provider read the prompt even if it never said how long it was.
+            usage = replace(usage, input_tokens=self._prompt_tokens)
         return usage
 
     async def __aenter__(self) -> Meter:
         METERED.set(True)
-        await self._choose_credential()
+        if not self._accounts.ledger.writable:
+            # Refused before any provider is called: its answer could not be recorded.
+            raise StorageUnavailable(
+                "the gateway cannot record usage right now (database and spool failing); retry later"
+            )
+        try:
+            await self._choose_credential()
+            await self._reserve()
+        except BaseException as exc:
+            # A call refused here (out of credits, cap reached, no rate) is recorded
+            # by its meter, once: METERED tells the servicer's refusal path it is done.
+            await self._record_refusal(exc)
+            raise
+        return self
+
+    async def _reserve(self) -> None:
         if self._key is not None and self._accounts.credits.billing_enabled:
             worst = await self._accounts.credits.price(self._model, self._worst_case)
+            self._rate = await self._accounts.credits.rate_for(self._model)
             self._reservation = await self._accounts.credits.reserve(
                 self._key.owner_id, worst, key_id=self._key.id, request_id=self.request_id
             )
-        return self
+
+    async def _record_refusal(self, exc: BaseException) -> None:
+        """Records the call refused by `exc`; a failure to record is logged, so that
+        the client still learns why it was refused."""
+        try:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+        except Exception as failure:  # noqa: BLE001 - the refusal is the error to report
+            log.error("could not record the refused call %s: %s", self.request_id, failure)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._credential_token is not None:
             clear_credential(self._credential_token)
-        if isinstance(exc, UpstreamAuthFailed) and self._credential_id and self._accounts.vault:
-            # The provider rejected this credential: out of rotation until an admin acts.
-            await asyncio.shield(self._accounts.vault.mark_invalid(self._credential_id, exc.message[:500]))
-        self.usage = self._final_usage()
+        checker = self._accounts.credential_checker
+        if isinstance(exc, UpstreamCredentialRejected) and self._credential_id and checker:
+            # "Invalid key" (not a 403): out of rotation if a probe confirms it.
+            await asyncio.shield(checker.confirm_rejection(self._provider, self._credential_id, exc))
+        self.usage = self._final_usage(exc)
         record = self._record(exc)
         # Shielded: a cancelled call is still recorded, and a second cancellation of
         # the handler must not interrupt the commit half-way.
@@ -204,6 +304,8 @@ class Meter:
         outcome: Outcome = "ok"
         if isinstance(exc, asyncio.CancelledError):
             outcome = "cancelled"
+        elif isinstance(exc, ShuttingDown):
+            outcome = "interrupted"
         elif exc is not None:
             outcome = "error"
         reason = exc.reason if isinstance(exc, GatewayError) else (type(exc).__name__ if exc else None)
@@ -230,6 +332,15 @@ class Meter:
 
     async def _commit(self, record: UsageRecord) -> None:
         credits = self._accounts.credits
-        if credits.billing_enabled:
-            record = replace(record, cost_micros=await credits.price(record.model, self.usage))
+        try:
+            # Nothing consumed costs nothing (and a refusal for a model without a rate
+            # must not fail again on its price).
+            if credits.billing_enabled and self.usage != Usage():
+                cost = cost_of(self._rate, self.usage) if self._rate else await credits.price(record.model, self.usage)
+                record = replace(record, cost_micros=cost)
+        except Exception:
+            # No record will settle the hold: let its lease lapse (swept within a lease).
+            if self._reservation is not None and self._reservation.id is not None:
+                credits.forget(self._reservation.id)
+            raise
         await self._accounts.ledger.record(record, reservation=self._reservation)

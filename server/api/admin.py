@@ -146,6 +146,11 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     async def ListReservations(
         self, request: admin_pb.ListReservationsRequest, context: Context
     ) -> admin_pb.ListReservationsResponse:
+        if request.owner:
+            try:
+                parse_owner(request.owner)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), field="owner") from exc
         held = await self._accounts.credits.list_reservations(request.owner or None)
         return admin_pb.ListReservationsResponse(reservations=[_reservation(r) for r in held])
 

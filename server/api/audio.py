@@ -58,7 +58,7 @@ class AudioServicer(MeteredServicer, audio_grpc.AudioServiceServicer):
         body.pop("model", None)
         characters = Usage(characters=len(request.input))
         async with self._meter(route, "speech", characters) as meter:
-            audio = await adapter.create_speech(body, route.upstream_model)
+            audio = await self._upstream(route, adapter.create_speech(body, route.upstream_model))
             meter.usage = characters
         return httpbody_pb2.HttpBody(content_type=audio.content_type, data=audio.data)
 
@@ -95,7 +95,7 @@ class AudioServicer(MeteredServicer, audio_grpc.AudioServiceServicer):
     async def _transcribe(self, model: str, audio: TranscriptionInput) -> tuple[Route, TranscriptionOutput]:
         route, adapter = self._router.resolve(model, Capability.TRANSCRIPTION, Transcription)
         async with self._meter(route, "transcription", Usage()) as meter:
-            output = await adapter.create_transcription(audio, route.upstream_model)
+            output = await self._upstream(route, adapter.create_transcription(audio, route.upstream_model))
             meter.usage = _transcription_usage(output)
         return route, output
 

@@ -4,6 +4,11 @@ The key travels as `authorization: Bearer <key>` metadata (Envoy forwards the RE
 header as is). Health checks, reflection and an anonymous `GetStatus` need none. The
 authenticated key is put in `CURRENT_KEY` for the servicers (allow-list, billing,
 ledger): the interceptor runs in the same task as the handler.
+
+A failure here is answered like one in a servicer: a gateway error with its status
+(a database outage is 503 STORAGE_UNAVAILABLE with a retry hint), anything else as
+INTERNAL with the detail in the log only; an exception escaping an interceptor
+would reach the client as UNKNOWN with its text.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import grpc
 from server.accounts.errors import KeyInvalid, PermissionDenied, Unauthenticated
 from server.accounts.keys import KeyRecord
 from server.accounts.service import Accounts
-from server.api.errors import to_grpc_status
+from server.api.errors import to_grpc_status, unexpected_error_status
 from server.errors import GatewayError
 
 CURRENT_KEY: ContextVar[KeyRecord | None] = ContextVar("aigne_hub_key", default=None)
@@ -63,8 +68,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             else:
                 key = await self._accounts.authenticate(secret)
         except GatewayError as exc:
-            handler = await continuation(details)
-            return _refusing(handler, exc) if handler is not None else None
+            return await _refused(continuation, details, to_grpc_status(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must not reach the client as text
+            return await _refused(continuation, details, unexpected_error_status(exc))
         CURRENT_KEY.set(key)
         return await continuation(details)
 
@@ -77,9 +83,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             raise KeyInvalid("wrong admin token")
 
 
-def _refusing(handler: grpc.RpcMethodHandler, exc: GatewayError) -> grpc.RpcMethodHandler:
-    """A handler of the same shape that answers with the authentication error."""
-    status = to_grpc_status(exc)
+async def _refused(
+    continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+    details: grpc.HandlerCallDetails,
+    status: grpc.Status,
+) -> grpc.RpcMethodHandler | None:
+    handler = await continuation(details)
+    return _refusing(handler, status) if handler is not None else None
+
+
+def _refusing(handler: grpc.RpcMethodHandler, status: grpc.Status) -> grpc.RpcMethodHandler:
+    """A handler of the same shape that answers with `status`."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort_with_status(status)

@@ -1,11 +1,20 @@
-"""What every servicer method shares: turning exceptions into statuses, and reading
-call metadata."""
+"""What every servicer method shares: turning exceptions into statuses, reading
+call metadata, and the server's own limit on each upstream call.
+
+The limit (`Route.timeout_s`, from the `upstream_read_timeout_s` setting) is enforced
+here, not only by httpx: httpx's read timeout applies to each socket read, so an
+upstream that trickles bytes (SSE comments, a slow body) would never hit it. A unary
+call gets the limit for its whole answer; a stream for its first chunk and for each gap
+between chunks. Either way the server fails the call with UPSTREAM_TIMEOUT before the
+REST bridge's longer limits (derived from the same setting) cut it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import grpc
@@ -20,6 +29,7 @@ from server.routing.router import Route, Router
 S = TypeVar("S")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+T = TypeVar("T")
 
 # The ledger's operation names of the RPCs that call providers.
 OPERATIONS = {
@@ -75,16 +85,52 @@ class MeteredServicer:
         self._router = router
         self._accounts = accounts
 
-    def _meter(self, route: Route, operation: str, worst_case: Usage) -> Meter:
+    async def _upstream(self, route: Route, call: Awaitable[T]) -> T:
+        """`call`'s result, or UpstreamTimeout once it took longer than the limit."""
+        try:
+            async with asyncio.timeout(route.timeout_s) as limit:
+                return await call
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            raise self._timeout(route, "no answer within") from None
+
+    async def _upstream_stream(self, route: Route, chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+        """`chunks`, failing with UpstreamTimeout when the first one or the next one
+        takes longer than the limit; closes `chunks` whatever happens."""
+        async with aclosing(chunks):
+            first = True
+            while True:
+                try:
+                    async with asyncio.timeout(route.timeout_s) as limit:
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if not limit.expired():
+                        raise
+                    raise self._timeout(route, "no first chunk within" if first else "no next chunk within") from None
+                first = False
+                yield chunk
+
+    def _timeout(self, route: Route, what: str) -> errors.UpstreamTimeout:
+        provider = route.provider.name
+        return errors.UpstreamTimeout(
+            f"{provider} did not answer in time ({what} {route.timeout_s:g} s)", provider=provider
+        )
+
+    def _meter(self, route: Route, operation: str, worst_case: Usage, prompt_tokens: int = 0) -> Meter:
         """Checks the caller's allow-list for the route, and measures the call."""
         header = getattr(route.provider, "credential_header", None)
         return self._accounts.meter(
-            CURRENT_KEY.get(), route.provider.name, route.upstream_model, operation, worst_case, header
+            CURRENT_KEY.get(), route.provider.name, route.upstream_model, operation, worst_case, header, prompt_tokens
         )
 
     async def record_refusal(self, method: str, request: Any, exc: Exception) -> None:
         """A call that failed before its meter started still leaves a ledger record."""
         if METERED.get() or not isinstance(exc, errors.GatewayError):
             return
+        if isinstance(exc, errors.StorageUnavailable):
+            return  # the ledger is in that database: trying would only wait again
         model = getattr(request, "model", "") or ""
         await self._accounts.record_refusal(CURRENT_KEY.get(), OPERATIONS.get(method, method), model, exc)

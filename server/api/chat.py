@@ -1,9 +1,15 @@
-"""ChatService: complete and streamed chat completions."""
+"""ChatService: complete and streamed chat completions.
+
+A stream the gateway ends while shutting down (see server.api.shutdown) ends with an
+error event SHUTTING_DOWN over REST, or the UNAVAILABLE status over gRPC, and is
+recorded as "interrupted".
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import TypeAlias
 
@@ -13,12 +19,14 @@ from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import common_pb2
 from server import errors
+from server.accounts.service import Accounts
 from server.api.calls import MeteredServicer, abort_for, from_bridge, unary
 from server.api.convert import from_json, to_json
-from server.api.metering import chat_worst_case, streamed_text_chars, usage_from_openai
+from server.api.metering import chat_prompt_tokens, chat_worst_case, streamed_text_chars, usage_from_openai
+from server.api.shutdown import OpenStreams
 from server.api.validation import check_chat_request
 from server.providers.base import JSON, Capability, ChatCompletions
-from server.routing.router import Route
+from server.routing.router import Route, Router
 
 log = logging.getLogger(__name__)
 StreamContext: TypeAlias = grpc.aio.ServicerContext[
@@ -30,6 +38,10 @@ DONE_SENTINEL_ID = "[DONE]"
 
 
 class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
+    def __init__(self, router: Router, accounts: Accounts, streams: OpenStreams | None = None) -> None:
+        super().__init__(router, accounts)
+        self._streams = streams if streams is not None else OpenStreams()
+
     @unary
     async def CreateChatCompletion(
         self,
@@ -41,8 +53,10 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
                 "stream is true: call StreamChatCompletion (REST: the bridge does this for you)", field="stream"
             )
         route, adapter = self._resolve(request)
-        async with self._meter(route, "chat", chat_worst_case(request)) as meter:
-            answer = await adapter.create_chat_completion(_chat_body(request), route.upstream_model)
+        async with self._meter(route, "chat", chat_worst_case(request), chat_prompt_tokens(request)) as meter:
+            answer = await self._upstream(
+                route, adapter.create_chat_completion(_chat_body(request), route.upstream_model)
+            )
             meter.usage = usage_from_openai(answer.get("usage"))
         response = from_json(answer, chat_pb.CreateChatCompletionResponse(), provider=route.provider.name)
         response.model = _public_model(route, answer)
@@ -55,20 +69,9 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         bridge = from_bridge(context)
         started = False
         try:
-            if request.HasField("stream") and not request.stream:
-                raise errors.InvalidRequest("stream is false: call CreateChatCompletion", field="stream")
-            route, adapter = self._resolve(request)
-            body = _chat_body(request)
-            body["stream"] = True
-            include_usage = request.stream_options.include_usage
-            chunks = adapter.stream_chat_completion(body, route.upstream_model)
-            async with aclosing(chunks), self._meter(route, "chat_stream", chat_worst_case(request)) as meter:
-                async for chunk in chunks:
-                    if "usage" in chunk:
-                        meter.usage = usage_from_openai(chunk["usage"])
-                    meter.add_streamed_chars(streamed_text_chars(chunk))
-                    message = _client_chunk(chunk, route, include_usage)
-                    if message is not None:
+            with self._streams.track():
+                async with aclosing(self._stream(request)) as messages:
+                    async for message in messages:
                         started = True
                         yield message
         except Exception as exc:  # noqa: BLE001 - every failure must reach the client
@@ -81,6 +84,31 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
             return
         if bridge:
             yield chat_pb.StreamChatCompletionResponse(id=DONE_SENTINEL_ID)
+
+    async def _stream(
+        self, request: chat_pb.CreateChatCompletionRequest
+    ) -> AsyncGenerator[chat_pb.StreamChatCompletionResponse, None]:
+        """The client's chunks, metered; raises what ends the stream early."""
+        if request.HasField("stream") and not request.stream:
+            raise errors.InvalidRequest("stream is false: call CreateChatCompletion", field="stream")
+        route, adapter = self._resolve(request)
+        body = _chat_body(request)
+        body["stream"] = True
+        include_usage = request.stream_options.include_usage
+        chunks = self._upstream_stream(route, adapter.stream_chat_completion(body, route.upstream_model))
+        meter = self._meter(route, "chat_stream", chat_worst_case(request), chat_prompt_tokens(request))
+        async with aclosing(chunks), meter:
+            try:
+                async for chunk in chunks:
+                    if "usage" in chunk:
+                        meter.usage = usage_from_openai(chunk["usage"])
+                    meter.add_streamed_chars(streamed_text_chars(chunk))
+                    message = _client_chunk(chunk, route, include_usage)
+                    if message is not None:
+                        yield message
+            except asyncio.CancelledError:
+                self._streams.raise_if_interrupted()  # the meter then records "interrupted"
+                raise
 
     def _resolve(self, request: chat_pb.CreateChatCompletionRequest) -> tuple[Route, ChatCompletions]:
         check_chat_request(request)

@@ -28,7 +28,7 @@ class EmbeddingServicer(MeteredServicer, embedding_grpc.EmbeddingServiceServicer
         body = to_json(request)
         body.pop("model", None)
         async with self._meter(route, "embedding", input_worst_case(request.input.ByteSize())) as meter:
-            answer = await adapter.create_embedding(body, route.upstream_model)
+            answer = await self._upstream(route, adapter.create_embedding(body, route.upstream_model))
             meter.usage = usage_from_openai(answer.get("usage"))
         response = from_json(answer, embedding_pb.CreateEmbeddingResponse(), provider=route.provider.name)
         response.model = route.public_model

@@ -42,7 +42,7 @@ class ImageServicer(MeteredServicer, image_grpc.ImageServiceServicer):
         body.pop("model", None)
         images = request.n if request.HasField("n") else 1
         async with self._meter(route, "image", Usage(images=images)) as meter:
-            answer = await adapter.create_image(body, route.upstream_model)
+            answer = await self._upstream(route, adapter.create_image(body, route.upstream_model))
             response = from_json(answer, image_pb.CreateImageResponse(), provider=route.provider.name)
             meter.usage = replace(usage_from_openai(answer.get("usage")), images=len(response.data))
         return response

@@ -2,6 +2,18 @@
 
 The template is `envoy/envoy.yaml.tmpl` (a `string.Template`); the Lua filter it loads is
 `envoy/openai_bridge.lua`. Nothing here imports grpc: the bridge is plain configuration.
+
+Timeouts: Envoy's limits are derived from the server's (`bridge_timeouts`), never set
+beside them. The server gives an upstream `upstream_timeout_s` to answer (unary) or to
+send its next chunk (streams) and then fails the call itself with UPSTREAM_TIMEOUT (an
+error event on a started stream, recorded as an error); Envoy waits that long plus
+`BRIDGE_TIMEOUT_MARGIN_S` (for authentication, the credit reservation and the ledger
+write, which happen outside the upstream's limit), so it only cuts a call the server has
+stopped deciding about.
+
+Log levels: Envoy logs request headers, `authorization` included, at `debug` and
+`trace`. No setting may put callers' keys in a log, so those levels are refused
+(`check_envoy_log_level`); there is no way to strip the header before Envoy logs it.
 """
 
 from __future__ import annotations
@@ -13,11 +25,17 @@ import subprocess
 import sys
 from pathlib import Path
 from string import Template
+from typing import TypedDict
 
 __all__ = [
+    "BRIDGE_TIMEOUT_MARGIN_S",
     "ENVOY_DIR",
+    "ENVOY_LOG_LEVELS",
     "LUA_PATH",
     "TEMPLATE_PATH",
+    "BridgeTimeouts",
+    "bridge_timeouts",
+    "check_envoy_log_level",
     "envoy_executable",
     "render_envoy_config",
     "validate_envoy_config",
@@ -26,6 +44,39 @@ __all__ = [
 ENVOY_DIR: Path = Path(__file__).resolve().parents[2] / "envoy"
 TEMPLATE_PATH: Path = ENVOY_DIR / "envoy.yaml.tmpl"
 LUA_PATH: Path = ENVOY_DIR / "openai_bridge.lua"
+
+
+# How much longer than the server Envoy waits (see the module docstring).
+BRIDGE_TIMEOUT_MARGIN_S = 30.0
+# Envoy's log levels that log no request headers (debug and trace log them all).
+ENVOY_LOG_LEVELS = ("info", "warning", "warn", "error", "critical", "off")
+
+
+class BridgeTimeouts(TypedDict):
+    stream_idle_timeout_s: float
+    request_timeout_s: float
+
+
+def bridge_timeouts(upstream_timeout_s: float) -> BridgeTimeouts:
+    """Envoy's response limits for a server that gives upstreams `upstream_timeout_s`:
+    `render_envoy_config` keyword arguments, each longer than the server's own limit."""
+    if not math.isfinite(upstream_timeout_s) or upstream_timeout_s <= 0:
+        raise ValueError(f"upstream_timeout_s must be a positive number of seconds, got {upstream_timeout_s!r}")
+    limit = upstream_timeout_s + BRIDGE_TIMEOUT_MARGIN_S
+    return BridgeTimeouts(stream_idle_timeout_s=limit, request_timeout_s=limit)
+
+
+def check_envoy_log_level(level: str) -> str:
+    """`level` if Envoy logs no secrets at it; ValueError saying why otherwise."""
+    normalized = level.strip().lower()
+    if normalized in ("debug", "trace"):
+        raise ValueError(
+            f"Envoy log level {level!r} is refused: at debug and trace Envoy logs every request's "
+            f"headers, callers' API keys (authorization) included; use one of {', '.join(ENVOY_LOG_LEVELS)}"
+        )
+    if normalized not in ENVOY_LOG_LEVELS:
+        raise ValueError(f"unknown Envoy log level {level!r}; use one of {', '.join(ENVOY_LOG_LEVELS)}")
+    return normalized
 
 
 def _duration(seconds: float, *, name: str, allow_zero: bool = True) -> str:
@@ -69,8 +120,8 @@ def render_envoy_config(
     lua_path: Path,
     max_request_bytes: int,
     max_response_bytes: int,
-    stream_idle_timeout_s: float = 300.0,
-    request_timeout_s: float = 600.0,
+    stream_idle_timeout_s: float = 630.0,
+    request_timeout_s: float = 630.0,
     request_headers_timeout_s: float = 10.0,
     request_receive_timeout_s: float = 120.0,
 ) -> str:
@@ -85,6 +136,8 @@ def render_envoy_config(
     - `stream_idle_timeout_s`: a stream with no bytes either way for this long is reset.
     - `request_timeout_s`: the longest wait for a complete non-streamed response; 0 disables
       it. Streamed chat has no overall limit, only the idle timeout.
+      Both must exceed the server's own upstream limit: take them from `bridge_timeouts`
+      (the defaults are those of the server's default, 600 s).
     - `request_headers_timeout_s`: a client must send its headers within this time.
     - `request_receive_timeout_s`: a client must send its whole request within this time
       (408 otherwise), so a client stalling mid-body is cut off early.

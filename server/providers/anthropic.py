@@ -48,6 +48,7 @@ import httpx
 from server import errors
 from server.config import ModelEntry, ProviderConfig
 from server.providers.base import JSON, Capability, auth_headers
+from server.providers.credentials import probe
 from server.providers.http_errors import retry_after_seconds, transport_error, upstream_status_error
 
 if TYPE_CHECKING:
@@ -76,10 +77,11 @@ FINISH_REASONS = {
 }
 
 # Anthropic's error types → the gateway's errors. Billing is the operator's to fix,
-# like a bad key, so it counts as an authentication failure rather than an outage.
+# like a bad key, so it counts as a refusal rather than an outage; only
+# authentication_error (401) says the key itself is invalid.
 _ERROR_KINDS: dict[str, type[errors.UpstreamError]] = {
     "invalid_request_error": errors.UpstreamBadRequest,
-    "authentication_error": errors.UpstreamAuthFailed,
+    "authentication_error": errors.UpstreamCredentialRejected,
     "permission_error": errors.UpstreamAuthFailed,
     "billing_error": errors.UpstreamAuthFailed,
     "not_found_error": errors.UpstreamNotFound,
@@ -137,6 +139,18 @@ class AnthropicAdapter:
 
     async def aclose(self) -> None:
         """Nothing of its own to release: the HTTP client is shared."""
+
+    async def probe_credential(self, secret: str) -> None:
+        """Lists the provider's models with `secret` (see `base.CredentialProbe`)."""
+        await probe(
+            self._client,
+            self._url.removesuffix("/messages") + "/models?limit=1",
+            provider=self.name,
+            headers=self._headers,
+            credential_header=self.credential_header,
+            secret=secret,
+            error_of=lambda r: self._status_error(r.status_code, r.headers, r.content),
+        )
 
     async def create_chat_completion(self, request: JSON, model: str) -> JSON:
         body = to_messages_request(self.name, request, model, self.memory)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+from server.redaction import register_secret
+
 JSON = dict[str, Any]
 
 
@@ -129,6 +131,17 @@ CAPABILITY_INTERFACES: dict[Capability, type] = {
 }
 
 
+@runtime_checkable
+class CredentialProbe(Protocol):
+    """Adapters that can check a credential on their own (every built-in one)."""
+
+    async def probe_credential(self, secret: str) -> None:
+        """Sends the provider's cheapest authenticated request (its model list) with
+        `secret`: returns if accepted, raises `UpstreamCredentialRejected` if the
+        provider says the key is invalid, another `UpstreamError` if it cannot tell."""
+        ...
+
+
 class Provider(Protocol):
     """What every adapter has besides its capability methods."""
 
@@ -147,6 +160,7 @@ def auth_headers(
     """An adapter's request headers: the configured extras, and the API key in the one
     header its API reads (the same `credential_header` a vault credential replaces)."""
     headers = dict(extra or {})
+    register_secret(api_key)  # redacted wherever a provider echoes it
     if api_key:
         name, prefix = credential_header
         headers[name] = prefix + api_key

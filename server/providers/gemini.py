@@ -110,6 +110,7 @@ import httpx
 from server import errors
 from server.config import ModelEntry, ProviderConfig
 from server.providers.base import JSON, Capability, auth_headers
+from server.providers.credentials import probe
 from server.providers.http_errors import error_message_from_body, transport_error, upstream_status_error
 
 if TYPE_CHECKING:
@@ -205,6 +206,18 @@ class GeminiAdapter:
 
     async def aclose(self) -> None:
         """Nothing of its own to release: the HTTP client is shared."""
+
+    async def probe_credential(self, secret: str) -> None:
+        """Lists the provider's models with `secret` (see `base.CredentialProbe`)."""
+        await probe(
+            self._client,
+            f"{self._api_root}/models?pageSize=1",
+            provider=self.name,
+            headers=self._headers,
+            credential_header=self.credential_header,
+            secret=secret,
+            error_of=lambda r: google_error(self.name, r.status_code, r.headers, r.content),
+        )
 
     # -- chat -------------------------------------------------------------------------
 

@@ -3,6 +3,11 @@
 Shared by every adapter that talks HTTP: the status-code mapping is the same for all
 providers; only how the error message is found in the body differs, so adapters pass
 their own `message` when they have parsed one.
+
+Only a 401 says the credential itself is bad (`UpstreamCredentialRejected`: the
+gateway confirms with a probe and may take a stored credential out of rotation); a 403
+is a refused permission, often for one model, and leaves the credential alone. Upstream
+text is redacted of anything key-shaped when the `UpstreamError` is built.
 """
 
 from __future__ import annotations
@@ -59,7 +64,9 @@ def upstream_status_error(provider: str, status: int, headers: httpx.Headers, me
     kind: type[errors.UpstreamError]
     if status in (400, 409, 413, 415, 422):
         kind = errors.UpstreamBadRequest
-    elif status in (401, 403):
+    elif status == 401:
+        kind = errors.UpstreamCredentialRejected
+    elif status == 403:
         kind = errors.UpstreamAuthFailed
     elif status == 404:
         kind = errors.UpstreamNotFound

@@ -65,6 +65,7 @@ import httpx
 
 from server import errors
 from server.providers.base import JSON, Capability, auth_headers
+from server.providers.credentials import probe
 from server.providers.http_errors import error_message_from_body, transport_error, upstream_status_error
 from server.providers.openai import _StreamContext
 
@@ -128,6 +129,20 @@ class OllamaAdapter:
 
     async def aclose(self) -> None:
         """Nothing of its own to release: the HTTP client is shared."""
+
+    async def probe_credential(self, secret: str) -> None:
+        """Lists the pulled models with `secret` (see `base.CredentialProbe`)."""
+        await probe(
+            self._client,
+            self._base_url + "/api/tags",
+            provider=self.name,
+            headers=self._headers,
+            credential_header=self.credential_header,
+            secret=secret,
+            error_of=lambda r: upstream_status_error(
+                self.name, r.status_code, r.headers, error_message_from_body(r.content)
+            ),
+        )
 
     async def create_chat_completion(self, request: JSON, model: str) -> JSON:
         answer = await self._post_json("/api/chat", chat_body(request, model, stream=False))

@@ -23,6 +23,7 @@ from server.providers.base import (
     TranscriptionOutput,
     auth_headers,
 )
+from server.providers.credentials import probe
 from server.providers.http_errors import (
     error_message_from_body,
     transport_error,
@@ -60,6 +61,20 @@ class OpenAIAdapter:
 
     async def aclose(self) -> None:
         """Nothing of its own to release: the HTTP client is shared."""
+
+    async def probe_credential(self, secret: str) -> None:
+        """Lists the provider's models with `secret` (see `base.CredentialProbe`)."""
+        await probe(
+            self._client,
+            self._base_url + "/models",
+            provider=self.name,
+            headers=self._headers,
+            credential_header=self.credential_header,
+            secret=secret,
+            error_of=lambda r: upstream_status_error(
+                self.name, r.status_code, r.headers, error_message_from_body(r.content)
+            ),
+        )
 
     # -- chat -------------------------------------------------------------------------
 

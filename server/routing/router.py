@@ -25,6 +25,10 @@ class Route:
     upstream_model: str
     # `provider/model` as reported back to the client.
     public_model: str
+    # The server's limit on the upstream call (server.api.calls enforces it): a unary
+    # answer, a stream's first chunk, each gap between chunks. The REST bridge's limits
+    # are derived from the largest (settings.upstream_read_timeout_s) and must stay above it.
+    timeout_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +81,11 @@ class CatalogModel:
 class Router:
     """Maps model strings to adapters; built once at start from the configuration."""
 
-    def __init__(self, config: GatewayConfig, providers: dict[str, Provider]) -> None:
+    def __init__(
+        self, config: GatewayConfig, providers: dict[str, Provider], *, upstream_timeout_s: float = 600.0
+    ) -> None:
         self._config = config
+        self._upstream_timeout_s = upstream_timeout_s
         self._providers = providers
         self._aliases = dict(config.aliases)
         self._models = dict(config.models)
@@ -202,7 +209,9 @@ class Router:
                 f"model {upstream_model!r} is not in provider {provider_name!r}'s catalog",
                 field="model",
             )
-        return Route(provider=provider, upstream_model=upstream_model, public_model=target)
+        return Route(
+            provider=provider, upstream_model=upstream_model, public_model=target, timeout_s=self._upstream_timeout_s
+        )
 
     def catalog(self) -> list[CatalogModel]:
         return sorted(self._catalog.values(), key=lambda m: m.id)

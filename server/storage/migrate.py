@@ -22,7 +22,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.storage.database import _BEGIN_MODE, StorageError, create_engine
+from server.storage.database import _BEGIN_MODE, StorageError, Timeouts, create_engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "aigne_hub_schema_version"
@@ -50,7 +50,7 @@ def upgrade(database_url: str | URL, revision: str = "head") -> None:
     """Migrates the database at `database_url` to `revision` (blocking)."""
 
     async def run() -> None:
-        engine = create_engine(database_url)
+        engine = create_engine(database_url, timeouts=Timeouts(statement_s=None))
         try:
             await upgrade_engine(engine, revision)
         finally:

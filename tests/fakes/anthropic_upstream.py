@@ -221,6 +221,10 @@ class FakeAnthropic:
         return response
 
     async def _dispatch(self, request: Request, body: Any) -> Response:
+        if (request.method, request.path) == ("GET", "/v1/models"):  # the gateway's credential probe
+            self._check_headers(request.headers)
+            models = [{"type": "model", "id": "claude-haiku-4-5", "display_name": "Claude Haiku 4.5"}]
+            return Response(200, json.dumps({"data": models, "has_more": False}).encode())
         if (request.method, request.path) != ("POST", "/v1/messages"):
             raise AnthropicError(404, f"Not Found: {request.method} {request.path}")
         self._check_headers(request.headers)

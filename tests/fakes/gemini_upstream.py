@@ -268,6 +268,9 @@ class FakeGemini:
             return _json_response(exc.body, exc.code)
 
     async def _dispatch(self, request: Request, body: Any) -> Response:
+        if (request.method, request.path) == ("GET", "/v1beta/models"):  # the gateway's credential probe
+            self._check_key(request)
+            return _json_response({"models": [{"name": "models/gemini-2.5-flash"}]}, 200)
         match = re.fullmatch(r"/v1beta/models/([^/:]+):(\w+)", request.path)
         endpoints = {
             "generateContent": self._generate,

@@ -164,6 +164,8 @@ class FakeMistral:
     async def _dispatch(self, request: Request, body: Any) -> Response:
         if request.headers.get("authorization") != f"Bearer {self.api_key}":
             raise MistralError(401, _ERROR_BODIES[401])
+        if (request.method, request.path) == ("GET", "/v1/models"):  # the gateway's credential probe
+            return Response(200, json.dumps({"object": "list", "data": [{"id": "mistral-small-latest"}]}).encode())
         routes = {"/v1/chat/completions": self._chat, "/v1/embeddings": self._embeddings}
         handler = routes.get(request.path)
         if request.method != "POST" or handler is None:

@@ -72,6 +72,8 @@ SCENARIO_MODELS = (
     "stream-cut",  # streams 2 chunks, then drops the connection (no [DONE])
     "stream-error",  # streams 2 chunks, then `data: {"error": {...}}`
     "stream-slow",  # waits server.chunk_delay before each chunk
+    "stream-stall",  # streams 2 chunks, then goes silent until the client hangs up
+    "stream-trickle",  # streams 2 chunks, then only SSE comments (every 0.2 s) until the client hangs up
 )
 _NORMAL_MODELS = (
     "gpt-4o-mini",
@@ -374,13 +376,18 @@ class FakeOpenAI:
 
     async def _stream_events(self, model: str, events: list[bytes]) -> AsyncGenerator[bytes, None]:
         """Sends the SSE events, cut short or slowed down as the model name asks."""
-        broken = model in ("stream-cut", "stream-error")
+        broken = model in ("stream-cut", "stream-error", "stream-stall", "stream-trickle")
         for event in events[:2] if broken else events:
             if model == "stream-slow":
                 await asyncio.sleep(self.chunk_delay)
             yield event
         if model == "stream-cut":
             raise AbortConnection
+        if model == "stream-stall":
+            await asyncio.Event().wait()  # the server cancels this when the client leaves
+        while model == "stream-trickle":
+            await asyncio.sleep(0.2)
+            yield b": still thinking\n\n"
         if model == "stream-error":
             error = OpenAIError(500, "The model crashed mid-stream (stream-error).")
             yield b"data: " + json.dumps(error.body).encode() + b"\n\n"
