@@ -51,6 +51,8 @@ from server.providers.base import CredentialProbe, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
 from server.redaction import register_secret
+from server.routing.attempts import Routing
+from server.routing.cooldown import open_cooldowns
 from server.routing.router import Router
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class Gateway:
     providers: dict[str, Provider] = field(default_factory=dict)
     streams: OpenStreams = field(default_factory=OpenStreams)
     spool_replay: asyncio.Task[None] | None = None
+    routing: Routing | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones (streams too) finish within
@@ -131,6 +134,8 @@ class Gateway:
         for provider in self.providers.values():
             await provider.aclose()
         await self.client.aclose()
+        if self.routing is not None:
+            await self.routing.aclose()
         if self.spool_replay is not None:
             self.spool_replay.cancel()
             await asyncio.gather(self.spool_replay, return_exceptions=True)
@@ -158,6 +163,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
     router = Router(config, providers, upstream_timeout_s=settings.upstream_read_timeout_s)
+    routing = Routing(config.routing, open_cooldowns(settings.redis_url, config.routing.cooldown))
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
     accounts.watch_credentials(probes, settings.credential_recheck_s)
     serving = ServingFlag()
@@ -173,12 +179,14 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
             AuthInterceptor(accounts, settings.admin_token.get_secret_value() if settings.admin_token else None)
         ],
     )
-    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router, accounts, streams), server)
-    embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(router, accounts), server)
-    image_service_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(router, accounts), server)
-    audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts), server)
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router, accounts, streams, routing), server)
+    embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(
+        EmbeddingServicer(router, accounts, routing), server
+    )
+    image_service_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(router, accounts, routing), server)
+    audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts, routing), server)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(accounts), server)
-    status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving), server)
+    status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving, routing), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -195,7 +203,9 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")
     replayer = accounts.spool_replayer(settings.spool_replay_interval_s)
     replay = asyncio.create_task(replayer.run(), name="ledger-spool-replay") if replayer else None
-    return Gateway(settings, server, port, client, health_servicer, serving, accounts, providers, streams, replay)
+    return Gateway(
+        settings, server, port, client, health_servicer, serving, accounts, providers, streams, replay, routing
+    )
 
 
 async def apply_configured_rates(accounts: Accounts, config: GatewayConfig) -> None:

@@ -58,15 +58,20 @@ class Settings(StorageSettings, AccountsSettings):
     # One limit for request and response messages, in gRPC and in Envoy's buffers.
     max_message_bytes: int = Field(32 * MIB, ge=MIB, le=512 * MIB)
     upstream_connect_timeout_s: float = Field(10.0, gt=0)
-    # How long an upstream may take to answer (a whole unary answer; a stream's first
-    # chunk and each gap between chunks). The server then fails the call itself with
-    # UPSTREAM_TIMEOUT; Envoy's limits are derived from this one and are longer.
+    # The longest the server waits on upstreams: for an answer (a whole unary answer; a
+    # stream's first chunk and each gap between chunks) and for a whole call, retries and
+    # fallbacks included. It is the default of the routing timeouts and their ceiling;
+    # the server then fails the call itself with UPSTREAM_TIMEOUT. Envoy's limits are
+    # derived from this one and are longer.
     upstream_read_timeout_s: float = Field(600.0, gt=0)
     # Envoy's log level; debug and trace are refused (they log authorization headers).
     envoy_log_level: Annotated[str, AfterValidator(check_envoy_log_level)] = "warning"
     # Graceful shutdown: how long in-flight calls (streams included) may take to finish.
     shutdown_grace_s: float = Field(30.0, ge=0)
     upstream_max_connections: int = Field(1000, ge=1)
+    # Redis for state every replica must share (deployment cooldowns); unset: each
+    # process keeps its own. E.g. redis://127.0.0.1:6379/0.
+    redis_url: str | None = None
     log_level: str = "INFO"
 
 
@@ -202,9 +207,9 @@ class RoutingConfig(BaseModel):
     backoff_base_s: float = Field(0.25, ge=0, le=60)
     max_backoff_s: float = Field(8.0, ge=0, le=600)
     max_retry_after_s: float = Field(30.0, ge=0, le=3600)
-    timeouts: TimeoutsConfig = Field(
-        default_factory=lambda: TimeoutsConfig(first_token_s=120.0, idle_s=120.0, total_s=600.0)
-    )
+    # Unset parts come from AIGNE_HUB_UPSTREAM_READ_TIMEOUT_S (default 600 s), which is
+    # also the most any model may set (the REST bridge's limits are derived from it).
+    timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig(idle_s=300.0))
     cooldown: CooldownConfig = Field(default_factory=CooldownConfig)
 
 

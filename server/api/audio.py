@@ -7,6 +7,7 @@ from dataclasses import replace
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import HTTP
+from typing import Any
 
 import grpc
 from google.api import httpbody_pb2
@@ -53,13 +54,13 @@ class AudioServicer(MeteredServicer, audio_grpc.AudioServiceServicer):
         context: grpc.aio.ServicerContext[audio_pb.CreateSpeechRequest, httpbody_pb2.HttpBody],
     ) -> httpbody_pb2.HttpBody:
         _check_speech(request)
-        route, adapter = self._router.resolve(request.model, Capability.SPEECH, SpeechSynthesis)
+        plan, options = self._plan(request.model, Capability.SPEECH, SpeechSynthesis, context)
         body = to_json(request)
         body.pop("model", None)
         characters = Usage(characters=len(request.input))
-        async with self._meter(route, "speech", characters) as meter:
-            audio = await self._upstream(route, adapter.create_speech(body, route.upstream_model))
-            meter.usage = characters
+        async with self._routed(plan, options, context, "speech", characters) as call:
+            audio = (await call.unary(lambda adapter, model: adapter.create_speech(dict(body), model))).result
+            call.meter.usage = characters
         return httpbody_pb2.HttpBody(content_type=audio.content_type, data=audio.data)
 
     @unary
@@ -78,7 +79,7 @@ class AudioServicer(MeteredServicer, audio_grpc.AudioServiceServicer):
             file_content_type="application/octet-stream",
             fields=fields,
         )
-        route, output = await self._transcribe(request.model, audio)
+        route, output = await self._transcribe(request.model, audio, context)
         return _typed_transcription(output, audio.response_format, route)
 
     @unary
@@ -89,14 +90,18 @@ class AudioServicer(MeteredServicer, audio_grpc.AudioServiceServicer):
     ) -> httpbody_pb2.HttpBody:
         model, audio = parse_transcription_upload(request.content_type, request.data)
         _check_transcription_format(audio.response_format)
-        _, output = await self._transcribe(model, audio)
+        _, output = await self._transcribe(model, audio, context)
         return httpbody_pb2.HttpBody(content_type=output.content_type, data=output.body)
 
-    async def _transcribe(self, model: str, audio: TranscriptionInput) -> tuple[Route, TranscriptionOutput]:
-        route, adapter = self._router.resolve(model, Capability.TRANSCRIPTION, Transcription)
-        async with self._meter(route, "transcription", Usage()) as meter:
-            output = await self._upstream(route, adapter.create_transcription(audio, route.upstream_model))
-            meter.usage = _transcription_usage(output)
+    async def _transcribe(
+        self, model: str, audio: TranscriptionInput, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[Route, TranscriptionOutput]:
+        plan, options = self._plan(model, Capability.TRANSCRIPTION, Transcription, context)
+        async with self._routed(plan, options, context, "transcription", Usage()) as call:
+            served = await call.unary(lambda adapter, model: adapter.create_transcription(audio, model))
+            output = served.result
+            call.meter.usage = _transcription_usage(output)
+        route = served.target.route
         return route, output
 
 

@@ -149,7 +149,7 @@ class Router:
             context_window_fallbacks=groups(config.context_window_fallbacks if config else ()),
             content_policy_fallbacks=groups(config.content_policy_fallbacks if config else ()),
             max_attempts=(config.max_attempts if config and config.max_attempts else routing.max_attempts),
-            timeouts=_merged_timeouts(routing.timeouts, config.timeouts if config else None),
+            timeouts=_merged_timeouts(routing.timeouts, config.timeouts if config else None, self._upstream_timeout_s),
         )
 
     def deployments(self, model: str) -> list[str]:
@@ -237,6 +237,19 @@ class Router:
                 caps = frozenset(entry.capabilities) if entry.capabilities else provider.capabilities
                 model_id = f"{name}/{entry.id}"
                 catalog[model_id] = CatalogModel(model_id, name, caps & provider.capabilities)
+        for name, config in self._config.models.items():
+            if not config.deployments:
+                continue
+            served = [catalog.get(f"{d.provider}/{d.model}") for d in config.deployments]
+            caps = frozenset().union(
+                *(
+                    entry.capabilities
+                    if entry
+                    else getattr(self._providers.get(d.provider), "capabilities", frozenset())
+                    for entry, d in zip(served, config.deployments, strict=True)
+                )
+            )
+            catalog[name] = CatalogModel(name, "aigne-hub", caps)
         for alias, target in self._aliases.items():
             base = catalog.get(target)
             owner = target.partition("/")[0]
@@ -250,12 +263,15 @@ def _fallbacks_of(config: ModelRouteConfig) -> list[str]:
     return [*config.fallbacks, *config.context_window_fallbacks, *config.content_policy_fallbacks]
 
 
-def _merged_timeouts(defaults: TimeoutsConfig, model: TimeoutsConfig | None) -> TimeoutsConfig:
-    """The model's timeouts where it sets them, the defaults' elsewhere."""
-    if model is None:
-        return defaults
-    return TimeoutsConfig(
-        first_token_s=model.first_token_s or defaults.first_token_s,
-        idle_s=model.idle_s or defaults.idle_s,
-        total_s=model.total_s or defaults.total_s,
-    )
+def _merged_timeouts(defaults: TimeoutsConfig, model: TimeoutsConfig | None, ceiling: float) -> TimeoutsConfig:
+    """The model's timeouts where it sets them, the defaults' elsewhere, the server's
+    upstream limit (`AIGNE_HUB_UPSTREAM_READ_TIMEOUT_S`) where neither does, and never
+    above that limit: the REST bridge's own limits are derived from it, so the server
+    always decides first and says why."""
+    model = model or TimeoutsConfig()
+
+    def pick(name: str) -> float:
+        value = getattr(model, name) or getattr(defaults, name) or ceiling
+        return float(min(value, ceiling))
+
+    return TimeoutsConfig(first_token_s=pick("first_token_s"), idle_s=pick("idle_s"), total_s=pick("total_s"))
