@@ -36,6 +36,7 @@ from server.api.auth import AuthInterceptor
 from server.api.chat import ChatServicer
 from server.api.embeddings import EmbeddingServicer
 from server.api.images import ImageServicer
+from server.api.intake import IntakeInterceptor
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
 from server.providers.base import Provider
@@ -142,7 +143,8 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
             ("grpc.so_reuseport", 0),
         ],
         interceptors=[
-            AuthInterceptor(accounts, settings.admin_token.get_secret_value() if settings.admin_token else None)
+            AuthInterceptor(accounts, settings.admin_token.get_secret_value() if settings.admin_token else None),
+            IntakeInterceptor(settings.default_call_deadline_s),
         ],
     )
     chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router, accounts), server)

@@ -112,6 +112,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The resource the request names (an API key, a provider credential) does not
     exist (NOT_FOUND, HTTP 404). ErrorInfo metadata "field" names the field.
     """
+    CALL_TIMEOUT: _ErrorReason.ValueType  # 25
+    """The call sent no deadline and ran longer than the gateway's default one
+    (AIGNE_HUB_DEFAULT_CALL_DEADLINE_S, default 600 s), or its request message did not
+    arrive within it (DEADLINE_EXCEEDED, HTTP 504). Send a deadline to allow longer.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reasons carried in `google.rpc.ErrorInfo.reason` (domain
@@ -204,6 +209,11 @@ charged and no provider was called.
 RESOURCE_NOT_FOUND: ErrorReason.ValueType  # 24
 """The resource the request names (an API key, a provider credential) does not
 exist (NOT_FOUND, HTTP 404). ErrorInfo metadata "field" names the field.
+"""
+CALL_TIMEOUT: ErrorReason.ValueType  # 25
+"""The call sent no deadline and ran longer than the gateway's default one
+(AIGNE_HUB_DEFAULT_CALL_DEADLINE_S, default 600 s), or its request message did not
+arrive within it (DEADLINE_EXCEEDED, HTTP 504). Send a deadline to allow longer.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
