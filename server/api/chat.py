@@ -16,7 +16,7 @@ from server import errors
 from server.api.calls import MeteredServicer, abort_for, from_bridge, unary
 from server.api.convert import from_json, to_json
 from server.api.metering import chat_worst_case, streamed_text_chars, usage_from_openai
-from server.api.validation import check_chat_request
+from server.api.validation import check_chat_request, check_request
 from server.providers.base import JSON, Capability, ChatCompletions
 from server.router import Route
 
@@ -55,6 +55,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         bridge = from_bridge(context)
         started = False
         try:
+            check_request(request)
             if request.HasField("stream") and not request.stream:
                 raise errors.InvalidRequest("stream is false: call CreateChatCompletion", field="stream")
             route, adapter = self._resolve(request)

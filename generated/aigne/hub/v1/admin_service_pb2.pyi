@@ -105,8 +105,8 @@ class CreateApiKeyRequest(_message.Message):
     """Optional. A spending cap in credits. Default: none."""
     @_builtins.property
     def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Allowed models as globs such as "openai/*", at most 100 globs of up to
-        200 characters each. Default: every model.
+        """Optional. Allowed models as globs such as "openai/*": at most 100 globs, each 1 to
+        200 characters. Default: every model.
         """
 
     @_builtins.property
