@@ -39,6 +39,7 @@ from server.api.images import ImageServicer
 from server.api.intake import IntakeInterceptor
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
+from server.memory import return_large_buffers_to_the_os
 from server.providers.base import Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
@@ -119,6 +120,7 @@ class Gateway:
 
 async def start_gateway(settings: Settings, config: GatewayConfig | None = None) -> Gateway:
     """Builds and starts the gRPC server on settings.grpc_host:grpc_port (0: any port)."""
+    return_large_buffers_to_the_os()
     if config is None:
         config = load_gateway_config(settings.config)
     accounts = await Accounts.open(

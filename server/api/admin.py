@@ -255,7 +255,8 @@ def _credits(text: str, field: str) -> int:
         amount = Decimal(text) if len(text) <= MAX_AMOUNT_CHARS else None
     except InvalidOperation:
         amount = None
-    if amount is None or not amount.is_finite() or abs(amount) > MAX_CREDITS:
+    # adjusted(): the exponent of the leading digit, safe to read on any Decimal.
+    if amount is None or not amount.is_finite() or amount.adjusted() > 13 or abs(amount) > MAX_CREDITS:
         raise InvalidRequest(
             f"{field} must be a decimal number of credits of at most {MAX_CREDITS:.0f}, not {text[:64]!r}",
             field=field,

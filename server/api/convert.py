@@ -22,7 +22,7 @@ def to_json(message: Message) -> JSON:
     """
     try:
         result = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    except ValueError as exc:
+    except (ValueError, json_format.Error) as exc:
         where = non_finite_number_path(message)
         if where is None:
             raise
