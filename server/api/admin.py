@@ -282,7 +282,7 @@ def _day(text: str, field: str) -> datetime | None:
     try:
         return datetime.combine(date.fromisoformat(text), datetime.min.time())
     except ValueError as exc:
-        raise InvalidRequest(f"{field} must be a day YYYY-MM-DD, not {text!r}", field=field) from exc
+        raise InvalidRequest(f"{field} must be a day YYYY-MM-DD, not {text[:64]!r}", field=field) from exc
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:

@@ -105,7 +105,7 @@ def _check_speech(request: audio_pb.CreateSpeechRequest) -> None:
         raise InvalidRequest("voice is required, e.g. alloy", field="voice")
     if request.response_format not in SPEECH_FORMATS:
         raise InvalidRequest(
-            f"response_format must be one of mp3, opus, aac, flac, wav, pcm; got {request.response_format!r}",
+            f"response_format must be one of mp3, opus, aac, flac, wav, pcm; got {request.response_format[:64]!r}",
             field="response_format",
         )
 
@@ -113,7 +113,7 @@ def _check_speech(request: audio_pb.CreateSpeechRequest) -> None:
 def _check_transcription_format(response_format: str) -> None:
     if response_format not in TRANSCRIPTION_FORMATS:
         raise InvalidRequest(
-            f"response_format must be one of json, text, srt, verbose_json, vtt; got {response_format!r}",
+            f"response_format must be one of json, text, srt, verbose_json, vtt; got {response_format[:64]!r}",
             field="response_format",
         )
 

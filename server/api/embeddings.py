@@ -57,5 +57,5 @@ def _check(request: embedding_pb.CreateEmbeddingRequest) -> None:
         raise InvalidRequest("input is required: a string, an array of strings or token arrays", field="input")
     if request.encoding_format not in ENCODING_FORMATS:
         raise InvalidRequest(
-            f"encoding_format must be float or base64, got {request.encoding_format!r}", field="encoding_format"
+            f"encoding_format must be float or base64, got {request.encoding_format[:64]!r}", field="encoding_format"
         )

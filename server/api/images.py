@@ -29,7 +29,8 @@ class ImageServicer(MeteredServicer, image_grpc.ImageServiceServicer):
             raise InvalidRequest("prompt is required", field="prompt")
         if request.response_format not in RESPONSE_FORMATS:
             raise InvalidRequest(
-                f"response_format must be url or b64_json, got {request.response_format!r}", field="response_format"
+                f"response_format must be url or b64_json, got {request.response_format[:64]!r}",
+                field="response_format",
             )
         route, adapter = self._router.resolve(request.model, Capability.IMAGES, ImageGeneration)
         body = to_json(request)

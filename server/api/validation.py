@@ -254,11 +254,6 @@ def _first(paths: Iterable[str | None]) -> str | None:
     return next((path for path in paths if path), None)
 
 
-def check_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise InvalidRequest(f"{name} must be between {low:g} and {high:g}, got {value:g}", field=name)
-
-
 def check_chat_request(request: chat_pb.CreateChatCompletionRequest) -> None:
     """Validates what `check_request` cannot: roles, content shapes, tool choices."""
     for index, message in enumerate(request.messages):
@@ -274,7 +269,7 @@ def _check_chat_message(index: int, message: chat_pb.ChatMessage) -> None:
     where = f"messages[{index}]"
     if message.role not in ROLES:
         raise InvalidRequest(
-            f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {message.role!r}",
+            f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {message.role[:64]!r}",
             field=f"{where}.role",
         )
     has_content = _check_content(where, message)
@@ -288,7 +283,7 @@ def _check_chat_message(index: int, message: chat_pb.ChatMessage) -> None:
                     field=f"{where}.tool_calls[{call_index}]",
                 )
     elif not has_content:
-        raise InvalidRequest(f"{where}.content is required for role {message.role!r}", field=f"{where}.content")
+        raise InvalidRequest(f"{where}.content is required for role {message.role[:64]!r}", field=f"{where}.content")
     if message.role == "tool" and not message.tool_call_id:
         raise InvalidRequest(f"{where}.tool_call_id is required for role 'tool'", field=f"{where}.tool_call_id")
 
@@ -317,7 +312,7 @@ def _check_content_part(where: str, part: struct_pb2.Value) -> None:
     part_type = fields["type"].string_value if "type" in fields else ""
     if part_type not in CONTENT_PART_TYPES:
         raise InvalidRequest(
-            f"{where}.type must be one of {', '.join(sorted(CONTENT_PART_TYPES))}, got {part_type!r}",
+            f"{where}.type must be one of {', '.join(sorted(CONTENT_PART_TYPES))}, got {part_type[:64]!r}",
             field=f"{where}.type",
         )
     if part_type == "text" and fields["text"].WhichOneof("kind") != "string_value":
@@ -341,7 +336,7 @@ def _check_tools(request: chat_pb.CreateChatCompletionRequest) -> None:
     for index, tool in enumerate(request.tools):
         if tool.type != "function":
             raise InvalidRequest(
-                f"tools[{index}].type must be 'function', got {tool.type!r}", field=f"tools[{index}].type"
+                f"tools[{index}].type must be 'function', got {tool.type[:64]!r}", field=f"tools[{index}].type"
             )
         if not tool.function.name:
             raise InvalidRequest(f"tools[{index}].function.name is required", field=f"tools[{index}].function.name")
@@ -352,7 +347,7 @@ def _check_tools(request: chat_pb.CreateChatCompletionRequest) -> None:
     if kind == "string_value":
         if choice.string_value not in TOOL_CHOICE_MODES:
             raise InvalidRequest(
-                f"tool_choice must be none, auto, required or a function object, got {choice.string_value!r}",
+                f"tool_choice must be none, auto, required or a function object, got {choice.string_value[:64]!r}",
                 field="tool_choice",
             )
         return
@@ -369,7 +364,8 @@ def _check_response_format(request: chat_pb.CreateChatCompletionRequest) -> None
     response_format = request.response_format
     if response_format.type not in RESPONSE_FORMATS:
         raise InvalidRequest(
-            f"response_format.type must be one of {', '.join(sorted(RESPONSE_FORMATS))}, got {response_format.type!r}",
+            f"response_format.type must be one of {', '.join(sorted(RESPONSE_FORMATS))}, "
+            f"got {response_format.type[:64]!r}",
             field="response_format.type",
         )
     if response_format.type == "json_schema" and not response_format.json_schema.name:
