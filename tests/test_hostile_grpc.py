@@ -195,6 +195,17 @@ async def test_a_well_formed_raw_request_still_works(hostile):
     assert await hostile.raw(CHAT, chat_request().SerializeToString()) is None
 
 
+async def test_oversized_messages_and_tiny_deadlines_keep_their_codes(hostile):
+    """What already worked stays: the message limit and the client's deadline."""
+    too_big = _field(1, b"openai/gpt-4o-mini") + _field(15, b"u" * (17 * 1024 * 1024))
+    assert (await hostile.raw(CHAT, too_big)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await hostile.channel.unary_unary(CHAT)(
+            chat_request("openai/slow").SerializeToString(), metadata=hostile.auth(CHAT), timeout=0.001
+        )
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 # ----------------------------------------------------------- 2. formerly INTERNAL
 
 
@@ -778,3 +789,12 @@ async def test_rss_stays_bounded_after_hundreds_of_hostile_calls(hostile):
     assert grown < 200 * 1024 * 1024, f"RSS stayed {grown / 2**20:.0f} MB above its start"
     # The server still answers normally.
     assert await hostile.raw(CHAT, chat_request().SerializeToString()) is None
+
+
+async def test_rest_callers_get_the_same_limits(bridge, api_key):
+    chat = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi", "name": "n" * 65}]}
+    async with httpx.AsyncClient(base_url=bridge.rest_url, timeout=20) as http:
+        answer = await http.post("/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {api_key}"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "REQUEST_TOO_LARGE"
+    assert answer.json()["error"]["param"] == "messages[0].name"

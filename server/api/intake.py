@@ -23,6 +23,11 @@ Default deadline. A call that sends no deadline gets `default_deadline_s`
 waiting for the request message and running the method are bounded by it, and the
 call then ends with DEADLINE_EXCEEDED (reason CALL_TIMEOUT). A streamed answer is
 checked between its messages. Calls with a client deadline are left to grpc-core.
+REST calls arrive from Envoy without a deadline, so the default bounds them too; a
+health `Watch` without a deadline ends with it (health-checking clients re-open it).
+
+Cost: about 20 us per call (a streaming-request handler and two async iterator steps),
+measured against a bare health Check at ~5,000 calls/s on the shared test machine.
 
 Registered after `AuthInterceptor`, so an unauthenticated call is refused as such
 whatever its body holds.
