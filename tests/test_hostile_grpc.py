@@ -798,3 +798,9 @@ async def test_rest_callers_get_the_same_limits(bridge, api_key):
     assert answer.status_code == 400
     assert answer.json()["error"]["code"] == "REQUEST_TOO_LARGE"
     assert answer.json()["error"]["param"] == "messages[0].name"
+
+
+async def test_an_unauthenticated_call_is_refused_as_such_whatever_its_body(hostile):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await hostile.channel.unary_unary(CHAT)(GARBAGE["random bytes"], timeout=10)
+    assert refused(caught.value, grpc.StatusCode.UNAUTHENTICATED) == "UNAUTHENTICATED"
