@@ -44,9 +44,11 @@ from server.api.auth import AuthInterceptor
 from server.api.chat import ChatServicer
 from server.api.embeddings import EmbeddingServicer
 from server.api.images import ImageServicer
+from server.api.intake import IntakeInterceptor
 from server.api.shutdown import OpenStreams, interrupt_after
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
+from server.memory import return_large_buffers_to_the_os
 from server.providers.base import CredentialProbe, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
@@ -144,6 +146,7 @@ class Gateway:
 
 async def start_gateway(settings: Settings, config: GatewayConfig | None = None) -> Gateway:
     """Builds and starts the gRPC server on settings.grpc_host:grpc_port (0: any port)."""
+    return_large_buffers_to_the_os()
     if config is None:
         config = load_gateway_config(settings.config)
     accounts = await Accounts.open(
@@ -176,7 +179,8 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
             ("grpc.so_reuseport", 0),
         ],
         interceptors=[
-            AuthInterceptor(accounts, settings.admin_token.get_secret_value() if settings.admin_token else None)
+            AuthInterceptor(accounts, settings.admin_token.get_secret_value() if settings.admin_token else None),
+            IntakeInterceptor(settings.default_call_deadline_s),
         ],
     )
     chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router, accounts, streams, routing), server)
@@ -185,7 +189,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     )
     image_service_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(router, accounts, routing), server)
     audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts, routing), server)
-    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(accounts), server)
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(accounts, providers), server)
     status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving, routing), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

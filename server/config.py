@@ -6,6 +6,7 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     AIGNE_HUB_ADMIN_PORT                        Envoy admin (loopback only), default 9901
     AIGNE_HUB_CONFIG                            YAML file of providers, models, aliases
     AIGNE_HUB_MAX_MESSAGE_BYTES                 request/response size limit, default 32 MiB
+    AIGNE_HUB_DEFAULT_CALL_DEADLINE_S           deadline of calls that send none, default 600
     AIGNE_HUB_DATA_DIR / AIGNE_HUB_DATABASE_URL SQLite file's folder / a PostgreSQL URL
     AIGNE_HUB_BILLING_ENABLED                   charge credits (default off)
     AIGNE_HUB_UPSTREAM_READ_TIMEOUT_S           upstream silence limit; Envoy's limits derive from it
@@ -68,6 +69,8 @@ class Settings(StorageSettings, AccountsSettings):
     envoy_log_level: Annotated[str, AfterValidator(check_envoy_log_level)] = "warning"
     # Graceful shutdown: how long in-flight calls (streams included) may take to finish.
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # The deadline of a call that sends none (server.api.intake): no call is held forever.
+    default_call_deadline_s: float = Field(600.0, gt=0)
     upstream_max_connections: int = Field(1000, ge=1)
     # Redis for state every replica must share (deployment cooldowns); unset: each
     # process keeps its own. E.g. redis://127.0.0.1:6379/0.

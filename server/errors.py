@@ -9,10 +9,12 @@ gRPC, and `server.api.errors` maps each class to a gRPC status code in one place
     ├── InvalidRequest            the caller's request is wrong (400)
     │   └── RequestTooLarge       a field or body is over a documented limit (400)
     ├── ModelNotFound             no such provider/model (404)
+    ├── ResourceNotFound          no such API key or provider credential (404)
     ├── ProviderNotConfigured     the provider exists but has no credential (400)
     ├── UnsupportedFeature        the provider cannot do what was asked (501)
     ├── ShuttingDown              the server is draining (503)
     ├── StorageUnavailable        the gateway's database cannot be used now (503)
+    ├── CallTimeout               a call without a deadline outlived the default one (504)
     ├── InternalError             a bug in the gateway (500)
     └── UpstreamError             the upstream provider failed
         ├── UpstreamBadRequest        it rejected the request (400)
@@ -79,6 +81,13 @@ class ModelNotFound(GatewayError):
     openai_type = "not_found_error"
 
 
+class ResourceNotFound(GatewayError):
+    """The request names an API key or provider credential that does not exist."""
+
+    reason = "RESOURCE_NOT_FOUND"
+    openai_type = "not_found_error"
+
+
 class ProviderNotConfigured(GatewayError):
     """The provider is known but not set up (for example no API key)."""
 
@@ -110,6 +119,14 @@ class StorageUnavailable(GatewayError):
     def __init__(self, message: str, *, retry_after_seconds: float = 5.0) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+
+
+class CallTimeout(GatewayError):
+    """A call that set no deadline ran past the gateway's default one, or its request
+    message never arrived completely."""
+
+    reason = "CALL_TIMEOUT"
+    openai_type = "timeout_error"
 
 
 class InternalError(GatewayError):

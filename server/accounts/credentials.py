@@ -41,7 +41,7 @@ from typing import Literal, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Row, delete, select, update
+from sqlalchemy import Row, delete, select, tuple_, update
 
 from server.errors import ProviderNotConfigured
 from server.redaction import redact, register_secret
@@ -174,13 +174,21 @@ class CredentialVault:
         self._pools.pop(provider, None)
         return info
 
-    async def list_credentials(self, provider: str | None = None) -> list[CredentialInfo]:
-        """Every stored credential (of `provider`), masked."""
-        query = select(provider_credentials).order_by(
-            provider_credentials.c.provider, provider_credentials.c.created_at, provider_credentials.c.id
-        )
+    async def list_credentials(
+        self,
+        provider: str | None = None,
+        *,
+        after: tuple[str, datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[CredentialInfo]:
+        """Stored credentials (of `provider`), masked, by provider and age; a page of
+        `limit` of them after the one whose (provider, created_at, id) is `after`."""
+        order = (provider_credentials.c.provider, provider_credentials.c.created_at, provider_credentials.c.id)
+        query = select(provider_credentials).order_by(*order).limit(limit)
         if provider is not None:
             query = query.where(provider_credentials.c.provider == provider)
+        if after is not None:
+            query = query.where(tuple_(*order) > tuple_(*after))
         async with self._db.read() as conn:
             rows = (await conn.execute(query)).all()
         return [_info(row) for row in rows]

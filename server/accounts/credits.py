@@ -53,7 +53,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
 
-from sqlalchemy import ColumnElement, Interval, Row, delete, func, literal, select, update
+from sqlalchemy import ColumnElement, Interval, Row, delete, func, literal, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.accounts.errors import (
@@ -233,9 +233,13 @@ class CreditService:
         self._rates = None
         return done.rowcount > 0
 
-    async def list_rates(self) -> list[Rate]:
+    async def list_rates(self, *, after: str | None = None, limit: int | None = None) -> list[Rate]:
+        """Rates by model; a page of `limit` of them after the model `after`."""
+        query = select(model_rates).order_by(model_rates.c.model).limit(limit)
+        if after is not None:
+            query = query.where(model_rates.c.model > after)
         async with self._db.read() as conn:
-            rows = (await conn.execute(select(model_rates).order_by(model_rates.c.model))).all()
+            rows = (await conn.execute(query)).all()
         return [_rate(row) for row in rows]
 
     async def rate_for(self, model: str) -> Rate | None:
@@ -392,11 +396,17 @@ class CreditService:
         """Gives the whole hold back (the call failed before it cost anything)."""
         await self.settle(reservation, 0)
 
-    async def list_reservations(self, owner_id: str | None = None) -> list[Reservation]:
-        """The reservations held now (of `owner_id`), oldest first."""
-        query = select(reservations).order_by(reservations.c.created_at, reservations.c.id)
+    async def list_reservations(
+        self, owner_id: str | None = None, *, after: tuple[datetime, str] | None = None, limit: int | None = None
+    ) -> list[Reservation]:
+        """The reservations held now (of `owner_id`), oldest first; a page of `limit`
+        of them after the one whose (created_at, id) is `after`."""
+        order = (reservations.c.created_at, reservations.c.id)
+        query = select(reservations).order_by(*order).limit(limit)
         if owner_id is not None:
             query = query.where(reservations.c.owner_id == owner_id)
+        if after is not None:
+            query = query.where(tuple_(*order) > tuple_(*after))
         async with self._db.read() as conn:
             rows = (await conn.execute(query)).all()
         return [

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from fnmatch import fnmatchcase
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from server.accounts.errors import KeyExpired, KeyInvalid, KeyRevoked, ModelNotAllowed, Unauthenticated
@@ -223,10 +223,16 @@ class KeyStore:
             row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).one_or_none()
         return None if row is None else _record(row)
 
-    async def list_keys(self, owner_id: str | None = None) -> list[KeyRecord]:
-        query = select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)
+    async def list_keys(
+        self, owner_id: str | None = None, *, after: tuple[datetime, str] | None = None, limit: int | None = None
+    ) -> list[KeyRecord]:
+        """Keys oldest first; a page of `limit` of them after the key whose
+        (created_at, id) is `after`."""
+        query = select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id).limit(limit)
         if owner_id is not None:
             query = query.where(api_keys.c.owner_id == owner_id)
+        if after is not None:
+            query = query.where(tuple_(api_keys.c.created_at, api_keys.c.id) > tuple_(*after))
         async with self._db.read() as conn:
             rows = (await conn.execute(query)).all()
         return [_record(row) for row in rows]

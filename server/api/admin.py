@@ -1,10 +1,19 @@
 """AdminService: keys, credits and rates, provider credentials and usage reports over
-the accounts layer. Authorised by the admin credential in `server.api.auth`."""
+the accounts layer. Authorised by the admin credential in `server.api.auth`.
+
+Every stored string is bounded (the limits are in `server.api.validation.LIMITS`, as
+the contract documents them), credentials are taken only for providers the gateway
+knows (configured, or built in), credit amounts must fit the ledger's 64-bit
+micro-credits, and every list is paged (`server.api.paging`), so that no admin call
+can grow the database or an answer without bound. An id that names nothing is
+NOT_FOUND with reason RESOURCE_NOT_FOUND.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, date, datetime
-from decimal import InvalidOperation
+from decimal import Decimal, InvalidOperation
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -28,15 +37,24 @@ from server.accounts.ledger import GroupBy
 from server.accounts.owners import ensure_owner, parse_owner
 from server.accounts.service import Accounts
 from server.api.calls import unary
-from server.errors import InvalidRequest, ModelNotFound, ProviderNotConfigured
+from server.api.paging import page_request
+from server.errors import InvalidRequest, ProviderNotConfigured, ResourceNotFound
+from server.providers.registry import ADAPTERS, PRESETS
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 GROUPS = frozenset({"key", "owner", "provider", "model", "day"})
+# Credit amounts are stored as signed 64-bit micro-credits.
+MAX_CREDITS = Decimal(2**63 - 1) / 10**6
+MAX_AMOUNT_CHARS = 40
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 
 class AdminServicer(admin_grpc.AdminServiceServicer):
-    def __init__(self, accounts: Accounts) -> None:
+    def __init__(self, accounts: Accounts, providers: Iterable[str] = ()) -> None:
         self._accounts = accounts
+        # Credentials may be stored for the configured providers and the built-in ones.
+        self._known_providers = frozenset({*providers, *ADAPTERS, *PRESETS})
 
     @unary
     async def CreateApiKey(
@@ -44,21 +62,26 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     ) -> admin_pb.CreateApiKeyResponse:
         if not request.name:
             raise InvalidRequest("name is required", field="name")
+        expires = _expiry(request.expire_time) if request.HasField("expire_time") else None
+        spend_cap = _credits(request.spend_cap, "spend_cap") if request.spend_cap else None
         owner = await self._owner(request.owner)
-        expires = request.expire_time.ToDatetime(UTC) if request.HasField("expire_time") else None
         record, secret = await self._accounts.keys.create_key(
             owner,
             request.name,
             expires_at=expires,
             allowed_models=list(request.allowed_models) or None,
-            spend_cap_micros=_credits(request.spend_cap, "spend_cap") if request.spend_cap else None,
+            spend_cap_micros=spend_cap,
         )
         return admin_pb.CreateApiKeyResponse(key=_key(record), secret=secret)
 
     @unary
     async def ListApiKeys(self, request: admin_pb.ListApiKeysRequest, context: Context) -> admin_pb.ListApiKeysResponse:
-        records = await self._accounts.keys.list_keys(owner_id=request.owner or None)
-        return admin_pb.ListApiKeysResponse(keys=[_key(r) for r in records])
+        page = page_request(request.page_size, request.page_token, (datetime, str), request.owner)
+        records = await self._accounts.keys.list_keys(
+            request.owner or None, after=cast(Any, page.after), limit=page.size + 1
+        )
+        next_token = page.next_token([(r.created_at, r.id) for r in records])
+        return admin_pb.ListApiKeysResponse(keys=[_key(r) for r in records[: page.size]], next_page_token=next_token)
 
     @unary
     async def RevokeApiKey(
@@ -67,7 +90,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         try:
             record = await self._accounts.keys.revoke_key(request.key_id)
         except KeyError as exc:
-            raise ModelNotFound(f"no API key {request.key_id!r}", field="key_id") from exc
+            raise ResourceNotFound(f"no API key has the id {request.key_id[:64]!r}", field="key_id") from exc
         return admin_pb.RevokeApiKeyResponse(key=_key(record))
 
     @unary
@@ -95,6 +118,9 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         if not rate.model:
             raise InvalidRequest("rate.model is required", field="rate.model")
         amounts = {name: getattr(rate, name) for name in RATE_AMOUNTS}
+        for name, text in amounts.items():
+            if text:
+                _credits(text, f"rate.{name}")
         try:
             stored = rate_from_credits(rate.model, amounts)
         except RateAmountError as exc:
@@ -106,14 +132,22 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     async def ListModelRates(
         self, request: admin_pb.ListModelRatesRequest, context: Context
     ) -> admin_pb.ListModelRatesResponse:
-        return admin_pb.ListModelRatesResponse(rates=[_rate(r) for r in await self._accounts.credits.list_rates()])
+        page = page_request(request.page_size, request.page_token, (str,))
+        after = cast(str, page.after[0]) if page.after else None
+        rates = await self._accounts.credits.list_rates(after=after, limit=page.size + 1)
+        next_token = page.next_token([(r.model,) for r in rates])
+        return admin_pb.ListModelRatesResponse(rates=[_rate(r) for r in rates[: page.size]], next_page_token=next_token)
 
     @unary
     async def AddProviderCredential(
         self, request: admin_pb.AddProviderCredentialRequest, context: Context
     ) -> admin_pb.AddProviderCredentialResponse:
-        if not request.provider or not request.secret:
-            raise InvalidRequest("provider and secret are required", field="secret")
+        if request.provider not in self._known_providers:
+            raise InvalidRequest(
+                f"provider {request.provider[:64]!r} is not one the gateway knows; "
+                f"known: {', '.join(sorted(self._known_providers))}",
+                field="provider",
+            )
         info = await self._vault().add(request.provider, request.secret, label=request.label)
         return admin_pb.AddProviderCredentialResponse(credential=_credential(info))
 
@@ -121,8 +155,14 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     async def ListProviderCredentials(
         self, request: admin_pb.ListProviderCredentialsRequest, context: Context
     ) -> admin_pb.ListProviderCredentialsResponse:
-        infos = await self._vault().list_credentials(request.provider or None)
-        return admin_pb.ListProviderCredentialsResponse(credentials=[_credential(i) for i in infos])
+        page = page_request(request.page_size, request.page_token, (str, datetime, str), request.provider)
+        infos = await self._vault().list_credentials(
+            request.provider or None, after=cast(Any, page.after), limit=page.size + 1
+        )
+        next_token = page.next_token([(i.provider, i.created_at, i.id) for i in infos])
+        return admin_pb.ListProviderCredentialsResponse(
+            credentials=[_credential(i) for i in infos[: page.size]], next_page_token=next_token
+        )
 
     @unary
     async def RemoveProviderCredential(
@@ -139,7 +179,9 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             await vault.mark_active(request.credential_id)
             info = await vault.info(request.credential_id)
         except KeyError:
-            raise ModelNotFound(f"no provider credential {request.credential_id!r}", field="credential_id") from None
+            raise ResourceNotFound(
+                f"no provider credential has the id {request.credential_id[:64]!r}", field="credential_id"
+            ) from None
         return admin_pb.ActivateProviderCredentialResponse(credential=_credential(info))
 
     @unary
@@ -151,8 +193,14 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
                 parse_owner(request.owner)
             except ValueError as exc:
                 raise InvalidRequest(str(exc), field="owner") from exc
-        held = await self._accounts.credits.list_reservations(request.owner or None)
-        return admin_pb.ListReservationsResponse(reservations=[_reservation(r) for r in held])
+        page = page_request(request.page_size, request.page_token, (datetime, str), request.owner)
+        held = await self._accounts.credits.list_reservations(
+            request.owner or None, after=cast(Any, page.after), limit=page.size + 1
+        )
+        next_token = page.next_token([(r.created_at, r.id or "") for r in held])
+        return admin_pb.ListReservationsResponse(
+            reservations=[_reservation(r) for r in held[: page.size]], next_page_token=next_token
+        )
 
     @unary
     async def QueryUsage(self, request: admin_pb.QueryUsageRequest, context: Context) -> admin_pb.QueryUsageResponse:
@@ -190,6 +238,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         return admin_pb.QueryUsageResponse(totals=rows)
 
     async def _owner(self, text: str) -> str:
+        """The owner's id, created if new (owners are bounded by the request limits)."""
         try:
             kind, name = parse_owner(text)
         except ValueError as exc:
@@ -205,10 +254,31 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
 
 
 def _credits(text: str, field: str) -> int:
+    """Micro-credits of a decimal string, checked to fit the ledger before converting
+    (an exponent such as "1e999999999" would otherwise build a huge integer)."""
     try:
-        return credits_to_micros(text)
-    except (InvalidOperation, ValueError) as exc:
-        raise InvalidRequest(f"{field} must be a decimal number of credits, not {text!r}", field=field) from exc
+        amount = Decimal(text) if len(text) <= MAX_AMOUNT_CHARS else None
+    except InvalidOperation:
+        amount = None
+    # adjusted(): the exponent of the leading digit, safe to read on any Decimal.
+    if amount is None or not amount.is_finite() or amount.adjusted() > 13 or abs(amount) > MAX_CREDITS:
+        raise InvalidRequest(
+            f"{field} must be a decimal number of credits of at most {MAX_CREDITS:.0f}, not {text[:64]!r}",
+            field=field,
+        )
+    return credits_to_micros(amount)
+
+
+def _expiry(stamp: timestamp_pb2.Timestamp) -> datetime:
+    """A key's expiry: a valid Timestamp in the future."""
+    if not 0 <= stamp.nanos <= 999_999_999:
+        raise InvalidRequest(f"expire_time.nanos must be 0 to 999999999, got {stamp.nanos}", field="expire_time")
+    if not 0 < stamp.seconds <= MAX_TIMESTAMP_SECONDS:
+        raise InvalidRequest("expire_time must be a time before year 10000 and after 1970", field="expire_time")
+    expires = stamp.ToDatetime(UTC)
+    if expires <= datetime.now(UTC):
+        raise InvalidRequest(f"expire_time {expires.isoformat()} is in the past", field="expire_time")
+    return expires
 
 
 def _day(text: str, field: str) -> datetime | None:
@@ -217,7 +287,7 @@ def _day(text: str, field: str) -> datetime | None:
     try:
         return datetime.combine(date.fromisoformat(text), datetime.min.time())
     except ValueError as exc:
-        raise InvalidRequest(f"{field} must be a day YYYY-MM-DD, not {text!r}", field=field) from exc
+        raise InvalidRequest(f"{field} must be a day YYYY-MM-DD, not {text[:64]!r}", field=field) from exc
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:

@@ -1,7 +1,12 @@
 """Authentication of every call, as a gRPC server interceptor.
 
 The key travels as `authorization: Bearer <key>` metadata (Envoy forwards the REST
-header as is). Health checks, reflection and an anonymous `GetStatus` need none. The
+header as is, so REST and gRPC callers are held to the same rule). Exactly one such
+entry with the `Bearer` scheme (any case) is accepted: a raw key without the scheme,
+another scheme, or two `authorization` entries are UNAUTHENTICATED, since guessing
+which of two credentials was meant, or what an unknown scheme carries, would let a
+proxy's header and the client's disagree about who is calling. Health checks,
+reflection and an anonymous `GetStatus` need none. The
 authenticated key is put in `CURRENT_KEY` for the servicers (allow-list, billing,
 ledger): the interceptor runs in the same task as the handler.
 
@@ -35,14 +40,18 @@ ANONYMOUS_METHODS = frozenset({"/aigne.hub.v1.StatusService/GetStatus"})
 
 
 def bearer_secret(metadata: Any) -> str | None:
-    """The token of an `authorization: Bearer ...` entry, or None."""
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return value.strip() or None
-    return None
+    """The token of the one `authorization: Bearer ...` entry, or None when there is
+    none; UNAUTHENTICATED for two entries or another form."""
+    values = [value for key, value in metadata or () if key == "authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Unauthenticated(f"send one authorization header, not {len(values)}")
+    value = values[0] if isinstance(values[0], str) else ""
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("the authorization header must be 'Bearer <key>'")
+    return token.strip()
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -58,8 +67,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = details.method
         if method.startswith(OPEN_PREFIXES):
             return await continuation(details)
-        secret = bearer_secret(details.invocation_metadata)
         try:
+            secret = bearer_secret(details.invocation_metadata)
             if method.startswith(ADMIN_PREFIX):
                 self._check_admin(secret)
                 return await continuation(details)

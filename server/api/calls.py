@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from server import errors
 from server.accounts.credits import Usage
@@ -33,6 +34,7 @@ from server.accounts.errors import ModelNotAllowed
 from server.accounts.service import METERED, Accounts, Meter
 from server.api.auth import CURRENT_KEY
 from server.api.errors import to_grpc_status, unexpected_error_status
+from server.api.validation import check_request
 from server.config import CooldownConfig, RoutingConfig
 from server.providers.base import JSON, Capability
 from server.routing.attempts import Routing, Served, idle_bounded
@@ -77,11 +79,15 @@ async def abort_for(context: grpc.aio.ServicerContext[Any, Any], exc: Exception)
 def unary(
     method: Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
 ) -> Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
-    """Wraps a unary method so that every exception becomes a proper status."""
+    """Wraps a unary method so that the request is checked against the contract
+    (REQUIRED fields, documented limits) first, and every exception becomes a proper
+    status."""
 
     @functools.wraps(method)
     async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
+            if isinstance(request, Message):
+                check_request(request)
             return await method(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise

@@ -24,7 +24,7 @@ from server.api.calls import CallOptions, MeteredServicer, abort_for, from_bridg
 from server.api.convert import from_json, to_json
 from server.api.metering import chat_prompt_tokens, chat_worst_case, streamed_text_chars, usage_from_openai
 from server.api.shutdown import OpenStreams
-from server.api.validation import check_chat_request
+from server.api.validation import check_chat_request, check_request
 from server.providers.base import JSON, Capability, ChatCompletions
 from server.routing.attempts import Routing
 from server.routing.router import Plan, Route, Router
@@ -79,6 +79,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         bridge = from_bridge(context)
         started = False
         try:
+            check_request(request)
             with self._streams.track():
                 async with aclosing(self._stream(request, context)) as messages:
                     async for message in messages:

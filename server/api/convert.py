@@ -8,6 +8,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from server import errors
+from server.api.validation import non_finite_number_path
 from server.providers.base import JSON
 
 M = TypeVar("M", bound=Message)
@@ -19,7 +20,15 @@ def to_json(message: Message) -> JSON:
     Whole numbers come back as ints: `google.protobuf.Struct` (tool parameter schemas)
     stores every number as a double, and `"minItems": 1.0` is not what the caller sent.
     """
-    result = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    try:
+        result = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    except (ValueError, json_format.Error) as exc:
+        where = non_finite_number_path(message)
+        if where is None:
+            raise
+        raise errors.InvalidRequest(
+            f"{where} holds a NaN or infinite number, which JSON cannot carry", field=where
+        ) from exc
     normalized = _whole_numbers_to_int(result)
     assert isinstance(normalized, dict)
     return normalized

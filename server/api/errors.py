@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 GRPC_CODES: dict[type[errors.GatewayError], grpc.StatusCode] = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ResourceNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.CallTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.ProviderNotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
     errors.UnsupportedFeature: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,

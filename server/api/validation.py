@@ -1,39 +1,263 @@
-"""Checks of request fields that the schema cannot express, with messages that say
-which field is wrong and why. Each function raises `InvalidRequest` on the first
-problem."""
+"""Checks of request fields, with messages that say which field is wrong and why.
+Each function raises `InvalidRequest` on the first problem.
+
+The contract's own rules are checked for every request by `check_request`, from one
+table: the fields marked REQUIRED (`google.api.field_behavior`) must be set, and each
+bound a field's comment in `protos/` states ("0 to 2", "up to 64 characters", "at
+most 128", "1 or more") is in `LIMITS`, keyed by the field's full name.
+tests/test_hostile_grpc.py reads the comments from the descriptor set and fails when a
+documented bound is missing here or differs, and probes each one at and past its edge
+against the real server. Rules the schema cannot express at all (roles, content part
+shapes, tool_choice forms) follow below as code.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
+from google.api import field_behavior_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, RequestTooLarge
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
 TOOL_CHOICE_MODES = frozenset({"none", "auto", "required"})
 RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
-MAX_MESSAGES = 10_000
-MAX_STOP_SEQUENCES = 4
-MAX_TOOLS = 128
+# "letters, digits, underscores and dashes" (names of participants, functions, schemas).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]*")
+PACKAGE = "aigne.hub.v1."
+
+Bounded = Literal["value", "length", "items", "item_length", "key_length", "value_length", "values"]
 
 
-def check_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise InvalidRequest(f"{name} must be between {low:g} and {high:g}, got {value:g}", field=name)
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A bound of a request field: on its number (`value`), its length in characters,
+    its count of items (a repeated field, a map, or a JSON array in a Value), each
+    item's length, each map key's or value's length, or each map value (`values`)."""
+
+    low: float | None = None
+    high: float | None = None
+    of: Bounded = "value"
+    low_exclusive: bool = False
+
+    def describe(self) -> str:
+        low = f"{self.low:g}" if self.low is not None else ""
+        high = f"{self.high:g}" if self.high is not None else ""
+        if self.low_exclusive:
+            return f"greater than {low} and at most {high}"
+        if self.low is not None and self.high is not None:
+            return f"between {low} and {high}"
+        return f"at least {low}" if self.low is not None else f"at most {high}"
+
+    def allows(self, number: float) -> bool:
+        low_ok = self.low is None or (number > self.low if self.low_exclusive else number >= self.low)
+        return low_ok and (self.high is None or number <= self.high)
+
+
+def _p(name: str) -> str:
+    return PACKAGE + name
+
+
+LIMITS: dict[str, tuple[Limit, ...]] = {
+    _p("CreateChatCompletionRequest.messages"): (Limit(1, 10_000, "items"),),
+    _p("CreateChatCompletionRequest.temperature"): (Limit(0, 2),),
+    _p("CreateChatCompletionRequest.top_p"): (Limit(0, 1, low_exclusive=True),),
+    _p("CreateChatCompletionRequest.n"): (Limit(1, 128),),
+    _p("CreateChatCompletionRequest.stop"): (Limit(None, 4, "items"),),
+    _p("CreateChatCompletionRequest.max_tokens"): (Limit(1),),
+    _p("CreateChatCompletionRequest.max_completion_tokens"): (Limit(1),),
+    _p("CreateChatCompletionRequest.presence_penalty"): (Limit(-2, 2),),
+    _p("CreateChatCompletionRequest.frequency_penalty"): (Limit(-2, 2),),
+    _p("CreateChatCompletionRequest.logit_bias"): (Limit(-100, 100, "values"),),
+    _p("CreateChatCompletionRequest.tools"): (Limit(None, 128, "items"),),
+    _p("CreateChatCompletionRequest.metadata"): (
+        Limit(None, 16, "items"),
+        Limit(None, 64, "key_length"),
+        Limit(None, 512, "value_length"),
+    ),
+    _p("ChatMessage.name"): (Limit(None, 64, "length"),),
+    _p("FunctionDefinition.name"): (Limit(None, 64, "length"),),
+    _p("JsonSchema.name"): (Limit(None, 64, "length"),),
+    _p("CreateSpeechRequest.input"): (Limit(1, 4096, "length"),),
+    _p("CreateSpeechRequest.speed"): (Limit(0.25, 4.0),),
+    _p("CreateTranscriptionRequest.temperature"): (Limit(0, 1),),
+    _p("CreateImageRequest.prompt"): (Limit(None, 32_000, "length"),),
+    _p("CreateImageRequest.n"): (Limit(1, 10),),
+    _p("CreateEmbeddingRequest.input"): (Limit(None, 2048, "items"),),
+    _p("CreateEmbeddingRequest.dimensions"): (Limit(1),),
+    _p("CreateApiKeyRequest.owner"): (Limit(None, 200, "length"),),
+    _p("CreateApiKeyRequest.name"): (Limit(1, 200, "length"),),
+    _p("CreateApiKeyRequest.allowed_models"): (Limit(None, 100, "items"), Limit(1, 200, "item_length")),
+    _p("GrantCreditsRequest.owner"): (Limit(None, 200, "length"),),
+    _p("GrantCreditsRequest.note"): (Limit(None, 500, "length"),),
+    _p("ModelRate.model"): (Limit(None, 200, "length"),),
+    _p("AddProviderCredentialRequest.secret"): (Limit(1, 8192, "length"),),
+    _p("AddProviderCredentialRequest.label"): (Limit(None, 200, "length"),),
+}
+# Fields whose value must also be a name of letters, digits, underscores and dashes.
+NAME_FIELDS = frozenset({_p("ChatMessage.name"), _p("FunctionDefinition.name"), _p("JsonSchema.name")})
+
+
+def check_request(message: Message) -> None:
+    """Checks `message` and every message it holds against the contract: REQUIRED
+    fields set, documented bounds kept."""
+    _check_message(message, "")
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    field: FieldDescriptor
+    required: bool
+    limits: tuple[Limit, ...]
+    recurse: bool
+
+
+_RULES: dict[str, tuple[_Rule, ...]] = {}
+
+
+def _rules(descriptor: Any) -> tuple[_Rule, ...]:
+    """What to check in messages of this type, worked out once per type."""
+    cached = _RULES.get(descriptor.full_name)
+    if cached is not None:
+        return cached
+    _RULES[descriptor.full_name] = ()  # a message type that contains itself
+    rules = []
+    for field in descriptor.fields:
+        behaviors = field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+        required = field_behavior_pb2.REQUIRED in behaviors
+        limits = LIMITS.get(field.full_name, ())
+        sub = field.message_type
+        recurse = (
+            sub is not None
+            and sub.full_name.startswith(PACKAGE)
+            and not sub.GetOptions().map_entry
+            and bool(_rules(sub))
+        )
+        if required or limits or recurse:
+            rules.append(_Rule(field, required, limits, recurse))
+    _RULES[descriptor.full_name] = result = tuple(rules)
+    return result
+
+
+def _check_message(message: Message, prefix: str) -> None:
+    for rule in _rules(message.DESCRIPTOR):
+        field = rule.field
+        path = prefix + field.name
+        value = getattr(message, field.name)
+        present = _present(message, field, value)
+        if rule.required and not present:
+            raise InvalidRequest(f"{path} is required", field=path)
+        if not present:
+            continue
+        for limit in rule.limits:
+            _check_limit(limit, path, field, value)
+        if field.full_name in NAME_FIELDS and NAME_PATTERN.fullmatch(value) is None:
+            raise InvalidRequest(f"{path} may contain only letters, digits, underscores and dashes", field=path)
+        if rule.recurse:
+            if field.is_repeated:
+                for index, item in enumerate(value):
+                    _check_message(item, f"{path}[{index}].")
+            else:
+                _check_message(value, f"{path}.")
+
+
+def _present(message: Message, field: FieldDescriptor, value: Any) -> bool:
+    if field.is_repeated:
+        return len(value) > 0
+    if field.has_presence:
+        return message.HasField(field.name)
+    return bool(value)
+
+
+def _check_limit(limit: Limit, path: str, field: FieldDescriptor, value: Any) -> None:
+    if limit.of == "value":
+        _check_number(limit, path, value)
+    elif limit.of == "length":
+        _check_size(limit, path, len(value), "characters")
+    elif limit.of == "items":
+        _check_size(limit, path, _item_count(value), "items")
+    elif limit.of == "item_length":
+        for index, item in enumerate(value):
+            _check_size(limit, f"{path}[{index}]", len(item), "characters")
+    elif limit.of == "key_length":
+        for key in value:
+            _check_size(limit, f"{path} key {key[:64]!r}", len(key), "characters", field=path)
+    elif limit.of == "value_length":
+        for key, item in value.items():
+            _check_size(limit, f"{path}[{key[:64]!r}]", len(item), "characters", field=path)
+    else:
+        for key, item in value.items():
+            _check_number(limit, f"{path}[{key[:64]}]", item)
+
+
+def _check_number(limit: Limit, path: str, number: float) -> None:
+    if not limit.allows(number):
+        raise InvalidRequest(f"{path} must be {limit.describe()}, got {number:g}", field=path)
+
+
+def _check_size(limit: Limit, path: str, size: int, unit: str, *, field: str | None = None) -> None:
+    if limit.allows(size):
+        return
+    error = RequestTooLarge if limit.high is not None and size > limit.high else InvalidRequest
+    raise error(f"{path} must have {limit.describe()} {unit}, got {size}", field=field or path)
+
+
+def _item_count(value: Any) -> int:
+    """Items of a repeated field or map; of a JSON array in a Value (a lone string is one)."""
+    if isinstance(value, struct_pb2.Value):
+        kind = value.WhichOneof("kind")
+        return len(value.list_value.values) if kind == "list_value" else int(kind not in (None, "null_value"))
+    return len(value)
+
+
+def non_finite_number_path(value: Any, path: str = "") -> str | None:
+    """Where in `value` (a message, or a Struct, Value or ListValue inside one) a JSON
+    number is NaN or infinite: JSON has no such numbers, so such a request cannot be
+    passed on."""
+    if isinstance(value, struct_pb2.Value):
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            return None if math.isfinite(value.number_value) else path
+        return non_finite_number_path(getattr(value, kind), path) if kind in ("struct_value", "list_value") else None
+    if isinstance(value, struct_pb2.Struct):
+        return _first(non_finite_number_path(item, f"{path}.{key}") for key, item in value.fields.items())
+    if isinstance(value, struct_pb2.ListValue):
+        return _first(non_finite_number_path(item, f"{path}[{i}]") for i, item in enumerate(value.values))
+    if not isinstance(value, Message):
+        return None
+    found: list[str | None] = []
+    for field, item in value.ListFields():
+        where = f"{path}.{field.name}" if path else field.name
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            found.append(_first(non_finite_number_path(v, f"{where}[{k}]") for k, v in item.items()))
+        elif field.is_repeated:
+            found.append(_first(non_finite_number_path(v, f"{where}[{i}]") for i, v in enumerate(item)))
+        else:
+            found.append(non_finite_number_path(item, where))
+        if found[-1]:
+            return found[-1]
+    return None
+
+
+def _first(paths: Iterable[str | None]) -> str | None:
+    return next((path for path in paths if path), None)
 
 
 def check_chat_request(request: chat_pb.CreateChatCompletionRequest) -> None:
-    """Validates a chat request in the order a reader of the request would."""
-    if not request.messages:
-        raise InvalidRequest("messages must contain at least one message", field="messages")
-    if len(request.messages) > MAX_MESSAGES:
-        raise InvalidRequest(f"messages has more than {MAX_MESSAGES} entries", field="messages")
+    """Validates what `check_request` cannot: roles, content shapes, tool choices."""
     for index, message in enumerate(request.messages):
-        _check_message(index, message)
-    _check_sampling(request)
+        _check_chat_message(index, message)
     _check_stop(request.stop)
     _check_tools(request)
     _check_response_format(request)
@@ -41,11 +265,11 @@ def check_chat_request(request: chat_pb.CreateChatCompletionRequest) -> None:
         raise InvalidRequest("stream_options is only allowed when stream is true", field="stream_options")
 
 
-def _check_message(index: int, message: chat_pb.ChatMessage) -> None:
+def _check_chat_message(index: int, message: chat_pb.ChatMessage) -> None:
     where = f"messages[{index}]"
     if message.role not in ROLES:
         raise InvalidRequest(
-            f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {message.role!r}",
+            f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {message.role[:64]!r}",
             field=f"{where}.role",
         )
     has_content = _check_content(where, message)
@@ -59,7 +283,7 @@ def _check_message(index: int, message: chat_pb.ChatMessage) -> None:
                     field=f"{where}.tool_calls[{call_index}]",
                 )
     elif not has_content:
-        raise InvalidRequest(f"{where}.content is required for role {message.role!r}", field=f"{where}.content")
+        raise InvalidRequest(f"{where}.content is required for role {message.role[:64]!r}", field=f"{where}.content")
     if message.role == "tool" and not message.tool_call_id:
         raise InvalidRequest(f"{where}.tool_call_id is required for role 'tool'", field=f"{where}.tool_call_id")
 
@@ -88,7 +312,7 @@ def _check_content_part(where: str, part: struct_pb2.Value) -> None:
     part_type = fields["type"].string_value if "type" in fields else ""
     if part_type not in CONTENT_PART_TYPES:
         raise InvalidRequest(
-            f"{where}.type must be one of {', '.join(sorted(CONTENT_PART_TYPES))}, got {part_type!r}",
+            f"{where}.type must be one of {', '.join(sorted(CONTENT_PART_TYPES))}, got {part_type[:64]!r}",
             field=f"{where}.type",
         )
     if part_type == "text" and fields["text"].WhichOneof("kind") != "string_value":
@@ -99,24 +323,6 @@ def _check_content_part(where: str, part: struct_pb2.Value) -> None:
             raise InvalidRequest(f"{where}.image_url.url is required", field=f"{where}.image_url.url")
 
 
-def _check_sampling(request: chat_pb.CreateChatCompletionRequest) -> None:
-    if request.HasField("temperature"):
-        check_range("temperature", request.temperature, 0.0, 2.0)
-    if request.HasField("top_p"):
-        check_range("top_p", request.top_p, 0.0, 1.0)
-    if request.HasField("n"):
-        check_range("n", request.n, 1, 128)
-    if request.HasField("presence_penalty"):
-        check_range("presence_penalty", request.presence_penalty, -2.0, 2.0)
-    if request.HasField("frequency_penalty"):
-        check_range("frequency_penalty", request.frequency_penalty, -2.0, 2.0)
-    for name in ("max_tokens", "max_completion_tokens"):
-        if request.HasField(name) and getattr(request, name) < 1:
-            raise InvalidRequest(f"{name} must be at least 1", field=name)
-    for token, bias in request.logit_bias.items():
-        check_range(f"logit_bias[{token}]", bias, -100.0, 100.0)
-
-
 def _check_stop(stop: struct_pb2.Value) -> None:
     kind = stop.WhichOneof("kind")
     if kind in (None, "null_value", "string_value"):
@@ -124,17 +330,13 @@ def _check_stop(stop: struct_pb2.Value) -> None:
     values: Iterable[struct_pb2.Value] = stop.list_value.values if kind == "list_value" else ()
     if kind != "list_value" or any(v.WhichOneof("kind") != "string_value" for v in values):
         raise InvalidRequest("stop must be a string or an array of strings", field="stop")
-    if len(stop.list_value.values) > MAX_STOP_SEQUENCES:
-        raise InvalidRequest(f"stop takes at most {MAX_STOP_SEQUENCES} sequences", field="stop")
 
 
 def _check_tools(request: chat_pb.CreateChatCompletionRequest) -> None:
-    if len(request.tools) > MAX_TOOLS:
-        raise InvalidRequest(f"tools takes at most {MAX_TOOLS} tools", field="tools")
     for index, tool in enumerate(request.tools):
         if tool.type != "function":
             raise InvalidRequest(
-                f"tools[{index}].type must be 'function', got {tool.type!r}", field=f"tools[{index}].type"
+                f"tools[{index}].type must be 'function', got {tool.type[:64]!r}", field=f"tools[{index}].type"
             )
         if not tool.function.name:
             raise InvalidRequest(f"tools[{index}].function.name is required", field=f"tools[{index}].function.name")
@@ -145,7 +347,7 @@ def _check_tools(request: chat_pb.CreateChatCompletionRequest) -> None:
     if kind == "string_value":
         if choice.string_value not in TOOL_CHOICE_MODES:
             raise InvalidRequest(
-                f"tool_choice must be none, auto, required or a function object, got {choice.string_value!r}",
+                f"tool_choice must be none, auto, required or a function object, got {choice.string_value[:64]!r}",
                 field="tool_choice",
             )
         return
@@ -162,7 +364,8 @@ def _check_response_format(request: chat_pb.CreateChatCompletionRequest) -> None
     response_format = request.response_format
     if response_format.type not in RESPONSE_FORMATS:
         raise InvalidRequest(
-            f"response_format.type must be one of {', '.join(sorted(RESPONSE_FORMATS))}, got {response_format.type!r}",
+            f"response_format.type must be one of {', '.join(sorted(RESPONSE_FORMATS))}, "
+            f"got {response_format.type[:64]!r}",
             field="response_format.type",
         )
     if response_format.type == "json_schema" and not response_format.json_schema.name:

@@ -96,18 +96,24 @@ class CreateApiKeyRequest(_message.Message):
     SPEND_CAP_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
-    """Required. The owner, "user:NAME" or "project:NAME"; created if new."""
+    """Required. The owner, "user:NAME" or "project:NAME", up to 200 characters;
+    created if new.
+    """
     name: _builtins.str
     """Required. What the key is for, 1 to 200 characters."""
     spend_cap: _builtins.str
     """Optional. A spending cap in credits. Default: none."""
     @_builtins.property
     def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Allowed models as globs such as "openai/*". Default: every model."""
+        """Optional. Allowed models as globs such as "openai/*": at most 100 globs, each 1 to
+        200 characters. Default: every model.
+        """
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """Optional. When the key expires. Default: never."""
+        """Optional. When the key expires: a time in the future, before year 10000.
+        Default: never.
+        """
 
     def __init__(
         self,
@@ -161,16 +167,28 @@ class ListApiKeysRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OWNER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     """Optional. Only this owner's keys. Default: all keys."""
+    page_size: _builtins.int
+    """Optional. The most keys to return in one page: 0 or unset means 100, and
+    values above 1000 are treated as 1000.
+    """
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of the previous page, to get the next one; the
+    other fields must be the same as in the request that returned it.
+    """
     def __init__(
         self,
         *,
         owner: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -183,6 +201,9 @@ class ListApiKeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. The token of the next page; empty on the last page."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKey]:
         """Output only. The keys, oldest first."""
@@ -191,10 +212,11 @@ class ListApiKeysResponse(_message.Message):
         self,
         *,
         keys: _abc.Iterable[Global___ApiKey] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -290,11 +312,13 @@ class GrantCreditsRequest(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
-    """Required. The owner, "user:NAME" or "project:NAME"; created if new."""
+    """Required. The owner, "user:NAME" or "project:NAME", up to 200 characters;
+    created if new.
+    """
     amount: _builtins.str
     """Required. Credits to add, a positive decimal such as "25" or "0.5"."""
     note: _builtins.str
-    """Optional. Why, kept with the grant."""
+    """Optional. Why, kept with the grant; up to 500 characters."""
     def __init__(
         self,
         *,
@@ -394,7 +418,9 @@ class ModelRate(_message.Message):
     PER_AUDIO_SECOND_FIELD_NUMBER: _builtins.int
     PER_CHARACTER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Required. `provider/model`, or a glob such as "openai/*" or "*"."""
+    """Required. `provider/model`, or a glob such as "openai/*" or "*"; up to 200
+    characters.
+    """
     input_per_million: _builtins.str
     """Optional. Credits per million input tokens. Default "0"."""
     output_per_million: _builtins.str
@@ -482,12 +508,25 @@ class ListModelRatesRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Optional. The most rates to return in one page: 0 or unset means 100, and
+    values above 1000 are treated as 1000.
+    """
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of the previous page, to get the next one; the
+    other fields must be the same as in the request that returned it.
+    """
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -500,6 +539,9 @@ class ListModelRatesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RATES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. The token of the next page; empty on the last page."""
     @_builtins.property
     def rates(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelRate]:
         """Output only. The rates, by model."""
@@ -508,10 +550,11 @@ class ListModelRatesResponse(_message.Message):
         self,
         *,
         rates: _abc.Iterable[Global___ModelRate] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rates", b"rates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rates", b"rates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -571,11 +614,15 @@ class AddProviderCredentialRequest(_message.Message):
     SECRET_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
-    """Required. The provider, e.g. "openai"."""
+    """Required. The provider, e.g. "openai": one the gateway knows (a configured
+    provider or a built-in one).
+    """
     secret: _builtins.str
-    """Required. The provider's API key. Stored encrypted; never returned."""
+    """Required. The provider's API key, 1 to 8192 characters. Stored encrypted; never
+    returned.
+    """
     label: _builtins.str
-    """Optional. A label."""
+    """Optional. A label, up to 200 characters."""
     def __init__(
         self,
         *,
@@ -622,16 +669,28 @@ class ListProviderCredentialsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROVIDER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """Optional. Only this provider's. Default: all."""
+    page_size: _builtins.int
+    """Optional. The most credentials to return in one page: 0 or unset means 100, and
+    values above 1000 are treated as 1000.
+    """
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of the previous page, to get the next one; the
+    other fields must be the same as in the request that returned it.
+    """
     def __init__(
         self,
         *,
         provider: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -644,18 +703,22 @@ class ListProviderCredentialsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CREDENTIALS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. The token of the next page; empty on the last page."""
     @_builtins.property
     def credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProviderCredential]:
-        """Output only. The credentials, masked."""
+        """Output only. The credentials, masked, oldest first."""
 
     def __init__(
         self,
         *,
         credentials: _abc.Iterable[Global___ProviderCredential] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -810,16 +873,28 @@ class ListReservationsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OWNER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     """Optional. Only this owner's reservations. Default: all owners."""
+    page_size: _builtins.int
+    """Optional. The most reservations to return in one page: 0 or unset means 100, and
+    values above 1000 are treated as 1000.
+    """
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of the previous page, to get the next one; the
+    other fields must be the same as in the request that returned it.
+    """
     def __init__(
         self,
         *,
         owner: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -832,6 +907,9 @@ class ListReservationsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. The token of the next page; empty on the last page."""
     @_builtins.property
     def reservations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reservation]:
         """Output only. The reservations, oldest first."""
@@ -840,10 +918,11 @@ class ListReservationsResponse(_message.Message):
         self,
         *,
         reservations: _abc.Iterable[Global___Reservation] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservations", b"reservations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "reservations", b"reservations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

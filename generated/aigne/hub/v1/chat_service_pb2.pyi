@@ -130,7 +130,9 @@ class CreateChatCompletionRequest(_message.Message):
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
-        """Required. The conversation so far, oldest first. At least one message."""
+        """Required. The conversation so far, oldest first. At least one message, at most
+        10000.
+        """
 
     @_builtins.property
     def stream_options(self) -> Global___StreamOptions:

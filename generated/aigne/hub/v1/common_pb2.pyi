@@ -30,7 +30,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Not used."""
     INVALID_REQUEST: _ErrorReason.ValueType  # 1
     """The request is malformed or a field is out of range (INVALID_ARGUMENT, HTTP 400).
-    ErrorInfo metadata "field" names the offending field.
+    ErrorInfo metadata "field" names the offending field. Also the reason when the
+    request's bytes cannot be decoded as the method's message (corrupt wire format,
+    a string that is not UTF-8, messages nested more than 100 levels deep).
     """
     MODEL_NOT_FOUND: _ErrorReason.ValueType  # 2
     """The model string is not of the form `provider/model`, or names no provider or
@@ -76,8 +78,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     INTERNAL_ERROR: _ErrorReason.ValueType  # 14
     """An unexpected fault inside the gateway (INTERNAL, HTTP 500). Always a bug."""
     UNAUTHENTICATED: _ErrorReason.ValueType  # 15
-    """No API key was sent (UNAUTHENTICATED, HTTP 401). Send `Authorization: Bearer <key>`
-    (gRPC: the `authorization` metadata).
+    """No API key was sent, it was sent without the `Bearer` scheme, or more than one
+    `authorization` header was sent (UNAUTHENTICATED, HTTP 401). Send exactly one
+    `Authorization: Bearer <key>` (gRPC: the `authorization` metadata).
     """
     KEY_INVALID: _ErrorReason.ValueType  # 16
     """The API key is malformed, unknown or its secret is wrong (UNAUTHENTICATED, HTTP 401)."""
@@ -105,6 +108,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     with a RetryInfo and a `retry-after` header). Retry after the hint; nothing was
     charged and no provider was called.
     """
+    RESOURCE_NOT_FOUND: _ErrorReason.ValueType  # 24
+    """The resource the request names (an API key, a provider credential) does not
+    exist (NOT_FOUND, HTTP 404). ErrorInfo metadata "field" names the field.
+    """
+    CALL_TIMEOUT: _ErrorReason.ValueType  # 25
+    """The call sent no deadline and ran longer than the gateway's default one
+    (AIGNE_HUB_DEFAULT_CALL_DEADLINE_S, default 600 s), or its request message did not
+    arrive within it (DEADLINE_EXCEEDED, HTTP 504). Send a deadline to allow longer.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reasons carried in `google.rpc.ErrorInfo.reason` (domain
@@ -116,7 +128,9 @@ ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
 """Not used."""
 INVALID_REQUEST: ErrorReason.ValueType  # 1
 """The request is malformed or a field is out of range (INVALID_ARGUMENT, HTTP 400).
-ErrorInfo metadata "field" names the offending field.
+ErrorInfo metadata "field" names the offending field. Also the reason when the
+request's bytes cannot be decoded as the method's message (corrupt wire format,
+a string that is not UTF-8, messages nested more than 100 levels deep).
 """
 MODEL_NOT_FOUND: ErrorReason.ValueType  # 2
 """The model string is not of the form `provider/model`, or names no provider or
@@ -162,8 +176,9 @@ SHUTTING_DOWN: ErrorReason.ValueType  # 13
 INTERNAL_ERROR: ErrorReason.ValueType  # 14
 """An unexpected fault inside the gateway (INTERNAL, HTTP 500). Always a bug."""
 UNAUTHENTICATED: ErrorReason.ValueType  # 15
-"""No API key was sent (UNAUTHENTICATED, HTTP 401). Send `Authorization: Bearer <key>`
-(gRPC: the `authorization` metadata).
+"""No API key was sent, it was sent without the `Bearer` scheme, or more than one
+`authorization` header was sent (UNAUTHENTICATED, HTTP 401). Send exactly one
+`Authorization: Bearer <key>` (gRPC: the `authorization` metadata).
 """
 KEY_INVALID: ErrorReason.ValueType  # 16
 """The API key is malformed, unknown or its secret is wrong (UNAUTHENTICATED, HTTP 401)."""
@@ -190,6 +205,15 @@ STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 23
 """The gateway's database cannot be reached or written in time (UNAVAILABLE, HTTP 503,
 with a RetryInfo and a `retry-after` header). Retry after the hint; nothing was
 charged and no provider was called.
+"""
+RESOURCE_NOT_FOUND: ErrorReason.ValueType  # 24
+"""The resource the request names (an API key, a provider credential) does not
+exist (NOT_FOUND, HTTP 404). ErrorInfo metadata "field" names the field.
+"""
+CALL_TIMEOUT: ErrorReason.ValueType  # 25
+"""The call sent no deadline and ran longer than the gateway's default one
+(AIGNE_HUB_DEFAULT_CALL_DEADLINE_S, default 600 s), or its request message did not
+arrive within it (DEADLINE_EXCEEDED, HTTP 504). Send a deadline to allow longer.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
