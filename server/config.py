@@ -190,6 +190,8 @@ class CooldownConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # False: no deployment ever rests (every call tries them all).
+    enabled: bool = True
     failures: int = Field(3, ge=1, le=1000)
     window_s: float = Field(60.0, gt=0, le=3600)
     min_calls: int = Field(10, ge=1, le=100_000)

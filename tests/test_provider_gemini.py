@@ -32,7 +32,7 @@ from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, ProviderConfig, Settings, config_from_environment
 from server.providers.gemini import GeminiAdapter, mint_call_id, read_call_id
 from server.providers.registry import PRESETS, build_provider, catalog_models
-from tests.conftest import Bridge, start_bridge
+from tests.conftest import SINGLE_ATTEMPT, Bridge, start_bridge
 from tests.fakes.gemini_upstream import CACHED_TOKENS, RETRY_DELAY_SECONDS, THOUGHT_TOKENS, FakeGemini
 from tests.helpers import error_info, retry_info
 
@@ -77,7 +77,7 @@ async def gemini_gateway(gemini_fake: FakeGemini) -> AsyncIterator[Gateway]:
         "geminibad": ProviderConfig(type="gemini", base_url=gemini_fake.base_url, api_key="wrong-key"),
     }
     settings = Settings(grpc_port=0, auth_required=False, upstream_read_timeout_s=2.0, shutdown_grace_s=1.0)
-    gateway = await start_gateway(settings, GatewayConfig(providers=providers))
+    gateway = await start_gateway(settings, GatewayConfig(providers=providers, routing=SINGLE_ATTEMPT))
     yield gateway
     await gateway.stop(0.5)
 

@@ -31,7 +31,7 @@ from server.config import GatewayConfig, ProviderConfig, Settings
 from server.providers.base import Capability
 from server.providers.gemini import GEMINI_CAPABILITIES, MAX_IMAGES
 from server.providers.registry import PRESETS, catalog_models
-from tests.conftest import Bridge, start_bridge
+from tests.conftest import SINGLE_ATTEMPT, Bridge, start_bridge
 from tests.fakes.gemini_upstream import (
     IMAGE_SAFETY_MESSAGE,
     IMAGE_SCENARIO_MODELS,
@@ -74,7 +74,7 @@ async def images_gateway(images_fake: FakeGemini) -> AsyncIterator[Gateway]:
         "geminibad": ProviderConfig(type="gemini", base_url=images_fake.base_url, api_key="wrong-key"),
     }
     settings = Settings(grpc_port=0, auth_required=False, upstream_read_timeout_s=2.0, shutdown_grace_s=1.0)
-    gateway = await start_gateway(settings, GatewayConfig(providers=providers))
+    gateway = await start_gateway(settings, GatewayConfig(providers=providers, routing=SINGLE_ATTEMPT))
     yield gateway
     await gateway.stop(0.5)
 

@@ -82,6 +82,8 @@ class MemoryCooldowns:
     async def failure(
         self, deployment: str, *, retry_after_s: float | None = None, rate_limited: bool = False
     ) -> float | None:
+        if not self._config.enabled:
+            return None
         now = self._clock()
         state = self._states.setdefault(deployment, _State())
         if state.rest_until > now:
@@ -242,7 +244,8 @@ class RedisCooldowns:
 
 
 def open_cooldowns(redis_url: str | None, config: CooldownConfig) -> CooldownStore:
-    """Shared through Redis when a URL is set, else this process's own."""
-    if redis_url:
+    """Shared through Redis when a URL is set, else this process's own (also when
+    cooldowns are off: nothing is then ever recorded)."""
+    if redis_url and config.enabled:
         return RedisCooldowns(redis_url, config)
     return MemoryCooldowns(config)
