@@ -228,6 +228,8 @@ class FakeOpenAI:
         self.embedding_dimensions = embedding_dimensions
         self.record_requests = record_requests
         self.requests: list[RecordedRequest] = []
+        # Scripted answers by model, consumed one per request (see `script`).
+        self.scripts: dict[str, list[tuple[int, dict[str, str], str | None]]] = {}
         self._http = HttpServer(self._handle, host, port)
         self._ids = itertools.count(1)
 
@@ -254,8 +256,18 @@ class FakeOpenAI:
     def base_url(self) -> str:
         return f"http://{self._http.host}:{self._http.port}/v1"
 
+    def script(
+        self, model: str, *statuses: int, headers: dict[str, str] | None = None, message: str | None = None
+    ) -> None:
+        """The next requests for `model` answer these HTTP statuses in turn (200: the
+        normal answer, streamed or not; others: OpenAI's error body, with `message` if
+        given, and `headers`); after the script, the model answers normally."""
+        entries = [(status, dict(headers or {}), message) for status in statuses]
+        self.scripts.setdefault(model, []).extend(entries)
+
     def reset(self) -> None:
-        """Forgets the recorded requests and zeroes the counters."""
+        """Forgets the recorded requests and scripts, and zeroes the counters."""
+        self.scripts.clear()
         self.requests.clear()
         self._http.reset_counters()
 
@@ -343,6 +355,10 @@ class FakeOpenAI:
 
     async def _scenario_response(self, model: str, body: JSON) -> Response | None:
         """Handles the scenarios that apply to every endpoint, by model name."""
+        if script := self.scripts.get(model):
+            status, headers, message = script.pop(0)
+            if status != 200:
+                raise OpenAIError(status, message, headers=headers)
         if match := re.fullmatch(r"error-(\d{3})", model):
             status = int(match.group(1))
             headers = dict(_RATE_LIMIT_HEADERS) if status == 429 else {}
