@@ -203,7 +203,8 @@ class _Run(Generic[T, R]):
                 result = await self._attempt(target, left)
         except TimeoutError:
             raise errors.UpstreamTimeout(
-                f"{target.name} did not answer in time (the call's deadline passed)", provider=target.route.provider.name
+                f"{target.name} did not answer in time (the call's deadline passed)",
+                provider=target.route.provider.name,
             ) from None
         finally:
             stats.in_flight -= 1
