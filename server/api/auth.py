@@ -36,7 +36,14 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # Answers anonymously when no key is sent (the seed's availability check).
 # Authorised by the admin credential instead of an API key.
 ADMIN_PREFIX = "/aigne.hub.v1.AdminService/"
-ANONYMOUS_METHODS = frozenset({"/aigne.hub.v1.StatusService/GetStatus"})
+# AIGNE clients discover the hub and list its models without a key.
+ANONYMOUS_METHODS = frozenset(
+    {
+        "/aigne.hub.v1.StatusService/GetStatus",
+        "/aigne.hub.v1.AgentService/GetBlockletInfo",
+        "/aigne.hub.v1.AgentService/ListAgentModels",
+    }
+)
 
 
 def bearer_secret(metadata: Any) -> str | None:

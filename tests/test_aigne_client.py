@@ -1,0 +1,317 @@
+"""AIGNE Hub's own client (`@aigne/aigne-hub`, unchanged, in Node) against the real
+server and Envoy with the fake OpenAI upstream; raw HTTP checks of the discovery answer,
+the stream frames and the error shape; one ledger record per call on both protocols."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from server.accounts.credits import rate_from_credits
+from server.accounts.owners import ensure_owner
+from server.app import Gateway, start_gateway
+from server.config import Settings
+from tests.conftest import Bridge, gateway_config, start_bridge
+from tests.fakes.openai_upstream import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENT = Path(__file__).parent / "aigne" / "client.mjs"
+NODE = shutil.which("node")
+HUB_DID = "z8ia3xzq2tMq8CRHfaXj1BTYJyYnEcHbqP8cJ"
+pytestmark = pytest.mark.skipif(
+    NODE is None or not (ROOT / "node_modules" / "@aigne" / "aigne-hub").is_dir(),
+    reason="node or @aigne/aigne-hub (make setup) is missing",
+)
+
+
+async def run_client(base_url: str, api_key: str, *scenarios: str) -> dict[str, Any]:
+    assert NODE is not None
+    process = await asyncio.create_subprocess_exec(
+        NODE,
+        str(CLIENT),
+        base_url,
+        api_key,
+        *scenarios,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0 and stdout, stderr.decode()[-3000:]
+    results: dict[str, Any] = json.loads(stdout)
+    return results
+
+
+@pytest_asyncio.fixture(scope="module")
+async def results(bridge: Bridge, api_key: str, fake_openai: FakeOpenAI) -> dict[str, Any]:
+    """One client process runs the scenarios (it takes a second or two to load)."""
+    scenarios = ["invoke", "stream", "tools", "toolsStream", "structured", "image", "gptImage", "models"]
+    scenarios += ["badKey", "unknownModel", "streamError", "upstreamError"]
+    return await run_client(bridge.rest_url, api_key, *scenarios)
+
+
+def ok(results: dict[str, Any], name: str) -> Any:
+    result = results[name]
+    assert result["ok"], result
+    return result["output"]
+
+
+def failed(results: dict[str, Any], name: str) -> dict[str, Any]:
+    result = results[name]
+    assert not result["ok"], result
+    return dict(result)
+
+
+async def test_invoke(results: dict[str, Any]) -> None:
+    output = ok(results, "invoke")
+    assert output["text"] == "echo: hello from aigne"
+    assert output["model"] == "openai/gpt-4o-mini"
+    assert output["usage"]["inputTokens"] > 0 and output["usage"]["outputTokens"] > 0
+
+
+async def test_stream(results: dict[str, Any]) -> None:
+    streamed = ok(results, "stream")
+    assert streamed["textEvents"] > 1, "text arrives in pieces"
+    assert streamed["output"]["text"] == "echo: hello from aigne"
+    assert streamed["output"]["model"] == "openai/gpt-4o-mini"
+    assert streamed["output"]["usage"]["outputTokens"] > 0
+
+
+async def test_tool_round_trip(results: dict[str, Any]) -> None:
+    output = ok(results, "tools")
+    [call] = output["first"]["toolCalls"]
+    assert call["type"] == "function" and call["id"]
+    assert call["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert output["second"]["text"] == 'tool result: {"sky":"sunny"}'
+
+
+async def test_streamed_tool_calls_arrive_whole(results: dict[str, Any]) -> None:
+    streamed = ok(results, "toolsStream")
+    [call] = streamed["output"]["toolCalls"]
+    assert call["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
+async def test_structured_output(results: dict[str, Any]) -> None:
+    output = ok(results, "structured")
+    assert output["json"] == {"echo": "hello from aigne"}
+    assert "text" not in output
+
+
+@pytest.mark.parametrize(("scenario", "model"), [("image", "openai/dall-e-3"), ("gptImage", "openai/gpt-image-1")])
+async def test_image(results: dict[str, Any], scenario: str, model: str) -> None:
+    output = ok(results, scenario)
+    [image] = output["images"]
+    # The gateway answers the image inline; the client stores it as a local file.
+    assert image["type"] == "local" and image["mimeType"] == "image/png"
+    png = await asyncio.to_thread(Path(image["path"]).read_bytes)
+    assert png.startswith(b"\x89PNG")
+    assert output["model"] == model
+
+
+def by_address(models: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {f"{m['provider']}/{m['model']}": m for m in models}
+
+
+async def test_model_list_passes_the_clients_schema(results: dict[str, Any]) -> None:
+    models = ok(results, "models")  # parsed by the client's own schema (which drops "key")
+    chat = by_address(models["chat"])
+    assert chat["openai/gpt-4o-mini"]["model"] == "gpt-4o-mini"
+    assert chat["openai/gpt-4o-mini"]["provider"] == "openai"
+    assert chat["openai/gpt-4o-mini"]["providerDisplayName"] == "OpenAI"
+    assert chat["openai/gpt-4o-mini"]["input_credits_per_token"] == "0"
+    assert {m["type"] for m in models["chat"]} == {"chat"}
+    assert "openai/dall-e-3" in by_address(models["image"])
+    assert {m["type"] for m in models["image"]} == {"image"}
+
+
+async def test_bad_key(results: dict[str, Any]) -> None:
+    error = failed(results, "badKey")
+    assert "key" in error["error"].lower()
+    assert error["type"] in ("KEY_INVALID", "UNAUTHENTICATED")
+
+
+async def test_unknown_model(results: dict[str, Any]) -> None:
+    error = failed(results, "unknownModel")
+    assert "unknown provider 'nosuch'" in error["error"]
+    assert error["type"] == "MODEL_NOT_FOUND"
+
+
+async def test_upstream_failure_mid_stream_reaches_the_client(results: dict[str, Any]) -> None:
+    error = failed(results, "streamError")
+    assert error["error"], error
+
+
+async def test_upstream_error_before_the_answer(results: dict[str, Any]) -> None:
+    error = failed(results, "upstreamError")
+    assert error["type"] == "UPSTREAM_BAD_REQUEST"
+
+
+# -- raw HTTP ------------------------------------------------------------------------------
+
+
+async def test_discovery_answer(bridge: Bridge) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{bridge.rest_url}/__blocklet__.js", params={"type": "json"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert {"did": HUB_DID, "mountPoint": "/"}.items() <= body["componentMountPoints"][0].items()
+
+
+async def test_model_list_is_a_bare_array_without_a_key(bridge: Bridge) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{bridge.rest_url}/api/ai/models", params={"type": "chat"})
+        wrong = await client.get(f"{bridge.rest_url}/api/ai/models", params={"type": "audio"})
+    assert response.status_code == 200
+    assert isinstance(response.json(), list) and response.json()
+    assert wrong.status_code == 400
+    assert "type must be one of" in wrong.json()["error"]["message"]
+
+
+def sse_events(text: str) -> list[tuple[str | None, str]]:
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        name = None
+        data = []
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                name = line[len("event: ") :]
+            elif line.startswith("data: "):
+                data.append(line[len("data: ") :])
+        events.append((name, "\n".join(data)))
+    return events
+
+
+def agent_body(model: str, **options: Any) -> dict[str, Any]:
+    return {
+        "input": {"messages": [{"role": "user", "content": "raw frames"}], "modelOptions": {"model": model}},
+        "agent": "$CHAT_MODEL",
+        "options": options,
+    }
+
+
+async def test_stream_frames(bridge: Bridge, auth_headers: dict[str, str]) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{bridge.rest_url}/api/v2/chat",
+            json=agent_body("openai/gpt-4o-mini", streaming=True, userContext={}, memories=[]),
+            headers=auth_headers,
+        )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    assert all(name is None for name, _ in events)
+    payloads = [json.loads(data) for _, data in events]  # every data line is JSON: no [DONE]
+    texts = [p["delta"]["text"]["text"] for p in payloads[:-1]]
+    assert "".join(texts) == "echo: raw frames"
+    last = payloads[-1]["delta"]["json"]
+    assert last["model"] == "openai/gpt-4o-mini" and set(last["usage"]) == {"inputTokens", "outputTokens"}
+
+
+async def test_stream_failure_is_an_error_event(bridge: Bridge, auth_headers: dict[str, str]) -> None:
+    async with httpx.AsyncClient() as client:
+        body = agent_body("openai/stream-error", streaming=True)
+        response = await client.post(f"{bridge.rest_url}/api/v2/chat", json=body, headers=auth_headers)
+    events = sse_events(response.text)
+    assert events[0][0] is None and "delta" in json.loads(events[0][1])
+    name, data = events[-1]
+    assert name == "error"
+    assert set(json.loads(data)) == {"message", "type"} and json.loads(data)["message"]
+
+
+async def test_error_shape(bridge: Bridge, auth_headers: dict[str, str]) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{bridge.rest_url}/api/v2/chat", json=agent_body("openai/no such model!"), headers={"x": "y"}
+        )
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "UNAUTHENTICATED"
+    assert response.json()["error"]["message"]
+
+
+async def test_one_ledger_record_per_call_on_both_protocols(
+    gateway: Gateway, bridge: Bridge, fake_openai: FakeOpenAI
+) -> None:
+    owner = await ensure_owner(gateway.accounts.db, "user", "ledger-both")
+    key, secret = await gateway.accounts.keys.create_key(owner.id, "both protocols")
+    headers = {"authorization": f"Bearer {secret}"}
+    chat = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "raw frames"}]}
+    async with httpx.AsyncClient() as client:
+        body = agent_body("openai/gpt-4o-mini")
+        agent = await client.post(f"{bridge.rest_url}/api/v2/chat", json=body, headers=headers)
+        streamed = await client.post(
+            f"{bridge.rest_url}/api/v2/chat", json=agent_body("openai/gpt-4o-mini", streaming=True), headers=headers
+        )
+        refused = await client.post(f"{bridge.rest_url}/api/v2/chat", json=agent_body("nosuch/model"), headers=headers)
+        openai_answer = await client.post(f"{bridge.rest_url}/v1/chat/completions", json=chat, headers=headers)
+    assert (agent.status_code, streamed.status_code, refused.status_code, openai_answer.status_code) == (
+        200,
+        200,
+        404,
+        200,
+    )
+    records = await gateway.accounts.ledger.records(key_id=key.id)
+    assert sorted((r.operation, r.outcome) for r in records) == [
+        ("chat", "error"),
+        ("chat", "ok"),
+        ("chat", "ok"),
+        ("chat_stream", "ok"),
+    ]
+    agent_record = next(r for r in records if r.operation == "chat_stream")
+    assert agent_record.model == "openai/gpt-4o-mini" and agent_record.output_tokens > 0
+
+
+# -- out of credits ------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module")
+async def billing(
+    fake_openai: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Gateway, Bridge, str]]:
+    data = tmp_path_factory.mktemp("billing")
+    gateway = await start_gateway(
+        Settings(grpc_port=0, database_url=f"sqlite:///{data / 'hub.db'}", billing_enabled=True),
+        gateway_config(fake_openai.base_url),
+    )
+    await gateway.accounts.credits.set_rate(rate_from_credits("openai/*", {"input_per_million": 1}))
+    owner = await ensure_owner(gateway.accounts.db, "user", "penniless")
+    _, secret = await gateway.accounts.keys.create_key(owner.id, "no credits")
+    bridge = await start_bridge(gateway.port, data)
+    yield gateway, bridge, secret
+    await bridge.envoy.stop()
+    await gateway.stop(0.5)
+
+
+async def test_out_of_credits_is_402_not_enough(billing: tuple[Gateway, Bridge, str]) -> None:
+    _, bridge, secret = billing
+    results = await run_client(bridge.rest_url, secret, "invoke", "stream")
+    for name in ("invoke", "stream"):
+        error = failed(results, name)
+        assert error["type"] == "NOT_ENOUGH", error
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{bridge.rest_url}/api/v2/chat",
+            json=agent_body("openai/gpt-4o-mini"),
+            headers={"authorization": f"Bearer {secret}"},
+        )
+        openai_route = await client.post(
+            f"{bridge.rest_url}/v1/chat/completions",
+            json={"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"authorization": f"Bearer {secret}"},
+        )
+    assert response.status_code == 402
+    assert response.json()["error"]["type"] == "NOT_ENOUGH"
+    assert openai_route.status_code == 429, "the OpenAI routes keep OpenAI's semantics"
+    models = await run_client(bridge.rest_url, secret, "models")
+    entry = by_address(ok(models, "models")["chat"])["openai/gpt-4o-mini"]
+    assert entry["input_credits_per_token"] == "0.000001"
