@@ -315,3 +315,46 @@ async def test_out_of_credits_is_402_not_enough(billing: tuple[Gateway, Bridge, 
     models = await run_client(bridge.rest_url, secret, "models")
     entry = by_address(ok(models, "models")["chat"])["openai/gpt-4o-mini"]
     assert entry["input_credits_per_token"] == "0.000001"
+
+
+# -- bare model names ----------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module")
+async def one_provider(
+    fake_openai: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Bridge, str]]:
+    """A gateway with the openai provider only: its catalog's names are unambiguous."""
+    data = tmp_path_factory.mktemp("one-provider")
+    config = gateway_config(fake_openai.base_url)
+    config.providers.pop("badkey")
+    gateway = await start_gateway(Settings(grpc_port=0, database_url=f"sqlite:///{data / 'hub.db'}"), config)
+    owner = await ensure_owner(gateway.accounts.db, "user", "bare")
+    _, secret = await gateway.accounts.keys.create_key(owner.id, "bare names")
+    bridge = await start_bridge(gateway.port, data)
+    yield bridge, secret
+    await bridge.envoy.stop()
+    await gateway.stop(0.5)
+
+
+async def test_a_bare_name_reaches_the_one_provider_that_lists_it(
+    one_provider: tuple[Bridge, str], fake_openai: FakeOpenAI
+) -> None:
+    bridge, secret = one_provider
+    # "openai/gpt-4o-mini" makes the client talk OpenAI's protocol with "gpt-4o-mini".
+    output = ok(await run_client(bridge.rest_url, secret, "bareName"), "bareName")
+    assert output["text"] == "echo: hello from aigne"
+    assert output["model"] == "openai/gpt-4o-mini"
+    assert fake_openai.last_request.path == "/v1/chat/completions"
+    assert fake_openai.last_request.json["model"] == "gpt-4o-mini"
+
+
+async def test_an_ambiguous_bare_name_is_refused_naming_the_candidates(
+    bridge: Bridge, auth_headers: dict[str, str]
+) -> None:
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"{bridge.rest_url}/chat/completions", json=chat, headers=auth_headers)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "badkey/gpt-4o-mini" in message and "openai/gpt-4o-mini" in message
