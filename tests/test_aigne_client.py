@@ -11,10 +11,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 import pytest_asyncio
+from google.protobuf import json_format
 
+from aigne.hub.v1 import agent_service_pb2 as agent_pb
+from aigne.hub.v1 import agent_service_pb2_grpc as agent_grpc
 from server.accounts.credits import rate_from_credits
 from server.accounts.owners import ensure_owner
 from server.app import Gateway, start_gateway
@@ -358,3 +362,32 @@ async def test_an_ambiguous_bare_name_is_refused_naming_the_candidates(
     assert response.status_code == 400
     message = response.json()["error"]["message"]
     assert "badkey/gpt-4o-mini" in message and "openai/gpt-4o-mini" in message
+
+
+# -- gRPC callers and what is not offered --------------------------------------------------
+
+
+async def test_grpc_callers_get_typed_answers_and_statuses(channel: grpc.aio.Channel) -> None:
+    stub = agent_grpc.AgentServiceStub(channel)
+    request = json_format.ParseDict(agent_body("openai/gpt-4o-mini"), agent_pb.InvokeChatModelRequest())
+    answer = await stub.InvokeChatModel(request)
+    assert answer.text == "echo: raw frames" and answer.model == "openai/gpt-4o-mini"
+    events = [event async for event in stub.StreamChatModel(request)]
+    assert "".join(e.delta.text.text for e in events) == "echo: raw frames"
+    failing = json_format.ParseDict(agent_body("openai/stream-error"), agent_pb.InvokeChatModelRequest())
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in stub.StreamChatModel(failing):
+            received.append(event)
+    assert received and not any(e.HasField("error") for e in received), "gRPC gets the status, not an event"
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    models = await stub.ListAgentModels(agent_pb.ListAgentModelsRequest(type="image"))
+    assert models.content_type == "application/json"
+    assert {m["type"] for m in json.loads(models.data)} == {"image"}
+
+
+async def test_video_is_not_offered(bridge: Bridge, auth_headers: dict[str, str]) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"{bridge.rest_url}/api/v2/video", json={}, headers=auth_headers)
+    assert response.status_code == 501, response.text
+    assert response.json()["error"]["message"] == "video generation is not offered by this gateway"

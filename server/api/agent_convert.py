@@ -34,6 +34,7 @@ from google.protobuf import json_format, struct_pb2
 from aigne.hub.v1 import agent_service_pb2 as agent_pb
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import image_service_pb2 as image_pb
+from server.api.convert import whole_numbers_to_int
 from server.errors import InvalidRequest
 
 ROLES = {"system": "system", "user": "user", "agent": "assistant", "tool": "tool"}
@@ -70,7 +71,8 @@ def _chat_message(message: agent_pb.AgentMessage, where: str) -> chat_pb.ChatMes
     elif role != "assistant":
         converted.content.string_value = ""
     for call in message.tool_calls:
-        arguments = json_format.MessageToDict(call.function.arguments)
+        # Struct numbers are doubles: `{"count": 2}` must not reach the model as 2.0.
+        arguments = whole_numbers_to_int(json_format.MessageToDict(call.function.arguments))
         converted.tool_calls.append(
             chat_pb.ToolCall(
                 id=call.id,
