@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,8 +23,9 @@ from aigne.hub.v1 import agent_service_pb2_grpc as agent_grpc
 from server.accounts.credits import rate_from_credits
 from server.accounts.owners import ensure_owner
 from server.app import Gateway, start_gateway
-from server.config import Settings
+from server.config import GatewayConfig, ProviderConfig, Settings
 from tests.conftest import Bridge, gateway_config, start_bridge
+from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +38,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-async def run_client(base_url: str, api_key: str, *scenarios: str) -> dict[str, Any]:
+async def run_client(base_url: str, api_key: str, *scenarios: str, **env: str) -> dict[str, Any]:
     assert NODE is not None
     process = await asyncio.create_subprocess_exec(
         NODE,
@@ -45,6 +47,7 @@ async def run_client(base_url: str, api_key: str, *scenarios: str) -> dict[str, 
         api_key,
         *scenarios,
         cwd=ROOT,
+        env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -391,3 +394,56 @@ async def test_video_is_not_offered(bridge: Bridge, auth_headers: dict[str, str]
         response = await client.post(f"{bridge.rest_url}/api/v2/video", json={}, headers=auth_headers)
     assert response.status_code == 501, response.text
     assert response.json()["error"]["message"] == "video generation is not offered by this gateway"
+
+
+# -- another provider: Anthropic's Messages API behind the same protocol -------------------
+
+
+@pytest_asyncio.fixture(scope="module")
+async def claude(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Bridge, str]]:
+    data = tmp_path_factory.mktemp("claude")
+    async with FakeAnthropic(api_key="sk-ant-fake") as fake:
+        config = GatewayConfig(providers={"anthropic": ProviderConfig(base_url=fake.base_url, api_key="sk-ant-fake")})
+        gateway = await start_gateway(Settings(grpc_port=0, database_url=f"sqlite:///{data / 'hub.db'}"), config)
+        owner = await ensure_owner(gateway.accounts.db, "user", "claude")
+        _, secret = await gateway.accounts.keys.create_key(owner.id, "claude")
+        bridge = await start_bridge(gateway.port, data)
+        yield bridge, secret
+        await bridge.envoy.stop()
+        await gateway.stop(0.5)
+
+
+async def test_tools_and_structured_output_through_anthropic(claude: tuple[Bridge, str]) -> None:
+    bridge, secret = claude
+    env = {"AIGNE_TEST_PROVIDER": "anthropic", "AIGNE_TEST_CHAT_MODEL": "claude-sonnet-4-5"}
+    results = await run_client(bridge.rest_url, secret, "stream", "tools", "toolsStream", "structured", **env)
+    assert ok(results, "stream")["output"]["text"] == "echo: hello from aigne"
+    tools = ok(results, "tools")
+    [call] = tools["first"]["toolCalls"]
+    assert call["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert "sunny" in tools["second"]["text"]
+    [streamed_call] = ok(results, "toolsStream")["output"]["toolCalls"]
+    assert streamed_call["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert ok(results, "structured")["json"] == {"echo": "hello from aigne"}
+
+
+async def test_a_client_that_hangs_up_mid_stream_is_recorded_as_cancelled(gateway: Gateway, bridge: Bridge) -> None:
+    owner = await ensure_owner(gateway.accounts.db, "user", "hangs-up")
+    key, secret = await gateway.accounts.keys.create_key(owner.id, "hangs up")
+    body = agent_body("openai/stream-stall", streaming=True)  # 2 chunks, then silence
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        client.stream(
+            "POST", f"{bridge.rest_url}/api/v2/chat", json=body, headers={"authorization": f"Bearer {secret}"}
+        ) as response,
+    ):
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                break  # the first event: hang up
+    for _ in range(200):  # poll: the record is written once the server sees the hang-up
+        records = await gateway.accounts.ledger.records(key_id=key.id)
+        if records:
+            break
+        await asyncio.sleep(0.05)
+    assert [(r.operation, r.outcome) for r in records] == [("chat_stream", "cancelled")]

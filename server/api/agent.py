@@ -28,9 +28,10 @@ Decisions:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.api import httpbody_pb2
@@ -38,6 +39,7 @@ from google.protobuf import json_format
 
 from aigne.hub.v1 import agent_service_pb2 as agent_pb
 from aigne.hub.v1 import agent_service_pb2_grpc as agent_grpc
+from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from server import errors
 from server.accounts.service import METERED, Accounts
 from server.api import agent_convert
@@ -148,15 +150,23 @@ class AgentServicer(MeteredServicer, agent_grpc.AgentServiceServicer):
         state = agent_convert.StreamState(structured=agent_convert.wants_json(request.input))
         # Failures of the chat stream end this call through `context` (before the first
         # chunk, and for gRPC callers) or arrive as an error chunk (REST, after it).
-        async for chunk in self._chat.StreamChatCompletion(chat_request, context):
-            if chunk.id == DONE_SENTINEL_ID and not chunk.choices:
-                break
-            if chunk.HasField("error"):
-                yield _error_event(chunk.error.message, chunk.error.code)
-                return
-            event = state.take(chunk)
-            if event is not None:
-                yield event
+        # Closed at once however this call ends (a client that hangs up included), so the
+        # chat stream records the call as it would its own.
+        # (Typed AsyncIterator by its stub; it is an async generator.)
+        stream = cast(
+            AsyncGenerator[chat_pb.StreamChatCompletionResponse, None],
+            self._chat.StreamChatCompletion(chat_request, context),
+        )
+        async with aclosing(stream) as chunks:
+            async for chunk in chunks:
+                if chunk.id == DONE_SENTINEL_ID and not chunk.choices:
+                    break
+                if chunk.HasField("error"):
+                    yield _error_event(chunk.error.message, chunk.error.code)
+                    return
+                event = state.take(chunk)
+                if event is not None:
+                    yield event
         yield state.last_event()
 
     @unary

@@ -10,6 +10,10 @@ import { AIGNEHubChatModel, AIGNEHubImageModel } from "@aigne/aigne-hub";
 
 const [baseURL, apiKey, ...scenarios] = process.argv.slice(2);
 process.env.AIGNE_HUB_API_URL = baseURL;
+// The provider behind the chat scenarios, and its ordinary chat model.
+const PROVIDER = process.env.AIGNE_TEST_PROVIDER || "openai";
+const CHAT_MODEL = `aignehub/${PROVIDER}/${process.env.AIGNE_TEST_CHAT_MODEL || "gpt-4o-mini"}`;
+const TOOLS_MODEL = `aignehub/${PROVIDER}/tools`;
 
 const WEATHER_TOOL = {
   type: "function",
@@ -38,10 +42,10 @@ async function collect(stream) {
 }
 
 const SCENARIOS = {
-  invoke: () => chat("aignehub/openai/gpt-4o-mini").invoke(hello),
-  stream: async () => collect(await chat("aignehub/openai/gpt-4o-mini").invoke(hello, { streaming: true })),
+  invoke: () => chat(CHAT_MODEL).invoke(hello),
+  stream: async () => collect(await chat(CHAT_MODEL).invoke(hello, { streaming: true })),
   tools: async () => {
-    const model = chat("aignehub/openai/tools");
+    const model = chat(TOOLS_MODEL);
     const first = await model.invoke({ ...hello, tools: [WEATHER_TOOL], toolChoice: "auto" });
     const call = first.toolCalls[0];
     const second = await model.invoke({
@@ -55,9 +59,9 @@ const SCENARIOS = {
     return { first, second };
   },
   toolsStream: async () =>
-    collect(await chat("aignehub/openai/tools").invoke({ ...hello, tools: [WEATHER_TOOL] }, { streaming: true })),
+    collect(await chat(TOOLS_MODEL).invoke({ ...hello, tools: [WEATHER_TOOL] }, { streaming: true })),
   structured: () =>
-    chat("aignehub/openai/gpt-4o-mini").invoke({
+    chat(CHAT_MODEL).invoke({
       ...hello,
       responseFormat: {
         type: "json_schema",
@@ -75,7 +79,7 @@ const SCENARIOS = {
     chat: await AIGNEHubChatModel.models(),
     image: await AIGNEHubImageModel.models(),
   }),
-  badKey: () => chat("aignehub/openai/gpt-4o-mini", "ahk_notakey_000").invoke(hello),
+  badKey: () => chat(CHAT_MODEL, "ahk_notakey_000").invoke(hello),
   unknownModel: () => chat("aignehub/nosuch/model").invoke(hello),
   streamError: async () => collect(await chat("aignehub/openai/stream-error").invoke(hello, { streaming: true })),
   upstreamError: () => chat("aignehub/openai/error-400").invoke(hello),
