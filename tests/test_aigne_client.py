@@ -178,7 +178,20 @@ async def test_model_list_is_a_bare_array_without_a_key(bridge: Bridge) -> None:
         response = await client.get(f"{bridge.rest_url}/api/ai/models", params={"type": "chat"})
         wrong = await client.get(f"{bridge.rest_url}/api/ai/models", params={"type": "audio"})
     assert response.status_code == 200
-    assert isinstance(response.json(), list) and response.json()
+    models = {m["key"]: m for m in response.json()}
+    assert "fast" not in models, "aliases are not listed: AIGNE clients build provider/model"
+    assert set(models["openai/gpt-4o-mini"]) == {
+        "key",
+        "model",
+        "type",
+        "provider",
+        "input_credits_per_token",
+        "output_credits_per_token",
+        "providerDisplayName",
+        "modelMetadata",
+        "status",
+    }
+    assert models["openai/gpt-4o-mini"]["modelMetadata"]["features"] == ["tools", "vision"]
     assert wrong.status_code == 400
     assert "type must be one of" in wrong.json()["error"]["message"]
 

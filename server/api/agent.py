@@ -19,7 +19,8 @@ Decisions:
   (the bridge sends it as `event: error`), the call's status for gRPC callers.
 - Discovery answers AIGNE Hub's component DID mounted at `/`, so the client's paths
   (`/api/v2/chat`, `/api/ai/models`) are at the root. It and the model list need no key.
-- The model list is the catalog (ListModels') in AIGNE Hub's shape: one entry per type
+- The model list is the catalog (ListModels') without its aliases (AIGNE clients build
+  `provider/model` from each entry) in AIGNE Hub's shape: one entry per type
   the model serves ("chat", "image", "embedding"), credits per token from the
   configured rates as decimal strings (the client's schema wants strings), as a bare
   JSON array in an HttpBody (the transcoder cannot print an array from a message).
@@ -102,18 +103,19 @@ class AgentServicer(MeteredServicer, agent_grpc.AgentServiceServicer):
             )
         models: list[JSON] = []
         for entry in self._router.catalog():
+            if entry.alias_of:
+                continue  # AIGNE clients address models as provider/model, never by alias
             for capability, kind in MODEL_TYPES.items():
                 if capability in entry.capabilities and request.type in ("", kind):
                     models.append(json_format.MessageToDict(await self._agent_model(entry, kind)))
         return httpbody_pb2.HttpBody(content_type="application/json", data=json.dumps(models).encode())
 
     async def _agent_model(self, entry: CatalogModel, kind: str) -> agent_pb.AgentModel:
-        target = entry.alias_of or entry.id
-        rate = await self._accounts.credits.rate_for(target)
+        rate = await self._accounts.credits.rate_for(entry.id)
         features = sorted(name for capability, name in FEATURES.items() if capability in entry.capabilities)
         return agent_pb.AgentModel(
             key=entry.id,
-            model=entry.id if entry.alias_of else entry.id.partition("/")[2],
+            model=entry.id.partition("/")[2],
             type=kind,
             provider=entry.owned_by,
             input_credits_per_token=_per_token(rate.input_per_million_micros if rate else 0),

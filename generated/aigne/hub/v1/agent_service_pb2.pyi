@@ -154,9 +154,9 @@ class AgentModel(_message.Message):
     MODEL_METADATA_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
-    """Output only. The model's address, `provider/model` (or an alias)."""
+    """Output only. The model's address, `provider/model`."""
     model: _builtins.str
-    """Output only. The model's name without the provider (an alias's own name)."""
+    """Output only. The model's name without the provider."""
     type: _builtins.str
     """Output only. "chat", "image" or "embedding" (a model that does several is listed
     once per type).

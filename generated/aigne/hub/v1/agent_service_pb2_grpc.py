@@ -81,9 +81,9 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAgentModels(self, request, context):
-        """Lists the catalog's models in AIGNE Hub's shape: a JSON array of `AgentModel`
-        (lowerCamelCase, but the two credit fields in snake_case, as AIGNE Hub names them),
-        sorted by key then type. Needs no key. The answer is `google.api.HttpBody` because
+        """Lists the catalog's models (not its aliases) in AIGNE Hub's shape: a JSON array of
+        `AgentModel` (lowerCamelCase, but the two credit fields in snake_case, as AIGNE Hub
+        names them), sorted by key. Needs no key. The answer is `google.api.HttpBody` because
         the transcoder cannot print a bare array from a message.
 
         REST: `GET /api/ai/models?type=chat|image|embedding|video`.

@@ -49,9 +49,9 @@ class AgentServiceStub:
     REST: `GET /__blocklet__.js?type=json`.
     """
     ListAgentModels: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentModelsRequest, _httpbody_pb2.HttpBody]
-    """Lists the catalog's models in AIGNE Hub's shape: a JSON array of `AgentModel`
-    (lowerCamelCase, but the two credit fields in snake_case, as AIGNE Hub names them),
-    sorted by key then type. Needs no key. The answer is `google.api.HttpBody` because
+    """Lists the catalog's models (not its aliases) in AIGNE Hub's shape: a JSON array of
+    `AgentModel` (lowerCamelCase, but the two credit fields in snake_case, as AIGNE Hub
+    names them), sorted by key. Needs no key. The answer is `google.api.HttpBody` because
     the transcoder cannot print a bare array from a message.
 
     REST: `GET /api/ai/models?type=chat|image|embedding|video`.
@@ -92,9 +92,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
     REST: `GET /__blocklet__.js?type=json`.
     """
     ListAgentModels: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentModelsRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
-    """Lists the catalog's models in AIGNE Hub's shape: a JSON array of `AgentModel`
-    (lowerCamelCase, but the two credit fields in snake_case, as AIGNE Hub names them),
-    sorted by key then type. Needs no key. The answer is `google.api.HttpBody` because
+    """Lists the catalog's models (not its aliases) in AIGNE Hub's shape: a JSON array of
+    `AgentModel` (lowerCamelCase, but the two credit fields in snake_case, as AIGNE Hub
+    names them), sorted by key. Needs no key. The answer is `google.api.HttpBody` because
     the transcoder cannot print a bare array from a message.
 
     REST: `GET /api/ai/models?type=chat|image|embedding|video`.
@@ -144,9 +144,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.ListAgentModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
-        """Lists the catalog's models in AIGNE Hub's shape: a JSON array of `AgentModel`
-        (lowerCamelCase, but the two credit fields in snake_case, as AIGNE Hub names them),
-        sorted by key then type. Needs no key. The answer is `google.api.HttpBody` because
+        """Lists the catalog's models (not its aliases) in AIGNE Hub's shape: a JSON array of
+        `AgentModel` (lowerCamelCase, but the two credit fields in snake_case, as AIGNE Hub
+        names them), sorted by key. Needs no key. The answer is `google.api.HttpBody` because
         the transcoder cannot print a bare array from a message.
 
         REST: `GET /api/ai/models?type=chat|image|embedding|video`.
