@@ -6,7 +6,8 @@ entry with the `Bearer` scheme (any case) is accepted: a raw key without the sch
 another scheme, or two `authorization` entries are UNAUTHENTICATED, since guessing
 which of two credentials was meant, or what an unknown scheme carries, would let a
 proxy's header and the client's disagree about who is calling. Health checks,
-reflection and an anonymous `GetStatus` need none. The
+reflection, an anonymous `GetStatus` and AIGNE's discovery and model list
+(`AgentService.GetBlockletInfo`, `ListAgentModels`) need none. The
 authenticated key is put in `CURRENT_KEY` for the servicers (allow-list, billing,
 ledger): the interceptor runs in the same task as the handler.
 
