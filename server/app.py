@@ -25,6 +25,8 @@ from grpc_reflection.v1alpha import reflection
 from aigne.hub.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
     audio_service_pb2,
     audio_service_pb2_grpc,
     chat_service_pb2,
@@ -39,6 +41,7 @@ from aigne.hub.v1 import (
 from server.accounts.credits import rate_from_credits
 from server.accounts.service import Accounts
 from server.api.admin import AdminServicer
+from server.api.agent import AgentServicer
 from server.api.audio import AudioServicer
 from server.api.auth import AuthInterceptor
 from server.api.chat import ChatServicer
@@ -66,6 +69,7 @@ SERVICE_NAMES = [
     audio_service_pb2.DESCRIPTOR.services_by_name["AudioService"].full_name,
     status_service_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
 ]
 
 
@@ -183,11 +187,15 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
             IntakeInterceptor(settings.default_call_deadline_s),
         ],
     )
-    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router, accounts, streams, routing), server)
+    chat = ChatServicer(router, accounts, streams, routing)
+    images = ImageServicer(router, accounts, routing)
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
     embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(
         EmbeddingServicer(router, accounts, routing), server
     )
-    image_service_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(router, accounts, routing), server)
+    image_service_pb2_grpc.add_ImageServiceServicer_to_server(images, server)
+    # AIGNE's agent protocol, served by the same chat and image servicers in process.
+    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(router, accounts, chat, images), server)
     audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts, routing), server)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(accounts, providers), server)
     status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving, routing), server)
