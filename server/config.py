@@ -176,6 +176,10 @@ def config_from_environment(environ: dict[str, str]) -> GatewayConfig:
         ("deepseek", "DEEPSEEK_API_KEY"),
         ("xai", "XAI_API_KEY"),
         ("openrouter", "OPENROUTER_API_KEY"),
+        ("groq", "GROQ_API_KEY"),
+        ("together", "TOGETHER_API_KEY"),
+        ("fireworks", "FIREWORKS_API_KEY"),
+        ("perplexity", "PERPLEXITY_API_KEY"),
     ):
         if environ.get(variable):
             providers[name] = ProviderConfig(api_key_env=variable)

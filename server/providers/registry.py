@@ -117,6 +117,73 @@ PRESETS: dict[str, Preset] = {
         ),
         reasoning_field="reasoning",
     ),
+    # Groq: OpenAI's chat API and Whisper transcription on its own hardware.
+    "groq": Preset(
+        "openai",
+        "https://api.groq.com/openai/v1",
+        "GROQ_API_KEY",
+        _CHAT_ONLY | {_C.VISION, _C.TRANSCRIPTION},
+        (
+            *(
+                ModelEntry(id=m, capabilities=list(_CHAT_ONLY))
+                for m in (
+                    "llama-3.3-70b-versatile",
+                    "llama-3.1-8b-instant",
+                    "openai/gpt-oss-120b",
+                    "openai/gpt-oss-20b",
+                )
+            ),
+            ModelEntry(id="meta-llama/llama-4-scout-17b-16e-instruct", capabilities=[*_CHAT_ONLY, _C.VISION]),
+            *(
+                ModelEntry(id=m, capabilities=[_C.TRANSCRIPTION])
+                for m in ("whisper-large-v3", "whisper-large-v3-turbo")
+            ),
+        ),
+    ),
+    "together": Preset(
+        "openai",
+        "https://api.together.xyz/v1",
+        "TOGETHER_API_KEY",
+        _CHAT_ONLY | {_C.VISION, _C.EMBEDDINGS, _C.IMAGES},
+        (
+            *(
+                ModelEntry(id=m, capabilities=list(_CHAT_ONLY))
+                for m in (
+                    "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+                    "deepseek-ai/DeepSeek-V3",
+                    "Qwen/Qwen2.5-72B-Instruct-Turbo",
+                )
+            ),
+            ModelEntry(id="BAAI/bge-large-en-v1.5", capabilities=[_C.EMBEDDINGS]),
+            ModelEntry(id="black-forest-labs/FLUX.1-schnell", capabilities=[_C.IMAGES]),
+        ),
+    ),
+    # Fireworks' model names are resource paths: `fireworks/accounts/fireworks/models/...`.
+    "fireworks": Preset(
+        "openai",
+        "https://api.fireworks.ai/inference/v1",
+        "FIREWORKS_API_KEY",
+        _CHAT_ONLY | {_C.VISION, _C.EMBEDDINGS},
+        (
+            *(
+                ModelEntry(id=f"accounts/fireworks/models/{m}", capabilities=list(_CHAT_ONLY))
+                for m in ("llama-v3p3-70b-instruct", "deepseek-v3", "qwen3-235b-a22b")
+            ),
+            ModelEntry(id="nomic-ai/nomic-embed-text-v1.5", capabilities=[_C.EMBEDDINGS]),
+        ),
+    ),
+    # Perplexity: search-grounded chat; no tools, no images in, JSON schema output.
+    "perplexity": Preset(
+        "openai",
+        "https://api.perplexity.ai",
+        "PERPLEXITY_API_KEY",
+        frozenset({_C.CHAT, _C.CHAT_STREAM, _C.JSON_SCHEMA}),
+        tuple(ModelEntry(id=m) for m in ("sonar", "sonar-pro", "sonar-reasoning-pro", "sonar-deep-research")),
+    ),
+    # Self-hosted servers: no default base URL (the config file gives it) and no key
+    # unless the server was started with one (`--api-key`); the catalog is the config's.
+    "vllm": Preset("openai", None, "VLLM_API_KEY", _CHAT_ONLY | {_C.VISION, _C.EMBEDDINGS}),
+    "llamacpp": Preset("openai", None, "LLAMA_API_KEY", _CHAT_ONLY | {_C.VISION, _C.EMBEDDINGS}),
 }
 
 AdapterFactory = Callable[[str, ProviderConfig, Preset | None, httpx.AsyncClient], Provider]
@@ -177,7 +244,12 @@ def api_key_variable(provider: str) -> str | None:
 
 
 # Providers enabled by something other than their preset's key variable (config.py).
-_ENABLED_BY = {"ollama": "OLLAMA_HOST", "gemini": "GEMINI_API_KEY or GOOGLE_API_KEY"}
+_ENABLED_BY = {
+    "ollama": "OLLAMA_HOST",
+    "gemini": "GEMINI_API_KEY or GOOGLE_API_KEY",
+    "vllm": "config file (base_url)",
+    "llamacpp": "config file (base_url)",
+}
 
 
 def capability_table() -> str:
