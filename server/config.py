@@ -187,6 +187,12 @@ def config_from_environment(environ: dict[str, str]) -> GatewayConfig:
     if gemini_key := next((v for v in ("GOOGLE_API_KEY", "GEMINI_API_KEY") if environ.get(v)), None):
         gemini_url = environ.get("GOOGLE_GEMINI_BASE_URL") or None
         providers["gemini"] = ProviderConfig(api_key_env=gemini_key, base_url=gemini_url)
+    # Bedrock: AWS credentials (keys, a profile, or a Bedrock API key) and a region,
+    # read by botocore itself when the adapter is built.
+    if any(environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_BEARER_TOKEN_BEDROCK")) and any(
+        environ.get(v) for v in ("AWS_REGION", "AWS_DEFAULT_REGION")
+    ):
+        providers["bedrock"] = ProviderConfig()
     # Ollama needs no key (OLLAMA_API_KEY only for ollama.com); its host enables it.
     if environ.get("OLLAMA_HOST"):
         providers["ollama"] = ProviderConfig(base_url=environ["OLLAMA_HOST"], api_key_env="OLLAMA_API_KEY")

@@ -15,6 +15,9 @@ from server.config import ModelEntry, ProviderConfig
 from server.errors import ProviderNotConfigured
 from server.providers.anthropic import CLAUDE_CHAT, CLAUDE_MODELS, build_anthropic_adapter
 from server.providers.base import Capability, Provider
+from server.providers.bedrock import BEARER_ENV as BEDROCK_BEARER_ENV
+from server.providers.bedrock import CAPABILITIES as BEDROCK_CAPABILITIES
+from server.providers.bedrock import build_bedrock
 from server.providers.gemini import GEMINI_BASE_URL, GEMINI_CAPABILITIES, GEMINI_MODELS, build_gemini
 from server.providers.mistral import CAPABILITIES as MISTRAL_CAPABILITIES
 from server.providers.mistral import DEFAULT_BASE_URL as MISTRAL_BASE_URL
@@ -117,6 +120,35 @@ PRESETS: dict[str, Preset] = {
         ),
         reasoning_field="reasoning",
     ),
+    # Bedrock: the endpoint and region come from botocore (server.providers.bedrock).
+    "bedrock": Preset(
+        "bedrock",
+        None,
+        BEDROCK_BEARER_ENV,
+        BEDROCK_CAPABILITIES,
+        (
+            *(
+                ModelEntry(id=m, capabilities=[_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA])
+                for m in ("us.anthropic.claude-sonnet-4-20250514-v1:0", "us.anthropic.claude-haiku-4-5-20251001-v1:0")
+            ),
+            *(
+                ModelEntry(id=m, capabilities=[_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION])
+                for m in ("amazon.nova-pro-v1:0", "amazon.nova-lite-v1:0")
+            ),
+            *(
+                ModelEntry(id=m, capabilities=[_C.CHAT, _C.CHAT_STREAM, _C.TOOLS])
+                for m in (
+                    "amazon.nova-micro-v1:0",
+                    "meta.llama3-3-70b-instruct-v1:0",
+                    "mistral.mistral-large-2407-v1:0",
+                )
+            ),
+            *(
+                ModelEntry(id=m, capabilities=[_C.EMBEDDINGS])
+                for m in ("amazon.titan-embed-text-v2:0", "cohere.embed-english-v3", "cohere.embed-multilingual-v3")
+            ),
+        ),
+    ),
     # Groq: OpenAI's chat API and Whisper transcription on its own hardware.
     "groq": Preset(
         "openai",
@@ -210,6 +242,7 @@ def _openai(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx
 
 ADAPTERS: dict[str, AdapterFactory] = {
     "anthropic": build_anthropic_adapter,
+    "bedrock": build_bedrock,
     "gemini": build_gemini,
     "mistral": build_mistral,
     "ollama": build_ollama,
@@ -247,6 +280,7 @@ def api_key_variable(provider: str) -> str | None:
 _ENABLED_BY = {
     "ollama": "OLLAMA_HOST",
     "gemini": "GEMINI_API_KEY or GOOGLE_API_KEY",
+    "bedrock": "AWS credentials and region, or AWS_BEARER_TOKEN_BEDROCK",
     "vllm": "config file (base_url)",
     "llamacpp": "config file (base_url)",
 }
