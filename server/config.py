@@ -103,6 +103,8 @@ class ProviderConfig(BaseModel):
     api_key_env: str | None = None
     api_key: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    # Azure OpenAI's `api-version` (default: OPENAI_API_VERSION, as its SDK reads it).
+    api_version: str | None = None
     models: Annotated[list[ModelEntry], BeforeValidator(_models_list)] = Field(default_factory=list)
     # When true, models outside `models` are refused with MODEL_NOT_FOUND instead of
     # being passed to the provider, which knows best which models it has.
@@ -193,6 +195,11 @@ def config_from_environment(environ: dict[str, str]) -> GatewayConfig:
         environ.get(v) for v in ("AWS_REGION", "AWS_DEFAULT_REGION")
     ):
         providers["bedrock"] = ProviderConfig()
+    # Azure OpenAI, as openai.AzureOpenAI reads it: an endpoint and a key or Entra ID token.
+    if environ.get("AZURE_OPENAI_ENDPOINT") and (
+        environ.get("AZURE_OPENAI_API_KEY") or environ.get("AZURE_OPENAI_AD_TOKEN")
+    ):
+        providers["azure"] = ProviderConfig()
     # Ollama needs no key (OLLAMA_API_KEY only for ollama.com); its host enables it.
     if environ.get("OLLAMA_HOST"):
         providers["ollama"] = ProviderConfig(base_url=environ["OLLAMA_HOST"], api_key_env="OLLAMA_API_KEY")

@@ -8,7 +8,7 @@ One adapter instance per configured provider; all share the process's httpx clie
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,11 +236,22 @@ class _StreamContext:
     and closes the upstream connection on exit, which is how a client's cancellation
     reaches the upstream at once."""
 
-    def __init__(self, client: httpx.AsyncClient, request: httpx.Request, provider: str) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        request: httpx.Request,
+        provider: str,
+        error_of: Callable[[int, httpx.Headers, bytes], errors.UpstreamError] | None = None,
+    ) -> None:
         self._client = client
         self._request = request
         self._provider = provider
+        # How a failed status and its body become the error (a dialect may read more).
+        self._error_of = error_of or self._openai_error
         self._response: httpx.Response | None = None
+
+    def _openai_error(self, status: int, headers: httpx.Headers, body: bytes) -> errors.UpstreamError:
+        return upstream_status_error(self._provider, status, headers, error_message_from_body(body))
 
     async def __aenter__(self) -> httpx.Response:
         try:
@@ -254,8 +265,7 @@ class _StreamContext:
                 body = b""
             finally:
                 await response.aclose()
-            message = error_message_from_body(body)
-            raise upstream_status_error(self._provider, response.status_code, response.headers, message)
+            raise self._error_of(response.status_code, response.headers, body)
         self._response = response
         return response
 

@@ -14,6 +14,10 @@ import httpx
 from server.config import ModelEntry, ProviderConfig
 from server.errors import ProviderNotConfigured
 from server.providers.anthropic import CLAUDE_CHAT, CLAUDE_MODELS, build_anthropic_adapter
+from server.providers.azure import API_KEY_ENV as AZURE_API_KEY_ENV
+from server.providers.azure import CAPABILITIES as AZURE_CAPABILITIES
+from server.providers.azure import MODELS as AZURE_MODELS
+from server.providers.azure import build_azure
 from server.providers.base import Capability, Provider
 from server.providers.bedrock import BEARER_ENV as BEDROCK_BEARER_ENV
 from server.providers.bedrock import CAPABILITIES as BEDROCK_CAPABILITIES
@@ -120,6 +124,8 @@ PRESETS: dict[str, Preset] = {
         ),
         reasoning_field="reasoning",
     ),
+    # Azure OpenAI: model names are deployment names (server.providers.azure).
+    "azure": Preset("azure", None, AZURE_API_KEY_ENV, AZURE_CAPABILITIES, AZURE_MODELS),
     # Bedrock: the endpoint and region come from botocore (server.providers.bedrock).
     "bedrock": Preset(
         "bedrock",
@@ -242,6 +248,7 @@ def _openai(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx
 
 ADAPTERS: dict[str, AdapterFactory] = {
     "anthropic": build_anthropic_adapter,
+    "azure": build_azure,
     "bedrock": build_bedrock,
     "gemini": build_gemini,
     "mistral": build_mistral,
@@ -280,6 +287,7 @@ def api_key_variable(provider: str) -> str | None:
 _ENABLED_BY = {
     "ollama": "OLLAMA_HOST",
     "gemini": "GEMINI_API_KEY or GOOGLE_API_KEY",
+    "azure": "AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_API_KEY or AZURE_OPENAI_AD_TOKEN",
     "bedrock": "AWS credentials and region, or AWS_BEARER_TOKEN_BEDROCK",
     "vllm": "config file (base_url)",
     "llamacpp": "config file (base_url)",
