@@ -13,6 +13,7 @@ Endpoints, all POST, the key in `x-goog-api-key` (or `?key=`):
     /v1beta/models/{model}:streamGenerateContent?alt=sse   one GenerateContentResponse per event
     /v1beta/models/{model}:embedContent
     /v1beta/models/{model}:batchEmbedContents
+    /v1beta/models/{model}:countTokens                     totalTokens: the words of the text parts
 
 Like the real API it refuses, with 400 INVALID_ARGUMENT, request fields it does not know:
 each part of a body is validated against the official google-genai SDK's types, which
@@ -277,6 +278,7 @@ class FakeGemini:
             "streamGenerateContent": self._stream,
             "embedContent": self._embed,
             "batchEmbedContents": self._batch_embed,
+            "countTokens": self._count_tokens,
         }
         if request.method != "POST" or not match or match.group(2) not in endpoints:
             raise GoogleError(404, f"Method not found: {request.method} {request.path}")
@@ -551,6 +553,15 @@ class FakeGemini:
     def _embed(self, model: str, body: JSON, _: Request) -> Response:
         request = _validated(body, _EMBED_FIELDS, "EmbedContentRequest")
         return _json_response({"embedding": self._embedding(request, "EmbedContentRequest")})
+
+    def _count_tokens(self, model: str, body: JSON, _: Request) -> Response:
+        """countTokens: one token per word of every text part (free at Google, too)."""
+        if set(body) - {"contents", "generateContentRequest"} or not isinstance(body.get("contents"), list):
+            raise GoogleError(400, "* CountTokensRequest.contents: contents is not specified")
+        tokens = sum(len(_text(content).split()) for content in body["contents"])
+        return _json_response(
+            {"totalTokens": tokens, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": tokens}]}
+        )
 
     def _batch_embed(self, model: str, body: JSON, _: Request) -> Response:
         if set(body) - {"requests"} or not isinstance(body.get("requests"), list) or not body["requests"]:
