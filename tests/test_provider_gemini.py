@@ -663,7 +663,7 @@ async def test_embeddings_use_embed_content_for_one_and_batch_for_several(gemini
     # embedContent reports no usage: the inputs were counted by countTokens.
     assert many.usage.prompt_tokens == 3 and many.usage.total_tokens == 3
     [count] = [r for r in gemini_fake.requests if ":countTokens" in r.path]
-    assert count.path == "/v1beta/models/gemini-2.5-flash:countTokens"
+    assert count.path == "/v1beta/models/gemini-3.5-flash-lite:countTokens"
     assert embed_request(gemini_fake).path == "/v1beta/models/gemini-embedding-001:batchEmbedContents"
     assert embed_request(gemini_fake).json == {
         "requests": [
@@ -825,7 +825,7 @@ async def test_registry_builds_the_gemini_preset():
         assert versioned._url("m", "embedContent") == "http://p.test/v1beta/models/m:embedContent"
     assert PRESETS["gemini"].api_key_env == "GEMINI_API_KEY"
     ids = {entry.id for entry in catalog_models("gemini", ProviderConfig())}
-    assert {"gemini-2.5-flash", "gemini-2.5-pro", "gemini-embedding-001"} <= ids
+    assert {"gemini-3.5-flash", "gemini-3.1-pro-preview", "gemini-embedding-001"} <= ids
 
 
 def test_unknown_reasoning_effort_is_an_invalid_request():

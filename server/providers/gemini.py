@@ -124,7 +124,7 @@ GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
 _log = logging.getLogger(__name__)
 API_VERSION = "v1beta"
 # The model whose countTokens measures embedding inputs (see the module docstring).
-TOKEN_COUNT_MODEL = "gemini-2.5-flash"
+TOKEN_COUNT_MODEL = "gemini-3.5-flash-lite"
 # The variables the official google-genai SDK reads, in its order of precedence.
 API_KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 
@@ -136,11 +136,16 @@ _GEMINI_CHAT = [_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA]
 GEMINI_MODELS = tuple(
     ModelEntry(id=model_id, capabilities=caps)
     for model_id, caps in [
-        ("gemini-2.5-flash", _GEMINI_CHAT),
-        ("gemini-2.5-pro", _GEMINI_CHAT),
+        # Refreshed 2026-11 against Google's deprecations page: gemini-2.5-flash and
+        # -pro retire on 2026-12-01, text-embedding-004 shut down on 2026-01-14.
+        # tests/test_catalogs.py flags an entry the (fake) model list no longer has.
+        ("gemini-3.8-flash", _GEMINI_CHAT),
+        ("gemini-3.5-flash", _GEMINI_CHAT),
+        ("gemini-3.5-flash-lite", _GEMINI_CHAT),
+        ("gemini-3.1-flash-lite", _GEMINI_CHAT),
+        ("gemini-3.1-pro-preview", _GEMINI_CHAT),
         ("gemini-2.5-flash-lite", _GEMINI_CHAT),
         ("gemini-embedding-001", [_C.EMBEDDINGS]),
-        ("text-embedding-004", [_C.EMBEDDINGS]),
         # Image models answer chat too, but the chat translation drops image parts.
         ("gemini-3.1-flash-image", [_C.IMAGES]),
         ("gemini-3-pro-image", [_C.IMAGES]),

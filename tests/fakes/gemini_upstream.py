@@ -271,7 +271,7 @@ class FakeGemini:
     async def _dispatch(self, request: Request, body: Any) -> Response:
         if (request.method, request.path) == ("GET", "/v1beta/models"):  # the gateway's credential probe
             self._check_key(request)
-            return _json_response({"models": [{"name": "models/gemini-2.5-flash"}]}, 200)
+            return _json_response({"models": [_model_entry(m) for m in MODEL_LIST]}, 200)
         match = re.fullmatch(r"/v1beta/models/([^/:]+):(\w+)", request.path)
         endpoints = {
             "generateContent": self._generate,
@@ -655,6 +655,36 @@ def _parts(content: JSON) -> list[JSON]:
 
 def _camel_part(part: JSON) -> JSON:
     return {re.sub(r"_(\w)", lambda m: m.group(1).upper(), key): value for key, value in part.items()}
+
+
+# What Google's models.list names today (Developer API, 2026-11; Google's deprecations
+# page): the catalog test flags a gateway catalog entry missing here.
+MODEL_LIST = {
+    "gemini-3.8-flash": ("generateContent", "countTokens"),
+    "gemini-3.7-flash": ("generateContent", "countTokens"),
+    "gemini-3.6-flash": ("generateContent", "countTokens"),
+    "gemini-3.5-flash": ("generateContent", "countTokens"),
+    "gemini-3.5-flash-lite": ("generateContent", "countTokens"),
+    "gemini-3.1-flash-lite": ("generateContent", "countTokens"),
+    "gemini-3.1-pro-preview": ("generateContent", "countTokens"),
+    "gemini-2.5-flash": ("generateContent", "countTokens"),  # retires 2026-12-01
+    "gemini-2.5-pro": ("generateContent", "countTokens"),  # retires 2026-12-01
+    "gemini-2.5-flash-lite": ("generateContent", "countTokens"),
+    "gemini-3.1-flash-image": ("generateContent", "countTokens"),
+    "gemini-3-pro-image": ("generateContent", "countTokens"),
+    "gemini-embedding-001": ("embedContent", "countTextTokens", "countTokens"),
+}
+
+
+def _model_entry(model: str) -> JSON:
+    return {
+        "name": f"models/{model}",
+        "version": "001",
+        "displayName": model,
+        "inputTokenLimit": 1_048_576,
+        "outputTokenLimit": 65_536,
+        "supportedGenerationMethods": list(MODEL_LIST[model]),
+    }
 
 
 def _text(content: JSON) -> str:
