@@ -212,3 +212,8 @@ async def test_probe_credential(fake):
         assert fake.requests[-1].path == "/openai/models" and fake.requests[-1].headers["api-key"] == KEY
         with pytest.raises(errors.UpstreamCredentialRejected):
             await adapter.probe_credential("not-the-key")
+
+
+async def test_models_list_includes_the_azure_catalog(stack):
+    ids = {model.id async for model in stack.oai.models.list()}
+    assert {"azure/gpt-4o-mini", "azure/text-embedding-3-small"} <= ids

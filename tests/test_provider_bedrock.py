@@ -492,3 +492,18 @@ async def test_probe_credential(monkeypatch, tmp_path, fake):
         assert fake.requests[-1].headers["authorization"] == f"Bearer {API_KEY}"
         with pytest.raises(errors.UpstreamCredentialRejected):
             await adapter.probe_credential("not-a-key")
+
+
+async def test_session_token_is_signed_along(monkeypatch, tmp_path, fake):
+    aws_environment(monkeypatch, tmp_path, AWS_SESSION_TOKEN="session-token-1")
+    async with httpx.AsyncClient() as client:
+        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), client)
+        await adapter.create_chat_completion({"messages": [user("x")]}, "m")
+    sent = fake.requests[-1].headers
+    assert sent["x-amz-security-token"] == "session-token-1"
+    assert "x-amz-security-token" in sent["authorization"].split("SignedHeaders=")[1].split(",")[0]
+
+
+async def test_models_list_includes_the_bedrock_catalog(stack):
+    ids = {model.id async for model in stack.oai.models.list()}
+    assert {"bedrock/amazon.nova-lite-v1:0", "bedrock/amazon.titan-embed-text-v2:0"} <= ids
