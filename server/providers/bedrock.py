@@ -85,25 +85,24 @@ CAPABILITIES = frozenset(
 )
 _PROBE_MODEL = "amazon.nova-micro-v1:0"
 
-_C = errors
 # Bedrock's exception types (lower-cased: stream frames name them camelCase).
 _ERROR_KINDS: dict[str, type[errors.UpstreamError]] = {
-    "validationexception": _C.UpstreamBadRequest,
-    "servicequotaexceededexception": _C.UpstreamRateLimited,
-    "throttlingexception": _C.UpstreamRateLimited,
-    "modelnotreadyexception": _C.UpstreamUnavailable,
-    "serviceunavailableexception": _C.UpstreamUnavailable,
-    "internalserverexception": _C.UpstreamUnavailable,
-    "modelerrorexception": _C.UpstreamUnavailable,
-    "modelstreamerrorexception": _C.UpstreamUnavailable,
-    "modeltimeoutexception": _C.UpstreamTimeout,
-    "resourcenotfoundexception": _C.UpstreamNotFound,
-    "accessdeniedexception": _C.UpstreamAuthFailed,
-    "unrecognizedclientexception": _C.UpstreamCredentialRejected,
-    "invalidsignatureexception": _C.UpstreamCredentialRejected,
-    "incompletesignatureexception": _C.UpstreamCredentialRejected,
-    "expiredtokenexception": _C.UpstreamCredentialRejected,
-    "missingauthenticationtokenexception": _C.UpstreamCredentialRejected,
+    "validationexception": errors.UpstreamBadRequest,
+    "servicequotaexceededexception": errors.UpstreamRateLimited,
+    "throttlingexception": errors.UpstreamRateLimited,
+    "modelnotreadyexception": errors.UpstreamUnavailable,
+    "serviceunavailableexception": errors.UpstreamUnavailable,
+    "internalserverexception": errors.UpstreamUnavailable,
+    "modelerrorexception": errors.UpstreamUnavailable,
+    "modelstreamerrorexception": errors.UpstreamUnavailable,
+    "modeltimeoutexception": errors.UpstreamTimeout,
+    "resourcenotfoundexception": errors.UpstreamNotFound,
+    "accessdeniedexception": errors.UpstreamAuthFailed,
+    "unrecognizedclientexception": errors.UpstreamCredentialRejected,
+    "invalidsignatureexception": errors.UpstreamCredentialRejected,
+    "incompletesignatureexception": errors.UpstreamCredentialRejected,
+    "expiredtokenexception": errors.UpstreamCredentialRejected,
+    "missingauthenticationtokenexception": errors.UpstreamCredentialRejected,
 }
 
 
