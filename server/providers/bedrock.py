@@ -243,13 +243,17 @@ class BedrockAdapter:
     def _url(self, model: str, operation: str) -> str:
         return f"{self._endpoint}/model/{quote(model, safe='')}/{operation}"
 
-    def _signed_headers(self, url: str, content: bytes, accept: str) -> dict[str, str]:
+    async def _signed_headers(self, url: str, content: bytes, accept: str) -> dict[str, str]:
         """The request's headers: the API key's, or SigV4's over this exact body and URL."""
         headers = {**self._headers, "content-type": "application/json", "accept": accept}
         if self._bearer or self._credentials is None:
             return headers
         try:
-            frozen = self._credentials.get_frozen_credentials()
+            # A refresh (assumed role, SSO, instance metadata) is blocking I/O: off the loop.
+            if getattr(self._credentials, "refresh_needed", lambda: False)():
+                frozen = await asyncio.to_thread(self._credentials.get_frozen_credentials)
+            else:
+                frozen = self._credentials.get_frozen_credentials()
         except BotoCoreError as exc:
             raise errors.UpstreamAuthFailed(
                 f"{self.name}: AWS credentials unavailable ({exc})", provider=self.name
@@ -262,7 +266,7 @@ class BedrockAdapter:
 
     async def _send(self, url: str, body: JSON) -> httpx.Response:
         content = json.dumps(body).encode()
-        headers = self._signed_headers(url, content, "application/json")
+        headers = await self._signed_headers(url, content, "application/json")
         try:
             return await self._client.post(url, headers=headers, content=content)
         except httpx.HTTPError as exc:
@@ -278,7 +282,7 @@ class BedrockAdapter:
         """The streaming response; closing it on exit is how a client's cancellation
         reaches the upstream at once."""
         content = json.dumps(body).encode()
-        headers = self._signed_headers(url, content, "application/vnd.amazon.eventstream")
+        headers = await self._signed_headers(url, content, "application/vnd.amazon.eventstream")
         request = self._client.build_request("POST", url, headers=headers, content=content)
         try:
             response = await self._client.send(request, stream=True)
