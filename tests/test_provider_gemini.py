@@ -776,6 +776,16 @@ async def test_rest_embeddings_base64_is_float32_of_the_floats(oai, gemini_fake)
     assert default.model == "gemini/gemini-embedding-001" and len(default.data[1].embedding) == 4
 
 
+async def test_embeddings_are_estimated_when_count_tokens_fails(oai, gemini_fake):
+    gemini_fake.count_tokens_down = True
+    try:
+        result = await oai.embeddings.create(model="gemini/gemini-embedding-001", input=["abcdefghi", "ab"])
+    finally:
+        gemini_fake.count_tokens_down = False
+    assert len(result.data) == 2
+    assert result.usage.prompt_tokens == 3 + 1  # 4 characters a token, rounded up per input
+
+
 async def test_rest_token_array_embeddings_are_unsupported(oai, gemini_fake):
     with pytest.raises(openai.BadRequestError) as caught:
         await oai.embeddings.create(model="gemini/gemini-embedding-001", input=[[1, 2, 3]])

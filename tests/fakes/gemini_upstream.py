@@ -227,6 +227,8 @@ class FakeGemini:
         self.requests: list[RecordedRequest] = []
         self.signatures: list[str] = []
         self.images_drawn = 0
+        # When set, countTokens answers 503 (the gateway must still answer embeddings).
+        self.count_tokens_down = False
         self._http = HttpServer(self._handle, host, port)
         self._ids = itertools.count(1)
 
@@ -556,6 +558,8 @@ class FakeGemini:
 
     def _count_tokens(self, model: str, body: JSON, _: Request) -> Response:
         """countTokens: one token per word of every text part (free at Google, too)."""
+        if self.count_tokens_down:
+            raise GoogleError(503, "The model is overloaded. Please try again later.")
         if set(body) - {"contents", "generateContentRequest"} or not isinstance(body.get("contents"), list):
             raise GoogleError(400, "* CountTokensRequest.contents: contents is not specified")
         tokens = sum(len(_text(content).split()) for content in body["contents"])
