@@ -66,6 +66,10 @@ class TranscriptionOutput:
 
     content_type: str
     body: bytes
+    # OpenAI's transcription `usage` ({"type": "duration", "seconds": ...} or
+    # {"type": "tokens", ...}) when the adapter had to ask for a richer format than the
+    # client's to learn it (text, srt and vtt bodies carry none).
+    usage: JSON | None = None
 
 
 @runtime_checkable
