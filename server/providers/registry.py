@@ -16,6 +16,8 @@ from server.errors import ProviderNotConfigured
 from server.providers.anthropic import CLAUDE_CHAT, CLAUDE_MODELS, build_anthropic_adapter
 from server.providers.base import Capability, Provider
 from server.providers.gemini import GEMINI_BASE_URL, GEMINI_CAPABILITIES, GEMINI_MODELS, build_gemini
+from server.providers.local import CAPABILITIES as LOCAL_CAPABILITIES
+from server.providers.local import build_local, local_models
 from server.providers.mistral import CAPABILITIES as MISTRAL_CAPABILITIES
 from server.providers.mistral import DEFAULT_BASE_URL as MISTRAL_BASE_URL
 from server.providers.mistral import build_mistral
@@ -65,6 +67,7 @@ OPENAI_MODELS = tuple(
 PRESETS: dict[str, Preset] = {
     "anthropic": Preset("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY", CLAUDE_CHAT, CLAUDE_MODELS),
     "gemini": Preset("gemini", GEMINI_BASE_URL, "GEMINI_API_KEY", GEMINI_CAPABILITIES, GEMINI_MODELS),
+    "local": Preset("local", None, None, LOCAL_CAPABILITIES, local_models()),
     "openai": Preset("openai", "https://api.openai.com/v1", "OPENAI_API_KEY", models=OPENAI_MODELS),
     "mistral": Preset(
         "mistral",
@@ -144,6 +147,7 @@ def _openai(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx
 ADAPTERS: dict[str, AdapterFactory] = {
     "anthropic": build_anthropic_adapter,
     "gemini": build_gemini,
+    "local": build_local,
     "mistral": build_mistral,
     "ollama": build_ollama,
     "openai": _openai,
@@ -177,7 +181,11 @@ def api_key_variable(provider: str) -> str | None:
 
 
 # Providers enabled by something other than their preset's key variable (config.py).
-_ENABLED_BY = {"ollama": "OLLAMA_HOST", "gemini": "GEMINI_API_KEY or GOOGLE_API_KEY"}
+_ENABLED_BY = {
+    "ollama": "OLLAMA_HOST",
+    "gemini": "GEMINI_API_KEY or GOOGLE_API_KEY",
+    "local": "installed `[local]` extra (AIGNE_HUB_LOCAL=false: off)",
+}
 
 
 def capability_table() -> str:
