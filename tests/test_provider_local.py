@@ -80,7 +80,7 @@ async def local_channel(local_gateway: Gateway, local_key: str) -> AsyncIterator
         yield ch
 
 
-def pool(gateway: Gateway) -> LocalAdapter:
+def local_adapter(gateway: Gateway) -> LocalAdapter:
     adapter = gateway.providers["local"]
     assert isinstance(adapter, LocalAdapter)
     return adapter
@@ -296,7 +296,8 @@ async def test_transcription_refuses_what_is_not_audio(sdk):
 
 
 async def test_a_full_pool_answers_429_and_a_closed_stream_frees_its_worker(sdk, local_gateway):
-    adapter = pool(local_gateway)
+    adapter = local_adapter(local_gateway)
+    stopped_before = adapter.stopped_generations
     long_stream = await sdk.chat.completions.create(
         model=CHAT,
         messages=[{"role": "user", "content": "Count from 1 to 1000, one number per line."}],
@@ -318,3 +319,4 @@ async def test_a_full_pool_answers_429_and_a_closed_stream_frees_its_worker(sdk,
     answer = await asyncio.wait_for(queued, 60)
     assert answer.usage.completion_tokens <= 3
     await wait_for(lambda: adapter.pool.admitted == 0)
+    assert adapter.stopped_generations == stopped_before + 1  # cut short, not run to its end

@@ -113,6 +113,8 @@ class LocalAdapter:
         self.pool = InferencePool(provider=name, workers=workers, queue=queue)
         self._max_tokens = max_tokens
         self._loader = _Loader(_factories(workers, max_tokens))
+        # Streams whose generation was cut short because their client went away.
+        self.stopped_generations = 0
 
     def start_loading(self) -> None:
         """Begins loading every model in the background (see `base.Preloading`)."""
@@ -157,10 +159,15 @@ class LocalAdapter:
         chunks: asyncio.Queue[JSON | BaseException | None] = asyncio.Queue()
         stop = threading.Event()
 
+        finished = threading.Event()
+
         def on_chunk(chunk: JSON) -> bool:
-            if not stop.is_set():
-                loop.call_soon_threadsafe(chunks.put_nowait, chunk)
-            return stop.is_set()  # True: llama.cpp stops generating
+            if stop.is_set():
+                return True  # llama.cpp stops generating
+            if any(c.get("finish_reason") for c in chunk.get("choices") or ()):
+                finished.set()
+            _put_threadsafe(loop, chunks, chunk)
+            return False
 
         def generate() -> None:
             try:
@@ -169,6 +176,9 @@ class LocalAdapter:
                 _put_threadsafe(loop, chunks, exc)
             else:
                 _put_threadsafe(loop, chunks, None)
+            if stop.is_set() and not finished.is_set():
+                self.stopped_generations += 1  # the client left; counted for tests and metrics
+                log.debug("local: a stream's client went away; generation stopped")
 
         job = self.pool.submit(generate)
         # Dropped unstarted at shutdown: end the stream instead of waiting for chunks.
