@@ -92,7 +92,7 @@ class _Loader:
         log.info("local: loading %s", description)
         started = time.monotonic()
         engine = factory()
-        log.info("local: %s ready in %.1f s", kind, time.monotonic() - started)
+        log.info("local: %s model loaded in %.1f s", kind, time.monotonic() - started)
         return engine
 
     def loaded(self) -> list[Any]:
