@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import math
 import struct
 from collections.abc import AsyncIterator
@@ -28,6 +29,8 @@ from server.accounts.owners import ensure_owner
 from server.app import Gateway, start_gateway
 from server.config import ConfigError, GatewayConfig, ProviderConfig, Settings, config_from_environment
 from server.providers.local import LocalAdapter, installed
+from server.providers.local.audio import render_transcription, segments
+from server.providers.local.engines import Word
 from tests.conftest import Bridge, start_bridge
 from tests.helpers import bearer_interceptors, chat_request, error_info, value
 
@@ -326,3 +329,25 @@ async def test_a_full_pool_answers_429_and_a_closed_stream_frees_its_worker(sdk,
     assert answer.usage.completion_tokens <= 3
     await wait_for(lambda: adapter.pool.admitted == 0)
     assert adapter.stopped_generations == stopped_before + 1  # cut short, not run to its end
+
+
+async def test_a_prompt_beyond_the_context_is_a_clear_bad_request(sdk):
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "word " * 3000}])
+    assert "context size" in caught.value.message
+
+
+# rendering, without the models
+
+
+def test_segments_split_at_pauses_and_timestamps_render_in_srt_and_vtt():
+    words = [Word("open", 0.3, 0.6), Word("the", 0.6, 0.7), Word("door", 0.7, 1.0), Word("now", 2.0, 3_723.456)]
+    parts = segments(words)
+    assert [(p.text, p.start, p.end) for p in parts] == [("open the door", 0.3, 1.0), ("now", 2.0, 3_723.456)]
+    _, srt = render_transcription(words, 3_724.0, "srt", with_words=False)
+    assert srt.decode() == "1\n00:00:00,300 --> 00:00:01,000\nopen the door\n\n2\n00:00:02,000 --> 01:02:03,456\nnow\n"
+    _, vtt = render_transcription(words, 3_724.0, "vtt", with_words=False)
+    assert vtt.decode().startswith("WEBVTT\n\n00:00:00.300 --> 00:00:01.000\nopen the door\n")
+    _, verbose = render_transcription(words, 3_724.0, "verbose_json", with_words=True)
+    body = json.loads(verbose)
+    assert body["text"] == "open the door now" and len(body["segments"]) == 2 and len(body["words"]) == 4

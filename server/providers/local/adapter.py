@@ -257,8 +257,12 @@ class LocalAdapter:
         engine = await self._engine("speech", SpeechEngine)
         voice = _voice(str(request.get("voice") or ""), engine.voices)
         response_format = request.get("response_format") or "mp3"
-        samples = await self.pool.run(engine.synthesize, str(request.get("input") or ""), voice, speed)
-        content_type, data = await self.pool.run(encode_speech, samples, response_format)
+        text = str(request.get("input") or "")
+
+        def speak() -> tuple[str, bytes]:
+            return encode_speech(engine.synthesize(text, voice, speed), response_format)
+
+        content_type, data = await self.pool.run(speak)
         return AudioFile(content_type=content_type, data=data)
 
     # transcription
