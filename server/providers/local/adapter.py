@@ -244,7 +244,7 @@ class LocalAdapter:
     # speech
 
     async def create_speech(self, request: JSON, model: str) -> AudioFile:
-        from server.providers.local.audio import encode_speech
+        from server.providers.local.audio import SPEECH_FORMATS, encode_speech
         from server.providers.local.engines import SpeechEngine
 
         if model != SPEECH_MODEL:
@@ -257,6 +257,11 @@ class LocalAdapter:
         engine = await self._engine("speech", SpeechEngine)
         voice = _voice(str(request.get("voice") or ""), engine.voices)
         response_format = request.get("response_format") or "mp3"
+        if response_format not in SPEECH_FORMATS:
+            raise errors.UnsupportedFeature(
+                f"local speech has no {response_format} encoder; use one of {', '.join(SPEECH_FORMATS)}",
+                field="response_format",
+            )
         text = str(request.get("input") or "")
 
         def speak() -> tuple[str, bytes]:
