@@ -52,7 +52,7 @@ from server.api.shutdown import OpenStreams, interrupt_after
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
 from server.memory import return_large_buffers_to_the_os
-from server.providers.base import CredentialProbe, Provider
+from server.providers.base import CredentialProbe, Preloading, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
 from server.redaction import register_secret
@@ -169,6 +169,9 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         register_secret(secret.get_secret_value() if secret else None)
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+    for provider in providers.values():
+        if isinstance(provider, Preloading):
+            provider.start_loading()
     router = Router(config, providers, upstream_timeout_s=settings.upstream_read_timeout_s)
     routing = Routing(config.routing, open_cooldowns(settings.redis_url, config.routing.cooldown))
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}

@@ -14,7 +14,9 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     ...                                         see `Settings` for the rest
 
 Providers: with a YAML file, exactly the providers it lists; without one, every
-provider whose official SDK variables are set (`OPENAI_API_KEY`, `OPENAI_BASE_URL`).
+provider whose official SDK variables are set (`OPENAI_API_KEY`, `OPENAI_BASE_URL`),
+and the packaged `local` models when the `[local]` extra is installed
+(`AIGNE_HUB_LOCAL=false` turns them off; server.providers.local has their settings).
 Secrets belong in the environment: the file names the variable (`api_key_env`).
 """
 
@@ -297,4 +299,20 @@ def config_from_environment(environ: dict[str, str]) -> GatewayConfig:
     # Ollama needs no key (OLLAMA_API_KEY only for ollama.com); its host enables it.
     if environ.get("OLLAMA_HOST"):
         providers["ollama"] = ProviderConfig(base_url=environ["OLLAMA_HOST"], api_key_env="OLLAMA_API_KEY")
+    if local_enabled(environ):
+        providers["local"] = ProviderConfig()
     return GatewayConfig(providers=providers)
+
+
+def local_enabled(environ: dict[str, str]) -> bool:
+    """The packaged local models serve unless AIGNE_HUB_LOCAL says no or they are not installed."""
+    from server.providers.local import installed
+
+    switch = environ.get("AIGNE_HUB_LOCAL", "true").strip().lower()
+    if switch not in _TRUE | _FALSE:
+        raise ConfigError(f"AIGNE_HUB_LOCAL must be true or false, got {switch[:16]!r}")
+    return switch in _TRUE and installed()
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})

@@ -148,7 +148,7 @@ async def test_fake_answers_parse_as_openai_sdk_types(fakes, provider):
 async def test_preset_defaults_and_environment(provider, monkeypatch):
     variable, _, model, base_url = PROVIDERS[provider]
     monkeypatch.setenv(variable, "from-env")
-    config = config_from_environment({variable: "from-env"})
+    config = config_from_environment({variable: "from-env", "AIGNE_HUB_LOCAL": "false"})
     assert list(config.providers) == [provider]
     async with httpx.AsyncClient() as client:
         adapter = build_provider(provider, config.providers[provider], client)

@@ -146,6 +146,14 @@ class CredentialProbe(Protocol):
         ...
 
 
+@runtime_checkable
+class Preloading(Protocol):
+    """Adapters with something slow to prepare (the local models): the gateway calls
+    `start_loading` once at start; it returns at once and the work goes on elsewhere."""
+
+    def start_loading(self) -> None: ...
+
+
 class Provider(Protocol):
     """What every adapter has besides its capability methods."""
 

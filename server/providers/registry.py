@@ -23,6 +23,8 @@ from server.providers.bedrock import BEARER_ENV as BEDROCK_BEARER_ENV
 from server.providers.bedrock import CAPABILITIES as BEDROCK_CAPABILITIES
 from server.providers.bedrock import build_bedrock
 from server.providers.gemini import GEMINI_BASE_URL, GEMINI_CAPABILITIES, GEMINI_MODELS, build_gemini
+from server.providers.local import CAPABILITIES as LOCAL_CAPABILITIES
+from server.providers.local import build_local, local_models
 from server.providers.mistral import CAPABILITIES as MISTRAL_CAPABILITIES
 from server.providers.mistral import DEFAULT_BASE_URL as MISTRAL_BASE_URL
 from server.providers.mistral import build_mistral
@@ -72,6 +74,7 @@ OPENAI_MODELS = tuple(
 PRESETS: dict[str, Preset] = {
     "anthropic": Preset("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY", CLAUDE_CHAT, CLAUDE_MODELS),
     "gemini": Preset("gemini", GEMINI_BASE_URL, "GEMINI_API_KEY", GEMINI_CAPABILITIES, GEMINI_MODELS),
+    "local": Preset("local", None, None, LOCAL_CAPABILITIES, local_models()),
     "openai": Preset("openai", "https://api.openai.com/v1", "OPENAI_API_KEY", models=OPENAI_MODELS),
     "mistral": Preset(
         "mistral",
@@ -251,6 +254,7 @@ ADAPTERS: dict[str, AdapterFactory] = {
     "azure": build_azure,
     "bedrock": build_bedrock,
     "gemini": build_gemini,
+    "local": build_local,
     "mistral": build_mistral,
     "ollama": build_ollama,
     "openai": _openai,
@@ -291,6 +295,7 @@ _ENABLED_BY = {
     "bedrock": "AWS credentials and region, or AWS_BEARER_TOKEN_BEDROCK",
     "vllm": "config file (base_url)",
     "llamacpp": "config file (base_url)",
+    "local": "installed `[local]` extra (AIGNE_HUB_LOCAL=false: off)",
 }
 
 
