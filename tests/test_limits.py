@@ -391,3 +391,51 @@ async def test_configured_defaults_apply_to_every_key_without_its_own_rule(
         assert _split(await _burst(gateway.port, own, 10))[0] == 6, "the key's own rule replaces the default"
     finally:
         await gateway.stop(0.5)
+
+
+# What the scripts run inside Redis, and what a new pooled connection sends: INFO
+# commandstats counts both, so a round trip is a command outside these.
+SCRIPT_COMMANDS = {"time", "get", "set", "del", "pexpire", "zadd", "zrem", "zcard", "zremrangebyscore"}
+CONNECTION_COMMANDS = {"hello", "client|setinfo", "ping", "select"}
+
+
+def _round_trips(redis: PrivateRedis) -> dict[str, int]:
+    """The commands clients sent since the stats were reset, by name."""
+    counts = _commands(redis)
+    return {name: n for name, n in counts.items() if name not in SCRIPT_COMMANDS | CONNECTION_COMMANDS}
+
+
+def _commands(redis: PrivateRedis) -> dict[str, int]:
+    """Commands Redis has run since its stats were reset, by name (INFO commandstats)."""
+    info = subprocess.run(["redis-cli", "-p", str(redis.port), "info", "commandstats"], capture_output=True, text=True)
+    counts = {}
+    for line in info.stdout.splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, stats = line.removeprefix("cmdstat_").partition(":")
+            counts[name] = int(stats.split(",")[0].removeprefix("calls="))
+    counts.pop("info", None)
+    counts.pop("config|resetstat", None)
+    return counts
+
+
+async def test_one_redis_round_trip_admits_a_call_through_all_its_limits(
+    fake_openai: FakeOpenAI, tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    gateway = await start_gateway(
+        _settings(tmp_path, redis_url=private_redis.url), gateway_config(fake_openai.base_url)
+    )
+    try:
+        key_id, secret = await _key(gateway, rpm=1000, tpm=1_000_000, concurrency=10)
+        owner = next(k.owner_id for k in await gateway.accounts.keys.list_keys() if k.id == key_id)
+        await _store(gateway).set(LimitRule("owner", owner, "openai/*", rpm=1000, tpm=1_000_000, concurrency=10))
+        await _burst(gateway.port, secret, 1)  # loads the scripts
+        subprocess.run(["redis-cli", "-p", str(private_redis.port), "config", "resetstat"], check=True)
+        assert _split(await _burst(gateway.port, secret, 10))[0] == 10
+        # Six counters per call: one script to admit, one to settle (tokens, slots).
+        assert _round_trips(private_redis) == {"evalsha": 20}
+        _, rpm_only = await _key(gateway, rpm=1000)
+        subprocess.run(["redis-cli", "-p", str(private_redis.port), "config", "resetstat"], check=True)
+        assert _split(await _burst(gateway.port, rpm_only, 10))[0] == 10
+        assert _round_trips(private_redis) == {"evalsha": 10}, "requests alone need nothing settled"
+    finally:
+        await gateway.stop(0.5)

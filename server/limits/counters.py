@@ -16,7 +16,8 @@ leases every third of the lease, so a crashed replica's slots expire within one 
 
 One Redis round trip admits a call through all its counters (one Lua script, atomic on
 the server, all or nothing: a call refused by one counter takes nothing from the
-others), and one more settles it when it ends (token correction, slot release). The
+others), and one more settles it when it ends (token correction, slot release), only
+when it holds tokens or a slot. The
 script reads Redis's own clock, so replicas with skewed clocks still share one window.
 """
 

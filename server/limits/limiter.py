@@ -136,6 +136,8 @@ class Limiter:
 
     async def settle(self, admission: Admission, used_tokens: int) -> None:
         self._held.pop(admission.member, None)
+        if all(c.kind == "requests" for c in admission.counters):
+            return  # nothing to give back: a call limited by RPM alone costs one round trip
         deltas = [max(used_tokens, 0) - c.cost if c.kind == "tokens" else 0 for c in admission.counters]
         try:
             async with asyncio.timeout(max(self.budget_s * 4, 0.5)):
