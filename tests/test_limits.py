@@ -320,6 +320,9 @@ class PrivateRedis:
             assert time.monotonic() < deadline, "the private redis-server did not start"
             time.sleep(0.05)
 
+    def reset_stats(self) -> None:
+        subprocess.run(["redis-cli", "-p", str(self.port), "config", "resetstat"], check=True, capture_output=True)
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
@@ -429,12 +432,12 @@ async def test_one_redis_round_trip_admits_a_call_through_all_its_limits(
         owner = next(k.owner_id for k in await gateway.accounts.keys.list_keys() if k.id == key_id)
         await _store(gateway).set(LimitRule("owner", owner, "openai/*", rpm=1000, tpm=1_000_000, concurrency=10))
         await _burst(gateway.port, secret, 1)  # loads the scripts
-        subprocess.run(["redis-cli", "-p", str(private_redis.port), "config", "resetstat"], check=True)
+        private_redis.reset_stats()
         assert _split(await _burst(gateway.port, secret, 10))[0] == 10
         # Six counters per call: one script to admit, one to settle (tokens, slots).
         assert _round_trips(private_redis) == {"evalsha": 20}
         _, rpm_only = await _key(gateway, rpm=1000)
-        subprocess.run(["redis-cli", "-p", str(private_redis.port), "config", "resetstat"], check=True)
+        private_redis.reset_stats()
         assert _split(await _burst(gateway.port, rpm_only, 10))[0] == 10
         assert _round_trips(private_redis) == {"evalsha": 10}, "requests alone need nothing settled"
     finally:

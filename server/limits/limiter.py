@@ -14,6 +14,9 @@ output limit, see `Meter`), capped at the limit itself, and corrected when the c
 ends. So concurrent calls cannot overshoot a TPM limit by more than what their
 reservations underestimated.
 
+A call is admitted once, against the model the caller named and its first deployment
+(a retry or fallback to another model is not admitted again: the call already counts).
+
 Credits per day and per month are stored with the rules but not enforced yet (see the
 README); they are checked by nothing on the request path.
 
