@@ -28,7 +28,8 @@ from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
 from server.accounts.owners import ensure_owner
 from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, Settings
-from server.limits import LimitRule
+from server.errors import RateLimited
+from server.limits import LimitRule, open_limiter
 from tests.conftest import Bridge, free_port, gateway_config, start_bridge
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import chat_request, error_info, retry_info
@@ -442,3 +443,30 @@ async def test_one_redis_round_trip_admits_a_call_through_all_its_limits(
         assert _round_trips(private_redis) == {"evalsha": 10}, "requests alone need nothing settled"
     finally:
         await gateway.stop(0.5)
+
+
+async def test_a_crashed_replicas_slots_expire_and_a_live_ones_are_renewed(limited: Gateway) -> None:
+    key_id, _ = await _key(limited, concurrency=1)
+    owner = next(k.owner_id for k in await limited.accounts.keys.list_keys() if k.id == key_id)
+    store = _store(limited)
+    crashed = open_limiter(store, REDIS_URL, on_redis_failure="closed", budget_s=5.0, lease_s=1.0)
+    live = open_limiter(store, REDIS_URL, on_redis_failure="closed", budget_s=5.0, lease_s=1.0)
+    try:
+        held = await crashed.admit(key_id, owner, "openai/gpt-4o-mini", None, 10)
+        assert held is not None
+        crashed._held.clear()  # as if its process died: nobody renews or releases the slot
+        with pytest.raises(RateLimited):
+            await live.admit(key_id, owner, "openai/gpt-4o-mini", None, 10)
+        await asyncio.sleep(1.2)  # past the lease: the slot is free again
+        running = await live.admit(key_id, owner, "openai/gpt-4o-mini", None, 10)
+        assert running is not None
+        await asyncio.sleep(2.0)  # two leases: renewed every third of one, it still holds
+        with pytest.raises(RateLimited):
+            await crashed.admit(key_id, owner, "openai/gpt-4o-mini", None, 10)
+        await running.finish(0)
+        again = await crashed.admit(key_id, owner, "openai/gpt-4o-mini", None, 10)
+        assert again is not None, "finishing frees the slot at once"
+        await again.finish(0)
+    finally:
+        await crashed.aclose()
+        await live.aclose()
