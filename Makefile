@@ -16,7 +16,7 @@ $(UV):
 	.tools/uv/bin/pip install --quiet uv==$(UV_VERSION)
 
 .venv/.installed: pyproject.toml uv.lock $(UV)
-	$(UV) sync --frozen --quiet
+	$(UV) sync --frozen --quiet --extra local
 	touch $@
 
 node_modules/.installed: package.json package-lock.json

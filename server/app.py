@@ -25,6 +25,8 @@ from grpc_reflection.v1alpha import reflection
 from aigne.hub.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
     audio_service_pb2,
     audio_service_pb2_grpc,
     chat_service_pb2,
@@ -39,6 +41,7 @@ from aigne.hub.v1 import (
 from server.accounts.credits import rate_from_credits
 from server.accounts.service import Accounts
 from server.api.admin import AdminServicer
+from server.api.agent import AgentServicer
 from server.api.audio import AudioServicer
 from server.api.auth import AuthInterceptor
 from server.api.chat import ChatServicer
@@ -50,7 +53,7 @@ from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
 from server.limits import DefaultLimits, LimitStore, open_limiter
 from server.memory import return_large_buffers_to_the_os
-from server.providers.base import CredentialProbe, Provider
+from server.providers.base import CredentialProbe, Preloading, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
 from server.redaction import register_secret
@@ -67,6 +70,7 @@ SERVICE_NAMES = [
     audio_service_pb2.DESCRIPTOR.services_by_name["AudioService"].full_name,
     status_service_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
 ]
 
 
@@ -174,6 +178,9 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         register_secret(secret.get_secret_value() if secret else None)
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+    for provider in providers.values():
+        if isinstance(provider, Preloading):
+            provider.start_loading()
     router = Router(config, providers, upstream_timeout_s=settings.upstream_read_timeout_s)
     routing = Routing(config.routing, open_cooldowns(settings.redis_url, config.routing.cooldown))
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
@@ -192,11 +199,15 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
             IntakeInterceptor(settings.default_call_deadline_s),
         ],
     )
-    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router, accounts, streams, routing), server)
+    chat = ChatServicer(router, accounts, streams, routing)
+    images = ImageServicer(router, accounts, routing)
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
     embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(
         EmbeddingServicer(router, accounts, routing), server
     )
-    image_service_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(router, accounts, routing), server)
+    image_service_pb2_grpc.add_ImageServiceServicer_to_server(images, server)
+    # AIGNE's agent protocol, served by the same chat and image servicers in process.
+    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(router, accounts, chat, images), server)
     audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts, routing), server)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(accounts, providers), server)
     status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving, routing), server)

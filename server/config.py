@@ -16,7 +16,9 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     ...                                         see `Settings` for the rest
 
 Providers: with a YAML file, exactly the providers it lists; without one, every
-provider whose official SDK variables are set (`OPENAI_API_KEY`, `OPENAI_BASE_URL`).
+provider whose official SDK variables are set (`OPENAI_API_KEY`, `OPENAI_BASE_URL`),
+and the packaged `local` models when the `[local]` extra is installed
+(`AIGNE_HUB_LOCAL=false` turns them off; server.providers.local has their settings).
 Secrets belong in the environment: the file names the variable (`api_key_env`).
 """
 
@@ -117,6 +119,8 @@ class ProviderConfig(BaseModel):
     api_key_env: str | None = None
     api_key: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    # Azure OpenAI's `api-version` (default: OPENAI_API_VERSION, as its SDK reads it).
+    api_version: str | None = None
     models: Annotated[list[ModelEntry], BeforeValidator(_models_list)] = Field(default_factory=list)
     # When true, models outside `models` are refused with MODEL_NOT_FOUND instead of
     # being passed to the provider, which knows best which models it has.
@@ -299,6 +303,10 @@ def config_from_environment(environ: dict[str, str]) -> GatewayConfig:
         ("deepseek", "DEEPSEEK_API_KEY"),
         ("xai", "XAI_API_KEY"),
         ("openrouter", "OPENROUTER_API_KEY"),
+        ("groq", "GROQ_API_KEY"),
+        ("together", "TOGETHER_API_KEY"),
+        ("fireworks", "FIREWORKS_API_KEY"),
+        ("perplexity", "PERPLEXITY_API_KEY"),
     ):
         if environ.get(variable):
             providers[name] = ProviderConfig(api_key_env=variable)
@@ -306,7 +314,34 @@ def config_from_environment(environ: dict[str, str]) -> GatewayConfig:
     if gemini_key := next((v for v in ("GOOGLE_API_KEY", "GEMINI_API_KEY") if environ.get(v)), None):
         gemini_url = environ.get("GOOGLE_GEMINI_BASE_URL") or None
         providers["gemini"] = ProviderConfig(api_key_env=gemini_key, base_url=gemini_url)
+    # Bedrock: AWS credentials (keys, a profile, or a Bedrock API key) and a region,
+    # read by botocore itself when the adapter is built.
+    if any(environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_BEARER_TOKEN_BEDROCK")) and any(
+        environ.get(v) for v in ("AWS_REGION", "AWS_DEFAULT_REGION")
+    ):
+        providers["bedrock"] = ProviderConfig()
+    # Azure OpenAI, as openai.AzureOpenAI reads it: an endpoint and a key or Entra ID token.
+    if environ.get("AZURE_OPENAI_ENDPOINT") and (
+        environ.get("AZURE_OPENAI_API_KEY") or environ.get("AZURE_OPENAI_AD_TOKEN")
+    ):
+        providers["azure"] = ProviderConfig()
     # Ollama needs no key (OLLAMA_API_KEY only for ollama.com); its host enables it.
     if environ.get("OLLAMA_HOST"):
         providers["ollama"] = ProviderConfig(base_url=environ["OLLAMA_HOST"], api_key_env="OLLAMA_API_KEY")
+    if local_enabled(environ):
+        providers["local"] = ProviderConfig()
     return GatewayConfig(providers=providers)
+
+
+def local_enabled(environ: dict[str, str]) -> bool:
+    """The packaged local models serve unless AIGNE_HUB_LOCAL says no or they are not installed."""
+    from server.providers.local import installed
+
+    switch = environ.get("AIGNE_HUB_LOCAL", "true").strip().lower()
+    if switch not in _TRUE | _FALSE:
+        raise ConfigError(f"AIGNE_HUB_LOCAL must be true or false, got {switch[:16]!r}")
+    return switch in _TRUE and installed()
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})

@@ -274,7 +274,7 @@ async def test_thought_drafts_are_dropped_and_every_final_image_kept(images, ima
         ({"output_format": "png"}, "UNSUPPORTED_FEATURE", "output_format", "PNG or JPEG"),
         ({"background": "transparent"}, "UNSUPPORTED_FEATURE", "background", "'transparent'"),
         ({"model": "gemini/imagen-4.0-generate-001"}, "UNSUPPORTED_FEATURE", "model", "2026-08-17"),
-        ({"model": "gemini/gemini-2.5-flash"}, "UNSUPPORTED_FEATURE", "model", "images"),
+        ({"model": "gemini/gemini-3.5-flash"}, "UNSUPPORTED_FEATURE", "model", "images"),
     ],
 )
 async def test_what_gemini_cannot_do_is_refused_before_upstream(images, images_fake, fields, reason, field, words):
@@ -382,4 +382,4 @@ def test_only_image_models_gain_images():
     assert image_models == {"gemini-3.1-flash-image", "gemini-3-pro-image"}
     assert all(entries[model] == {Capability.IMAGES} for model in image_models)
     assert not any(model.startswith("imagen-") for model in entries)  # shut down on 2026-08-17
-    assert Capability.IMAGES not in entries["gemini-2.5-flash"] | entries["gemini-2.5-pro"]
+    assert Capability.IMAGES not in entries["gemini-3.5-flash"] | entries["gemini-3.1-pro-preview"]

@@ -165,15 +165,21 @@ def _typed_transcription(
 
 
 def _transcription_usage(output: TranscriptionOutput) -> Usage:
-    """Audio seconds when the provider reports the duration (verbose_json), and tokens
-    for models that bill by them; otherwise nothing is known."""
+    """Audio seconds (verbose_json's `duration`, or a `usage` of type duration) and
+    tokens (a `usage` of type tokens), from the body or from what the adapter learnt
+    when it asked for a richer format than the client's (`output.usage`)."""
     try:
         parsed = json.loads(output.body) if output.content_type.startswith("application/json") else None
     except ValueError:
         parsed = None
     if not isinstance(parsed, dict):
-        return Usage()
+        parsed = {}
+    usage = output.usage or parsed.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
     duration = parsed.get("duration")
+    if not isinstance(duration, (int, float)) and usage.get("type") == "duration":
+        duration = usage.get("seconds")
     audio_ms = round(duration * 1000) if isinstance(duration, (int, float)) else 0
-    tokens = usage_from_openai(parsed.get("usage"))
-    return replace(tokens, audio_ms=audio_ms)
+    if usage.get("type") == "tokens":
+        usage = {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens")}
+    return replace(usage_from_openai(usage), audio_ms=audio_ms)

@@ -1,6 +1,13 @@
 """Resolves what a client calls (`provider/model`, an alias, or a model of the
 configuration's `models:`) to the deployments that can serve it, in the order a call
-tries them: the model's own deployments, then its fallbacks' (see `Plan`)."""
+tries them: the model's own deployments, then its fallbacks' (see `Plan`).
+
+A bare model name (no `provider/`, not an alias) is resolved through the catalog when
+exactly one enabled provider lists it: clients such as AIGNE's framework strip the
+provider prefix before talking OpenAI's protocol (`openai/gpt-4o-mini` is sent as
+`gpt-4o-mini`). A name several providers list is refused (400) naming the candidates,
+so that a call never lands on a provider the caller did not mean.
+"""
 
 from __future__ import annotations
 
@@ -90,6 +97,10 @@ class Router:
         self._aliases = dict(config.aliases)
         self._models = dict(config.models)
         self._catalog = self._build_catalog()
+        self._bare_names: dict[str, list[str]] = {}
+        for entry in sorted(self._catalog.values(), key=lambda m: m.id):
+            if not entry.alias_of and "/" in entry.id:
+                self._bare_names.setdefault(entry.id.partition("/")[2], []).append(entry.id)
         self._check_models()
 
     @property
@@ -193,6 +204,8 @@ class Router:
         if not model:
             raise InvalidRequest("model is required, as provider/model (e.g. openai/gpt-4o-mini)", field="model")
         target = self._aliases.get(model, model)
+        if "/" not in target:
+            target = self._unique_provider_of(target)
         provider_name, sep, upstream_model = target.partition("/")
         if not sep or not provider_name or not upstream_model:
             raise ModelNotFound(
@@ -212,6 +225,17 @@ class Router:
         return Route(
             provider=provider, upstream_model=upstream_model, public_model=target, timeout_s=self._upstream_timeout_s
         )
+
+    def _unique_provider_of(self, name: str) -> str:
+        """`provider/name` when exactly one enabled provider's catalog lists `name`."""
+        candidates = self._bare_names.get(name, [])
+        if len(candidates) > 1:
+            raise InvalidRequest(
+                f"model {name[:64]!r} is listed by several providers ({', '.join(candidates)}): "
+                "name one as provider/model",
+                field="model",
+            )
+        return candidates[0] if candidates else name
 
     def catalog(self) -> list[CatalogModel]:
         return sorted(self._catalog.values(), key=lambda m: m.id)

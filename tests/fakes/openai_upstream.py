@@ -490,8 +490,15 @@ class FakeOpenAI:
             raise OpenAIError(400, f"Invalid response_format: {fmt!r}.", param="response_format")
         text = _transcript(upload.data)
         granularities = [v for k, v in recorded.form_fields if k == "timestamp_granularities[]"]
+        # The gpt-4o transcribe models answer json or text only, and bill tokens.
+        by_tokens = "transcribe" in str(body.get("model"))
+        if by_tokens and fmt not in ("json", "text"):
+            message = (
+                f"response_format '{fmt}' is not compatible with model '{body.get('model')}'. Use 'json' or 'text'."
+            )
+            raise OpenAIError(400, message, param="response_format", code="unsupported_value")
         if fmt == "json":
-            return _json_response({"text": text, "usage": _audio_usage(text)})
+            return _json_response({"text": text, "usage": _token_usage(text) if by_tokens else _audio_usage(text)})
         if fmt == "verbose_json":
             return _json_response(_verbose_transcription(text, body.get("language"), granularities))
         subtitles = {"text": text + "\n", "srt": _srt(text), "vtt": _vtt(text)}[fmt]
@@ -739,6 +746,18 @@ def _transcript(audio: bytes) -> str:
 
 def _audio_usage(text: str) -> JSON:
     return {"type": "duration", "seconds": math.ceil(_duration(text))}
+
+
+def _token_usage(text: str) -> JSON:
+    audio_tokens = 10 * max(1, _count_words(text))
+    output_tokens = _count_words(text)
+    return {
+        "type": "tokens",
+        "input_tokens": audio_tokens,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens},
+        "output_tokens": output_tokens,
+        "total_tokens": audio_tokens + output_tokens,
+    }
 
 
 def _duration(text: str) -> float:
