@@ -35,7 +35,7 @@ from server.bridge.supervisor import supervise
 from server.config import ConfigError, Settings
 from server.storage.database import StorageError
 
-ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "credentials", "migrate"})
+ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "credentials", "limits", "migrate"})
 DESCRIPTOR_PATH = Path(__file__).resolve().parent.parent / "generated" / "descriptor.binpb"
 log = logging.getLogger("aigne_hub")
 
