@@ -30,6 +30,13 @@ Upstream messages are redacted as the exception is built (`server.redaction`):
 providers echo key fragments, and the message reaches clients, logs and a stored
 credential's `invalid_reason`.
 
+Every message and metadata value is bounded as the exception is built (`clip`): a
+message keeps at most MAX_MESSAGE characters and a metadata value MAX_METADATA, with an
+ellipsis. They travel in a gRPC trailer (`grpc-message`, `grpc-status-details-bin`) that
+Envoy caps at 64 KiB of headers, so a client value quoted whole (a 100 KB model name) would
+turn a clear 4xx into a 502 reset. Checks quote at most 64 characters of a value anyway;
+this is the backstop for every other path.
+
 Keys, allow-lists and credits add their branch in `server.accounts.errors`
 (Unauthenticated 401, PermissionDenied 403, QuotaExceeded 429).
 """
@@ -37,6 +44,14 @@ Keys, allow-lists and credits add their branch in `server.accounts.errors`
 from __future__ import annotations
 
 from server.redaction import redact
+
+MAX_MESSAGE = 1000
+MAX_METADATA = 200
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, an ellipsis marking the cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 class GatewayError(Exception):
@@ -53,12 +68,13 @@ class GatewayError(Exception):
         field: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> None:
+        message = clip(message, MAX_MESSAGE)
         super().__init__(message)
         self.message = message
-        self.field = field
+        self.field = clip(field, MAX_METADATA) if field else field
         self.metadata = dict(metadata or {})
-        if field:
-            self.metadata.setdefault("field", field)
+        if self.field:
+            self.metadata.setdefault("field", self.field)
 
 
 class InvalidRequest(GatewayError):

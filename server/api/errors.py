@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 
 from server import errors
 from server.accounts import errors as accounts_errors
+from server.errors import MAX_METADATA, clip
 
 DOMAIN = "hub.aigne.io"
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def grpc_code(exc: errors.GatewayError) -> grpc.StatusCode:
 def to_grpc_status(exc: errors.GatewayError) -> grpc.Status:
     """The rich status for `exc`, ready for `context.abort_with_status`."""
     code = grpc_code(exc)
-    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))]
+    metadata = {clip(key, MAX_METADATA): clip(value, MAX_METADATA) for key, value in exc.metadata.items()}
+    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))]
     retry_after = getattr(exc, "retry_after_seconds", None)
     if retry_after is not None:
         delay = duration_pb2.Duration()

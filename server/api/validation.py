@@ -84,6 +84,17 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
         Limit(None, 64, "key_length"),
         Limit(None, 512, "value_length"),
     ),
+    # Identifiers a real client keeps short: bounded so that no echo of one can grow a
+    # status past Envoy's header limit, and refused before any work.
+    _p("CreateChatCompletionRequest.model"): (Limit(None, 256, "length"),),
+    _p("ChatMessage.tool_call_id"): (Limit(None, 256, "length"),),
+    _p("ToolCall.id"): (Limit(None, 256, "length"),),
+    _p("CreateEmbeddingRequest.model"): (Limit(None, 256, "length"),),
+    _p("CreateImageRequest.model"): (Limit(None, 256, "length"),),
+    _p("CreateSpeechRequest.model"): (Limit(None, 256, "length"),),
+    _p("CreateTranscriptionRequest.model"): (Limit(None, 256, "length"),),
+    _p("CreateTranscriptionRequest.filename"): (Limit(None, 256, "length"),),
+    _p("GetStatusRequest.model"): (Limit(None, 256, "length"),),
     _p("ChatMessage.name"): (Limit(None, 64, "length"),),
     _p("FunctionDefinition.name"): (Limit(None, 64, "length"),),
     _p("JsonSchema.name"): (Limit(None, 64, "length"),),

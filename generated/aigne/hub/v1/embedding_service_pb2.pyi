@@ -35,7 +35,9 @@ class CreateEmbeddingRequest(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Required. The model as `provider/model`, e.g. `openai/text-embedding-3-small`."""
+    """Required. The model as `provider/model`, e.g. `openai/text-embedding-3-small`; up
+    to 256 characters.
+    """
     encoding_format: _builtins.str
     """Optional. "float" (arrays of numbers) or "base64" (little-endian float32 bytes,
     base64-encoded). Default "float".
