@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from email import errors as email_errors
-from email.message import EmailMessage
+from email.message import EmailMessage, MIMEPart
 from email.parser import BytesParser
 from email.policy import HTTP
 
@@ -170,7 +170,7 @@ def _multipart(content_type: str, body: bytes) -> EmailMessage:
     return message
 
 
-def _upload_filename(part: EmailMessage) -> str:
+def _upload_filename(part: MIMEPart) -> str:
     filename = part.get_filename()
     if filename is None:
         raise InvalidRequest(
