@@ -17,7 +17,11 @@
 --     `data: [DONE]`, chunk by chunk, without buffering the stream.
 --   * status >= 400 with a JSON google.rpc.Status body (the transcoder's
 --     convert_grpc_status): an OpenAI `error` object is added in front of the original
---     fields. Envoy's own error replies are shaped by local_reply_config instead.
+--     fields. Its type, code and param are copied from the status's ErrorInfo (metadata
+--     `openai_type`, reason, metadata `field`): the server's error tree decides them
+--     (server/api/errors.py); this filter keeps no table of its own. A status without
+--     them (not from the gateway) is "api_error". Envoy's own error replies are shaped
+--     by local_reply_config instead.
 
 local find, sub, byte, gsub = string.find, string.sub, string.byte, string.gsub
 
@@ -25,19 +29,6 @@ local STREAM_PATH = "/internal/chat/completions:stream"
 local CHAT_PATHS = { ["/chat/completions"] = true, ["/v1/chat/completions"] = true }
 local SENTINEL = 'data: {"id":"[DONE]"'
 local DONE_EVENT = "data: [DONE]\n\n"
-
-local ERROR_TYPES = {
-  [400] = "invalid_request_error",
-  [401] = "authentication_error",
-  [403] = "permission_denied_error",
-  [404] = "not_found_error",
-  [408] = "timeout_error",
-  [413] = "invalid_request_error",
-  [429] = "rate_limit_error",
-  [501] = "not_implemented_error",
-  [503] = "service_unavailable_error",
-  [504] = "timeout_error",
-}
 
 -- Position of the closing quote of the JSON string whose opening quote is at `i`, or nil.
 -- Plain find of one character is a memchr, far faster than a pattern class over long
@@ -184,6 +175,18 @@ local function bound_message(body, text)
   body:setBytes(sub(text, 1, open) .. message .. sub(text, close))
 end
 
+-- Position of the "}" closing the flat JSON object of strings whose "{" is at `i`.
+local function object_end(s, i)
+  local j = i + 1
+  while true do
+    local k = find(s, '[}"]', j)
+    if not k or byte(s, k) == 125 then return k end
+    local close = string_end(s, k)
+    if not close then return nil end
+    j = close + 1
+  end
+end
+
 local function rewrite_error(handle, status)
   local body = handle:body()
   if not body then return end
@@ -193,7 +196,7 @@ local function rewrite_error(handle, status)
     bound_message(body, text)
     return
   end
-  local etype = ERROR_TYPES[status] or "api_error"
+  local etype = "api_error"
 
   if sub(text, 1, 8) == '{"code":' then
     -- google.rpc.Status as printed by the transcoder: code, message, details, in order.
@@ -208,9 +211,13 @@ local function rewrite_error(handle, status)
       if reason and reason ~= "" then code = '"' .. reason .. '"' end
       local meta = find(text, '"metadata":{', info, true)
       if meta and (not limit or meta < limit) then
-        local meta_end = find(text, "}", meta, true)
+        -- Values are JSON strings: a quote inside one is escaped, so neither a key
+        -- pattern nor the closing brace can match inside a value.
+        local meta_end = object_end(text, meta + 11)
         local field = raw_string_after(text, '"field":"', meta, meta_end)
         if field and field ~= "" then param = '"' .. field .. '"' end
+        local openai_type = raw_string_after(text, '"openai_type":"', meta, meta_end)
+        if openai_type and openai_type ~= "" then etype = openai_type end
       end
     end
     body:setBytes('{"error":{"message":"' .. message .. '","type":"' .. etype ..

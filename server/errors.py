@@ -1,6 +1,7 @@
 """The gateway's one error tree.
 
-Every failure the gateway reports is one of these exceptions. They carry what a client
+Every failure the gateway reports is one of these exceptions. The tree below states each
+class's HTTP status over REST; tests/test_error_shapes.py checks it against the bridge. They carry what a client
 needs (a message, a stable `reason` from `aigne.hub.v1.ErrorReason`, optional metadata
 and retry hint) and nothing about transport: adapters raise them without knowing about
 gRPC, and `server.api.errors` maps each class to a gRPC status code in one place.
@@ -11,7 +12,8 @@ gRPC, and `server.api.errors` maps each class to a gRPC status code in one place
     ├── ModelNotFound             no such provider/model (404)
     ├── ResourceNotFound          no such API key or provider credential (404)
     ├── ProviderNotConfigured     the provider exists but has no credential (400)
-    ├── UnsupportedFeature        the provider cannot do what was asked (501)
+    ├── UnsupportedFeature        the provider cannot do what was asked (400, as OpenAI's
+    │                             answer to a parameter a model does not take)
     ├── ShuttingDown              the server is draining (503)
     ├── StorageUnavailable        the gateway's database cannot be used now (503)
     ├── CallTimeout               a call without a deadline outlived the default one (504)
@@ -58,7 +60,8 @@ class GatewayError(Exception):
     """Base of every error the gateway reports to a client."""
 
     reason = "INTERNAL_ERROR"
-    # OpenAI's error `type` for REST clients; used in stream error events.
+    # OpenAI's error `type` for REST clients: the one source for unary answers (via
+    # ErrorInfo metadata `openai_type`, copied by the bridge) and stream error events.
     openai_type = "api_error"
 
     def __init__(
