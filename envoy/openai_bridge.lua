@@ -15,6 +15,13 @@
 -- Responses:
 --   * text/event-stream: the sentinel event `data: {"id":"[DONE]",...}` becomes
 --     `data: [DONE]`, chunk by chunk, without buffering the stream.
+--   * OpenAI-shaped answers (chat chunks; unary chat, /models and /status, marked on the
+--     request): members the transcoder prints only because proto3 has no "unset" for
+--     them are dropped (TRIMS): `"tool_calls":[]`, `"alias_of":""`, `"created":0`,
+--     `"error":""`, `"code":""`; and an empty `"param"` becomes OpenAI's null. OpenAI
+--     prints none of them; clients that test `tool_calls is not None` took every answer
+--     for a tool turn. Every pattern starts or ends with a quote outside any string (a
+--     quote inside a JSON string is escaped), so none can match inside a value.
 --   * status >= 400 with a JSON google.rpc.Status body (the transcoder's
 --     convert_grpc_status): an OpenAI `error` object is added in front of the original
 --     fields. Its type, code and param are copied from the status's ErrorInfo (metadata
@@ -76,6 +83,31 @@ local function top_level_stream_true(s)
   end
 end
 
+-- Empty members to drop: each as the member after a comma, as the first of several
+-- and as the only one. Numbers need the next character: `"created":0` must not eat a
+-- prefix of `"created":0.5` (never printed, but cheap to rule out).
+local TRIMS = {}
+for _, member in ipairs({ '"tool_calls":%[%]', '"alias_of":""', '"error":""', '"code":""' }) do
+  TRIMS[#TRIMS + 1] = { "," .. member, "" }
+  TRIMS[#TRIMS + 1] = { "{" .. member .. ",", "{" }
+  TRIMS[#TRIMS + 1] = { "{" .. member .. "}", "{}" }
+end
+TRIMS[#TRIMS + 1] = { ',"created":0([,}])', "%1" }
+TRIMS[#TRIMS + 1] = { '{"created":0,', "{" }
+TRIMS[#TRIMS + 1] = { '"param":""', '"param":null' }
+local TRIM_PATHS = {
+  ["/chat/completions"] = true, ["/v1/chat/completions"] = true,
+  ["/models"] = true, ["/v1/models"] = true, ["/status"] = true, ["/v1/status"] = true,
+}
+local METADATA = "aigne.bridge"
+
+local function trim_empty(s)
+  for _, trim in ipairs(TRIMS) do
+    s = gsub(s, trim[1], trim[2])
+  end
+  return s
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local path = headers:get(":path")
@@ -98,6 +130,9 @@ function envoy_on_request(handle)
     path = sub(path, 1, q - 1)
   end
 
+  if TRIM_PATHS[path] then
+    handle:streamInfo():dynamicMetadata():set(METADATA, "trim", "1")
+  end
   if CHAT_PATHS[path] then
     if headers:get(":method") ~= "POST" then return end
     local body = handle:body()
@@ -231,6 +266,24 @@ local function rewrite_error(handle, status)
   handle:headers():replace("content-type", "application/json")
 end
 
+-- Each chunk is forwarded as soon as this loop body returns: nothing is buffered.
+local function rewrite_events(handle)
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 then
+      local data = chunk:getBytes(0, n)
+      local i = find(data, SENTINEL, 1, true)
+      if i then
+        local j = find(data, "\n\n", i, true)
+        local rest = j and sub(data, j + 2) or ""
+        data = sub(data, 1, i - 1) .. DONE_EVENT .. rest
+      end
+      local trimmed = trim_empty(data)
+      if i or trimmed ~= data then chunk:setBytes(trimmed) end
+    end
+  end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   local status = tonumber(headers:get(":status")) or 0
@@ -239,19 +292,16 @@ function envoy_on_response(handle)
     return
   end
   local ctype = headers:get("content-type")
-  if not ctype or sub(ctype, 1, 17) ~= "text/event-stream" then return end
-
-  -- Each chunk is forwarded as soon as this loop body returns: nothing is buffered.
-  for chunk in handle:bodyChunks() do
-    local n = chunk:length()
-    if n >= #SENTINEL then
-      local data = chunk:getBytes(0, n)
-      local i = find(data, SENTINEL, 1, true)
-      if i then
-        local j = find(data, "\n\n", i, true)
-        local rest = j and sub(data, j + 2) or ""
-        chunk:setBytes(sub(data, 1, i - 1) .. DONE_EVENT .. rest)
-      end
-    end
+  if not ctype then return end
+  if sub(ctype, 1, 17) == "text/event-stream" then
+    rewrite_events(handle)
+  elseif sub(ctype, 1, 16) == "application/json" then
+    local marks = handle:streamInfo():dynamicMetadata():get(METADATA)
+    if not marks or marks.trim ~= "1" then return end
+    local body = handle:body()
+    if not body or body:length() == 0 then return end
+    local text = body:getBytes(0, body:length())
+    local trimmed = trim_empty(text)
+    if trimmed ~= text then body:setBytes(trimmed) end
   end
 end
