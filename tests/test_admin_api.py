@@ -172,3 +172,18 @@ async def test_usage_query_matches_the_ledger_over_grpc(admin_stack):
     assert total.output_tokens == sum(r.output_tokens for r in records)
     rest = (await admin.get("/admin/usage", params={"group_by": "owner", "owner": "user:erin"})).json()["totals"]
     assert rest[0]["calls"] == 3 and rest[0]["owner"] == "user:erin"
+
+
+async def test_a_credential_is_deleted_the_standard_way(admin_stack):
+    _gateway, _bridge, admin = admin_stack
+    added = await admin.post("/admin/credentials", json={"provider": "vaulted", "secret": "sk-to-delete-1234"})
+    credential_id = added.json()["credential"]["id"]
+
+    deleted = await admin.delete(f"/admin/credentials/{credential_id}")
+    assert deleted.status_code == 200 and deleted.json() == {}
+    listed = (await admin.get("/admin/credentials", params={"provider": "vaulted"})).json()["credentials"]
+    assert credential_id not in {c["id"] for c in listed}
+    again = await admin.delete(f"/admin/credentials/{credential_id}")
+    assert again.status_code == 404
+    assert again.json()["error"]["code"] == "RESOURCE_NOT_FOUND"
+    assert again.json()["error"]["param"] == "credential_id"

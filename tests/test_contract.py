@@ -81,7 +81,7 @@ def _http_rules() -> dict[str, list[tuple[str, str]]]:
                 rule = method.options.Extensions[annotations_pb2.http]
                 bindings = [rule, *rule.additional_bindings]
                 rules[f"{service.name}.{method.name}"] = [
-                    (kind, getattr(b, kind)) for b in bindings for kind in ("get", "post") if getattr(b, kind)
+                    (kind, getattr(b, kind)) for b in bindings for kind in ("get", "post", "delete") if getattr(b, kind)
                 ]
     return rules
 

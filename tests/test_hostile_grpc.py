@@ -537,6 +537,7 @@ async def test_streamed_chat_enforces_the_same_limits(hostile):
 async def test_required_fields_are_enforced(hostile):
     cases = [
         ("RemoveProviderCredential", admin_pb.RemoveProviderCredentialRequest(), "credential_id"),
+        ("DeleteProviderCredential", admin_pb.DeleteProviderCredentialRequest(), "credential_id"),
         ("RevokeApiKey", admin_pb.RevokeApiKeyRequest(), "key_id"),
         ("AddProviderCredential", admin_pb.AddProviderCredentialRequest(provider="openai"), "secret"),
         ("SetModelRate", admin_pb.SetModelRateRequest(), "rate"),
