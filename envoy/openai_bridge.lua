@@ -10,7 +10,8 @@
 --   * /internal/... sent by a client is answered 404.
 --   * Native gRPC (content-type application/grpc...) is marked `x-aigne-bridge: grpc`
 --     for the local reply that tells it to use the gRPC port (see envoy.yaml).
---   * A client-sent `x-aigne-bridge` header is removed.
+--   * A client-sent `x-aigne-bridge` header is replaced by `x-aigne-bridge: rest`: the
+--     server knows the request came through this bridge.
 --   * Every other request passes untouched after two header look-ups.
 -- Responses:
 --   * text/event-stream: the sentinel event `data: {"id":"[DONE]",...}` becomes
@@ -121,8 +122,10 @@ function envoy_on_request(handle)
     headers:replace("x-aigne-bridge", "grpc")
     return
   end
-  -- Only this filter may set the marker: a client's own never reaches a mapper or the server.
-  headers:remove("x-aigne-bridge")
+  -- Only this filter sets the marker (a client's own is replaced): "rest" tells the
+  -- server the answer is printed as OpenAI JSON (e.g. embeddings as a JSON `embedding`
+  -- rather than gRPC's typed `vector`); the stream rewrite below makes it "sse".
+  headers:replace("x-aigne-bridge", "rest")
   local query = ""
   local q = find(path, "?", 1, true)
   if q then

@@ -639,7 +639,7 @@ async def test_embeddings_use_embed_content_for_one_and_batch_for_several(gemini
             embedding_pb.CreateEmbeddingRequest(),
         )
     )
-    assert len(one.data) == 1 and len(one.data[0].embedding.list_value.values) == 8
+    assert len(one.data) == 1 and len(one.data[0].floats.values) == 8
     assert gemini_fake.last_request.path == "/v1beta/models/gemini-embedding-001:embedContent"
     assert sent(gemini_fake) == {"content": {"parts": [{"text": "hello"}]}, "outputDimensionality": 8}
 
@@ -648,7 +648,7 @@ async def test_embeddings_use_embed_content_for_one_and_batch_for_several(gemini
             {"model": "gemini/gemini-embedding-001", "input": ["hello", "world"]}, embedding_pb.CreateEmbeddingRequest()
         )
     )
-    assert [len(d.embedding.list_value.values) for d in many.data] == [16, 16]
+    assert [len(d.floats.values) for d in many.data] == [16, 16]
     assert gemini_fake.last_request.path == "/v1beta/models/gemini-embedding-001:batchEmbedContents"
     assert sent(gemini_fake) == {
         "requests": [

@@ -62,3 +62,14 @@ async def test_models_print_alias_of_only_for_aliases(http):
 
 async def test_status_prints_only_what_is_set(http):
     assert (await http.get("/v1/status")).json() == {"available": True}
+
+
+async def test_rest_embeddings_keep_openais_shape(http):
+    floats = (await http.post("/v1/embeddings", json={"model": "openai/text-embedding-3-small", "input": "a"})).json()
+    item = floats["data"][0]
+    assert set(item) == {"object", "index", "embedding"}
+    assert all(isinstance(number, float) for number in item["embedding"])
+    packed = await http.post(
+        "/v1/embeddings", json={"model": "openai/text-embedding-3-small", "input": "a", "encoding_format": "base64"}
+    )
+    assert isinstance(packed.json()["data"][0]["embedding"], str)

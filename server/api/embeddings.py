@@ -1,15 +1,26 @@
-"""EmbeddingService."""
+"""EmbeddingService.
+
+A REST answer carries each vector as OpenAI does, a JSON `embedding` (numbers, or a
+base64 string). A gRPC answer carries it typed in the `vector` oneof instead (`floats`,
+or the base64 decoded to `float32_le` bytes): boxing every number in a
+google.protobuf.Value would cost gRPC callers time and bytes for nothing. The bridge's
+`x-aigne-bridge` marker tells the two apart.
+"""
 
 from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
 
 import grpc
 
 from aigne.hub.v1 import embedding_service_pb2 as embedding_pb
 from aigne.hub.v1 import embedding_service_pb2_grpc as embedding_grpc
-from server.api.calls import MeteredServicer, unary
+from server.api.calls import MeteredServicer, from_rest, unary
 from server.api.convert import from_json, to_json
 from server.api.metering import input_worst_case, usage_from_openai
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, UpstreamMalformedResponse
 from server.providers.base import Capability, Embeddings
 
 ENCODING_FORMATS = frozenset({"", "float", "base64"})
@@ -29,7 +40,10 @@ class EmbeddingServicer(MeteredServicer, embedding_grpc.EmbeddingServiceServicer
         async with self._meter(route, "embedding", input_worst_case(request.input.ByteSize())) as meter:
             answer = await self._upstream(route, adapter.create_embedding(body, route.upstream_model))
             meter.usage = usage_from_openai(answer.get("usage"))
+        vectors = None if from_rest(context) else _take_vectors(answer)
         response = from_json(answer, embedding_pb.CreateEmbeddingResponse(), provider=route.provider.name)
+        if vectors is not None:
+            _set_typed(response, vectors, route.provider.name)
         response.model = route.public_model
         response.object = "list"
         return response
@@ -59,3 +73,23 @@ def _check(request: embedding_pb.CreateEmbeddingRequest) -> None:
         raise InvalidRequest(
             f"encoding_format must be float or base64, got {request.encoding_format[:64]!r}", field="encoding_format"
         )
+
+
+def _take_vectors(answer: dict[str, Any]) -> list[Any]:
+    """The upstream's vectors, removed from `answer` (so none is boxed into a Value)."""
+    data = answer.get("data")
+    items = data if isinstance(data, list) else []
+    return [item.pop("embedding", None) if isinstance(item, dict) else None for item in items]
+
+
+def _set_typed(response: embedding_pb.CreateEmbeddingResponse, vectors: list[Any], provider: str) -> None:
+    for embedding, vector in zip(response.data, vectors, strict=False):
+        if isinstance(vector, str):
+            try:
+                embedding.float32_le = base64.b64decode(vector, validate=True)
+            except binascii.Error:
+                raise UpstreamMalformedResponse("the base64 embedding does not decode", provider=provider) from None
+        elif isinstance(vector, list):
+            if not all(isinstance(number, (int, float)) for number in vector):
+                raise UpstreamMalformedResponse("an embedding holds something other than numbers", provider=provider)
+            embedding.floats.values.extend(vector)
