@@ -18,6 +18,7 @@ from server.accounts.credits import Usage
 from server.api.calls import MeteredServicer, unary
 from server.api.convert import from_json, to_json
 from server.api.metering import usage_from_openai
+from server.api.validation import check_model_name
 from server.errors import InvalidRequest, RequestTooLarge
 from server.providers.base import (
     Capability,
@@ -151,6 +152,7 @@ def parse_transcription_upload(content_type: str, body: bytes) -> tuple[str, Tra
         raise RequestTooLarge(
             f"model must have at most {MAX_MODEL_CHARACTERS} characters, got {len(model)}", field="model"
         )
+    check_model_name(model)
     data, filename, file_type = audio
     return model, TranscriptionInput(file=data, filename=filename, file_content_type=file_type, fields=fields)
 
