@@ -118,4 +118,4 @@ def test_every_status_is_bounded_whatever_the_message():
     info = error_details_pb2.ErrorInfo()
     status.details[0].Unpack(info)
     assert all(len(k) <= errors.MAX_METADATA and len(v) <= errors.MAX_METADATA for k, v in info.metadata.items())
-    assert len(info.metadata) == 2
+    assert len(info.metadata) == 3  # field, the long key, openai_type
