@@ -24,7 +24,12 @@ async def test_stop_drains_streams_in_flight_and_refuses_new_calls(fake_openai):
         assert first.choices
 
         stopping = asyncio.create_task(gateway.stop())
-        await asyncio.sleep(0.1)
+        # Wait for the event (the gateway has stopped taking calls), not for a time.
+        for _ in range(1000):
+            if not gateway.serving.serving:
+                break
+            await asyncio.sleep(0)
+        assert not gateway.serving.serving
         with_new_call_refused = False
         try:
             await chat.CreateChatCompletion(chat_request(), timeout=2)
