@@ -34,6 +34,10 @@
 local find, sub, byte, gsub = string.find, string.sub, string.byte, string.gsub
 
 local STREAM_PATH = "/internal/chat/completions:stream"
+-- AIGNE Hub's agent protocol (AgentService): its chat path and internal stream binding.
+local AGENT_CHAT_PATH = "/api/v2/chat"
+local AGENT_STREAM_PATH = "/internal/api/v2/chat:stream"
+local LUA_NS = "envoy.filters.http.lua"
 local CHAT_PATHS = { ["/chat/completions"] = true, ["/v1/chat/completions"] = true }
 local SENTINEL = 'data: {"id":"[DONE]"'
 local DONE_EVENT = "data: [DONE]\n\n"
@@ -53,32 +57,32 @@ local function string_end(s, i)
   end
 end
 
--- Whether `s`, a JSON object, has the top-level member "stream": true. Strings and
--- nested values are skipped structurally, so "stream" inside a message or a nested
--- object never counts; each step is one C-level string.find. The scan stops at the
--- first top-level "stream" (the transcoder rejects a duplicate key with 400 anyway).
-local function top_level_stream_true(s)
-  local pos = find(s, "[^ \t\r\n]")
-  if not pos or byte(s, pos) ~= 123 then return false end -- not an object
-  pos = pos + 1
+-- Where the value of member `key` of the JSON object that opens at `open` starts (its
+-- first non-blank byte), or nil. Strings and nested values are skipped structurally,
+-- so a `key` inside a message or a nested object never counts; each step is one
+-- C-level string.find. The scan stops at the first such member (the transcoder rejects
+-- a duplicate key with 400 anyway).
+local function member_value(s, open, key)
+  if not open or byte(s, open) ~= 123 then return nil end -- not an object
+  local pos = open + 1
   local depth = 1
   while true do
     local i, _, c = find(s, '([{}%[%]"])', pos)
-    if not i then return false end
+    if not i then return nil end
     if c == '"' then
       local j = string_end(s, i)
-      if not j then return false end
+      if not j then return nil end
       pos = j + 1
-      if depth == 1 and j - i == 7 and sub(s, i + 1, j - 1) == "stream" then
+      if depth == 1 and j - i - 1 == #key and sub(s, i + 1, j - 1) == key then
         local _, e = find(s, "^[ \t\r\n]*:[ \t\r\n]*", pos)
-        if e then return sub(s, e + 1, e + 4) == "true" end
+        if e then return e + 1 end
       end
     elseif c == "{" or c == "[" then
       depth = depth + 1
       pos = i + 1
     else
       depth = depth - 1
-      if depth == 0 then return false end
+      if depth == 0 then return nil end
       pos = i + 1
     end
   end
@@ -100,13 +104,29 @@ local TRIM_PATHS = {
   ["/chat/completions"] = true, ["/v1/chat/completions"] = true,
   ["/models"] = true, ["/v1/models"] = true, ["/status"] = true, ["/v1/status"] = true,
 }
-local METADATA = "aigne.bridge"
 
 local function trim_empty(s)
   for _, trim in ipairs(TRIMS) do
     s = gsub(s, trim[1], trim[2])
   end
   return s
+end
+
+local function first_byte(s)
+  return find(s, "[^ \t\r\n]")
+end
+
+-- Whether `s`, a JSON object, has the top-level member "stream": true (OpenAI).
+local function top_level_stream_true(s)
+  local v = member_value(s, first_byte(s), "stream")
+  return v ~= nil and sub(s, v, v + 3) == "true"
+end
+
+-- Whether `s`, a JSON object, has "options": {"streaming": true} (AIGNE's agent calls).
+local function agent_streaming_true(s)
+  local options = member_value(s, first_byte(s), "options")
+  local streaming = options and member_value(s, options, "streaming")
+  return streaming ~= nil and sub(s, streaming, streaming + 3) == "true"
 end
 
 function envoy_on_request(handle)
@@ -134,7 +154,7 @@ function envoy_on_request(handle)
   end
 
   if TRIM_PATHS[path] then
-    handle:streamInfo():dynamicMetadata():set(METADATA, "trim", "1")
+    handle:streamInfo():dynamicMetadata():set(LUA_NS, "trim", true)
   end
   if CHAT_PATHS[path] then
     if headers:get(":method") ~= "POST" then return end
@@ -148,6 +168,22 @@ function envoy_on_request(handle)
       headers = handle:headers()
       headers:replace(":path", STREAM_PATH .. query)
       headers:replace("x-aigne-bridge", "sse")
+    end
+    return
+  end
+
+  if sub(path, 1, 5) == "/api/" or path == "/__blocklet__.js" then
+    -- AIGNE's protocol: its errors get AIGNE Hub's shape on the way back.
+    handle:streamInfo():dynamicMetadata():set(LUA_NS, "agent", true)
+    if path == AGENT_CHAT_PATH and headers:get(":method") == "POST" then
+      local body = handle:body()
+      if not body or body:length() < 20 then return end
+      local text = body:getBytes(0, body:length())
+      if find(text, '"streaming"', 1, true) and agent_streaming_true(text) then
+        headers = handle:headers()
+        headers:replace(":path", AGENT_STREAM_PATH .. query)
+        headers:replace("x-aigne-bridge", "sse")
+      end
     end
     return
   end
@@ -225,7 +261,13 @@ local function object_end(s, i)
   end
 end
 
-local function rewrite_error(handle, status)
+-- AIGNE Hub's error type for a reason: running out of credits is NOT_ENOUGH (and 402).
+local function agent_type(reason, fallback)
+  if reason == "INSUFFICIENT_CREDITS" then return "NOT_ENOUGH" end
+  return reason or fallback
+end
+
+local function rewrite_error(handle, status, agent)
   local body = handle:body()
   if not body then return end
   local n = body:length()
@@ -240,13 +282,14 @@ local function rewrite_error(handle, status)
     -- google.rpc.Status as printed by the transcoder: code, message, details, in order.
     local details_at = find(text, ',"details":', 1, true)
     local message = raw_string_after(text, '"message":"', 1, details_at) or ""
-    local code, param = "null", "null"
+    local code, param, reason = "null", "null", nil
     local info = details_at and find(text, '"@type":"type.googleapis.com/google.rpc.ErrorInfo"', details_at, true)
     if info then
       -- Search only this detail: up to the next "@type" (ErrorInfo has no nested Any).
       local limit = find(text, '"@type":', info + 8, true)
-      local reason = raw_string_after(text, '"reason":"', info, limit)
-      if reason and reason ~= "" then code = '"' .. reason .. '"' end
+      reason = raw_string_after(text, '"reason":"', info, limit)
+      if reason == "" then reason = nil end
+      if reason then code = '"' .. reason .. '"' end
       local meta = find(text, '"metadata":{', info, true)
       if meta and (not limit or meta < limit) then
         -- Values are JSON strings: a quote inside one is escaped, so neither a key
@@ -258,8 +301,15 @@ local function rewrite_error(handle, status)
         if openai_type and openai_type ~= "" then etype = openai_type end
       end
     end
-    body:setBytes('{"error":{"message":"' .. message .. '","type":"' .. etype ..
-      '","param":' .. param .. ',"code":' .. code .. "}," .. sub(text, 2))
+    if agent then
+      -- AIGNE Hub's shape: the client shows `message` and keeps `type`.
+      body:setBytes('{"error":{"message":"' .. message .. '","type":"' .. agent_type(reason, etype) ..
+        '","code":' .. code .. "}," .. sub(text, 2))
+      if reason == "INSUFFICIENT_CREDITS" then handle:headers():replace(":status", "402") end
+    else
+      body:setBytes('{"error":{"message":"' .. message .. '","type":"' .. etype ..
+        '","param":' .. param .. ',"code":' .. code .. "}," .. sub(text, 2))
+    end
   else
     -- Anything else (plain text from an upstream, an empty body): wrap it.
     local message = text ~= "" and text or ("HTTP " .. status)
@@ -287,20 +337,39 @@ local function rewrite_events(handle)
   end
 end
 
+-- An agent stream's failure event `data: {"error":{...}}` becomes AIGNE's
+-- `event: error` with the error object as its data, chunk by chunk.
+local AGENT_ERROR = 'data: {"error":'
+
+local function rewrite_agent_stream(handle)
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n >= #AGENT_ERROR then
+      local data = chunk:getBytes(0, n)
+      local i = find(data, AGENT_ERROR, 1, true)
+      local j = i and find(data, "\n\n", i, true)
+      if j then
+        chunk:setBytes(sub(data, 1, i - 1) .. "event: error\ndata: " .. sub(data, i + #AGENT_ERROR, j - 2) ..
+          "\n\n" .. sub(data, j + 2))
+      end
+    end
+  end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   local status = tonumber(headers:get(":status")) or 0
+  local meta = handle:streamInfo():dynamicMetadata():get(LUA_NS)
+  local agent = meta ~= nil and meta["agent"] == true
   if status >= 400 then
-    rewrite_error(handle, status)
+    rewrite_error(handle, status, agent)
     return
   end
   local ctype = headers:get("content-type")
   if not ctype then return end
   if sub(ctype, 1, 17) == "text/event-stream" then
-    rewrite_events(handle)
-  elseif sub(ctype, 1, 16) == "application/json" then
-    local marks = handle:streamInfo():dynamicMetadata():get(METADATA)
-    if not marks or marks.trim ~= "1" then return end
+    if agent then rewrite_agent_stream(handle) else rewrite_events(handle) end
+  elseif meta ~= nil and meta["trim"] == true and sub(ctype, 1, 16) == "application/json" then
     local body = handle:body()
     if not body or body:length() == 0 then return end
     local text = body:getBytes(0, body:length())

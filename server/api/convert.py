@@ -29,7 +29,7 @@ def to_json(message: Message) -> JSON:
         raise errors.InvalidRequest(
             f"{where} holds a NaN or infinite number, which JSON cannot carry", field=where
         ) from exc
-    normalized = _whole_numbers_to_int(result)
+    normalized = whole_numbers_to_int(result)
     assert isinstance(normalized, dict)
     return normalized
 
@@ -44,11 +44,11 @@ def from_json(data: JSON, message: M, *, provider: str) -> M:
         ) from exc
 
 
-def _whole_numbers_to_int(value: Any) -> Any:
+def whole_numbers_to_int(value: Any) -> Any:
     if isinstance(value, float):
         return int(value) if value.is_integer() and abs(value) < 2**53 else value
     if isinstance(value, dict):
-        return {key: _whole_numbers_to_int(item) for key, item in value.items()}
+        return {key: whole_numbers_to_int(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_whole_numbers_to_int(item) for item in value]
+        return [whole_numbers_to_int(item) for item in value]
     return value
