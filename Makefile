@@ -7,7 +7,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := python3
 
 
-.PHONY: setup run test pytest postgres redis bench generate check-generated lint typecheck buf-lint buf-breaking clean
+.PHONY: setup run test pytest postgres redis bench generate check-generated lint typecheck buf-lint buf-breaking clean go-toolchain go-client
 
 setup: .venv/.installed node_modules/.installed
 
@@ -27,8 +27,8 @@ run: setup
 	.venv/bin/aigne-hub serve
 
 # The one test command (README, CI): static checks, then the whole suite.
-test: setup check-generated lint typecheck buf-breaking postgres redis
-	AIGNE_HUB_REQUIRE_POSTGRES=1 .venv/bin/pytest
+test: setup check-generated lint typecheck buf-breaking postgres redis go-client
+	AIGNE_HUB_REQUIRE_POSTGRES=1 AIGNE_HUB_REQUIRE_GO=1 .venv/bin/pytest
 
 # Storage tests run against SQLite and PostgreSQL (127.0.0.1:5432, trust auth, database
 # `test`, as on these machines): start the local cluster if it is installed but stopped.
@@ -79,5 +79,27 @@ buf-breaking: node_modules/.installed
 		npx --no-install buf breaking --against '.git#ref=$(AGAINST)'; \
 	else echo "buf breaking: $(AGAINST) has no protos to compare with"; fi
 
+# The Go client of tests/test_polyglot.py: Debian's Go toolchain and gRPC/protobuf
+# libraries (GOPATH mode under /usr/share/gocode, so nothing is fetched from a module
+# proxy), stubs generated from protos/ by buf with Debian's protoc-gen-go(-grpc).
+GO_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-google-genproto-dev \
+	golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc
+GO_BUILD := $(CURDIR)/.build/go
+GO_ENV := GO111MODULE=off GOFLAGS= GOPATH=$(GO_BUILD):/usr/share/gocode GOCACHE=$(GO_BUILD)/cache
+
+go-toolchain:
+	@dpkg -s $(GO_DEBS) >/dev/null 2>&1 || { \
+		echo "installing the Go toolchain from Debian's packages"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(GO_DEBS); }
+
+go-client: $(GO_BUILD)/bin/hubclient
+
+$(GO_BUILD)/bin/hubclient: protos/aigne/hub/v1/*.proto tests/polyglot/go/main.go buf.gen.go.yaml | go-toolchain node_modules/.installed
+	rm -rf $(GO_BUILD)/src
+	mkdir -p $(GO_BUILD)/src/aignehub/hubclient
+	npx --no-install buf generate --template buf.gen.go.yaml --path protos/aigne -o $(GO_BUILD)/src
+	cp tests/polyglot/go/main.go $(GO_BUILD)/src/aignehub/hubclient/
+	cd $(GO_BUILD)/src/aignehub/hubclient && $(GO_ENV) go vet . && $(GO_ENV) go build -o $@ .
+
 clean:
-	rm -rf .venv .tools node_modules
+	rm -rf .venv .tools node_modules .build

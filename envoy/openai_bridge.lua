@@ -10,14 +10,26 @@
 --   * /internal/... sent by a client is answered 404.
 --   * Native gRPC (content-type application/grpc...) is marked `x-aigne-bridge: grpc`
 --     for the local reply that tells it to use the gRPC port (see envoy.yaml).
---   * A client-sent `x-aigne-bridge` header is removed.
+--   * A client-sent `x-aigne-bridge` header is replaced by `x-aigne-bridge: rest`: the
+--     server knows the request came through this bridge.
 --   * Every other request passes untouched after two header look-ups.
 -- Responses:
 --   * text/event-stream: the sentinel event `data: {"id":"[DONE]",...}` becomes
 --     `data: [DONE]`, chunk by chunk, without buffering the stream.
+--   * OpenAI-shaped answers (chat chunks; unary chat, /models and /status, marked on the
+--     request): members the transcoder prints only because proto3 has no "unset" for
+--     them are dropped (TRIMS): `"tool_calls":[]`, `"alias_of":""`, `"created":0`,
+--     `"error":""`, `"code":""`; and an empty `"param"` becomes OpenAI's null. OpenAI
+--     prints none of them; clients that test `tool_calls is not None` took every answer
+--     for a tool turn. Every pattern starts or ends with a quote outside any string (a
+--     quote inside a JSON string is escaped), so none can match inside a value.
 --   * status >= 400 with a JSON google.rpc.Status body (the transcoder's
 --     convert_grpc_status): an OpenAI `error` object is added in front of the original
---     fields. Envoy's own error replies are shaped by local_reply_config instead.
+--     fields. Its type, code and param are copied from the status's ErrorInfo (metadata
+--     `openai_type`, reason, metadata `field`): the server's error tree decides them
+--     (server/api/errors.py); this filter keeps no table of its own. A status without
+--     them (not from the gateway) is "api_error". Envoy's own error replies are shaped
+--     by local_reply_config instead.
 
 local find, sub, byte, gsub = string.find, string.sub, string.byte, string.gsub
 
@@ -29,19 +41,6 @@ local LUA_NS = "envoy.filters.http.lua"
 local CHAT_PATHS = { ["/chat/completions"] = true, ["/v1/chat/completions"] = true }
 local SENTINEL = 'data: {"id":"[DONE]"'
 local DONE_EVENT = "data: [DONE]\n\n"
-
-local ERROR_TYPES = {
-  [400] = "invalid_request_error",
-  [401] = "authentication_error",
-  [403] = "permission_denied_error",
-  [404] = "not_found_error",
-  [408] = "timeout_error",
-  [413] = "invalid_request_error",
-  [429] = "rate_limit_error",
-  [501] = "not_implemented_error",
-  [503] = "service_unavailable_error",
-  [504] = "timeout_error",
-}
 
 -- Position of the closing quote of the JSON string whose opening quote is at `i`, or nil.
 -- Plain find of one character is a memchr, far faster than a pattern class over long
@@ -89,6 +88,30 @@ local function member_value(s, open, key)
   end
 end
 
+-- Empty members to drop: each as the member after a comma, as the first of several
+-- and as the only one. Numbers need the next character: `"created":0` must not eat a
+-- prefix of `"created":0.5` (never printed, but cheap to rule out).
+local TRIMS = {}
+for _, member in ipairs({ '"tool_calls":%[%]', '"alias_of":""', '"error":""', '"code":""' }) do
+  TRIMS[#TRIMS + 1] = { "," .. member, "" }
+  TRIMS[#TRIMS + 1] = { "{" .. member .. ",", "{" }
+  TRIMS[#TRIMS + 1] = { "{" .. member .. "}", "{}" }
+end
+TRIMS[#TRIMS + 1] = { ',"created":0([,}])', "%1" }
+TRIMS[#TRIMS + 1] = { '{"created":0,', "{" }
+TRIMS[#TRIMS + 1] = { '"param":""', '"param":null' }
+local TRIM_PATHS = {
+  ["/chat/completions"] = true, ["/v1/chat/completions"] = true,
+  ["/models"] = true, ["/v1/models"] = true, ["/status"] = true, ["/v1/status"] = true,
+}
+
+local function trim_empty(s)
+  for _, trim in ipairs(TRIMS) do
+    s = gsub(s, trim[1], trim[2])
+  end
+  return s
+end
+
 local function first_byte(s)
   return find(s, "[^ \t\r\n]")
 end
@@ -119,8 +142,10 @@ function envoy_on_request(handle)
     headers:replace("x-aigne-bridge", "grpc")
     return
   end
-  -- Only this filter may set the marker: a client's own never reaches a mapper or the server.
-  headers:remove("x-aigne-bridge")
+  -- Only this filter sets the marker (a client's own is replaced): "rest" tells the
+  -- server the answer is printed as OpenAI JSON (e.g. embeddings as a JSON `embedding`
+  -- rather than gRPC's typed `vector`); the stream rewrite below makes it "sse".
+  headers:replace("x-aigne-bridge", "rest")
   local query = ""
   local q = find(path, "?", 1, true)
   if q then
@@ -128,6 +153,9 @@ function envoy_on_request(handle)
     path = sub(path, 1, q - 1)
   end
 
+  if TRIM_PATHS[path] then
+    handle:streamInfo():dynamicMetadata():set(LUA_NS, "trim", true)
+  end
   if CHAT_PATHS[path] then
     if headers:get(":method") ~= "POST" then return end
     local body = handle:body()
@@ -221,6 +249,18 @@ local function bound_message(body, text)
   body:setBytes(sub(text, 1, open) .. message .. sub(text, close))
 end
 
+-- Position of the "}" closing the flat JSON object of strings whose "{" is at `i`.
+local function object_end(s, i)
+  local j = i + 1
+  while true do
+    local k = find(s, '[}"]', j)
+    if not k or byte(s, k) == 125 then return k end
+    local close = string_end(s, k)
+    if not close then return nil end
+    j = close + 1
+  end
+end
+
 -- AIGNE Hub's error type for a reason: running out of credits is NOT_ENOUGH (and 402).
 local function agent_type(reason, fallback)
   if reason == "INSUFFICIENT_CREDITS" then return "NOT_ENOUGH" end
@@ -236,7 +276,7 @@ local function rewrite_error(handle, status, agent)
     bound_message(body, text)
     return
   end
-  local etype = ERROR_TYPES[status] or "api_error"
+  local etype = "api_error"
 
   if sub(text, 1, 8) == '{"code":' then
     -- google.rpc.Status as printed by the transcoder: code, message, details, in order.
@@ -252,9 +292,13 @@ local function rewrite_error(handle, status, agent)
       if reason then code = '"' .. reason .. '"' end
       local meta = find(text, '"metadata":{', info, true)
       if meta and (not limit or meta < limit) then
-        local meta_end = find(text, "}", meta, true)
+        -- Values are JSON strings: a quote inside one is escaped, so neither a key
+        -- pattern nor the closing brace can match inside a value.
+        local meta_end = object_end(text, meta + 11)
         local field = raw_string_after(text, '"field":"', meta, meta_end)
         if field and field ~= "" then param = '"' .. field .. '"' end
+        local openai_type = raw_string_after(text, '"openai_type":"', meta, meta_end)
+        if openai_type and openai_type ~= "" then etype = openai_type end
       end
     end
     if agent then
@@ -273,6 +317,24 @@ local function rewrite_error(handle, status, agent)
       '","param":null,"code":null}}')
   end
   handle:headers():replace("content-type", "application/json")
+end
+
+-- Each chunk is forwarded as soon as this loop body returns: nothing is buffered.
+local function rewrite_events(handle)
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 then
+      local data = chunk:getBytes(0, n)
+      local i = find(data, SENTINEL, 1, true)
+      if i then
+        local j = find(data, "\n\n", i, true)
+        local rest = j and sub(data, j + 2) or ""
+        data = sub(data, 1, i - 1) .. DONE_EVENT .. rest
+      end
+      local trimmed = trim_empty(data)
+      if i or trimmed ~= data then chunk:setBytes(trimmed) end
+    end
+  end
 end
 
 -- An agent stream's failure event `data: {"error":{...}}` becomes AIGNE's
@@ -304,23 +366,14 @@ function envoy_on_response(handle)
     return
   end
   local ctype = headers:get("content-type")
-  if not ctype or sub(ctype, 1, 17) ~= "text/event-stream" then return end
-  if agent then
-    rewrite_agent_stream(handle)
-    return
-  end
-
-  -- Each chunk is forwarded as soon as this loop body returns: nothing is buffered.
-  for chunk in handle:bodyChunks() do
-    local n = chunk:length()
-    if n >= #SENTINEL then
-      local data = chunk:getBytes(0, n)
-      local i = find(data, SENTINEL, 1, true)
-      if i then
-        local j = find(data, "\n\n", i, true)
-        local rest = j and sub(data, j + 2) or ""
-        chunk:setBytes(sub(data, 1, i - 1) .. DONE_EVENT .. rest)
-      end
-    end
+  if not ctype then return end
+  if sub(ctype, 1, 17) == "text/event-stream" then
+    if agent then rewrite_agent_stream(handle) else rewrite_events(handle) end
+  elseif meta ~= nil and meta["trim"] == true and sub(ctype, 1, 16) == "application/json" then
+    local body = handle:body()
+    if not body or body:length() == 0 then return end
+    local text = body:getBytes(0, body:length())
+    local trimmed = trim_empty(text)
+    if trimmed ~= text then body:setBytes(trimmed) end
   end
 end

@@ -1,6 +1,7 @@
 """The gateway's one error tree.
 
-Every failure the gateway reports is one of these exceptions. They carry what a client
+Every failure the gateway reports is one of these exceptions. The tree below states each
+class's HTTP status over REST; tests/test_error_shapes.py checks it against the bridge. They carry what a client
 needs (a message, a stable `reason` from `aigne.hub.v1.ErrorReason`, optional metadata
 and retry hint) and nothing about transport: adapters raise them without knowing about
 gRPC, and `server.api.errors` maps each class to a gRPC status code in one place.
@@ -11,7 +12,8 @@ gRPC, and `server.api.errors` maps each class to a gRPC status code in one place
     ├── ModelNotFound             no such provider/model (404)
     ├── ResourceNotFound          no such API key or provider credential (404)
     ├── ProviderNotConfigured     the provider exists but has no credential (400)
-    ├── UnsupportedFeature        the provider cannot do what was asked (501)
+    ├── UnsupportedFeature        the provider cannot do what was asked (400, as OpenAI's
+    │                             answer to a parameter a model does not take)
     ├── ShuttingDown              the server is draining (503)
     ├── StorageUnavailable        the gateway's database cannot be used now (503)
     ├── RateLimited               a gateway rate limit of the key or owner is reached (429)
@@ -32,6 +34,13 @@ Upstream messages are redacted as the exception is built (`server.redaction`):
 providers echo key fragments, and the message reaches clients, logs and a stored
 credential's `invalid_reason`.
 
+Every message and metadata value is bounded as the exception is built (`clip`): a
+message keeps at most MAX_MESSAGE characters and a metadata value MAX_METADATA, with an
+ellipsis. They travel in a gRPC trailer (`grpc-message`, `grpc-status-details-bin`) that
+Envoy caps at 64 KiB of headers, so a client value quoted whole (a 100 KB model name) would
+turn a clear 4xx into a 502 reset. Checks quote at most 64 characters of a value anyway;
+this is the backstop for every other path.
+
 Keys, allow-lists and credits add their branch in `server.accounts.errors`
 (Unauthenticated 401, PermissionDenied 403, QuotaExceeded 429).
 """
@@ -40,12 +49,21 @@ from __future__ import annotations
 
 from server.redaction import redact
 
+MAX_MESSAGE = 1000
+MAX_METADATA = 200
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, an ellipsis marking the cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
 
 class GatewayError(Exception):
     """Base of every error the gateway reports to a client."""
 
     reason = "INTERNAL_ERROR"
-    # OpenAI's error `type` for REST clients; used in stream error events.
+    # OpenAI's error `type` for REST clients: the one source for unary answers (via
+    # ErrorInfo metadata `openai_type`, copied by the bridge) and stream error events.
     openai_type = "api_error"
 
     def __init__(
@@ -55,12 +73,13 @@ class GatewayError(Exception):
         field: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> None:
+        message = clip(message, MAX_MESSAGE)
         super().__init__(message)
         self.message = message
-        self.field = field
+        self.field = clip(field, MAX_METADATA) if field else field
         self.metadata = dict(metadata or {})
-        if field:
-            self.metadata.setdefault("field", field)
+        if self.field:
+            self.metadata.setdefault("field", self.field)
 
 
 class InvalidRequest(GatewayError):

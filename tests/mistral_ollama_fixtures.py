@@ -124,7 +124,14 @@ class GrpcVia:
 
     async def embed(self, **request: Any) -> JSON:
         response = await self._embeddings.CreateEmbedding(_proto(request, embedding_pb.CreateEmbeddingRequest()))
-        return _dict(response)
+        answer = _dict(response)
+        # gRPC carries the vector typed; put it where REST has it, to compare the two.
+        for item in answer["data"]:
+            if "floats" in item:
+                item["embedding"] = item.pop("floats")["values"]
+            elif "float32_le" in item:
+                item["embedding"] = item.pop("float32_le")  # MessageToDict prints bytes as base64
+        return answer
 
     async def chat_failure(self, **request: Any) -> Failure:
         try:

@@ -214,3 +214,18 @@ async def test_rate_limits_are_set_listed_changed_and_removed_over_rest(admin_st
     reply = await client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)
     assert reply.choices[0].message.content, "removing the rule lifts the limit at once on this replica"
     await client.close()
+
+
+async def test_a_credential_is_deleted_the_standard_way(admin_stack):
+    _gateway, _bridge, admin = admin_stack
+    added = await admin.post("/admin/credentials", json={"provider": "vaulted", "secret": "sk-to-delete-1234"})
+    credential_id = added.json()["credential"]["id"]
+
+    deleted = await admin.delete(f"/admin/credentials/{credential_id}")
+    assert deleted.status_code == 200 and deleted.json() == {}
+    listed = (await admin.get("/admin/credentials", params={"provider": "vaulted"})).json()["credentials"]
+    assert credential_id not in {c["id"] for c in listed}
+    again = await admin.delete(f"/admin/credentials/{credential_id}")
+    assert again.status_code == 404
+    assert again.json()["error"]["code"] == "RESOURCE_NOT_FOUND"
+    assert again.json()["error"]["param"] == "credential_id"

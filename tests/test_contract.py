@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from google.api import annotations_pb2
+from google.api import annotations_pb2, field_behavior_pb2
 from google.protobuf import descriptor_pb2
 
 from server.bridge.envoy_config import LUA_PATH, render_envoy_config, validate_envoy_config
@@ -56,8 +56,8 @@ def test_buf_breaking_catches_a_removed_field(tmp_path):
     shutil.copy(ROOT / "buf.yaml", changed / "buf.yaml")
     proto = changed / "protos" / "aigne" / "hub" / "v1" / "chat_service.proto"
     text = proto.read_text()
-    assert "  optional double top_p = 4;\n" in text
-    proto.write_text(text.replace("  optional double top_p = 4;\n", ""))
+    assert "  optional double top_p = 4 [(google.api.field_behavior) = OPTIONAL];\n" in text
+    proto.write_text(text.replace("  optional double top_p = 4 [(google.api.field_behavior) = OPTIONAL];\n", ""))
 
     unchanged = buf("breaking", str(ROOT), "--against", str(baseline))
     assert unchanged.returncode == 0, unchanged.stdout + unchanged.stderr
@@ -88,7 +88,7 @@ def _http_rules() -> dict[str, list[tuple[str, str]]]:
                 rule = method.options.Extensions[annotations_pb2.http]
                 bindings = [rule, *rule.additional_bindings]
                 rules[f"{service.name}.{method.name}"] = [
-                    (kind, getattr(b, kind)) for b in bindings for kind in ("get", "post") if getattr(b, kind)
+                    (kind, getattr(b, kind)) for b in bindings for kind in ("get", "post", "delete") if getattr(b, kind)
                 ]
     return rules
 
@@ -116,6 +116,34 @@ def test_every_element_is_commented():
             assert (4, index) in commented, f"{file.name}: message {message.name} has no comment"
             for field_index, field in enumerate(message.field):
                 assert (4, index, 2, field_index) in commented, f"{message.name}.{field.name} has no comment"
+
+
+def test_field_behaviors_match_the_comments():
+    """A field commented "Output only." is annotated OUTPUT_ONLY and one commented
+    "Optional." OPTIONAL (and "Required." REQUIRED), so generated clients and linters
+    see what a reader sees; no annotation without its comment."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_PATH.read_bytes())
+    words = {
+        field_behavior_pb2.OUTPUT_ONLY: "Output only.",
+        field_behavior_pb2.OPTIONAL: "Optional.",
+        field_behavior_pb2.REQUIRED: "Required.",
+    }
+    checked = 0
+    for file in files.file:
+        if not file.package.startswith("aigne."):
+            continue
+        comments = {tuple(loc.path): loc.leading_comments.strip() for loc in file.source_code_info.location}
+        for m_index, message in enumerate(file.message_type):
+            for f_index, field in enumerate(message.field):
+                comment = comments.get((4, m_index, 2, f_index), "")
+                behaviors = set(field.options.Extensions[field_behavior_pb2.field_behavior])
+                for behavior, word in words.items():
+                    if behavior == field_behavior_pb2.REQUIRED and comment.startswith(word):
+                        continue  # "Required." may also mean required in some cases only
+                    name = f"{message.name}.{field.name}"
+                    assert (behavior in behaviors) == comment.startswith(word), name
+                checked += 1
+    assert checked > 200
 
 
 def test_envoy_accepts_the_rendered_config(tmp_path):

@@ -32,8 +32,12 @@ async def test_embeddings_float_and_base64(channel, fake_openai):
     )
     assert floats.object == "list" and floats.model == "openai/text-embedding-3-small"
     assert [d.index for d in floats.data] == [0, 1]
-    vector = [v.number_value for v in floats.data[0].embedding.list_value.values]
+    # gRPC answers carry the vector typed; `embedding` stays filled for older clients.
+    assert floats.data[0].WhichOneof("vector") == "floats"
+    vector = list(floats.data[0].floats.values)
     assert len(vector) == 8
+    boxed = [v.number_value for v in floats.data[0].embedding.list_value.values]
+    assert vector == pytest.approx(boxed, rel=1e-6)
     assert fake_openai.requests[-1].json["dimensions"] == 8
     assert floats.usage.prompt_tokens > 0
 
@@ -42,8 +46,8 @@ async def test_embeddings_float_and_base64(channel, fake_openai):
             model="openai/text-embedding-3-small", input=value("a"), encoding_format="base64", dimensions=8
         )
     )
-    raw = base64.b64decode(packed.data[0].embedding.string_value)
-    assert struct.unpack("<8f", raw) == pytest.approx(vector)
+    assert packed.data[0].WhichOneof("vector") == "float32_le"
+    assert struct.unpack("<8f", packed.data[0].float32_le) == pytest.approx(vector)
 
 
 @pytest.mark.parametrize("bad_input", [value(""), value([]), value([""]), value({"x": 1}), None])

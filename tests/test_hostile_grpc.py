@@ -355,6 +355,24 @@ TARGETS: dict[str, Target] = {
     "ChatMessage": Target(
         CHAT, chat_pb.CreateChatCompletionResponse, chat_request, lambda request: request.messages[0]
     ),
+    "ToolCall": Target(
+        CHAT,
+        chat_pb.CreateChatCompletionResponse,
+        lambda: chat_request(
+            messages=[
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
+                {"role": "tool", "tool_call_id": "c", "content": "42"},
+            ]
+        ),
+        lambda request: request.messages[1].tool_calls[0],
+    ),
+    "GetStatusRequest": Target(
+        "/aigne.hub.v1.StatusService/GetStatus", status_pb.GetStatusResponse, status_pb.GetStatusRequest
+    ),
     "FunctionDefinition": Target(
         CHAT,
         chat_pb.CreateChatCompletionResponse,
@@ -430,7 +448,11 @@ ITEMS: dict[str, Callable[[int], Any]] = {
 
 
 def _owner_text(field: str, length: int) -> str:
-    return "user:" + "o" * (length - 5) if field == "owner" else "a" * length
+    if field == "owner":
+        return "user:" + "o" * (length - 5)
+    if field == "model":  # the fake OpenAI serves any model name
+        return "openai/" + "m" * (length - 7)
+    return "a" * length
 
 
 def _set(message: Message, field: str, limit: Limit, size: float) -> None:
@@ -489,7 +511,7 @@ def _probes() -> list[tuple[str, Limit, float, bool]]:
 
 def _is_integer(name: str) -> bool:
     message_name, field_name = name.removeprefix("aigne.hub.v1.").split(".")
-    for module in (chat_pb, audio_pb, image_pb, embedding_pb, admin_pb):
+    for module in (chat_pb, audio_pb, image_pb, embedding_pb, admin_pb, status_pb):
         descriptor = module.DESCRIPTOR.message_types_by_name.get(message_name)
         if descriptor is not None:
             field = descriptor.fields_by_name[field_name]
@@ -522,6 +544,7 @@ async def test_streamed_chat_enforces_the_same_limits(hostile):
 async def test_required_fields_are_enforced(hostile):
     cases = [
         ("RemoveProviderCredential", admin_pb.RemoveProviderCredentialRequest(), "credential_id"),
+        ("DeleteProviderCredential", admin_pb.DeleteProviderCredentialRequest(), "credential_id"),
         ("RevokeApiKey", admin_pb.RevokeApiKeyRequest(), "key_id"),
         ("AddProviderCredential", admin_pb.AddProviderCredentialRequest(provider="openai"), "secret"),
         ("SetModelRate", admin_pb.SetModelRateRequest(), "rate"),

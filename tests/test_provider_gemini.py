@@ -647,7 +647,7 @@ async def test_embeddings_use_embed_content_for_one_and_batch_for_several(gemini
             embedding_pb.CreateEmbeddingRequest(),
         )
     )
-    assert len(one.data) == 1 and len(one.data[0].embedding.list_value.values) == 8
+    assert len(one.data) == 1 and len(one.data[0].floats.values) == 8
     assert embed_request(gemini_fake).path == "/v1beta/models/gemini-embedding-001:embedContent"
     assert embed_request(gemini_fake).json == {"content": {"parts": [{"text": "hello"}]}, "outputDimensionality": 8}
     assert one.usage.prompt_tokens == 1
@@ -659,7 +659,7 @@ async def test_embeddings_use_embed_content_for_one_and_batch_for_several(gemini
             embedding_pb.CreateEmbeddingRequest(),
         )
     )
-    assert [len(d.embedding.list_value.values) for d in many.data] == [16, 16]
+    assert [len(d.floats.values) for d in many.data] == [16, 16]
     # embedContent reports no usage: the inputs were counted by countTokens.
     assert many.usage.prompt_tokens == 3 and many.usage.total_tokens == 3
     [count] = [r for r in gemini_fake.requests if ":countTokens" in r.path]

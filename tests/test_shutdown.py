@@ -24,12 +24,19 @@ async def test_stop_drains_streams_in_flight_and_refuses_new_calls(fake_openai):
         assert first.choices
 
         stopping = asyncio.create_task(gateway.stop())
-        await asyncio.sleep(0.1)
+        # Poll for the event (new calls refused) instead of sleeping for a guessed time:
+        # a call that arrives before the server stops taking calls is simply served.
         with_new_call_refused = False
-        try:
-            await chat.CreateChatCompletion(chat_request(), timeout=2)
-        except grpc.aio.AioRpcError as error:
-            with_new_call_refused = error.code() == grpc.StatusCode.UNAVAILABLE
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not with_new_call_refused and loop.time() < deadline:
+            try:
+                await chat.CreateChatCompletion(chat_request(), timeout=2)
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                with_new_call_refused = True
+            else:
+                await asyncio.sleep(0.01)
         rest = []
         while (chunk := await call.read()) is not grpc.aio.EOF:
             rest.append(chunk)

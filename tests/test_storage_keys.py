@@ -82,12 +82,16 @@ async def test_expired_key(db: Database) -> None:  # noqa: F811
         await keys.authenticate(old)
     assert _reason(expired) == "KEY_EXPIRED"
 
-    # Expiry is checked on every call, not cached.
-    _, soon = await keys.create_key(owner, "soon", expires_at=datetime.now(UTC) + timedelta(seconds=1))
-    await keys.authenticate(soon)
-    await asyncio.sleep(1.05)
+    # Expiry is checked on every call, not cached: a wall clock moved past the expiry
+    # (no sleep) makes the cached key expired.
+    now = datetime.now(UTC)
+    wall = [now]
+    timed = KeyStore(db, wall_clock=lambda: wall[0])
+    _, soon = await timed.create_key(owner, "soon", expires_at=now + timedelta(seconds=1))
+    await timed.authenticate(soon)
+    wall[0] = now + timedelta(seconds=1)
     with pytest.raises(KeyExpired):
-        await keys.authenticate(soon)
+        await timed.authenticate(soon)
 
 
 class FakeClock:

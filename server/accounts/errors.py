@@ -8,8 +8,8 @@
     ├── PermissionDenied          the key may not do this              PERMISSION_DENIED (403)
     │   └── ModelNotAllowed       model outside the key's allow-list   PERMISSION_DENIED (403)
     └── QuotaExceeded             no money left                        RESOURCE_EXHAUSTED (429)
-        ├── InsufficientCredits   the owner's balance is too low
-        └── SpendingCapReached    the key's spending cap is reached
+        ├── InsufficientCredits   the owner's balance is too low       RESOURCE_EXHAUSTED (429)
+        └── SpendingCapReached    the key's spending cap is reached    RESOURCE_EXHAUSTED (429)
 
 `server.api.errors.GRPC_CODES` maps them to gRPC codes with the rest of the tree; the
 reasons are `aigne.hub.v1.ErrorReason` values.

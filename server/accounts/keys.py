@@ -121,6 +121,7 @@ class KeyStore:
         outage_grace_s: float = 300.0,
         outage_probe_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._db = db
         self._pepper = pepper
@@ -128,6 +129,8 @@ class KeyStore:
         self._negative_ttl = negative_ttl_s
         self._max_entries = max_entries
         self._clock = clock
+        # Expiry compares with stored wall-clock times; injectable so tests need no sleep.
+        self._wall_clock = wall_clock
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[KeyRecord | _Failed | None]] = {}
         self._outage_grace = outage_grace_s
@@ -264,7 +267,7 @@ class KeyStore:
                 f"the API key {record.name!r} ({record.display}) was revoked",
                 metadata={"key_prefix": record.prefix},
             )
-        if record.expires_at is not None and record.expires_at <= utcnow():
+        if record.expires_at is not None and record.expires_at <= self._wall_clock():
             raise KeyExpired(
                 f"the API key {record.name!r} ({record.display}) expired at {record.expires_at.isoformat()}",
                 metadata={"key_prefix": record.prefix},

@@ -172,6 +172,16 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         return admin_pb.RemoveProviderCredentialResponse(removed=await self._vault().remove(request.credential_id))
 
     @unary
+    async def DeleteProviderCredential(
+        self, request: admin_pb.DeleteProviderCredentialRequest, context: Context
+    ) -> admin_pb.DeleteProviderCredentialResponse:
+        if not await self._vault().remove(request.credential_id):
+            raise ResourceNotFound(
+                f"no provider credential has the id {request.credential_id[:64]!r}", field="credential_id"
+            )
+        return admin_pb.DeleteProviderCredentialResponse()
+
+    @unary
     async def ActivateProviderCredential(
         self, request: admin_pb.ActivateProviderCredentialRequest, context: Context
     ) -> admin_pb.ActivateProviderCredentialResponse:

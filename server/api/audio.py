@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from email.message import EmailMessage
+from email import errors as email_errors
+from email.message import EmailMessage, MIMEPart
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
@@ -18,7 +19,8 @@ from server.accounts.credits import Usage
 from server.api.calls import MeteredServicer, unary
 from server.api.convert import from_json, to_json
 from server.api.metering import usage_from_openai
-from server.errors import InvalidRequest
+from server.api.validation import check_model_name
+from server.errors import InvalidRequest, RequestTooLarge
 from server.providers.base import (
     Capability,
     SpeechSynthesis,
@@ -30,6 +32,10 @@ from server.routing.router import Route
 
 SPEECH_FORMATS = frozenset({"", "mp3", "opus", "aac", "flac", "wav", "pcm"})
 TRANSCRIPTION_FORMATS = frozenset({"", "json", "text", "srt", "verbose_json", "vtt"})
+# The bounds of CreateTranscriptionRequest's model and filename (see validation.LIMITS),
+# for the multipart upload, which is no typed message.
+MAX_MODEL_CHARACTERS = 256
+MAX_FILENAME_CHARACTERS = 256
 # Form fields OpenAI's transcription endpoint takes besides `file` and `model`.
 TRANSCRIPTION_FIELDS = frozenset(
     {
@@ -124,13 +130,13 @@ def _check_transcription_format(response_format: str) -> None:
 
 
 def parse_transcription_upload(content_type: str, body: bytes) -> tuple[str, TranscriptionInput]:
-    """The model and audio of an OpenAI-style multipart/form-data upload."""
-    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
-        raise InvalidRequest("the body must be multipart/form-data with a file part and a model field", field="file")
-    header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    message = BytesParser(policy=HTTP).parsebytes(header + body)
-    if not isinstance(message, EmailMessage) or not message.is_multipart():
-        raise InvalidRequest("the multipart body could not be parsed", field="file")
+    """The model and audio of an OpenAI-style multipart/form-data upload.
+
+    Strict where the email parser is lenient: a body cut short (no closing boundary,
+    which is also what a truncated upload looks like) or a `file` sent as a plain field
+    (no filename, so not a file) is refused before any provider sees it.
+    """
+    message = _multipart(content_type, body)
     model = ""
     audio: tuple[bytes, str, str] | None = None
     fields: list[tuple[str, str]] = []
@@ -140,15 +146,48 @@ def parse_transcription_upload(content_type: str, body: bytes) -> tuple[str, Tra
         if not isinstance(name, str) or not isinstance(payload, bytes):
             continue
         if name == "file":
-            audio = (payload, part.get_filename() or "audio.wav", part.get_content_type())
+            audio = (payload, _upload_filename(part), part.get_content_type())
         elif name == "model":
             model = payload.decode("utf-8", "replace").strip()
         elif name in TRANSCRIPTION_FIELDS:
             fields.append((name, payload.decode("utf-8", "replace")))
     if audio is None or not audio[0]:
         raise InvalidRequest("file is required: a non-empty audio file part named 'file'", field="file")
+    if len(model) > MAX_MODEL_CHARACTERS:
+        raise RequestTooLarge(
+            f"model must have at most {MAX_MODEL_CHARACTERS} characters, got {len(model)}", field="model"
+        )
+    check_model_name(model)
     data, filename, file_type = audio
     return model, TranscriptionInput(file=data, filename=filename, file_content_type=file_type, fields=fields)
+
+
+def _multipart(content_type: str, body: bytes) -> EmailMessage:
+    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
+        raise InvalidRequest("the body must be multipart/form-data with a file part and a model field", field="file")
+    header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = BytesParser(policy=HTTP).parsebytes(header + body)
+    if not isinstance(message, EmailMessage) or not message.is_multipart():
+        raise InvalidRequest("the multipart body could not be parsed", field="file")
+    defects = [defect for part in message.walk() for defect in part.defects]
+    if any(isinstance(defect, email_errors.CloseBoundaryNotFoundDefect) for defect in defects):
+        raise InvalidRequest("the multipart body is incomplete: its closing boundary is missing", field="file")
+    if any(isinstance(defect, email_errors.StartBoundaryNotFoundDefect) for defect in defects):
+        raise InvalidRequest("the multipart body has no part starting with its boundary", field="file")
+    return message
+
+
+def _upload_filename(part: MIMEPart) -> str:
+    filename = part.get_filename()
+    if filename is None:
+        raise InvalidRequest(
+            "file must be a file part (Content-Disposition with a filename), not a plain form field", field="file"
+        )
+    if len(filename) > MAX_FILENAME_CHARACTERS:
+        raise RequestTooLarge(
+            f"the file's name must have at most {MAX_FILENAME_CHARACTERS} characters, got {len(filename)}", field="file"
+        )
+    return filename or "audio.wav"
 
 
 def _typed_transcription(

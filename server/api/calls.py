@@ -102,6 +102,11 @@ def unary(
     return wrapper
 
 
+def from_rest(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Whether the call came through the REST bridge (its answer is printed as JSON)."""
+    return any(key == BRIDGE_HEADER and value in ("rest", "sse") for key, value in context.invocation_metadata() or ())
+
+
 def from_bridge(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     """Whether the call came through the REST bridge as an SSE stream."""
     return any(key == BRIDGE_HEADER and value == "sse" for key, value in context.invocation_metadata() or ())

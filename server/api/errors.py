@@ -1,5 +1,12 @@
 """The one place where `server.errors` exceptions become gRPC statuses.
 
+How an error looks is decided here once, from the error tree: the gRPC code (and so the
+HTTP status, by the transcoder's fixed code-to-status table), the reason, and OpenAI's
+error `type`, sent as the ErrorInfo metadata entry `openai_type`. The REST bridge's Lua
+filter only copies that entry into the OpenAI error object (it has no table of its own),
+and stream error events take the same class attribute, so a unary answer and a stream
+say the same thing. tests/test_error_shapes.py walks every class through both.
+
 Each status carries a `google.rpc.ErrorInfo` (reason from `aigne.hub.v1.ErrorReason`,
 domain `hub.aigne.io`, metadata) and, for rate limits, a `google.rpc.RetryInfo` plus a
 `retry-after` trailer that the REST bridge turns into the HTTP header OpenAI SDKs obey.
@@ -17,8 +24,11 @@ from grpc_status import rpc_status
 
 from server import errors
 from server.accounts import errors as accounts_errors
+from server.errors import MAX_METADATA, clip
 
 DOMAIN = "hub.aigne.io"
+# The ErrorInfo metadata key of OpenAI's error `type`; envoy/openai_bridge.lua reads it.
+OPENAI_TYPE_KEY = "openai_type"
 log = logging.getLogger(__name__)
 
 GRPC_CODES: dict[type[errors.GatewayError], grpc.StatusCode] = {
@@ -59,7 +69,9 @@ def grpc_code(exc: errors.GatewayError) -> grpc.StatusCode:
 def to_grpc_status(exc: errors.GatewayError) -> grpc.Status:
     """The rich status for `exc`, ready for `context.abort_with_status`."""
     code = grpc_code(exc)
-    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))]
+    metadata = {clip(key, MAX_METADATA): clip(value, MAX_METADATA) for key, value in exc.metadata.items()}
+    metadata[OPENAI_TYPE_KEY] = exc.openai_type
+    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))]
     retry_after = getattr(exc, "retry_after_seconds", None)
     if retry_after is not None:
         delay = duration_pb2.Duration()

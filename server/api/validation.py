@@ -84,6 +84,17 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
         Limit(None, 64, "key_length"),
         Limit(None, 512, "value_length"),
     ),
+    # Identifiers a real client keeps short: bounded so that no echo of one can grow a
+    # status past Envoy's header limit, and refused before any work.
+    _p("CreateChatCompletionRequest.model"): (Limit(None, 256, "length"),),
+    _p("ChatMessage.tool_call_id"): (Limit(None, 256, "length"),),
+    _p("ToolCall.id"): (Limit(None, 256, "length"),),
+    _p("CreateEmbeddingRequest.model"): (Limit(None, 256, "length"),),
+    _p("CreateImageRequest.model"): (Limit(None, 256, "length"),),
+    _p("CreateSpeechRequest.model"): (Limit(None, 256, "length"),),
+    _p("CreateTranscriptionRequest.model"): (Limit(None, 256, "length"),),
+    _p("CreateTranscriptionRequest.filename"): (Limit(None, 256, "length"),),
+    _p("GetStatusRequest.model"): (Limit(None, 256, "length"),),
     _p("ChatMessage.name"): (Limit(None, 64, "length"),),
     _p("FunctionDefinition.name"): (Limit(None, 64, "length"),),
     _p("JsonSchema.name"): (Limit(None, 64, "length"),),
@@ -107,6 +118,31 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
     _p("RateLimit.concurrency"): (Limit(1, 10**12),),
     _p("AddProviderCredentialRequest.label"): (Limit(None, 200, "length"),),
 }
+# Fields that name a model: besides their length, no control characters and no "." or
+# ".." path segment, since adapters put the upstream model in the provider's URL path
+# (Gemini's `models/{model}:generateContent`): a model must not walk to another endpoint.
+MODEL_FIELDS = frozenset(
+    _p(name)
+    for name in (
+        "CreateChatCompletionRequest.model",
+        "CreateEmbeddingRequest.model",
+        "CreateImageRequest.model",
+        "CreateSpeechRequest.model",
+        "CreateTranscriptionRequest.model",
+        "GetStatusRequest.model",
+    )
+)
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_model_name(model: str, path: str = "model") -> None:
+    """Refuses a model name that no provider has and that could change an upstream URL."""
+    if CONTROL_CHARACTERS.search(model):
+        raise InvalidRequest(f"{path} must not contain control characters", field=path)
+    if any(segment in (".", "..") for segment in model.split("/")):
+        raise InvalidRequest(f'{path} must not contain "." or ".." path segments', field=path)
+
+
 # Fields whose value must also be a name of letters, digits, underscores and dashes.
 NAME_FIELDS = frozenset({_p("ChatMessage.name"), _p("FunctionDefinition.name"), _p("JsonSchema.name")})
 
@@ -164,6 +200,8 @@ def _check_message(message: Message, prefix: str) -> None:
             continue
         for limit in rule.limits:
             _check_limit(limit, path, field, value)
+        if field.full_name in MODEL_FIELDS:
+            check_model_name(value, path)
         if field.full_name in NAME_FIELDS and NAME_PATTERN.fullmatch(value) is None:
             raise InvalidRequest(f"{path} may contain only letters, digits, underscores and dashes", field=path)
         if rule.recurse:

@@ -769,6 +769,47 @@ class RemoveProviderCredentialResponse(_message.Message):
 Global___RemoveProviderCredentialResponse: _TypeAlias = RemoveProviderCredentialResponse  # noqa: Y015
 
 @_typing.final
+class DeleteProviderCredentialRequest(_message.Message):
+    """A request to delete a provider credential."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
+    credential_id: _builtins.str
+    """Required. The credential's identifier."""
+    def __init__(
+        self,
+        *,
+        credential_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential_id", b"credential_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteProviderCredentialRequest: _TypeAlias = DeleteProviderCredentialRequest  # noqa: Y015
+
+@_typing.final
+class DeleteProviderCredentialResponse(_message.Message):
+    """The answer to a deletion: empty, as AIP-135's google.protobuf.Empty (a named message
+    so that fields can be added later).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteProviderCredentialResponse: _TypeAlias = DeleteProviderCredentialResponse  # noqa: Y015
+
+@_typing.final
 class ActivateProviderCredentialRequest(_message.Message):
     """A request to put a credential back into rotation."""
 

@@ -88,6 +88,11 @@ class AdminServiceStub:
                 request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialRequest.SerializeToString,
                 response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialResponse.FromString,
                 _registered_method=True)
+        self.DeleteProviderCredential = channel.unary_unary(
+                '/aigne.hub.v1.AdminService/DeleteProviderCredential',
+                request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.DeleteProviderCredentialRequest.SerializeToString,
+                response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.DeleteProviderCredentialResponse.FromString,
+                _registered_method=True)
         self.ActivateProviderCredential = channel.unary_unary(
                 '/aigne.hub.v1.AdminService/ActivateProviderCredential',
                 request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ActivateProviderCredentialRequest.SerializeToString,
@@ -211,9 +216,20 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemoveProviderCredential(self, request, context):
-        """Deletes a provider credential.
+        """Deletes a provider credential. Deprecated: use DeleteProviderCredential, the
+        standard Delete (NOT_FOUND for an unknown id instead of `removed: false`).
 
         REST: `POST /admin/credentials/{credential_id}:remove`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteProviderCredential(self, request, context):
+        """Deletes a provider credential (AIP-135): NOT_FOUND when no credential has the id,
+        so a second delete of the same id is NOT_FOUND too.
+
+        REST: `DELETE /admin/credentials/{credential_id}`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -331,6 +347,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RemoveProviderCredential,
                     request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialRequest.FromString,
                     response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialResponse.SerializeToString,
+            ),
+            'DeleteProviderCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteProviderCredential,
+                    request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.DeleteProviderCredentialRequest.FromString,
+                    response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.DeleteProviderCredentialResponse.SerializeToString,
             ),
             'ActivateProviderCredential': grpc.unary_unary_rpc_method_handler(
                     servicer.ActivateProviderCredential,
@@ -637,6 +658,33 @@ class AdminService:
             '/aigne.hub.v1.AdminService/RemoveProviderCredential',
             aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialRequest.SerializeToString,
             aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveProviderCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteProviderCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aigne.hub.v1.AdminService/DeleteProviderCredential',
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.DeleteProviderCredentialRequest.SerializeToString,
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.DeleteProviderCredentialResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,7 @@ from aigne.hub.v1 import admin_service_pb2 as _admin_service_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
+import builtins as _builtins
 import grpc as _grpc
 import sys
 import typing as _typing
@@ -18,6 +19,11 @@ if sys.version_info >= (3, 11):
     from typing import Self as _Self
 else:
     from typing_extensions import Self as _Self
+
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
 
 _T = _typing.TypeVar("_T")
 
@@ -87,10 +93,19 @@ class AdminServiceStub:
 
     REST: `GET /admin/credentials?provider=openai`.
     """
-    RemoveProviderCredential: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveProviderCredentialRequest, _admin_service_pb2.RemoveProviderCredentialResponse]
-    """Deletes a provider credential.
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def RemoveProviderCredential(self) -> _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveProviderCredentialRequest, _admin_service_pb2.RemoveProviderCredentialResponse]:
+        """Deletes a provider credential. Deprecated: use DeleteProviderCredential, the
+        standard Delete (NOT_FOUND for an unknown id instead of `removed: false`).
 
-    REST: `POST /admin/credentials/{credential_id}:remove`.
+        REST: `POST /admin/credentials/{credential_id}:remove`.
+        """
+    DeleteProviderCredential: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteProviderCredentialRequest, _admin_service_pb2.DeleteProviderCredentialResponse]
+    """Deletes a provider credential (AIP-135): NOT_FOUND when no credential has the id,
+    so a second delete of the same id is NOT_FOUND too.
+
+    REST: `DELETE /admin/credentials/{credential_id}`.
     """
     ActivateProviderCredential: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ActivateProviderCredentialRequest, _admin_service_pb2.ActivateProviderCredentialResponse]
     """Puts a provider credential back into rotation, after the provider rejected it
@@ -185,10 +200,19 @@ class AdminServiceAsyncStub(AdminServiceStub):
 
     REST: `GET /admin/credentials?provider=openai`.
     """
-    RemoveProviderCredential: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveProviderCredentialRequest, _admin_service_pb2.RemoveProviderCredentialResponse]  # type: ignore[assignment]
-    """Deletes a provider credential.
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def RemoveProviderCredential(self) -> _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveProviderCredentialRequest, _admin_service_pb2.RemoveProviderCredentialResponse]:  # type: ignore[override]
+        """Deletes a provider credential. Deprecated: use DeleteProviderCredential, the
+        standard Delete (NOT_FOUND for an unknown id instead of `removed: false`).
 
-    REST: `POST /admin/credentials/{credential_id}:remove`.
+        REST: `POST /admin/credentials/{credential_id}:remove`.
+        """
+    DeleteProviderCredential: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteProviderCredentialRequest, _admin_service_pb2.DeleteProviderCredentialResponse]  # type: ignore[assignment]
+    """Deletes a provider credential (AIP-135): NOT_FOUND when no credential has the id,
+    so a second delete of the same id is NOT_FOUND too.
+
+    REST: `DELETE /admin/credentials/{credential_id}`.
     """
     ActivateProviderCredential: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ActivateProviderCredentialRequest, _admin_service_pb2.ActivateProviderCredentialResponse]  # type: ignore[assignment]
     """Puts a provider credential back into rotation, after the provider rejected it
@@ -335,15 +359,29 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         REST: `GET /admin/credentials?provider=openai`.
         """
 
+    @_deprecated("""Deletes a provider credential. Deprecated: use DeleteProviderCredential, the\nstandard Delete (NOT_FOUND for an unknown id instead of `removed: false`).\n\nREST: `POST /admin/credentials/{credential_id}:remove`.""")
     @_abc_1.abstractmethod
     def RemoveProviderCredential(
         self,
         request: _admin_service_pb2.RemoveProviderCredentialRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.RemoveProviderCredentialResponse, _abc.Awaitable[_admin_service_pb2.RemoveProviderCredentialResponse]]:
-        """Deletes a provider credential.
+        """Deletes a provider credential. Deprecated: use DeleteProviderCredential, the
+        standard Delete (NOT_FOUND for an unknown id instead of `removed: false`).
 
         REST: `POST /admin/credentials/{credential_id}:remove`.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteProviderCredential(
+        self,
+        request: _admin_service_pb2.DeleteProviderCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.DeleteProviderCredentialResponse, _abc.Awaitable[_admin_service_pb2.DeleteProviderCredentialResponse]]:
+        """Deletes a provider credential (AIP-135): NOT_FOUND when no credential has the id,
+        so a second delete of the same id is NOT_FOUND too.
+
+        REST: `DELETE /admin/credentials/{credential_id}`.
         """
 
     @_abc_1.abstractmethod

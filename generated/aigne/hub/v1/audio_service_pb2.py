@@ -28,7 +28,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n aigne/hub/v1/audio_service.proto\x12\x0c\x61igne.hub.v1\x1a\x19\x61igne/hub/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\"\xa1\x01\n\x13\x43reateSpeechRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05input\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05voice\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x0fresponse_format\x18\x04 \x01(\t\x12\x12\n\x05speed\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0cinstructions\x18\x06 \x01(\tB\x08\n\x06_speed\"\xbc\x01\n\x1a\x43reateTranscriptionRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04\x66ile\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x10\n\x08language\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x17\n\x0fresponse_format\x18\x06 \x01(\t\x12\x18\n\x0btemperature\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"\xa9\x01\n\x1b\x43reateTranscriptionResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x10\n\x08\x64uration\x18\x03 \x01(\x01\x12\x34\n\x08segments\x18\x04 \x03(\x0b\x32\".aigne.hub.v1.TranscriptionSegment\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.aigne.hub.v1.Usage\"L\n\x14TranscriptionSegment\x12\n\n\x02id\x18\x01 \x01(\x05\x12\r\n\x05start\x18\x02 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x01\x12\x0c\n\x04text\x18\x04 \x01(\t2\xf9\x02\n\x0c\x41udioService\x12x\n\x0c\x43reateSpeech\x12!.aigne.hub.v1.CreateSpeechRequest\x1a\x14.google.api.HttpBody\"/\x82\xd3\xe4\x93\x02)\"\r/audio/speech:\x01*Z\x15\"\x10/v1/audio/speech:\x01*\x12j\n\x13\x43reateTranscription\x12(.aigne.hub.v1.CreateTranscriptionRequest\x1a).aigne.hub.v1.CreateTranscriptionResponse\x12\x82\x01\n\x13UploadTranscription\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"?\x82\xd3\xe4\x93\x02\x39\"\x15/audio/transcriptions:\x01*Z\x1d\"\x18/v1/audio/transcriptions:\x01*BV\n\x0fio.aigne.hub.v1B\x11\x41udioServiceProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n aigne/hub/v1/audio_service.proto\x12\x0c\x61igne.hub.v1\x1a\x19\x61igne/hub/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\"\xb3\x01\n\x13\x43reateSpeechRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05input\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05voice\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0fresponse_format\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\x05speed\x18\x05 \x01(\x01\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x1a\n\x0cinstructions\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x42\x08\n\x06_speed\"\xda\x01\n\x1a\x43reateTranscriptionRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04\x66ile\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x16\n\x08\x66ilename\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08language\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06prompt\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1d\n\x0fresponse_format\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1e\n\x0btemperature\x18\x07 \x01(\x01\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"\xc7\x01\n\x1b\x43reateTranscriptionResponse\x12\x12\n\x04text\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08language\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x64uration\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12:\n\x08segments\x18\x04 \x03(\x0b\x32\".aigne.hub.v1.TranscriptionSegmentB\x04\xe2\x41\x01\x03\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x13.aigne.hub.v1.UsageB\x04\xe2\x41\x01\x03\"d\n\x14TranscriptionSegment\x12\x10\n\x02id\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05start\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x11\n\x03\x65nd\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x12\n\x04text\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x32\xf9\x02\n\x0c\x41udioService\x12x\n\x0c\x43reateSpeech\x12!.aigne.hub.v1.CreateSpeechRequest\x1a\x14.google.api.HttpBody\"/\x82\xd3\xe4\x93\x02)\"\r/audio/speech:\x01*Z\x15\"\x10/v1/audio/speech:\x01*\x12j\n\x13\x43reateTranscription\x12(.aigne.hub.v1.CreateTranscriptionRequest\x1a).aigne.hub.v1.CreateTranscriptionResponse\x12\x82\x01\n\x13UploadTranscription\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"?\x82\xd3\xe4\x93\x02\x39\"\x15/audio/transcriptions:\x01*Z\x1d\"\x18/v1/audio/transcriptions:\x01*BV\n\x0fio.aigne.hub.v1B\x11\x41udioServiceProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,22 +42,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATESPEECHREQUEST'].fields_by_name['input']._serialized_options = b'\342A\001\002'
   _globals['_CREATESPEECHREQUEST'].fields_by_name['voice']._loaded_options = None
   _globals['_CREATESPEECHREQUEST'].fields_by_name['voice']._serialized_options = b'\342A\001\002'
+  _globals['_CREATESPEECHREQUEST'].fields_by_name['response_format']._loaded_options = None
+  _globals['_CREATESPEECHREQUEST'].fields_by_name['response_format']._serialized_options = b'\342A\001\001'
+  _globals['_CREATESPEECHREQUEST'].fields_by_name['speed']._loaded_options = None
+  _globals['_CREATESPEECHREQUEST'].fields_by_name['speed']._serialized_options = b'\342A\001\001'
+  _globals['_CREATESPEECHREQUEST'].fields_by_name['instructions']._loaded_options = None
+  _globals['_CREATESPEECHREQUEST'].fields_by_name['instructions']._serialized_options = b'\342A\001\001'
   _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['model']._loaded_options = None
   _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['model']._serialized_options = b'\342A\001\002'
   _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['file']._loaded_options = None
   _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['file']._serialized_options = b'\342A\001\002'
+  _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['filename']._loaded_options = None
+  _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['filename']._serialized_options = b'\342A\001\001'
+  _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['language']._loaded_options = None
+  _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['language']._serialized_options = b'\342A\001\001'
+  _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['prompt']._loaded_options = None
+  _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['prompt']._serialized_options = b'\342A\001\001'
+  _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['response_format']._loaded_options = None
+  _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['response_format']._serialized_options = b'\342A\001\001'
+  _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['temperature']._loaded_options = None
+  _globals['_CREATETRANSCRIPTIONREQUEST'].fields_by_name['temperature']._serialized_options = b'\342A\001\001'
+  _globals['_CREATETRANSCRIPTIONRESPONSE'].fields_by_name['text']._loaded_options = None
+  _globals['_CREATETRANSCRIPTIONRESPONSE'].fields_by_name['text']._serialized_options = b'\342A\001\003'
+  _globals['_CREATETRANSCRIPTIONRESPONSE'].fields_by_name['language']._loaded_options = None
+  _globals['_CREATETRANSCRIPTIONRESPONSE'].fields_by_name['language']._serialized_options = b'\342A\001\003'
+  _globals['_CREATETRANSCRIPTIONRESPONSE'].fields_by_name['duration']._loaded_options = None
+  _globals['_CREATETRANSCRIPTIONRESPONSE'].fields_by_name['duration']._serialized_options = b'\342A\001\003'
+  _globals['_CREATETRANSCRIPTIONRESPONSE'].fields_by_name['segments']._loaded_options = None
+  _globals['_CREATETRANSCRIPTIONRESPONSE'].fields_by_name['segments']._serialized_options = b'\342A\001\003'
+  _globals['_CREATETRANSCRIPTIONRESPONSE'].fields_by_name['usage']._loaded_options = None
+  _globals['_CREATETRANSCRIPTIONRESPONSE'].fields_by_name['usage']._serialized_options = b'\342A\001\003'
+  _globals['_TRANSCRIPTIONSEGMENT'].fields_by_name['id']._loaded_options = None
+  _globals['_TRANSCRIPTIONSEGMENT'].fields_by_name['id']._serialized_options = b'\342A\001\003'
+  _globals['_TRANSCRIPTIONSEGMENT'].fields_by_name['start']._loaded_options = None
+  _globals['_TRANSCRIPTIONSEGMENT'].fields_by_name['start']._serialized_options = b'\342A\001\003'
+  _globals['_TRANSCRIPTIONSEGMENT'].fields_by_name['end']._loaded_options = None
+  _globals['_TRANSCRIPTIONSEGMENT'].fields_by_name['end']._serialized_options = b'\342A\001\003'
+  _globals['_TRANSCRIPTIONSEGMENT'].fields_by_name['text']._loaded_options = None
+  _globals['_TRANSCRIPTIONSEGMENT'].fields_by_name['text']._serialized_options = b'\342A\001\003'
   _globals['_AUDIOSERVICE'].methods_by_name['CreateSpeech']._loaded_options = None
   _globals['_AUDIOSERVICE'].methods_by_name['CreateSpeech']._serialized_options = b'\202\323\344\223\002)\"\r/audio/speech:\001*Z\025\"\020/v1/audio/speech:\001*'
   _globals['_AUDIOSERVICE'].methods_by_name['UploadTranscription']._loaded_options = None
   _globals['_AUDIOSERVICE'].methods_by_name['UploadTranscription']._serialized_options = b'\202\323\344\223\0029\"\025/audio/transcriptions:\001*Z\035\"\030/v1/audio/transcriptions:\001*'
   _globals['_CREATESPEECHREQUEST']._serialized_start=168
-  _globals['_CREATESPEECHREQUEST']._serialized_end=329
-  _globals['_CREATETRANSCRIPTIONREQUEST']._serialized_start=332
-  _globals['_CREATETRANSCRIPTIONREQUEST']._serialized_end=520
-  _globals['_CREATETRANSCRIPTIONRESPONSE']._serialized_start=523
-  _globals['_CREATETRANSCRIPTIONRESPONSE']._serialized_end=692
-  _globals['_TRANSCRIPTIONSEGMENT']._serialized_start=694
-  _globals['_TRANSCRIPTIONSEGMENT']._serialized_end=770
-  _globals['_AUDIOSERVICE']._serialized_start=773
-  _globals['_AUDIOSERVICE']._serialized_end=1150
+  _globals['_CREATESPEECHREQUEST']._serialized_end=347
+  _globals['_CREATETRANSCRIPTIONREQUEST']._serialized_start=350
+  _globals['_CREATETRANSCRIPTIONREQUEST']._serialized_end=568
+  _globals['_CREATETRANSCRIPTIONRESPONSE']._serialized_start=571
+  _globals['_CREATETRANSCRIPTIONRESPONSE']._serialized_end=770
+  _globals['_TRANSCRIPTIONSEGMENT']._serialized_start=772
+  _globals['_TRANSCRIPTIONSEGMENT']._serialized_end=872
+  _globals['_AUDIOSERVICE']._serialized_start=875
+  _globals['_AUDIOSERVICE']._serialized_end=1252
 # @@protoc_insertion_point(module_scope)

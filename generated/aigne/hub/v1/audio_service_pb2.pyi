@@ -35,7 +35,9 @@ class CreateSpeechRequest(_message.Message):
     SPEED_FIELD_NUMBER: _builtins.int
     INSTRUCTIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Required. The model as `provider/model`, e.g. `openai/gpt-4o-mini-tts`."""
+    """Required. The model as `provider/model`, e.g. `openai/gpt-4o-mini-tts`; up to 256
+    characters.
+    """
     input: _builtins.str
     """Required. The text to speak, 1 to 4096 characters."""
     voice: _builtins.str
@@ -82,14 +84,16 @@ class CreateTranscriptionRequest(_message.Message):
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Required. The model as `provider/model`, e.g. `openai/whisper-1`."""
+    """Required. The model as `provider/model`, e.g. `openai/whisper-1`; up to 256
+    characters.
+    """
     file: _builtins.bytes
     """Required. The audio file's bytes (flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav or
     webm), at most the gateway's message limit (default 25 MiB).
     """
     filename: _builtins.str
-    """Optional. The audio file's name; its extension tells the provider the format.
-    Default "audio.wav".
+    """Optional. The audio file's name, up to 256 characters; its extension tells the
+    provider the format. Default "audio.wav".
     """
     language: _builtins.str
     """Optional. The spoken language as ISO-639-1 (e.g. "en"); improves accuracy."""

@@ -94,7 +94,7 @@ class CreateChatCompletionRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. The model as `provider/model`, e.g. `openai/gpt-4o-mini`, or a model
-    alias from the gateway's configuration.
+    alias from the gateway's configuration; up to 256 characters.
     """
     temperature: _builtins.float
     """Optional. Sampling temperature, 0 to 2. Default: the provider's (OpenAI: 1)."""
@@ -266,7 +266,9 @@ class ChatMessage(_message.Message):
     up to 64 characters.
     """
     tool_call_id: _builtins.str
-    """For role "tool": required, the `id` of the tool call this message answers."""
+    """For role "tool": required, the `id` of the tool call this message answers; up to
+    256 characters.
+    """
     refusal: _builtins.str
     """Optional. For role "assistant": the model's refusal message, if it refused."""
     @_builtins.property
@@ -378,7 +380,9 @@ class ToolCall(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     FUNCTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. The call's identifier, echoed by the "tool" message that answers it."""
+    """Required. The call's identifier, echoed by the "tool" message that answers it; up
+    to 256 characters.
+    """
     type: _builtins.str
     """Required. The kind of tool; only "function" is defined."""
     @_builtins.property

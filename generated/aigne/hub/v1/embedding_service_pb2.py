@@ -28,7 +28,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$aigne/hub/v1/embedding_service.proto\x12\x0c\x61igne.hub.v1\x1a\x19\x61igne/hub/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xa9\x01\n\x16\x43reateEmbeddingRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueB\x04\xe2\x41\x01\x02\x12\x17\n\x0f\x65ncoding_format\x18\x03 \x01(\t\x12\x17\n\ndimensions\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04user\x18\x05 \x01(\tB\r\n\x0b_dimensions\"\x83\x01\n\x17\x43reateEmbeddingResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12%\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x17.aigne.hub.v1.Embedding\x12\r\n\x05model\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.aigne.hub.v1.Usage\"U\n\tEmbedding\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12)\n\tembedding\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value2\xa0\x01\n\x10\x45mbeddingService\x12\x8b\x01\n\x0f\x43reateEmbedding\x12$.aigne.hub.v1.CreateEmbeddingRequest\x1a%.aigne.hub.v1.CreateEmbeddingResponse\"+\x82\xd3\xe4\x93\x02%\"\x0b/embeddings:\x01*Z\x13\"\x0e/v1/embeddings:\x01*BZ\n\x0fio.aigne.hub.v1B\x15\x45mbeddingServiceProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$aigne/hub/v1/embedding_service.proto\x12\x0c\x61igne.hub.v1\x1a\x19\x61igne/hub/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xbb\x01\n\x16\x43reateEmbeddingRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueB\x04\xe2\x41\x01\x02\x12\x1d\n\x0f\x65ncoding_format\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1d\n\ndimensions\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x12\n\x04user\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x42\r\n\x0b_dimensions\"\x9b\x01\n\x17\x43reateEmbeddingResponse\x12\x14\n\x06object\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x17.aigne.hub.v1.EmbeddingB\x04\xe2\x41\x01\x03\x12\x13\n\x05model\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12(\n\x05usage\x18\x04 \x01(\x0b\x32\x13.aigne.hub.v1.UsageB\x04\xe2\x41\x01\x03\"\xc0\x01\n\tEmbedding\x12\x14\n\x06object\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05index\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12/\n\tembedding\x18\x03 \x01(\x0b\x32\x16.google.protobuf.ValueB\x04\xe2\x41\x01\x03\x12\x31\n\x06\x66loats\x18\x04 \x01(\x0b\x32\x19.aigne.hub.v1.FloatVectorB\x04\xe2\x41\x01\x03H\x00\x12\x1a\n\nfloat32_le\x18\x05 \x01(\x0c\x42\x04\xe2\x41\x01\x03H\x00\x42\x08\n\x06vector\"#\n\x0b\x46loatVector\x12\x14\n\x06values\x18\x01 \x03(\x02\x42\x04\xe2\x41\x01\x03\x32\xa0\x01\n\x10\x45mbeddingService\x12\x8b\x01\n\x0f\x43reateEmbedding\x12$.aigne.hub.v1.CreateEmbeddingRequest\x1a%.aigne.hub.v1.CreateEmbeddingResponse\"+\x82\xd3\xe4\x93\x02%\"\x0b/embeddings:\x01*Z\x13\"\x0e/v1/embeddings:\x01*BZ\n\x0fio.aigne.hub.v1B\x15\x45mbeddingServiceProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,14 +40,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEEMBEDDINGREQUEST'].fields_by_name['model']._serialized_options = b'\342A\001\002'
   _globals['_CREATEEMBEDDINGREQUEST'].fields_by_name['input']._loaded_options = None
   _globals['_CREATEEMBEDDINGREQUEST'].fields_by_name['input']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEEMBEDDINGREQUEST'].fields_by_name['encoding_format']._loaded_options = None
+  _globals['_CREATEEMBEDDINGREQUEST'].fields_by_name['encoding_format']._serialized_options = b'\342A\001\001'
+  _globals['_CREATEEMBEDDINGREQUEST'].fields_by_name['dimensions']._loaded_options = None
+  _globals['_CREATEEMBEDDINGREQUEST'].fields_by_name['dimensions']._serialized_options = b'\342A\001\001'
+  _globals['_CREATEEMBEDDINGREQUEST'].fields_by_name['user']._loaded_options = None
+  _globals['_CREATEEMBEDDINGREQUEST'].fields_by_name['user']._serialized_options = b'\342A\001\001'
+  _globals['_CREATEEMBEDDINGRESPONSE'].fields_by_name['object']._loaded_options = None
+  _globals['_CREATEEMBEDDINGRESPONSE'].fields_by_name['object']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEEMBEDDINGRESPONSE'].fields_by_name['data']._loaded_options = None
+  _globals['_CREATEEMBEDDINGRESPONSE'].fields_by_name['data']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEEMBEDDINGRESPONSE'].fields_by_name['model']._loaded_options = None
+  _globals['_CREATEEMBEDDINGRESPONSE'].fields_by_name['model']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEEMBEDDINGRESPONSE'].fields_by_name['usage']._loaded_options = None
+  _globals['_CREATEEMBEDDINGRESPONSE'].fields_by_name['usage']._serialized_options = b'\342A\001\003'
+  _globals['_EMBEDDING'].fields_by_name['object']._loaded_options = None
+  _globals['_EMBEDDING'].fields_by_name['object']._serialized_options = b'\342A\001\003'
+  _globals['_EMBEDDING'].fields_by_name['index']._loaded_options = None
+  _globals['_EMBEDDING'].fields_by_name['index']._serialized_options = b'\342A\001\003'
+  _globals['_EMBEDDING'].fields_by_name['embedding']._loaded_options = None
+  _globals['_EMBEDDING'].fields_by_name['embedding']._serialized_options = b'\342A\001\003'
+  _globals['_EMBEDDING'].fields_by_name['floats']._loaded_options = None
+  _globals['_EMBEDDING'].fields_by_name['floats']._serialized_options = b'\342A\001\003'
+  _globals['_EMBEDDING'].fields_by_name['float32_le']._loaded_options = None
+  _globals['_EMBEDDING'].fields_by_name['float32_le']._serialized_options = b'\342A\001\003'
+  _globals['_FLOATVECTOR'].fields_by_name['values']._loaded_options = None
+  _globals['_FLOATVECTOR'].fields_by_name['values']._serialized_options = b'\342A\001\003'
   _globals['_EMBEDDINGSERVICE'].methods_by_name['CreateEmbedding']._loaded_options = None
   _globals['_EMBEDDINGSERVICE'].methods_by_name['CreateEmbedding']._serialized_options = b'\202\323\344\223\002%\"\013/embeddings:\001*Z\023\"\016/v1/embeddings:\001*'
   _globals['_CREATEEMBEDDINGREQUEST']._serialized_start=175
-  _globals['_CREATEEMBEDDINGREQUEST']._serialized_end=344
-  _globals['_CREATEEMBEDDINGRESPONSE']._serialized_start=347
-  _globals['_CREATEEMBEDDINGRESPONSE']._serialized_end=478
-  _globals['_EMBEDDING']._serialized_start=480
-  _globals['_EMBEDDING']._serialized_end=565
-  _globals['_EMBEDDINGSERVICE']._serialized_start=568
-  _globals['_EMBEDDINGSERVICE']._serialized_end=728
+  _globals['_CREATEEMBEDDINGREQUEST']._serialized_end=362
+  _globals['_CREATEEMBEDDINGRESPONSE']._serialized_start=365
+  _globals['_CREATEEMBEDDINGRESPONSE']._serialized_end=520
+  _globals['_EMBEDDING']._serialized_start=523
+  _globals['_EMBEDDING']._serialized_end=715
+  _globals['_FLOATVECTOR']._serialized_start=717
+  _globals['_FLOATVECTOR']._serialized_end=752
+  _globals['_EMBEDDINGSERVICE']._serialized_start=755
+  _globals['_EMBEDDINGSERVICE']._serialized_end=915
 # @@protoc_insertion_point(module_scope)

@@ -35,7 +35,9 @@ class CreateEmbeddingRequest(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Required. The model as `provider/model`, e.g. `openai/text-embedding-3-small`."""
+    """Required. The model as `provider/model`, e.g. `openai/text-embedding-3-small`; up
+    to 256 characters.
+    """
     encoding_format: _builtins.str
     """Optional. "float" (arrays of numbers) or "base64" (little-endian float32 bytes,
     base64-encoded). Default "float".
@@ -118,15 +120,27 @@ class Embedding(_message.Message):
     OBJECT_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     EMBEDDING_FIELD_NUMBER: _builtins.int
+    FLOATS_FIELD_NUMBER: _builtins.int
+    FLOAT32_LE_FIELD_NUMBER: _builtins.int
     object: _builtins.str
     """Output only. Always "embedding"."""
     index: _builtins.int
     """Output only. The position of the input this embeds, from 0."""
+    float32_le: _builtins.bytes
+    """Output only. With encoding_format "base64": the little-endian float32 values as
+    raw bytes (the provider's base64, decoded).
+    """
     @_builtins.property
     def embedding(self) -> _struct_pb2.Value:
-        """Output only. The vector: a list of numbers with encoding_format "float", a
-        base64 string of little-endian float32 values with "base64".
+        """Output only. The vector in OpenAI's shape: a list of numbers with encoding_format
+        "float", a base64 string of little-endian float32 values with "base64". gRPC
+        callers should read `vector` (typed, no boxing); over gRPC this field is still
+        filled for clients generated before `vector` existed, and will not be in v2.
         """
+
+    @_builtins.property
+    def floats(self) -> Global___FloatVector:
+        """Output only. With encoding_format "float" (the default): the numbers."""
 
     def __init__(
         self,
@@ -134,11 +148,39 @@ class Embedding(_message.Message):
         object: _builtins.str = ...,
         index: _builtins.int = ...,
         embedding: _struct_pb2.Value | None = ...,
+        floats: Global___FloatVector | None = ...,
+        float32_le: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "float32_le", b"float32_le", "floats", b"floats", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "index", b"index", "object", b"object"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "float32_le", b"float32_le", "floats", b"floats", "index", b"index", "object", b"object", "vector", b"vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_vector: _TypeAlias = _typing.Literal["floats", "float32_le"]  # noqa: Y015
+    _WhichOneofArgType_vector: _TypeAlias = _typing.Literal["vector", b"vector"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_vector) -> _WhichOneofReturnType_vector | None: ...
+
+Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+
+@_typing.final
+class FloatVector(_message.Message):
+    """A vector of numbers (a oneof cannot hold a repeated field directly)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Output only. The numbers, in order."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+Global___FloatVector: _TypeAlias = FloatVector  # noqa: Y015

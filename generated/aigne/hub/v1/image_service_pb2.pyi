@@ -41,7 +41,9 @@ class CreateImageRequest(_message.Message):
     prompt: _builtins.str
     """Required. What to draw, up to 32000 characters (the provider may allow less)."""
     model: _builtins.str
-    """Required. The model as `provider/model`, e.g. `openai/dall-e-3`."""
+    """Required. The model as `provider/model`, e.g. `openai/dall-e-3`; up to 256
+    characters.
+    """
     n: _builtins.int
     """Optional. How many images, 1 to 10 (dall-e-3: only 1). Default 1."""
     size: _builtins.str

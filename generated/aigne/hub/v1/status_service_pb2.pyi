@@ -29,7 +29,9 @@ class GetStatusRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Optional. A model as `provider/model` to check. Default: check the service only."""
+    """Optional. A model as `provider/model` to check, up to 256 characters. Default:
+    check the service only.
+    """
     def __init__(
         self,
         *,
