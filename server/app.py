@@ -49,6 +49,7 @@ from server.api.shutdown import OpenStreams, interrupt_after
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
 from server.memory import return_large_buffers_to_the_os
+from server.observability import MetricsListener, instrument, serve_metrics
 from server.providers.base import CredentialProbe, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
@@ -119,6 +120,7 @@ class Gateway:
     streams: OpenStreams = field(default_factory=OpenStreams)
     spool_replay: asyncio.Task[None] | None = None
     routing: Routing | None = None
+    metrics: MetricsListener | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones (streams too) finish within
@@ -142,6 +144,8 @@ class Gateway:
             self.spool_replay.cancel()
             await asyncio.gather(self.spool_replay, return_exceptions=True)
         await self.accounts.close()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 async def start_gateway(settings: Settings, config: GatewayConfig | None = None) -> Gateway:
@@ -169,6 +173,9 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     routing = Routing(config.routing, open_cooldowns(settings.redis_url, config.routing.cooldown))
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
     accounts.watch_credentials(probes, settings.credential_recheck_s)
+    metrics = None
+    if settings.metrics_enabled:
+        metrics = serve_metrics(instrument(accounts, routing, router), settings.metrics_host, settings.metrics_port)
     serving = ServingFlag()
     streams = OpenStreams()
     limit = settings.max_message_bytes
@@ -208,7 +215,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     replayer = accounts.spool_replayer(settings.spool_replay_interval_s)
     replay = asyncio.create_task(replayer.run(), name="ledger-spool-replay") if replayer else None
     return Gateway(
-        settings, server, port, client, health_servicer, serving, accounts, providers, streams, replay, routing
+        settings, server, port, client, health_servicer, serving, accounts, providers, streams, replay, routing, metrics
     )
 
 

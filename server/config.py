@@ -11,6 +11,7 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     AIGNE_HUB_BILLING_ENABLED                   charge credits (default off)
     AIGNE_HUB_UPSTREAM_READ_TIMEOUT_S           upstream silence limit; Envoy's limits derive from it
     AIGNE_HUB_ENVOY_LOG_LEVEL                   info, warning (default), error, critical, off
+    AIGNE_HUB_METRICS_HOST / AIGNE_HUB_METRICS_PORT  Prometheus /metrics, default 127.0.0.1:9464
     ...                                         see `Settings` for the rest
 
 Providers: with a YAML file, exactly the providers it lists; without one, every
@@ -76,6 +77,10 @@ class Settings(StorageSettings, AccountsSettings):
     # process keeps its own. E.g. redis://127.0.0.1:6379/0.
     redis_url: str | None = None
     log_level: str = "INFO"
+    # Prometheus `/metrics` on its own listener (server.observability); port 0: any free port.
+    metrics_enabled: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, le=65535)
 
 
 def _models_list(value: Any) -> Any:

@@ -52,7 +52,8 @@ from server.accounts.credential_checks import CredentialChecker, Probe
 from server.accounts.credentials import CredentialVault, load_master_key
 from server.accounts.credits import CreditService, Rate, Reservation, Usage, cost_of
 from server.accounts.keys import KeyRecord, KeyStore, authorize
-from server.accounts.ledger import Ledger, Outcome, UsageRecord
+from server.accounts.ledger import Ledger, Outcome, Recorded, UsageRecord
+from server.accounts.observer import CallObserver, FinishedCall
 from server.accounts.spool import Spool, SpoolReplayer
 from server.errors import (
     GatewayError,
@@ -86,6 +87,8 @@ class Accounts:
     spool: Spool | None = None
     # Confirms and re-checks invalid credentials (see `watch_credentials`).
     credential_checker: CredentialChecker | None = None
+    # Told of every call as it starts and as its record is written (metrics, logs).
+    observer: CallObserver | None = None
 
     @classmethod
     async def open(
@@ -168,6 +171,8 @@ class Accounts:
         except StorageUnavailable:
             # Nothing was answered: the caller gets its refusal even if it cannot be kept.
             log.warning("could not record a refused %s call (%s): storage unavailable", operation, exc.reason)
+        if self.observer is not None:
+            self.observer.call_finished(FinishedCall(record, model, None))
 
     def meter(
         self,
@@ -185,7 +190,9 @@ class Accounts:
         estimates the input, for a cut call that reports no usage."""
         if key is not None:
             authorize(key, f"{provider}/{model}", public_model)
-        return Meter(self, key, provider, model, operation, worst_case, credential_header, prompt_tokens)
+        meter = Meter(self, key, provider, model, operation, worst_case, credential_header, prompt_tokens)
+        meter.public_model = public_model or f"{provider}/{model}"
+        return meter
 
 
 class Meter:
@@ -222,6 +229,10 @@ class Meter:
         self._credential_token: Token[CallCredential | None] | None = None
         # Upstream attempts so far (the routing sets it); 0 until one is made.
         self.attempts = 0
+        # For the observer: the model asked for, and the time spent in upstream attempts.
+        self.public_model = self._model
+        self.upstream_s = 0.0
+        self._observed = False
 
     def first_token(self) -> None:
         if self._first_token is None:
@@ -264,6 +275,10 @@ class Meter:
             raise StorageUnavailable(
                 "the gateway cannot record usage right now (database and spool failing); retry later"
             )
+        observer = self._accounts.observer
+        if observer is not None:
+            observer.call_started(self._operation)
+            self._observed = True
         try:
             await self._choose_credential()
             await self._reserve()
@@ -334,7 +349,22 @@ class Meter:
         record = self._record(exc)
         # Shielded: a cancelled call is still recorded, and a second cancellation of
         # the handler must not interrupt the commit half-way.
-        await asyncio.shield(self._commit(record))
+        recorded: Recorded | None = None
+        try:
+            recorded = await asyncio.shield(self._commit(record))
+        finally:
+            self._report(record, recorded)
+
+    def _report(self, record: UsageRecord, recorded: Recorded | None) -> None:
+        observer = self._accounts.observer
+        if observer is None or not self._observed:
+            return
+        self._observed = False
+        now = time.monotonic()
+        ttft = self._first_token - self._started if self._first_token else None
+        credits = recorded.credits_micros if recorded is not None else 0
+        call = FinishedCall(record, self.public_model, now - self._started, self.upstream_s, ttft, credits)
+        observer.call_finished(call)
 
     def _record(self, exc: BaseException | None) -> UsageRecord:
         outcome: Outcome = "ok"
@@ -367,7 +397,7 @@ class Meter:
             attempts=self.attempts,
         )
 
-    async def _commit(self, record: UsageRecord) -> None:
+    async def _commit(self, record: UsageRecord) -> Recorded:
         credits = self._accounts.credits
         try:
             # Nothing consumed costs nothing (and a refusal for a model without a rate
@@ -380,4 +410,4 @@ class Meter:
             if self._reservation is not None and self._reservation.id is not None:
                 credits.forget(self._reservation.id)
             raise
-        await self._accounts.ledger.record(record, reservation=self._reservation)
+        return await self._accounts.ledger.record(record, reservation=self._reservation)

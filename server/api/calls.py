@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -162,7 +163,9 @@ class Routed(Generic[T]):
         self._deadline = deadline
 
     async def run(self, attempt: Callable[[Target[T], float | None], Awaitable[R]]) -> Served[T, R]:
-        served = await self._routing.run(self.plan, attempt, deadline=self._deadline, before_attempt=self._use)
+        served = await self._routing.run(
+            self.plan, self._timed(attempt), deadline=self._deadline, before_attempt=self._use
+        )
         metadata = (
             (SERVED_BY_HEADER, served.target.route.public_model),
             (ATTEMPTS_HEADER, str(served.attempts)),
@@ -170,6 +173,22 @@ class Routed(Generic[T]):
         await self._context.send_initial_metadata(metadata)
         self._context.set_trailing_metadata(metadata)
         return served
+
+    def _timed(
+        self, attempt: Callable[[Target[T], float | None], Awaitable[R]]
+    ) -> Callable[[Target[T], float | None], Awaitable[R]]:
+        """`attempt`, adding its time to the meter's upstream time (the gateway's own
+        overhead is the rest)."""
+        meter = self.meter
+
+        async def timed(target: Target[T], left: float | None) -> R:
+            started = time.perf_counter()
+            try:
+                return await attempt(target, left)
+            finally:
+                meter.upstream_s += time.perf_counter() - started
+
+        return timed
 
     async def unary(self, call: Callable[[T, str], Awaitable[R]]) -> Served[T, R]:
         """Runs a unary call: each attempt bounded by `first_token_s` until its answer."""

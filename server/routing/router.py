@@ -213,6 +213,10 @@ class Router:
             provider=provider, upstream_model=upstream_model, public_model=target, timeout_s=self._upstream_timeout_s
         )
 
+    def configured_models(self) -> set[str]:
+        """The model names the configuration declares (aliases and `models:` entries)."""
+        return set(self._aliases) | set(self._models)
+
     def catalog(self) -> list[CatalogModel]:
         return sorted(self._catalog.values(), key=lambda m: m.id)
 

@@ -1,0 +1,143 @@
+"""Metrics through a real Prometheus server: a gateway of its own (fresh counters) and
+a fake OpenAI upstream; Prometheus scrapes the metrics listener every second and PromQL
+must answer the counts of the calls made, and the token sums the ledger's totals."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import httpx
+import pytest
+import pytest_asyncio
+
+from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
+from server.accounts.owners import ensure_owner
+from server.app import Gateway, start_gateway
+from server.config import CooldownConfig, GatewayConfig, ProviderConfig, RoutingConfig, Settings
+from tests.conftest import Bridge
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.helpers import bearer_interceptors, chat_request
+from tests.prometheus_server import PrometheusServer
+
+CALLS = 5
+STREAMS = 3
+
+
+@pytest_asyncio.fixture(scope="module")
+async def upstream() -> AsyncIterator[FakeOpenAI]:
+    fake = FakeOpenAI(api_key="sk-metrics")
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def observed(upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
+    settings = Settings(grpc_port=0, metrics_port=0, data_dir=tmp_path_factory.mktemp("metrics-data"))
+    config = GatewayConfig(
+        routing=RoutingConfig(max_attempts=1, cooldown=CooldownConfig(enabled=False)),
+        providers={"openai": ProviderConfig(base_url=upstream.base_url, api_key="sk-metrics")},
+        aliases={"fast": "openai/gpt-4o-mini"},
+        models={"openai/primary": {"fallbacks": ["openai/backup"]}},  # type: ignore[dict-item]
+    )
+    gateway = await start_gateway(settings, config)
+    yield gateway
+    await gateway.stop(0.5)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def prometheus(observed: Gateway, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PrometheusServer]:
+    assert observed.metrics is not None
+    server = PrometheusServer(f"127.0.0.1:{observed.metrics.port}", tmp_path_factory.mktemp("prometheus"))
+    await server.start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def chat(observed: Gateway) -> AsyncIterator[chat_grpc.ChatServiceStub]:
+    owner = await ensure_owner(observed.accounts.db, "user", f"metrics-{uuid.uuid4().hex[:8]}")
+    _, secret = await observed.accounts.keys.create_key(owner.id, "metrics")
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{observed.port}", interceptors=bearer_interceptors(secret)
+    ) as channel:
+        yield chat_grpc.ChatServiceStub(channel)
+
+
+async def test_prometheus_counts_calls_tokens_and_attempts(
+    observed: Gateway, prometheus: PrometheusServer, chat: chat_grpc.ChatServiceStub, upstream: FakeOpenAI
+) -> None:
+    assert await prometheus.wait_for('up{job="aigne-hub"}', 1.0) == 1.0, prometheus.log_tail()
+    for index in range(CALLS):
+        await chat.CreateChatCompletion(chat_request(model="fast", text=f"call number {index} here"))
+    for _ in range(STREAMS):
+        _ = [c async for c in chat.StreamChatCompletion(chat_request(text="one two three"))]
+    with pytest.raises(grpc.aio.AioRpcError):
+        await chat.CreateChatCompletion(chat_request(model="nowhere/invented-by-client"))
+    upstream.script("primary", 500)  # fails once: the fallback answers
+    await chat.CreateChatCompletion(chat_request(model="openai/primary"))
+
+    ok_calls = await prometheus.wait_for('sum(aigne_hub_requests_total{rpc="chat",outcome="ok"})', CALLS + 1)
+    assert ok_calls == CALLS + 1
+    assert await prometheus.wait_for('sum(aigne_hub_requests_total{rpc="chat_stream",outcome="ok"})', STREAMS) == (
+        STREAMS
+    )
+    refused = 'sum(aigne_hub_requests_total{rpc="chat",outcome="error"}) by (reason)'
+    assert [r["metric"]["reason"] for r in await prometheus.query(refused)] != []
+    durations = 'sum(gen_ai_server_request_duration_seconds_count{gen_ai_operation_name="chat",error_type=""})'
+    assert await prometheus.wait_for(durations, CALLS + 1 + STREAMS) == CALLS + 1 + STREAMS
+    # The client-invented model is `other`, never its own label value.
+    models = await prometheus.query("count by (gen_ai_request_model) (gen_ai_server_request_duration_seconds_count)")
+    assert {m["metric"]["gen_ai_request_model"] for m in models} <= {"fast", "openai/gpt-4o-mini", "openai/primary"}
+    assert await prometheus.value('sum(gen_ai_client_token_usage_count{gen_ai_request_model="other"})') in (None, 0)
+    ttft = "sum(gen_ai_server_time_to_first_token_seconds_count)"
+    assert await prometheus.wait_for(ttft, STREAMS) == STREAMS
+    attempts = 'aigne_hub_upstream_attempts_total{deployment="openai/primary",outcome="UPSTREAM_UNAVAILABLE"}'
+    assert await prometheus.wait_for(attempts, 1.0) == 1.0
+    assert await prometheus.wait_for('aigne_hub_upstream_attempts_total{deployment="openai/backup"}', 1.0) == 1.0
+    assert await prometheus.wait_for('sum(aigne_hub_in_flight{kind="call"})', 0.0) == 0.0
+    assert await prometheus.wait_for("sum(aigne_hub_ledger_commit_seconds_count) > 0", 1.0) is not None
+
+    totals = (await observed.accounts.ledger.totals())[0]
+    assert totals.input_tokens > 0 and totals.output_tokens > 0
+    for kind, expected in (("input", totals.input_tokens), ("output", totals.output_tokens)):
+        promql = f'sum(gen_ai_client_token_usage_sum{{gen_ai_token_type="{kind}"}})'
+        assert await prometheus.wait_for(promql, float(expected)) == float(expected), kind
+
+
+async def test_overhead_is_measured_apart_from_upstream_time(
+    observed: Gateway, prometheus: PrometheusServer, chat: chat_grpc.ChatServiceStub
+) -> None:
+    await chat.CreateChatCompletion(chat_request())
+    assert observed.metrics is not None
+    async with httpx.AsyncClient(trust_env=False) as client:
+        text = (await client.get(f"http://127.0.0.1:{observed.metrics.port}/metrics")).text
+    count = _sample(text, 'aigne_hub_gateway_overhead_seconds_count{rpc="chat"}')
+    total = _sample(text, 'aigne_hub_gateway_overhead_seconds_sum{rpc="chat"}')
+    durations = _sample(text, "gen_ai_server_request_duration_seconds_sum", prefix=True)
+    assert count >= 1
+    assert 0 <= total < durations  # the upstream's share is left out
+
+
+def _sample(text: str, name: str, prefix: bool = False) -> float:
+    """A sample's value from the exposition text (summed over series for a prefix)."""
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if (line.startswith(name) if prefix else line.startswith(name + " "))
+    ]
+    assert values, f"no {name} in the exposition"
+    return sum(values)
+
+
+async def test_the_metrics_listener_answers_apart_from_the_rest_port(gateway: Gateway, bridge: Bridge) -> None:
+    assert gateway.metrics is not None
+    metrics_url = f"http://127.0.0.1:{gateway.metrics.port}/metrics"
+    async with httpx.AsyncClient(trust_env=False) as client:
+        direct = await client.get(metrics_url)
+        through_rest = await client.get(f"{bridge.rest_url}/metrics")
+    assert direct.status_code == 200 and "aigne_hub_requests_total" in direct.text
+    assert through_rest.status_code == 404
+    assert "aigne_hub_" not in through_rest.text and "gen_ai_" not in through_rest.text
