@@ -50,6 +50,7 @@ from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
 from server.memory import return_large_buffers_to_the_os
 from server.observability import MetricsListener, instrument, serve_metrics
+from server.observability.logs import tag_upstream_request
 from server.providers.base import CredentialProbe, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
@@ -89,7 +90,7 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
         cookies=_NoCookies(),
-        event_hooks={"request": [apply_call_credential]},
+        event_hooks={"request": [apply_call_credential, tag_upstream_request]},
     )
 
 
@@ -173,9 +174,10 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     routing = Routing(config.routing, open_cooldowns(settings.redis_url, config.routing.cooldown))
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
     accounts.watch_credentials(probes, settings.credential_recheck_s)
+    gateway_metrics = instrument(accounts, routing, router, metrics_on=settings.metrics_enabled)
     metrics = None
-    if settings.metrics_enabled:
-        metrics = serve_metrics(instrument(accounts, routing, router), settings.metrics_host, settings.metrics_port)
+    if gateway_metrics is not None:
+        metrics = serve_metrics(gateway_metrics, settings.metrics_host, settings.metrics_port)
     serving = ServingFlag()
     streams = OpenStreams()
     limit = settings.max_message_bytes

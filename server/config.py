@@ -12,6 +12,7 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     AIGNE_HUB_UPSTREAM_READ_TIMEOUT_S           upstream silence limit; Envoy's limits derive from it
     AIGNE_HUB_ENVOY_LOG_LEVEL                   info, warning (default), error, critical, off
     AIGNE_HUB_METRICS_HOST / AIGNE_HUB_METRICS_PORT  Prometheus /metrics, default 127.0.0.1:9464
+    AIGNE_HUB_LOG_LEVEL / AIGNE_HUB_LOG_FORMAT  INFO; text (default) or json lines
     ...                                         see `Settings` for the rest
 
 Providers: with a YAML file, exactly the providers it lists; without one, every
@@ -77,6 +78,8 @@ class Settings(StorageSettings, AccountsSettings):
     # process keeps its own. E.g. redis://127.0.0.1:6379/0.
     redis_url: str | None = None
     log_level: str = "INFO"
+    # `text` (readable, the default) or `json` (one object per line; server.observability.logs).
+    log_format: Literal["text", "json"] = "text"
     # Prometheus `/metrics` on its own listener (server.observability); port 0: any free port.
     metrics_enabled: bool = True
     metrics_host: str = "127.0.0.1"

@@ -28,6 +28,8 @@ class FinishedCall:
     upstream_s: float = 0.0
     ttft_s: float | None = None
     credits_micros: int = 0
+    # The call's trace id (32 hex digits) when tracing is on.
+    trace_id: str | None = None
 
 
 class CallObserver(Protocol):

@@ -151,12 +151,14 @@ class Accounts:
         except GatewayError:
             return None
 
-    async def record_refusal(self, key: KeyRecord | None, operation: str, model: str, exc: GatewayError) -> None:
+    async def record_refusal(
+        self, key: KeyRecord | None, operation: str, model: str, exc: GatewayError, request_id: str | None = None
+    ) -> None:
         """Records a call refused before it reached a provider (bad input, unknown model,
         allow-list, credits), so that every call with a key leaves one record."""
         provider = model.partition("/")[0] if "/" in model else ""
         record = UsageRecord(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id or uuid.uuid4().hex,
             provider=provider,
             model=model,
             outcome="error",
@@ -184,6 +186,7 @@ class Accounts:
         credential_header: tuple[str, str] | None = None,
         prompt_tokens: int = 0,
         public_model: str | None = None,
+        request_id: str | None = None,
     ) -> Meter:
         """The meter of one call to `provider/model` (its first deployment; see
         `Meter.use` for the others); checks the key's allow-list now. `prompt_tokens`
@@ -192,6 +195,8 @@ class Accounts:
             authorize(key, f"{provider}/{model}", public_model)
         meter = Meter(self, key, provider, model, operation, worst_case, credential_header, prompt_tokens)
         meter.public_model = public_model or f"{provider}/{model}"
+        if request_id is not None:
+            meter.request_id = request_id
         return meter
 
 

@@ -37,6 +37,7 @@ from server.api.auth import CURRENT_KEY
 from server.api.errors import to_grpc_status, unexpected_error_status
 from server.api.validation import check_request
 from server.config import CooldownConfig, RoutingConfig
+from server.observability.logs import ledger_request_id, take_request_id
 from server.providers.base import JSON, Capability
 from server.routing.attempts import Routing, Served, idle_bounded
 from server.routing.cooldown import MemoryCooldowns
@@ -86,6 +87,7 @@ def unary(
 
     @functools.wraps(method)
     async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        take_request_id(context.invocation_metadata())
         try:
             if isinstance(request, Message):
                 check_request(request)
@@ -314,6 +316,7 @@ class MeteredServicer:
             header,
             prompt_tokens,
             public_model=plan.primary.model,
+            request_id=ledger_request_id(),
         )
         grpc_left = context.time_remaining()
         deadline = self._routing.deadline_for(plan, options.timeout_s, grpc_left)
@@ -327,4 +330,5 @@ class MeteredServicer:
         if isinstance(exc, errors.StorageUnavailable):
             return  # the ledger is in that database: trying would only wait again
         model = getattr(request, "model", "") or ""
-        await self._accounts.record_refusal(CURRENT_KEY.get(), OPERATIONS.get(method, method), model, exc)
+        operation = OPERATIONS.get(method, method)
+        await self._accounts.record_refusal(CURRENT_KEY.get(), operation, model, exc, ledger_request_id())

@@ -1,5 +1,6 @@
-"""Observability: Prometheus metrics on their own listener (`metrics`), and the hooks
-that connect them to the accounts, routing and ledger layers.
+"""Observability: Prometheus metrics on their own listener (`metrics`), one log line
+per call and the request id (`logs`), and the hooks that connect them to the
+accounts, routing and ledger layers.
 
 The metrics listener is separate from the public REST port (Envoy never routes to it):
 `/metrics` in Prometheus text format on AIGNE_HUB_METRICS_HOST:AIGNE_HUB_METRICS_PORT
@@ -19,7 +20,9 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_wsgi_server
 
+from server.accounts.observer import CallObserver, FinishedCall
 from server.accounts.service import Accounts
+from server.observability.logs import CallLog
 from server.observability.metrics import GatewayMetrics
 from server.routing.attempts import Routing
 from server.routing.router import Router
@@ -43,11 +46,30 @@ class MetricsListener:
         self._thread.join(timeout=5)
 
 
-def instrument(accounts: Accounts, routing: Routing, router: Router) -> GatewayMetrics:
-    """Metrics fed by `accounts` (calls, ledger) and `routing` (attempts)."""
+class Observers:
+    """Tells each of several observers, in turn."""
+
+    def __init__(self, *observers: CallObserver) -> None:
+        self._observers = observers
+
+    def call_started(self, operation: str) -> None:
+        for observer in self._observers:
+            observer.call_started(operation)
+
+    def call_finished(self, call: FinishedCall) -> None:
+        for observer in self._observers:
+            observer.call_finished(call)
+
+
+def instrument(accounts: Accounts, routing: Routing, router: Router, *, metrics_on: bool) -> GatewayMetrics | None:
+    """The per-call log line, and metrics (when on) fed by `accounts` (calls, ledger)
+    and `routing` (attempts)."""
+    if not metrics_on:
+        accounts.observer = CallLog()
+        return None
     known_models = {m.id for m in router.catalog()} | router.configured_models()
     metrics = GatewayMetrics(known_models, router.providers.keys())
-    accounts.observer = metrics
+    accounts.observer = Observers(metrics, CallLog())
     accounts.ledger.on_commit = metrics.ledger_committed
     metrics.watch_ledger_queue(lambda: accounts.ledger.queue_depth)
     routing.on_attempt = metrics.attempt
