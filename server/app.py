@@ -51,6 +51,7 @@ from server.config import GatewayConfig, Settings, load_gateway_config
 from server.memory import return_large_buffers_to_the_os
 from server.observability import MetricsListener, instrument, serve_metrics
 from server.observability.logs import tag_upstream_request
+from server.observability.tracing import propagate_to_upstream, setup_tracing
 from server.providers.base import CredentialProbe, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
@@ -90,7 +91,7 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
         cookies=_NoCookies(),
-        event_hooks={"request": [apply_call_credential, tag_upstream_request]},
+        event_hooks={"request": [apply_call_credential, tag_upstream_request, propagate_to_upstream]},
     )
 
 
@@ -174,6 +175,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     routing = Routing(config.routing, open_cooldowns(settings.redis_url, config.routing.cooldown))
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
     accounts.watch_credentials(probes, settings.credential_recheck_s)
+    setup_tracing()
     gateway_metrics = instrument(accounts, routing, router, metrics_on=settings.metrics_enabled)
     metrics = None
     if gateway_metrics is not None:

@@ -237,6 +237,9 @@ class Meter:
         # For the observer: the model asked for, and the time spent in upstream attempts.
         self.public_model = self._model
         self.upstream_s = 0.0
+        self.trace_id: str | None = None
+        # The call's ledger record once written (or once its write was tried).
+        self.last_record: UsageRecord | None = None
         self._observed = False
 
     def first_token(self) -> None:
@@ -360,7 +363,12 @@ class Meter:
         finally:
             self._report(record, recorded)
 
+    @property
+    def operation(self) -> str:
+        return self._operation
+
     def _report(self, record: UsageRecord, recorded: Recorded | None) -> None:
+        self.last_record = record
         observer = self._accounts.observer
         if observer is None or not self._observed:
             return
@@ -368,7 +376,9 @@ class Meter:
         now = time.monotonic()
         ttft = self._first_token - self._started if self._first_token else None
         credits = recorded.credits_micros if recorded is not None else 0
-        call = FinishedCall(record, self.public_model, now - self._started, self.upstream_s, ttft, credits)
+        call = FinishedCall(
+            record, self.public_model, now - self._started, self.upstream_s, ttft, credits, self.trace_id
+        )
         observer.call_finished(call)
 
     def _record(self, exc: BaseException | None) -> UsageRecord:

@@ -37,6 +37,7 @@ from server.api.auth import CURRENT_KEY
 from server.api.errors import to_grpc_status, unexpected_error_status
 from server.api.validation import check_request
 from server.config import CooldownConfig, RoutingConfig
+from server.observability import tracing
 from server.observability.logs import ledger_request_id, take_request_id
 from server.providers.base import JSON, Capability
 from server.routing.attempts import Routing, Served, idle_bounded
@@ -184,9 +185,11 @@ class Routed(Generic[T]):
         meter = self.meter
 
         async def timed(target: Target[T], left: float | None) -> R:
+            route = target.route
             started = time.perf_counter()
             try:
-                return await attempt(target, left)
+                with tracing.attempt_span(meter.operation, route.provider.name, route.upstream_model):
+                    return await attempt(target, left)
             finally:
                 meter.upstream_s += time.perf_counter() - started
 
@@ -320,8 +323,21 @@ class MeteredServicer:
         )
         grpc_left = context.time_remaining()
         deadline = self._routing.deadline_for(plan, options.timeout_s, grpc_left)
-        async with meter:
-            yield Routed(self._routing, plan, meter, context, deadline)
+        span = tracing.start_call(operation, plan.primary.model, context.invocation_metadata())
+        if span is None:
+            async with meter:
+                yield Routed(self._routing, plan, meter, context, deadline)
+            return
+        meter.trace_id = span.trace_id
+        error: BaseException | None = None
+        try:
+            async with meter:
+                yield Routed(self._routing, plan, meter, context, deadline)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            span.end(meter.last_record, error)
 
     async def record_refusal(self, method: str, request: Any, exc: Exception) -> None:
         """A call that failed before its meter started still leaves a ledger record."""
