@@ -5,12 +5,15 @@ attempt's traceparent on the upstream request."""
 
 from __future__ import annotations
 
+import http.server
 import secrets
+import threading
 from collections.abc import Iterator
 
 import grpc
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -110,3 +113,42 @@ async def test_nothing_is_traced_or_propagated_when_tracing_is_off(
     assert not tracing.tracing_requested({})
     assert tracing.tracing_requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
     assert not tracing.tracing_requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_TRACES_EXPORTER": "none"})
+
+
+def test_the_otlp_exporter_sends_spans_to_the_configured_endpoint() -> None:
+    """An in-process OTLP/HTTP receiver: what `setup_tracing` exports from the standard
+    variables arrives as an ExportTraceServiceRequest with the service name."""
+    received: list[bytes] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    environ = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+        "OTEL_SERVICE_NAME": "hub-under-test",
+    }
+    try:
+        provider = tracing.setup_tracing(environ)
+        assert provider is not None
+        span = tracing.start_call("chat", "openai/gpt-4o-mini", ())
+        assert span is not None
+        span.end(None, None)
+        assert provider.force_flush(10_000)
+    finally:
+        tracing.use_provider(None)
+        server.shutdown()
+        server.server_close()
+    request = ExportTraceServiceRequest.FromString(received[0])
+    resource = request.resource_spans[0]
+    assert {a.key: a.value.string_value for a in resource.resource.attributes}["service.name"] == "hub-under-test"
+    assert resource.scope_spans[0].spans[0].name == "chat openai/gpt-4o-mini"

@@ -59,9 +59,18 @@ def setup_tracing(environ: Mapping[str, str] | None = None) -> TracerProvider | 
 
     service = environ.get("OTEL_SERVICE_NAME") or "aigne-hub"
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=_traces_endpoint(environ))))
     use_provider(provider)
     return provider
+
+
+def _traces_endpoint(environ: Mapping[str, str]) -> str | None:
+    """The OTLP/HTTP traces URL from these variables (None: the exporter's default)."""
+    if endpoint := environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return endpoint
+    if endpoint := environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return endpoint.rstrip("/") + "/v1/traces"
+    return None
 
 
 def use_provider(provider: TracerProvider | None) -> None:
