@@ -4,8 +4,11 @@ must answer the counts of the calls made, and the token sums the ledger's totals
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -16,6 +19,7 @@ from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from server.accounts.owners import ensure_owner
 from server.app import Gateway, start_gateway
 from server.config import CooldownConfig, GatewayConfig, ProviderConfig, RoutingConfig, Settings
+from server.observability.metrics import GatewayMetrics
 from tests.conftest import Bridge
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import bearer_interceptors, chat_request
@@ -141,3 +145,39 @@ async def test_the_metrics_listener_answers_apart_from_the_rest_port(gateway: Ga
     assert direct.status_code == 200 and "aigne_hub_requests_total" in direct.text
     assert through_rest.status_code == 404
     assert "aigne_hub_" not in through_rest.text and "gen_ai_" not in through_rest.text
+
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "observability" / "grafana-dashboard.json"
+
+
+def _exported_sample_names(metrics: GatewayMetrics) -> set[str]:
+    """The sample names the gateway's collectors can export (their families' names with
+    the suffixes of their types), whether or not they hold samples yet."""
+    suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "gauge": ("",)}
+    return {family.name + s for family in metrics.registry.collect() for s in suffixes[family.type]}
+
+
+def _metric_names(expr: str) -> set[str]:
+    """The metric names in a PromQL expression: label lists (`by (...)`) and matchers
+    (`{...}`) removed, then every gateway-prefixed identifier."""
+    bare = re.sub(r"\{[^}]*\}", "", re.sub(r"\b(?:by|without)\s*\([^)]*\)", "", expr))
+    return set(re.findall(r"\b(?:aigne_hub|gen_ai)_[a-z_]+\b", bare))
+
+
+async def test_every_dashboard_query_names_exported_metrics_and_parses(
+    observed: Gateway, prometheus: PrometheusServer
+) -> None:
+    assert observed.metrics is not None
+    exported = _exported_sample_names(observed.metrics.metrics)
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert len(panels) >= 8
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("requests", "errors", "p99", "first token", "tokens per second", "credits", "in flight", "attempts"):
+        assert topic in titles, topic
+    for panel in panels:
+        for target in panel["targets"]:
+            names = _metric_names(target["expr"])
+            assert names, f"{panel['title']}: no gateway metric in {target['expr']}"
+            assert names <= exported, f"{panel['title']}: {names - exported} is not exported"
+            # Valid PromQL for a real Prometheus (Grafana's interval variable filled in).
+            await prometheus.query(target["expr"].replace("$__rate_interval", "1m"))
