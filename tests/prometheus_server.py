@@ -16,7 +16,9 @@ from tests.conftest import free_port
 
 
 class PrometheusServer:
-    def __init__(self, target: str, work_dir: Path, scrape_interval_s: float = 1.0) -> None:
+    def __init__(
+        self, target: str, work_dir: Path, scrape_interval_s: float = 1.0, config_text: str | None = None
+    ) -> None:
         self.binary = shutil.which("prometheus") or "/usr/bin/prometheus"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -24,6 +26,7 @@ class PrometheusServer:
         self._target = target
         self._interval = scrape_interval_s
         self._process: subprocess.Popen[bytes] | None = None
+        self._config_text = config_text
 
     async def start(self) -> None:
         self._spawn()
@@ -32,7 +35,8 @@ class PrometheusServer:
     def _spawn(self) -> None:
         config = self._work_dir / "prometheus.yml"
         config.write_text(
-            "global:\n"
+            self._config_text
+            or "global:\n"
             f"  scrape_interval: {self._interval:g}s\n"
             f"  evaluation_interval: {self._interval:g}s\n"
             "scrape_configs:\n"

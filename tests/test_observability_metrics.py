@@ -148,6 +148,7 @@ async def test_the_metrics_listener_answers_apart_from_the_rest_port(gateway: Ga
 
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "observability" / "grafana-dashboard.json"
+EXAMPLE_SCRAPE_CONFIG = DASHBOARD.parent / "prometheus.yml"
 
 
 def _exported_sample_names(metrics: GatewayMetrics) -> set[str]:
@@ -181,3 +182,26 @@ async def test_every_dashboard_query_names_exported_metrics_and_parses(
             assert names <= exported, f"{panel['title']}: {names - exported} is not exported"
             # Valid PromQL for a real Prometheus (Grafana's interval variable filled in).
             await prometheus.query(target["expr"].replace("$__rate_interval", "1m"))
+
+
+async def test_the_example_scrape_config_reaches_the_gateway_and_envoys_stats_on_loopback(
+    gateway: Gateway, bridge: Bridge, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    assert gateway.metrics is not None
+    async with httpx.AsyncClient(trust_env=False) as client:
+        assert (await client.get(f"{bridge.rest_url}/status")).status_code == 200
+    admin_port = bridge.admin_url.rsplit(":", 1)[1]
+    config = (
+        EXAMPLE_SCRAPE_CONFIG.read_text()
+        .replace("127.0.0.1:9464", f"127.0.0.1:{gateway.metrics.port}")
+        .replace("127.0.0.1:9901", f"127.0.0.1:{admin_port}")
+        .replace("scrape_interval: 15s", "scrape_interval: 1s")
+    )
+    server = PrometheusServer("", tmp_path_factory.mktemp("prometheus-example"), config_text=config)
+    await server.start()
+    try:
+        assert await server.wait_for("count(up == 1)", 2.0) == 2.0, server.log_tail()
+        downstream = 'sum(envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix="openai_rest"}) > 0'
+        assert await server.wait_for(f"count({downstream})", 1.0) == 1.0
+    finally:
+        server.stop()
