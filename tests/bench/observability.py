@@ -2,7 +2,8 @@
 call, two ways.
 
 1. The hooks alone: what one chat call adds (in-flight up and down, one upstream
-   attempt, the call's histograms and counters), timed over many calls.
+   attempt, the call's histograms and counters), timed over many calls; and the
+   per-call log line, formatted as text and as JSON and written to /dev/null.
 2. End to end: unary chat calls over gRPC to an in-process gateway with a fake
    upstream, with metrics on and off (alternating rounds, alternating which goes first), as process CPU time per call
    (client, gateway and fake upstream together; the difference is the metrics' share).
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import statistics
 import tempfile
 import time
@@ -24,6 +27,7 @@ from server.accounts.ledger import UsageRecord
 from server.accounts.observer import FinishedCall
 from server.app import start_gateway
 from server.config import CooldownConfig, GatewayConfig, ProviderConfig, RoutingConfig, Settings
+from server.observability.logs import CALLS_LOGGER, CallLog, JsonFormatter, TextFormatter
 from server.observability.metrics import GatewayMetrics
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import chat_request
@@ -48,6 +52,36 @@ def hooks_us_per_call(calls: int) -> float:
         metrics.attempt("openai/gpt-4o-mini", "ok")
         metrics.call_finished(call)
     return (time.process_time() - started) / calls * 1e6
+
+
+def log_line_us_per_call(calls: int, log_format: str) -> float:
+    """The per-call log line, formatted and written (to /dev/null)."""
+    record = UsageRecord(
+        request_id="0b7f3c2e-6a55-4c1e-9a7e-3f1d2c4b5a69:1a2b3c4d5e6f",
+        provider="openai",
+        model="openai/gpt-4o-mini",
+        operation="chat",
+        key_id="key_123",
+        owner_id="own_456",
+        input_tokens=12,
+        output_tokens=30,
+        attempts=1,
+    )
+    call = FinishedCall(record, "openai/gpt-4o-mini", 0.08, 0.07, None, 1200)
+    with open(os.devnull, "w") as sink:
+        handler = logging.StreamHandler(sink)
+        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        logger = logging.getLogger(CALLS_LOGGER)
+        logger.addHandler(handler)
+        logger.propagate, logger.level = False, logging.INFO
+        try:
+            started = time.process_time()
+            for _ in range(calls):
+                CallLog().call_finished(call)
+            return (time.process_time() - started) / calls * 1e6
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = True
 
 
 async def end_to_end_us_per_call(calls: int, rounds: int) -> tuple[float, float]:
@@ -100,6 +134,9 @@ def main() -> None:
     args = parser.parse_args()
     hooks = statistics.median(hooks_us_per_call(20_000) for _ in range(5))
     print(f"metrics hooks alone: {hooks:.1f} us CPU per chat call")
+    for log_format in ("text", "json"):
+        line = statistics.median(log_line_us_per_call(20_000, log_format) for _ in range(3))
+        print(f"per-call log line ({log_format}): {line:.1f} us CPU per call")
     on, off = asyncio.run(end_to_end_us_per_call(args.calls, args.rounds))
     print(f"end to end (client + gateway + fake upstream, one process): metrics on {on:.0f} us, off {off:.0f} us")
     print(f"  difference of the medians: {on - off:+.0f} us CPU per call (compare with the rounds' spread)")
