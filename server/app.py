@@ -176,7 +176,9 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
     accounts.watch_credentials(probes, settings.credential_recheck_s)
     setup_tracing()
-    gateway_metrics = instrument(accounts, routing, router, metrics_on=settings.metrics_enabled)
+    gateway_metrics = instrument(
+        accounts, routing, router, metrics_on=settings.metrics_enabled, owner_labels=settings.metrics_owner_labels
+    )
     metrics = None
     if gateway_metrics is not None:
         metrics = serve_metrics(gateway_metrics, settings.metrics_host, settings.metrics_port)

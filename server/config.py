@@ -84,6 +84,8 @@ class Settings(StorageSettings, AccountsSettings):
     metrics_enabled: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=0, le=65535)
+    # Per-owner series (aigne_hub_owner_*): one per owner, so off by default.
+    metrics_owner_labels: bool = False
 
 
 def _models_list(value: Any) -> Any:

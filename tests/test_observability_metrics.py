@@ -14,8 +14,11 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
+from prometheus_client import generate_latest
 
 from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
+from server.accounts.ledger import UsageRecord
+from server.accounts.observer import FinishedCall
 from server.accounts.owners import ensure_owner
 from server.app import Gateway, start_gateway
 from server.config import CooldownConfig, GatewayConfig, ProviderConfig, RoutingConfig, Settings
@@ -96,6 +99,7 @@ async def test_prometheus_counts_calls_tokens_and_attempts(
     models = await prometheus.query("count by (gen_ai_request_model) (gen_ai_server_request_duration_seconds_count)")
     assert {m["metric"]["gen_ai_request_model"] for m in models} <= {"fast", "openai/gpt-4o-mini", "openai/primary"}
     assert await prometheus.value('sum(gen_ai_client_token_usage_count{gen_ai_request_model="other"})') in (None, 0)
+    assert await prometheus.query('{job="aigne-hub", owner_id!=""}') == []  # no per-owner series by default
     ttft = "sum(gen_ai_server_time_to_first_token_seconds_count)"
     assert await prometheus.wait_for(ttft, STREAMS) == STREAMS
     attempts = 'aigne_hub_upstream_attempts_total{deployment="openai/primary",outcome="UPSTREAM_UNAVAILABLE"}'
@@ -205,3 +209,26 @@ async def test_the_example_scrape_config_reaches_the_gateway_and_envoys_stats_on
         assert await server.wait_for(f"count({downstream})", 1.0) == 1.0
     finally:
         server.stop()
+
+
+def test_per_owner_series_only_when_turned_on() -> None:
+    record = UsageRecord(
+        request_id="r:1",
+        provider="openai",
+        model="openai/gpt-4o-mini",
+        operation="chat",
+        key_id="key-1",
+        owner_id="owner-1",
+        input_tokens=7,
+        output_tokens=3,
+    )
+    call = FinishedCall(record, "openai/gpt-4o-mini", 0.05)
+    plain, per_owner = GatewayMetrics(), GatewayMetrics(owner_labels=True)
+    for metrics in (plain, per_owner):
+        metrics.call_started("chat")
+        metrics.call_finished(call)
+    assert b"owner-1" not in generate_latest(plain.registry) and b"key-1" not in generate_latest(plain.registry)
+    text = generate_latest(per_owner.registry).decode()
+    assert 'aigne_hub_owner_requests_total{outcome="ok",owner_id="owner-1"} 1.0' in text
+    assert 'aigne_hub_owner_tokens_total{gen_ai_token_type="input",owner_id="owner-1"} 7.0' in text
+    assert "key-1" not in text

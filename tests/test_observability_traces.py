@@ -68,6 +68,7 @@ async def test_a_rest_call_with_a_traceparent_lands_under_that_trace(
     assert attributes["gen_ai.request.model"] == "openai/gpt-4o-mini"
     assert attributes["gen_ai.response.model"] == "gpt-4o-mini"
     assert attributes["gen_ai.usage.input_tokens"] > 0 and attributes["gen_ai.usage.output_tokens"] > 0
+    assert list(attributes["gen_ai.response.finish_reasons"]) == ["stop"]
     assert str(attributes["aigne_hub.request_id"]).startswith(answer.headers["x-request-id"] + ":")
     assert len(clients) == 1
     client_span = clients[0]

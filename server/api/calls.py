@@ -158,8 +158,10 @@ class Routed(Generic[T]):
         meter: Meter,
         context: grpc.aio.ServicerContext[Any, Any],
         deadline: float | None,
+        span: tracing.CallSpan | None = None,
     ) -> None:
         self.meter = meter
+        self._span = span
         self.plan = plan
         self._routing = routing
         self._context = context
@@ -182,14 +184,17 @@ class Routed(Generic[T]):
     ) -> Callable[[Target[T], float | None], Awaitable[R]]:
         """`attempt`, adding its time to the meter's upstream time (the gateway's own
         overhead is the rest)."""
-        meter = self.meter
+        meter, call_span = self.meter, self._span
 
         async def timed(target: Target[T], left: float | None) -> R:
             route = target.route
             started = time.perf_counter()
             try:
-                with tracing.attempt_span(meter.operation, route.provider.name, route.upstream_model):
-                    return await attempt(target, left)
+                with tracing.attempt_span(meter.operation, route.provider.name, route.upstream_model) as span:
+                    result = await attempt(target, left)
+                    if span is not None:
+                        tracing.note_answer(span, call_span, result)
+                    return result
             finally:
                 meter.upstream_s += time.perf_counter() - started
 
@@ -332,7 +337,7 @@ class MeteredServicer:
         error: BaseException | None = None
         try:
             async with meter:
-                yield Routed(self._routing, plan, meter, context, deadline)
+                yield Routed(self._routing, plan, meter, context, deadline, span)
         except BaseException as exc:
             error = exc
             raise

@@ -61,14 +61,16 @@ class Observers:
             observer.call_finished(call)
 
 
-def instrument(accounts: Accounts, routing: Routing, router: Router, *, metrics_on: bool) -> GatewayMetrics | None:
+def instrument(
+    accounts: Accounts, routing: Routing, router: Router, *, metrics_on: bool, owner_labels: bool = False
+) -> GatewayMetrics | None:
     """The per-call log line, and metrics (when on) fed by `accounts` (calls, ledger)
     and `routing` (attempts)."""
     if not metrics_on:
         accounts.observer = CallLog()
         return None
     known_models = {m.id for m in router.catalog()} | router.configured_models()
-    metrics = GatewayMetrics(known_models, router.providers.keys())
+    metrics = GatewayMetrics(known_models, router.providers.keys(), owner_labels=owner_labels)
     accounts.observer = Observers(metrics, CallLog())
     accounts.ledger.on_commit = metrics.ledger_committed
     metrics.watch_ledger_queue(lambda: accounts.ledger.queue_depth)

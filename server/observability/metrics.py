@@ -11,7 +11,9 @@ reports each deployment tried or passed over; the ledger reports each group comm
 Label values stay bounded: the model label is a model of the gateway's catalog (a
 configured model, alias or catalog entry) or `other`, the provider a configured
 provider or `other`, reasons are the error tree's reasons, deployments come from the
-configuration. No key ids or owners.
+configuration. No key ids or owners, unless per-owner series are turned on
+(AIGNE_HUB_METRICS_OWNER_LABELS): then `aigne_hub_owner_requests_total` and
+`aigne_hub_owner_tokens_total` carry `owner_id` (the owner's id, never a key).
 
 Cost: each label combination's child is looked up once and kept in a dict keyed by a
 tuple, so a call costs a few dict lookups and the observations themselves (see
@@ -56,12 +58,25 @@ GEN_AI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_reques
 class GatewayMetrics:
     """The gateway's collectors in their own registry, and the hooks that feed them."""
 
-    def __init__(self, known_models: Iterable[str] = (), known_providers: Iterable[str] = ()) -> None:
+    def __init__(
+        self, known_models: Iterable[str] = (), known_providers: Iterable[str] = (), *, owner_labels: bool = False
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._models = frozenset(known_models)
         self._providers = frozenset(known_providers)
         self._children: dict[tuple[Any, ...], Any] = {}
         self._define()
+        self._owners: tuple[Counter, Counter] | None = None
+        if owner_labels:
+            self._owners = (
+                Counter("aigne_hub_owner_requests", "Calls per owner", ("owner_id", "outcome"), registry=self.registry),
+                Counter(
+                    "aigne_hub_owner_tokens",
+                    "Tokens per owner",
+                    ("owner_id", "gen_ai_token_type"),
+                    registry=self.registry,
+                ),
+            )
 
     def _define(self) -> None:
         r = self.registry
@@ -172,6 +187,18 @@ class GatewayMetrics:
                 self._child(self.tpot, "pt", operation, provider, model).observe(per_token)
         if call.credits_micros:
             self._child(self.credits, "c", model).inc(call.credits_micros / 1_000_000)
+        if self._owners is not None and record.owner_id:
+            self._per_owner(self._owners, call)
+
+    def _per_owner(self, owners: tuple[Counter, Counter], call: FinishedCall) -> None:
+        record = call.record
+        owner = record.owner_id or ""
+        requests, tokens = owners
+        self._child(requests, "or", owner, record.outcome).inc()
+        if record.input_tokens:
+            self._child(tokens, "ot", owner, "input").inc(record.input_tokens)
+        if record.output_tokens:
+            self._child(tokens, "ot", owner, "output").inc(record.output_tokens)
 
     def _observe_overhead(self, call: FinishedCall) -> None:
         if call.record.attempts == 0 or call.duration_s is None:

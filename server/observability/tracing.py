@@ -13,7 +13,8 @@ with the first chunk, when the attempt is decided). Attributes: gen_ai.operation
 gen_ai.provider.name, gen_ai.request.model, gen_ai.response.model (the deployment's
 model that answered), gen_ai.usage.input_tokens / output_tokens, error.type (the
 gateway's error reason), and aigne_hub.request_id / aigne_hub.attempts.
-gen_ai.response.finish_reasons is not recorded yet (the servicers keep the answer).
+gen_ai.response.finish_reasons comes from a unary answer's choices (a stream's attempt
+ends with its first chunk, before any finish reason).
 
 Propagation: a W3C `traceparent` (and `tracestate`) arriving as gRPC metadata is
 continued: a REST client's header reaches it through Envoy unchanged. Each upstream
@@ -97,6 +98,7 @@ class CallSpan:
             attributes={"gen_ai.operation.name": self.operation, "gen_ai.request.model": model},
         )
         self._token = otel_context.attach(trace.set_span_in_context(self.span))
+        self.finish_reasons: list[str] = []
 
     @property
     def trace_id(self) -> str:
@@ -112,6 +114,8 @@ class CallSpan:
             span.set_attribute("gen_ai.usage.output_tokens", record.output_tokens)
             span.set_attribute("aigne_hub.request_id", record.request_id)
             span.set_attribute("aigne_hub.attempts", record.attempts)
+        if self.finish_reasons:
+            span.set_attribute("gen_ai.response.finish_reasons", self.finish_reasons)
         _mark_error(span, error)
         span.end()
         otel_context.detach(self._token)
@@ -123,12 +127,12 @@ def start_call(operation: str, model: str, metadata: Any) -> CallSpan | None:
 
 
 @contextmanager
-def attempt_span(operation: str, provider: str, model: str) -> Iterator[None]:
+def attempt_span(operation: str, provider: str, model: str) -> Iterator[Span | None]:
     """The CLIENT span of one upstream attempt, current while it runs (so the upstream
-    request carries its traceparent)."""
+    request carries its traceparent); None when tracing is off."""
     tracer = _tracer
     if tracer is None:
-        yield
+        yield None
         return
     name = GEN_AI_OPERATIONS.get(operation, operation)
     attributes = {"gen_ai.operation.name": name, "gen_ai.provider.name": provider, "gen_ai.request.model": model}
@@ -140,10 +144,20 @@ def attempt_span(operation: str, provider: str, model: str) -> Iterator[None]:
         set_status_on_exception=False,
     ) as span:
         try:
-            yield
+            yield span
         except BaseException as exc:
             _mark_error(span, exc)
             raise
+
+
+def note_answer(span: Span, call: CallSpan | None, answer: Any) -> None:
+    """Records an OpenAI-shaped answer's finish reasons on the attempt's span and the call's."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    reasons = [str(c["finish_reason"]) for c in choices or () if isinstance(c, dict) and c.get("finish_reason")]
+    if reasons:
+        span.set_attribute("gen_ai.response.finish_reasons", reasons)
+        if call is not None:
+            call.finish_reasons = reasons
 
 
 def _mark_error(span: Span, error: BaseException | None) -> None:
