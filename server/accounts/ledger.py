@@ -28,6 +28,9 @@ client went away); "interrupted" (the gateway ended the call itself while shutti
 down, `error_reason` SHUTTING_DOWN). The outcome column has no CHECK constraint, so a
 new value needs no migration; `errors` in the totals counts every outcome but "ok".
 
+`on_commit` (metrics) is told how long each group commit took; `queue_depth` is the
+number of records waiting for the next one.
+
 Once a record's transaction commits, or finally fails, the ledger tells the
 `CreditService` to stop renewing the reservation's lease (`forget`): settled, or left
 to lapse and be swept. A spooled record's

@@ -31,6 +31,9 @@ together are exposed: the first failed record turns the ledger unwritable and ev
 later call is refused on entry; a stream that fails at its end sees the error event, so
 an SDK raises instead of taking the answer as complete.
 
+An `observer` (server.accounts.observer; metrics and the per-call log line) is told
+when a meter starts and when each record (refusals too) has been written.
+
 Usage estimates when the provider reported none: output from the streamed text (4
 characters per token) and, for a call that produced output or was cut short
 (cancelled, interrupted), input from the prompt (`prompt_tokens`, estimated by the

@@ -14,6 +14,11 @@ Each attempt is bounded by the model's `first_token_s` until its answer (unary) 
 first chunk (streams), and a stream by `idle_s` between chunks: httpx's read timeout
 applies to each socket read, so an upstream that trickles bytes would never hit it.
 The server always decides before the REST bridge's longer limits cut the call.
+
+Observability (server.observability): each call takes its request id from
+`x-request-id` (Envoy's, or a gRPC client's) before anything else, runs in a SERVER
+span when tracing is on, and each attempt is timed (the meter's upstream time, from
+which the gateway's overhead is derived) and, when tracing is on, runs in a CLIENT span.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ When every deployment of the plan rests, the call fails at once with 503
 UPSTREAM_UNAVAILABLE and the time until the first one is back as its retry hint.
 A stream is only retried before its first chunk reached the client: the servicer
 takes the first chunk inside the attempt.
+
+`Routing.on_attempt` (metrics) is told of each deployment tried (its outcome) or passed
+over (resting, refused by the meter).
 """
 
 from __future__ import annotations
