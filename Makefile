@@ -7,7 +7,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := python3
 
 
-.PHONY: setup run test pytest postgres redis bench generate check-generated lint typecheck buf-lint buf-breaking clean go-toolchain go-client
+.PHONY: setup run test pytest postgres redis prometheus bench generate check-generated lint typecheck buf-lint buf-breaking clean go-toolchain go-client
 
 setup: .venv/.installed node_modules/.installed
 
@@ -27,7 +27,7 @@ run: setup
 	.venv/bin/aigne-hub serve
 
 # The one test command (README, CI): static checks, then the whole suite.
-test: setup check-generated lint typecheck buf-breaking postgres redis go-client
+test: setup check-generated lint typecheck buf-breaking postgres redis prometheus go-client
 	AIGNE_HUB_REQUIRE_POSTGRES=1 AIGNE_HUB_REQUIRE_GO=1 .venv/bin/pytest
 
 # Storage tests run against SQLite and PostgreSQL (127.0.0.1:5432, trust auth, database
@@ -47,6 +47,15 @@ redis:
 		redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
 			--dir /var/lib/redis --logfile /var/log/redis/ci.log && \
 		for i in $$(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done; }
+
+# The metrics tests scrape the gateway with a real Prometheus (Debian's package); the
+# tests run the binary themselves on a free port, so the packaged service is not started
+# (RUNLEVEL=1 and containers' policy-rc.d keep it down).
+prometheus:
+	@command -v prometheus >/dev/null || { \
+		echo "installing Prometheus"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+			apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 pytest: setup
 	.venv/bin/pytest $(ARGS)

@@ -53,6 +53,9 @@ from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
 from server.limits import DefaultLimits, LimitStore, open_limiter
 from server.memory import return_large_buffers_to_the_os
+from server.observability import MetricsListener, instrument, serve_metrics
+from server.observability.logs import tag_upstream_request
+from server.observability.tracing import propagate_to_upstream, setup_tracing
 from server.providers.base import CredentialProbe, Preloading, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
@@ -93,7 +96,7 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
         cookies=_NoCookies(),
-        event_hooks={"request": [apply_call_credential]},
+        event_hooks={"request": [apply_call_credential, tag_upstream_request, propagate_to_upstream]},
     )
 
 
@@ -124,6 +127,7 @@ class Gateway:
     streams: OpenStreams = field(default_factory=OpenStreams)
     spool_replay: asyncio.Task[None] | None = None
     routing: Routing | None = None
+    metrics: MetricsListener | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones (streams too) finish within
@@ -147,6 +151,8 @@ class Gateway:
             self.spool_replay.cancel()
             await asyncio.gather(self.spool_replay, return_exceptions=True)
         await self.accounts.close()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 async def start_gateway(settings: Settings, config: GatewayConfig | None = None) -> Gateway:
@@ -185,6 +191,13 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     routing = Routing(config.routing, open_cooldowns(settings.redis_url, config.routing.cooldown))
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
     accounts.watch_credentials(probes, settings.credential_recheck_s)
+    setup_tracing()
+    gateway_metrics = instrument(
+        accounts, routing, router, metrics_on=settings.metrics_enabled, owner_labels=settings.metrics_owner_labels
+    )
+    metrics = None
+    if gateway_metrics is not None:
+        metrics = serve_metrics(gateway_metrics, settings.metrics_host, settings.metrics_port)
     serving = ServingFlag()
     streams = OpenStreams()
     limit = settings.max_message_bytes
@@ -228,7 +241,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     replayer = accounts.spool_replayer(settings.spool_replay_interval_s)
     replay = asyncio.create_task(replayer.run(), name="ledger-spool-replay") if replayer else None
     return Gateway(
-        settings, server, port, client, health_servicer, serving, accounts, providers, streams, replay, routing
+        settings, server, port, client, health_servicer, serving, accounts, providers, streams, replay, routing, metrics
     )
 
 

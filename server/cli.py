@@ -33,6 +33,7 @@ from server.bridge.envoy_config import LUA_PATH, bridge_timeouts, render_envoy_c
 from server.bridge.process import EnvoyProcess, Listen, check_ports_free
 from server.bridge.supervisor import supervise
 from server.config import ConfigError, Settings
+from server.observability.logs import configure_logging
 from server.storage.database import StorageError
 
 ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "credentials", "limits", "migrate"})
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = _settings(args)
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     # httpx logs every upstream request at INFO: too much for a gateway's log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -13,6 +13,8 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     AIGNE_HUB_ENVOY_LOG_LEVEL                   info, warning (default), error, critical, off
     AIGNE_HUB_REDIS_URL                         shared cooldowns and rate-limit counters
     AIGNE_HUB_LIMITS_ON_REDIS_FAILURE           open (default) or closed
+    AIGNE_HUB_METRICS_HOST / AIGNE_HUB_METRICS_PORT  Prometheus /metrics, default 127.0.0.1:9464
+    AIGNE_HUB_LOG_LEVEL / AIGNE_HUB_LOG_FORMAT  INFO; text (default) or json lines
     ...                                         see `Settings` for the rest
 
 Providers: with a YAML file, exactly the providers it lists; without one, every
@@ -87,6 +89,14 @@ class Settings(StorageSettings, AccountsSettings):
     # slots are free again within it.
     limits_slot_lease_s: float = Field(60.0, ge=1, le=3600)
     log_level: str = "INFO"
+    # `text` (readable, the default) or `json` (one object per line; server.observability.logs).
+    log_format: Literal["text", "json"] = "text"
+    # Prometheus `/metrics` on its own listener (server.observability); port 0: any free port.
+    metrics_enabled: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    # Per-owner series (aigne_hub_owner_*): one per owner, so off by default.
+    metrics_owner_labels: bool = False
 
 
 def _models_list(value: Any) -> Any:

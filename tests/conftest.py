@@ -86,6 +86,8 @@ def _reset_fake(request: pytest.FixtureRequest) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """Every gateway a test starts keeps its SQLite ledger in a temporary folder."""
     os.environ.setdefault("AIGNE_HUB_DATA_DIR", tempfile.mkdtemp(prefix="aigne-hub-test-data-"))
+    # Every gateway a test starts serves its metrics on a free port, not the default.
+    os.environ.setdefault("AIGNE_HUB_METRICS_PORT", "0")
 
 
 @pytest_asyncio.fixture(scope="session")

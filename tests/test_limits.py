@@ -112,6 +112,7 @@ async def test_100_concurrent_calls_on_a_20_rpm_key_answer_exactly_20(
         "limit": "20",
         "window_seconds": "60",
         "model": "*",
+        "openai_type": "rate_limit_error",
     }
     hint = retry_info(error)
     assert hint is not None and 0 < hint.retry_delay.ToTimedelta().total_seconds() <= 3.0 + 1e-3

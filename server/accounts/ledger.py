@@ -28,6 +28,9 @@ client went away); "interrupted" (the gateway ended the call itself while shutti
 down, `error_reason` SHUTTING_DOWN). The outcome column has no CHECK constraint, so a
 new value needs no migration; `errors` in the totals counts every outcome but "ok".
 
+`on_commit` (metrics) is told how long each group commit took; `queue_depth` is the
+number of records waiting for the next one.
+
 Once a record's transaction commits, or finally fails, the ledger tells the
 `CreditService` to stop renewing the reservation's lease (`forget`): settled, or left
 to lapse and be swept. A spooled record's
@@ -38,7 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -174,6 +178,13 @@ class Ledger:
         self._closed = False
         self._writable = True
         self.commits = 0  # transactions committed (for tests and metrics)
+        # Told how long each group commit took, in seconds (metrics).
+        self.on_commit: Callable[[float], None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Records waiting for the next group commit."""
+        return len(self._queue)
 
     @property
     def writable(self) -> bool:
@@ -213,6 +224,7 @@ class Ledger:
             self._worker = None
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
         try:
             results = await self._write(batch)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the waiting callers
@@ -229,6 +241,8 @@ class Ledger:
             for pending in batch:
                 await self._commit([pending])
             return
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started)
         self.mark_writable()
         self._end_leases(batch)
         for pending, result in zip(batch, results, strict=True):

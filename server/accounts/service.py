@@ -32,6 +32,9 @@ together are exposed: the first failed record turns the ledger unwritable and ev
 later call is refused on entry; a stream that fails at its end sees the error event, so
 an SDK raises instead of taking the answer as complete.
 
+An `observer` (server.accounts.observer; metrics and the per-call log line) is told
+when a meter starts and when each record (refusals too) has been written.
+
 Usage estimates when the provider reported none: output from the streamed text (4
 characters per token) and, for a call that produced output or was cut short
 (cancelled, interrupted), input from the prompt (`prompt_tokens`, estimated by the
@@ -53,7 +56,8 @@ from server.accounts.credential_checks import CredentialChecker, Probe
 from server.accounts.credentials import CredentialVault, load_master_key
 from server.accounts.credits import CreditService, Rate, Reservation, Usage, cost_of
 from server.accounts.keys import KeyRecord, KeyStore, authorize
-from server.accounts.ledger import Ledger, Outcome, UsageRecord
+from server.accounts.ledger import Ledger, Outcome, Recorded, UsageRecord
+from server.accounts.observer import CallObserver, FinishedCall
 from server.accounts.spool import Spool, SpoolReplayer
 from server.errors import (
     GatewayError,
@@ -90,6 +94,8 @@ class Accounts:
     credential_checker: CredentialChecker | None = None
     # Rate limits per key, owner and model (server.limits); None: no limits.
     limiter: Limiter | None = None
+    # Told of every call as it starts and as its record is written (metrics, logs).
+    observer: CallObserver | None = None
 
     @classmethod
     async def open(
@@ -154,12 +160,14 @@ class Accounts:
         except GatewayError:
             return None
 
-    async def record_refusal(self, key: KeyRecord | None, operation: str, model: str, exc: GatewayError) -> None:
+    async def record_refusal(
+        self, key: KeyRecord | None, operation: str, model: str, exc: GatewayError, request_id: str | None = None
+    ) -> None:
         """Records a call refused before it reached a provider (bad input, unknown model,
         allow-list, credits), so that every call with a key leaves one record."""
         provider = model.partition("/")[0] if "/" in model else ""
         record = UsageRecord(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id or uuid.uuid4().hex,
             provider=provider,
             model=model,
             outcome="error",
@@ -174,6 +182,8 @@ class Accounts:
         except StorageUnavailable:
             # Nothing was answered: the caller gets its refusal even if it cannot be kept.
             log.warning("could not record a refused %s call (%s): storage unavailable", operation, exc.reason)
+        if self.observer is not None:
+            self.observer.call_finished(FinishedCall(record, model, None))
 
     def meter(
         self,
@@ -185,13 +195,17 @@ class Accounts:
         credential_header: tuple[str, str] | None = None,
         prompt_tokens: int = 0,
         public_model: str | None = None,
+        request_id: str | None = None,
     ) -> Meter:
         """The meter of one call to `provider/model` (its first deployment; see
         `Meter.use` for the others); checks the key's allow-list now. `prompt_tokens`
         estimates the input, for a cut call that reports no usage."""
         if key is not None:
             authorize(key, f"{provider}/{model}", public_model)
-        return Meter(self, key, provider, model, operation, worst_case, credential_header, prompt_tokens, public_model)
+        meter = Meter(self, key, provider, model, operation, worst_case, credential_header, prompt_tokens, public_model)
+        if request_id is not None:
+            meter.request_id = request_id
+        return meter
 
 
 class Meter:
@@ -229,6 +243,13 @@ class Meter:
         self._credential_token: Token[CallCredential | None] | None = None
         # Upstream attempts so far (the routing sets it); 0 until one is made.
         self.attempts = 0
+        # For the observer: the model asked for, and the time spent in upstream attempts.
+        self.public_model = public_model or self._model
+        self.upstream_s = 0.0
+        self.trace_id: str | None = None
+        # The call's ledger record once written (or once its write was tried).
+        self.last_record: UsageRecord | None = None
+        self._observed = False
         self._public_model = public_model
         # The call's hold on its rate limits (server.limits), released on exit.
         self._admission: Admission | None = None
@@ -278,6 +299,10 @@ class Meter:
             raise StorageUnavailable(
                 "the gateway cannot record usage right now (database and spool failing); retry later"
             )
+        observer = self._accounts.observer
+        if observer is not None:
+            observer.call_started(self._operation)
+            self._observed = True
         try:
             await self._admit()
             await self._choose_credential()
@@ -365,7 +390,29 @@ class Meter:
         record = self._record(exc)
         # Shielded: a cancelled call is still recorded, and a second cancellation of
         # the handler must not interrupt the commit half-way.
-        await asyncio.shield(self._commit(record))
+        recorded: Recorded | None = None
+        try:
+            recorded = await asyncio.shield(self._commit(record))
+        finally:
+            self._report(record, recorded)
+
+    @property
+    def operation(self) -> str:
+        return self._operation
+
+    def _report(self, record: UsageRecord, recorded: Recorded | None) -> None:
+        self.last_record = record
+        observer = self._accounts.observer
+        if observer is None or not self._observed:
+            return
+        self._observed = False
+        now = time.monotonic()
+        ttft = self._first_token - self._started if self._first_token else None
+        credits = recorded.credits_micros if recorded is not None else 0
+        call = FinishedCall(
+            record, self.public_model, now - self._started, self.upstream_s, ttft, credits, self.trace_id
+        )
+        observer.call_finished(call)
 
     def _record(self, exc: BaseException | None) -> UsageRecord:
         outcome: Outcome = "ok"
@@ -398,7 +445,7 @@ class Meter:
             attempts=self.attempts,
         )
 
-    async def _commit(self, record: UsageRecord) -> None:
+    async def _commit(self, record: UsageRecord) -> Recorded:
         credits = self._accounts.credits
         try:
             # Nothing consumed costs nothing (and a refusal for a model without a rate
@@ -411,4 +458,4 @@ class Meter:
             if self._reservation is not None and self._reservation.id is not None:
                 credits.forget(self._reservation.id)
             raise
-        await self._accounts.ledger.record(record, reservation=self._reservation)
+        return await self._accounts.ledger.record(record, reservation=self._reservation)

@@ -16,12 +16,18 @@ Each attempt is bounded by the model's `first_token_s` until its answer (unary) 
 first chunk (streams), and a stream by `idle_s` between chunks: httpx's read timeout
 applies to each socket read, so an upstream that trickles bytes would never hit it.
 The server always decides before the REST bridge's longer limits cut the call.
+
+Observability (server.observability): each call takes its request id from
+`x-request-id` (Envoy's, or a gRPC client's) before anything else, runs in a SERVER
+span when tracing is on, and each attempt is timed (the meter's upstream time, from
+which the gateway's overhead is derived) and, when tracing is on, runs in a CLIENT span.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -38,6 +44,8 @@ from server.api.auth import CURRENT_KEY
 from server.api.errors import to_grpc_status, unexpected_error_status
 from server.api.validation import check_request
 from server.config import CooldownConfig, RoutingConfig
+from server.observability import tracing
+from server.observability.logs import ledger_request_id, take_request_id
 from server.providers.base import JSON, Capability
 from server.routing.attempts import Routing, Served, idle_bounded
 from server.routing.cooldown import MemoryCooldowns
@@ -87,6 +95,7 @@ def unary(
 
     @functools.wraps(method)
     async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        take_request_id(context.invocation_metadata())
         try:
             if isinstance(request, Message):
                 check_request(request)
@@ -161,15 +170,19 @@ class Routed(Generic[T]):
         meter: Meter,
         context: grpc.aio.ServicerContext[Any, Any],
         deadline: float | None,
+        span: tracing.CallSpan | None = None,
     ) -> None:
         self.meter = meter
+        self._span = span
         self.plan = plan
         self._routing = routing
         self._context = context
         self._deadline = deadline
 
     async def run(self, attempt: Callable[[Target[T], float | None], Awaitable[R]]) -> Served[T, R]:
-        served = await self._routing.run(self.plan, attempt, deadline=self._deadline, before_attempt=self._use)
+        served = await self._routing.run(
+            self.plan, self._timed(attempt), deadline=self._deadline, before_attempt=self._use
+        )
         metadata = (
             (SERVED_BY_HEADER, served.target.route.public_model),
             (ATTEMPTS_HEADER, str(served.attempts)),
@@ -178,6 +191,27 @@ class Routed(Generic[T]):
         await self._context.send_initial_metadata(metadata)
         self._context.set_trailing_metadata(metadata)
         return served
+
+    def _timed(
+        self, attempt: Callable[[Target[T], float | None], Awaitable[R]]
+    ) -> Callable[[Target[T], float | None], Awaitable[R]]:
+        """`attempt`, adding its time to the meter's upstream time (the gateway's own
+        overhead is the rest)."""
+        meter, call_span = self.meter, self._span
+
+        async def timed(target: Target[T], left: float | None) -> R:
+            route = target.route
+            started = time.perf_counter()
+            try:
+                with tracing.attempt_span(meter.operation, route.provider.name, route.upstream_model) as span:
+                    result = await attempt(target, left)
+                    if span is not None:
+                        tracing.note_answer(span, call_span, result)
+                    return result
+            finally:
+                meter.upstream_s += time.perf_counter() - started
+
+        return timed
 
     async def unary(self, call: Callable[[T, str], Awaitable[R]]) -> Served[T, R]:
         """Runs a unary call: each attempt bounded by `first_token_s` until its answer."""
@@ -303,11 +337,25 @@ class MeteredServicer:
             header,
             prompt_tokens,
             public_model=plan.primary.model,
+            request_id=ledger_request_id(),
         )
         grpc_left = context.time_remaining()
         deadline = self._routing.deadline_for(plan, options.timeout_s, grpc_left)
-        async with meter:
-            yield Routed(self._routing, plan, meter, context, deadline)
+        span = tracing.start_call(operation, plan.primary.model, context.invocation_metadata())
+        if span is None:
+            async with meter:
+                yield Routed(self._routing, plan, meter, context, deadline)
+            return
+        meter.trace_id = span.trace_id
+        error: BaseException | None = None
+        try:
+            async with meter:
+                yield Routed(self._routing, plan, meter, context, deadline, span)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            span.end(meter.last_record, error)
 
     async def record_refusal(self, method: str, request: Any, exc: Exception) -> None:
         """A call that failed before its meter started still leaves a ledger record."""
@@ -316,4 +364,5 @@ class MeteredServicer:
         if isinstance(exc, errors.StorageUnavailable):
             return  # the ledger is in that database: trying would only wait again
         model = getattr(request, "model", "") or ""
-        await self._accounts.record_refusal(CURRENT_KEY.get(), OPERATIONS.get(method, method), model, exc)
+        operation = OPERATIONS.get(method, method)
+        await self._accounts.record_refusal(CURRENT_KEY.get(), operation, model, exc, ledger_request_id())

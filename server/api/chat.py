@@ -25,6 +25,7 @@ from server.api.convert import from_json, to_json
 from server.api.metering import chat_prompt_tokens, chat_worst_case, streamed_text_chars, usage_from_openai
 from server.api.shutdown import OpenStreams
 from server.api.validation import check_chat_request, check_request
+from server.observability.logs import take_request_id
 from server.providers.base import JSON, Capability, ChatCompletions
 from server.routing.attempts import Routing
 from server.routing.router import Plan, Route, Router
@@ -78,6 +79,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
     ) -> AsyncIterator[chat_pb.StreamChatCompletionResponse]:
         bridge = from_bridge(context)
         started = False
+        take_request_id(context.invocation_metadata())
         try:
             check_request(request)
             with self._streams.track():

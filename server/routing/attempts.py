@@ -20,6 +20,9 @@ When every deployment of the plan rests, the call fails at once with 503
 UPSTREAM_UNAVAILABLE and the time until the first one is back as its retry hint.
 A stream is only retried before its first chunk reached the client: the servicer
 takes the first chunk inside the attempt.
+
+`Routing.on_attempt` (metrics) is told of each deployment tried (its outcome) or passed
+over (resting, refused by the meter).
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class Routing:
         self.cooldowns = cooldowns
         self.stats = balance.Stats()
         self._rng = rng or random.Random()
+        # Told of each deployment tried or passed over: (deployment, outcome), where the
+        # outcome is "ok", the failure's reason, "resting" or "refused" (metrics).
+        self.on_attempt: Callable[[str, str], None] | None = None
 
     async def aclose(self) -> None:
         await self.cooldowns.aclose()
@@ -127,6 +133,9 @@ class _Run(Generic[T, R]):
         resting = await routing.cooldowns.resting(names)
         order = balance.order(names, [t.weight for t in group.targets], group.strategy, routing.stats, routing._rng)
         fresh = [group.targets[i] for i in order if names[i] not in resting]
+        if routing.on_attempt is not None:
+            for name in resting:
+                routing.on_attempt(name, "resting")
         if not fresh:
             self._note_rest(min(resting.values()))
             log.info("every deployment of %s rests; skipping it", group.model)
@@ -150,6 +159,8 @@ class _Run(Generic[T, R]):
                     if group is self._plan.primary and self.attempts == 0 and not fresh:
                         raise  # the caller may not (or cannot pay to) use the model it asked for
                     log.info("skipping %s for %s: %s", target.name, group.model, exc.message)
+                    if routing.on_attempt is not None:
+                        routing.on_attempt(target.name, "refused")
                     refusal = exc
                     continue
             attempts_here += 1
@@ -157,6 +168,8 @@ class _Run(Generic[T, R]):
             try:
                 result = await self._one(target)
             except errors.GatewayError as exc:
+                if routing.on_attempt is not None:
+                    routing.on_attempt(target.name, exc.reason)
                 special, rest = await self._failed(group, target, exc)
                 if special is not None:
                     return None, special
@@ -164,6 +177,8 @@ class _Run(Generic[T, R]):
                 tried[target.name] = hint or None
                 continue
             await routing.cooldowns.success(target.name)
+            if routing.on_attempt is not None:
+                routing.on_attempt(target.name, "ok")
             return Served(result, target, self.attempts), None
         if refusal is not None and self._last_error is None:
             self._last_error = refusal

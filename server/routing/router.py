@@ -237,6 +237,10 @@ class Router:
             )
         return candidates[0] if candidates else name
 
+    def configured_models(self) -> set[str]:
+        """The model names the configuration declares (aliases and `models:` entries)."""
+        return set(self._aliases) | set(self._models)
+
     def catalog(self) -> list[CatalogModel]:
         return sorted(self._catalog.values(), key=lambda m: m.id)
 

@@ -1,0 +1,140 @@
+"""Logs: readable text by default, JSON lines with AIGNE_HUB_LOG_FORMAT=json, and one
+line per call (logger `aigne_hub.calls`, INFO) with its request id, key id (never the
+key), owner, model asked for, served deployment, outcome, reason, latency, attempts
+and tokens.
+
+The request id. Envoy gives every REST request an `x-request-id` (a fresh UUID: it
+does not trust a client's, `use_remote_address`), passes it to the gRPC server as
+metadata and logs it in its JSON access log; a gRPC client may send its own. The
+gateway uses it for the call's log line, the upstream request (`x-request-id` header)
+and the ledger record: the record's id is `<x-request-id>:<12 hex digits>`, so that a
+client that sends one id twice cannot have its second call recorded as a duplicate
+(the ledger keeps one record per id and would charge once). Without one the gateway
+makes a UUID. An id longer than 64 characters or with characters outside
+`[A-Za-z0-9._-]` is replaced.
+
+Secrets: the per-call line carries ids and names only. Other lines are free text
+(which may quote an upstream message): the JSON formatter redacts them with
+`server.redaction.redact` before writing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from contextvars import ContextVar
+from typing import Any
+
+from server.accounts.observer import FinishedCall
+from server.redaction import redact
+
+CALLS_LOGGER = "aigne_hub.calls"
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_CHARS = 64
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+# The current call's request id (set by the servicer, read by the upstream request hook).
+REQUEST_ID: ContextVar[str | None] = ContextVar("aigne_hub_request_id", default=None)
+
+call_log = logging.getLogger(CALLS_LOGGER)
+
+
+def take_request_id(metadata: Any) -> str:
+    """The call's request id: the caller's (or Envoy's) `x-request-id` when
+    well-formed, else a new UUID; made current for the upstream request and the ledger."""
+    request_id = None
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            request_id = value
+    request_id = request_id or str(uuid.uuid4())
+    REQUEST_ID.set(request_id)
+    return request_id
+
+
+def ledger_request_id() -> str | None:
+    """The ledger record's id for the current call (see the module docstring); None
+    outside a call."""
+    request_id = REQUEST_ID.get()
+    return None if request_id is None else f"{request_id}:{uuid.uuid4().hex[:12]}"
+
+
+async def tag_upstream_request(request: Any) -> None:
+    """httpx request hook: the upstream request carries the call's `x-request-id`."""
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        request.headers[REQUEST_ID_HEADER] = request_id
+
+
+class CallLog:
+    """Writes one line per finished call (a `CallObserver`)."""
+
+    def call_started(self, operation: str) -> None:
+        return None
+
+    def call_finished(self, call: FinishedCall) -> None:
+        if not call_log.isEnabledFor(logging.INFO):
+            return
+        record = call.record
+        fields = {
+            "request_id": record.request_id,
+            "key_id": record.key_id,
+            "owner_id": record.owner_id,
+            "operation": record.operation,
+            "model": call.public_model,
+            "deployment": record.model,
+            "outcome": record.outcome,
+            "reason": record.error_reason,
+            "latency_ms": round(call.duration_s * 1000, 1) if call.duration_s is not None else None,
+            "ttft_ms": record.ttft_ms,
+            "attempts": record.attempts,
+            "input_tokens": record.input_tokens,
+            "output_tokens": record.output_tokens,
+            "trace_id": call.trace_id,
+        }
+        call_log.info("call %s %s %s", record.operation, record.outcome, record.model, extra={"call": fields})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and a call's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        call = getattr(record, "call", None)
+        if isinstance(call, dict):
+            line["message"] = record.getMessage()
+            line.update((k, v) for k, v in call.items() if v is not None)
+        else:
+            line["message"] = redact(record.getMessage())
+        if record.exc_info:
+            line["exception"] = redact(self.formatException(record.exc_info))
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """The readable default; a call's line gets its main fields appended."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        call = getattr(record, "call", None)
+        if isinstance(call, dict):
+            text += " " + " ".join(f"{k}={v}" for k, v in call.items() if v is not None)
+        return text
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Sets up the root logger: `json` lines or readable `text`, on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
