@@ -157,7 +157,7 @@ class RateLimited(GatewayError):
         message: str,
         *,
         retry_after_seconds: float,
-        metadata: dict[str, str],
+        metadata: dict[str, str] | None = None,
         headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         super().__init__(message, metadata=metadata)

@@ -55,8 +55,10 @@ def build(cls: type[errors.GatewayError]) -> errors.GatewayError:
         return cls(MESSAGE, provider="openai", field="model")
     if issubclass(cls, accounts_errors.QuotaExceeded):
         return cls(MESSAGE, available_micros=1, needed_micros=2)
-    if issubclass(cls, errors.StorageUnavailable):
+    if issubclass(cls, errors.StorageUnavailable | errors.RateLimitsUnavailable):
         return cls(MESSAGE)
+    if issubclass(cls, errors.RateLimited):
+        return cls(MESSAGE, retry_after_seconds=1.0)
     return cls(MESSAGE, field="model")
 
 

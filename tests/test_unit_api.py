@@ -192,6 +192,8 @@ def test_every_class_maps_to_a_code_and_carries_its_openai_type(cls):
         exc = cls("m", provider="p")
     elif issubclass(cls, accounts_errors.QuotaExceeded):
         exc = cls("m", available_micros=0, needed_micros=1)
+    elif issubclass(cls, errors.RateLimited):
+        exc = cls("m", retry_after_seconds=1.0)
     else:
         exc = cls("m")
     code = grpc_code(exc)
