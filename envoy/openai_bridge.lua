@@ -10,11 +10,17 @@
 --   * /internal/... sent by a client is answered 404.
 --   * Native gRPC (content-type application/grpc...) is marked `x-aigne-bridge: grpc`
 --     for the local reply that tells it to use the gRPC port (see envoy.yaml).
---   * A client-sent `x-aigne-bridge` header is removed.
---   * Every other request passes untouched after two header look-ups.
+--   * A client-sent `x-aigne-bridge` or `x-aigne-rest` header is removed.
+--   * Every REST request gets `x-aigne-rest: 1`: the server then writes the string
+--     fields OpenAI sends as null with the JSON_NULL marker (server/api/convert.py).
+--   * Every other request passes untouched after a few header operations.
 -- Responses:
 --   * text/event-stream: the sentinel event `data: {"id":"[DONE]",...}` becomes
 --     `data: [DONE]`, chunk by chunk, without buffering the stream.
+--   * the JSON_NULL marker (the JSON text `:"\u0000null"`) becomes `:null`, in every
+--     SSE chunk and in the whole (buffered) 200 answer of a chat completion. A JSON
+--     text holds `:"` only where a string value begins, so the marker cannot be
+--     matched inside a string (a quote there is escaped).
 --   * status >= 400 with a JSON google.rpc.Status body (the transcoder's
 --     convert_grpc_status): an OpenAI `error` object is added in front of the original
 --     fields. Envoy's own error replies are shaped by local_reply_config instead.
@@ -25,6 +31,9 @@ local STREAM_PATH = "/internal/chat/completions:stream"
 local CHAT_PATHS = { ["/chat/completions"] = true, ["/v1/chat/completions"] = true }
 local SENTINEL = 'data: {"id":"[DONE]"'
 local DONE_EVENT = "data: [DONE]\n\n"
+local NULL_MARKER = ':"\\u0000null"' -- the transcoder's JSON for convert.JSON_NULL
+local JSON_NULL = ":null"
+local METADATA_NS = "aigne.bridge"
 
 local ERROR_TYPES = {
   [400] = "invalid_request_error",
@@ -98,8 +107,9 @@ function envoy_on_request(handle)
     headers:replace("x-aigne-bridge", "grpc")
     return
   end
-  -- Only this filter may set the marker: a client's own never reaches a mapper or the server.
+  -- Only this filter may set the markers: a client's own never reaches a mapper or the server.
   headers:remove("x-aigne-bridge")
+  headers:replace("x-aigne-rest", "1")
   local query = ""
   local q = find(path, "?", 1, true)
   if q then
@@ -109,6 +119,8 @@ function envoy_on_request(handle)
 
   if CHAT_PATHS[path] then
     if headers:get(":method") ~= "POST" then return end
+    -- The answer may hold JSON_NULL markers (a stream's chunks are checked anyway).
+    handle:streamInfo():dynamicMetadata():set(METADATA_NS, "json_nulls", true)
     local body = handle:body()
     if not body then return end
     local n = body:length()
@@ -224,6 +236,17 @@ local function rewrite_error(handle, status)
   handle:headers():replace("content-type", "application/json")
 end
 
+-- `data` with every JSON_NULL marker printed as null, or nil when it holds none.
+local function with_json_nulls(data)
+  if not find(data, NULL_MARKER, 1, true) then return nil end
+  return (gsub(data, NULL_MARKER, JSON_NULL))
+end
+
+local function wants_json_nulls(handle)
+  local flags = handle:streamInfo():dynamicMetadata():get(METADATA_NS)
+  return flags ~= nil and flags["json_nulls"] == true
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   local status = tonumber(headers:get(":status")) or 0
@@ -232,18 +255,32 @@ function envoy_on_response(handle)
     return
   end
   local ctype = headers:get("content-type")
-  if not ctype or sub(ctype, 1, 17) ~= "text/event-stream" then return end
+  if not ctype then return end
+  if sub(ctype, 1, 16) == "application/json" then
+    if not wants_json_nulls(handle) then return end
+    local body = handle:body()
+    if not body or body:length() == 0 then return end
+    local text = with_json_nulls(body:getBytes(0, body:length()))
+    if text then body:setBytes(text) end
+    return
+  end
+  if sub(ctype, 1, 17) ~= "text/event-stream" then return end
 
   -- Each chunk is forwarded as soon as this loop body returns: nothing is buffered.
+  -- The transcoder writes each message as one chunk, so a marker is never split.
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
     if n >= #SENTINEL then
       local data = chunk:getBytes(0, n)
+      local changed = with_json_nulls(data)
+      data = changed or data
       local i = find(data, SENTINEL, 1, true)
       if i then
         local j = find(data, "\n\n", i, true)
         local rest = j and sub(data, j + 2) or ""
         chunk:setBytes(sub(data, 1, i - 1) .. DONE_EVENT .. rest)
+      elseif changed then
+        chunk:setBytes(changed)
       end
     end
   end

@@ -46,6 +46,9 @@ OPERATIONS = {
 
 # Set by the REST bridge (Envoy's Lua filter) on streams it turns into SSE.
 BRIDGE_HEADER = "x-aigne-bridge"
+# Set by the REST bridge on every REST call: its Lua filter prints convert.JSON_NULL
+# as JSON null.
+REST_HEADER = "x-aigne-rest"
 
 
 async def abort_for(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
@@ -82,6 +85,11 @@ def unary(
 def from_bridge(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     """Whether the call came through the REST bridge as an SSE stream."""
     return any(key == BRIDGE_HEADER and value == "sse" for key, value in context.invocation_metadata() or ())
+
+
+def from_rest(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Whether the call came through the REST bridge (which prints JSON nulls)."""
+    return any(key == REST_HEADER for key, _ in context.invocation_metadata() or ())
 
 
 class MeteredServicer:

@@ -20,8 +20,8 @@ from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import common_pb2
 from server import errors
 from server.accounts.service import Accounts
-from server.api.calls import MeteredServicer, abort_for, from_bridge, unary
-from server.api.convert import from_json, to_json
+from server.api.calls import MeteredServicer, abort_for, from_bridge, from_rest, unary
+from server.api.convert import chat_chunk_from_openai, chat_completion_from_openai, to_json
 from server.api.metering import chat_prompt_tokens, chat_worst_case, streamed_text_chars, usage_from_openai
 from server.api.shutdown import OpenStreams
 from server.api.validation import check_chat_request, check_request
@@ -58,7 +58,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
                 route, adapter.create_chat_completion(_chat_body(request), route.upstream_model)
             )
             meter.usage = usage_from_openai(answer.get("usage"))
-        response = from_json(answer, chat_pb.CreateChatCompletionResponse(), provider=route.provider.name)
+        response = chat_completion_from_openai(answer, provider=route.provider.name, json_nulls=from_rest(context))
         response.model = _public_model(route, answer)
         response.object = "chat.completion"
         return response
@@ -71,7 +71,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         try:
             check_request(request)
             with self._streams.track():
-                async with aclosing(self._stream(request)) as messages:
+                async with aclosing(self._stream(request, from_rest(context))) as messages:
                     async for message in messages:
                         started = True
                         yield message
@@ -87,7 +87,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
             yield chat_pb.StreamChatCompletionResponse(id=DONE_SENTINEL_ID)
 
     async def _stream(
-        self, request: chat_pb.CreateChatCompletionRequest
+        self, request: chat_pb.CreateChatCompletionRequest, json_nulls: bool
     ) -> AsyncGenerator[chat_pb.StreamChatCompletionResponse, None]:
         """The client's chunks, metered; raises what ends the stream early."""
         if request.HasField("stream") and not request.stream:
@@ -104,7 +104,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
                     if "usage" in chunk:
                         meter.usage = usage_from_openai(chunk["usage"])
                     meter.add_streamed_chars(streamed_text_chars(chunk))
-                    message = _client_chunk(chunk, route, include_usage)
+                    message = _client_chunk(chunk, route, include_usage, json_nulls)
                     if message is not None:
                         yield message
             except asyncio.CancelledError:
@@ -132,7 +132,9 @@ def _public_model(route: Route, answer: JSON) -> str:
     return route.public_model
 
 
-def _client_chunk(chunk: JSON, route: Route, include_usage: bool) -> chat_pb.StreamChatCompletionResponse | None:
+def _client_chunk(
+    chunk: JSON, route: Route, include_usage: bool, json_nulls: bool
+) -> chat_pb.StreamChatCompletionResponse | None:
     """The chunk as the client asked for it: usage only when asked for.
 
     The adapter always asks upstream for usage (billing needs it); a usage-only chunk
@@ -142,7 +144,7 @@ def _client_chunk(chunk: JSON, route: Route, include_usage: bool) -> chat_pb.Str
         if not chunk.get("choices"):
             return None
         chunk = {key: value for key, value in chunk.items() if key != "usage"}
-    message = from_json(chunk, chat_pb.StreamChatCompletionResponse(), provider=route.provider.name)
+    message = chat_chunk_from_openai(chunk, provider=route.provider.name, json_nulls=json_nulls)
     message.model = _public_model(route, chunk)
     message.object = "chat.completion.chunk"
     return message

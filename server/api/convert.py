@@ -1,17 +1,44 @@
-"""Conversions between protos and the internal OpenAI-shaped dicts."""
+"""Conversions between protos and the internal OpenAI-shaped dicts.
+
+Each decision about how one of OpenAI's fields crosses the gateway is made here, so
+that the servicers only call these functions.
+
+Nulls that OpenAI always sends. OpenAI's schemas require some fields to be present
+even when empty, as JSON null: `choices[].logprobs`, `choices[].message.content` and
+`.refusal` in a chat completion, `choices[].finish_reason` in every chunk before the
+last. proto3 has no null for a string, and the REST bridge prints an unset optional
+field by leaving it out. So:
+- `logprobs` is a `google.protobuf.Value` in the contract, set to null here when the
+  upstream gave none: null for gRPC and REST callers alike.
+- The string fields get `JSON_NULL` for REST callers only (`json_nulls=True`, from the
+  bridge's `x-aigne-rest` marker), which the bridge's Lua filter prints as `null`.
+  gRPC callers see them unset, proto3's null. A value that is exactly `JSON_NULL`
+  (NUL then "null") from an upstream would also become null; no model writes it.
+
+Image usage. OpenAI answers token-billed image models (gpt-image-1) with
+`ImageGenUsage` names (`input_tokens`, `output_tokens`, details by text and image);
+the contract's `Usage` carries those names, and repeats the two counts as
+`prompt_tokens`/`completion_tokens` for clients of the chat names.
+"""
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
+from aigne.hub.v1 import chat_service_pb2 as chat_pb
+from aigne.hub.v1 import image_service_pb2 as image_pb
 from server import errors
 from server.api.validation import non_finite_number_path
 from server.providers.base import JSON
 
 M = TypeVar("M", bound=Message)
+
+# Printed by the REST bridge as JSON null (envoy/openai_bridge.lua looks for the JSON
+# text `:"\u0000null"`, which only a string value equal to this can produce).
+JSON_NULL = "\x00null"
 
 
 def to_json(message: Message) -> JSON:
@@ -52,3 +79,56 @@ def _whole_numbers_to_int(value: Any) -> Any:
     if isinstance(value, list):
         return [_whole_numbers_to_int(item) for item in value]
     return value
+
+
+def chat_completion_from_openai(
+    answer: JSON, *, provider: str, json_nulls: bool
+) -> chat_pb.CreateChatCompletionResponse:
+    """An upstream's `chat.completion`, with the nulls OpenAI's schema requires."""
+    response = from_json(answer, chat_pb.CreateChatCompletionResponse(), provider=provider)
+    for choice in response.choices:
+        _null_logprobs(choice)
+        message = choice.message
+        message.role = message.role or "assistant"
+        if json_nulls:
+            for field in ("content", "refusal"):
+                if not message.HasField(field):
+                    setattr(message, field, JSON_NULL)
+    return response
+
+
+def chat_chunk_from_openai(chunk: JSON, *, provider: str, json_nulls: bool) -> chat_pb.StreamChatCompletionResponse:
+    """An upstream's `chat.completion.chunk`, `finish_reason: null` until the last."""
+    message = from_json(chunk, chat_pb.StreamChatCompletionResponse(), provider=provider)
+    for choice in message.choices:
+        _null_logprobs(choice)
+        if json_nulls and not choice.HasField("finish_reason"):
+            choice.finish_reason = JSON_NULL
+    return message
+
+
+def _null_logprobs(choice: chat_pb.ChatChoice | chat_pb.ChunkChoice) -> None:
+    if not choice.HasField("logprobs"):
+        choice.logprobs.null_value = struct_pb2.NULL_VALUE
+
+
+def image_answer_from_openai(answer: JSON, *, provider: str) -> tuple[image_pb.CreateImageResponse, JSON | None]:
+    """An upstream's images answer, and its usage in both OpenAI naming schemes (for
+    the client and the ledger alike)."""
+    usage = answer.get("usage")
+    if isinstance(usage, dict):
+        usage = with_both_usage_names(usage)
+        answer = {**answer, "usage": usage}
+    return from_json(answer, image_pb.CreateImageResponse(), provider=provider), usage
+
+
+def with_both_usage_names(usage: JSON) -> JSON:
+    """`usage` with `input_tokens`/`output_tokens` (ImageGenUsage, and OpenAI's newer
+    APIs) and `prompt_tokens`/`completion_tokens` (chat) each filled from the other."""
+    both = dict(usage)
+    for new, old in (("input_tokens", "prompt_tokens"), ("output_tokens", "completion_tokens")):
+        if new in both and old not in both:
+            both[old] = both[new]
+        elif old in both and new not in both:
+            both[new] = both[old]
+    return both

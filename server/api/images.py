@@ -10,7 +10,7 @@ from aigne.hub.v1 import image_service_pb2 as image_pb
 from aigne.hub.v1 import image_service_pb2_grpc as image_grpc
 from server.accounts.credits import Usage
 from server.api.calls import MeteredServicer, unary
-from server.api.convert import from_json, to_json
+from server.api.convert import image_answer_from_openai, to_json
 from server.api.metering import usage_from_openai
 from server.errors import InvalidRequest
 from server.providers.base import Capability, ImageGeneration
@@ -38,6 +38,6 @@ class ImageServicer(MeteredServicer, image_grpc.ImageServiceServicer):
         images = request.n if request.HasField("n") else 1
         async with self._meter(route, "image", Usage(images=images)) as meter:
             answer = await self._upstream(route, adapter.create_image(body, route.upstream_model))
-            response = from_json(answer, image_pb.CreateImageResponse(), provider=route.provider.name)
-            meter.usage = replace(usage_from_openai(answer.get("usage")), images=len(response.data))
+            response, usage = image_answer_from_openai(answer, provider=route.provider.name)
+            meter.usage = replace(usage_from_openai(usage), images=len(response.data))
         return response

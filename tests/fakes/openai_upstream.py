@@ -54,6 +54,8 @@ JSON = dict[str, Any]
 
 # Fixed so that responses are byte-for-byte reproducible.
 CREATED = 1_700_000_000
+# Output tokens of one image from a gpt-image model.
+IMAGE_OUTPUT_TOKENS = 100
 
 SCENARIO_MODELS = (
     "tools",  # calls the first tool with {"city": "Paris"}; answers a tool result in text
@@ -420,7 +422,8 @@ class FakeOpenAI:
         if not isinstance(prompt, str) or not prompt:
             raise _missing("prompt")
         response_format = body.get("response_format") or "url"
-        if str(body.get("model", "")).startswith("gpt-image"):
+        token_billed = str(body.get("model", "")).startswith("gpt-image")
+        if token_billed:
             # OpenAI's gpt-image models take no response_format and always answer base64.
             if "response_format" in body:
                 raise OpenAIError(400, "Unknown parameter: 'response_format'.", param="response_format")
@@ -434,7 +437,10 @@ class FakeOpenAI:
                 images.append({"url": f"https://images.fake-openai.invalid/{digest}-{index}.png"})
             else:
                 images.append({"b64_json": _PNG_B64})
-        return _json_response({"created": CREATED, "data": images})
+        answer: JSON = {"created": CREATED, "data": images}
+        if token_billed:
+            answer.update(_gpt_image_details(body, prompt, len(images)))
+        return _json_response(answer)
 
     # --------------------------------------------------------------------- audio
 
@@ -471,6 +477,25 @@ class FakeOpenAI:
 
 
 # ------------------------------------------------------------------ request parsing
+
+
+def _gpt_image_details(body: JSON, prompt: str, images: int) -> JSON:
+    """What gpt-image models add to the answer: the settings used and ImageGenUsage
+    (a word per prompt token, IMAGE_OUTPUT_TOKENS per image)."""
+    text_tokens = _count_words(prompt)
+    output_tokens = IMAGE_OUTPUT_TOKENS * images
+    return {
+        "background": body.get("background") or "opaque",
+        "output_format": body.get("output_format") or "png",
+        "quality": body.get("quality") or "high",
+        "size": body.get("size") or "1024x1024",
+        "usage": {
+            "input_tokens": text_tokens,
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
+            "output_tokens": output_tokens,
+            "total_tokens": text_tokens + output_tokens,
+        },
+    }
 
 
 def _record(request: Request) -> RecordedRequest:

@@ -585,6 +585,7 @@ class ChatChoice(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Output only. The choice's position in `choices`, from 0."""
     finish_reason: _builtins.str
@@ -596,16 +597,24 @@ class ChatChoice(_message.Message):
     def message(self) -> Global___AssistantMessage:
         """Output only. The generated message."""
 
+    @_builtins.property
+    def logprobs(self) -> _struct_pb2.Value:
+        """Output only. Log probabilities of the choice's tokens, as the provider gave them
+        (OpenAI's `{"content": [...], "refusal": [...]}`); JSON null when it gave none,
+        which is always the case today (the request's `logprobs` is refused).
+        """
+
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         message: Global___AssistantMessage | None = ...,
         finish_reason: _builtins.str = ...,
+        logprobs: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -739,6 +748,7 @@ class ChunkChoice(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Output only. The position of the choice this delta belongs to, from 0."""
     finish_reason: _builtins.str
@@ -749,16 +759,23 @@ class ChunkChoice(_message.Message):
     def delta(self) -> Global___ChunkDelta:
         """Output only. What the chunk adds to the choice."""
 
+    @_builtins.property
+    def logprobs(self) -> _struct_pb2.Value:
+        """Output only. Log probabilities of this chunk's tokens (see
+        `ChatChoice.logprobs`); JSON null when the provider gave none.
+        """
+
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         delta: Global___ChunkDelta | None = ...,
         finish_reason: _builtins.str | None = ...,
+        logprobs: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "delta", b"delta", "finish_reason", b"finish_reason"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "delta", b"delta", "finish_reason", b"finish_reason", "logprobs", b"logprobs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "delta", b"delta", "finish_reason", b"finish_reason", "index", b"index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason", "delta", b"delta", "finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__finish_reason: _TypeAlias = _typing.Literal["finish_reason"]  # noqa: Y015
     _WhichOneofArgType__finish_reason: _TypeAlias = _typing.Literal["_finish_reason", b"_finish_reason"]  # noqa: Y015

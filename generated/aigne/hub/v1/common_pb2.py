@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61igne/hub/v1/common.proto\x12\x0c\x61igne.hub.v1\"\xdb\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12@\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32!.aigne.hub.v1.PromptTokensDetails\x12H\n\x19\x63ompletion_tokens_details\x18\x05 \x01(\x0b\x32%.aigne.hub.v1.CompletionTokensDetails\"B\n\x13PromptTokensDetails\x12\x15\n\rcached_tokens\x18\x01 \x01(\x05\x12\x14\n\x0c\x61udio_tokens\x18\x02 \x01(\x05\"I\n\x17\x43ompletionTokensDetails\x12\x18\n\x10reasoning_tokens\x18\x01 \x01(\x05\x12\x14\n\x0c\x61udio_tokens\x18\x02 \x01(\x05\"I\n\x0b\x45rrorObject\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\r\n\x05param\x18\x04 \x01(\t*\xee\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0fINVALID_REQUEST\x10\x01\x12\x13\n\x0fMODEL_NOT_FOUND\x10\x02\x12\x1b\n\x17PROVIDER_NOT_CONFIGURED\x10\x03\x12\x17\n\x13UNSUPPORTED_FEATURE\x10\x04\x12\x18\n\x14UPSTREAM_BAD_REQUEST\x10\x05\x12\x18\n\x14UPSTREAM_AUTH_FAILED\x10\x06\x12\x19\n\x15UPSTREAM_RATE_LIMITED\x10\x07\x12\x18\n\x14UPSTREAM_UNAVAILABLE\x10\x08\x12\x14\n\x10UPSTREAM_TIMEOUT\x10\t\x12\x1f\n\x1bUPSTREAM_MALFORMED_RESPONSE\x10\n\x12\x16\n\x12UPSTREAM_NOT_FOUND\x10\x0b\x12\x15\n\x11REQUEST_TOO_LARGE\x10\x0c\x12\x11\n\rSHUTTING_DOWN\x10\r\x12\x12\n\x0eINTERNAL_ERROR\x10\x0e\x12\x13\n\x0fUNAUTHENTICATED\x10\x0f\x12\x0f\n\x0bKEY_INVALID\x10\x10\x12\x0f\n\x0bKEY_EXPIRED\x10\x11\x12\x0f\n\x0bKEY_REVOKED\x10\x12\x12\x15\n\x11PERMISSION_DENIED\x10\x13\x12\x15\n\x11MODEL_NOT_ALLOWED\x10\x14\x12\x18\n\x14INSUFFICIENT_CREDITS\x10\x15\x12\x18\n\x14SPENDING_CAP_REACHED\x10\x16\x12\x17\n\x13STORAGE_UNAVAILABLE\x10\x17\x12\x16\n\x12RESOURCE_NOT_FOUND\x10\x18\x12\x10\n\x0c\x43\x41LL_TIMEOUT\x10\x19\x42P\n\x0fio.aigne.hub.v1B\x0b\x43ommonProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61igne/hub/v1/common.proto\x12\x0c\x61igne.hub.v1\"\xb6\x03\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12@\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32!.aigne.hub.v1.PromptTokensDetails\x12H\n\x19\x63ompletion_tokens_details\x18\x05 \x01(\x0b\x32%.aigne.hub.v1.CompletionTokensDetails\x12\x19\n\x0cinput_tokens\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\routput_tokens\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12>\n\x14input_tokens_details\x18\x08 \x01(\x0b\x32 .aigne.hub.v1.ImageTokensDetails\x12?\n\x15output_tokens_details\x18\t \x01(\x0b\x32 .aigne.hub.v1.ImageTokensDetailsB\x0f\n\r_input_tokensB\x10\n\x0e_output_tokens\"?\n\x12ImageTokensDetails\x12\x13\n\x0btext_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05\"B\n\x13PromptTokensDetails\x12\x15\n\rcached_tokens\x18\x01 \x01(\x05\x12\x14\n\x0c\x61udio_tokens\x18\x02 \x01(\x05\"I\n\x17\x43ompletionTokensDetails\x12\x18\n\x10reasoning_tokens\x18\x01 \x01(\x05\x12\x14\n\x0c\x61udio_tokens\x18\x02 \x01(\x05\"I\n\x0b\x45rrorObject\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\r\n\x05param\x18\x04 \x01(\t*\xee\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0fINVALID_REQUEST\x10\x01\x12\x13\n\x0fMODEL_NOT_FOUND\x10\x02\x12\x1b\n\x17PROVIDER_NOT_CONFIGURED\x10\x03\x12\x17\n\x13UNSUPPORTED_FEATURE\x10\x04\x12\x18\n\x14UPSTREAM_BAD_REQUEST\x10\x05\x12\x18\n\x14UPSTREAM_AUTH_FAILED\x10\x06\x12\x19\n\x15UPSTREAM_RATE_LIMITED\x10\x07\x12\x18\n\x14UPSTREAM_UNAVAILABLE\x10\x08\x12\x14\n\x10UPSTREAM_TIMEOUT\x10\t\x12\x1f\n\x1bUPSTREAM_MALFORMED_RESPONSE\x10\n\x12\x16\n\x12UPSTREAM_NOT_FOUND\x10\x0b\x12\x15\n\x11REQUEST_TOO_LARGE\x10\x0c\x12\x11\n\rSHUTTING_DOWN\x10\r\x12\x12\n\x0eINTERNAL_ERROR\x10\x0e\x12\x13\n\x0fUNAUTHENTICATED\x10\x0f\x12\x0f\n\x0bKEY_INVALID\x10\x10\x12\x0f\n\x0bKEY_EXPIRED\x10\x11\x12\x0f\n\x0bKEY_REVOKED\x10\x12\x12\x15\n\x11PERMISSION_DENIED\x10\x13\x12\x15\n\x11MODEL_NOT_ALLOWED\x10\x14\x12\x18\n\x14INSUFFICIENT_CREDITS\x10\x15\x12\x18\n\x14SPENDING_CAP_REACHED\x10\x16\x12\x17\n\x13STORAGE_UNAVAILABLE\x10\x17\x12\x16\n\x12RESOURCE_NOT_FOUND\x10\x18\x12\x10\n\x0c\x43\x41LL_TIMEOUT\x10\x19\x42P\n\x0fio.aigne.hub.v1B\x0b\x43ommonProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,14 +32,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aigne.hub.v1.common_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017io.aigne.hub.v1B\013CommonProtoP\001Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1'
-  _globals['_ERRORREASON']._serialized_start=484
-  _globals['_ERRORREASON']._serialized_end=1106
+  _globals['_ERRORREASON']._serialized_start=768
+  _globals['_ERRORREASON']._serialized_end=1390
   _globals['_USAGE']._serialized_start=44
-  _globals['_USAGE']._serialized_end=263
-  _globals['_PROMPTTOKENSDETAILS']._serialized_start=265
-  _globals['_PROMPTTOKENSDETAILS']._serialized_end=331
-  _globals['_COMPLETIONTOKENSDETAILS']._serialized_start=333
-  _globals['_COMPLETIONTOKENSDETAILS']._serialized_end=406
-  _globals['_ERROROBJECT']._serialized_start=408
-  _globals['_ERROROBJECT']._serialized_end=481
+  _globals['_USAGE']._serialized_end=482
+  _globals['_IMAGETOKENSDETAILS']._serialized_start=484
+  _globals['_IMAGETOKENSDETAILS']._serialized_end=547
+  _globals['_PROMPTTOKENSDETAILS']._serialized_start=549
+  _globals['_PROMPTTOKENSDETAILS']._serialized_end=615
+  _globals['_COMPLETIONTOKENSDETAILS']._serialized_start=617
+  _globals['_COMPLETIONTOKENSDETAILS']._serialized_end=690
+  _globals['_ERROROBJECT']._serialized_start=692
+  _globals['_ERROROBJECT']._serialized_end=765
 # @@protoc_insertion_point(module_scope)

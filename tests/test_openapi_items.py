@@ -1,0 +1,113 @@
+"""Issue 18, item by item: where the gateway differed from OpenAI's published spec.
+
+Each test drives the real bridge and server with the fake OpenAI upstream (whose
+answers follow OpenAI's wire format, see tests/test_fake_openai_upstream.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
+from aigne.hub.v1 import image_service_pb2 as image_pb
+from aigne.hub.v1 import image_service_pb2_grpc as image_grpc
+from server.accounts.owners import ensure_owner
+from tests.fakes.openai_upstream import IMAGE_OUTPUT_TOKENS
+from tests.helpers import chat_request
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+async def http(bridge, auth_headers):
+    async with httpx.AsyncClient(base_url=bridge.rest_url, timeout=20, headers=auth_headers) as client:
+        yield client
+
+
+def sse_chunks(text: str) -> list[dict]:
+    events = [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+# 1. Chat answers carry the nulls OpenAI sends.
+
+
+async def test_chat_answer_has_null_logprobs_refusal_and_content(http):
+    plain = (await http.post("/v1/chat/completions", json={"model": "openai/gpt-4o-mini", "messages": HELLO})).json()
+    [choice] = plain["choices"]
+    assert choice["logprobs"] is None
+    assert choice["message"]["refusal"] is None
+    assert choice["message"]["content"] == "echo: hello there"
+    filtered = await http.post("/v1/chat/completions", json={"model": "openai/content-filter", "messages": HELLO})
+    message = filtered.json()["choices"][0]["message"]
+    assert message["content"] is None and message["refusal"] is None
+
+
+async def test_grpc_callers_see_unset_fields_not_the_rest_marker(channel):
+    stub = chat_grpc.ChatServiceStub(channel)
+    response = await stub.CreateChatCompletion(chat_request(model="openai/content-filter"))
+    [choice] = response.choices
+    assert not choice.message.HasField("content") and not choice.message.HasField("refusal")
+    assert choice.logprobs.WhichOneof("kind") == "null_value"
+    chunks = [chunk async for chunk in stub.StreamChatCompletion(chat_request())]
+    finishes = [choice.finish_reason for chunk in chunks for choice in chunk.choices]
+    assert finishes[:-1] == [""] * (len(finishes) - 1) and finishes[-1] == "stop"
+    assert all("\x00" not in str(chunk) for chunk in chunks)
+
+
+async def test_text_that_looks_like_the_marker_survives(http):
+    # A user text that looks like the marker's JSON travels as an escaped string.
+    text = 'x":"\\u0000null" :"\u0000null"'
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.json()["choices"][0]["message"]["content"] == f"echo: {text}"
+    streamed = await http.post("/v1/chat/completions", json={**body, "stream": True})
+    pieces = "".join(c["choices"][0]["delta"].get("content") or "" for c in sse_chunks(streamed.text))
+    assert pieces == f"echo: {text}"
+
+
+# 2. Stream chunks carry finish_reason null until the last.
+
+
+async def test_every_chunk_before_the_last_has_finish_reason_null(http):
+    body = {"model": "openai/gpt-4o-mini", "messages": HELLO, "stream": True}
+    chunks = sse_chunks((await http.post("/v1/chat/completions", json=body)).text)
+    finishes = [chunk["choices"][0]["finish_reason"] for chunk in chunks]
+    assert len(finishes) >= 3
+    assert finishes[:-1] == [None] * (len(finishes) - 1) and finishes[-1] == "stop"
+    assert all(chunk["choices"][0]["logprobs"] is None for chunk in chunks)
+
+
+# 3. Image usage keeps OpenAI's names and numbers, for the client and the ledger.
+
+
+async def test_gpt_image_usage_reaches_the_client_and_the_ledger(gateway, bridge):
+    owner = await ensure_owner(gateway.accounts.db, "project", "image-usage")
+    record, secret = await gateway.accounts.keys.create_key(owner.id, "image usage")
+    async with httpx.AsyncClient(base_url=bridge.rest_url, timeout=20) as client:
+        response = await client.post(
+            "/v1/images/generations",
+            json={"model": "openai/gpt-image-1", "prompt": "a red fox", "n": 2},
+            headers={"authorization": f"Bearer {secret}"},
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    output = 2 * IMAGE_OUTPUT_TOKENS
+    assert body["usage"]["input_tokens"] == 3 and body["usage"]["output_tokens"] == output
+    assert body["usage"]["total_tokens"] == 3 + output
+    assert body["usage"]["input_tokens_details"] == {"text_tokens": 3, "image_tokens": 0}
+    # The chat names, kept for the contract's existing clients, carry the same numbers.
+    assert (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]) == (3, output)
+    assert (body["background"], body["output_format"], body["size"]) == ("opaque", "png", "1024x1024")
+    [stored] = await gateway.accounts.ledger.records(key_id=record.id)
+    assert (stored.input_tokens, stored.output_tokens, stored.image_count) == (3, output, 2)
+
+
+async def test_dall_e_answers_have_no_usage(channel):
+    stub = image_grpc.ImageServiceStub(channel)
+    response = await stub.CreateImage(image_pb.CreateImageRequest(model="openai/dall-e-3", prompt="a fox"))
+    assert not response.HasField("usage") and not response.HasField("size")
