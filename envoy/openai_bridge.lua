@@ -10,7 +10,11 @@
 --   * /internal/... sent by a client is answered 404.
 --   * Native gRPC (content-type application/grpc...) is marked `x-aigne-bridge: grpc`
 --     for the local reply that tells it to use the gRPC port (see envoy.yaml).
---   * A client-sent `x-aigne-bridge` or `x-aigne-rest` header is removed.
+--   * The JSON bodies of OpenAI's operations (OPENAI_BODIES): the names of their
+--     top-level members go to the server as `x-aigne-fields`, so that it can refuse
+--     a parameter the contract does not carry instead of the transcoder dropping it.
+--   * A client-sent `x-aigne-bridge`, `x-aigne-fields` or `x-aigne-rest` header is
+--     removed.
 --   * Every REST request gets `x-aigne-rest: 1`: the server then writes the string
 --     fields OpenAI sends as null with the JSON_NULL marker (server/api/convert.py).
 --   * Every other request passes untouched after a few header operations.
@@ -29,6 +33,15 @@ local find, sub, byte, gsub = string.find, string.sub, string.byte, string.gsub
 
 local STREAM_PATH = "/internal/chat/completions:stream"
 local CHAT_PATHS = { ["/chat/completions"] = true, ["/v1/chat/completions"] = true }
+-- The JSON bodies of OpenAI's API whose top-level members are reported to the server
+-- (`x-aigne-fields`), which refuses those it does not carry (server/api/convert.py).
+local OPENAI_BODIES = {
+  ["/chat/completions"] = true, ["/v1/chat/completions"] = true,
+  ["/embeddings"] = true, ["/v1/embeddings"] = true,
+  ["/images/generations"] = true, ["/v1/images/generations"] = true,
+  ["/image/generations"] = true, ["/v1/image/generations"] = true,
+  ["/audio/speech"] = true, ["/v1/audio/speech"] = true,
+}
 local SENTINEL = 'data: {"id":"[DONE]"'
 local DONE_EVENT = "data: [DONE]\n\n"
 local NULL_MARKER = ':"\\u0000null"' -- the transcoder's JSON for convert.JSON_NULL
@@ -63,35 +76,68 @@ local function string_end(s, i)
   end
 end
 
--- Whether `s`, a JSON object, has the top-level member "stream": true. Strings and
--- nested values are skipped structurally, so "stream" inside a message or a nested
--- object never counts; each step is one C-level string.find. The scan stops at the
--- first top-level "stream" (the transcoder rejects a duplicate key with 400 anyway).
-local function top_level_stream_true(s)
+-- The top-level members of `s`, a JSON object, in order: each `{name = raw key, value
+-- = the first 5 bytes of its value}`; nil when `s` is not an object. Strings and nested
+-- values are skipped structurally, so a key inside a message or a nested object never
+-- counts; each step is one C-level string.find. At depth 1 a string followed by ":" is
+-- a key (a string value is followed by "," or "}"). At most MAX_MEMBERS are listed.
+local MAX_MEMBERS = 64
+
+local function top_level_members(s)
   local pos = find(s, "[^ \t\r\n]")
-  if not pos or byte(s, pos) ~= 123 then return false end -- not an object
+  if not pos or byte(s, pos) ~= 123 then return nil end -- not an object
   pos = pos + 1
-  local depth = 1
-  while true do
+  local depth, members = 1, {}
+  while #members < MAX_MEMBERS do
     local i, _, c = find(s, '([{}%[%]"])', pos)
-    if not i then return false end
+    if not i then return members end
     if c == '"' then
       local j = string_end(s, i)
-      if not j then return false end
+      if not j then return members end
       pos = j + 1
-      if depth == 1 and j - i == 7 and sub(s, i + 1, j - 1) == "stream" then
+      if depth == 1 then
         local _, e = find(s, "^[ \t\r\n]*:[ \t\r\n]*", pos)
-        if e then return sub(s, e + 1, e + 4) == "true" end
+        if e then
+          members[#members + 1] = { name = sub(s, i + 1, j - 1), value = sub(s, e + 1, e + 5) }
+          pos = e + 1
+        end
       end
     elseif c == "{" or c == "[" then
       depth = depth + 1
       pos = i + 1
     else
       depth = depth - 1
-      if depth == 0 then return false end
+      if depth == 0 then return members end
       pos = i + 1
     end
   end
+  return members
+end
+
+-- Whether the first top-level "stream" member is true (the transcoder rejects a
+-- duplicate key with 400 anyway).
+local function stream_true(members)
+  for _, member in ipairs(members) do
+    if member.name == "stream" then return sub(member.value, 1, 4) == "true" end
+  end
+  return false
+end
+
+-- The `x-aigne-fields` header: the top-level members the client gave a value, comma
+-- separated. A null or false value is what leaving the member out means (OpenAI's
+-- boolean parameters all default to false), so those are not listed. A name that is
+-- not a plain identifier is listed as "?" (a header carries no arbitrary bytes).
+local function given_fields(members)
+  local names = {}
+  for _, member in ipairs(members) do
+    local v = member.value
+    if sub(v, 1, 4) ~= "null" and v ~= "false" then
+      local name = member.name
+      if #name > 64 or find(name, "[^%w_%.%-]") then name = "?" end
+      names[#names + 1] = name
+    end
+  end
+  return table.concat(names, ",")
 end
 
 function envoy_on_request(handle)
@@ -109,6 +155,7 @@ function envoy_on_request(handle)
   end
   -- Only this filter may set the markers: a client's own never reaches a mapper or the server.
   headers:remove("x-aigne-bridge")
+  headers:remove("x-aigne-fields")
   headers:replace("x-aigne-rest", "1")
   local query = ""
   local q = find(path, "?", 1, true)
@@ -117,18 +164,21 @@ function envoy_on_request(handle)
     path = sub(path, 1, q - 1)
   end
 
-  if CHAT_PATHS[path] then
+  if OPENAI_BODIES[path] then
     if headers:get(":method") ~= "POST" then return end
-    -- The answer may hold JSON_NULL markers (a stream's chunks are checked anyway).
-    handle:streamInfo():dynamicMetadata():set(METADATA_NS, "json_nulls", true)
+    local chat = CHAT_PATHS[path]
+    if chat then
+      -- The answer may hold JSON_NULL markers (a stream's chunks are checked anyway).
+      handle:streamInfo():dynamicMetadata():set(METADATA_NS, "json_nulls", true)
+    end
     local body = handle:body()
-    if not body then return end
-    local n = body:length()
-    if n < 14 then return end -- too short to hold "stream":true
-    local text = body:getBytes(0, n)
-    if find(text, '"stream"', 1, true) and top_level_stream_true(text) then
-      -- A header map wrapper taken before body() is dead after it: take a new one.
-      headers = handle:headers()
+    if not body or body:length() == 0 then return end
+    local members = top_level_members(body:getBytes(0, body:length()))
+    if not members then return end -- not an object: the transcoder answers 400
+    -- A header map wrapper taken before body() is dead after it: take a new one.
+    headers = handle:headers()
+    headers:replace("x-aigne-fields", given_fields(members))
+    if chat and stream_true(members) then
       headers:replace(":path", STREAM_PATH .. query)
       headers:replace("x-aigne-bridge", "sse")
     end

@@ -111,3 +111,102 @@ async def test_dall_e_answers_have_no_usage(channel):
     stub = image_grpc.ImageServiceStub(channel)
     response = await stub.CreateImage(image_pb.CreateImageRequest(model="openai/dall-e-3", prompt="a fox"))
     assert not response.HasField("usage") and not response.HasField("size")
+
+
+# 4. A map value of the wrong JSON type is a 400 naming the field.
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "kind"),
+    [
+        ("metadata", {"a": {}}, "a string"),
+        ("logit_bias", {"a": {}}, "a number"),
+        ("metadata", {"a": {"b": [1]}, "c": "d"}, "a string"),
+    ],
+)
+async def test_an_object_as_a_map_value_is_a_400_naming_the_field(http, fake_openai, field, value, kind):
+    body = {"model": "openai/gpt-4o-mini", "messages": HELLO, field: value}
+    for stream in (False, True):
+        response = await http.post("/v1/chat/completions", json={**body, "stream": stream})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == field and error["code"] == "INVALID_REQUEST"
+        assert error["message"] == f"{field}: every value of this map must be {kind}"
+    assert not fake_openai.requests
+
+
+# 5. Parameters the contract does not carry are refused, naming them, never dropped.
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "reason"),
+    [
+        ("/v1/chat/completions", {"audio": {"voice": "alloy", "format": "mp3"}}, "audio output is not supported"),
+        ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "choosing output modalities"),
+        ("/v1/chat/completions", {"prediction": {"type": "content", "content": "x"}}, "predicted outputs"),
+        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "deprecated by OpenAI"),
+        ("/v1/chat/completions", {"function_call": "auto"}, "give tool_choice instead"),
+        ("/v1/chat/completions", {"web_search_options": {}}, "web search"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "log probabilities"),
+        ("/v1/chat/completions", {"frobnicate": 1}, "Unrecognized request argument supplied: frobnicate"),
+        ("/v1/embeddings", {"frobnicate": [1]}, "Unrecognized request argument supplied: frobnicate"),
+        ("/v1/images/generations", {"moderation": "low"}, "is not supported by the gateway"),
+        ("/v1/audio/speech", {"stream_format": "sse"}, "streamed speech events"),
+    ],
+)
+async def test_a_parameter_the_gateway_does_not_carry_is_a_400_naming_it(http, fake_openai, path, extra, reason):
+    bodies = {
+        "/v1/chat/completions": {"model": "openai/gpt-4o-mini", "messages": HELLO},
+        "/v1/embeddings": {"model": "openai/text-embedding-3-small", "input": "a"},
+        "/v1/images/generations": {"model": "openai/dall-e-3", "prompt": "a fox"},
+        "/v1/audio/speech": {"model": "openai/tts-1", "input": "hi", "voice": "alloy"},
+    }
+    streams = (False, True) if path == "/v1/chat/completions" else (False,)
+    for stream in streams:
+        body = {**bodies[path], **extra, **({"stream": True} if stream else {})}
+        response = await http.post(path, json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert reason in error["message"], error
+        assert error["param"] == next(iter(extra)) and error["code"] == "INVALID_REQUEST"
+    assert not fake_openai.requests
+
+
+async def test_false_and_null_count_as_absent_and_camel_case_names_are_known(http, fake_openai):
+    body = {
+        "model": "openai/gpt-4o-mini",
+        "messages": HELLO,
+        "logprobs": False,
+        "store": False,
+        "audio": None,
+        "maxTokens": 50,
+        "nested": None,
+    }
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert fake_openai.last_request.json["max_tokens"] == 50
+    assert "logprobs" not in fake_openai.last_request.json
+
+
+async def test_a_member_name_with_unusual_characters_is_refused(http):
+    body = {"model": "openai/gpt-4o-mini", "messages": HELLO, "wé ird,name": 1}
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert "Unrecognized request argument" in response.json()["error"]["message"]
+
+
+async def test_role_function_is_refused_with_the_way_out(http):
+    messages = [*HELLO, {"role": "function", "name": "f", "content": "42"}]
+    response = await http.post("/v1/chat/completions", json={"model": "openai/gpt-4o-mini", "messages": messages})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages[1].role" and "role 'tool'" in error["message"]
+
+
+async def test_nested_keys_named_like_parameters_are_not_refused(http):
+    # Only top-level members are parameters: "audio" inside a tool's schema is data.
+    schema = {"type": "object", "properties": {"audio": {"type": "string"}, "functions": {"type": "array"}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    body = {"model": "openai/gpt-4o-mini", "messages": HELLO, "tools": [tool]}
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text

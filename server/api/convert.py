@@ -15,6 +15,15 @@ field by leaving it out. So:
   gRPC callers see them unset, proto3's null. A value that is exactly `JSON_NULL`
   (NUL then "null") from an upstream would also become null; no model writes it.
 
+Parameters the contract does not carry. The REST bridge's transcoder drops a JSON
+member that has no field in the contract, so the bridge reports the names of the
+top-level members a client gave a value (`x-aigne-fields`; null and false count as
+absent) and `check_given_fields` refuses, with 400 naming the parameter, each one the
+request message does not have. OpenAI's own parameters get a reason
+(`REFUSED_PARAMETERS`, listed in the README); any other name gets OpenAI's own
+"Unrecognized request argument supplied". Nested members (inside a message, say) are
+not reported.
+
 Image usage. OpenAI answers token-billed image models (gpt-image-1) with
 `ImageGenUsage` names (`input_tokens`, `output_tokens`, details by text and image);
 the contract's `Usage` carries those names, and repeats the two counts as
@@ -23,6 +32,7 @@ the contract's `Usage` carries those names, and repeats the two counts as
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2
@@ -39,6 +49,34 @@ M = TypeVar("M", bound=Message)
 # Printed by the REST bridge as JSON null (envoy/openai_bridge.lua looks for the JSON
 # text `:"\u0000null"`, which only a string value equal to this can produce).
 JSON_NULL = "\x00null"
+
+_NOT_SUPPORTED = "is not supported by the gateway"
+# OpenAI's parameters that the gateway refuses, each with its reason.
+REFUSED_PARAMETERS: dict[str, str] = {
+    # chat
+    "audio": f"audio output {_NOT_SUPPORTED}",
+    "modalities": f"choosing output modalities {_NOT_SUPPORTED} (the answer is text)",
+    "prediction": f"predicted outputs {_NOT_SUPPORTED}",
+    "functions": "is deprecated by OpenAI and not supported by the gateway: give tools instead",
+    "function_call": "is deprecated by OpenAI and not supported by the gateway: give tool_choice instead",
+    "web_search_options": f"web search {_NOT_SUPPORTED}",
+    "logprobs": f"log probabilities {_NOT_SUPPORTED}",
+    "top_logprobs": f"log probabilities {_NOT_SUPPORTED}",
+    "store": f"storing completions at the provider {_NOT_SUPPORTED}",
+    "service_tier": f"choosing a service tier {_NOT_SUPPORTED}",
+    "verbosity": f"{_NOT_SUPPORTED} (say it in the prompt)",
+    "prompt_cache_key": _NOT_SUPPORTED,
+    "prompt_cache_retention": _NOT_SUPPORTED,
+    "safety_identifier": f"{_NOT_SUPPORTED} (give user instead)",
+    # images
+    "output_compression": _NOT_SUPPORTED,
+    "moderation": _NOT_SUPPORTED,
+    "partial_images": f"streamed images {_NOT_SUPPORTED}",
+    # speech
+    "stream_format": f"streamed speech events {_NOT_SUPPORTED} (the audio itself is streamed)",
+}
+# Reported by the bridge for a member name that is not a plain identifier.
+UNUSUAL_NAME = "?"
 
 
 def to_json(message: Message) -> JSON:
@@ -132,3 +170,21 @@ def with_both_usage_names(usage: JSON) -> JSON:
         elif old in both and new not in both:
             both[new] = both[old]
     return both
+
+
+def check_given_fields(given: Iterable[str], request: type[Message]) -> None:
+    """Refuses the first parameter the client gave that `request` does not carry."""
+    fields = request.DESCRIPTOR.fields
+    known = {field.name for field in fields} | {field.json_name for field in fields}
+    for name in given:
+        if not name or name in known:
+            continue
+        if name == UNUSUAL_NAME:
+            raise errors.InvalidRequest(
+                "Unrecognized request argument supplied: a top-level member whose name is not a parameter"
+            )
+        if name == "stream":  # images: only "stream": true reaches here
+            raise errors.InvalidRequest(f"stream: streamed answers {_NOT_SUPPORTED} here", field=name)
+        reason = REFUSED_PARAMETERS.get(name)
+        message = f"{name}: {reason}" if reason else f"Unrecognized request argument supplied: {name}"
+        raise errors.InvalidRequest(message, field=name)

@@ -267,6 +267,12 @@ def check_chat_request(request: chat_pb.CreateChatCompletionRequest) -> None:
 
 def _check_chat_message(index: int, message: chat_pb.ChatMessage) -> None:
     where = f"messages[{index}]"
+    if message.role == "function":  # still in OpenAI's API, refused with a way out
+        raise InvalidRequest(
+            f"{where}.role 'function' is deprecated by OpenAI and not supported by the gateway: "
+            "answer a tool call with role 'tool' and its tool_call_id",
+            field=f"{where}.role",
+        )
     if message.role not in ROLES:
         raise InvalidRequest(
             f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {message.role[:64]!r}",
