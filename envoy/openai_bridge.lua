@@ -13,6 +13,8 @@
 --   * The JSON bodies of OpenAI's operations (OPENAI_BODIES): the names of their
 --     top-level members go to the server as `x-aigne-fields`, so that it can refuse
 --     a parameter the contract does not carry instead of the transcoder dropping it.
+--   * Speech with `voice` as an object (a custom voice id, in OpenAI's spec) is
+--     answered 400 saying so (OBJECT_REFUSALS).
 --   * A client-sent `x-aigne-bridge`, `x-aigne-fields` or `x-aigne-rest` header is
 --     removed.
 --   * Every REST request gets `x-aigne-rest: 1`: the server then writes the string
@@ -140,6 +142,25 @@ local function given_fields(members)
   return table.concat(names, ",")
 end
 
+-- Members that OpenAI's spec allows as an object where the contract has a string:
+-- the transcoder would answer its raw "Starting an object on a scalar field".
+local OBJECT_REFUSALS = {
+  voice = 'voice: a custom voice given as an object ({"id": ...}) is not supported by the ' ..
+    'gateway; give a voice name such as "alloy"',
+}
+local SPEECH_PATHS = { ["/audio/speech"] = true, ["/v1/audio/speech"] = true }
+
+-- The message refusing an object-valued member of `path`'s body, or nil.
+local function object_refusal(path, members)
+  if not SPEECH_PATHS[path] then return nil end
+  for _, member in ipairs(members) do
+    if sub(member.value, 1, 1) == "{" and OBJECT_REFUSALS[member.name] then
+      return OBJECT_REFUSALS[member.name]
+    end
+  end
+  return nil
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local path = headers:get(":path")
@@ -175,6 +196,12 @@ function envoy_on_request(handle)
     if not body or body:length() == 0 then return end
     local members = top_level_members(body:getBytes(0, body:length()))
     if not members then return end -- not an object: the transcoder answers 400
+    local refusal = object_refusal(path, members)
+    if refusal then
+      -- Shaped as an OpenAI error by local_reply_config (400 mapper).
+      handle:respond({ [":status"] = "400" }, refusal)
+      return
+    end
     -- A header map wrapper taken before body() is dead after it: take a new one.
     headers = handle:headers()
     headers:replace("x-aigne-fields", given_fields(members))

@@ -210,3 +210,29 @@ async def test_nested_keys_named_like_parameters_are_not_refused(http):
     body = {"model": "openai/gpt-4o-mini", "messages": HELLO, "tools": [tool]}
     response = await http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
+
+
+# 6. Smaller: a voice object gets a clear 400; images default their model like OpenAI.
+
+
+async def test_a_voice_object_is_a_clear_400(http, fake_openai):
+    body = {"model": "openai/tts-1", "input": "hi", "voice": {"id": "voice_1234"}}
+    response = await http.post("/v1/audio/speech", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith("voice: a custom voice given as an object")
+    assert error["type"] == "invalid_request_error" and "scalar" not in error["message"]
+    assert not fake_openai.requests
+
+
+async def test_a_voice_name_still_works(http):
+    body = {"model": "openai/tts-1", "input": "hi", "voice": "alloy"}
+    response = await http.post("/v1/audio/speech", json=body)
+    assert response.status_code == 200, response.text
+
+
+async def test_images_default_to_openais_default_model(http, fake_openai):
+    response = await http.post("/v1/images/generations", json={"prompt": "a red fox"})
+    assert response.status_code == 200, response.text
+    assert fake_openai.last_request.json["model"] == "dall-e-2"
+    assert len(response.json()["data"]) == 1

@@ -24,6 +24,11 @@ request message does not have. OpenAI's own parameters get a reason
 "Unrecognized request argument supplied". Nested members (inside a message, say) are
 not reported.
 
+Image model. OpenAI's images endpoint defaults `model` to dall-e-2; the gateway
+defaults it to `openai/dall-e-2` (`DEFAULT_IMAGE_MODEL`), so a request without one
+goes where it would at OpenAI (or is refused as an unknown model when no `openai`
+provider is configured).
+
 Image usage. OpenAI answers token-billed image models (gpt-image-1) with
 `ImageGenUsage` names (`input_tokens`, `output_tokens`, details by text and image);
 the contract's `Usage` carries those names, and repeats the two counts as
@@ -49,6 +54,8 @@ M = TypeVar("M", bound=Message)
 # Printed by the REST bridge as JSON null (envoy/openai_bridge.lua looks for the JSON
 # text `:"\u0000null"`, which only a string value equal to this can produce).
 JSON_NULL = "\x00null"
+
+DEFAULT_IMAGE_MODEL = "openai/dall-e-2"
 
 _NOT_SUPPORTED = "is not supported by the gateway"
 # OpenAI's parameters that the gateway refuses, each with its reason.
@@ -148,6 +155,11 @@ def chat_chunk_from_openai(chunk: JSON, *, provider: str, json_nulls: bool) -> c
 def _null_logprobs(choice: chat_pb.ChatChoice | chat_pb.ChunkChoice) -> None:
     if not choice.HasField("logprobs"):
         choice.logprobs.null_value = struct_pb2.NULL_VALUE
+
+
+def image_model(request: image_pb.CreateImageRequest) -> str:
+    """The model an image request goes to: its own, or OpenAI's default."""
+    return request.model or DEFAULT_IMAGE_MODEL
 
 
 def image_answer_from_openai(answer: JSON, *, provider: str) -> tuple[image_pb.CreateImageResponse, JSON | None]:

@@ -10,7 +10,7 @@ from aigne.hub.v1 import image_service_pb2 as image_pb
 from aigne.hub.v1 import image_service_pb2_grpc as image_grpc
 from server.accounts.credits import Usage
 from server.api.calls import MeteredServicer, unary
-from server.api.convert import image_answer_from_openai, to_json
+from server.api.convert import image_answer_from_openai, image_model, to_json
 from server.api.metering import usage_from_openai
 from server.errors import InvalidRequest
 from server.providers.base import Capability, ImageGeneration
@@ -32,7 +32,7 @@ class ImageServicer(MeteredServicer, image_grpc.ImageServiceServicer):
                 f"response_format must be url or b64_json, got {request.response_format[:64]!r}",
                 field="response_format",
             )
-        route, adapter = self._router.resolve(request.model, Capability.IMAGES, ImageGeneration)
+        route, adapter = self._router.resolve(image_model(request), Capability.IMAGES, ImageGeneration)
         body = to_json(request)
         body.pop("model", None)
         images = request.n if request.HasField("n") else 1
