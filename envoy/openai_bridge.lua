@@ -82,15 +82,17 @@ end
 -- = the first 5 bytes of its value}`; nil when `s` is not an object. Strings and nested
 -- values are skipped structurally, so a key inside a message or a nested object never
 -- counts; each step is one C-level string.find. At depth 1 a string followed by ":" is
--- a key (a string value is followed by "," or "}"). At most MAX_MEMBERS are listed.
+-- a key (a string value is followed by "," or "}"). At most MAX_MEMBERS are listed,
+-- then one named TOO_MANY (no body of OpenAI's API has that many parameters).
 local MAX_MEMBERS = 64
+local TOO_MANY = "+"
 
 local function top_level_members(s)
   local pos = find(s, "[^ \t\r\n]")
   if not pos or byte(s, pos) ~= 123 then return nil end -- not an object
   pos = pos + 1
   local depth, members = 1, {}
-  while #members < MAX_MEMBERS do
+  while true do
     local i, _, c = find(s, '([{}%[%]"])', pos)
     if not i then return members end
     if c == '"' then
@@ -100,6 +102,10 @@ local function top_level_members(s)
       if depth == 1 then
         local _, e = find(s, "^[ \t\r\n]*:[ \t\r\n]*", pos)
         if e then
+          if #members == MAX_MEMBERS then
+            members[#members + 1] = { name = TOO_MANY, value = "" }
+            return members
+          end
           members[#members + 1] = { name = sub(s, i + 1, j - 1), value = sub(s, e + 1, e + 5) }
           pos = e + 1
         end
@@ -113,7 +119,6 @@ local function top_level_members(s)
       pos = i + 1
     end
   end
-  return members
 end
 
 -- Whether the first top-level "stream" member is true (the transcoder rejects a
@@ -135,7 +140,7 @@ local function given_fields(members)
     local v = member.value
     if sub(v, 1, 4) ~= "null" and v ~= "false" then
       local name = member.name
-      if #name > 64 or find(name, "[^%w_%.%-]") then name = "?" end
+      if name ~= TOO_MANY and (#name > 64 or find(name, "[^%w_%.%-]")) then name = "?" end
       names[#names + 1] = name
     end
   end

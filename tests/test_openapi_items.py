@@ -152,6 +152,7 @@ async def test_an_object_as_a_map_value_is_a_400_naming_the_field(http, fake_ope
         ("/v1/embeddings", {"frobnicate": [1]}, "Unrecognized request argument supplied: frobnicate"),
         ("/v1/images/generations", {"moderation": "low"}, "is not supported by the gateway"),
         ("/v1/audio/speech", {"stream_format": "sse"}, "streamed speech events"),
+        ("/v1/images/generations", {"stream": True}, "streaming this operation is not supported"),
     ],
 )
 async def test_a_parameter_the_gateway_does_not_carry_is_a_400_naming_it(http, fake_openai, path, extra, reason):
@@ -193,6 +194,13 @@ async def test_a_member_name_with_unusual_characters_is_refused(http):
     response = await http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     assert "Unrecognized request argument" in response.json()["error"]["message"]
+
+
+async def test_more_members_than_any_operation_has_are_refused(http):
+    body = {"model": "openai/gpt-4o-mini", "messages": HELLO, **{f"x{i}": None for i in range(70)}}
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert "more than 64 top-level members" in response.json()["error"]["message"]
 
 
 async def test_role_function_is_refused_with_the_way_out(http):

@@ -12,7 +12,8 @@ field by leaving it out. So:
   upstream gave none: null for gRPC and REST callers alike.
 - The string fields get `JSON_NULL` for REST callers only (`json_nulls=True`, from the
   bridge's `x-aigne-rest` marker), which the bridge's Lua filter prints as `null`.
-  gRPC callers see them unset, proto3's null. A value that is exactly `JSON_NULL`
+  gRPC callers see them unset, proto3's null (a gRPC client that sends the
+  header itself gets the marker). A value that is exactly `JSON_NULL`
   (NUL then "null") from an upstream would also become null; no model writes it.
 
 Parameters the contract does not carry. The REST bridge's transcoder drops a JSON
@@ -82,8 +83,10 @@ REFUSED_PARAMETERS: dict[str, str] = {
     # speech
     "stream_format": f"streamed speech events {_NOT_SUPPORTED} (the audio itself is streamed)",
 }
-# Reported by the bridge for a member name that is not a plain identifier.
+# Reported by the bridge for a member name that is not a plain identifier, and after
+# its first 64 members.
 UNUSUAL_NAME = "?"
+TOO_MANY_NAMES = "+"
 
 
 def to_json(message: Message) -> JSON:
@@ -195,8 +198,10 @@ def check_given_fields(given: Iterable[str], request: type[Message]) -> None:
             raise errors.InvalidRequest(
                 "Unrecognized request argument supplied: a top-level member whose name is not a parameter"
             )
+        if name == TOO_MANY_NAMES:
+            raise errors.InvalidRequest("the request has more than 64 top-level members; no operation has that many")
         if name == "stream":  # images: only "stream": true reaches here
-            raise errors.InvalidRequest(f"stream: streamed answers {_NOT_SUPPORTED} here", field=name)
+            raise errors.InvalidRequest(f"stream: streaming this operation {_NOT_SUPPORTED}", field=name)
         reason = REFUSED_PARAMETERS.get(name)
         message = f"{name}: {reason}" if reason else f"Unrecognized request argument supplied: {name}"
         raise errors.InvalidRequest(message, field=name)
