@@ -7,7 +7,11 @@ documented wire format (itself checked against the same schemas in
 tests/test_fake_openai_upstream.py).
 
 Where OpenAI's API departs from its spec, the gateway follows the API (see the notes at
-each case): base64 embeddings are strings (the spec says arrays of numbers).
+each case): base64 embeddings are strings (the spec says arrays of numbers);
+transcriptions in `text`, `srt` and `vtt` are `text/plain` (the spec gives them a JSON
+schema), and speech is raw audio whose content type follows `response_format`, so
+neither has a JSON answer to validate (tests/test_rest_openai_sdk.py covers them).
+Error answers (OpenAI's `ErrorResponse`) are checked too.
 """
 
 from __future__ import annotations
@@ -118,3 +122,37 @@ async def test_models_conform(http):
     body = response.json()
     assert body["data"]
     assert_conforms("ListModelsResponse", body)
+
+
+@pytest.mark.parametrize(
+    ("response_format", "schema"),
+    [("json", "CreateTranscriptionResponseJson"), ("verbose_json", "CreateTranscriptionResponseVerboseJson")],
+)
+async def test_transcriptions_conform(http, response_format, schema):
+    # text, srt and vtt are text/plain at OpenAI, whatever the spec says (module docstring).
+    form = {"model": "openai/whisper-1", "response_format": response_format}
+    files = {"file": ("hello.wav", b"RIFF hello world", "audio/wav")}
+    response = await http.post("/v1/audio/transcriptions", data=form, files=files)
+    assert response.status_code == 200, response.text
+    assert_conforms(schema, response.json())
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/chat/completions", {"model": "openai/gpt-4o-mini", "messages": []}, 400),
+        ("/v1/chat/completions", {"model": "nosuch/m", "messages": [{"role": "user", "content": "x"}]}, 404),
+        ("/v1/chat/completions", {**CHAT, "audio": {"voice": "alloy"}}, 400),
+        ("/v1/chat/completions", {**CHAT, "metadata": {"a": {}}}, 400),
+        ("/v1/chat/completions", {**CHAT, "model": "openai/error-429"}, 429),
+        ("/v1/audio/speech", {"model": "openai/tts-1", "input": "x", "voice": {"id": "v"}}, 400),
+        ("/v1/embeddings", b'{"model": ', 400),
+    ],
+)
+async def test_error_answers_conform(http, path, body, status):
+    if isinstance(body, bytes):
+        response = await http.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = await http.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert_conforms("ErrorResponse", response.json())
