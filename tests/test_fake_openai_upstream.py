@@ -487,6 +487,17 @@ async def test_images_as_b64_json_are_pngs(client: openai.AsyncOpenAI) -> None:
     assert base64.b64decode(image.b64_json or "").startswith(b"\x89PNG\r\n\x1a\n")
 
 
+async def test_logprobs_as_the_sdk_types_them(client: openai.AsyncOpenAI) -> None:
+    completion = strictly(
+        ChatCompletion,
+        await client.chat.completions.create(model="gpt-4o-mini", messages=USER, logprobs=True, top_logprobs=2),
+    )
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert [entry.token for entry in logprobs.content] == ["echo: ", "hello ", "there"]
+    assert all(len(entry.top_logprobs) == 2 for entry in logprobs.content)
+
+
 async def test_gpt_image_answers_carry_image_gen_usage(client: openai.AsyncOpenAI) -> None:
     response = strictly(ImagesResponse, await client.images.generate(model="gpt-image-1", prompt="a red fox", n=2))
 
@@ -509,6 +520,7 @@ async def test_answers_follow_openais_published_spec(fake: FakeOpenAI) -> None:
                 await http.post("/chat/completions", json=chat),
                 await http.post("/chat/completions", json={**chat, "model": "tools", "tools": [WEATHER_TOOL]}),
                 await http.post("/chat/completions", json={**chat, "model": "content-filter"}),
+                await http.post("/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 2}),
             ],
             "CreateEmbeddingResponse": [await http.post("/embeddings", json={"model": "e", "input": ["a", "b"]})],
             "ImagesResponse": [
@@ -517,7 +529,7 @@ async def test_answers_follow_openais_published_spec(fake: FakeOpenAI) -> None:
             ],
             "ListModelsResponse": [await http.get("/models")],
         }
-        streamed = await http.post("/chat/completions", json={**chat, "stream": True, "n": 2})
+        streamed = await http.post("/chat/completions", json={**chat, "stream": True, "n": 2, "logprobs": True})
     for schema, responses in answers.items():
         for response in responses:
             assert response.status_code == 200, response.text

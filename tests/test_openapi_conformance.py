@@ -83,6 +83,16 @@ async def test_streamed_tool_calls_conform(http):
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+async def test_chat_with_logprobs_conforms(http):
+    request = {**CHAT, "logprobs": True, "top_logprobs": 3}
+    response = await http.post("/v1/chat/completions", json=request)
+    assert response.status_code == 200, response.text
+    assert_conforms("CreateChatCompletionResponse", response.json())
+    streamed = await http.post("/v1/chat/completions", json={**request, "stream": True})
+    for event in sse_events(streamed.text)[:-1]:
+        assert_conforms("CreateChatCompletionStreamResponse", json.loads(event))
+
+
 async def test_embeddings_conform(http):
     response = await http.post("/v1/embeddings", json={"model": "openai/text-embedding-3-small", "input": ["a b", "c"]})
     assert response.status_code == 200, response.text

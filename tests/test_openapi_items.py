@@ -147,7 +147,6 @@ async def test_an_object_as_a_map_value_is_a_400_naming_the_field(http, fake_ope
         ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "deprecated by OpenAI"),
         ("/v1/chat/completions", {"function_call": "auto"}, "give tool_choice instead"),
         ("/v1/chat/completions", {"web_search_options": {}}, "web search"),
-        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "log probabilities"),
         ("/v1/chat/completions", {"frobnicate": 1}, "Unrecognized request argument supplied: frobnicate"),
         ("/v1/embeddings", {"frobnicate": [1]}, "Unrecognized request argument supplied: frobnicate"),
         ("/v1/images/generations", {"moderation": "low"}, "is not supported by the gateway"),
@@ -171,6 +170,32 @@ async def test_a_parameter_the_gateway_does_not_carry_is_a_400_naming_it(http, f
         assert reason in error["message"], error
         assert error["param"] == next(iter(extra)) and error["code"] == "INVALID_REQUEST"
     assert not fake_openai.requests
+
+
+async def test_logprobs_are_carried_to_openai_and_back(http, fake_openai):
+    body = {"model": "openai/gpt-4o-mini", "messages": HELLO, "logprobs": True, "top_logprobs": 2}
+    answer = (await http.post("/v1/chat/completions", json=body)).json()
+    assert fake_openai.last_request.json["logprobs"] is True and fake_openai.last_request.json["top_logprobs"] == 2
+    content = answer["choices"][0]["logprobs"]["content"]
+    assert [entry["token"] for entry in content] == ["echo: ", "hello ", "there"]
+    assert [len(entry["top_logprobs"]) for entry in content] == [2, 2, 2]
+    assert answer["choices"][0]["logprobs"]["refusal"] is None
+    streamed = await http.post("/v1/chat/completions", json={**body, "stream": True})
+    chunks = sse_chunks(streamed.text)
+    tokens = [c["choices"][0]["logprobs"]["content"][0]["token"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert tokens == ["echo: ", "hello ", "there"]
+
+
+async def test_top_logprobs_needs_logprobs_and_a_bound(http):
+    for extra, problem in (
+        ({"top_logprobs": 2}, "only allowed when logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "20"),
+    ):
+        body = {"model": "openai/gpt-4o-mini", "messages": HELLO, **extra}
+        response = await http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "top_logprobs" and problem in error["message"], error
 
 
 async def test_false_and_null_count_as_absent_and_camel_case_names_are_known(http, fake_openai):

@@ -21,7 +21,7 @@ from aigne.hub.v1 import common_pb2
 from server import errors
 from server.accounts.service import Accounts
 from server.api.calls import MeteredServicer, abort_for, from_bridge, from_rest, unary
-from server.api.convert import chat_chunk_from_openai, chat_completion_from_openai, to_json
+from server.api.convert import chat_body, chat_chunk_from_openai, chat_completion_from_openai
 from server.api.metering import chat_prompt_tokens, chat_worst_case, streamed_text_chars, usage_from_openai
 from server.api.shutdown import OpenStreams
 from server.api.validation import check_chat_request, check_request
@@ -55,7 +55,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         route, adapter = self._resolve(request)
         async with self._meter(route, "chat", chat_worst_case(request), chat_prompt_tokens(request)) as meter:
             answer = await self._upstream(
-                route, adapter.create_chat_completion(_chat_body(request), route.upstream_model)
+                route, adapter.create_chat_completion(chat_body(request), route.upstream_model)
             )
             meter.usage = usage_from_openai(answer.get("usage"))
         response = chat_completion_from_openai(answer, provider=route.provider.name, json_nulls=from_rest(context))
@@ -93,7 +93,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         if request.HasField("stream") and not request.stream:
             raise errors.InvalidRequest("stream is false: call CreateChatCompletion", field="stream")
         route, adapter = self._resolve(request)
-        body = _chat_body(request)
+        body = chat_body(request)
         body["stream"] = True
         include_usage = request.stream_options.include_usage
         chunks = self._upstream_stream(route, adapter.stream_chat_completion(body, route.upstream_model))
@@ -115,14 +115,6 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         check_chat_request(request)
         features = [Capability.TOOLS] if request.tools else []
         return self._router.resolve(request.model, Capability.CHAT, ChatCompletions, features)
-
-
-def _chat_body(request: chat_pb.CreateChatCompletionRequest) -> JSON:
-    body = to_json(request)
-    body.pop("model", None)
-    if "seed" in body:  # int64 comes out of the JSON mapping as a string
-        body["seed"] = int(body["seed"])
-    return body
 
 
 def _public_model(route: Route, answer: JSON) -> str:

@@ -25,6 +25,11 @@ request message does not have. OpenAI's own parameters get a reason
 "Unrecognized request argument supplied". Nested members (inside a message, say) are
 not reported.
 
+Log probabilities. `logprobs`/`top_logprobs` are carried: the OpenAI adapter passes
+them on and the upstream's `choices[].logprobs` comes back as is; the other adapters
+refuse `logprobs: true` with UNSUPPORTED_FEATURE. `logprobs: false` is the default and
+is not sent on.
+
 Image model. OpenAI's images endpoint defaults `model` to dall-e-2; the gateway
 defaults it to `openai/dall-e-2` (`DEFAULT_IMAGE_MODEL`), so a request without one
 goes where it would at OpenAI (or is refused as an unknown model when no `openai`
@@ -68,8 +73,6 @@ REFUSED_PARAMETERS: dict[str, str] = {
     "functions": "is deprecated by OpenAI and not supported by the gateway: give tools instead",
     "function_call": "is deprecated by OpenAI and not supported by the gateway: give tool_choice instead",
     "web_search_options": f"web search {_NOT_SUPPORTED}",
-    "logprobs": f"log probabilities {_NOT_SUPPORTED}",
-    "top_logprobs": f"log probabilities {_NOT_SUPPORTED}",
     "store": f"storing completions at the provider {_NOT_SUPPORTED}",
     "service_tier": f"choosing a service tier {_NOT_SUPPORTED}",
     "verbosity": f"{_NOT_SUPPORTED} (say it in the prompt)",
@@ -127,6 +130,17 @@ def _whole_numbers_to_int(value: Any) -> Any:
     if isinstance(value, list):
         return [_whole_numbers_to_int(item) for item in value]
     return value
+
+
+def chat_body(request: chat_pb.CreateChatCompletionRequest) -> JSON:
+    """The chat request as the OpenAI body an adapter translates (without `model`)."""
+    body = to_json(request)
+    body.pop("model", None)
+    if "seed" in body:  # int64 comes out of the JSON mapping as a string
+        body["seed"] = int(body["seed"])
+    if body.get("logprobs") is False:  # the default: no adapter needs to hear of it
+        del body["logprobs"]
+    return body
 
 
 def chat_completion_from_openai(
