@@ -7,7 +7,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := python3
 
 
-.PHONY: setup run test pytest postgres bench generate check-generated lint typecheck buf-lint buf-breaking clean
+.PHONY: setup run test pytest postgres redis bench generate check-generated lint typecheck buf-lint buf-breaking clean
 
 setup: .venv/.installed node_modules/.installed
 
@@ -16,7 +16,7 @@ $(UV):
 	.tools/uv/bin/pip install --quiet uv==$(UV_VERSION)
 
 .venv/.installed: pyproject.toml uv.lock $(UV)
-	$(UV) sync --frozen --quiet
+	$(UV) sync --frozen --quiet --extra local
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -27,7 +27,7 @@ run: setup
 	.venv/bin/aigne-hub serve
 
 # The one test command (README, CI): static checks, then the whole suite.
-test: setup check-generated lint typecheck buf-breaking postgres
+test: setup check-generated lint typecheck buf-breaking postgres redis
 	AIGNE_HUB_REQUIRE_POSTGRES=1 .venv/bin/pytest
 
 # Storage tests run against SQLite and PostgreSQL (127.0.0.1:5432, trust auth, database
@@ -37,6 +37,16 @@ postgres:
 		echo "starting PostgreSQL"; \
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start && \
 		for i in $$(seq 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done; }
+
+# Routing tests share cooldowns through Redis (127.0.0.1:6379, as on these machines):
+# start the local server if it is installed but stopped.
+redis:
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { \
+		echo "starting Redis"; \
+		mkdir -p /var/lib/redis /var/log/redis; \
+		redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+			--dir /var/lib/redis --logfile /var/log/redis/ci.log && \
+		for i in $$(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done; }
 
 pytest: setup
 	.venv/bin/pytest $(ARGS)

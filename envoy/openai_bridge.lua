@@ -15,18 +15,18 @@
 --     a parameter the contract does not carry instead of the transcoder dropping it.
 --   * Speech with `voice` as an object (a custom voice id, in OpenAI's spec) is
 --     answered 400 saying so (OBJECT_REFUSALS).
+--   * OpenAI's chat requests get `x-aigne-rest: 1`: the server then writes the string
+--     fields OpenAI sends as null with the JSON_NULL marker (server/api/convert.py).
 --   * A client-sent `x-aigne-bridge`, `x-aigne-fields` or `x-aigne-rest` header is
 --     removed.
---   * Every REST request gets `x-aigne-rest: 1`: the server then writes the string
---     fields OpenAI sends as null with the JSON_NULL marker (server/api/convert.py).
 --   * Every other request passes untouched after a few header operations.
 -- Responses:
 --   * text/event-stream: the sentinel event `data: {"id":"[DONE]",...}` becomes
 --     `data: [DONE]`, chunk by chunk, without buffering the stream.
 --   * the JSON_NULL marker (the JSON text `:"\u0000null"`) becomes `:null`, in every
---     SSE chunk and in the whole (buffered) 200 answer of a chat completion. A JSON
---     text holds `:"` only where a string value begins, so the marker cannot be
---     matched inside a string (a quote there is escaped).
+--     SSE chunk of OpenAI's streams and in the whole (buffered) 200 answer of a chat
+--     completion. A JSON text holds `:"` only where a string value begins, so the
+--     marker cannot be matched inside a string (a quote there is escaped).
 --   * status >= 400 with a JSON google.rpc.Status body (the transcoder's
 --     convert_grpc_status): an OpenAI `error` object is added in front of the original
 --     fields. Envoy's own error replies are shaped by local_reply_config instead.
@@ -34,6 +34,10 @@
 local find, sub, byte, gsub = string.find, string.sub, string.byte, string.gsub
 
 local STREAM_PATH = "/internal/chat/completions:stream"
+-- AIGNE Hub's agent protocol (AgentService): its chat path and internal stream binding.
+local AGENT_CHAT_PATH = "/api/v2/chat"
+local AGENT_STREAM_PATH = "/internal/api/v2/chat:stream"
+local LUA_NS = "envoy.filters.http.lua"
 local CHAT_PATHS = { ["/chat/completions"] = true, ["/v1/chat/completions"] = true }
 -- The JSON bodies of OpenAI's API whose top-level members are reported to the server
 -- (`x-aigne-fields`), which refuses those it does not carry (server/api/convert.py).
@@ -48,7 +52,6 @@ local SENTINEL = 'data: {"id":"[DONE]"'
 local DONE_EVENT = "data: [DONE]\n\n"
 local NULL_MARKER = ':"\\u0000null"' -- the transcoder's JSON for convert.JSON_NULL
 local JSON_NULL = ":null"
-local METADATA_NS = "aigne.bridge"
 
 local ERROR_TYPES = {
   [400] = "invalid_request_error",
@@ -76,6 +79,48 @@ local function string_end(s, i)
     if (k - 1 - b) % 2 == 0 then return k end
     j = k + 1
   end
+end
+
+-- Where the value of member `key` of the JSON object that opens at `open` starts (its
+-- first non-blank byte), or nil. Strings and nested values are skipped structurally,
+-- so a `key` inside a message or a nested object never counts; each step is one
+-- C-level string.find. The scan stops at the first such member (the transcoder rejects
+-- a duplicate key with 400 anyway).
+local function member_value(s, open, key)
+  if not open or byte(s, open) ~= 123 then return nil end -- not an object
+  local pos = open + 1
+  local depth = 1
+  while true do
+    local i, _, c = find(s, '([{}%[%]"])', pos)
+    if not i then return nil end
+    if c == '"' then
+      local j = string_end(s, i)
+      if not j then return nil end
+      pos = j + 1
+      if depth == 1 and j - i - 1 == #key and sub(s, i + 1, j - 1) == key then
+        local _, e = find(s, "^[ \t\r\n]*:[ \t\r\n]*", pos)
+        if e then return e + 1 end
+      end
+    elseif c == "{" or c == "[" then
+      depth = depth + 1
+      pos = i + 1
+    else
+      depth = depth - 1
+      if depth == 0 then return nil end
+      pos = i + 1
+    end
+  end
+end
+
+local function first_byte(s)
+  return find(s, "[^ \t\r\n]")
+end
+
+-- Whether `s`, a JSON object, has "options": {"streaming": true} (AIGNE's agent calls).
+local function agent_streaming_true(s)
+  local options = member_value(s, first_byte(s), "options")
+  local streaming = options and member_value(s, options, "streaming")
+  return streaming ~= nil and sub(s, streaming, streaming + 3) == "true"
 end
 
 -- The top-level members of `s`, a JSON object, in order: each `{name = raw key, value
@@ -179,10 +224,10 @@ function envoy_on_request(handle)
     headers:replace("x-aigne-bridge", "grpc")
     return
   end
-  -- Only this filter may set the markers: a client's own never reaches a mapper or the server.
+  -- Only this filter may set the marker: a client's own never reaches a mapper or the server.
   headers:remove("x-aigne-bridge")
   headers:remove("x-aigne-fields")
-  headers:replace("x-aigne-rest", "1")
+  headers:remove("x-aigne-rest")
   local query = ""
   local q = find(path, "?", 1, true)
   if q then
@@ -195,7 +240,8 @@ function envoy_on_request(handle)
     local chat = CHAT_PATHS[path]
     if chat then
       -- The answer may hold JSON_NULL markers (a stream's chunks are checked anyway).
-      handle:streamInfo():dynamicMetadata():set(METADATA_NS, "json_nulls", true)
+      headers:replace("x-aigne-rest", "1")
+      handle:streamInfo():dynamicMetadata():set(LUA_NS, "json_nulls", true)
     end
     local body = handle:body()
     if not body or body:length() == 0 then return end
@@ -213,6 +259,22 @@ function envoy_on_request(handle)
     if chat and stream_true(members) then
       headers:replace(":path", STREAM_PATH .. query)
       headers:replace("x-aigne-bridge", "sse")
+    end
+    return
+  end
+
+  if sub(path, 1, 5) == "/api/" or path == "/__blocklet__.js" then
+    -- AIGNE's protocol: its errors get AIGNE Hub's shape on the way back.
+    handle:streamInfo():dynamicMetadata():set(LUA_NS, "agent", true)
+    if path == AGENT_CHAT_PATH and headers:get(":method") == "POST" then
+      local body = handle:body()
+      if not body or body:length() < 20 then return end
+      local text = body:getBytes(0, body:length())
+      if find(text, '"streaming"', 1, true) and agent_streaming_true(text) then
+        headers = handle:headers()
+        headers:replace(":path", AGENT_STREAM_PATH .. query)
+        headers:replace("x-aigne-bridge", "sse")
+      end
     end
     return
   end
@@ -278,7 +340,13 @@ local function bound_message(body, text)
   body:setBytes(sub(text, 1, open) .. message .. sub(text, close))
 end
 
-local function rewrite_error(handle, status)
+-- AIGNE Hub's error type for a reason: running out of credits is NOT_ENOUGH (and 402).
+local function agent_type(reason, fallback)
+  if reason == "INSUFFICIENT_CREDITS" then return "NOT_ENOUGH" end
+  return reason or fallback
+end
+
+local function rewrite_error(handle, status, agent)
   local body = handle:body()
   if not body then return end
   local n = body:length()
@@ -293,13 +361,14 @@ local function rewrite_error(handle, status)
     -- google.rpc.Status as printed by the transcoder: code, message, details, in order.
     local details_at = find(text, ',"details":', 1, true)
     local message = raw_string_after(text, '"message":"', 1, details_at) or ""
-    local code, param = "null", "null"
+    local code, param, reason = "null", "null", nil
     local info = details_at and find(text, '"@type":"type.googleapis.com/google.rpc.ErrorInfo"', details_at, true)
     if info then
       -- Search only this detail: up to the next "@type" (ErrorInfo has no nested Any).
       local limit = find(text, '"@type":', info + 8, true)
-      local reason = raw_string_after(text, '"reason":"', info, limit)
-      if reason and reason ~= "" then code = '"' .. reason .. '"' end
+      reason = raw_string_after(text, '"reason":"', info, limit)
+      if reason == "" then reason = nil end
+      if reason then code = '"' .. reason .. '"' end
       local meta = find(text, '"metadata":{', info, true)
       if meta and (not limit or meta < limit) then
         local meta_end = find(text, "}", meta, true)
@@ -307,8 +376,15 @@ local function rewrite_error(handle, status)
         if field and field ~= "" then param = '"' .. field .. '"' end
       end
     end
-    body:setBytes('{"error":{"message":"' .. message .. '","type":"' .. etype ..
-      '","param":' .. param .. ',"code":' .. code .. "}," .. sub(text, 2))
+    if agent then
+      -- AIGNE Hub's shape: the client shows `message` and keeps `type`.
+      body:setBytes('{"error":{"message":"' .. message .. '","type":"' .. agent_type(reason, etype) ..
+        '","code":' .. code .. "}," .. sub(text, 2))
+      if reason == "INSUFFICIENT_CREDITS" then handle:headers():replace(":status", "402") end
+    else
+      body:setBytes('{"error":{"message":"' .. message .. '","type":"' .. etype ..
+        '","param":' .. param .. ',"code":' .. code .. "}," .. sub(text, 2))
+    end
   else
     -- Anything else (plain text from an upstream, an empty body): wrap it.
     local message = text ~= "" and text or ("HTTP " .. status)
@@ -318,28 +394,48 @@ local function rewrite_error(handle, status)
   handle:headers():replace("content-type", "application/json")
 end
 
+-- An agent stream's failure event `data: {"error":{...}}` becomes AIGNE's
+-- `event: error` with the error object as its data, chunk by chunk.
+local AGENT_ERROR = 'data: {"error":'
+
+local function rewrite_agent_stream(handle)
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n >= #AGENT_ERROR then
+      local data = chunk:getBytes(0, n)
+      local i = find(data, AGENT_ERROR, 1, true)
+      local j = i and find(data, "\n\n", i, true)
+      if j then
+        chunk:setBytes(sub(data, 1, i - 1) .. "event: error\ndata: " .. sub(data, i + #AGENT_ERROR, j - 2) ..
+          "\n\n" .. sub(data, j + 2))
+      end
+    end
+  end
+end
+
 -- `data` with every JSON_NULL marker printed as null, or nil when it holds none.
 local function with_json_nulls(data)
   if not find(data, NULL_MARKER, 1, true) then return nil end
   return (gsub(data, NULL_MARKER, JSON_NULL))
 end
 
-local function wants_json_nulls(handle)
-  local flags = handle:streamInfo():dynamicMetadata():get(METADATA_NS)
-  return flags ~= nil and flags["json_nulls"] == true
+local function wants_json_nulls(meta)
+  return meta ~= nil and meta["json_nulls"] == true
 end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
   local status = tonumber(headers:get(":status")) or 0
+  local meta = handle:streamInfo():dynamicMetadata():get(LUA_NS)
+  local agent = meta ~= nil and meta["agent"] == true
   if status >= 400 then
-    rewrite_error(handle, status)
+    rewrite_error(handle, status, agent)
     return
   end
   local ctype = headers:get("content-type")
   if not ctype then return end
   if sub(ctype, 1, 16) == "application/json" then
-    if not wants_json_nulls(handle) then return end
+    if not wants_json_nulls(meta) then return end
     local body = handle:body()
     if not body or body:length() == 0 then return end
     local text = with_json_nulls(body:getBytes(0, body:length()))
@@ -347,6 +443,10 @@ function envoy_on_response(handle)
     return
   end
   if sub(ctype, 1, 17) ~= "text/event-stream" then return end
+  if agent then
+    rewrite_agent_stream(handle)
+    return
+  end
 
   -- Each chunk is forwarded as soon as this loop body returns: nothing is buffered.
   -- The transcoder writes each message as one chunk, so a marker is never split.

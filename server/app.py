@@ -25,6 +25,8 @@ from grpc_reflection.v1alpha import reflection
 from aigne.hub.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
     audio_service_pb2,
     audio_service_pb2_grpc,
     chat_service_pb2,
@@ -39,6 +41,7 @@ from aigne.hub.v1 import (
 from server.accounts.credits import rate_from_credits
 from server.accounts.service import Accounts
 from server.api.admin import AdminServicer
+from server.api.agent import AgentServicer
 from server.api.audio import AudioServicer
 from server.api.auth import AuthInterceptor
 from server.api.chat import ChatServicer
@@ -49,11 +52,13 @@ from server.api.shutdown import OpenStreams, interrupt_after
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
 from server.memory import return_large_buffers_to_the_os
-from server.providers.base import CredentialProbe, Provider
+from server.providers.base import CredentialProbe, Preloading, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
 from server.redaction import register_secret
-from server.router import Router
+from server.routing.attempts import Routing
+from server.routing.cooldown import open_cooldowns
+from server.routing.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ SERVICE_NAMES = [
     audio_service_pb2.DESCRIPTOR.services_by_name["AudioService"].full_name,
     status_service_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
 ]
 
 
@@ -116,6 +122,7 @@ class Gateway:
     providers: dict[str, Provider] = field(default_factory=dict)
     streams: OpenStreams = field(default_factory=OpenStreams)
     spool_replay: asyncio.Task[None] | None = None
+    routing: Routing | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones (streams too) finish within
@@ -133,6 +140,8 @@ class Gateway:
         for provider in self.providers.values():
             await provider.aclose()
         await self.client.aclose()
+        if self.routing is not None:
+            await self.routing.aclose()
         if self.spool_replay is not None:
             self.spool_replay.cancel()
             await asyncio.gather(self.spool_replay, return_exceptions=True)
@@ -160,7 +169,11 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         register_secret(secret.get_secret_value() if secret else None)
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+    for provider in providers.values():
+        if isinstance(provider, Preloading):
+            provider.start_loading()
     router = Router(config, providers, upstream_timeout_s=settings.upstream_read_timeout_s)
+    routing = Routing(config.routing, open_cooldowns(settings.redis_url, config.routing.cooldown))
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
     accounts.watch_credentials(probes, settings.credential_recheck_s)
     serving = ServingFlag()
@@ -177,12 +190,18 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
             IntakeInterceptor(settings.default_call_deadline_s),
         ],
     )
-    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(router, accounts, streams), server)
-    embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(router, accounts), server)
-    image_service_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(router, accounts), server)
-    audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts), server)
+    chat = ChatServicer(router, accounts, streams, routing)
+    images = ImageServicer(router, accounts, routing)
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
+    embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(
+        EmbeddingServicer(router, accounts, routing), server
+    )
+    image_service_pb2_grpc.add_ImageServiceServicer_to_server(images, server)
+    # AIGNE's agent protocol, served by the same chat and image servicers in process.
+    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(router, accounts, chat, images), server)
+    audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts, routing), server)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(accounts, providers), server)
-    status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving), server)
+    status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving, routing), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -199,7 +218,9 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")
     replayer = accounts.spool_replayer(settings.spool_replay_interval_s)
     replay = asyncio.create_task(replayer.run(), name="ledger-spool-replay") if replayer else None
-    return Gateway(settings, server, port, client, health_servicer, serving, accounts, providers, streams, replay)
+    return Gateway(
+        settings, server, port, client, health_servicer, serving, accounts, providers, streams, replay, routing
+    )
 
 
 async def apply_configured_rates(accounts: Accounts, config: GatewayConfig) -> None:

@@ -14,7 +14,9 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     ...                                         see `Settings` for the rest
 
 Providers: with a YAML file, exactly the providers it lists; without one, every
-provider whose official SDK variables are set (`OPENAI_API_KEY`, `OPENAI_BASE_URL`).
+provider whose official SDK variables are set (`OPENAI_API_KEY`, `OPENAI_BASE_URL`),
+and the packaged `local` models when the `[local]` extra is installed
+(`AIGNE_HUB_LOCAL=false` turns them off; server.providers.local has their settings).
 Secrets belong in the environment: the file names the variable (`api_key_env`).
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import os
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
@@ -59,9 +61,11 @@ class Settings(StorageSettings, AccountsSettings):
     # One limit for request and response messages, in gRPC and in Envoy's buffers.
     max_message_bytes: int = Field(32 * MIB, ge=MIB, le=512 * MIB)
     upstream_connect_timeout_s: float = Field(10.0, gt=0)
-    # How long an upstream may take to answer (a whole unary answer; a stream's first
-    # chunk and each gap between chunks). The server then fails the call itself with
-    # UPSTREAM_TIMEOUT; Envoy's limits are derived from this one and are longer.
+    # The longest the server waits on upstreams: for an answer (a whole unary answer; a
+    # stream's first chunk and each gap between chunks) and for a whole call, retries and
+    # fallbacks included. It is the default of the routing timeouts and their ceiling;
+    # the server then fails the call itself with UPSTREAM_TIMEOUT. Envoy's limits are
+    # derived from this one and are longer.
     upstream_read_timeout_s: float = Field(600.0, gt=0)
     # Envoy's log level; debug and trace are refused (they log authorization headers).
     envoy_log_level: Annotated[str, AfterValidator(check_envoy_log_level)] = "warning"
@@ -70,6 +74,9 @@ class Settings(StorageSettings, AccountsSettings):
     # The deadline of a call that sends none (server.api.intake): no call is held forever.
     default_call_deadline_s: float = Field(600.0, gt=0)
     upstream_max_connections: int = Field(1000, ge=1)
+    # Redis for state every replica must share (deployment cooldowns); unset: each
+    # process keeps its own. E.g. redis://127.0.0.1:6379/0.
+    redis_url: str | None = None
     log_level: str = "INFO"
 
 
@@ -103,6 +110,8 @@ class ProviderConfig(BaseModel):
     api_key_env: str | None = None
     api_key: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    # Azure OpenAI's `api-version` (default: OPENAI_API_VERSION, as its SDK reads it).
+    api_version: str | None = None
     models: Annotated[list[ModelEntry], BeforeValidator(_models_list)] = Field(default_factory=list)
     # When true, models outside `models` are refused with MODEL_NOT_FOUND instead of
     # being passed to the provider, which knows best which models it has.
@@ -127,14 +136,103 @@ class RateConfig(BaseModel):
     per_character: Decimal = Decimal(0)
 
 
+class DeploymentConfig(BaseModel):
+    """One upstream that can serve a public model: a configured provider (its own base
+    URL and credential), the model name it knows, and a share of the traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    # Relative share under the `weighted` strategy.
+    weight: float = Field(1.0, gt=0, le=1_000_000)
+
+
+class TimeoutsConfig(BaseModel):
+    """How long one attempt may take (seconds; unset: the routing defaults').
+
+    first_token_s: until the first streamed chunk, or until a unary answer's response.
+    idle_s: between two streamed chunks. total_s: the whole client call, all attempts
+    and backoffs included (a shorter gRPC deadline or `x-aigne-hub-timeout-s` wins)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    first_token_s: float | None = Field(None, gt=0, le=86_400)
+    idle_s: float | None = Field(None, gt=0, le=86_400)
+    total_s: float | None = Field(None, gt=0, le=86_400)
+
+
+Strategy = Literal["weighted", "least-busy", "latency"]
+
+
+class ModelRouteConfig(BaseModel):
+    """A public model: the deployments that serve it and where to go when they cannot.
+
+    The key in `models:` is what clients call: a name of your own (`smart`) or a
+    `provider/model` (which then needs no `deployments`: it is its own deployment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Strategy = "weighted"
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+    # Models tried in order once this model's deployments are exhausted.
+    fallbacks: list[str] = Field(default_factory=list)
+    # A model with a larger context window, tried when the prompt is too long.
+    context_window_fallbacks: list[str] = Field(default_factory=list)
+    # Models tried when the provider refuses the content on policy grounds.
+    content_policy_fallbacks: list[str] = Field(default_factory=list)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    # Attempts across deployments and fallbacks (unset: the routing default).
+    max_attempts: int | None = Field(None, ge=1, le=20)
+
+
+class CooldownConfig(BaseModel):
+    """When a deployment rests: `failures` failures within `window_s`, or more than half
+    of at least `min_calls` calls failing in the window, or a 429. It rests for the
+    provider's Retry-After, else `rest_s` doubling on each repeated trip up to
+    `max_rest_s`; after that one trial call decides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # False: no deployment ever rests (every call tries them all).
+    enabled: bool = True
+    failures: int = Field(3, ge=1, le=1000)
+    window_s: float = Field(60.0, gt=0, le=3600)
+    min_calls: int = Field(10, ge=1, le=100_000)
+    rest_s: float = Field(5.0, gt=0, le=3600)
+    max_rest_s: float = Field(300.0, gt=0, le=86_400)
+
+
+class RoutingConfig(BaseModel):
+    """Defaults for every model (`routing:` in the YAML file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(3, ge=1, le=20)
+    fallbacks: list[str] = Field(default_factory=list)
+    # Exponential backoff with full jitter between attempts on the same deployment:
+    # base * 2^(n-1), at most max_backoff_s; a Retry-After hint is honoured up to
+    # max_retry_after_s (a longer hint rests the deployment instead of waiting).
+    backoff_base_s: float = Field(0.25, ge=0, le=60)
+    max_backoff_s: float = Field(8.0, ge=0, le=600)
+    max_retry_after_s: float = Field(30.0, ge=0, le=3600)
+    # Unset parts come from AIGNE_HUB_UPSTREAM_READ_TIMEOUT_S (default 600 s), which is
+    # also the most any model may set (the REST bridge's limits are derived from it).
+    timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig(idle_s=300.0))
+    cooldown: CooldownConfig = Field(default_factory=CooldownConfig)
+
+
 class GatewayConfig(BaseModel):
     """The YAML file's schema."""
 
     model_config = ConfigDict(extra="forbid")
 
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
-    # `alias: provider/model`, e.g. `fast: openai/gpt-4o-mini`.
+    # `alias: provider/model`, e.g. `fast: openai/gpt-4o-mini` (a model with one deployment).
     aliases: dict[str, str] = Field(default_factory=dict)
+    # Public models with deployments, fallbacks and timeouts (see ModelRouteConfig).
+    models: dict[str, ModelRouteConfig] = Field(default_factory=dict)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     # `provider/model` or a glob (`openai/*`, `*`): its rates. The admin API can change
     # rates at run time; the file's are applied again at each start.
     rates: dict[str, RateConfig] = Field(default_factory=dict)
@@ -176,6 +274,10 @@ def config_from_environment(environ: dict[str, str]) -> GatewayConfig:
         ("deepseek", "DEEPSEEK_API_KEY"),
         ("xai", "XAI_API_KEY"),
         ("openrouter", "OPENROUTER_API_KEY"),
+        ("groq", "GROQ_API_KEY"),
+        ("together", "TOGETHER_API_KEY"),
+        ("fireworks", "FIREWORKS_API_KEY"),
+        ("perplexity", "PERPLEXITY_API_KEY"),
     ):
         if environ.get(variable):
             providers[name] = ProviderConfig(api_key_env=variable)
@@ -183,7 +285,34 @@ def config_from_environment(environ: dict[str, str]) -> GatewayConfig:
     if gemini_key := next((v for v in ("GOOGLE_API_KEY", "GEMINI_API_KEY") if environ.get(v)), None):
         gemini_url = environ.get("GOOGLE_GEMINI_BASE_URL") or None
         providers["gemini"] = ProviderConfig(api_key_env=gemini_key, base_url=gemini_url)
+    # Bedrock: AWS credentials (keys, a profile, or a Bedrock API key) and a region,
+    # read by botocore itself when the adapter is built.
+    if any(environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_BEARER_TOKEN_BEDROCK")) and any(
+        environ.get(v) for v in ("AWS_REGION", "AWS_DEFAULT_REGION")
+    ):
+        providers["bedrock"] = ProviderConfig()
+    # Azure OpenAI, as openai.AzureOpenAI reads it: an endpoint and a key or Entra ID token.
+    if environ.get("AZURE_OPENAI_ENDPOINT") and (
+        environ.get("AZURE_OPENAI_API_KEY") or environ.get("AZURE_OPENAI_AD_TOKEN")
+    ):
+        providers["azure"] = ProviderConfig()
     # Ollama needs no key (OLLAMA_API_KEY only for ollama.com); its host enables it.
     if environ.get("OLLAMA_HOST"):
         providers["ollama"] = ProviderConfig(base_url=environ["OLLAMA_HOST"], api_key_env="OLLAMA_API_KEY")
+    if local_enabled(environ):
+        providers["local"] = ProviderConfig()
     return GatewayConfig(providers=providers)
+
+
+def local_enabled(environ: dict[str, str]) -> bool:
+    """The packaged local models serve unless AIGNE_HUB_LOCAL says no or they are not installed."""
+    from server.providers.local import installed
+
+    switch = environ.get("AIGNE_HUB_LOCAL", "true").strip().lower()
+    if switch not in _TRUE | _FALSE:
+        raise ConfigError(f"AIGNE_HUB_LOCAL must be true or false, got {switch[:16]!r}")
+    return switch in _TRUE and installed()
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})

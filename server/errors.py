@@ -110,8 +110,10 @@ class ShuttingDown(GatewayError):
 
 
 class StorageUnavailable(GatewayError):
-    """The gateway's own database cannot be reached or written in time. Nothing was
-    charged and no provider was called; `retry_after_seconds` carries a hint."""
+    """The gateway's own database cannot be reached or written in time, and no local
+    spool could keep the call's record either. Nothing was charged; a provider was
+    called only when the record failed at the end of the call (the answer is then
+    withheld, or a stream ends with this error). `retry_after_seconds` carries a hint."""
 
     reason = "STORAGE_UNAVAILABLE"
     openai_type = "service_unavailable_error"

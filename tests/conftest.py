@@ -25,7 +25,7 @@ from server.app import Gateway, start_gateway
 from server.bridge.envoy_config import LUA_PATH, render_envoy_config
 from server.bridge.process import EnvoyProcess
 from server.cli import DESCRIPTOR_PATH, wait_for_bridge
-from server.config import GatewayConfig, ProviderConfig, Settings
+from server.config import CooldownConfig, GatewayConfig, ProviderConfig, RoutingConfig, Settings
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import bearer_interceptors
 
@@ -50,8 +50,15 @@ class Bridge:
     envoy: EnvoyProcess
 
 
+# For the gateways that test how one upstream answer reaches the client (error mapping,
+# retry hints): one attempt, no cooldowns, so each call shows that answer as it is and
+# one test's failures do not rest a deployment for the next. Routing has its own tests.
+SINGLE_ATTEMPT = RoutingConfig(max_attempts=1, cooldown=CooldownConfig(enabled=False))
+
+
 def gateway_config(fake_base_url: str) -> GatewayConfig:
     return GatewayConfig(
+        routing=SINGLE_ATTEMPT,
         providers={
             "openai": ProviderConfig(base_url=fake_base_url, api_key=FAKE_KEY),
             # The same fake behind a second name with a wrong key: upstream auth failures.

@@ -21,7 +21,7 @@ from aigne.hub.v1 import embedding_service_pb2 as embedding_pb
 from aigne.hub.v1 import embedding_service_pb2_grpc as embedding_grpc
 from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, ProviderConfig, Settings
-from tests.conftest import Bridge, start_bridge
+from tests.conftest import SINGLE_ATTEMPT, Bridge, start_bridge
 from tests.helpers import error_info
 
 JSON = dict[str, Any]
@@ -72,7 +72,7 @@ async def start_stack(providers: dict[str, ProviderConfig], tmp_dir: Path) -> St
     settings = Settings(
         grpc_port=0, auth_required=False, upstream_read_timeout_s=UPSTREAM_TIMEOUT_S, shutdown_grace_s=1.0
     )
-    gateway = await start_gateway(settings, GatewayConfig(providers=providers))
+    gateway = await start_gateway(settings, GatewayConfig(providers=providers, routing=SINGLE_ATTEMPT))
     bridge = await start_bridge(gateway.port, tmp_dir)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
     oai = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key="sk-gateway", max_retries=0, timeout=20)

@@ -4,6 +4,7 @@ REST bridge (the accounts library itself is tested in tests/test_storage_*.py)."
 from __future__ import annotations
 
 import asyncio
+import io
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -235,3 +236,36 @@ async def test_rates_from_the_config_file_are_applied_on_start(fake_openai, tmp_
         await gateway.stop(0.2)
     assert rate is not None
     assert rate.input_per_million_micros == 2_500_000 and rate.per_image_micros == 40_000
+
+
+@pytest.mark.parametrize("response_format", ["json", "text", "srt", "vtt", "verbose_json"])
+async def test_transcriptions_record_audio_seconds_in_every_format(gateway, bridge, fake_openai, response_format):
+    record, secret = await new_key(gateway, owner=f"project:audio-{response_format}")
+    audio = io.BytesIO(b"RIFF fake wave bytes")
+    audio.name = "speech.wav"
+    result = await sdk(bridge, secret).audio.transcriptions.create(
+        model="openai/whisper-1", file=audio, response_format=response_format
+    )
+    sent = fake_openai.requests[-1].form["response_format"]
+    # text, srt and vtt are rendered by the gateway from verbose_json, which tells the duration.
+    assert sent == ("json" if response_format == "json" else "verbose_json")
+    if response_format == "srt":
+        assert result.startswith("1\n00:00:00,000 --> 00:00:0") and "\n\n" in result
+    if response_format == "vtt":
+        assert result.startswith("WEBVTT\n\n00:00:00.000 --> ")
+    if response_format == "text":
+        assert result.strip() and "-->" not in result
+    [usage] = await gateway.accounts.ledger.records(key_id=record.id)
+    assert usage.operation == "transcription" and usage.audio_ms > 0
+
+
+async def test_gpt4o_transcription_text_records_tokens(gateway, bridge, fake_openai):
+    record, secret = await new_key(gateway, owner="project:audio-tokens")
+    audio = io.BytesIO(b"RIFF fake wave bytes")
+    audio.name = "speech.wav"
+    text = await sdk(bridge, secret).audio.transcriptions.create(
+        model="openai/gpt-4o-mini-transcribe", file=audio, response_format="text"
+    )
+    assert fake_openai.requests[-1].form["response_format"] == "json" and text.endswith("\n")
+    [usage] = await gateway.accounts.ledger.records(key_id=record.id)
+    assert usage.operation == "transcription" and usage.input_tokens > 0 and usage.output_tokens > 0

@@ -15,7 +15,7 @@ from aigne.hub.v1 import admin_service_pb2 as admin_pb
 from aigne.hub.v1 import admin_service_pb2_grpc as admin_grpc
 from server.app import start_gateway
 from server.config import GatewayConfig, ProviderConfig, Settings
-from tests.conftest import FAKE_KEY, gateway_config, start_bridge
+from tests.conftest import FAKE_KEY, SINGLE_ATTEMPT, gateway_config, start_bridge
 from tests.helpers import bearer_interceptors
 
 ADMIN_TOKEN = "admin-" + "t" * 32
@@ -27,6 +27,7 @@ async def admin_stack(fake_openai, tmp_path_factory):
     config = gateway_config(fake_openai.base_url)
     # A provider whose configured key is wrong: only a vault credential makes it work.
     config = GatewayConfig(
+        routing=SINGLE_ATTEMPT,
         providers={
             **config.providers,
             "vaulted": ProviderConfig(type="openai", base_url=fake_openai.base_url, api_key="sk-wrong"),

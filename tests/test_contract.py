@@ -28,6 +28,13 @@ SEED_PATHS = {
     ("get", "/status"),
 }
 SDK_TWINS = {("post", "/images/generations"), ("get", "/models")}
+# AIGNE Hub's agent protocol, at AIGNE Hub's own paths (no /v1 twins).
+AGENT_PATHS = {
+    ("get", "/__blocklet__.js"),
+    ("get", "/api/ai/models"),
+    ("post", "/api/v2/chat"),
+    ("post", "/api/v2/image"),
+}
 
 
 def buf(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -86,12 +93,12 @@ def _http_rules() -> dict[str, list[tuple[str, str]]]:
     return rules
 
 
-def test_rest_paths_are_the_seeds_with_v1_twins():
+def test_rest_paths_are_the_seeds_with_v1_twins_and_aignes_own():
     public = {
         pair for pairs in _http_rules().values() for pair in pairs if not pair[1].startswith(("/internal/", "/admin/"))
     }
     expected = SEED_PATHS | SDK_TWINS
-    assert public == expected | {(method, "/v1" + path) for method, path in expected}
+    assert public == expected | {(method, "/v1" + path) for method, path in expected} | AGENT_PATHS
 
 
 def test_every_rpc_but_typed_transcription_is_on_rest():

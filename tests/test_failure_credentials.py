@@ -34,7 +34,7 @@ from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, ProviderConfig, Settings
 from server.redaction import redact
-from tests.conftest import Bridge, free_port, start_bridge
+from tests.conftest import SINGLE_ATTEMPT, Bridge, free_port, start_bridge
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.gemini_upstream import FakeGemini
 from tests.fakes.mistral_upstream import FakeMistral
@@ -76,7 +76,10 @@ def _settings(data_dir: Path, recheck_s: float) -> Settings:
 
 def _config(base_url: str) -> GatewayConfig:
     return GatewayConfig(
-        providers={name: ProviderConfig(type="openai", base_url=base_url, api_key=CONFIGURED_KEY) for name in PROVIDERS}
+        routing=SINGLE_ATTEMPT,
+        providers={
+            name: ProviderConfig(type="openai", base_url=base_url, api_key=CONFIGURED_KEY) for name in PROVIDERS
+        },
     )
 
 
@@ -472,7 +475,10 @@ async def test_each_adapter_confirms_an_invalid_key_with_its_own_probe(adapter, 
     fake = fake_class(api_key=good_key)
     await fake.start()
     try:
-        config = GatewayConfig(providers={adapter: ProviderConfig(base_url=fake.base_url, api_key=CONFIGURED_KEY)})
+        config = GatewayConfig(
+            routing=SINGLE_ATTEMPT,
+            providers={adapter: ProviderConfig(base_url=fake.base_url, api_key=CONFIGURED_KEY)},
+        )
         settings = _settings(tmp_path, recheck_s=300).model_copy(update={"auth_required": False})
         gateway = await start_gateway(settings, config)
         try:

@@ -235,7 +235,7 @@ async def test_upstream_rate_limit_keeps_retry_hint(chat):
             "response_format.type",
         ),
         ({"model": "", "messages": [{"role": "user", "content": "x"}]}, grpc.StatusCode.INVALID_ARGUMENT, "model"),
-        ({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, grpc.StatusCode.NOT_FOUND, "model"),
+        ({"model": "gpt-nowhere", "messages": [{"role": "user", "content": "x"}]}, grpc.StatusCode.NOT_FOUND, "model"),
         (
             {"model": "nosuch/gpt-4o", "messages": [{"role": "user", "content": "x"}]},
             grpc.StatusCode.NOT_FOUND,

@@ -29,7 +29,7 @@ from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, ProviderConfig, Settings, config_from_environment
 from server.providers.anthropic import TurnMemory, default_max_tokens, to_messages_request
-from tests.conftest import Bridge, start_bridge
+from tests.conftest import SINGLE_ATTEMPT, Bridge, start_bridge
 from tests.fakes.anthropic_upstream import FakeAnthropic, signature_of
 from tests.helpers import error_info, retry_info
 from tests.test_fake_openai_upstream import strictly
@@ -65,11 +65,12 @@ def _reset(fake: FakeAnthropic) -> None:
 @pytest_asyncio.fixture(scope="module")
 async def claude_gateway(fake: FakeAnthropic) -> AsyncIterator[Gateway]:
     config = GatewayConfig(
+        routing=SINGLE_ATTEMPT,
         providers={
             "anthropic": ProviderConfig(base_url=fake.base_url, api_key=KEY),
             # The same fake with a key it refuses: authentication failures.
             "claude-badkey": ProviderConfig(type="anthropic", base_url=fake.base_url, api_key="sk-ant-wrong"),
-        }
+        },
     )
     settings = Settings(grpc_port=0, auth_required=False, upstream_read_timeout_s=2.0, shutdown_grace_s=1.0)
     gateway = await start_gateway(settings, config)

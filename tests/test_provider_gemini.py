@@ -32,7 +32,7 @@ from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, ProviderConfig, Settings, config_from_environment
 from server.providers.gemini import GeminiAdapter, mint_call_id, read_call_id
 from server.providers.registry import PRESETS, build_provider, catalog_models
-from tests.conftest import Bridge, start_bridge
+from tests.conftest import SINGLE_ATTEMPT, Bridge, start_bridge
 from tests.fakes.gemini_upstream import CACHED_TOKENS, RETRY_DELAY_SECONDS, THOUGHT_TOKENS, FakeGemini
 from tests.helpers import error_info, retry_info
 
@@ -77,7 +77,7 @@ async def gemini_gateway(gemini_fake: FakeGemini) -> AsyncIterator[Gateway]:
         "geminibad": ProviderConfig(type="gemini", base_url=gemini_fake.base_url, api_key="wrong-key"),
     }
     settings = Settings(grpc_port=0, auth_required=False, upstream_read_timeout_s=2.0, shutdown_grace_s=1.0)
-    gateway = await start_gateway(settings, GatewayConfig(providers=providers))
+    gateway = await start_gateway(settings, GatewayConfig(providers=providers, routing=SINGLE_ATTEMPT))
     yield gateway
     await gateway.stop(0.5)
 
@@ -193,6 +193,8 @@ async def test_official_sdk_works_against_the_fake(sdk, gemini_fake):
         model="gemini-embedding-001", contents=["a", "b"], config=types.EmbedContentConfig(output_dimensionality=4)
     )
     assert [len(e.values) for e in embedded.embeddings] == [4, 4]
+    counted = await sdk.aio.models.count_tokens(model="gemini-2.5-flash", contents="one two three")
+    assert isinstance(counted, types.CountTokensResponse) and counted.total_tokens == 3
 
 
 async def test_official_sdk_tool_round_trip_satisfies_the_fakes_signature_check(sdk, gemini_fake):
@@ -632,6 +634,12 @@ async def test_rate_limit_hint_comes_from_the_body(chat):
 # ------------------------------------------------------------------- embeddings over gRPC
 
 
+def embed_request(fake: FakeGemini) -> Any:
+    """The embedding call among the requests (the token count runs beside it)."""
+    [request] = [r for r in fake.requests if ":countTokens" not in r.path]
+    return request
+
+
 async def test_embeddings_use_embed_content_for_one_and_batch_for_several(gemini_channel, gemini_fake):
     stub = embedding_grpc.EmbeddingServiceStub(gemini_channel)
     one = await stub.CreateEmbedding(
@@ -641,19 +649,26 @@ async def test_embeddings_use_embed_content_for_one_and_batch_for_several(gemini
         )
     )
     assert len(one.data) == 1 and len(one.data[0].embedding.list_value.values) == 8
-    assert gemini_fake.last_request.path == "/v1beta/models/gemini-embedding-001:embedContent"
-    assert sent(gemini_fake) == {"content": {"parts": [{"text": "hello"}]}, "outputDimensionality": 8}
+    assert embed_request(gemini_fake).path == "/v1beta/models/gemini-embedding-001:embedContent"
+    assert embed_request(gemini_fake).json == {"content": {"parts": [{"text": "hello"}]}, "outputDimensionality": 8}
+    assert one.usage.prompt_tokens == 1
 
+    gemini_fake.reset()
     many = await stub.CreateEmbedding(
         json_format.ParseDict(
-            {"model": "gemini/gemini-embedding-001", "input": ["hello", "world"]}, embedding_pb.CreateEmbeddingRequest()
+            {"model": "gemini/gemini-embedding-001", "input": ["hello big", "world"]},
+            embedding_pb.CreateEmbeddingRequest(),
         )
     )
     assert [len(d.embedding.list_value.values) for d in many.data] == [16, 16]
-    assert gemini_fake.last_request.path == "/v1beta/models/gemini-embedding-001:batchEmbedContents"
-    assert sent(gemini_fake) == {
+    # embedContent reports no usage: the inputs were counted by countTokens.
+    assert many.usage.prompt_tokens == 3 and many.usage.total_tokens == 3
+    [count] = [r for r in gemini_fake.requests if ":countTokens" in r.path]
+    assert count.path == "/v1beta/models/gemini-3.5-flash-lite:countTokens"
+    assert embed_request(gemini_fake).path == "/v1beta/models/gemini-embedding-001:batchEmbedContents"
+    assert embed_request(gemini_fake).json == {
         "requests": [
-            {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "hello"}]}},
+            {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "hello big"}]}},
             {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "world"}]}},
         ]
     }
@@ -753,12 +768,23 @@ async def test_rest_stream_cut_raises_in_the_sdk(oai):
 async def test_rest_embeddings_base64_is_float32_of_the_floats(oai, gemini_fake):
     # The openai SDK asks for base64 by default and decodes it itself.
     default = await oai.embeddings.create(model="gemini/gemini-embedding-001", input=["a", "b"], dimensions=4)
-    assert gemini_fake.last_request.path.endswith(":batchEmbedContents")
+    assert embed_request(gemini_fake).path.endswith(":batchEmbedContents")
+    assert default.usage.prompt_tokens == 2  # counted by countTokens
     floats = await oai.embeddings.create(
         model="gemini/gemini-embedding-001", input=["a", "b"], dimensions=4, encoding_format="float"
     )
     assert [d.embedding for d in default.data] == [d.embedding for d in floats.data]
     assert default.model == "gemini/gemini-embedding-001" and len(default.data[1].embedding) == 4
+
+
+async def test_embeddings_are_estimated_when_count_tokens_fails(oai, gemini_fake):
+    gemini_fake.count_tokens_down = True
+    try:
+        result = await oai.embeddings.create(model="gemini/gemini-embedding-001", input=["abcdefghi", "ab"])
+    finally:
+        gemini_fake.count_tokens_down = False
+    assert len(result.data) == 2
+    assert result.usage.prompt_tokens == 3 + 1  # 4 characters a token, rounded up per input
 
 
 async def test_rest_token_array_embeddings_are_unsupported(oai, gemini_fake):
@@ -810,7 +836,7 @@ async def test_registry_builds_the_gemini_preset():
         assert versioned._url("m", "embedContent") == "http://p.test/v1beta/models/m:embedContent"
     assert PRESETS["gemini"].api_key_env == "GEMINI_API_KEY"
     ids = {entry.id for entry in catalog_models("gemini", ProviderConfig())}
-    assert {"gemini-2.5-flash", "gemini-2.5-pro", "gemini-embedding-001"} <= ids
+    assert {"gemini-3.5-flash", "gemini-3.1-pro-preview", "gemini-embedding-001"} <= ids
 
 
 def test_unknown_reasoning_effort_is_an_invalid_request():

@@ -31,7 +31,7 @@ from server.config import GatewayConfig, ProviderConfig, Settings
 from server.providers.base import Capability
 from server.providers.gemini import GEMINI_CAPABILITIES, MAX_IMAGES
 from server.providers.registry import PRESETS, catalog_models
-from tests.conftest import Bridge, start_bridge
+from tests.conftest import SINGLE_ATTEMPT, Bridge, start_bridge
 from tests.fakes.gemini_upstream import (
     IMAGE_SAFETY_MESSAGE,
     IMAGE_SCENARIO_MODELS,
@@ -74,7 +74,7 @@ async def images_gateway(images_fake: FakeGemini) -> AsyncIterator[Gateway]:
         "geminibad": ProviderConfig(type="gemini", base_url=images_fake.base_url, api_key="wrong-key"),
     }
     settings = Settings(grpc_port=0, auth_required=False, upstream_read_timeout_s=2.0, shutdown_grace_s=1.0)
-    gateway = await start_gateway(settings, GatewayConfig(providers=providers))
+    gateway = await start_gateway(settings, GatewayConfig(providers=providers, routing=SINGLE_ATTEMPT))
     yield gateway
     await gateway.stop(0.5)
 
@@ -274,7 +274,7 @@ async def test_thought_drafts_are_dropped_and_every_final_image_kept(images, ima
         ({"output_format": "png"}, "UNSUPPORTED_FEATURE", "output_format", "PNG or JPEG"),
         ({"background": "transparent"}, "UNSUPPORTED_FEATURE", "background", "'transparent'"),
         ({"model": "gemini/imagen-4.0-generate-001"}, "UNSUPPORTED_FEATURE", "model", "2026-08-17"),
-        ({"model": "gemini/gemini-2.5-flash"}, "UNSUPPORTED_FEATURE", "model", "images"),
+        ({"model": "gemini/gemini-3.5-flash"}, "UNSUPPORTED_FEATURE", "model", "images"),
     ],
 )
 async def test_what_gemini_cannot_do_is_refused_before_upstream(images, images_fake, fields, reason, field, words):
@@ -382,4 +382,4 @@ def test_only_image_models_gain_images():
     assert image_models == {"gemini-3.1-flash-image", "gemini-3-pro-image"}
     assert all(entries[model] == {Capability.IMAGES} for model in image_models)
     assert not any(model.startswith("imagen-") for model in entries)  # shut down on 2026-08-17
-    assert Capability.IMAGES not in entries["gemini-2.5-flash"] | entries["gemini-2.5-pro"]
+    assert Capability.IMAGES not in entries["gemini-3.5-flash"] | entries["gemini-3.1-pro-preview"]

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible presets (DeepSeek, xAI, OpenRouter): their base URLs and key
+"""The OpenAI-compatible presets (DeepSeek, xAI, OpenRouter, Groq, Together, Fireworks,
+Perplexity, vLLM, llama.cpp): their base URLs and key
 variables, and the reasoning text their models return, through gRPC and REST.
 
 Each preset gets its own fake: the fake OpenAI upstream, extended with the reasoning
@@ -19,6 +20,7 @@ import pytest_asyncio
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from server.config import ProviderConfig, config_from_environment
+from server.errors import ProviderNotConfigured
 from server.providers.openai import OpenAIAdapter
 from server.providers.registry import PRESETS, build_provider, catalog_models
 from tests.fakes._http import Response
@@ -146,7 +148,7 @@ async def test_fake_answers_parse_as_openai_sdk_types(fakes, provider):
 async def test_preset_defaults_and_environment(provider, monkeypatch):
     variable, _, model, base_url = PROVIDERS[provider]
     monkeypatch.setenv(variable, "from-env")
-    config = config_from_environment({variable: "from-env"})
+    config = config_from_environment({variable: "from-env", "AIGNE_HUB_LOCAL": "false"})
     assert list(config.providers) == [provider]
     async with httpx.AsyncClient() as client:
         adapter = build_provider(provider, config.providers[provider], client)
@@ -208,3 +210,62 @@ async def test_openrouter_sse_comments_are_skipped(stack):
 async def test_openrouter_reasoning_reaches_clients(stack, transport):
     answer = await stack.via(transport).chat(model="openrouter/deepseek/deepseek-r1", messages=[user("hi")])
     assert answer["choices"][0]["message"].get("reasoning_content") == REASONING
+
+
+# ------------------------------------------ the other OpenAI-compatible presets
+
+# provider -> (key variable, the preset's base URL, a catalog model)
+HOSTED = {
+    "groq": ("GROQ_API_KEY", "https://api.groq.com/openai/v1", "llama-3.3-70b-versatile"),
+    "together": ("TOGETHER_API_KEY", "https://api.together.xyz/v1", "meta-llama/Llama-3.3-70B-Instruct-Turbo"),
+    "fireworks": (
+        "FIREWORKS_API_KEY",
+        "https://api.fireworks.ai/inference/v1",
+        "accounts/fireworks/models/llama-v3p3-70b-instruct",
+    ),
+    "perplexity": ("PERPLEXITY_API_KEY", "https://api.perplexity.ai", "sonar"),
+}
+
+
+@pytest.mark.parametrize("provider", list(HOSTED))
+async def test_hosted_preset_defaults_and_environment(provider, monkeypatch):
+    variable, base_url, model = HOSTED[provider]
+    monkeypatch.setenv(variable, "from-env")
+    config = config_from_environment({variable: "from-env"})
+    assert list(config.providers) == [provider]
+    async with httpx.AsyncClient() as client:
+        adapter = build_provider(provider, config.providers[provider], client)
+    assert isinstance(adapter, OpenAIAdapter)
+    assert adapter._base_url == base_url and adapter._headers["authorization"] == "Bearer from-env"
+    assert model in {entry.id for entry in catalog_models(provider, config.providers[provider])}
+
+
+@pytest.mark.parametrize("provider", ["vllm", "llamacpp"])
+async def test_self_hosted_presets_need_a_base_url_and_no_key(provider, monkeypatch):
+    monkeypatch.delenv(PRESETS[provider].api_key_env or "", raising=False)
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(ProviderNotConfigured, match="needs a base_url"):
+            build_provider(provider, ProviderConfig(), client)
+        adapter = build_provider(provider, ProviderConfig(base_url="http://10.0.0.5:8000/v1"), client)
+    assert isinstance(adapter, OpenAIAdapter) and "authorization" not in adapter._headers
+    assert provider not in config_from_environment({"VLLM_API_KEY": "x", "LLAMA_API_KEY": "x"}).providers
+
+
+async def test_perplexity_refuses_tools_before_calling(monkeypatch, tmp_path):
+    fake = FakeOpenAI(api_key="pplx-key")
+    await fake.start()
+    monkeypatch.setenv("PERPLEXITY_API_KEY", "pplx-key")
+    running = await start_stack(
+        {"perplexity": ProviderConfig(base_url=fake.base_url), "vllm": ProviderConfig(base_url=fake.base_url)},
+        tmp_path,
+    )
+    try:
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        failure = await running.rest.chat_failure(model="perplexity/sonar", messages=[user("x")], tools=[tool])
+        assert failure.reason == "UNSUPPORTED_FEATURE" and "tools" in failure.message and fake.requests == []
+        answer = await running.grpc.chat(model="perplexity/sonar", messages=[user("hi")])
+        assert answer["choices"][0]["message"]["content"] == "echo: hi"
+        assert fake.requests[-1].headers["authorization"] == "Bearer pplx-key"
+    finally:
+        await running.stop()
+        await fake.stop()

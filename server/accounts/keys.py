@@ -84,10 +84,12 @@ class KeyRecord:
         return self.allowed_models is None or any(fnmatchcase(model, glob) for glob in self.allowed_models)
 
 
-def authorize(key: KeyRecord, model: str) -> None:
-    """Raises MODEL_NOT_ALLOWED unless `model` (the resolved `provider/model`, not an
-    alias) matches one of the key's globs."""
-    if not key.allows(model):
+def authorize(key: KeyRecord, model: str, public_model: str | None = None) -> None:
+    """Raises MODEL_NOT_ALLOWED unless `model` (the resolved `provider/model`) or the
+    public model the caller named for it (an alias, a routed model such as `smart`, a
+    fallback) matches one of the key's globs: allowing a routed model allows what the
+    operator configured behind it."""
+    if not key.allows(model) and not (public_model and key.allows(public_model)):
         allowed = ", ".join(key.allowed_models or ())
         raise ModelNotAllowed(
             f"API key {key.name!r} ({key.display}) may not use model {model!r}; it allows: {allowed}",

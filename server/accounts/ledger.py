@@ -102,6 +102,8 @@ class UsageRecord:
     latency_ms: int = 0
     ttft_ms: int | None = None
     error_reason: str | None = None
+    # Upstream attempts (retries and fallbacks included); 0: no provider was called.
+    attempts: int = 1
     created_at: datetime = field(default_factory=utcnow)
 
     def __post_init__(self) -> None:
@@ -454,6 +456,7 @@ def _row(usage: UsageRecord, credits_micros: int) -> dict[str, Any]:
         "credits_micros": credits_micros,
         "latency_ms": max(usage.latency_ms, 0),
         "ttft_ms": None if usage.ttft_ms is None else max(usage.ttft_ms, 0),
+        "attempts": max(usage.attempts, 0),
         "outcome": usage.outcome,
         "error_reason": _clip(usage.error_reason, "error_reason"),
     }

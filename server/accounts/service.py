@@ -161,6 +161,7 @@ class Accounts:
             owner_id=key.owner_id if key else None,
             operation=operation,
             error_reason=exc.reason,
+            attempts=0,
         )
         try:
             await asyncio.shield(self.ledger.record(record))
@@ -177,11 +178,13 @@ class Accounts:
         worst_case: Usage,
         credential_header: tuple[str, str] | None = None,
         prompt_tokens: int = 0,
+        public_model: str | None = None,
     ) -> Meter:
-        """The meter of one call to `provider/model`; checks the key's allow-list now.
-        `prompt_tokens` estimates the input, for a cut call that reports no usage."""
+        """The meter of one call to `provider/model` (its first deployment; see
+        `Meter.use` for the others); checks the key's allow-list now. `prompt_tokens`
+        estimates the input, for a cut call that reports no usage."""
         if key is not None:
-            authorize(key, f"{provider}/{model}")
+            authorize(key, f"{provider}/{model}", public_model)
         return Meter(self, key, provider, model, operation, worst_case, credential_header, prompt_tokens)
 
 
@@ -217,6 +220,8 @@ class Meter:
         self._credential_header = credential_header
         self._credential_id: str | None = None
         self._credential_token: Token[CallCredential | None] | None = None
+        # Upstream attempts so far (the routing sets it); 0 until one is made.
+        self.attempts = 0
 
     def first_token(self) -> None:
         if self._first_token is None:
@@ -268,6 +273,37 @@ class Meter:
             await self._record_refusal(exc)
             raise
         return self
+
+    async def use(
+        self, provider: str, model: str, public_model: str, credential_header: tuple[str, str] | None
+    ) -> None:
+        """Points the meter at the deployment the next attempt goes to (a retry on
+        another deployment, a fallback): checks the key's allow-list for it, and when
+        its model differs, takes that provider's credential and reserves for that
+        model instead (the old hold is released once the new one is taken). Raises
+        what refuses it; the meter then still holds what it held."""
+        target = f"{provider}/{model}"
+        if self._key is not None:
+            authorize(self._key, target, public_model)
+        if target == self._model:
+            return
+        previous, previous_model, previous_rate = self._reservation, self._model, self._rate
+        if self._key is not None and self._accounts.credits.billing_enabled:
+            self._model = target
+            try:
+                await self._reserve()
+            except BaseException:
+                self._model, self._reservation, self._rate = previous_model, previous, previous_rate
+                raise
+            if previous is not None:
+                await self._accounts.credits.release(previous)
+                if previous.id is not None:
+                    self._accounts.credits.forget(previous.id)
+        self._provider, self._model, self._credential_header = provider, target, credential_header
+        if self._credential_token is not None:
+            clear_credential(self._credential_token)
+            self._credential_token, self._credential_id = None, None
+        await self._choose_credential()
 
     async def _reserve(self) -> None:
         if self._key is not None and self._accounts.credits.billing_enabled:
@@ -328,6 +364,7 @@ class Meter:
             latency_ms=round((now - self._started) * 1000),
             ttft_ms=round((self._first_token - self._started) * 1000) if self._first_token else None,
             error_reason=None if outcome == "ok" else reason,
+            attempts=self.attempts,
         )
 
     async def _commit(self, record: UsageRecord) -> None:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import HTTP
+from typing import Any
 
 import grpc
 from google.api import httpbody_pb2
@@ -25,7 +26,7 @@ from server.providers.base import (
     TranscriptionInput,
     TranscriptionOutput,
 )
-from server.router import Route
+from server.routing.router import Route
 
 SPEECH_FORMATS = frozenset({"", "mp3", "opus", "aac", "flac", "wav", "pcm"})
 TRANSCRIPTION_FORMATS = frozenset({"", "json", "text", "srt", "verbose_json", "vtt"})
@@ -51,13 +52,13 @@ class AudioServicer(MeteredServicer, audio_grpc.AudioServiceServicer):
         context: grpc.aio.ServicerContext[audio_pb.CreateSpeechRequest, httpbody_pb2.HttpBody],
     ) -> httpbody_pb2.HttpBody:
         _check_speech(request)
-        route, adapter = self._router.resolve(request.model, Capability.SPEECH, SpeechSynthesis)
+        plan, options = self._plan(request.model, Capability.SPEECH, SpeechSynthesis, context)
         body = to_json(request)
         body.pop("model", None)
         characters = Usage(characters=len(request.input))
-        async with self._meter(route, "speech", characters) as meter:
-            audio = await self._upstream(route, adapter.create_speech(body, route.upstream_model))
-            meter.usage = characters
+        async with self._routed(plan, options, context, "speech", characters) as call:
+            audio = (await call.unary(lambda adapter, model: adapter.create_speech(dict(body), model))).result
+            call.meter.usage = characters
         return httpbody_pb2.HttpBody(content_type=audio.content_type, data=audio.data)
 
     @unary
@@ -76,7 +77,7 @@ class AudioServicer(MeteredServicer, audio_grpc.AudioServiceServicer):
             file_content_type="application/octet-stream",
             fields=fields,
         )
-        route, output = await self._transcribe(request.model, audio)
+        route, output = await self._transcribe(request.model, audio, context)
         return _typed_transcription(output, audio.response_format, route)
 
     @unary
@@ -87,14 +88,18 @@ class AudioServicer(MeteredServicer, audio_grpc.AudioServiceServicer):
     ) -> httpbody_pb2.HttpBody:
         model, audio = parse_transcription_upload(request.content_type, request.data)
         _check_transcription_format(audio.response_format)
-        _, output = await self._transcribe(model, audio)
+        _, output = await self._transcribe(model, audio, context)
         return httpbody_pb2.HttpBody(content_type=output.content_type, data=output.body)
 
-    async def _transcribe(self, model: str, audio: TranscriptionInput) -> tuple[Route, TranscriptionOutput]:
-        route, adapter = self._router.resolve(model, Capability.TRANSCRIPTION, Transcription)
-        async with self._meter(route, "transcription", Usage()) as meter:
-            output = await self._upstream(route, adapter.create_transcription(audio, route.upstream_model))
-            meter.usage = _transcription_usage(output)
+    async def _transcribe(
+        self, model: str, audio: TranscriptionInput, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[Route, TranscriptionOutput]:
+        plan, options = self._plan(model, Capability.TRANSCRIPTION, Transcription, context)
+        async with self._routed(plan, options, context, "transcription", Usage()) as call:
+            served = await call.unary(lambda adapter, model: adapter.create_transcription(audio, model))
+            output = served.result
+            call.meter.usage = _transcription_usage(output)
+        route = served.target.route
         return route, output
 
 
@@ -160,15 +165,21 @@ def _typed_transcription(
 
 
 def _transcription_usage(output: TranscriptionOutput) -> Usage:
-    """Audio seconds when the provider reports the duration (verbose_json), and tokens
-    for models that bill by them; otherwise nothing is known."""
+    """Audio seconds (verbose_json's `duration`, or a `usage` of type duration) and
+    tokens (a `usage` of type tokens), from the body or from what the adapter learnt
+    when it asked for a richer format than the client's (`output.usage`)."""
     try:
         parsed = json.loads(output.body) if output.content_type.startswith("application/json") else None
     except ValueError:
         parsed = None
     if not isinstance(parsed, dict):
-        return Usage()
+        parsed = {}
+    usage = output.usage or parsed.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
     duration = parsed.get("duration")
+    if not isinstance(duration, (int, float)) and usage.get("type") == "duration":
+        duration = usage.get("seconds")
     audio_ms = round(duration * 1000) if isinstance(duration, (int, float)) else 0
-    tokens = usage_from_openai(parsed.get("usage"))
-    return replace(tokens, audio_ms=audio_ms)
+    if usage.get("type") == "tokens":
+        usage = {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens")}
+    return replace(usage_from_openai(usage), audio_ms=audio_ms)

@@ -6,7 +6,8 @@ entry with the `Bearer` scheme (any case) is accepted: a raw key without the sch
 another scheme, or two `authorization` entries are UNAUTHENTICATED, since guessing
 which of two credentials was meant, or what an unknown scheme carries, would let a
 proxy's header and the client's disagree about who is calling. Health checks,
-reflection and an anonymous `GetStatus` need none. The
+reflection, an anonymous `GetStatus` and AIGNE's discovery and model list
+(`AgentService.GetBlockletInfo`, `ListAgentModels`) need none. The
 authenticated key is put in `CURRENT_KEY` for the servicers (allow-list, billing,
 ledger): the interceptor runs in the same task as the handler.
 
@@ -36,7 +37,14 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # Answers anonymously when no key is sent (the seed's availability check).
 # Authorised by the admin credential instead of an API key.
 ADMIN_PREFIX = "/aigne.hub.v1.AdminService/"
-ANONYMOUS_METHODS = frozenset({"/aigne.hub.v1.StatusService/GetStatus"})
+# AIGNE clients discover the hub and list its models without a key.
+ANONYMOUS_METHODS = frozenset(
+    {
+        "/aigne.hub.v1.StatusService/GetStatus",
+        "/aigne.hub.v1.AgentService/GetBlockletInfo",
+        "/aigne.hub.v1.AgentService/ListAgentModels",
+    }
+)
 
 
 def bearer_secret(metadata: Any) -> str | None:

@@ -1,37 +1,51 @@
 """What every servicer method shares: turning exceptions into statuses, reading
-call metadata, and the server's own limit on each upstream call.
+call metadata, and running a call over its routing plan with its meter.
 
-The limit (`Route.timeout_s`, from the `upstream_read_timeout_s` setting) is enforced
-here, not only by httpx: httpx's read timeout applies to each socket read, so an
-upstream that trickles bytes (SSE comments, a slow body) would never hit it. A unary
-call gets the limit for its whole answer; a stream for its first chunk and for each gap
-between chunks. Either way the server fails the call with UPSTREAM_TIMEOUT before the
-REST bridge's longer limits (derived from the same setting) cut it.
+A call that reaches providers goes: plan (the model's deployments and fallbacks, see
+`server.routing.router`) -> meter (allow-list, credits, one ledger record) -> attempts
+(`server.routing.attempts`: retries, fallbacks, cooldowns, timeouts), each attempt
+pointing the meter at its deployment first. The answer carries which deployment served
+it and after how many attempts (`x-aigne-hub-served-by`, `x-aigne-hub-attempts`, as
+initial and trailing metadata, which the REST bridge passes on as HTTP headers).
+
+The caller may send its own fallback chain (`x-aigne-hub-fallbacks: a/b,c/d`) and a
+shorter limit for the whole call (`x-aigne-hub-timeout-s`; a gRPC deadline works too).
+Each attempt is bounded by the model's `first_token_s` until its answer (unary) or its
+first chunk (streams), and a stream by `idle_s` between chunks: httpx's read timeout
+applies to each socket read, so an upstream that trickles bytes would never hit it.
+The server always decides before the REST bridge's longer limits cut the call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from contextlib import aclosing
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from server import errors
 from server.accounts.credits import Usage
+from server.accounts.errors import ModelNotAllowed
 from server.accounts.service import METERED, Accounts, Meter
 from server.api.auth import CURRENT_KEY
 from server.api.errors import to_grpc_status, unexpected_error_status
 from server.api.validation import check_request
-from server.router import Route, Router
+from server.config import CooldownConfig, RoutingConfig
+from server.providers.base import JSON, Capability
+from server.routing.attempts import Routing, Served, idle_bounded
+from server.routing.cooldown import MemoryCooldowns
+from server.routing.router import Plan, Router, Target
 
 S = TypeVar("S")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 T = TypeVar("T")
+R = TypeVar("R")
 
 # The ledger's operation names of the RPCs that call providers.
 OPERATIONS = {
@@ -46,9 +60,16 @@ OPERATIONS = {
 
 # Set by the REST bridge (Envoy's Lua filter) on streams it turns into SSE.
 BRIDGE_HEADER = "x-aigne-bridge"
-# Set by the REST bridge on every REST call: its Lua filter prints convert.JSON_NULL
-# as JSON null.
+# Set by the REST bridge on OpenAI's chat paths: its Lua filter prints
+# convert.JSON_NULL as JSON null there.
 REST_HEADER = "x-aigne-rest"
+# Routing metadata: what the caller may ask for, what the answer says.
+FALLBACKS_HEADER = "x-aigne-hub-fallbacks"
+TIMEOUT_HEADER = "x-aigne-hub-timeout-s"
+SERVED_BY_HEADER = "x-aigne-hub-served-by"
+ATTEMPTS_HEADER = "x-aigne-hub-attempts"
+MAX_CALLER_FALLBACKS = 5
+MAX_MODEL_NAME_CHARS = 200
 
 
 async def abort_for(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
@@ -92,53 +113,201 @@ def from_rest(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     return any(key == REST_HEADER for key, _ in context.invocation_metadata() or ())
 
 
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """What the caller asked of the routing, from its metadata."""
+
+    fallbacks: tuple[str, ...] = ()
+    timeout_s: float | None = None
+
+
+def call_options(context: grpc.aio.ServicerContext[Any, Any]) -> CallOptions:
+    """The caller's fallback chain and time limit; INVALID_ARGUMENT when malformed."""
+    fallbacks: tuple[str, ...] = ()
+    timeout_s = None
+    for key, value in context.invocation_metadata() or ():
+        if key == FALLBACKS_HEADER and isinstance(value, str):
+            fallbacks = tuple(name.strip() for name in value.split(",") if name.strip())
+            if len(fallbacks) > MAX_CALLER_FALLBACKS or any(len(n) > MAX_MODEL_NAME_CHARS for n in fallbacks):
+                raise errors.InvalidRequest(
+                    f"{FALLBACKS_HEADER} takes at most {MAX_CALLER_FALLBACKS} models of at most "
+                    f"{MAX_MODEL_NAME_CHARS} characters, comma-separated",
+                    field=FALLBACKS_HEADER,
+                )
+        elif key == TIMEOUT_HEADER and isinstance(value, str):
+            timeout_s = _positive_seconds(value)
+    return CallOptions(fallbacks, timeout_s)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 86_400:  # also refuses NaN
+        raise errors.InvalidRequest(
+            f"{TIMEOUT_HEADER} must be a number of seconds above 0 and at most 86400, not {text[:40]!r}",
+            field=TIMEOUT_HEADER,
+        )
+    return seconds
+
+
+class Routed(Generic[T]):
+    """One metered call running over its plan (see the module docstring)."""
+
+    def __init__(
+        self,
+        routing: Routing,
+        plan: Plan[T],
+        meter: Meter,
+        context: grpc.aio.ServicerContext[Any, Any],
+        deadline: float | None,
+    ) -> None:
+        self.meter = meter
+        self.plan = plan
+        self._routing = routing
+        self._context = context
+        self._deadline = deadline
+
+    async def run(self, attempt: Callable[[Target[T], float | None], Awaitable[R]]) -> Served[T, R]:
+        served = await self._routing.run(self.plan, attempt, deadline=self._deadline, before_attempt=self._use)
+        metadata = (
+            (SERVED_BY_HEADER, served.target.route.public_model),
+            (ATTEMPTS_HEADER, str(served.attempts)),
+        )
+        await self._context.send_initial_metadata(metadata)
+        self._context.set_trailing_metadata(metadata)
+        return served
+
+    async def unary(self, call: Callable[[T, str], Awaitable[R]]) -> Served[T, R]:
+        """Runs a unary call: each attempt bounded by `first_token_s` until its answer."""
+        limit = self.plan.timeouts.first_token_s
+
+        async def attempt(target: Target[T], left: float | None) -> R:
+            provider = target.route.provider.name
+            try:
+                async with asyncio.timeout(limit):
+                    return await call(target.adapter, target.route.upstream_model)
+            except TimeoutError:
+                raise errors.UpstreamTimeout(
+                    f"{provider} did not answer in time (no answer within {limit:g} s)", provider=provider
+                ) from None
+
+        return await self.run(attempt)
+
+    async def stream(
+        self, open_stream: Callable[[T, str], AsyncGenerator[JSON, None]]
+    ) -> tuple[Served[T, JSON | None], AsyncGenerator[JSON, None]]:
+        """Opens a stream: attempts are retried until one yields its first chunk (then
+        no more: a chunk may have reached the client). Returns the first chunk and the
+        rest, bounded by `idle_s` between chunks; the caller closes the rest."""
+        limit = self.plan.timeouts.first_token_s
+        opened: list[AsyncGenerator[JSON, None]] = []
+
+        async def attempt(target: Target[T], left: float | None) -> JSON | None:
+            chunks = open_stream(target.adapter, target.route.upstream_model)
+            provider = target.route.provider.name
+            try:
+                async with asyncio.timeout(limit):
+                    first = await anext(chunks)
+            except StopAsyncIteration:
+                first = None
+            except TimeoutError:
+                await chunks.aclose()
+                raise errors.UpstreamTimeout(
+                    f"{provider} did not answer in time (no first chunk within {limit:g} s)", provider=provider
+                ) from None
+            except BaseException:
+                await chunks.aclose()
+                raise
+            opened.append(chunks)
+            return first
+
+        served = await self.run(attempt)
+        provider = served.target.route.provider.name
+        return served, _rest_of(opened[-1], self.plan.timeouts.idle_s, provider)
+
+    async def _use(self, target: Target[T], public_model: str) -> None:
+        header = getattr(target.route.provider, "credential_header", None)
+        await self.meter.use(target.route.provider.name, target.route.upstream_model, public_model, header)
+        self.meter.attempts += 1
+
+
+async def _rest_of(
+    chunks: AsyncGenerator[JSON, None], idle_s: float | None, provider: str
+) -> AsyncGenerator[JSON, None]:
+    """The chunks after the first, each within `idle_s` of the one before; closes the
+    upstream stream whatever happens (which is how a client's cancellation reaches it)."""
+    async with aclosing(chunks):
+        async for chunk in idle_bounded(chunks, idle_s, provider):
+            yield chunk
+
+
 class MeteredServicer:
     """Base of the servicers that call providers: routing plus the per-call meter."""
 
-    def __init__(self, router: Router, accounts: Accounts) -> None:
+    def __init__(self, router: Router, accounts: Accounts, routing: Routing | None = None) -> None:
         self._router = router
         self._accounts = accounts
+        if routing is None:
+            config = RoutingConfig()
+            routing = Routing(config, MemoryCooldowns(config.cooldown or CooldownConfig()))
+        self._routing = routing
 
-    async def _upstream(self, route: Route, call: Awaitable[T]) -> T:
-        """`call`'s result, or UpstreamTimeout once it took longer than the limit."""
+    def _plan(
+        self,
+        model: str,
+        capability: Capability,
+        interface: type[T],
+        context: grpc.aio.ServicerContext[Any, Any],
+        features: tuple[Capability, ...] = (),
+    ) -> tuple[Plan[T], CallOptions]:
+        """The call's plan, with the caller's own fallbacks checked against its key."""
+        options = call_options(context)
+        key = CURRENT_KEY.get()
+        if key is not None:
+            for fallback in options.fallbacks:
+                if not key.allows(fallback) and not any(key.allows(d) for d in self._deployments(fallback)):
+                    raise ModelNotAllowed(
+                        f"the fallback {fallback!r} in {FALLBACKS_HEADER} is outside the API key's allow-list",
+                        metadata={"model": fallback[:MAX_MODEL_NAME_CHARS]},
+                    )
+        return self._router.plan(model, capability, interface, features, options.fallbacks), options
+
+    def _deployments(self, model: str) -> list[str]:
         try:
-            async with asyncio.timeout(route.timeout_s) as limit:
-                return await call
-        except TimeoutError:
-            if not limit.expired():
-                raise
-            raise self._timeout(route, "no answer within") from None
+            return self._router.deployments(model)
+        except errors.GatewayError:
+            return []
 
-    async def _upstream_stream(self, route: Route, chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
-        """`chunks`, failing with UpstreamTimeout when the first one or the next one
-        takes longer than the limit; closes `chunks` whatever happens."""
-        async with aclosing(chunks):
-            first = True
-            while True:
-                try:
-                    async with asyncio.timeout(route.timeout_s) as limit:
-                        chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    if not limit.expired():
-                        raise
-                    raise self._timeout(route, "no first chunk within" if first else "no next chunk within") from None
-                first = False
-                yield chunk
-
-    def _timeout(self, route: Route, what: str) -> errors.UpstreamTimeout:
-        provider = route.provider.name
-        return errors.UpstreamTimeout(
-            f"{provider} did not answer in time ({what} {route.timeout_s:g} s)", provider=provider
+    @asynccontextmanager
+    async def _routed(
+        self,
+        plan: Plan[T],
+        options: CallOptions,
+        context: grpc.aio.ServicerContext[Any, Any],
+        operation: str,
+        worst_case: Usage,
+        prompt_tokens: int = 0,
+    ) -> AsyncIterator[Routed[T]]:
+        """The metered call over `plan`: the meter opens on the plan's first deployment
+        (allow-list, reservation) and records the call when the block ends."""
+        first = plan.primary.targets[0].route
+        header = getattr(first.provider, "credential_header", None)
+        meter = self._accounts.meter(
+            CURRENT_KEY.get(),
+            first.provider.name,
+            first.upstream_model,
+            operation,
+            worst_case,
+            header,
+            prompt_tokens,
+            public_model=plan.primary.model,
         )
-
-    def _meter(self, route: Route, operation: str, worst_case: Usage, prompt_tokens: int = 0) -> Meter:
-        """Checks the caller's allow-list for the route, and measures the call."""
-        header = getattr(route.provider, "credential_header", None)
-        return self._accounts.meter(
-            CURRENT_KEY.get(), route.provider.name, route.upstream_model, operation, worst_case, header, prompt_tokens
-        )
+        grpc_left = context.time_remaining()
+        deadline = self._routing.deadline_for(plan, options.timeout_s, grpc_left)
+        async with meter:
+            yield Routed(self._routing, plan, meter, context, deadline)
 
     async def record_refusal(self, method: str, request: Any, exc: Exception) -> None:
         """A call that failed before its meter started still leaves a ledger record."""

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -20,13 +20,14 @@ from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import common_pb2
 from server import errors
 from server.accounts.service import Accounts
-from server.api.calls import MeteredServicer, abort_for, from_bridge, from_rest, unary
+from server.api.calls import CallOptions, MeteredServicer, abort_for, from_bridge, from_rest, unary
 from server.api.convert import chat_body, chat_chunk_from_openai, chat_completion_from_openai
 from server.api.metering import chat_prompt_tokens, chat_worst_case, streamed_text_chars, usage_from_openai
 from server.api.shutdown import OpenStreams
 from server.api.validation import check_chat_request, check_request
 from server.providers.base import JSON, Capability, ChatCompletions
-from server.router import Route, Router
+from server.routing.attempts import Routing
+from server.routing.router import Plan, Route, Router
 
 log = logging.getLogger(__name__)
 StreamContext: TypeAlias = grpc.aio.ServicerContext[
@@ -38,8 +39,14 @@ DONE_SENTINEL_ID = "[DONE]"
 
 
 class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
-    def __init__(self, router: Router, accounts: Accounts, streams: OpenStreams | None = None) -> None:
-        super().__init__(router, accounts)
+    def __init__(
+        self,
+        router: Router,
+        accounts: Accounts,
+        streams: OpenStreams | None = None,
+        routing: Routing | None = None,
+    ) -> None:
+        super().__init__(router, accounts, routing)
         self._streams = streams if streams is not None else OpenStreams()
 
     @unary
@@ -52,12 +59,15 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
             raise errors.InvalidRequest(
                 "stream is true: call StreamChatCompletion (REST: the bridge does this for you)", field="stream"
             )
-        route, adapter = self._resolve(request)
-        async with self._meter(route, "chat", chat_worst_case(request), chat_prompt_tokens(request)) as meter:
-            answer = await self._upstream(
-                route, adapter.create_chat_completion(chat_body(request), route.upstream_model)
-            )
-            meter.usage = usage_from_openai(answer.get("usage"))
+        plan, options = self._plan_for(request, context)
+        body = chat_body(request)
+        async with self._routed(
+            plan, options, context, "chat", chat_worst_case(request), chat_prompt_tokens(request)
+        ) as call:
+            served = await call.unary(lambda adapter, model: adapter.create_chat_completion(dict(body), model))
+            answer = served.result
+            call.meter.usage = usage_from_openai(answer.get("usage"))
+        route = served.target.route
         response = chat_completion_from_openai(answer, provider=route.provider.name, json_nulls=from_rest(context))
         response.model = _public_model(route, answer)
         response.object = "chat.completion"
@@ -71,7 +81,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         try:
             check_request(request)
             with self._streams.track():
-                async with aclosing(self._stream(request, from_rest(context))) as messages:
+                async with aclosing(self._stream(request, context)) as messages:
                     async for message in messages:
                         started = True
                         yield message
@@ -87,34 +97,42 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
             yield chat_pb.StreamChatCompletionResponse(id=DONE_SENTINEL_ID)
 
     async def _stream(
-        self, request: chat_pb.CreateChatCompletionRequest, json_nulls: bool
+        self, request: chat_pb.CreateChatCompletionRequest, context: StreamContext
     ) -> AsyncGenerator[chat_pb.StreamChatCompletionResponse, None]:
         """The client's chunks, metered; raises what ends the stream early."""
         if request.HasField("stream") and not request.stream:
             raise errors.InvalidRequest("stream is false: call CreateChatCompletion", field="stream")
-        route, adapter = self._resolve(request)
+        plan, options = self._plan_for(request, context)
         body = chat_body(request)
         body["stream"] = True
         include_usage = request.stream_options.include_usage
-        chunks = self._upstream_stream(route, adapter.stream_chat_completion(body, route.upstream_model))
-        meter = self._meter(route, "chat_stream", chat_worst_case(request), chat_prompt_tokens(request))
-        async with aclosing(chunks), meter:
+        worst, prompt = chat_worst_case(request), chat_prompt_tokens(request)
+        async with self._routed(plan, options, context, "chat_stream", worst, prompt) as call:
             try:
-                async for chunk in chunks:
-                    if "usage" in chunk:
-                        meter.usage = usage_from_openai(chunk["usage"])
-                    meter.add_streamed_chars(streamed_text_chars(chunk))
-                    message = _client_chunk(chunk, route, include_usage, json_nulls)
-                    if message is not None:
-                        yield message
+                served, rest = await call.stream(
+                    lambda adapter, model: adapter.stream_chat_completion(dict(body), model)
+                )
+                route, meter = served.target.route, call.meter
+                async with aclosing(rest):
+                    chunk = served.result
+                    while chunk is not None:
+                        if "usage" in chunk:
+                            meter.usage = usage_from_openai(chunk["usage"])
+                        meter.add_streamed_chars(streamed_text_chars(chunk))
+                        message = _client_chunk(chunk, route, include_usage, from_rest(context))
+                        if message is not None:
+                            yield message
+                        chunk = await anext(rest, None)
             except asyncio.CancelledError:
                 self._streams.raise_if_interrupted()  # the meter then records "interrupted"
                 raise
 
-    def _resolve(self, request: chat_pb.CreateChatCompletionRequest) -> tuple[Route, ChatCompletions]:
+    def _plan_for(
+        self, request: chat_pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[Plan[ChatCompletions], CallOptions]:
         check_chat_request(request)
-        features = [Capability.TOOLS] if request.tools else []
-        return self._router.resolve(request.model, Capability.CHAT, ChatCompletions, features)
+        features = (Capability.TOOLS,) if request.tools else ()
+        return self._plan(request.model, Capability.CHAT, ChatCompletions, context, features)
 
 
 def _public_model(route: Route, answer: JSON) -> str:

@@ -11,7 +11,8 @@ field by leaving it out. So:
 - `logprobs` is a `google.protobuf.Value` in the contract, set to null here when the
   upstream gave none: null for gRPC and REST callers alike.
 - The string fields get `JSON_NULL` for REST callers only (`json_nulls=True`, from the
-  bridge's `x-aigne-rest` marker), which the bridge's Lua filter prints as `null`.
+  bridge's `x-aigne-rest` marker on OpenAI's chat paths), which the bridge's Lua
+  filter prints as `null`.
   gRPC callers see them unset, proto3's null (a gRPC client that sends the
   header itself gets the marker). A value that is exactly `JSON_NULL`
   (NUL then "null") from an upstream would also become null; no model writes it.
@@ -107,7 +108,7 @@ def to_json(message: Message) -> JSON:
         raise errors.InvalidRequest(
             f"{where} holds a NaN or infinite number, which JSON cannot carry", field=where
         ) from exc
-    normalized = _whole_numbers_to_int(result)
+    normalized = whole_numbers_to_int(result)
     assert isinstance(normalized, dict)
     return normalized
 
@@ -122,13 +123,13 @@ def from_json(data: JSON, message: M, *, provider: str) -> M:
         ) from exc
 
 
-def _whole_numbers_to_int(value: Any) -> Any:
+def whole_numbers_to_int(value: Any) -> Any:
     if isinstance(value, float):
         return int(value) if value.is_integer() and abs(value) < 2**53 else value
     if isinstance(value, dict):
-        return {key: _whole_numbers_to_int(item) for key, item in value.items()}
+        return {key: whole_numbers_to_int(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_whole_numbers_to_int(item) for item in value]
+        return [whole_numbers_to_int(item) for item in value]
     return value
 
 

@@ -23,12 +23,15 @@ class EmbeddingServicer(MeteredServicer, embedding_grpc.EmbeddingServiceServicer
         context: grpc.aio.ServicerContext[embedding_pb.CreateEmbeddingRequest, embedding_pb.CreateEmbeddingResponse],
     ) -> embedding_pb.CreateEmbeddingResponse:
         _check(request)
-        route, adapter = self._router.resolve(request.model, Capability.EMBEDDINGS, Embeddings)
+        plan, options = self._plan(request.model, Capability.EMBEDDINGS, Embeddings, context)
         body = to_json(request)
         body.pop("model", None)
-        async with self._meter(route, "embedding", input_worst_case(request.input.ByteSize())) as meter:
-            answer = await self._upstream(route, adapter.create_embedding(body, route.upstream_model))
-            meter.usage = usage_from_openai(answer.get("usage"))
+        worst = input_worst_case(request.input.ByteSize())
+        async with self._routed(plan, options, context, "embedding", worst) as call:
+            served = await call.unary(lambda adapter, model: adapter.create_embedding(dict(body), model))
+            answer = served.result
+            call.meter.usage = usage_from_openai(answer.get("usage"))
+        route = served.target.route
         response = from_json(answer, embedding_pb.CreateEmbeddingResponse(), provider=route.provider.name)
         response.model = route.public_model
         response.object = "list"

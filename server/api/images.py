@@ -32,12 +32,14 @@ class ImageServicer(MeteredServicer, image_grpc.ImageServiceServicer):
                 f"response_format must be url or b64_json, got {request.response_format[:64]!r}",
                 field="response_format",
             )
-        route, adapter = self._router.resolve(image_model(request), Capability.IMAGES, ImageGeneration)
+        plan, options = self._plan(image_model(request), Capability.IMAGES, ImageGeneration, context)
         body = to_json(request)
         body.pop("model", None)
         images = request.n if request.HasField("n") else 1
-        async with self._meter(route, "image", Usage(images=images)) as meter:
-            answer = await self._upstream(route, adapter.create_image(body, route.upstream_model))
-            response, usage = image_answer_from_openai(answer, provider=route.provider.name)
-            meter.usage = replace(usage_from_openai(usage), images=len(response.data))
+        async with self._routed(plan, options, context, "image", Usage(images=images)) as call:
+            served = await call.unary(lambda adapter, model: adapter.create_image(dict(body), model))
+            answer = served.result
+            provider = served.target.route.provider.name
+            response, usage = image_answer_from_openai(answer, provider=provider)
+            call.meter.usage = replace(usage_from_openai(usage), images=len(response.data))
         return response

@@ -8,13 +8,15 @@ from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
 from server.api.calls import unary
 from server.errors import GatewayError
-from server.router import Router
+from server.routing.attempts import Routing
+from server.routing.router import Router
 
 
 class StatusServicer(status_grpc.StatusServiceServicer):
-    def __init__(self, router: Router, is_serving: ServingFlag) -> None:
+    def __init__(self, router: Router, is_serving: ServingFlag, routing: Routing | None = None) -> None:
         self._router = router
         self._is_serving = is_serving
+        self._routing = routing
 
     @unary
     async def GetStatus(
@@ -28,9 +30,18 @@ class StatusServicer(status_grpc.StatusServiceServicer):
             )
         if request.model:
             try:
-                self._router.route(request.model)
+                deployments = self._router.deployments(request.model)
             except GatewayError as exc:
                 return status_pb.GetStatusResponse(available=False, error=exc.message, code=exc.reason)
+            resting = await self._routing.cooldowns.resting(deployments) if self._routing else {}
+            if deployments and len(resting) == len(deployments):
+                back = min(resting.values())
+                return status_pb.GetStatusResponse(
+                    available=False,
+                    error=f"every deployment of {request.model} is resting after repeated failures; "
+                    f"back in {back:.0f} s",
+                    code="UPSTREAM_UNAVAILABLE",
+                )
         return status_pb.GetStatusResponse(available=True)
 
     @unary

@@ -66,6 +66,10 @@ class TranscriptionOutput:
 
     content_type: str
     body: bytes
+    # OpenAI's transcription `usage` ({"type": "duration", "seconds": ...} or
+    # {"type": "tokens", ...}) when the adapter had to ask for a richer format than the
+    # client's to learn it (text, srt and vtt bodies carry none).
+    usage: JSON | None = None
 
 
 @runtime_checkable
@@ -140,6 +144,14 @@ class CredentialProbe(Protocol):
         `secret`: returns if accepted, raises `UpstreamCredentialRejected` if the
         provider says the key is invalid, another `UpstreamError` if it cannot tell."""
         ...
+
+
+@runtime_checkable
+class Preloading(Protocol):
+    """Adapters with something slow to prepare (the local models): the gateway calls
+    `start_loading` once at start; it returns at once and the work goes on elsewhere."""
+
+    def start_loading(self) -> None: ...
 
 
 class Provider(Protocol):

@@ -56,8 +56,11 @@ arguments), indexed per choice. A stream that ends before every choice has a
 finishReason was cut: UpstreamUnavailable. The last usageMetadata becomes the usage chunk.
 
 Embeddings come back as floats; `encoding_format: base64` is done here (little-endian
-float32). Token-array inputs are refused. The Developer API reports no embedding usage:
-it is 0 unless the upstream sends `usageMetadata`.
+float32). Token-array inputs are refused. The Developer API reports no embedding usage,
+so the inputs are counted at the same time with `countTokens` (free) of
+`TOKEN_COUNT_MODEL`, a generation model whose tokenizer the embedding models share (no
+local Gemini tokenizer ships without a download); should that call fail, the embedding
+is still answered and billed at 4 characters a token. An upstream `usageMetadata` wins.
 
 Images (OpenAI's images endpoint) come from Gemini's image models ("Nano Banana":
 gemini-3.1-flash-image, gemini-3-pro-image) through `:generateContent` with
@@ -94,6 +97,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import mimetypes
 import os
 import re
@@ -118,7 +122,10 @@ if TYPE_CHECKING:
     from server.providers.registry import Preset
 
 GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
+_log = logging.getLogger(__name__)
 API_VERSION = "v1beta"
+# The model whose countTokens measures embedding inputs (see the module docstring).
+TOKEN_COUNT_MODEL = "gemini-3.5-flash-lite"
 # The variables the official google-genai SDK reads, in its order of precedence.
 API_KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 
@@ -130,11 +137,16 @@ _GEMINI_CHAT = [_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA]
 GEMINI_MODELS = tuple(
     ModelEntry(id=model_id, capabilities=caps)
     for model_id, caps in [
-        ("gemini-2.5-flash", _GEMINI_CHAT),
-        ("gemini-2.5-pro", _GEMINI_CHAT),
+        # Refreshed 2026-11 against Google's deprecations page: gemini-2.5-flash and
+        # -pro retire on 2026-12-01, text-embedding-004 shut down on 2026-01-14.
+        # tests/test_catalogs.py flags an entry the (fake) model list no longer has.
+        ("gemini-3.8-flash", _GEMINI_CHAT),
+        ("gemini-3.5-flash", _GEMINI_CHAT),
+        ("gemini-3.5-flash-lite", _GEMINI_CHAT),
+        ("gemini-3.1-flash-lite", _GEMINI_CHAT),
+        ("gemini-3.1-pro-preview", _GEMINI_CHAT),
         ("gemini-2.5-flash-lite", _GEMINI_CHAT),
         ("gemini-embedding-001", [_C.EMBEDDINGS]),
-        ("text-embedding-004", [_C.EMBEDDINGS]),
         # Image models answer chat too, but the chat translation drops image parts.
         ("gemini-3.1-flash-image", [_C.IMAGES]),
         ("gemini-3-pro-image", [_C.IMAGES]),
@@ -245,15 +257,29 @@ class GeminiAdapter:
 
     async def create_embedding(self, request: JSON, model: str) -> JSON:
         texts = _embedding_texts(request.get("input"), self.name)
-        vectors, answer = await self._embed(texts, request.get("dimensions"), model)
+        (vectors, answer), counted = await asyncio.gather(
+            self._embed(texts, request.get("dimensions"), model), self._count_tokens(texts)
+        )
         base64_wanted = request.get("encoding_format") == "base64"
         data = [
             {"object": "embedding", "index": i, "embedding": _float32_base64(v) if base64_wanted else v}
             for i, v in enumerate(vectors)
         ]
-        tokens = _int(_object(answer.get("usageMetadata")).get("promptTokenCount"))
+        tokens = _int(_object(answer.get("usageMetadata")).get("promptTokenCount")) or counted
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return {"object": "list", "data": data, "model": model, "usage": usage}
+
+    async def _count_tokens(self, texts: list[str]) -> int:
+        """The inputs' tokens by countTokens (free) on a generation model, whose tokenizer
+        the embedding models share; embedContent reports none. If the count fails the
+        call still succeeds, billed at 4 characters a token."""
+        body = {"contents": [{"role": "user", "parts": [{"text": text}]} for text in texts]}
+        try:
+            answer = await self._post(self._url(TOKEN_COUNT_MODEL, "countTokens"), body)
+        except errors.UpstreamError as exc:
+            _log.warning("%s: countTokens failed, embedding tokens estimated (%s)", self.name, exc)
+            return sum(-(-len(text) // 4) for text in texts)
+        return _int(answer.get("totalTokens"))
 
     async def _embed(self, texts: list[str], dimensions: Any, model: str) -> tuple[list[list[float]], JSON]:
         """The vectors, in input order, and Gemini's answer: embedContent for one text,

@@ -8,7 +8,7 @@ One adapter instance per configured provider; all share the process's httpx clie
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,18 @@ class OpenAIAdapter:
         return AudioFile(content_type=content_type, data=response.content)
 
     async def create_transcription(self, audio: TranscriptionInput, model: str) -> TranscriptionOutput:
+        # text, srt and vtt carry no usage: ask for a JSON format that does and render
+        # the client's format here, so that the audio is billed whatever was asked.
+        asked = richer_transcription_format(audio.response_format, model)
+        if asked != audio.response_format:
+            fields = [(n, v) for n, v in audio.fields if n != "response_format"] + [("response_format", asked)]
+            output = await self._transcribe(
+                TranscriptionInput(audio.file, audio.filename, audio.file_content_type, fields), model
+            )
+            return render_transcription(self.name, output.body, audio.response_format)
+        return await self._transcribe(audio, model)
+
+    async def _transcribe(self, audio: TranscriptionInput, model: str) -> TranscriptionOutput:
         data: dict[str, str | list[str]] = {"model": model}
         for name, value in audio.fields:  # repeated fields (`include[]`) become lists
             previous = data.get(name)
@@ -185,6 +197,55 @@ class OpenAIAdapter:
         return errors.UpstreamUnavailable(f"{self.name} failed mid-stream: {message or error}", provider=self.name)
 
 
+def richer_transcription_format(wanted: str, model: str) -> str:
+    """The format to ask for: Whisper models give segments and the duration in
+    verbose_json (enough to render text, srt and vtt); the gpt-4o transcribe models
+    know only json and text, and report token usage in json."""
+    if wanted not in ("text", "srt", "vtt"):
+        return wanted
+    if "whisper" in model:
+        return "verbose_json"
+    return "json" if wanted == "text" else wanted
+
+
+def render_transcription(provider: str, body: bytes, wanted: str) -> TranscriptionOutput:
+    """The client's text, srt or vtt rendered from a json / verbose_json answer, with
+    the answer's usage (or its duration as a usage of type duration) kept aside."""
+    try:
+        parsed = json.loads(body)
+    except ValueError as exc:
+        raise errors.UpstreamMalformedResponse(
+            f"{provider} answered a transcription that is not JSON", provider=provider
+        ) from exc
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
+        raise errors.UpstreamMalformedResponse(f"{provider} answered a transcription without text", provider=provider)
+    usage = parsed.get("usage") if isinstance(parsed.get("usage"), dict) else None
+    if isinstance(parsed.get("duration"), int | float):
+        usage = {"type": "duration", "seconds": parsed["duration"]}
+    rendered = parsed["text"] + "\n" if wanted == "text" else _subtitles(parsed, wanted)
+    return TranscriptionOutput("text/plain; charset=utf-8", rendered.encode(), usage=usage)
+
+
+def _subtitles(parsed: JSON, wanted: str) -> str:
+    """SubRip or WebVTT cues, one per segment (the whole text as one cue without them)."""
+    segments = parsed.get("segments") or [{"start": 0.0, "end": parsed.get("duration") or 0.0, "text": parsed["text"]}]
+    separator = "," if wanted == "srt" else "."
+    cues = []
+    for number, segment in enumerate(segments, start=1):
+        timing = f"{_timestamp(segment['start'], separator)} --> {_timestamp(segment['end'], separator)}"
+        text = str(segment.get("text", "")).strip()
+        cues.append(f"{number}\n{timing}\n{text}\n" if wanted == "srt" else f"{timing}\n{text}\n")
+    body = "\n".join(cues) + "\n"
+    return body if wanted == "srt" else "WEBVTT\n\n" + body
+
+
+def _timestamp(seconds: Any, separator: str) -> str:
+    millis = round(float(seconds or 0) * 1000)
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    return f"{hours:02d}:{minutes:02d}:{rest // 1000:02d}{separator}{rest % 1000:03d}"
+
+
 @dataclass(frozen=True)
 class ImageModelRules:
     """What one of OpenAI's image models accepts, checked before the call so the client
@@ -236,11 +297,22 @@ class _StreamContext:
     and closes the upstream connection on exit, which is how a client's cancellation
     reaches the upstream at once."""
 
-    def __init__(self, client: httpx.AsyncClient, request: httpx.Request, provider: str) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        request: httpx.Request,
+        provider: str,
+        error_of: Callable[[int, httpx.Headers, bytes], errors.UpstreamError] | None = None,
+    ) -> None:
         self._client = client
         self._request = request
         self._provider = provider
+        # How a failed status and its body become the error (a dialect may read more).
+        self._error_of = error_of or self._openai_error
         self._response: httpx.Response | None = None
+
+    def _openai_error(self, status: int, headers: httpx.Headers, body: bytes) -> errors.UpstreamError:
+        return upstream_status_error(self._provider, status, headers, error_message_from_body(body))
 
     async def __aenter__(self) -> httpx.Response:
         try:
@@ -254,8 +326,7 @@ class _StreamContext:
                 body = b""
             finally:
                 await response.aclose()
-            message = error_message_from_body(body)
-            raise upstream_status_error(self._provider, response.status_code, response.headers, message)
+            raise self._error_of(response.status_code, response.headers, body)
         self._response = response
         return response
 

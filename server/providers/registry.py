@@ -14,8 +14,17 @@ import httpx
 from server.config import ModelEntry, ProviderConfig
 from server.errors import ProviderNotConfigured
 from server.providers.anthropic import CLAUDE_CHAT, CLAUDE_MODELS, build_anthropic_adapter
+from server.providers.azure import API_KEY_ENV as AZURE_API_KEY_ENV
+from server.providers.azure import CAPABILITIES as AZURE_CAPABILITIES
+from server.providers.azure import MODELS as AZURE_MODELS
+from server.providers.azure import build_azure
 from server.providers.base import Capability, Provider
+from server.providers.bedrock import BEARER_ENV as BEDROCK_BEARER_ENV
+from server.providers.bedrock import CAPABILITIES as BEDROCK_CAPABILITIES
+from server.providers.bedrock import build_bedrock
 from server.providers.gemini import GEMINI_BASE_URL, GEMINI_CAPABILITIES, GEMINI_MODELS, build_gemini
+from server.providers.local import CAPABILITIES as LOCAL_CAPABILITIES
+from server.providers.local import build_local, local_models
 from server.providers.mistral import CAPABILITIES as MISTRAL_CAPABILITIES
 from server.providers.mistral import DEFAULT_BASE_URL as MISTRAL_BASE_URL
 from server.providers.mistral import build_mistral
@@ -65,6 +74,7 @@ OPENAI_MODELS = tuple(
 PRESETS: dict[str, Preset] = {
     "anthropic": Preset("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY", CLAUDE_CHAT, CLAUDE_MODELS),
     "gemini": Preset("gemini", GEMINI_BASE_URL, "GEMINI_API_KEY", GEMINI_CAPABILITIES, GEMINI_MODELS),
+    "local": Preset("local", None, None, LOCAL_CAPABILITIES, local_models()),
     "openai": Preset("openai", "https://api.openai.com/v1", "OPENAI_API_KEY", models=OPENAI_MODELS),
     "mistral": Preset(
         "mistral",
@@ -117,6 +127,104 @@ PRESETS: dict[str, Preset] = {
         ),
         reasoning_field="reasoning",
     ),
+    # Azure OpenAI: model names are deployment names (server.providers.azure).
+    "azure": Preset("azure", None, AZURE_API_KEY_ENV, AZURE_CAPABILITIES, AZURE_MODELS),
+    # Bedrock: the endpoint and region come from botocore (server.providers.bedrock).
+    "bedrock": Preset(
+        "bedrock",
+        None,
+        BEDROCK_BEARER_ENV,
+        BEDROCK_CAPABILITIES,
+        (
+            *(
+                ModelEntry(id=m, capabilities=[_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA])
+                for m in ("us.anthropic.claude-sonnet-4-20250514-v1:0", "us.anthropic.claude-haiku-4-5-20251001-v1:0")
+            ),
+            *(
+                ModelEntry(id=m, capabilities=[_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION])
+                for m in ("amazon.nova-pro-v1:0", "amazon.nova-lite-v1:0")
+            ),
+            *(
+                ModelEntry(id=m, capabilities=[_C.CHAT, _C.CHAT_STREAM, _C.TOOLS])
+                for m in (
+                    "amazon.nova-micro-v1:0",
+                    "meta.llama3-3-70b-instruct-v1:0",
+                    "mistral.mistral-large-2407-v1:0",
+                )
+            ),
+            *(
+                ModelEntry(id=m, capabilities=[_C.EMBEDDINGS])
+                for m in ("amazon.titan-embed-text-v2:0", "cohere.embed-english-v3", "cohere.embed-multilingual-v3")
+            ),
+        ),
+    ),
+    # Groq: OpenAI's chat API and Whisper transcription on its own hardware.
+    "groq": Preset(
+        "openai",
+        "https://api.groq.com/openai/v1",
+        "GROQ_API_KEY",
+        _CHAT_ONLY | {_C.VISION, _C.TRANSCRIPTION},
+        (
+            *(
+                ModelEntry(id=m, capabilities=list(_CHAT_ONLY))
+                for m in (
+                    "llama-3.3-70b-versatile",
+                    "llama-3.1-8b-instant",
+                    "openai/gpt-oss-120b",
+                    "openai/gpt-oss-20b",
+                )
+            ),
+            ModelEntry(id="meta-llama/llama-4-scout-17b-16e-instruct", capabilities=[*_CHAT_ONLY, _C.VISION]),
+            *(
+                ModelEntry(id=m, capabilities=[_C.TRANSCRIPTION])
+                for m in ("whisper-large-v3", "whisper-large-v3-turbo")
+            ),
+        ),
+    ),
+    "together": Preset(
+        "openai",
+        "https://api.together.xyz/v1",
+        "TOGETHER_API_KEY",
+        _CHAT_ONLY | {_C.VISION, _C.EMBEDDINGS, _C.IMAGES},
+        (
+            *(
+                ModelEntry(id=m, capabilities=list(_CHAT_ONLY))
+                for m in (
+                    "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+                    "deepseek-ai/DeepSeek-V3",
+                    "Qwen/Qwen2.5-72B-Instruct-Turbo",
+                )
+            ),
+            ModelEntry(id="BAAI/bge-large-en-v1.5", capabilities=[_C.EMBEDDINGS]),
+            ModelEntry(id="black-forest-labs/FLUX.1-schnell", capabilities=[_C.IMAGES]),
+        ),
+    ),
+    # Fireworks' model names are resource paths: `fireworks/accounts/fireworks/models/...`.
+    "fireworks": Preset(
+        "openai",
+        "https://api.fireworks.ai/inference/v1",
+        "FIREWORKS_API_KEY",
+        _CHAT_ONLY | {_C.VISION, _C.EMBEDDINGS},
+        (
+            *(
+                ModelEntry(id=f"accounts/fireworks/models/{m}", capabilities=list(_CHAT_ONLY))
+                for m in ("llama-v3p3-70b-instruct", "deepseek-v3", "qwen3-235b-a22b")
+            ),
+            ModelEntry(id="nomic-ai/nomic-embed-text-v1.5", capabilities=[_C.EMBEDDINGS]),
+        ),
+    ),
+    # Perplexity: search-grounded chat; no tools, no images in, JSON schema output.
+    "perplexity": Preset(
+        "openai",
+        "https://api.perplexity.ai",
+        "PERPLEXITY_API_KEY",
+        frozenset({_C.CHAT, _C.CHAT_STREAM, _C.JSON_SCHEMA}),
+        tuple(ModelEntry(id=m) for m in ("sonar", "sonar-pro", "sonar-reasoning-pro", "sonar-deep-research")),
+    ),
+    # Self-hosted servers: no default base URL (the config file gives it) and no key
+    # unless the server was started with one (`--api-key`); the catalog is the config's.
+    "vllm": Preset("openai", None, "VLLM_API_KEY", _CHAT_ONLY | {_C.VISION, _C.EMBEDDINGS}),
+    "llamacpp": Preset("openai", None, "LLAMA_API_KEY", _CHAT_ONLY | {_C.VISION, _C.EMBEDDINGS}),
 }
 
 AdapterFactory = Callable[[str, ProviderConfig, Preset | None, httpx.AsyncClient], Provider]
@@ -143,7 +251,10 @@ def _openai(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx
 
 ADAPTERS: dict[str, AdapterFactory] = {
     "anthropic": build_anthropic_adapter,
+    "azure": build_azure,
+    "bedrock": build_bedrock,
     "gemini": build_gemini,
+    "local": build_local,
     "mistral": build_mistral,
     "ollama": build_ollama,
     "openai": _openai,
@@ -177,7 +288,15 @@ def api_key_variable(provider: str) -> str | None:
 
 
 # Providers enabled by something other than their preset's key variable (config.py).
-_ENABLED_BY = {"ollama": "OLLAMA_HOST", "gemini": "GEMINI_API_KEY or GOOGLE_API_KEY"}
+_ENABLED_BY = {
+    "ollama": "OLLAMA_HOST",
+    "gemini": "GEMINI_API_KEY or GOOGLE_API_KEY",
+    "azure": "AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_API_KEY or AZURE_OPENAI_AD_TOKEN",
+    "bedrock": "AWS credentials and region, or AWS_BEARER_TOKEN_BEDROCK",
+    "vllm": "config file (base_url)",
+    "llamacpp": "config file (base_url)",
+    "local": "installed `[local]` extra (AIGNE_HUB_LOCAL=false: off)",
+}
 
 
 def capability_table() -> str:

@@ -180,6 +180,8 @@ usage_records = Table(
     Column("credits_micros", BigInteger(), nullable=False, server_default="0"),
     Column("latency_ms", Integer(), nullable=False, server_default="0"),
     Column("ttft_ms", Integer(), nullable=True),
+    # Upstream attempts the call took (retries and fallbacks); 0 if it never reached one.
+    Column("attempts", Integer(), nullable=False, server_default="1"),
     Column("outcome", String(16), nullable=False),
     Column("error_reason", String(64), nullable=True),
     Index("ix_usage_records_created_at", "created_at"),

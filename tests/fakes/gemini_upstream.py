@@ -13,6 +13,7 @@ Endpoints, all POST, the key in `x-goog-api-key` (or `?key=`):
     /v1beta/models/{model}:streamGenerateContent?alt=sse   one GenerateContentResponse per event
     /v1beta/models/{model}:embedContent
     /v1beta/models/{model}:batchEmbedContents
+    /v1beta/models/{model}:countTokens                     totalTokens: the words of the text parts
 
 Like the real API it refuses, with 400 INVALID_ARGUMENT, request fields it does not know:
 each part of a body is validated against the official google-genai SDK's types, which
@@ -226,6 +227,8 @@ class FakeGemini:
         self.requests: list[RecordedRequest] = []
         self.signatures: list[str] = []
         self.images_drawn = 0
+        # When set, countTokens answers 503 (the gateway must still answer embeddings).
+        self.count_tokens_down = False
         self._http = HttpServer(self._handle, host, port)
         self._ids = itertools.count(1)
 
@@ -270,13 +273,14 @@ class FakeGemini:
     async def _dispatch(self, request: Request, body: Any) -> Response:
         if (request.method, request.path) == ("GET", "/v1beta/models"):  # the gateway's credential probe
             self._check_key(request)
-            return _json_response({"models": [{"name": "models/gemini-2.5-flash"}]}, 200)
+            return _json_response({"models": [_model_entry(m) for m in MODEL_LIST]}, 200)
         match = re.fullmatch(r"/v1beta/models/([^/:]+):(\w+)", request.path)
         endpoints = {
             "generateContent": self._generate,
             "streamGenerateContent": self._stream,
             "embedContent": self._embed,
             "batchEmbedContents": self._batch_embed,
+            "countTokens": self._count_tokens,
         }
         if request.method != "POST" or not match or match.group(2) not in endpoints:
             raise GoogleError(404, f"Method not found: {request.method} {request.path}")
@@ -552,6 +556,17 @@ class FakeGemini:
         request = _validated(body, _EMBED_FIELDS, "EmbedContentRequest")
         return _json_response({"embedding": self._embedding(request, "EmbedContentRequest")})
 
+    def _count_tokens(self, model: str, body: JSON, _: Request) -> Response:
+        """countTokens: one token per word of every text part (free at Google, too)."""
+        if self.count_tokens_down:
+            raise GoogleError(503, "The model is overloaded. Please try again later.")
+        if set(body) - {"contents", "generateContentRequest"} or not isinstance(body.get("contents"), list):
+            raise GoogleError(400, "* CountTokensRequest.contents: contents is not specified")
+        tokens = sum(len(_text(content).split()) for content in body["contents"])
+        return _json_response(
+            {"totalTokens": tokens, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": tokens}]}
+        )
+
     def _batch_embed(self, model: str, body: JSON, _: Request) -> Response:
         if set(body) - {"requests"} or not isinstance(body.get("requests"), list) or not body["requests"]:
             raise GoogleError(400, "* BatchEmbedContentsRequest.requests: requests is not specified")
@@ -644,6 +659,36 @@ def _parts(content: JSON) -> list[JSON]:
 
 def _camel_part(part: JSON) -> JSON:
     return {re.sub(r"_(\w)", lambda m: m.group(1).upper(), key): value for key, value in part.items()}
+
+
+# What Google's models.list names today (Developer API, 2026-11; Google's deprecations
+# page): the catalog test flags a gateway catalog entry missing here.
+MODEL_LIST = {
+    "gemini-3.8-flash": ("generateContent", "countTokens"),
+    "gemini-3.7-flash": ("generateContent", "countTokens"),
+    "gemini-3.6-flash": ("generateContent", "countTokens"),
+    "gemini-3.5-flash": ("generateContent", "countTokens"),
+    "gemini-3.5-flash-lite": ("generateContent", "countTokens"),
+    "gemini-3.1-flash-lite": ("generateContent", "countTokens"),
+    "gemini-3.1-pro-preview": ("generateContent", "countTokens"),
+    "gemini-2.5-flash": ("generateContent", "countTokens"),  # retires 2026-12-01
+    "gemini-2.5-pro": ("generateContent", "countTokens"),  # retires 2026-12-01
+    "gemini-2.5-flash-lite": ("generateContent", "countTokens"),
+    "gemini-3.1-flash-image": ("generateContent", "countTokens"),
+    "gemini-3-pro-image": ("generateContent", "countTokens"),
+    "gemini-embedding-001": ("embedContent", "countTextTokens", "countTokens"),
+}
+
+
+def _model_entry(model: str) -> JSON:
+    return {
+        "name": f"models/{model}",
+        "version": "001",
+        "displayName": model,
+        "inputTokenLimit": 1_048_576,
+        "outputTokenLimit": 65_536,
+        "supportedGenerationMethods": list(MODEL_LIST[model]),
+    }
 
 
 def _text(content: JSON) -> str:

@@ -230,6 +230,8 @@ class FakeOpenAI:
         self.embedding_dimensions = embedding_dimensions
         self.record_requests = record_requests
         self.requests: list[RecordedRequest] = []
+        # Scripted answers by model, consumed one per request (see `script`).
+        self.scripts: dict[str, list[tuple[int, dict[str, str], str | None]]] = {}
         self._http = HttpServer(self._handle, host, port)
         self._ids = itertools.count(1)
 
@@ -256,8 +258,18 @@ class FakeOpenAI:
     def base_url(self) -> str:
         return f"http://{self._http.host}:{self._http.port}/v1"
 
+    def script(
+        self, model: str, *statuses: int, headers: dict[str, str] | None = None, message: str | None = None
+    ) -> None:
+        """The next requests for `model` answer these HTTP statuses in turn (200: the
+        normal answer, streamed or not; others: OpenAI's error body, with `message` if
+        given, and `headers`); after the script, the model answers normally."""
+        entries = [(status, dict(headers or {}), message) for status in statuses]
+        self.scripts.setdefault(model, []).extend(entries)
+
     def reset(self) -> None:
-        """Forgets the recorded requests and zeroes the counters."""
+        """Forgets the recorded requests and scripts, and zeroes the counters."""
+        self.scripts.clear()
         self.requests.clear()
         self._http.reset_counters()
 
@@ -345,6 +357,10 @@ class FakeOpenAI:
 
     async def _scenario_response(self, model: str, body: JSON) -> Response | None:
         """Handles the scenarios that apply to every endpoint, by model name."""
+        if script := self.scripts.get(model):
+            status, headers, message = script.pop(0)
+            if status != 200:
+                raise OpenAIError(status, message, headers=headers)
         if match := re.fullmatch(r"error-(\d{3})", model):
             status = int(match.group(1))
             headers = dict(_RATE_LIMIT_HEADERS) if status == 429 else {}
@@ -468,8 +484,15 @@ class FakeOpenAI:
             raise OpenAIError(400, f"Invalid response_format: {fmt!r}.", param="response_format")
         text = _transcript(upload.data)
         granularities = [v for k, v in recorded.form_fields if k == "timestamp_granularities[]"]
+        # The gpt-4o transcribe models answer json or text only, and bill tokens.
+        by_tokens = "transcribe" in str(body.get("model"))
+        if by_tokens and fmt not in ("json", "text"):
+            message = (
+                f"response_format '{fmt}' is not compatible with model '{body.get('model')}'. Use 'json' or 'text'."
+            )
+            raise OpenAIError(400, message, param="response_format", code="unsupported_value")
         if fmt == "json":
-            return _json_response({"text": text, "usage": _audio_usage(text)})
+            return _json_response({"text": text, "usage": _token_usage(text) if by_tokens else _audio_usage(text)})
         if fmt == "verbose_json":
             return _json_response(_verbose_transcription(text, body.get("language"), granularities))
         subtitles = {"text": text + "\n", "srt": _srt(text), "vtt": _vtt(text)}[fmt]
@@ -762,6 +785,18 @@ def _transcript(audio: bytes) -> str:
 
 def _audio_usage(text: str) -> JSON:
     return {"type": "duration", "seconds": math.ceil(_duration(text))}
+
+
+def _token_usage(text: str) -> JSON:
+    audio_tokens = 10 * max(1, _count_words(text))
+    output_tokens = _count_words(text)
+    return {
+        "type": "tokens",
+        "input_tokens": audio_tokens,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens},
+        "output_tokens": output_tokens,
+        "total_tokens": audio_tokens + output_tokens,
+    }
 
 
 def _duration(text: str) -> float:

@@ -106,7 +106,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 23
     """The gateway's database cannot be reached or written in time (UNAVAILABLE, HTTP 503,
     with a RetryInfo and a `retry-after` header). Retry after the hint; nothing was
-    charged and no provider was called.
+    charged. Usually no provider was called; when the call's record failed at its end,
+    the answer was withheld (a stream ends with this error after its content).
     """
     RESOURCE_NOT_FOUND: _ErrorReason.ValueType  # 24
     """The resource the request names (an API key, a provider credential) does not
@@ -204,7 +205,8 @@ SPENDING_CAP_REACHED: ErrorReason.ValueType  # 22
 STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 23
 """The gateway's database cannot be reached or written in time (UNAVAILABLE, HTTP 503,
 with a RetryInfo and a `retry-after` header). Retry after the hint; nothing was
-charged and no provider was called.
+charged. Usually no provider was called; when the call's record failed at its end,
+the answer was withheld (a stream ends with this error after its content).
 """
 RESOURCE_NOT_FOUND: ErrorReason.ValueType  # 24
 """The resource the request names (an API key, a provider credential) does not
