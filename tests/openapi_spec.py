@@ -1,9 +1,13 @@
-"""OpenAI's published OpenAPI description (`/work/shared/specs`), as JSON Schema validators.
+"""OpenAI's published OpenAPI description, as JSON Schema validators.
+
+The schemas come from `tests/specs/openai_response_schemas.json`: the response schemas
+the conformance tests use, extracted with all they reference from the whole spec
+(`tests/specs/extract_openai_schemas.py`, whose test checks the extract against the
+spec when the spec is at hand). AIGNE_HUB_OPENAI_SPEC may name the whole YAML instead.
 
 The spec is OpenAPI 3.1, whose schemas are JSON Schema 2020-12; each component schema is
-checked as `{"$ref": "#/components/schemas/<name>"}` against the whole document, so its
-references resolve inside it. Loading and indexing the 70,000-line YAML takes a second or
-two, hence once per session.
+checked as `{"$ref": "#/components/schemas/<name>"}` against the document, so its
+references resolve inside it.
 
 The document says OpenAPI 3.1 but still marks 111 schemas with 3.0's `nullable: true`,
 which JSON Schema ignores (so `finish_reason: null`, which OpenAI sends in every chunk
@@ -19,22 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC_PATH = Path(
-    os.environ.get("AIGNE_HUB_OPENAI_SPEC", Path(__file__).resolve().parents[2] / "shared/specs/openai-openapi.yaml")
-)
+from tests.specs.extract_openai_schemas import OUTPUT, load_spec
+
 SPEC_URI = "urn:openai-openapi"
 
 
 @functools.cache
 def _registry() -> Registry[Any]:
-    # The C loader when PyYAML has it: the pure-Python one takes ~30 s on this file.
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with SPEC_PATH.open(encoding="utf-8") as handle:
-        spec = yaml.load(handle, Loader=loader)  # SafeLoader, C or Python
+    full_spec = os.environ.get("AIGNE_HUB_OPENAI_SPEC")
+    spec = load_spec(Path(full_spec)) if full_spec else json.loads(OUTPUT.read_text(encoding="utf-8"))
     spec = _with_nullable_as_null(spec)
     return Registry().with_resource(SPEC_URI, Resource.from_contents(spec, default_specification=DRAFT202012))
 
