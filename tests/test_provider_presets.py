@@ -231,7 +231,7 @@ HOSTED = {
 async def test_hosted_preset_defaults_and_environment(provider, monkeypatch):
     variable, base_url, model = HOSTED[provider]
     monkeypatch.setenv(variable, "from-env")
-    config = config_from_environment({variable: "from-env"})
+    config = config_from_environment({variable: "from-env", "AIGNE_HUB_LOCAL": "false"})
     assert list(config.providers) == [provider]
     async with httpx.AsyncClient() as client:
         adapter = build_provider(provider, config.providers[provider], client)
