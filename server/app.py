@@ -51,6 +51,7 @@ from server.api.intake import IntakeInterceptor
 from server.api.shutdown import OpenStreams, interrupt_after
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
+from server.limits import DefaultLimits, LimitStore, open_limiter
 from server.memory import return_large_buffers_to_the_os
 from server.providers.base import CredentialProbe, Preloading, Provider
 from server.providers.credentials import apply_call_credential
@@ -165,6 +166,14 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         reservation_lease_s=settings.reservation_lease_s,
     )
     await apply_configured_rates(accounts, config)
+    accounts.limiter = open_limiter(
+        LimitStore(accounts.db, cache_ttl_s=settings.key_cache_ttl_s),
+        settings.redis_url,
+        defaults=DefaultLimits(**config.limits.default_key.model_dump()),
+        on_redis_failure=settings.limits_on_redis_failure,
+        budget_s=settings.limits_redis_budget_ms / 1000,
+        lease_s=settings.limits_slot_lease_s,
+    )
     for secret in (settings.admin_token, settings.master_key, settings.key_pepper):
         register_secret(secret.get_secret_value() if secret else None)
     client = upstream_client(settings)

@@ -30,12 +30,12 @@ from server.accounts.cli import run as run_account_command
 from server.accounts.credentials import MasterKeyError
 from server.app import Gateway, serve_until_signalled, start_gateway
 from server.bridge.envoy_config import LUA_PATH, bridge_timeouts, render_envoy_config
-from server.bridge.process import EnvoyProcess, Listen
+from server.bridge.process import EnvoyProcess, Listen, check_ports_free
 from server.bridge.supervisor import supervise
 from server.config import ConfigError, Settings
 from server.storage.database import StorageError
 
-ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "credentials", "migrate"})
+ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "credentials", "limits", "migrate"})
 DESCRIPTOR_PATH = Path(__file__).resolve().parent.parent / "generated" / "descriptor.binpb"
 log = logging.getLogger("aigne_hub")
 
@@ -72,16 +72,20 @@ async def wait_for_bridge(rest_url: str, timeout_s: float = 15.0) -> None:
     raise TimeoutError(f"the REST bridge at {rest_url} did not become healthy in {timeout_s} s")
 
 
+def bridge_listens(settings: Settings) -> list[Listen]:
+    return [
+        Listen("REST", settings.rest_host, settings.rest_port),
+        Listen("Envoy admin", "127.0.0.1", settings.admin_port),
+    ]
+
+
 def bridge_process(settings: Settings, grpc_port: int) -> EnvoyProcess:
     """The Envoy of `serve`: checks its ports before each start and logs no secrets."""
     return EnvoyProcess(
         envoy_yaml(settings, grpc_port),
         admin_url=f"http://127.0.0.1:{settings.admin_port}",
         log_level=settings.envoy_log_level,
-        listens=[
-            Listen("REST", settings.rest_host, settings.rest_port),
-            Listen("Envoy admin", "127.0.0.1", settings.admin_port),
-        ],
+        listens=bridge_listens(settings),
     )
 
 
@@ -91,6 +95,9 @@ async def serve(settings: Settings) -> None:
     Envoy is supervised (server.bridge.supervisor): restarted when it dies, and gRPC
     health for "" (the whole gateway) is NOT_SERVING while the REST bridge is down.
     """
+    # Before anything is opened or loaded (local models take seconds): a taken port
+    # fails the start at once.
+    check_ports_free(bridge_listens(settings))
     gateway: Gateway = await start_gateway(settings)
     envoy = bridge_process(settings, gateway.port)
     stop = asyncio.Event()

@@ -11,6 +11,8 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     AIGNE_HUB_BILLING_ENABLED                   charge credits (default off)
     AIGNE_HUB_UPSTREAM_READ_TIMEOUT_S           upstream silence limit; Envoy's limits derive from it
     AIGNE_HUB_ENVOY_LOG_LEVEL                   info, warning (default), error, critical, off
+    AIGNE_HUB_REDIS_URL                         shared cooldowns and rate-limit counters
+    AIGNE_HUB_LIMITS_ON_REDIS_FAILURE           open (default) or closed
     ...                                         see `Settings` for the rest
 
 Providers: with a YAML file, exactly the providers it lists; without one, every
@@ -77,6 +79,13 @@ class Settings(StorageSettings, AccountsSettings):
     # Redis for state every replica must share (deployment cooldowns); unset: each
     # process keeps its own. E.g. redis://127.0.0.1:6379/0.
     redis_url: str | None = None
+    # Rate limits (server.limits) when Redis fails or takes longer than the budget:
+    # "open" serves through this process's own counters, "closed" answers 503.
+    limits_on_redis_failure: Literal["open", "closed"] = "open"
+    limits_redis_budget_ms: float = Field(50.0, gt=0, le=60_000)
+    # A call-in-flight slot's lease: renewed while the call runs; a crashed replica's
+    # slots are free again within it.
+    limits_slot_lease_s: float = Field(60.0, ge=1, le=3600)
     log_level: str = "INFO"
 
 
@@ -222,6 +231,24 @@ class RoutingConfig(BaseModel):
     cooldown: CooldownConfig = Field(default_factory=CooldownConfig)
 
 
+class KeyLimitsConfig(BaseModel):
+    """Limits of every key that has no rule of its own for all models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(None, ge=1, le=10**12)
+    tpm: int | None = Field(None, ge=1, le=10**12)
+    concurrency: int | None = Field(None, ge=1, le=10**12)
+
+
+class LimitsConfig(BaseModel):
+    """`limits:` in the YAML file: defaults for every key (`default_key: {rpm: 600}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_key: KeyLimitsConfig = Field(default_factory=KeyLimitsConfig)
+
+
 class GatewayConfig(BaseModel):
     """The YAML file's schema."""
 
@@ -236,6 +263,8 @@ class GatewayConfig(BaseModel):
     # `provider/model` or a glob (`openai/*`, `*`): its rates. The admin API can change
     # rates at run time; the file's are applied again at each start.
     rates: dict[str, RateConfig] = Field(default_factory=dict)
+    # Rate limits applied to every key (rules per key or owner are set at run time).
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
 class ConfigError(Exception):

@@ -14,6 +14,8 @@ gRPC, and `server.api.errors` maps each class to a gRPC status code in one place
     ├── UnsupportedFeature        the provider cannot do what was asked (501)
     ├── ShuttingDown              the server is draining (503)
     ├── StorageUnavailable        the gateway's database cannot be used now (503)
+    ├── RateLimited               a gateway rate limit of the key or owner is reached (429)
+    ├── RateLimitsUnavailable     the shared limit counters cannot be reached, fail-closed (503)
     ├── CallTimeout               a call without a deadline outlived the default one (504)
     ├── InternalError             a bug in the gateway (500)
     └── UpstreamError             the upstream provider failed
@@ -119,6 +121,39 @@ class StorageUnavailable(GatewayError):
     openai_type = "service_unavailable_error"
 
     def __init__(self, message: str, *, retry_after_seconds: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class RateLimited(GatewayError):
+    """A rate limit of the caller's key or owner (server.limits) is reached; nothing was
+    called. `retry_after_seconds` is the real wait until the call would be admitted
+    (for concurrency: a short hint), and `headers` the OpenAI rate-limit headers."""
+
+    reason = "RATE_LIMITED"
+    openai_type = "rate_limit_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_seconds: float,
+        metadata: dict[str, str],
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_after_seconds = retry_after_seconds
+        self.headers = headers
+
+
+class RateLimitsUnavailable(GatewayError):
+    """The shared rate-limit counters cannot be reached in time and the limits are set
+    to fail closed. Nothing was charged and no provider was called."""
+
+    reason = "RATE_LIMITS_UNAVAILABLE"
+    openai_type = "service_unavailable_error"
+
+    def __init__(self, message: str, *, retry_after_seconds: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
 

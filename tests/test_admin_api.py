@@ -173,3 +173,44 @@ async def test_usage_query_matches_the_ledger_over_grpc(admin_stack):
     assert total.output_tokens == sum(r.output_tokens for r in records)
     rest = (await admin.get("/admin/usage", params={"group_by": "owner", "owner": "user:erin"})).json()["totals"]
     assert rest[0]["calls"] == 3 and rest[0]["owner"] == "user:erin"
+
+
+async def test_rate_limits_are_set_listed_changed_and_removed_over_rest(admin_stack):
+    _, bridge, admin = admin_stack
+    created = (await admin.post("/admin/keys", json={"owner": "user:lima", "name": "k"})).json()
+    key_id = created["key"]["id"]
+    set_ = await admin.post("/admin/limits", json={"limit": {"key_id": key_id, "rpm": 2}})
+    assert set_.status_code == 200 and set_.json()["limit"]["rpm"] == "2"  # int64 as JSON string
+    client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=created["secret"], max_retries=0)
+    for _ in range(2):
+        await client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)
+
+    before = (await admin.get("/admin/limits", params={"key_id": key_id})).json()["limits"]
+    bad = {
+        "negative": {"key_id": key_id, "rpm": -1},
+        "zero": {"key_id": key_id, "tpm": 0},
+        "not a number": {"key_id": key_id, "rpm": "many"},
+        "no limit": {"key_id": key_id},
+        "both subjects": {"key_id": key_id, "owner": "user:lima", "rpm": 1},
+    }
+    for case, limit in bad.items():
+        answer = await admin.post("/admin/limits", json={"limit": limit})
+        assert answer.status_code == 400, (case, answer.text)
+    unknown = await admin.post("/admin/limits", json={"limit": {"key_id": "nosuchkey", "rpm": 5}})
+    assert unknown.status_code == 404 and "nosuchkey" in unknown.json()["error"]["message"]
+    assert (await admin.get("/admin/limits", params={"key_id": key_id})).json()["limits"] == before, "nothing changed"
+
+    changed = (await admin.post("/admin/limits", json={"limit": {"key_id": key_id, "tpm": 5000}})).json()["limit"]
+    assert (changed["rpm"], changed["tpm"]) == ("2", "5000"), "a change keeps the limits it does not name"
+    await admin.post("/admin/limits", json={"limit": {"owner": "user:lima", "model": "openai/*", "concurrency": 3}})
+    first = (await admin.get("/admin/limits", params={"page_size": 1})).json()
+    second = (await admin.get("/admin/limits", params={"page_size": 1, "page_token": first["next_page_token"]})).json()
+    assert first["limits"][0] != second["limits"][0]
+
+    assert (await admin.post("/admin/limits:remove", json={"key_id": key_id})).status_code == 200
+    assert (await admin.post("/admin/limits:remove", json={"key_id": key_id})).status_code == 404
+    reply = await client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)
+    assert reply.choices[0].message.content, "removing the rule lifts the limit at once on this replica"
+    await client.close()

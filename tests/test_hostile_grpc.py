@@ -403,6 +403,13 @@ TARGETS: dict[str, Target] = {
         lambda: admin_pb.SetModelRateRequest(rate=admin_pb.ModelRate(model="openai/limits")),
         lambda request: request.rate,
     ),
+    "RateLimit": Target(
+        ADMIN + "SetRateLimit",
+        admin_pb.SetRateLimitResponse,
+        # A glob no model has: limits stored here must not change how other calls are served.
+        lambda: admin_pb.SetRateLimitRequest(limit=admin_pb.RateLimit(owner="user:hostile", model="hostile/*", rpm=1)),
+        lambda request: request.limit,
+    ),
     "AddProviderCredentialRequest": Target(
         ADMIN + "AddProviderCredential",
         admin_pb.AddProviderCredentialResponse,

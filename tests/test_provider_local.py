@@ -31,7 +31,7 @@ from server.config import ConfigError, GatewayConfig, ProviderConfig, Settings, 
 from server.providers.local import LocalAdapter, installed
 from server.providers.local.audio import render_transcription, segments
 from server.providers.local.engines import Word
-from tests.conftest import Bridge, start_bridge
+from tests.conftest import SINGLE_ATTEMPT, Bridge, start_bridge
 from tests.helpers import bearer_interceptors, chat_request, error_info, value
 
 pytestmark = pytest.mark.skipif(not installed(), reason="the aigne-hub[local] extra is not installed")
@@ -50,7 +50,7 @@ async def local_gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
         env.setenv("AIGNE_HUB_LOCAL_QUEUE", "1")
         env.setenv("AIGNE_HUB_LOCAL_MAX_TOKENS", "2048")
         settings = Settings(grpc_port=0, shutdown_grace_s=2.0, data_dir=tmp_path_factory.mktemp("local-data"))
-        gw = await start_gateway(settings, GatewayConfig(providers={"local": ProviderConfig()}))
+        gw = await start_gateway(settings, GatewayConfig(providers={"local": ProviderConfig()}, routing=SINGLE_ATTEMPT))
     yield gw
     await gw.stop(0.5)
 

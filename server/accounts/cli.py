@@ -1,4 +1,4 @@
-"""`aigne-hub keys|credits|usage|credentials|migrate`: account administration on the local database
+"""`aigne-hub keys|credits|usage|credentials|limits|migrate`: account administration on the local database
 (the one `AIGNE_HUB_DATA_DIR` / `AIGNE_HUB_DATABASE_URL` name, as the server uses).
 
 Readable tables by default, `--json` for scripts. Key secrets are printed once, at
@@ -24,6 +24,8 @@ from server.accounts.keys import KeyRecord, KeyStore
 from server.accounts.ledger import GroupBy, Ledger
 from server.accounts.owners import ensure_owner, parse_owner
 from server.config import Settings
+from server.limits import cli as limits_cli
+from server.limits.rules import LimitRule, LimitStore
 from server.storage import Database
 
 
@@ -36,6 +38,8 @@ def add_commands(sub: Any) -> None:
     create.add_argument("--models", nargs="*", help="allowed models, globs such as openai/* (default: all)")
     create.add_argument("--expires-in-days", type=float, help="expiry, in days from now")
     create.add_argument("--cap", help="spending cap in credits (default: none)")
+    create.add_argument("--rpm", type=limits_cli.positive_int, help="requests per minute (a `limits set` shortcut)")
+    create.add_argument("--tpm", type=limits_cli.positive_int, help="tokens per minute (a `limits set` shortcut)")
     listing = keys.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--owner", help="only this owner's keys")
     revoke = keys.add_parser("revoke", help="revoke a key (every replica within the key cache TTL)")
@@ -76,6 +80,7 @@ def add_commands(sub: Any) -> None:
     activate = credential_actions.add_parser("activate", help="put an invalid credential back into rotation")
     activate.add_argument("credential_id")
 
+    limits_cli.add_commands(sub)
     sub.add_parser("migrate", help="bring the database schema up to date (PostgreSQL: run before serving)")
     for command in ("keys", "credits", "usage", "credentials", "migrate"):
         sub.choices[command].add_argument("--json", action="store_true", help="machine-readable output")
@@ -94,6 +99,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             await _keys(args, db, settings)
         elif args.command == "credits":
             await _credits(args, CreditService(db, billing_enabled=True), db)
+        elif args.command == "limits":
+            await limits_cli.run(args, db)
         elif args.command == "credentials":
             master_key = settings.master_key.get_secret_value() if settings.master_key else None
             await _credentials(args, CredentialVault(db, load_master_key(master_key)))
@@ -113,6 +120,8 @@ async def _keys(args: argparse.Namespace, db: Database, settings: Settings) -> N
         record, secret = await store.create_key(
             owner.id, args.name, expires_at=expires, allowed_models=args.models or None, spend_cap_micros=cap
         )
+        if args.rpm or args.tpm:
+            await LimitStore(db).set(LimitRule("key", record.id, rpm=args.rpm, tpm=args.tpm))
         _print(
             args,
             {**_key_row(record), "secret": secret},

@@ -13,8 +13,9 @@ transaction) before the servicer hands the response back: a client never holds a
 answer the ledger does not know about. A call cut short by the client is recorded as
 "cancelled" with what it consumed so far; one the gateway ends while shutting down
 (the servicer raises ShuttingDown inside the meter) as "interrupted". A call the meter
-refuses as it starts (INSUFFICIENT_CREDITS, SPENDING_CAP_REACHED, a model without a
-rate) is recorded by the meter too, as an error with that reason: once the meter has
+refuses as it starts (RATE_LIMITED by `server.limits`, checked first so a refusal costs
+no database work; INSUFFICIENT_CREDITS, SPENDING_CAP_REACHED, a model without a rate)
+is recorded by the meter too, as an error with that reason: once the meter has
 started (METERED), it alone records the call, so every call leaves exactly one record.
 
 When the provider answers a stored credential with "invalid key"
@@ -61,6 +62,7 @@ from server.errors import (
     StorageUnavailable,
     UpstreamCredentialRejected,
 )
+from server.limits import Admission, Limiter
 from server.providers.credentials import CallCredential, clear_credential, use_credential
 from server.storage import Database
 from server.storage.settings import StorageSettings
@@ -86,6 +88,8 @@ class Accounts:
     spool: Spool | None = None
     # Confirms and re-checks invalid credentials (see `watch_credentials`).
     credential_checker: CredentialChecker | None = None
+    # Rate limits per key, owner and model (server.limits); None: no limits.
+    limiter: Limiter | None = None
 
     @classmethod
     async def open(
@@ -129,6 +133,8 @@ class Accounts:
         """Commits what the ledger still holds, then disconnects."""
         if self.credential_checker is not None:
             await self.credential_checker.stop()
+        if self.limiter is not None:
+            await self.limiter.aclose()
         await self.ledger.close()
         if self.spool is not None:
             await asyncio.to_thread(self.spool.rotate)
@@ -185,7 +191,7 @@ class Accounts:
         estimates the input, for a cut call that reports no usage."""
         if key is not None:
             authorize(key, f"{provider}/{model}", public_model)
-        return Meter(self, key, provider, model, operation, worst_case, credential_header, prompt_tokens)
+        return Meter(self, key, provider, model, operation, worst_case, credential_header, prompt_tokens, public_model)
 
 
 class Meter:
@@ -201,6 +207,7 @@ class Meter:
         worst_case: Usage,
         credential_header: tuple[str, str] | None = None,
         prompt_tokens: int = 0,
+        public_model: str | None = None,
     ) -> None:
         self.request_id = uuid.uuid4().hex
         self.usage = Usage()
@@ -222,6 +229,13 @@ class Meter:
         self._credential_token: Token[CallCredential | None] | None = None
         # Upstream attempts so far (the routing sets it); 0 until one is made.
         self.attempts = 0
+        self._public_model = public_model
+        # The call's hold on its rate limits (server.limits), released on exit.
+        self._admission: Admission | None = None
+
+    def limit_headers(self) -> tuple[tuple[str, str], ...]:
+        """OpenAI's x-ratelimit-* headers of the call's tightest limits (none: no limit)."""
+        return self._admission.headers() if self._admission is not None else ()
 
     def first_token(self) -> None:
         if self._first_token is None:
@@ -265,6 +279,7 @@ class Meter:
                 "the gateway cannot record usage right now (database and spool failing); retry later"
             )
         try:
+            await self._admit()
             await self._choose_credential()
             await self._reserve()
         except BaseException as exc:
@@ -305,6 +320,17 @@ class Meter:
             self._credential_token, self._credential_id = None, None
         await self._choose_credential()
 
+    async def _admit(self) -> None:
+        """Takes the call's rate limits (RPM, concurrency, a TPM reservation of the
+        prompt plus the output limit) before anything else: a refused call costs no
+        database work. Raises RateLimited when a limit is reached."""
+        limiter = self._accounts.limiter
+        if limiter is None or self._key is None:
+            return
+        worst = self._worst_case
+        tokens = (self._prompt_tokens or worst.input_tokens) + worst.output_tokens
+        self._admission = await limiter.admit(self._key.id, self._key.owner_id, self._model, self._public_model, tokens)
+
     async def _reserve(self) -> None:
         if self._key is not None and self._accounts.credits.billing_enabled:
             worst = await self._accounts.credits.price(self._model, self._worst_case)
@@ -331,6 +357,11 @@ class Meter:
             # "Invalid key" (not a 403): out of rotation if a probe confirms it.
             await asyncio.shield(checker.confirm_rejection(self._provider, self._credential_id, exc))
         self.usage = self._final_usage(exc)
+        if self._admission is not None:
+            # Every path ends here (answers, errors, cancellations, shutdown): frees the
+            # call's slots and corrects its token reservation with what it used.
+            used = self.usage.input_tokens + self.usage.output_tokens
+            await asyncio.shield(self._admission.finish(used))
         record = self._record(exc)
         # Shielded: a cancelled call is still recorded, and a second cancellation of
         # the handler must not interrupt the commit half-way.

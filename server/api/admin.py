@@ -1,5 +1,5 @@
-"""AdminService: keys, credits and rates, provider credentials and usage reports over
-the accounts layer. Authorised by the admin credential in `server.api.auth`.
+"""AdminService: keys, credits and rates, provider credentials, rate limits
+(server.limits) and usage reports over the accounts layer. Authorised by the admin credential in `server.api.auth`.
 
 Every stored string is bounded (the limits are in `server.api.validation.LIMITS`, as
 the contract documents them), credentials are taken only for providers the gateway
@@ -39,6 +39,7 @@ from server.accounts.service import Accounts
 from server.api.calls import unary
 from server.api.paging import page_request
 from server.errors import InvalidRequest, ProviderNotConfigured, ResourceNotFound
+from server.limits.rules import LimitRule, LimitStore, Scope
 from server.providers.registry import ADAPTERS, PRESETS
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -252,6 +253,41 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             )
         return self._accounts.vault
 
+    def _limits(self) -> LimitStore:
+        """The running limiter's store (its cache then sees a change at once)."""
+        limiter = self._accounts.limiter
+        return limiter.store if limiter is not None else LimitStore(self._accounts.db)
+
+    @unary
+    async def SetRateLimit(
+        self, request: admin_pb.SetRateLimitRequest, context: Context
+    ) -> admin_pb.SetRateLimitResponse:
+        rule = await self._limits().set(_limit_rule(request.limit))
+        return admin_pb.SetRateLimitResponse(limit=_rate_limit(rule))
+
+    @unary
+    async def ListRateLimits(
+        self, request: admin_pb.ListRateLimitsRequest, context: Context
+    ) -> admin_pb.ListRateLimitsResponse:
+        scope: Scope | None = None
+        subject = request.key_id or request.owner or None
+        if subject is not None:
+            scope, subject = _subject(request.key_id, request.owner)
+        page = page_request(request.page_size, request.page_token, (str, str, str), f"{scope}:{subject}")
+        rules = await self._limits().find(scope, subject, after=cast(Any, page.after), limit=page.size + 1)
+        next_token = page.next_token([(r.scope, r.subject, r.model) for r in rules])
+        return admin_pb.ListRateLimitsResponse(
+            limits=[_rate_limit(r) for r in rules[: page.size]], next_page_token=next_token
+        )
+
+    @unary
+    async def RemoveRateLimit(
+        self, request: admin_pb.RemoveRateLimitRequest, context: Context
+    ) -> admin_pb.RemoveRateLimitResponse:
+        scope, subject = _subject(request.key_id, request.owner)
+        await self._limits().remove(scope, subject, request.model or "*")
+        return admin_pb.RemoveRateLimitResponse()
+
 
 def _credits(text: str, field: str) -> int:
     """Micro-credits of a decimal string, checked to fit the ledger before converting
@@ -288,6 +324,51 @@ def _day(text: str, field: str) -> datetime | None:
         return datetime.combine(date.fromisoformat(text), datetime.min.time())
     except ValueError as exc:
         raise InvalidRequest(f"{field} must be a day YYYY-MM-DD, not {text[:64]!r}", field=field) from exc
+
+
+def _subject(key_id: str, owner: str) -> tuple[Scope, str]:
+    """The rule's scope and subject: exactly one of key_id and owner."""
+    if bool(key_id) == bool(owner):
+        raise InvalidRequest("set exactly one of key_id and owner", field="key_id" if key_id else "owner")
+    return ("key", key_id) if key_id else ("owner", owner)
+
+
+def _limit_rule(limit: admin_pb.RateLimit) -> LimitRule:
+    scope, subject = _subject(limit.key_id, limit.owner)
+    return LimitRule(
+        scope,
+        subject,
+        limit.model or "*",
+        rpm=limit.rpm if limit.HasField("rpm") else None,
+        tpm=limit.tpm if limit.HasField("tpm") else None,
+        concurrency=limit.concurrency if limit.HasField("concurrency") else None,
+        daily_credits_micros=_positive_credits(limit.daily_credits, "limit.daily_credits"),
+        monthly_credits_micros=_positive_credits(limit.monthly_credits, "limit.monthly_credits"),
+    )
+
+
+def _positive_credits(text: str, field: str) -> int | None:
+    if not text:
+        return None
+    amount = _credits(text, field)
+    if amount <= 0:
+        raise InvalidRequest(f"{field} must be positive", field=field)
+    return amount
+
+
+def _rate_limit(rule: LimitRule) -> admin_pb.RateLimit:
+    daily, monthly = rule.daily_credits_micros, rule.monthly_credits_micros
+    return admin_pb.RateLimit(
+        key_id=rule.subject if rule.scope == "key" else "",
+        owner=rule.subject if rule.scope == "owner" else "",
+        model=rule.model,
+        rpm=rule.rpm,
+        tpm=rule.tpm,
+        concurrency=rule.concurrency,
+        daily_credits=format_credits(daily) if daily is not None else "",
+        monthly_credits=format_credits(monthly) if monthly is not None else "",
+        update_time=_timestamp(rule.updated_at),
+    )
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:

@@ -6,7 +6,9 @@ A call that reaches providers goes: plan (the model's deployments and fallbacks,
 (`server.routing.attempts`: retries, fallbacks, cooldowns, timeouts), each attempt
 pointing the meter at its deployment first. The answer carries which deployment served
 it and after how many attempts (`x-aigne-hub-served-by`, `x-aigne-hub-attempts`, as
-initial and trailing metadata, which the REST bridge passes on as HTTP headers).
+initial and trailing metadata, which the REST bridge passes on as HTTP headers), and,
+when a rate limit applies to the key (server.limits), OpenAI's `x-ratelimit-*` headers
+of its tightest limits.
 
 The caller may send its own fallback chain (`x-aigne-hub-fallbacks: a/b,c/d`) and a
 shorter limit for the whole call (`x-aigne-hub-timeout-s`; a gRPC deadline works too).
@@ -174,6 +176,7 @@ class Routed(Generic[T]):
         metadata = (
             (SERVED_BY_HEADER, served.target.route.public_model),
             (ATTEMPTS_HEADER, str(served.attempts)),
+            *self.meter.limit_headers(),
         )
         await self._context.send_initial_metadata(metadata)
         self._context.set_trailing_metadata(metadata)

@@ -30,6 +30,8 @@ GRPC_CODES: dict[type[errors.GatewayError], grpc.StatusCode] = {
     errors.UnsupportedFeature: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     errors.StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.RateLimitsUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.InternalError: grpc.StatusCode.INTERNAL,
     errors.UpstreamBadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.UpstreamAuthFailed: grpc.StatusCode.PERMISSION_DENIED,
@@ -65,8 +67,10 @@ def to_grpc_status(exc: errors.GatewayError) -> grpc.Status:
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=_code_number(code), message=exc.message, details=details)
     grpc_status = rpc_status.to_status(status)
+    # The OpenAI rate-limit headers of a refused call (RateLimited), beside retry-after.
+    headers: tuple[tuple[str, str], ...] = getattr(exc, "headers", ())
     if retry_after is not None:
-        extra = (("retry-after", str(math.ceil(retry_after))),)
+        extra = (("retry-after", str(math.ceil(retry_after))), *headers)
         return _WithMetadata(grpc_status, extra)
     return grpc_status
 

@@ -102,6 +102,10 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
     _p("GrantCreditsRequest.note"): (Limit(None, 500, "length"),),
     _p("ModelRate.model"): (Limit(None, 200, "length"),),
     _p("AddProviderCredentialRequest.secret"): (Limit(1, 8192, "length"),),
+    _p("RateLimit.model"): (Limit(None, 200, "length"),),
+    _p("RateLimit.rpm"): (Limit(1, 10**12),),
+    _p("RateLimit.tpm"): (Limit(1, 10**12),),
+    _p("RateLimit.concurrency"): (Limit(1, 10**12),),
     _p("AddProviderCredentialRequest.label"): (Limit(None, 200, "length"),),
 }
 # Fields whose value must also be a name of letters, digits, underscores and dashes.

@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.types import DateTime, TypeDecorator
 
@@ -208,4 +209,25 @@ provider_credentials = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     CheckConstraint("status IN ('active', 'invalid')", name="status"),
+)
+
+# Rate limits and spend windows (server.limits): on a key or on an owner (all its keys
+# together), narrowed to a model glob. NULL limits are not enforced.
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("scope", String(8), nullable=False),
+    # The key's id or the owner's id ("user:alice"); no foreign key: a limit may be set
+    # before traffic, and removing a key must not need removing its limits first.
+    Column("subject", String(200), nullable=False),
+    Column("model", String(200), nullable=False, server_default="*"),
+    Column("rpm", BigInteger(), nullable=True),
+    Column("tpm", BigInteger(), nullable=True),
+    Column("concurrency", BigInteger(), nullable=True),
+    Column("daily_credits_micros", BigInteger(), nullable=True),
+    Column("monthly_credits_micros", BigInteger(), nullable=True),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    CheckConstraint("scope IN ('key', 'owner')", name="scope"),
+    UniqueConstraint("scope", "subject", "model", name="uq_rate_limits_scope_subject_model"),
 )

@@ -234,6 +234,9 @@ class FakeOpenAI:
         self.scripts: dict[str, list[tuple[int, dict[str, str], str | None]]] = {}
         self._http = HttpServer(self._handle, host, port)
         self._ids = itertools.count(1)
+        # Streams being sent now, and the most sent at once since the last reset.
+        self.open_streams = 0
+        self.max_open_streams = 0
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -272,6 +275,7 @@ class FakeOpenAI:
         self.scripts.clear()
         self.requests.clear()
         self._http.reset_counters()
+        self.max_open_streams = self.open_streams
 
     @property
     def last_request(self) -> RecordedRequest:
@@ -395,6 +399,15 @@ class FakeOpenAI:
 
     async def _stream_events(self, model: str, events: list[bytes]) -> AsyncGenerator[bytes, None]:
         """Sends the SSE events, cut short or slowed down as the model name asks."""
+        self.open_streams += 1
+        self.max_open_streams = max(self.max_open_streams, self.open_streams)
+        try:
+            async for event in self._stream_body(model, events):
+                yield event
+        finally:
+            self.open_streams -= 1
+
+    async def _stream_body(self, model: str, events: list[bytes]) -> AsyncGenerator[bytes, None]:
         broken = model in ("stream-cut", "stream-error", "stream-stall", "stream-trickle")
         for event in events[:2] if broken else events:
             if model == "stream-slow":

@@ -1067,3 +1067,242 @@ class UsageTotal(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageTotal: _TypeAlias = UsageTotal  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """Rate limits on an API key or on an owner (all its keys together), for the models a
+    glob matches. A limit left unset is not enforced. Over a limit a call is refused
+    with RATE_LIMITED (HTTP 429) and the wait in RetryInfo and `retry-after`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    RPM_FIELD_NUMBER: _builtins.int
+    TPM_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    DAILY_CREDITS_FIELD_NUMBER: _builtins.int
+    MONTHLY_CREDITS_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The API key's identifier. Exactly one of key_id and owner is set."""
+    owner: _builtins.str
+    """The owner, "user:NAME" or "project:NAME". Exactly one of key_id and owner is set."""
+    model: _builtins.str
+    """Optional. A glob of `provider/model` (or of the public model name) such as
+    "openai/*", up to 200 characters. Default "*": every model.
+    """
+    rpm: _builtins.int
+    """Optional. Requests per minute, 1 to 1000000000000."""
+    tpm: _builtins.int
+    """Optional. Tokens per minute, input plus output, 1 to 1000000000000. A call
+    reserves its prompt plus its output limit and is corrected by its usage.
+    """
+    concurrency: _builtins.int
+    """Optional. Calls in flight at once, 1 to 1000000000000."""
+    daily_credits: _builtins.str
+    """Optional. Credits per UTC day, a positive decimal such as "2.5". Stored and shown;
+    not enforced yet.
+    """
+    monthly_credits: _builtins.str
+    """Optional. Credits per UTC month, a positive decimal. Stored and shown; not
+    enforced yet.
+    """
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the rule last changed."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        model: _builtins.str = ...,
+        rpm: _builtins.int | None = ...,
+        tpm: _builtins.int | None = ...,
+        concurrency: _builtins.int | None = ...,
+        daily_credits: _builtins.str = ...,
+        monthly_credits: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency", "_rpm", b"_rpm", "_tpm", b"_tpm", "concurrency", b"concurrency", "rpm", b"rpm", "tpm", b"tpm", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency", "_rpm", b"_rpm", "_tpm", b"_tpm", "concurrency", b"concurrency", "daily_credits", b"daily_credits", "key_id", b"key_id", "model", b"model", "monthly_credits", b"monthly_credits", "owner", b"owner", "rpm", b"rpm", "tpm", b"tpm", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__concurrency: _TypeAlias = _typing.Literal["concurrency"]  # noqa: Y015
+    _WhichOneofArgType__concurrency: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency"]  # noqa: Y015
+    _WhichOneofReturnType__rpm: _TypeAlias = _typing.Literal["rpm"]  # noqa: Y015
+    _WhichOneofArgType__rpm: _TypeAlias = _typing.Literal["_rpm", b"_rpm"]  # noqa: Y015
+    _WhichOneofReturnType__tpm: _TypeAlias = _typing.Literal["tpm"]  # noqa: Y015
+    _WhichOneofArgType__tpm: _TypeAlias = _typing.Literal["_tpm", b"_tpm"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrency) -> _WhichOneofReturnType__concurrency | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rpm) -> _WhichOneofReturnType__rpm | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tpm) -> _WhichOneofReturnType__tpm | None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
+
+@_typing.final
+class SetRateLimitRequest(_message.Message):
+    """A request to set rate limits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limit(self) -> Global___RateLimit:
+        """Required. The rule: whose, which models, and the limits to set."""
+
+    def __init__(
+        self,
+        *,
+        limit: Global___RateLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRateLimitRequest: _TypeAlias = SetRateLimitRequest  # noqa: Y015
+
+@_typing.final
+class SetRateLimitResponse(_message.Message):
+    """The rule as stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limit(self) -> Global___RateLimit:
+        """Output only. The rule, with every limit it now holds."""
+
+    def __init__(
+        self,
+        *,
+        limit: Global___RateLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRateLimitResponse: _TypeAlias = SetRateLimitResponse  # noqa: Y015
+
+@_typing.final
+class ListRateLimitsRequest(_message.Message):
+    """A request to list rate limit rules."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """Optional. Only this key's rules."""
+    owner: _builtins.str
+    """Optional. Only this owner's rules (not those of its keys)."""
+    page_size: _builtins.int
+    """Optional. The most rules to return in one page: 0 or unset means 100, and
+    values above 1000 are treated as 1000.
+    """
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of the previous page, to get the next one; the
+    other fields must be the same as in the request that returned it.
+    """
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "owner", b"owner", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRateLimitsRequest: _TypeAlias = ListRateLimitsRequest  # noqa: Y015
+
+@_typing.final
+class ListRateLimitsResponse(_message.Message):
+    """The rules."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. The token of the next page; empty on the last page."""
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
+        """Output only. The rules, by scope, subject and model."""
+
+    def __init__(
+        self,
+        *,
+        limits: _abc.Iterable[Global___RateLimit] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRateLimitsResponse: _TypeAlias = ListRateLimitsResponse  # noqa: Y015
+
+@_typing.final
+class RemoveRateLimitRequest(_message.Message):
+    """A request to remove a rate limit rule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The API key's identifier. Exactly one of key_id and owner is set."""
+    owner: _builtins.str
+    """The owner. Exactly one of key_id and owner is set."""
+    model: _builtins.str
+    """Optional. The rule's model glob. Default "*"."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "model", b"model", "owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveRateLimitRequest: _TypeAlias = RemoveRateLimitRequest  # noqa: Y015
+
+@_typing.final
+class RemoveRateLimitResponse(_message.Message):
+    """The rule was removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveRateLimitResponse: _TypeAlias = RemoveRateLimitResponse  # noqa: Y015

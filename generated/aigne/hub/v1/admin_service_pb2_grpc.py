@@ -103,6 +103,21 @@ class AdminServiceStub:
                 request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.QueryUsageRequest.SerializeToString,
                 response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.QueryUsageResponse.FromString,
                 _registered_method=True)
+        self.SetRateLimit = channel.unary_unary(
+                '/aigne.hub.v1.AdminService/SetRateLimit',
+                request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.SetRateLimitRequest.SerializeToString,
+                response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.SetRateLimitResponse.FromString,
+                _registered_method=True)
+        self.ListRateLimits = channel.unary_unary(
+                '/aigne.hub.v1.AdminService/ListRateLimits',
+                request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListRateLimitsRequest.SerializeToString,
+                response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListRateLimitsResponse.FromString,
+                _registered_method=True)
+        self.RemoveRateLimit = channel.unary_unary(
+                '/aigne.hub.v1.AdminService/RemoveRateLimit',
+                request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitRequest.SerializeToString,
+                response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -234,6 +249,36 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRateLimit(self, request, context):
+        """Sets rate limits on an API key or an owner, for the models a glob matches: creates
+        the rule, or changes the limits it names on the existing one (the others stay).
+        Running replicas apply it within the key cache TTL. NOT_FOUND for an unknown key
+        or owner; INVALID_ARGUMENT for a limit out of range; nothing changes then.
+
+        REST: `POST /admin/limits`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRateLimits(self, request, context):
+        """Lists rate limit rules: all, or those of one key or one owner.
+
+        REST: `GET /admin/limits?owner=user:alice`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveRateLimit(self, request, context):
+        """Removes a rate limit rule (NOT_FOUND when there is none).
+
+        REST: `POST /admin/limits:remove`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -301,6 +346,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.QueryUsage,
                     request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.QueryUsageRequest.FromString,
                     response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.QueryUsageResponse.SerializeToString,
+            ),
+            'SetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimit,
+                    request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.SetRateLimitRequest.FromString,
+                    response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.SetRateLimitResponse.SerializeToString,
+            ),
+            'ListRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRateLimits,
+                    request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListRateLimitsRequest.FromString,
+                    response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListRateLimitsResponse.SerializeToString,
+            ),
+            'RemoveRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveRateLimit,
+                    request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitRequest.FromString,
+                    response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -658,6 +718,87 @@ class AdminService:
             '/aigne.hub.v1.AdminService/QueryUsage',
             aigne_dot_hub_dot_v1_dot_admin__service__pb2.QueryUsageRequest.SerializeToString,
             aigne_dot_hub_dot_v1_dot_admin__service__pb2.QueryUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aigne.hub.v1.AdminService/SetRateLimit',
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.SetRateLimitRequest.SerializeToString,
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.SetRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aigne.hub.v1.AdminService/ListRateLimits',
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListRateLimitsRequest.SerializeToString,
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListRateLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aigne.hub.v1.AdminService/RemoveRateLimit',
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitRequest.SerializeToString,
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -110,6 +110,24 @@ class AdminServiceStub:
 
     REST: `GET /admin/usage?group_by=key&group_by=day&since=2026-11-01`.
     """
+    SetRateLimit: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetRateLimitRequest, _admin_service_pb2.SetRateLimitResponse]
+    """Sets rate limits on an API key or an owner, for the models a glob matches: creates
+    the rule, or changes the limits it names on the existing one (the others stay).
+    Running replicas apply it within the key cache TTL. NOT_FOUND for an unknown key
+    or owner; INVALID_ARGUMENT for a limit out of range; nothing changes then.
+
+    REST: `POST /admin/limits`.
+    """
+    ListRateLimits: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListRateLimitsRequest, _admin_service_pb2.ListRateLimitsResponse]
+    """Lists rate limit rules: all, or those of one key or one owner.
+
+    REST: `GET /admin/limits?owner=user:alice`.
+    """
+    RemoveRateLimit: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveRateLimitRequest, _admin_service_pb2.RemoveRateLimitResponse]
+    """Removes a rate limit rule (NOT_FOUND when there is none).
+
+    REST: `POST /admin/limits:remove`.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -189,6 +207,24 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Usage totals from the ledger, grouped as asked.
 
     REST: `GET /admin/usage?group_by=key&group_by=day&since=2026-11-01`.
+    """
+    SetRateLimit: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetRateLimitRequest, _admin_service_pb2.SetRateLimitResponse]  # type: ignore[assignment]
+    """Sets rate limits on an API key or an owner, for the models a glob matches: creates
+    the rule, or changes the limits it names on the existing one (the others stay).
+    Running replicas apply it within the key cache TTL. NOT_FOUND for an unknown key
+    or owner; INVALID_ARGUMENT for a limit out of range; nothing changes then.
+
+    REST: `POST /admin/limits`.
+    """
+    ListRateLimits: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListRateLimitsRequest, _admin_service_pb2.ListRateLimitsResponse]  # type: ignore[assignment]
+    """Lists rate limit rules: all, or those of one key or one owner.
+
+    REST: `GET /admin/limits?owner=user:alice`.
+    """
+    RemoveRateLimit: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveRateLimitRequest, _admin_service_pb2.RemoveRateLimitResponse]  # type: ignore[assignment]
+    """Removes a rate limit rule (NOT_FOUND when there is none).
+
+    REST: `POST /admin/limits:remove`.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -344,6 +380,42 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Usage totals from the ledger, grouped as asked.
 
         REST: `GET /admin/usage?group_by=key&group_by=day&since=2026-11-01`.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRateLimit(
+        self,
+        request: _admin_service_pb2.SetRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.SetRateLimitResponse, _abc.Awaitable[_admin_service_pb2.SetRateLimitResponse]]:
+        """Sets rate limits on an API key or an owner, for the models a glob matches: creates
+        the rule, or changes the limits it names on the existing one (the others stay).
+        Running replicas apply it within the key cache TTL. NOT_FOUND for an unknown key
+        or owner; INVALID_ARGUMENT for a limit out of range; nothing changes then.
+
+        REST: `POST /admin/limits`.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRateLimits(
+        self,
+        request: _admin_service_pb2.ListRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListRateLimitsResponse, _abc.Awaitable[_admin_service_pb2.ListRateLimitsResponse]]:
+        """Lists rate limit rules: all, or those of one key or one owner.
+
+        REST: `GET /admin/limits?owner=user:alice`.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveRateLimit(
+        self,
+        request: _admin_service_pb2.RemoveRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RemoveRateLimitResponse, _abc.Awaitable[_admin_service_pb2.RemoveRateLimitResponse]]:
+        """Removes a rate limit rule (NOT_FOUND when there is none).
+
+        REST: `POST /admin/limits:remove`.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -118,6 +118,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (AIGNE_HUB_DEFAULT_CALL_DEADLINE_S, default 600 s), or its request message did not
     arrive within it (DEADLINE_EXCEEDED, HTTP 504). Send a deadline to allow longer.
     """
+    RATE_LIMITED: _ErrorReason.ValueType  # 26
+    """A gateway rate limit of the API key or its owner is reached (RESOURCE_EXHAUSTED,
+    HTTP 429, with a RetryInfo and a `retry-after` header giving the real wait).
+    ErrorInfo metadata: "scope" (key or owner), "limit_kind" (requests, tokens,
+    concurrency), "limit", "window_seconds" and "model" (the rule's model glob).
+    """
+    RATE_LIMITS_UNAVAILABLE: _ErrorReason.ValueType  # 27
+    """The shared rate-limit counters (Redis) cannot be reached in time and the gateway is
+    set to fail closed (UNAVAILABLE, HTTP 503, with a retry hint). Nothing was charged
+    and no provider was called.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The stable reasons carried in `google.rpc.ErrorInfo.reason` (domain
@@ -216,6 +227,17 @@ CALL_TIMEOUT: ErrorReason.ValueType  # 25
 """The call sent no deadline and ran longer than the gateway's default one
 (AIGNE_HUB_DEFAULT_CALL_DEADLINE_S, default 600 s), or its request message did not
 arrive within it (DEADLINE_EXCEEDED, HTTP 504). Send a deadline to allow longer.
+"""
+RATE_LIMITED: ErrorReason.ValueType  # 26
+"""A gateway rate limit of the API key or its owner is reached (RESOURCE_EXHAUSTED,
+HTTP 429, with a RetryInfo and a `retry-after` header giving the real wait).
+ErrorInfo metadata: "scope" (key or owner), "limit_kind" (requests, tokens,
+concurrency), "limit", "window_seconds" and "model" (the rule's model glob).
+"""
+RATE_LIMITS_UNAVAILABLE: ErrorReason.ValueType  # 27
+"""The shared rate-limit counters (Redis) cannot be reached in time and the gateway is
+set to fail closed (UNAVAILABLE, HTTP 503, with a retry hint). Nothing was charged
+and no provider was called.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -1,0 +1,274 @@
+"""The limiter: admits a call through every limit that applies to it, and settles it.
+
+`Limiter.admit(key_id, owner_id, model, public_model, tokens)` gathers the rules of the
+key and of its owner whose model glob matches the call (plus the configured defaults
+for every key, `limits: {default_key: {...}}`, where the key has no rule of its own for
+all models), turns them into counters (server.limits.counters) and asks them, in one
+round trip, whether the call may go. Refused: `RateLimited` (429) naming the limit,
+with the real wait. Admitted: an `Admission`, whose `finish(used_tokens)` corrects the
+token reservation with the call's usage and frees its slots; the meter calls it on
+every path (answer, error, cancellation, shutdown).
+
+Tokens per minute are reserved before the call from an estimate (the prompt plus the
+output limit, see `Meter`), capped at the limit itself, and corrected when the call
+ends. So concurrent calls cannot overshoot a TPM limit by more than what their
+reservations underestimated.
+
+A call is admitted once, against the model the caller named and its first deployment
+(a retry or fallback to another model is not admitted again: the call already counts).
+
+Credits per day and per month are stored with the rules but not enforced yet (see the
+README); they are checked by nothing on the request path.
+
+Redis faults: when Redis does not answer within `budget_s` (default 50 ms) or fails,
+the `on_redis_failure` policy decides. "open" (default): the call is served through
+this process's own counters (each replica then enforces each limit alone), a warning
+is logged at most once a minute and `redis_failures` counts the faults. "closed": the
+call is refused with RATE_LIMITS_UNAVAILABLE (503). Why open by default: the limits
+protect against runaway use, which per-replica counters still stop, while refusing
+every call because a cache is down would make Redis a single point of failure of the
+whole gateway. redis-py's pool reconnects by itself; each call tries Redis again.
+A script that timed out on our side may still have run on Redis: its slot then
+lapses with its lease, and its request counts (the conservative side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from server.errors import RateLimited, RateLimitsUnavailable
+from server.limits.counters import Counter, Counters, CounterState, Kind, MemoryCounters, RedisCounters, Verdict
+from server.limits.rules import LimitRule, LimitStore
+
+log = logging.getLogger(__name__)
+Policy = Literal["open", "closed"]
+_KINDS: tuple[tuple[str, Kind], ...] = (("rpm", "requests"), ("tpm", "tokens"), ("concurrency", "concurrency"))
+_WINDOWS = {"requests": "60", "tokens": "60", "concurrency": "0"}
+
+
+def _duration(ms: int) -> str:
+    """OpenAI's form of a reset time: `350ms`, `3s`, `1.5s`."""
+    return f"{ms}ms" if ms < 1000 else f"{ms / 1000:g}s"
+
+
+@dataclass
+class Admission:
+    """One admitted call's hold on its counters."""
+
+    limiter: Limiter
+    backend: Counters
+    counters: tuple[Counter, ...]
+    states: tuple[CounterState, ...]
+    member: str
+    finished: bool = False
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return openai_headers(self.counters, self.states)
+
+    async def finish(self, used_tokens: int) -> None:
+        """Corrects the token reservations with `used_tokens` and frees the slots."""
+        if self.finished:
+            return
+        self.finished = True
+        await self.limiter.settle(self, used_tokens)
+
+
+def openai_headers(counters: Sequence[Counter], states: Sequence[CounterState]) -> tuple[tuple[str, str], ...]:
+    """`x-ratelimit-{limit,remaining,reset}-{requests,tokens}` of the tightest limit of each kind."""
+    headers: list[tuple[str, str]] = []
+    for kind, suffix in (("requests", "requests"), ("tokens", "tokens")):
+        pairs = [(c, s) for c, s in zip(counters, states, strict=True) if c.kind == kind]
+        if not pairs:
+            continue
+        counter, state = min(pairs, key=lambda pair: (pair[1].remaining, -pair[1].reset_ms))
+        headers += [
+            (f"x-ratelimit-limit-{suffix}", str(counter.limit)),
+            (f"x-ratelimit-remaining-{suffix}", str(state.remaining)),
+            (f"x-ratelimit-reset-{suffix}", _duration(state.reset_ms)),
+        ]
+    return tuple(headers)
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultLimits:
+    """Limits of every key that has no rule of its own for all models."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+
+@dataclass
+class Limiter:
+    store: LimitStore
+    shared: Counters
+    local: MemoryCounters = field(default_factory=MemoryCounters)
+    defaults: DefaultLimits = field(default_factory=DefaultLimits)
+    on_redis_failure: Policy = "open"
+    budget_s: float = 0.05
+    lease_s: float = 60.0
+    redis_failures: int = 0
+    _warned_at: float = -1e9
+    _held: dict[str, Admission] = field(default_factory=dict)
+    _renewer: asyncio.Task[None] | None = None
+
+    async def admit(
+        self, key_id: str, owner_id: str, model: str, public_model: str | None, tokens: int
+    ) -> Admission | None:
+        """Admits the call or raises RateLimited / RateLimitsUnavailable; None when no
+        limit applies."""
+        rules = [r for r in await self._rules(key_id, owner_id) if r.matches(model, public_model)]
+        counters = tuple(self._counters(rules, max(tokens, 1)))
+        if not counters:
+            return None
+        member = uuid.uuid4().hex
+        backend, verdict = await self._decide(counters, member)
+        if not verdict.admitted:
+            raise self._refusal(rules, counters, verdict)
+        admission = Admission(self, backend, counters, verdict.states, member)
+        if any(c.kind == "concurrency" for c in counters):
+            self._held[member] = admission
+            self._start_renewing()
+        return admission
+
+    async def settle(self, admission: Admission, used_tokens: int) -> None:
+        self._held.pop(admission.member, None)
+        if all(c.kind == "requests" for c in admission.counters):
+            return  # nothing to give back: a call limited by RPM alone costs one round trip
+        deltas = [max(used_tokens, 0) - c.cost if c.kind == "tokens" else 0 for c in admission.counters]
+        try:
+            async with asyncio.timeout(max(self.budget_s * 4, 0.5)):
+                await admission.backend.settle(admission.counters, admission.member, deltas)
+        except Exception as exc:  # noqa: BLE001 - the call is over; its slots lapse with their lease
+            self._redis_failed(exc)
+
+    async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+        for admission in list(self._held.values()):
+            await admission.finish(0)
+        await self.shared.aclose()
+
+    async def _rules(self, key_id: str, owner_id: str) -> list[LimitRule]:
+        rules = await self.store.rules_for(key_id, owner_id)
+        defaults = self.defaults
+        own_all = any(r.scope == "key" and r.model == "*" for r in rules)
+        if not own_all and (defaults.rpm or defaults.tpm or defaults.concurrency):
+            rules = [
+                *rules,
+                LimitRule("key", key_id, "*", defaults.rpm, defaults.tpm, defaults.concurrency, id="default"),
+            ]
+        return rules
+
+    def _counters(self, rules: Sequence[LimitRule], tokens: int) -> list[Counter]:
+        counters = []
+        for rule in rules:
+            for column, kind in _KINDS:
+                limit = getattr(rule, column)
+                if limit is None:
+                    continue
+                cost = min(tokens, limit) if kind == "tokens" else 1
+                name = f"{rule.scope}:{rule.subject}:{rule.model}:{kind}"
+                counters.append(Counter(name, kind, int(limit), cost))
+        return counters
+
+    async def _decide(self, counters: tuple[Counter, ...], member: str) -> tuple[Counters, Verdict]:
+        lease_ms = int(self.lease_s * 1000)
+        if self.shared is not self.local:
+            try:
+                async with asyncio.timeout(self.budget_s):
+                    return self.shared, await self.shared.admit(counters, member, lease_ms)
+            except Exception as exc:  # noqa: BLE001 - Redis down or slow: the policy decides
+                self._redis_failed(exc)
+                if self.on_redis_failure == "closed":
+                    raise RateLimitsUnavailable(
+                        "the gateway cannot check rate limits right now (Redis unreachable); retry shortly"
+                    ) from None
+        return self.local, await self.local.admit(counters, member, lease_ms)
+
+    def _refusal(self, rules: Sequence[LimitRule], counters: Sequence[Counter], verdict: Verdict) -> RateLimited:
+        counter = counters[verdict.refused]
+        scope, _, _ = counter.name.partition(":")
+        glob = next(r.model for r in rules if counter.name.startswith(f"{r.scope}:{r.subject}:{r.model}:"))
+        wait_s = max(verdict.retry_after_ms, 1) / 1000
+        unit = {"requests": "requests per minute", "tokens": "tokens per minute", "concurrency": "calls in flight"}
+        message = (
+            f"rate limit reached: {counter.limit} {unit[counter.kind]} on this {scope}"
+            f"{'' if glob == '*' else f' for models {glob!r}'}; retry in {wait_s:g} s"
+        )
+        if counter.kind == "tokens" and counter.cost >= counter.limit:
+            message += " (this call's token estimate alone fills the limit)"
+        metadata = {
+            "scope": scope,
+            "limit_kind": counter.kind,
+            "limit": str(counter.limit),
+            "window_seconds": _WINDOWS[counter.kind],
+            "model": glob,
+        }
+        return RateLimited(
+            message,
+            retry_after_seconds=wait_s,
+            metadata=metadata,
+            headers=openai_headers(counters, verdict.states),
+        )
+
+    def _start_renewing(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew_forever(), name="limit-slot-leases")
+
+    async def _renew_forever(self) -> None:
+        """Renews the leases of this process's slots every third of a lease."""
+        while self._held:
+            await asyncio.sleep(self.lease_s / 3)
+            by_backend: dict[int, tuple[Counters, dict[str, Sequence[Counter]]]] = {}
+            for member, admission in list(self._held.items()):
+                entry = by_backend.setdefault(id(admission.backend), (admission.backend, {}))
+                entry[1][member] = admission.counters
+            for backend, held in by_backend.values():
+                try:
+                    await backend.renew(held, int(self.lease_s * 1000))
+                except Exception as exc:  # noqa: BLE001 - try again next round
+                    self._redis_failed(exc)
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        self.redis_failures += 1
+        now = time.monotonic()
+        if now - self._warned_at >= 60:
+            self._warned_at = now
+            log.warning(
+                "Redis unreachable or slow for rate limits (%s); %s",
+                type(exc).__name__,
+                "refusing calls (fail closed)"
+                if self.on_redis_failure == "closed"
+                else "using this process's counters",
+            )
+
+
+def open_limiter(
+    store: LimitStore,
+    redis_url: str | None,
+    *,
+    defaults: DefaultLimits | None = None,
+    on_redis_failure: Policy = "open",
+    budget_s: float = 0.05,
+    lease_s: float = 60.0,
+) -> Limiter:
+    """Counters in Redis when a URL is set, else in this process (one replica)."""
+    local = MemoryCounters()
+    shared: Counters = RedisCounters(redis_url) if redis_url else local
+    return Limiter(
+        store,
+        shared,
+        local,
+        defaults or DefaultLimits(),
+        on_redis_failure=on_redis_failure,
+        budget_s=budget_s,
+        lease_s=lease_s,
+    )
