@@ -10,16 +10,29 @@
 --   * /internal/... sent by a client is answered 404.
 --   * Native gRPC (content-type application/grpc...) is marked `x-aigne-bridge: grpc`
 --     for the local reply that tells it to use the gRPC port (see envoy.yaml).
---   * A client-sent `x-aigne-bridge` header is replaced by `x-aigne-bridge: rest`: the
---     server knows the request came through this bridge.
---   * Every other request passes untouched after two header look-ups.
+--   * The JSON bodies of OpenAI's operations (OPENAI_BODIES): the names of their
+--     top-level members go to the server as `x-aigne-fields`, so that it can refuse
+--     a parameter the contract does not carry instead of the transcoder dropping it.
+--   * Speech with `voice` as an object (a custom voice id, in OpenAI's spec) is
+--     answered 400 saying so (OBJECT_REFUSALS).
+--   * OpenAI's chat requests get `x-aigne-rest: 1`: the server then writes the string
+--     fields OpenAI sends as null with the JSON_NULL marker (server/api/convert.py).
+--   * A client-sent `x-aigne-fields` or `x-aigne-rest` header is removed, and a
+--     client-sent `x-aigne-bridge` is replaced by `x-aigne-bridge: rest`: the server
+--     knows the request came through this bridge.
+--   * Every other request passes untouched after a few header operations.
 -- Responses:
 --   * text/event-stream: the sentinel event `data: {"id":"[DONE]",...}` becomes
 --     `data: [DONE]`, chunk by chunk, without buffering the stream.
+--   * the JSON_NULL marker (the JSON text `:"\u0000null"`) becomes `:null`, in every
+--     SSE chunk of OpenAI's streams and in the whole (buffered) 200 answer of a chat
+--     completion. A JSON text holds `:"` only where a string value begins, so the
+--     marker cannot be matched inside a string (a quote there is escaped).
 --   * OpenAI-shaped answers (chat chunks; unary chat, /models and /status, marked on the
 --     request): members the transcoder prints only because proto3 has no "unset" for
---     them are dropped (TRIMS): `"tool_calls":[]`, `"alias_of":""`, `"created":0`,
---     `"error":""`, `"code":""`; and an empty `"param"` becomes OpenAI's null. OpenAI
+--     them are dropped (TRIMS): `"tool_calls":[]`, `"alias_of":""`, `"error":""`,
+--     `"code":""`; and an empty `"param"` becomes OpenAI's null (`created` stays, even
+--     0: OpenAI's schemas require it). OpenAI
 --     prints none of them; clients that test `tool_calls is not None` took every answer
 --     for a tool turn. Every pattern starts or ends with a quote outside any string (a
 --     quote inside a JSON string is escaped), so none can match inside a value.
@@ -39,8 +52,19 @@ local AGENT_CHAT_PATH = "/api/v2/chat"
 local AGENT_STREAM_PATH = "/internal/api/v2/chat:stream"
 local LUA_NS = "envoy.filters.http.lua"
 local CHAT_PATHS = { ["/chat/completions"] = true, ["/v1/chat/completions"] = true }
+-- The JSON bodies of OpenAI's API whose top-level members are reported to the server
+-- (`x-aigne-fields`), which refuses those it does not carry (server/api/convert.py).
+local OPENAI_BODIES = {
+  ["/chat/completions"] = true, ["/v1/chat/completions"] = true,
+  ["/embeddings"] = true, ["/v1/embeddings"] = true,
+  ["/images/generations"] = true, ["/v1/images/generations"] = true,
+  ["/image/generations"] = true, ["/v1/image/generations"] = true,
+  ["/audio/speech"] = true, ["/v1/audio/speech"] = true,
+}
 local SENTINEL = 'data: {"id":"[DONE]"'
 local DONE_EVENT = "data: [DONE]\n\n"
+local NULL_MARKER = ':"\\u0000null"' -- the transcoder's JSON for convert.JSON_NULL
+local JSON_NULL = ":null"
 
 -- Position of the closing quote of the JSON string whose opening quote is at `i`, or nil.
 -- Plain find of one character is a memchr, far faster than a pattern class over long
@@ -89,16 +113,13 @@ local function member_value(s, open, key)
 end
 
 -- Empty members to drop: each as the member after a comma, as the first of several
--- and as the only one. Numbers need the next character: `"created":0` must not eat a
--- prefix of `"created":0.5` (never printed, but cheap to rule out).
+-- and as the only one.
 local TRIMS = {}
 for _, member in ipairs({ '"tool_calls":%[%]', '"alias_of":""', '"error":""', '"code":""' }) do
   TRIMS[#TRIMS + 1] = { "," .. member, "" }
   TRIMS[#TRIMS + 1] = { "{" .. member .. ",", "{" }
   TRIMS[#TRIMS + 1] = { "{" .. member .. "}", "{}" }
 end
-TRIMS[#TRIMS + 1] = { ',"created":0([,}])', "%1" }
-TRIMS[#TRIMS + 1] = { '{"created":0,', "{" }
 TRIMS[#TRIMS + 1] = { '"param":""', '"param":null' }
 local TRIM_PATHS = {
   ["/chat/completions"] = true, ["/v1/chat/completions"] = true,
@@ -116,17 +137,99 @@ local function first_byte(s)
   return find(s, "[^ \t\r\n]")
 end
 
--- Whether `s`, a JSON object, has the top-level member "stream": true (OpenAI).
-local function top_level_stream_true(s)
-  local v = member_value(s, first_byte(s), "stream")
-  return v ~= nil and sub(s, v, v + 3) == "true"
-end
-
 -- Whether `s`, a JSON object, has "options": {"streaming": true} (AIGNE's agent calls).
 local function agent_streaming_true(s)
   local options = member_value(s, first_byte(s), "options")
   local streaming = options and member_value(s, options, "streaming")
   return streaming ~= nil and sub(s, streaming, streaming + 3) == "true"
+end
+
+-- The top-level members of `s`, a JSON object, in order: each `{name = raw key, value
+-- = the first 5 bytes of its value}`; nil when `s` is not an object. Strings and nested
+-- values are skipped structurally, so a key inside a message or a nested object never
+-- counts; each step is one C-level string.find. At depth 1 a string followed by ":" is
+-- a key (a string value is followed by "," or "}"). At most MAX_MEMBERS are listed,
+-- then one named TOO_MANY (no body of OpenAI's API has that many parameters).
+local MAX_MEMBERS = 64
+local TOO_MANY = "+"
+
+local function top_level_members(s)
+  local pos = find(s, "[^ \t\r\n]")
+  if not pos or byte(s, pos) ~= 123 then return nil end -- not an object
+  pos = pos + 1
+  local depth, members = 1, {}
+  while true do
+    local i, _, c = find(s, '([{}%[%]"])', pos)
+    if not i then return members end
+    if c == '"' then
+      local j = string_end(s, i)
+      if not j then return members end
+      pos = j + 1
+      if depth == 1 then
+        local _, e = find(s, "^[ \t\r\n]*:[ \t\r\n]*", pos)
+        if e then
+          if #members == MAX_MEMBERS then
+            members[#members + 1] = { name = TOO_MANY, value = "" }
+            return members
+          end
+          members[#members + 1] = { name = sub(s, i + 1, j - 1), value = sub(s, e + 1, e + 5) }
+          pos = e + 1
+        end
+      end
+    elseif c == "{" or c == "[" then
+      depth = depth + 1
+      pos = i + 1
+    else
+      depth = depth - 1
+      if depth == 0 then return members end
+      pos = i + 1
+    end
+  end
+end
+
+-- Whether the first top-level "stream" member is true (the transcoder rejects a
+-- duplicate key with 400 anyway).
+local function stream_true(members)
+  for _, member in ipairs(members) do
+    if member.name == "stream" then return sub(member.value, 1, 4) == "true" end
+  end
+  return false
+end
+
+-- The `x-aigne-fields` header: the top-level members the client gave a value, comma
+-- separated. A null or false value is what leaving the member out means (OpenAI's
+-- boolean parameters all default to false), so those are not listed. A name that is
+-- not a plain identifier is listed as "?" (a header carries no arbitrary bytes).
+local function given_fields(members)
+  local names = {}
+  for _, member in ipairs(members) do
+    local v = member.value
+    if sub(v, 1, 4) ~= "null" and v ~= "false" then
+      local name = member.name
+      if name ~= TOO_MANY and (#name > 64 or find(name, "[^%w_%.%-]")) then name = "?" end
+      names[#names + 1] = name
+    end
+  end
+  return table.concat(names, ",")
+end
+
+-- Members that OpenAI's spec allows as an object where the contract has a string:
+-- the transcoder would answer its raw "Starting an object on a scalar field".
+local OBJECT_REFUSALS = {
+  voice = 'voice: a custom voice given as an object ({"id": ...}) is not supported by the ' ..
+    'gateway; give a voice name such as "alloy"',
+}
+local SPEECH_PATHS = { ["/audio/speech"] = true, ["/v1/audio/speech"] = true }
+
+-- The message refusing an object-valued member of `path`'s body, or nil.
+local function object_refusal(path, members)
+  if not SPEECH_PATHS[path] then return nil end
+  for _, member in ipairs(members) do
+    if sub(member.value, 1, 1) == "{" and OBJECT_REFUSALS[member.name] then
+      return OBJECT_REFUSALS[member.name]
+    end
+  end
+  return nil
 end
 
 function envoy_on_request(handle)
@@ -146,6 +249,8 @@ function envoy_on_request(handle)
   -- server the answer is printed as OpenAI JSON (e.g. embeddings as a JSON `embedding`
   -- rather than gRPC's typed `vector`); the stream rewrite below makes it "sse".
   headers:replace("x-aigne-bridge", "rest")
+  headers:remove("x-aigne-fields")
+  headers:remove("x-aigne-rest")
   local query = ""
   local q = find(path, "?", 1, true)
   if q then
@@ -156,16 +261,28 @@ function envoy_on_request(handle)
   if TRIM_PATHS[path] then
     handle:streamInfo():dynamicMetadata():set(LUA_NS, "trim", true)
   end
-  if CHAT_PATHS[path] then
+  if OPENAI_BODIES[path] then
     if headers:get(":method") ~= "POST" then return end
+    local chat = CHAT_PATHS[path]
+    if chat then
+      -- The answer may hold JSON_NULL markers (a stream's chunks are checked anyway).
+      headers:replace("x-aigne-rest", "1")
+      handle:streamInfo():dynamicMetadata():set(LUA_NS, "json_nulls", true)
+    end
     local body = handle:body()
-    if not body then return end
-    local n = body:length()
-    if n < 14 then return end -- too short to hold "stream":true
-    local text = body:getBytes(0, n)
-    if find(text, '"stream"', 1, true) and top_level_stream_true(text) then
-      -- A header map wrapper taken before body() is dead after it: take a new one.
-      headers = handle:headers()
+    if not body or body:length() == 0 then return end
+    local members = top_level_members(body:getBytes(0, body:length()))
+    if not members then return end -- not an object: the transcoder answers 400
+    local refusal = object_refusal(path, members)
+    if refusal then
+      -- Shaped as an OpenAI error by local_reply_config (400 mapper).
+      handle:respond({ [":status"] = "400" }, refusal)
+      return
+    end
+    -- A header map wrapper taken before body() is dead after it: take a new one.
+    headers = handle:headers()
+    headers:replace("x-aigne-fields", given_fields(members))
+    if chat and stream_true(members) then
       headers:replace(":path", STREAM_PATH .. query)
       headers:replace("x-aigne-bridge", "sse")
     end
@@ -320,11 +437,26 @@ local function rewrite_error(handle, status, agent)
 end
 
 -- Each chunk is forwarded as soon as this loop body returns: nothing is buffered.
+-- `data` with every JSON_NULL marker printed as null, or nil when it holds none.
+local function with_json_nulls(data)
+  if not find(data, NULL_MARKER, 1, true) then return nil end
+  return (gsub(data, NULL_MARKER, JSON_NULL))
+end
+
+local function wants_json_nulls(meta)
+  return meta ~= nil and meta["json_nulls"] == true
+end
+
+-- An OpenAI stream, chunk by chunk (each forwarded as soon as the loop body returns:
+-- nothing is buffered; the transcoder writes each message as one chunk, so a marker is
+-- never split): JSON_NULL markers become null, the sentinel `data: [DONE]`, and the
+-- empty members are trimmed.
 local function rewrite_events(handle)
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
     if n > 0 then
-      local data = chunk:getBytes(0, n)
+      local original = chunk:getBytes(0, n)
+      local data = with_json_nulls(original) or original
       local i = find(data, SENTINEL, 1, true)
       if i then
         local j = find(data, "\n\n", i, true)
@@ -332,7 +464,7 @@ local function rewrite_events(handle)
         data = sub(data, 1, i - 1) .. DONE_EVENT .. rest
       end
       local trimmed = trim_empty(data)
-      if i or trimmed ~= data then chunk:setBytes(trimmed) end
+      if trimmed ~= original then chunk:setBytes(trimmed) end
     end
   end
 end
@@ -367,13 +499,23 @@ function envoy_on_response(handle)
   end
   local ctype = headers:get("content-type")
   if not ctype then return end
-  if sub(ctype, 1, 17) == "text/event-stream" then
-    if agent then rewrite_agent_stream(handle) else rewrite_events(handle) end
-  elseif meta ~= nil and meta["trim"] == true and sub(ctype, 1, 16) == "application/json" then
+  if sub(ctype, 1, 16) == "application/json" then
+    local trim = meta ~= nil and meta["trim"] == true
+    local nulls = wants_json_nulls(meta)
+    if not trim and not nulls then return end
     local body = handle:body()
     if not body or body:length() == 0 then return end
     local text = body:getBytes(0, body:length())
-    local trimmed = trim_empty(text)
-    if trimmed ~= text then body:setBytes(trimmed) end
+    local out = text
+    if nulls then out = with_json_nulls(out) or out end
+    if trim then out = trim_empty(out) end
+    if out ~= text then body:setBytes(out) end
+    return
   end
+  if sub(ctype, 1, 17) ~= "text/event-stream" then return end
+  if agent then
+    rewrite_agent_stream(handle)
+    return
+  end
+  rewrite_events(handle)
 end

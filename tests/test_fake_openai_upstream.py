@@ -28,6 +28,8 @@ from openai.types.audio import Transcription, TranscriptionVerbose
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tests.fakes import SCENARIO_MODELS, FakeOpenAI
+from tests.fakes.openai_upstream import IMAGE_OUTPUT_TOKENS
+from tests.openapi_spec import assert_conforms
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-fake"
@@ -483,6 +485,59 @@ async def test_images_as_b64_json_are_pngs(client: openai.AsyncOpenAI) -> None:
     [image] = response.data or []
     assert image.url is None
     assert base64.b64decode(image.b64_json or "").startswith(b"\x89PNG\r\n\x1a\n")
+
+
+async def test_logprobs_as_the_sdk_types_them(client: openai.AsyncOpenAI) -> None:
+    completion = strictly(
+        ChatCompletion,
+        await client.chat.completions.create(model="gpt-4o-mini", messages=USER, logprobs=True, top_logprobs=2),
+    )
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert [entry.token for entry in logprobs.content] == ["echo: ", "hello ", "there"]
+    assert all(len(entry.top_logprobs) == 2 for entry in logprobs.content)
+
+
+async def test_gpt_image_answers_carry_image_gen_usage(client: openai.AsyncOpenAI) -> None:
+    response = strictly(ImagesResponse, await client.images.generate(model="gpt-image-1", prompt="a red fox", n=2))
+
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (3, 2 * IMAGE_OUTPUT_TOKENS)
+    assert response.usage.total_tokens == 3 + 2 * IMAGE_OUTPUT_TOKENS
+    assert (response.background, response.output_format, response.size) == ("opaque", "png", "1024x1024")
+
+
+# ------------------------------------------------------------------- OpenAPI spec
+
+
+async def test_answers_follow_openais_published_spec(fake: FakeOpenAI) -> None:
+    """The fake's raw answers validate against the response schemas of OpenAI's
+    OpenAPI description, as the gateway's are checked in test_openapi_conformance."""
+    chat = {"model": "gpt-4o-mini", "messages": USER}
+    async with httpx.AsyncClient(base_url=fake.base_url, headers={"authorization": f"Bearer {KEY}"}) as http:
+        answers = {
+            "CreateChatCompletionResponse": [
+                await http.post("/chat/completions", json=chat),
+                await http.post("/chat/completions", json={**chat, "model": "tools", "tools": [WEATHER_TOOL]}),
+                await http.post("/chat/completions", json={**chat, "model": "content-filter"}),
+                await http.post("/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 2}),
+            ],
+            "CreateEmbeddingResponse": [await http.post("/embeddings", json={"model": "e", "input": ["a", "b"]})],
+            "ImagesResponse": [
+                await http.post("/images/generations", json={"model": "dall-e-3", "prompt": "a fox"}),
+                await http.post("/images/generations", json={"model": "gpt-image-1", "prompt": "a fox"}),
+            ],
+            "ListModelsResponse": [await http.get("/models")],
+        }
+        streamed = await http.post("/chat/completions", json={**chat, "stream": True, "n": 2, "logprobs": True})
+    for schema, responses in answers.items():
+        for response in responses:
+            assert response.status_code == 200, response.text
+            assert_conforms(schema, response.json())
+    events = [line[6:] for line in streamed.text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        assert_conforms("CreateChatCompletionStreamResponse", json.loads(event))
 
 
 # --------------------------------------------------------------------------- audio

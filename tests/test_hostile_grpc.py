@@ -447,6 +447,10 @@ ITEMS: dict[str, Callable[[int], Any]] = {
 }
 
 
+# Fields that are only allowed beside another one's value.
+NEEDS: dict[str, dict[str, object]] = {"top_logprobs": {"logprobs": True}}
+
+
 def _owner_text(field: str, length: int) -> str:
     if field == "owner":
         return "user:" + "o" * (length - 5)
@@ -524,6 +528,8 @@ async def test_each_documented_limit_holds_at_its_edge(hostile, name, limit, siz
     message_name, field = name.removeprefix("aigne.hub.v1.").split(".")
     target = TARGETS[message_name]
     request = target.build()
+    for other, other_value in NEEDS.get(field, {}).items():
+        setattr(target.inner(request), other, other_value)
     _set(target.inner(request), field, limit, size)
     if accepted:
         await hostile.call(target.method, request, target.response)

@@ -707,6 +707,7 @@ async def test_cancelled_stream_cancels_the_upstream(stub, fake):
         ({"seed": 7}, "UNSUPPORTED_FEATURE"),
         ({"presence_penalty": 0.5}, "UNSUPPORTED_FEATURE"),
         ({"logit_bias": {"50256": -100}}, "UNSUPPORTED_FEATURE"),
+        ({"logprobs": True, "top_logprobs": 2}, "UNSUPPORTED_FEATURE"),
         ({"response_format": {"type": "json_object"}}, "UNSUPPORTED_FEATURE"),
         ({"temperature": 1.5}, "INVALID_REQUEST"),
         (

@@ -470,6 +470,7 @@ async def test_images_and_audio_become_parts(chat, gemini_fake):
             "messages[0].content[0].image_url.url",
         ),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"logprobs": True}, "logprobs"),
         ({"tools": [WEATHER_TOOL], "parallel_tool_calls": False}, "parallel_tool_calls"),
     ],
 )

@@ -340,6 +340,15 @@ async def test_unsupported_fields_are_refused_before_mistral(stack, fake, transp
     assert "logit_bias" in failure.message and fake.requests == []
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_logprobs_are_refused_before_mistral_but_false_is_the_default(stack, fake, transport):
+    via = stack.via(transport)
+    failure = await via.chat_failure(model="mistral/mistral-small-latest", messages=[user("x")], logprobs=True)
+    assert failure.reason == "UNSUPPORTED_FEATURE" and "logprobs" in failure.message and fake.requests == []
+    answer = await via.chat(model="mistral/mistral-small-latest", messages=[user("x")], logprobs=False)
+    assert answer["choices"][0]["message"]["content"] and "logprobs" not in fake.requests[-1].json
+
+
 async def test_client_cancellation_closes_the_upstream_stream(stack, fake):
     call = chat_grpc.ChatServiceStub(stack.channel).StreamChatCompletion(
         chat_request(model="mistral/stream-slow", text="one two three four five six seven")

@@ -268,6 +268,7 @@ async def test_stream_failures_in_the_middle(stack, transport, model, message):
         ({"n": 2}, "n > 1"),
         ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "tool_choice"),
         ({"logit_bias": {"42": 5}}, "logit_bias"),
+        ({"logprobs": True}, "logprobs"),
         ({"tools": [WEATHER_TOOL], "parallel_tool_calls": False}, "parallel_tool_calls"),
     ],
 )

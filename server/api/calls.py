@@ -70,6 +70,9 @@ OPERATIONS = {
 
 # Set by the REST bridge (Envoy's Lua filter) on streams it turns into SSE.
 BRIDGE_HEADER = "x-aigne-bridge"
+# Set by the REST bridge on OpenAI's chat paths: its Lua filter prints
+# convert.JSON_NULL as JSON null there.
+REST_HEADER = "x-aigne-rest"
 # Routing metadata: what the caller may ask for, what the answer says.
 FALLBACKS_HEADER = "x-aigne-hub-fallbacks"
 TIMEOUT_HEADER = "x-aigne-hub-timeout-s"
@@ -119,6 +122,12 @@ def from_rest(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
 def from_bridge(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     """Whether the call came through the REST bridge as an SSE stream."""
     return any(key == BRIDGE_HEADER and value == "sse" for key, value in context.invocation_metadata() or ())
+
+
+def wants_json_nulls(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Whether the answer goes to an OpenAI REST client, whose schemas want JSON nulls
+    (the bridge marks OpenAI's chat requests only: AIGNE's protocol does not)."""
+    return any(key == REST_HEADER for key, _ in context.invocation_metadata() or ())
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,8 @@ from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import common_pb2
 from server import errors
 from server.accounts.service import Accounts
-from server.api.calls import CallOptions, MeteredServicer, abort_for, from_bridge, unary
-from server.api.convert import from_json, to_json
+from server.api.calls import CallOptions, MeteredServicer, abort_for, from_bridge, unary, wants_json_nulls
+from server.api.convert import chat_body, chat_chunk_from_openai, chat_completion_from_openai
 from server.api.metering import chat_prompt_tokens, chat_worst_case, streamed_text_chars, usage_from_openai
 from server.api.shutdown import OpenStreams
 from server.api.validation import check_chat_request, check_request
@@ -61,7 +61,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
                 "stream is true: call StreamChatCompletion (REST: the bridge does this for you)", field="stream"
             )
         plan, options = self._plan_for(request, context)
-        body = _chat_body(request)
+        body = chat_body(request)
         async with self._routed(
             plan, options, context, "chat", chat_worst_case(request), chat_prompt_tokens(request)
         ) as call:
@@ -69,7 +69,9 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
             answer = served.result
             call.meter.usage = usage_from_openai(answer.get("usage"))
         route = served.target.route
-        response = from_json(answer, chat_pb.CreateChatCompletionResponse(), provider=route.provider.name)
+        response = chat_completion_from_openai(
+            answer, provider=route.provider.name, json_nulls=wants_json_nulls(context)
+        )
         response.model = _public_model(route, answer)
         response.object = "chat.completion"
         return response
@@ -105,7 +107,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         if request.HasField("stream") and not request.stream:
             raise errors.InvalidRequest("stream is false: call CreateChatCompletion", field="stream")
         plan, options = self._plan_for(request, context)
-        body = _chat_body(request)
+        body = chat_body(request)
         body["stream"] = True
         include_usage = request.stream_options.include_usage
         worst, prompt = chat_worst_case(request), chat_prompt_tokens(request)
@@ -121,7 +123,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
                         if "usage" in chunk:
                             meter.usage = usage_from_openai(chunk["usage"])
                         meter.add_streamed_chars(streamed_text_chars(chunk))
-                        message = _client_chunk(chunk, route, include_usage)
+                        message = _client_chunk(chunk, route, include_usage, wants_json_nulls(context))
                         if message is not None:
                             yield message
                         chunk = await anext(rest, None)
@@ -137,14 +139,6 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         return self._plan(request.model, Capability.CHAT, ChatCompletions, context, features)
 
 
-def _chat_body(request: chat_pb.CreateChatCompletionRequest) -> JSON:
-    body = to_json(request)
-    body.pop("model", None)
-    if "seed" in body:  # int64 comes out of the JSON mapping as a string
-        body["seed"] = int(body["seed"])
-    return body
-
-
 def _public_model(route: Route, answer: JSON) -> str:
     upstream_model = answer.get("model")
     if isinstance(upstream_model, str) and upstream_model:
@@ -152,7 +146,9 @@ def _public_model(route: Route, answer: JSON) -> str:
     return route.public_model
 
 
-def _client_chunk(chunk: JSON, route: Route, include_usage: bool) -> chat_pb.StreamChatCompletionResponse | None:
+def _client_chunk(
+    chunk: JSON, route: Route, include_usage: bool, json_nulls: bool
+) -> chat_pb.StreamChatCompletionResponse | None:
     """The chunk as the client asked for it: usage only when asked for.
 
     The adapter always asks upstream for usage (billing needs it); a usage-only chunk
@@ -162,7 +158,7 @@ def _client_chunk(chunk: JSON, route: Route, include_usage: bool) -> chat_pb.Str
         if not chunk.get("choices"):
             return None
         chunk = {key: value for key, value in chunk.items() if key != "usage"}
-    message = from_json(chunk, chat_pb.StreamChatCompletionResponse(), provider=route.provider.name)
+    message = chat_chunk_from_openai(chunk, provider=route.provider.name, json_nulls=json_nulls)
     message.model = _public_model(route, chunk)
     message.object = "chat.completion.chunk"
     return message

@@ -1,17 +1,96 @@
-"""Conversions between protos and the internal OpenAI-shaped dicts."""
+"""Conversions between protos and the internal OpenAI-shaped dicts.
+
+Each decision about how one of OpenAI's fields crosses the gateway is made here, so
+that the servicers only call these functions.
+
+Nulls that OpenAI always sends. OpenAI's schemas require some fields to be present
+even when empty, as JSON null: `choices[].logprobs`, `choices[].message.content` and
+`.refusal` in a chat completion, `choices[].finish_reason` in every chunk before the
+last. proto3 has no null for a string, and the REST bridge prints an unset optional
+field by leaving it out. So:
+- `logprobs` is a `google.protobuf.Value` in the contract, set to null here when the
+  upstream gave none: null for gRPC and REST callers alike.
+- The string fields get `JSON_NULL` for REST callers only (`json_nulls=True`, from the
+  bridge's `x-aigne-rest` marker on OpenAI's chat paths), which the bridge's Lua
+  filter prints as `null`.
+  gRPC callers see them unset, proto3's null (a gRPC client that sends the
+  header itself gets the marker). A value that is exactly `JSON_NULL`
+  (NUL then "null") from an upstream would also become null; no model writes it.
+
+Parameters the contract does not carry. The REST bridge's transcoder drops a JSON
+member that has no field in the contract, so the bridge reports the names of the
+top-level members a client gave a value (`x-aigne-fields`; null and false count as
+absent) and `check_given_fields` refuses, with 400 naming the parameter, each one the
+request message does not have. OpenAI's own parameters get a reason
+(`REFUSED_PARAMETERS`, listed in the README); any other name gets OpenAI's own
+"Unrecognized request argument supplied". Nested members (inside a message, say) are
+not reported.
+
+Log probabilities. `logprobs`/`top_logprobs` are carried: the OpenAI adapter passes
+them on and the upstream's `choices[].logprobs` comes back as is; the other adapters
+refuse `logprobs: true` with UNSUPPORTED_FEATURE. `logprobs: false` is the default and
+is not sent on.
+
+Image model. OpenAI's images endpoint defaults `model` to dall-e-2; the gateway
+defaults it to `openai/dall-e-2` (`DEFAULT_IMAGE_MODEL`), so a request without one
+goes where it would at OpenAI (or is refused as an unknown model when no `openai`
+provider is configured).
+
+Image usage. OpenAI answers token-billed image models (gpt-image-1) with
+`ImageGenUsage` names (`input_tokens`, `output_tokens`, details by text and image);
+the contract's `Usage` carries those names, and repeats the two counts as
+`prompt_tokens`/`completion_tokens` for clients of the chat names.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
+from aigne.hub.v1 import chat_service_pb2 as chat_pb
+from aigne.hub.v1 import image_service_pb2 as image_pb
 from server import errors
 from server.api.validation import non_finite_number_path
 from server.providers.base import JSON
 
 M = TypeVar("M", bound=Message)
+
+# Printed by the REST bridge as JSON null (envoy/openai_bridge.lua looks for the JSON
+# text `:"\u0000null"`, which only a string value equal to this can produce).
+JSON_NULL = "\x00null"
+
+DEFAULT_IMAGE_MODEL = "openai/dall-e-2"
+
+_NOT_SUPPORTED = "is not supported by the gateway"
+# OpenAI's parameters that the gateway refuses, each with its reason.
+REFUSED_PARAMETERS: dict[str, str] = {
+    # chat
+    "audio": f"audio output {_NOT_SUPPORTED}",
+    "modalities": f"choosing output modalities {_NOT_SUPPORTED} (the answer is text)",
+    "prediction": f"predicted outputs {_NOT_SUPPORTED}",
+    "functions": "is deprecated by OpenAI and not supported by the gateway: give tools instead",
+    "function_call": "is deprecated by OpenAI and not supported by the gateway: give tool_choice instead",
+    "web_search_options": f"web search {_NOT_SUPPORTED}",
+    "store": f"storing completions at the provider {_NOT_SUPPORTED}",
+    "service_tier": f"choosing a service tier {_NOT_SUPPORTED}",
+    "verbosity": f"{_NOT_SUPPORTED} (say it in the prompt)",
+    "prompt_cache_key": _NOT_SUPPORTED,
+    "prompt_cache_retention": _NOT_SUPPORTED,
+    "safety_identifier": f"{_NOT_SUPPORTED} (give user instead)",
+    # images
+    "output_compression": _NOT_SUPPORTED,
+    "moderation": _NOT_SUPPORTED,
+    "partial_images": f"streamed images {_NOT_SUPPORTED}",
+    # speech
+    "stream_format": f"streamed speech events {_NOT_SUPPORTED} (the audio itself is streamed)",
+}
+# Reported by the bridge for a member name that is not a plain identifier, and after
+# its first 64 members.
+UNUSUAL_NAME = "?"
+TOO_MANY_NAMES = "+"
 
 
 def to_json(message: Message) -> JSON:
@@ -52,3 +131,92 @@ def whole_numbers_to_int(value: Any) -> Any:
     if isinstance(value, list):
         return [whole_numbers_to_int(item) for item in value]
     return value
+
+
+def chat_body(request: chat_pb.CreateChatCompletionRequest) -> JSON:
+    """The chat request as the OpenAI body an adapter translates (without `model`)."""
+    body = to_json(request)
+    body.pop("model", None)
+    if "seed" in body:  # int64 comes out of the JSON mapping as a string
+        body["seed"] = int(body["seed"])
+    if body.get("logprobs") is False:  # the default: no adapter needs to hear of it
+        del body["logprobs"]
+    return body
+
+
+def chat_completion_from_openai(
+    answer: JSON, *, provider: str, json_nulls: bool
+) -> chat_pb.CreateChatCompletionResponse:
+    """An upstream's `chat.completion`, with the nulls OpenAI's schema requires."""
+    response = from_json(answer, chat_pb.CreateChatCompletionResponse(), provider=provider)
+    for choice in response.choices:
+        _null_logprobs(choice)
+        message = choice.message
+        message.role = message.role or "assistant"
+        if json_nulls:
+            for field in ("content", "refusal"):
+                if not message.HasField(field):
+                    setattr(message, field, JSON_NULL)
+    return response
+
+
+def chat_chunk_from_openai(chunk: JSON, *, provider: str, json_nulls: bool) -> chat_pb.StreamChatCompletionResponse:
+    """An upstream's `chat.completion.chunk`, `finish_reason: null` until the last."""
+    message = from_json(chunk, chat_pb.StreamChatCompletionResponse(), provider=provider)
+    for choice in message.choices:
+        _null_logprobs(choice)
+        if json_nulls and not choice.HasField("finish_reason"):
+            choice.finish_reason = JSON_NULL
+    return message
+
+
+def _null_logprobs(choice: chat_pb.ChatChoice | chat_pb.ChunkChoice) -> None:
+    if not choice.HasField("logprobs"):
+        choice.logprobs.null_value = struct_pb2.NULL_VALUE
+
+
+def image_model(request: image_pb.CreateImageRequest) -> str:
+    """The model an image request goes to: its own, or OpenAI's default."""
+    return request.model or DEFAULT_IMAGE_MODEL
+
+
+def image_answer_from_openai(answer: JSON, *, provider: str) -> tuple[image_pb.CreateImageResponse, JSON | None]:
+    """An upstream's images answer, and its usage in both OpenAI naming schemes (for
+    the client and the ledger alike)."""
+    usage = answer.get("usage")
+    if isinstance(usage, dict):
+        usage = with_both_usage_names(usage)
+        answer = {**answer, "usage": usage}
+    return from_json(answer, image_pb.CreateImageResponse(), provider=provider), usage
+
+
+def with_both_usage_names(usage: JSON) -> JSON:
+    """`usage` with `input_tokens`/`output_tokens` (ImageGenUsage, and OpenAI's newer
+    APIs) and `prompt_tokens`/`completion_tokens` (chat) each filled from the other."""
+    both = dict(usage)
+    for new, old in (("input_tokens", "prompt_tokens"), ("output_tokens", "completion_tokens")):
+        if new in both and old not in both:
+            both[old] = both[new]
+        elif old in both and new not in both:
+            both[new] = both[old]
+    return both
+
+
+def check_given_fields(given: Iterable[str], request: type[Message]) -> None:
+    """Refuses the first parameter the client gave that `request` does not carry."""
+    fields = request.DESCRIPTOR.fields
+    known = {field.name for field in fields} | {field.json_name for field in fields}
+    for name in given:
+        if not name or name in known:
+            continue
+        if name == UNUSUAL_NAME:
+            raise errors.InvalidRequest(
+                "Unrecognized request argument supplied: a top-level member whose name is not a parameter"
+            )
+        if name == TOO_MANY_NAMES:
+            raise errors.InvalidRequest("the request has more than 64 top-level members; no operation has that many")
+        if name == "stream":  # images: only "stream": true reaches here
+            raise errors.InvalidRequest(f"stream: streaming this operation {_NOT_SUPPORTED}", field=name)
+        reason = REFUSED_PARAMETERS.get(name)
+        message = f"{name}: {reason}" if reason else f"Unrecognized request argument supplied: {name}"
+        raise errors.InvalidRequest(message, field=name)

@@ -10,7 +10,7 @@ from aigne.hub.v1 import image_service_pb2 as image_pb
 from aigne.hub.v1 import image_service_pb2_grpc as image_grpc
 from server.accounts.credits import Usage
 from server.api.calls import MeteredServicer, unary
-from server.api.convert import from_json, to_json
+from server.api.convert import image_answer_from_openai, image_model, to_json
 from server.api.metering import usage_from_openai
 from server.errors import InvalidRequest
 from server.providers.base import Capability, ImageGeneration
@@ -32,7 +32,7 @@ class ImageServicer(MeteredServicer, image_grpc.ImageServiceServicer):
                 f"response_format must be url or b64_json, got {request.response_format[:64]!r}",
                 field="response_format",
             )
-        plan, options = self._plan(request.model, Capability.IMAGES, ImageGeneration, context)
+        plan, options = self._plan(image_model(request), Capability.IMAGES, ImageGeneration, context)
         body = to_json(request)
         body.pop("model", None)
         images = request.n if request.HasField("n") else 1
@@ -40,6 +40,6 @@ class ImageServicer(MeteredServicer, image_grpc.ImageServiceServicer):
             served = await call.unary(lambda adapter, model: adapter.create_image(dict(body), model))
             answer = served.result
             provider = served.target.route.provider.name
-            response = from_json(answer, image_pb.CreateImageResponse(), provider=provider)
-            call.meter.usage = replace(usage_from_openai(answer.get("usage")), images=len(response.data))
+            response, usage = image_answer_from_openai(answer, provider=provider)
+            call.meter.usage = replace(usage_from_openai(usage), images=len(response.data))
         return response

@@ -7,7 +7,13 @@ with UNKNOWN and the Python exception's text. Here each handler is rebuilt with 
 bytes in, and the method's own deserializer runs inside the handler, so a request
 that is not a valid message (corrupt wire format, a string field that is not UTF-8,
 messages nested deeper than the decoder's 100 levels) is INVALID_ARGUMENT with the
-gateway's ErrorInfo (reason INVALID_REQUEST) naming the message type.
+gateway's ErrorInfo (reason INVALID_REQUEST) naming the top-level field whose bytes
+do not decode (server.api.wire_fields; e.g. a map value the REST bridge could not
+encode), or else the message type.
+
+Parameters. A REST call's top-level JSON members without a field in the request
+message (which the transcoder drops) are refused here with INVALID_ARGUMENT naming
+them; the decision per parameter is in server.api.convert (`check_given_fields`).
 
 A call that ends without a complete message. An HTTP/2 stream whose END_STREAM
 arrives with no message, or before the bytes its gRPC length prefix announced, reaches
@@ -40,10 +46,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import Message
 
+from server.api.convert import check_given_fields
 from server.api.errors import to_grpc_status
+from server.api.wire_fields import undecodable_field
 from server.errors import CallTimeout, GatewayError, InvalidRequest
 
+# Set by the REST bridge: the top-level members of the JSON body (envoy/openai_bridge.lua).
+FIELDS_HEADER = "x-aigne-fields"
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 Deserializer: TypeAlias = Callable[[bytes], Any]
 
@@ -73,6 +84,7 @@ class _Intake:
         message_type = getattr(decode, "__self__", None)
         descriptor = getattr(message_type, "DESCRIPTOR", None)
         self._type_name = getattr(descriptor, "full_name", "the method's request message")
+        self._message_type: type[Message] | None = message_type if isinstance(message_type, type) else None
         self._decode: Deserializer = decode or (lambda raw: raw)
 
     def handler(self) -> grpc.RpcMethodHandler:
@@ -88,6 +100,7 @@ class _Intake:
     async def _unary_unary(self, requests: AsyncIterator[bytes], context: Context) -> Any:
         async with self._bounded(context):
             request = await self._one_request(requests)
+            self._check_given_fields(context)
             return await self._handler.unary_unary(request, context)
 
     async def _stream_unary(self, requests: AsyncIterator[bytes], context: Context) -> Any:
@@ -98,6 +111,7 @@ class _Intake:
         deadline = self._deadline(context)
         async with self._bounded(context, deadline):
             request = await self._one_request(requests)
+            self._check_given_fields(context)
         async for response in self._responses(self._handler.unary_stream(request, context), deadline, context):
             yield response
 
@@ -106,6 +120,16 @@ class _Intake:
         answers = self._handler.stream_stream(self._decoded(requests), context)
         async for response in self._responses(answers, deadline, context):
             yield response
+
+    def _check_given_fields(self, context: Context) -> None:
+        """REST: refuses a JSON member the transcoder would have dropped (see convert)."""
+        given = next((value for key, value in context.invocation_metadata() or () if key == FIELDS_HEADER), None)
+        if given is None or self._message_type is None:
+            return
+        try:
+            check_given_fields(str(given).split(","), self._message_type)
+        except InvalidRequest as exc:
+            raise _Refusal(exc) from None
 
     async def _one_request(self, requests: AsyncIterator[bytes]) -> Any:
         raw = await anext(requests, None)
@@ -126,13 +150,18 @@ class _Intake:
         try:
             return self._decode(raw)
         except Exception:  # noqa: BLE001 - whatever the decoder raises, the bytes are bad
-            raise _Refusal(
-                InvalidRequest(
-                    f"the request could not be decoded as {self._type_name}: its bytes are not a valid "
-                    "protobuf message of that type (corrupt wire format, a string field that is not "
-                    "UTF-8, or messages nested more than 100 levels deep)"
-                )
-            ) from None
+            raise _Refusal(self._undecodable(raw)) from None
+
+    def _undecodable(self, raw: bytes) -> InvalidRequest:
+        found = undecodable_field(raw, self._message_type) if self._message_type else None
+        if found is not None:
+            field, problem = found
+            return InvalidRequest(problem, field=field)
+        return InvalidRequest(
+            f"the request could not be decoded as {self._type_name}: its bytes are not a valid "
+            "protobuf message of that type (corrupt wire format, a string field that is not "
+            "UTF-8, or messages nested more than 100 levels deep)"
+        )
 
     async def _responses(
         self, answers: AsyncIterator[Any] | Awaitable[Any], deadline: float | None, context: Context

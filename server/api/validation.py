@@ -79,6 +79,7 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
     _p("CreateChatCompletionRequest.frequency_penalty"): (Limit(-2, 2),),
     _p("CreateChatCompletionRequest.logit_bias"): (Limit(-100, 100, "values"),),
     _p("CreateChatCompletionRequest.tools"): (Limit(None, 128, "items"),),
+    _p("CreateChatCompletionRequest.top_logprobs"): (Limit(0, 20),),
     _p("CreateChatCompletionRequest.metadata"): (
         Limit(None, 16, "items"),
         Limit(None, 64, "key_length"),
@@ -305,10 +306,18 @@ def check_chat_request(request: chat_pb.CreateChatCompletionRequest) -> None:
     _check_response_format(request)
     if request.HasField("stream_options") and not request.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true", field="stream_options")
+    if request.HasField("top_logprobs") and not request.logprobs:
+        raise InvalidRequest("top_logprobs is only allowed when logprobs is true", field="top_logprobs")
 
 
 def _check_chat_message(index: int, message: chat_pb.ChatMessage) -> None:
     where = f"messages[{index}]"
+    if message.role == "function":  # still in OpenAI's API, refused with a way out
+        raise InvalidRequest(
+            f"{where}.role 'function' is deprecated by OpenAI and not supported by the gateway: "
+            "answer a tool call with role 'tool' and its tool_call_id",
+            field=f"{where}.role",
+        )
     if message.role not in ROLES:
         raise InvalidRequest(
             f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {message.role[:64]!r}",

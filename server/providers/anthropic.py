@@ -15,7 +15,7 @@ Requests (OpenAI chat → Anthropic message):
     required / a function → auto / none / any / tool; `parallel_tool_calls: false` →
     `disable_parallel_tool_use`; `response_format` json_schema → the native structured
     output `output_config.format`; `reasoning_effort` → `output_config.effort`.
-  - Anthropic has no equivalent for n > 1, penalties, logit_bias, seed or a schema-less
+  - Anthropic has no equivalent for n > 1, penalties, logit_bias, seed, logprobs or a schema-less
     JSON mode: those raise `UnsupportedFeature` rather than being dropped.
 
 Responses: the message id is the completion id and tool_use ids are the tool call
@@ -253,6 +253,7 @@ def _refuse_unsupported(provider: str, request: JSON) -> None:
         ("frequency_penalty", bool(request.get("frequency_penalty"))),
         ("logit_bias", bool(request.get("logit_bias"))),
         ("seed", request.get("seed") is not None),
+        ("logprobs", bool(request.get("logprobs"))),
     ]
     for feature, asked in refused:
         if asked:

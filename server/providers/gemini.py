@@ -26,6 +26,7 @@ Requests, OpenAI -> Gemini:
     responseJsonSchema), reasoning_effort -> thinkingConfig (thinkingLevel on Gemini 3 and
     later, a thinkingBudget before).
   - logit_bias and parallel_tool_calls=false have no Gemini equivalent: UnsupportedFeature.
+    So is logprobs (Gemini's responseLogprobs differs in shape; not translated yet).
     `user` and `metadata` (abuse-monitoring and storage hints) have no effect on output
     and are not sent.
 
@@ -449,6 +450,8 @@ def _unsupported(provider: str, feature: str, where: str) -> errors.UnsupportedF
 def _refuse_unsupported(request: JSON, provider: str) -> None:
     if request.get("logit_bias"):
         raise _unsupported(provider, "logit_bias", "logit_bias")
+    if request.get("logprobs"):  # Gemini's responseLogprobs has another shape: not translated
+        raise _unsupported(provider, "logprobs", "logprobs")
     if request.get("parallel_tool_calls") is False:
         raise _unsupported(
             provider, "parallel_tool_calls=false (it cannot limit a turn to one call)", "parallel_tool_calls"

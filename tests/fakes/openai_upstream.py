@@ -54,6 +54,8 @@ JSON = dict[str, Any]
 
 # Fixed so that responses are byte-for-byte reproducible.
 CREATED = 1_700_000_000
+# Output tokens of one image from a gpt-image model.
+IMAGE_OUTPUT_TOKENS = 100
 
 SCENARIO_MODELS = (
     "tools",  # calls the first tool with {"city": "Paris"}; answers a tool result in text
@@ -387,10 +389,11 @@ class FakeOpenAI:
         n = int(body.get("n") or 1)
         usage = _chat_usage(messages, reply)
         completion_id = f"chatcmpl-fake{next(self._ids):06d}"
+        top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else None
         if not body.get("stream"):
-            return _json_response(_completion(completion_id, model, reply, n, usage))
+            return _json_response(_completion(completion_id, model, reply, n, usage, top))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunks = _completion_chunks(completion_id, model, reply, n, usage if include_usage else None)
+        chunks = _completion_chunks(completion_id, model, reply, n, usage if include_usage else None, top)
         events = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
         return _sse_response(self._stream_events(model, events))
 
@@ -449,7 +452,8 @@ class FakeOpenAI:
         if not isinstance(prompt, str) or not prompt:
             raise _missing("prompt")
         response_format = body.get("response_format") or "url"
-        if str(body.get("model", "")).startswith("gpt-image"):
+        token_billed = str(body.get("model", "")).startswith("gpt-image")
+        if token_billed:
             # OpenAI's gpt-image models take no response_format and always answer base64.
             if "response_format" in body:
                 raise OpenAIError(400, "Unknown parameter: 'response_format'.", param="response_format")
@@ -463,7 +467,10 @@ class FakeOpenAI:
                 images.append({"url": f"https://images.fake-openai.invalid/{digest}-{index}.png"})
             else:
                 images.append({"b64_json": _PNG_B64})
-        return _json_response({"created": CREATED, "data": images})
+        answer: JSON = {"created": CREATED, "data": images}
+        if token_billed:
+            answer.update(_gpt_image_details(body, prompt, len(images)))
+        return _json_response(answer)
 
     # --------------------------------------------------------------------- audio
 
@@ -507,6 +514,25 @@ class FakeOpenAI:
 
 
 # ------------------------------------------------------------------ request parsing
+
+
+def _gpt_image_details(body: JSON, prompt: str, images: int) -> JSON:
+    """What gpt-image models add to the answer: the settings used and ImageGenUsage
+    (a word per prompt token, IMAGE_OUTPUT_TOKENS per image)."""
+    text_tokens = _count_words(prompt)
+    output_tokens = IMAGE_OUTPUT_TOKENS * images
+    return {
+        "background": body.get("background") or "opaque",
+        "output_format": body.get("output_format") or "png",
+        "quality": body.get("quality") or "high",
+        "size": body.get("size") or "1024x1024",
+        "usage": {
+            "input_tokens": text_tokens,
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
+            "output_tokens": output_tokens,
+            "total_tokens": text_tokens + output_tokens,
+        },
+    }
 
 
 def _record(request: Request) -> RecordedRequest:
@@ -623,12 +649,13 @@ def _chat_usage(messages: list[JSON], reply: _Reply) -> JSON:
     }
 
 
-def _completion(completion_id: str, model: str, reply: _Reply, n: int, usage: JSON) -> JSON:
+def _completion(completion_id: str, model: str, reply: _Reply, n: int, usage: JSON, top: int | None) -> JSON:
     message: JSON = {"role": "assistant", "content": reply.content, "refusal": None, "annotations": []}
     if reply.tool_calls:
         message["tool_calls"] = reply.tool_calls
+    logprobs = None if top is None else _logprobs(_words(reply.content or ""), top)
     choices = [
-        {"index": i, "message": message, "logprobs": None, "finish_reason": reply.finish_reason} for i in range(n)
+        {"index": i, "message": message, "logprobs": logprobs, "finish_reason": reply.finish_reason} for i in range(n)
     ]
     return {
         "id": completion_id,
@@ -642,7 +669,28 @@ def _completion(completion_id: str, model: str, reply: _Reply, n: int, usage: JS
     }
 
 
-def _completion_chunks(completion_id: str, model: str, reply: _Reply, n: int, usage: JSON | None) -> list[JSON]:
+def _logprobs(tokens: list[str], top: int) -> JSON:
+    """OpenAI's `choices[].logprobs` for `tokens` (a word each), with `top` alternatives
+    per position: the token itself first, then made-up, less likely ones."""
+
+    def entry(token: str, logprob: float) -> JSON:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    content = []
+    for position, token in enumerate(tokens):
+        logprob = -0.25 * (position % 4)
+        alternatives = [entry(token, logprob)] + [entry(f"alt{k}", logprob - k) for k in range(1, top)]
+        content.append({**entry(token, logprob), "top_logprobs": alternatives[:top]})
+    return {"content": content, "refusal": None}
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\S+\s*", text)
+
+
+def _completion_chunks(
+    completion_id: str, model: str, reply: _Reply, n: int, usage: JSON | None, top: int | None = None
+) -> list[JSON]:
     """The `chat.completion.chunk` objects of a streamed reply, as OpenAI sends them.
 
     With `usage` (stream_options.include_usage), every chunk has "usage": null and a
@@ -663,8 +711,12 @@ def _completion_chunks(completion_id: str, model: str, reply: _Reply, n: int, us
             obj["usage"] = None
         return obj
 
+    def logprobs(delta: JSON) -> JSON | None:
+        piece = delta.get("content")
+        return _logprobs([piece], top) if top is not None and piece else None
+
     chunks = [
-        chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        chunk([{"index": i, "delta": delta, "logprobs": logprobs(delta), "finish_reason": finish}])
         for i in range(n)
         for delta, finish in _deltas(reply)
     ]
@@ -695,7 +747,7 @@ def _deltas(reply: _Reply) -> list[tuple[JSON, str | None]]:
                 for i in range(0, len(arguments), 5)
             ]
     else:
-        pieces = re.findall(r"\S+\s*", reply.content or "")
+        pieces = _words(reply.content or "")
         deltas = [{"role": "assistant", "content": "", "refusal": None}]
         deltas += [{"content": piece} for piece in pieces]
     return [(delta, None) for delta in deltas] + [({}, reply.finish_reason)]

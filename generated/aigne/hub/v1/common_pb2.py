@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61igne/hub/v1/common.proto\x12\x0c\x61igne.hub.v1\x1a\x1fgoogle/api/field_behavior.proto\"\xf9\x01\n\x05Usage\x12\x1b\n\rprompt_tokens\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1f\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0ctotal_tokens\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x46\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32!.aigne.hub.v1.PromptTokensDetailsB\x04\xe2\x41\x01\x03\x12N\n\x19\x63ompletion_tokens_details\x18\x05 \x01(\x0b\x32%.aigne.hub.v1.CompletionTokensDetailsB\x04\xe2\x41\x01\x03\"N\n\x13PromptTokensDetails\x12\x1b\n\rcached_tokens\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x61udio_tokens\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\"U\n\x17\x43ompletionTokensDetails\x12\x1e\n\x10reasoning_tokens\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x61udio_tokens\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\"a\n\x0b\x45rrorObject\x12\x15\n\x07message\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x63ode\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05param\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03*\x9d\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0fINVALID_REQUEST\x10\x01\x12\x13\n\x0fMODEL_NOT_FOUND\x10\x02\x12\x1b\n\x17PROVIDER_NOT_CONFIGURED\x10\x03\x12\x17\n\x13UNSUPPORTED_FEATURE\x10\x04\x12\x18\n\x14UPSTREAM_BAD_REQUEST\x10\x05\x12\x18\n\x14UPSTREAM_AUTH_FAILED\x10\x06\x12\x19\n\x15UPSTREAM_RATE_LIMITED\x10\x07\x12\x18\n\x14UPSTREAM_UNAVAILABLE\x10\x08\x12\x14\n\x10UPSTREAM_TIMEOUT\x10\t\x12\x1f\n\x1bUPSTREAM_MALFORMED_RESPONSE\x10\n\x12\x16\n\x12UPSTREAM_NOT_FOUND\x10\x0b\x12\x15\n\x11REQUEST_TOO_LARGE\x10\x0c\x12\x11\n\rSHUTTING_DOWN\x10\r\x12\x12\n\x0eINTERNAL_ERROR\x10\x0e\x12\x13\n\x0fUNAUTHENTICATED\x10\x0f\x12\x0f\n\x0bKEY_INVALID\x10\x10\x12\x0f\n\x0bKEY_EXPIRED\x10\x11\x12\x0f\n\x0bKEY_REVOKED\x10\x12\x12\x15\n\x11PERMISSION_DENIED\x10\x13\x12\x15\n\x11MODEL_NOT_ALLOWED\x10\x14\x12\x18\n\x14INSUFFICIENT_CREDITS\x10\x15\x12\x18\n\x14SPENDING_CAP_REACHED\x10\x16\x12\x17\n\x13STORAGE_UNAVAILABLE\x10\x17\x12\x16\n\x12RESOURCE_NOT_FOUND\x10\x18\x12\x10\n\x0c\x43\x41LL_TIMEOUT\x10\x19\x12\x10\n\x0cRATE_LIMITED\x10\x1a\x12\x1b\n\x17RATE_LIMITS_UNAVAILABLE\x10\x1b\x42P\n\x0fio.aigne.hub.v1B\x0b\x43ommonProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61igne/hub/v1/common.proto\x12\x0c\x61igne.hub.v1\x1a\x1fgoogle/api/field_behavior.proto\"\xec\x03\n\x05Usage\x12\x1b\n\rprompt_tokens\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1f\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0ctotal_tokens\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x46\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32!.aigne.hub.v1.PromptTokensDetailsB\x04\xe2\x41\x01\x03\x12N\n\x19\x63ompletion_tokens_details\x18\x05 \x01(\x0b\x32%.aigne.hub.v1.CompletionTokensDetailsB\x04\xe2\x41\x01\x03\x12\x1f\n\x0cinput_tokens\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12 \n\routput_tokens\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03H\x01\x88\x01\x01\x12\x44\n\x14input_tokens_details\x18\x08 \x01(\x0b\x32 .aigne.hub.v1.ImageTokensDetailsB\x04\xe2\x41\x01\x03\x12\x45\n\x15output_tokens_details\x18\t \x01(\x0b\x32 .aigne.hub.v1.ImageTokensDetailsB\x04\xe2\x41\x01\x03\x42\x0f\n\r_input_tokensB\x10\n\x0e_output_tokens\"K\n\x12ImageTokensDetails\x12\x19\n\x0btext_tokens\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0cimage_tokens\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\"N\n\x13PromptTokensDetails\x12\x1b\n\rcached_tokens\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x61udio_tokens\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\"U\n\x17\x43ompletionTokensDetails\x12\x1e\n\x10reasoning_tokens\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x61udio_tokens\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\"a\n\x0b\x45rrorObject\x12\x15\n\x07message\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x63ode\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05param\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03*\x9d\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0fINVALID_REQUEST\x10\x01\x12\x13\n\x0fMODEL_NOT_FOUND\x10\x02\x12\x1b\n\x17PROVIDER_NOT_CONFIGURED\x10\x03\x12\x17\n\x13UNSUPPORTED_FEATURE\x10\x04\x12\x18\n\x14UPSTREAM_BAD_REQUEST\x10\x05\x12\x18\n\x14UPSTREAM_AUTH_FAILED\x10\x06\x12\x19\n\x15UPSTREAM_RATE_LIMITED\x10\x07\x12\x18\n\x14UPSTREAM_UNAVAILABLE\x10\x08\x12\x14\n\x10UPSTREAM_TIMEOUT\x10\t\x12\x1f\n\x1bUPSTREAM_MALFORMED_RESPONSE\x10\n\x12\x16\n\x12UPSTREAM_NOT_FOUND\x10\x0b\x12\x15\n\x11REQUEST_TOO_LARGE\x10\x0c\x12\x11\n\rSHUTTING_DOWN\x10\r\x12\x12\n\x0eINTERNAL_ERROR\x10\x0e\x12\x13\n\x0fUNAUTHENTICATED\x10\x0f\x12\x0f\n\x0bKEY_INVALID\x10\x10\x12\x0f\n\x0bKEY_EXPIRED\x10\x11\x12\x0f\n\x0bKEY_REVOKED\x10\x12\x12\x15\n\x11PERMISSION_DENIED\x10\x13\x12\x15\n\x11MODEL_NOT_ALLOWED\x10\x14\x12\x18\n\x14INSUFFICIENT_CREDITS\x10\x15\x12\x18\n\x14SPENDING_CAP_REACHED\x10\x16\x12\x17\n\x13STORAGE_UNAVAILABLE\x10\x17\x12\x16\n\x12RESOURCE_NOT_FOUND\x10\x18\x12\x10\n\x0c\x43\x41LL_TIMEOUT\x10\x19\x12\x10\n\x0cRATE_LIMITED\x10\x1a\x12\x1b\n\x17RATE_LIMITS_UNAVAILABLE\x10\x1b\x42P\n\x0fio.aigne.hub.v1B\x0b\x43ommonProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE'].fields_by_name['prompt_tokens_details']._serialized_options = b'\342A\001\003'
   _globals['_USAGE'].fields_by_name['completion_tokens_details']._loaded_options = None
   _globals['_USAGE'].fields_by_name['completion_tokens_details']._serialized_options = b'\342A\001\003'
+  _globals['_USAGE'].fields_by_name['input_tokens']._loaded_options = None
+  _globals['_USAGE'].fields_by_name['input_tokens']._serialized_options = b'\342A\001\003'
+  _globals['_USAGE'].fields_by_name['output_tokens']._loaded_options = None
+  _globals['_USAGE'].fields_by_name['output_tokens']._serialized_options = b'\342A\001\003'
+  _globals['_USAGE'].fields_by_name['input_tokens_details']._loaded_options = None
+  _globals['_USAGE'].fields_by_name['input_tokens_details']._serialized_options = b'\342A\001\003'
+  _globals['_USAGE'].fields_by_name['output_tokens_details']._loaded_options = None
+  _globals['_USAGE'].fields_by_name['output_tokens_details']._serialized_options = b'\342A\001\003'
+  _globals['_IMAGETOKENSDETAILS'].fields_by_name['text_tokens']._loaded_options = None
+  _globals['_IMAGETOKENSDETAILS'].fields_by_name['text_tokens']._serialized_options = b'\342A\001\003'
+  _globals['_IMAGETOKENSDETAILS'].fields_by_name['image_tokens']._loaded_options = None
+  _globals['_IMAGETOKENSDETAILS'].fields_by_name['image_tokens']._serialized_options = b'\342A\001\003'
   _globals['_PROMPTTOKENSDETAILS'].fields_by_name['cached_tokens']._loaded_options = None
   _globals['_PROMPTTOKENSDETAILS'].fields_by_name['cached_tokens']._serialized_options = b'\342A\001\003'
   _globals['_PROMPTTOKENSDETAILS'].fields_by_name['audio_tokens']._loaded_options = None
@@ -59,14 +71,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROROBJECT'].fields_by_name['code']._serialized_options = b'\342A\001\003'
   _globals['_ERROROBJECT'].fields_by_name['param']._loaded_options = None
   _globals['_ERROROBJECT'].fields_by_name['param']._serialized_options = b'\342A\001\003'
-  _globals['_ERRORREASON']._serialized_start=595
-  _globals['_ERRORREASON']._serialized_end=1264
+  _globals['_ERRORREASON']._serialized_start=915
+  _globals['_ERRORREASON']._serialized_end=1584
   _globals['_USAGE']._serialized_start=77
-  _globals['_USAGE']._serialized_end=326
-  _globals['_PROMPTTOKENSDETAILS']._serialized_start=328
-  _globals['_PROMPTTOKENSDETAILS']._serialized_end=406
-  _globals['_COMPLETIONTOKENSDETAILS']._serialized_start=408
-  _globals['_COMPLETIONTOKENSDETAILS']._serialized_end=493
-  _globals['_ERROROBJECT']._serialized_start=495
-  _globals['_ERROROBJECT']._serialized_end=592
+  _globals['_USAGE']._serialized_end=569
+  _globals['_IMAGETOKENSDETAILS']._serialized_start=571
+  _globals['_IMAGETOKENSDETAILS']._serialized_end=646
+  _globals['_PROMPTTOKENSDETAILS']._serialized_start=648
+  _globals['_PROMPTTOKENSDETAILS']._serialized_end=726
+  _globals['_COMPLETIONTOKENSDETAILS']._serialized_start=728
+  _globals['_COMPLETIONTOKENSDETAILS']._serialized_end=813
+  _globals['_ERROROBJECT']._serialized_start=815
+  _globals['_ERROROBJECT']._serialized_end=912
 # @@protoc_insertion_point(module_scope)

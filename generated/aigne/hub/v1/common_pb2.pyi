@@ -252,6 +252,10 @@ class Usage(_message.Message):
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_DETAILS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_DETAILS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_DETAILS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_DETAILS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     """Output only. Tokens in the prompt (all input messages, tools and images),
     as counted by the upstream provider. 0 or more.
@@ -262,6 +266,15 @@ class Usage(_message.Message):
     """
     total_tokens: _builtins.int
     """Output only. prompt_tokens + completion_tokens."""
+    input_tokens: _builtins.int
+    """Output only. Image generation (OpenAI's `ImageGenUsage`, for models that bill
+    images by tokens): tokens of the prompt, text and images. Unset for every other
+    operation. prompt_tokens carries the same number, for clients of that name.
+    """
+    output_tokens: _builtins.int
+    """Output only. Image generation: tokens of the generated images. Unset for every
+    other operation. completion_tokens carries the same number.
+    """
     @_builtins.property
     def prompt_tokens_details(self) -> Global___PromptTokensDetails:
         """Output only. Breakdown of prompt_tokens; unset when the provider gives none."""
@@ -269,6 +282,18 @@ class Usage(_message.Message):
     @_builtins.property
     def completion_tokens_details(self) -> Global___CompletionTokensDetails:
         """Output only. Breakdown of completion_tokens; unset when the provider gives none."""
+
+    @_builtins.property
+    def input_tokens_details(self) -> Global___ImageTokensDetails:
+        """Output only. Image generation: breakdown of input_tokens; unset when the
+        provider gives none.
+        """
+
+    @_builtins.property
+    def output_tokens_details(self) -> Global___ImageTokensDetails:
+        """Output only. Image generation: breakdown of output_tokens; unset when the
+        provider gives none.
+        """
 
     def __init__(
         self,
@@ -278,14 +303,51 @@ class Usage(_message.Message):
         total_tokens: _builtins.int = ...,
         prompt_tokens_details: Global___PromptTokensDetails | None = ...,
         completion_tokens_details: Global___CompletionTokensDetails | None = ...,
+        input_tokens: _builtins.int | None = ...,
+        output_tokens: _builtins.int | None = ...,
+        input_tokens_details: Global___ImageTokensDetails | None = ...,
+        output_tokens_details: Global___ImageTokensDetails | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completion_tokens_details", b"completion_tokens_details", "prompt_tokens_details", b"prompt_tokens_details"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_input_tokens", b"_input_tokens", "_output_tokens", b"_output_tokens", "completion_tokens_details", b"completion_tokens_details", "input_tokens", b"input_tokens", "input_tokens_details", b"input_tokens_details", "output_tokens", b"output_tokens", "output_tokens_details", b"output_tokens_details", "prompt_tokens_details", b"prompt_tokens_details"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "completion_tokens_details", b"completion_tokens_details", "prompt_tokens", b"prompt_tokens", "prompt_tokens_details", b"prompt_tokens_details", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_input_tokens", b"_input_tokens", "_output_tokens", b"_output_tokens", "completion_tokens", b"completion_tokens", "completion_tokens_details", b"completion_tokens_details", "input_tokens", b"input_tokens", "input_tokens_details", b"input_tokens_details", "output_tokens", b"output_tokens", "output_tokens_details", b"output_tokens_details", "prompt_tokens", b"prompt_tokens", "prompt_tokens_details", b"prompt_tokens_details", "total_tokens", b"total_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__input_tokens: _TypeAlias = _typing.Literal["input_tokens"]  # noqa: Y015
+    _WhichOneofArgType__input_tokens: _TypeAlias = _typing.Literal["_input_tokens", b"_input_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__output_tokens: _TypeAlias = _typing.Literal["output_tokens"]  # noqa: Y015
+    _WhichOneofArgType__output_tokens: _TypeAlias = _typing.Literal["_output_tokens", b"_output_tokens"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__input_tokens) -> _WhichOneofReturnType__input_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_tokens) -> _WhichOneofReturnType__output_tokens | None: ...
+
+Global___Usage: _TypeAlias = Usage  # noqa: Y015
+
+@_typing.final
+class ImageTokensDetails(_message.Message):
+    """Breakdown of the tokens of an image generation, on its input or output side."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
+    text_tokens: _builtins.int
+    """Output only. Text tokens. 0 or more."""
+    image_tokens: _builtins.int
+    """Output only. Image tokens. 0 or more."""
+    def __init__(
+        self,
+        *,
+        text_tokens: _builtins.int = ...,
+        image_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_tokens", b"image_tokens", "text_tokens", b"text_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Usage: _TypeAlias = Usage  # noqa: Y015
+Global___ImageTokensDetails: _TypeAlias = ImageTokensDetails  # noqa: Y015
 
 @_typing.final
 class PromptTokensDetails(_message.Message):

@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n aigne/hub/v1/image_service.proto\x12\x0c\x61igne.hub.v1\x1a\x19\x61igne/hub/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\"\x85\x02\n\x12\x43reateImageRequest\x12\x14\n\x06prompt\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05model\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x01n\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x12\n\x04size\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07quality\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05style\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1d\n\x0fresponse_format\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12\x12\n\x04user\x18\x08 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\routput_format\x18\t \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nbackground\x18\n \x01(\tB\x04\xe2\x41\x01\x01\x42\x04\n\x02_n\"\x7f\n\x13\x43reateImageResponse\x12\x15\n\x07\x63reated\x18\x01 \x01(\rB\x04\xe2\x41\x01\x03\x12\'\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x13.aigne.hub.v1.ImageB\x04\xe2\x41\x01\x03\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x13.aigne.hub.v1.UsageB\x04\xe2\x41\x01\x03\"\x87\x01\n\x05Image\x12\x16\n\x03url\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12\x1b\n\x08\x62\x36\x34_json\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03H\x01\x88\x01\x01\x12!\n\x0erevised_prompt\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03H\x02\x88\x01\x01\x42\x06\n\x04_urlB\x0b\n\t_b64_jsonB\x11\n\x0f_revised_prompt2\xd5\x01\n\x0cImageService\x12\xc4\x01\n\x0b\x43reateImage\x12 .aigne.hub.v1.CreateImageRequest\x1a!.aigne.hub.v1.CreateImageResponse\"p\x82\xd3\xe4\x93\x02j\"\x12/image/generations:\x01*Z\x18\"\x13/images/generations:\x01*Z\x1a\"\x15/v1/image/generations:\x01*Z\x1b\"\x16/v1/images/generations:\x01*BV\n\x0fio.aigne.hub.v1B\x11ImageServiceProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n aigne/hub/v1/image_service.proto\x12\x0c\x61igne.hub.v1\x1a\x19\x61igne/hub/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\"\x85\x02\n\x12\x43reateImageRequest\x12\x14\n\x06prompt\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05model\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x01n\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x12\n\x04size\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07quality\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05style\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1d\n\x0fresponse_format\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\x12\x12\n\x04user\x18\x08 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\routput_format\x18\t \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nbackground\x18\n \x01(\tB\x04\xe2\x41\x01\x01\x42\x04\n\x02_n\"\xab\x02\n\x13\x43reateImageResponse\x12\x15\n\x07\x63reated\x18\x01 \x01(\rB\x04\xe2\x41\x01\x03\x12\'\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x13.aigne.hub.v1.ImageB\x04\xe2\x41\x01\x03\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x13.aigne.hub.v1.UsageB\x04\xe2\x41\x01\x03\x12\x1d\n\nbackground\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12 \n\routput_format\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03H\x01\x88\x01\x01\x12\x17\n\x04size\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03H\x02\x88\x01\x01\x12\x1a\n\x07quality\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03H\x03\x88\x01\x01\x42\r\n\x0b_backgroundB\x10\n\x0e_output_formatB\x07\n\x05_sizeB\n\n\x08_quality\"\x87\x01\n\x05Image\x12\x16\n\x03url\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12\x1b\n\x08\x62\x36\x34_json\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03H\x01\x88\x01\x01\x12!\n\x0erevised_prompt\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03H\x02\x88\x01\x01\x42\x06\n\x04_urlB\x0b\n\t_b64_jsonB\x11\n\x0f_revised_prompt2\xd5\x01\n\x0cImageService\x12\xc4\x01\n\x0b\x43reateImage\x12 .aigne.hub.v1.CreateImageRequest\x1a!.aigne.hub.v1.CreateImageResponse\"p\x82\xd3\xe4\x93\x02j\"\x12/image/generations:\x01*Z\x18\"\x13/images/generations:\x01*Z\x1a\"\x15/v1/image/generations:\x01*Z\x1b\"\x16/v1/images/generations:\x01*BV\n\x0fio.aigne.hub.v1B\x11ImageServiceProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,7 +38,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEIMAGEREQUEST'].fields_by_name['prompt']._loaded_options = None
   _globals['_CREATEIMAGEREQUEST'].fields_by_name['prompt']._serialized_options = b'\342A\001\002'
   _globals['_CREATEIMAGEREQUEST'].fields_by_name['model']._loaded_options = None
-  _globals['_CREATEIMAGEREQUEST'].fields_by_name['model']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEIMAGEREQUEST'].fields_by_name['model']._serialized_options = b'\342A\001\001'
   _globals['_CREATEIMAGEREQUEST'].fields_by_name['n']._loaded_options = None
   _globals['_CREATEIMAGEREQUEST'].fields_by_name['n']._serialized_options = b'\342A\001\001'
   _globals['_CREATEIMAGEREQUEST'].fields_by_name['size']._loaded_options = None
@@ -61,6 +61,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEIMAGERESPONSE'].fields_by_name['data']._serialized_options = b'\342A\001\003'
   _globals['_CREATEIMAGERESPONSE'].fields_by_name['usage']._loaded_options = None
   _globals['_CREATEIMAGERESPONSE'].fields_by_name['usage']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEIMAGERESPONSE'].fields_by_name['background']._loaded_options = None
+  _globals['_CREATEIMAGERESPONSE'].fields_by_name['background']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEIMAGERESPONSE'].fields_by_name['output_format']._loaded_options = None
+  _globals['_CREATEIMAGERESPONSE'].fields_by_name['output_format']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEIMAGERESPONSE'].fields_by_name['size']._loaded_options = None
+  _globals['_CREATEIMAGERESPONSE'].fields_by_name['size']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEIMAGERESPONSE'].fields_by_name['quality']._loaded_options = None
+  _globals['_CREATEIMAGERESPONSE'].fields_by_name['quality']._serialized_options = b'\342A\001\003'
   _globals['_IMAGE'].fields_by_name['url']._loaded_options = None
   _globals['_IMAGE'].fields_by_name['url']._serialized_options = b'\342A\001\003'
   _globals['_IMAGE'].fields_by_name['b64_json']._loaded_options = None
@@ -71,10 +79,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGESERVICE'].methods_by_name['CreateImage']._serialized_options = b'\202\323\344\223\002j\"\022/image/generations:\001*Z\030\"\023/images/generations:\001*Z\032\"\025/v1/image/generations:\001*Z\033\"\026/v1/images/generations:\001*'
   _globals['_CREATEIMAGEREQUEST']._serialized_start=141
   _globals['_CREATEIMAGEREQUEST']._serialized_end=402
-  _globals['_CREATEIMAGERESPONSE']._serialized_start=404
-  _globals['_CREATEIMAGERESPONSE']._serialized_end=531
-  _globals['_IMAGE']._serialized_start=534
-  _globals['_IMAGE']._serialized_end=669
-  _globals['_IMAGESERVICE']._serialized_start=672
-  _globals['_IMAGESERVICE']._serialized_end=885
+  _globals['_CREATEIMAGERESPONSE']._serialized_start=405
+  _globals['_CREATEIMAGERESPONSE']._serialized_end=704
+  _globals['_IMAGE']._serialized_start=707
+  _globals['_IMAGE']._serialized_end=842
+  _globals['_IMAGESERVICE']._serialized_start=845
+  _globals['_IMAGESERVICE']._serialized_end=1058
 # @@protoc_insertion_point(module_scope)

@@ -15,10 +15,10 @@ import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 11):
-    from typing import TypeAlias as _TypeAlias, Never as _Never
+if sys.version_info >= (3, 10):
+    from typing import TypeAlias as _TypeAlias
 else:
-    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+    from typing_extensions import TypeAlias as _TypeAlias
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -41,8 +41,8 @@ class CreateImageRequest(_message.Message):
     prompt: _builtins.str
     """Required. What to draw, up to 32000 characters (the provider may allow less)."""
     model: _builtins.str
-    """Required. The model as `provider/model`, e.g. `openai/dall-e-3`; up to 256
-    characters.
+    """Optional. The model as `provider/model`, e.g. `openai/dall-e-3`; up to 256
+    characters. Default `openai/dall-e-2`, OpenAI's own default.
     """
     n: _builtins.int
     """Optional. How many images, 1 to 10 (dall-e-3: only 1). Default 1."""
@@ -97,15 +97,36 @@ class CreateImageResponse(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
     created: _builtins.int
     """Output only. When the images were created, in Unix seconds."""
+    background: _builtins.str
+    """Output only. The background used, "transparent" or "opaque", for models that
+    report it (gpt-image-1).
+    """
+    output_format: _builtins.str
+    """Output only. The file format used, "png", "webp" or "jpeg", for models that
+    report it.
+    """
+    size: _builtins.str
+    """Output only. The size used, e.g. "1024x1024", for models that report it."""
+    quality: _builtins.str
+    """Output only. The quality used, "low", "medium" or "high", for models that
+    report it.
+    """
     @_builtins.property
     def data(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
         """Output only. The images, in order."""
 
     @_builtins.property
     def usage(self) -> _common_pb2.Usage:
-        """Output only. Token accounting, for models that bill by tokens."""
+        """Output only. Token accounting, for models that bill by tokens, in OpenAI's
+        `ImageGenUsage` names: input_tokens, output_tokens, total_tokens and the
+        details; prompt_tokens and completion_tokens repeat the first two.
+        """
 
     def __init__(
         self,
@@ -113,12 +134,31 @@ class CreateImageResponse(_message.Message):
         created: _builtins.int = ...,
         data: _abc.Iterable[Global___Image] | None = ...,
         usage: _common_pb2.Usage | None = ...,
+        background: _builtins.str | None = ...,
+        output_format: _builtins.str | None = ...,
+        size: _builtins.str | None = ...,
+        quality: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_background", b"_background", "_output_format", b"_output_format", "_quality", b"_quality", "_size", b"_size", "background", b"background", "output_format", b"output_format", "quality", b"quality", "size", b"size", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "data", b"data", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_background", b"_background", "_output_format", b"_output_format", "_quality", b"_quality", "_size", b"_size", "background", b"background", "created", b"created", "data", b"data", "output_format", b"output_format", "quality", b"quality", "size", b"size", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__background: _TypeAlias = _typing.Literal["background"]  # noqa: Y015
+    _WhichOneofArgType__background: _TypeAlias = _typing.Literal["_background", b"_background"]  # noqa: Y015
+    _WhichOneofReturnType__output_format: _TypeAlias = _typing.Literal["output_format"]  # noqa: Y015
+    _WhichOneofArgType__output_format: _TypeAlias = _typing.Literal["_output_format", b"_output_format"]  # noqa: Y015
+    _WhichOneofReturnType__quality: _TypeAlias = _typing.Literal["quality"]  # noqa: Y015
+    _WhichOneofArgType__quality: _TypeAlias = _typing.Literal["_quality", b"_quality"]  # noqa: Y015
+    _WhichOneofReturnType__size: _TypeAlias = _typing.Literal["size"]  # noqa: Y015
+    _WhichOneofArgType__size: _TypeAlias = _typing.Literal["_size", b"_size"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__background) -> _WhichOneofReturnType__background | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_format) -> _WhichOneofReturnType__output_format | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__quality) -> _WhichOneofReturnType__quality | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__size) -> _WhichOneofReturnType__size | None: ...
 
 Global___CreateImageResponse: _TypeAlias = CreateImageResponse  # noqa: Y015
 
