@@ -93,6 +93,9 @@ class Router:
     ) -> None:
         self._config = config
         self._upstream_timeout_s = upstream_timeout_s
+        # By id() of a `models:` entry (None: the defaults); the entries live as long as
+        # the router, so an id is never reused for another.
+        self._timeouts: dict[int, TimeoutsConfig] = {}
         self._providers = providers
         self._aliases = dict(config.aliases)
         self._models = dict(config.models)
@@ -160,8 +163,18 @@ class Router:
             context_window_fallbacks=groups(config.context_window_fallbacks if config else ()),
             content_policy_fallbacks=groups(config.content_policy_fallbacks if config else ()),
             max_attempts=(config.max_attempts if config and config.max_attempts else routing.max_attempts),
-            timeouts=_merged_timeouts(routing.timeouts, config.timeouts if config else None, self._upstream_timeout_s),
+            timeouts=self._timeouts_of(config),
         )
+
+    def _timeouts_of(self, config: ModelRouteConfig | None) -> TimeoutsConfig:
+        """The model's effective timeouts, merged once per model (not per call)."""
+        key = id(config)
+        merged = self._timeouts.get(key)
+        if merged is None:
+            routing = self._config.routing
+            merged = _merged_timeouts(routing.timeouts, config.timeouts if config else None, self._upstream_timeout_s)
+            self._timeouts[key] = merged
+        return merged
 
     def deployments(self, model: str) -> list[str]:
         """The `provider/model` names of the deployments of `model` (for /status)."""
