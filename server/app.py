@@ -57,12 +57,14 @@ from server.observability import MetricsListener, instrument, serve_metrics
 from server.observability.logs import tag_upstream_request
 from server.observability.tracing import propagate_to_upstream, setup_tracing
 from server.providers.base import CredentialProbe, Preloading, Provider
+from server.providers.conversation_state import KeepsConversationState
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
 from server.redaction import register_secret
 from server.routing.attempts import Routing
 from server.routing.cooldown import open_cooldowns
 from server.routing.router import Router
+from server.storage.conversation import DatabaseConversationStore
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +186,10 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         register_secret(secret.get_secret_value() if secret else None)
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+    conversations = DatabaseConversationStore(accounts.db)
+    for provider in providers.values():
+        if isinstance(provider, KeepsConversationState):
+            provider.keep_state_in(conversations, settings.conversation_state_ttl_s)
     for provider in providers.values():
         if isinstance(provider, Preloading):
             provider.start_loading()

@@ -231,3 +231,14 @@ rate_limits = Table(
     CheckConstraint("scope IN ('key', 'owner')", name="scope"),
     UniqueConstraint("scope", "subject", "model", name="uq_rate_limits_scope_subject_model"),
 )
+
+# State a conversation needs on its next turn (server.providers.conversation_state):
+# Anthropic's thinking blocks, Gemini's thought signatures. The key is a digest of
+# what the client echoes (tool call ids); rows past `expires_at` are ignored and purged.
+conversation_state = Table(
+    "conversation_state",
+    metadata,
+    Column("key", String(100), primary_key=True),
+    Column("value", Text(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False, index=True),
+)
