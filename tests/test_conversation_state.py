@@ -6,6 +6,12 @@ and signature (the fake refuses the turn otherwise, as Anthropic does). Turn 1 g
 to one gateway, turn 2 to another on the same database (SQLite across a restart;
 SQLite and PostgreSQL for two replicas running at once), and the fake must receive
 the exact block it issued. The store itself is checked against both backends too.
+
+Gemini: a thinking model's function call carries a thought signature that must come
+back on the next turn (the fake refuses the turn otherwise, as Gemini 3 does). A real
+signature is too long for a tool call id a client may send back (OpenAI allows 64
+characters), so the gateway hands out a short id and keeps the full one: turn 2 on a
+restarted gateway must still carry the signature.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from server.storage import Database
 from server.storage.conversation import DatabaseConversationStore
 from tests.conftest import SINGLE_ATTEMPT, start_bridge
 from tests.fakes.anthropic_upstream import FakeAnthropic, signature_of
+from tests.fakes.gemini_upstream import FakeGemini
 from tests.storage_fixtures import database_url, db  # noqa: F401
 
 KEY = "sk-ant-fake"
@@ -55,9 +62,10 @@ async def fake() -> AsyncIterator[FakeAnthropic]:
         yield server
 
 
-async def _gateway(fake: FakeAnthropic, data_dir: Path, url: str | None = None) -> Gateway:
+async def _gateway(fake: FakeAnthropic | FakeGemini, data_dir: Path, url: str | None = None) -> Gateway:
+    name = "gemini" if isinstance(fake, FakeGemini) else "anthropic"
     config = GatewayConfig(
-        routing=SINGLE_ATTEMPT, providers={"anthropic": ProviderConfig(base_url=fake.base_url, api_key=KEY)}
+        routing=SINGLE_ATTEMPT, providers={name: ProviderConfig(base_url=fake.base_url, api_key=KEY)}
     )
     settings = Settings(
         grpc_port=0,
@@ -70,9 +78,9 @@ async def _gateway(fake: FakeAnthropic, data_dir: Path, url: str | None = None) 
     return await start_gateway(settings, config)
 
 
-async def _complete(gateway: Gateway, messages: list[JSON]) -> JSON:
+async def _complete(gateway: Gateway, messages: list[JSON], model: str = "anthropic/thinking") -> JSON:
     request = chat_pb.CreateChatCompletionRequest()
-    json_format.ParseDict({"model": "anthropic/thinking", "messages": messages, "tools": [WEATHER_TOOL]}, request)
+    json_format.ParseDict({"model": model, "messages": messages, "tools": [WEATHER_TOOL]}, request)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         answer = await chat_grpc.ChatServiceStub(channel).CreateChatCompletion(request, timeout=20)
     return json_format.MessageToDict(answer, preserving_proto_field_name=True)
@@ -210,3 +218,28 @@ async def test_a_failing_store_does_not_fail_the_turn(caplog: pytest.LogCaptureF
     recall = await turns.recall_for({"messages": [{"role": "assistant", "tool_calls": [call]}]})
     assert recall.recall(blocks[1:]) == blocks[1:]
     assert any("conversation state" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_restarted_gateway_sends_geminis_thought_signature_back(tmp_path: Path) -> None:
+    fake = FakeGemini(api_key=KEY)
+    await fake.start()
+    try:
+        first = await _gateway(fake, tmp_path / "data")
+        try:
+            answer = await _complete(first, QUESTION, "gemini/tools")
+        finally:
+            await first.stop(0.5)
+        message = answer["choices"][0]["message"]
+        [signature] = fake.signatures
+        assert all(len(call["id"]) <= 64 and signature not in call["id"] for call in message["tool_calls"])
+
+        second = await _gateway(fake, tmp_path / "data")
+        try:
+            follow_up = await _complete(second, _follow_up(message, "sunny"), "gemini/tools")
+        finally:
+            await second.stop(0.5)
+        assert follow_up["choices"][0]["finish_reason"] == "stop"
+        turn = fake.last_request.json["contents"][1]
+        assert turn["parts"][0]["thoughtSignature"] == signature
+    finally:
+        await fake.stop()
