@@ -10,8 +10,10 @@ reported as exactly that instead of as corruption.
 Only a masked form (`sk-...abcd`) is ever listed, logged or returned; `Credential`,
 the one object holding a decrypted secret, hides it from `repr`.
 
-`select(provider)` rotates round-robin over the provider's active credentials from an
-in-process cache (refreshed every `cache_ttl_s`); `mark_invalid` takes one out of
+`active(provider)` lists the provider's active credentials from an in-process cache
+(refreshed every `cache_ttl_s`): the router makes each one a deployment of the provider,
+so balancing, cooldowns and retries apply per credential; `select(provider)` rotates
+round-robin over them for a call that is not routed; `mark_invalid` takes one out of
 rotation (here at once, on other replicas within the TTL) and `mark_active` puts it
 back. Who decides is `server.accounts.credential_checks` (a probe confirms a provider's
 "invalid key" before a credential leaves rotation; invalid ones are re-checked), an
@@ -214,6 +216,14 @@ class CredentialVault:
         if row is None:
             raise KeyError(credential_id)
         return self._open(row)
+
+    async def active(self, provider: str) -> list[Credential]:
+        """The provider's active credentials, oldest first, from the cache: each is a
+        deployment of the provider (server.api.credential_deployments). Empty when
+        it has none, and then calls use the provider's configured key."""
+        pool = await self._pool(provider)
+        self._note_fallback(provider, pool)
+        return pool.active
 
     async def select(self, provider: str) -> Credential:
         """The next active credential of `provider`, round-robin; PROVIDER_NOT_CONFIGURED
