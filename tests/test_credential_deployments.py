@@ -10,6 +10,7 @@ the answers name the credential that served them (its id, never the secret).
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -102,8 +103,9 @@ async def _call(sdk: openai.AsyncOpenAI, **fields: Any) -> tuple[httpx.Headers, 
 
 
 async def test_a_429_on_one_credential_rests_that_credential_and_the_call_succeeds_on_the_other(
-    upstream: FakeOpenAI, admin: httpx.AsyncClient, sdk: openai.AsyncOpenAI
+    upstream: FakeOpenAI, admin: httpx.AsyncClient, sdk: openai.AsyncOpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="aigne_hub.calls")
     ids = await _store(admin)
     upstream.script("gpt-4o-mini", 429, headers={"retry-after": "30"})
 
@@ -114,6 +116,9 @@ async def test_a_429_on_one_credential_rests_that_credential_and_the_call_succee
     assert headers["x-aigne-hub-served-by"] == MODEL and headers["x-aigne-hub-attempts"] == "2"
     assert headers["x-aigne-hub-credential"] == ids[served]
     assert not any(secret in value for value in headers.values() for secret in SECRETS)
+    [line] = [r.call for r in caplog.records if r.name == "aigne_hub.calls"]  # type: ignore[attr-defined]
+    assert line["deployment"] == MODEL and line["credential_id"] == ids[served] and line["attempts"] == 2
+    assert not any(secret in r.getMessage() for r in caplog.records for secret in SECRETS)
 
     status = await _status(admin)
     assert status.get("available") is True, status

@@ -433,7 +433,14 @@ class Meter:
         ttft = self._first_token - self._started if self._first_token else None
         credits = recorded.credits_micros if recorded is not None else 0
         call = FinishedCall(
-            record, self.public_model, now - self._started, self.upstream_s, ttft, credits, self.trace_id
+            record,
+            self.public_model,
+            now - self._started,
+            self.upstream_s,
+            ttft,
+            credits,
+            self.trace_id,
+            self._credential_id,
         )
         observer.call_finished(call)
 
