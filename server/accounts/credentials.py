@@ -13,7 +13,8 @@ the one object holding a decrypted secret, hides it from `repr`.
 `active(provider)` lists the provider's active credentials from an in-process cache
 (refreshed every `cache_ttl_s`): the router makes each one a deployment of the provider,
 so balancing, cooldowns and retries apply per credential; `select(provider)` rotates
-round-robin over them for a call that is not routed; `mark_invalid` takes one out of
+round-robin over them for a call that is not routed. While the database is down the
+cache keeps serving the credentials last read; `mark_invalid` takes one out of
 rotation (here at once, on other replicas within the TTL) and `mark_active` puts it
 back. Who decides is `server.accounts.credential_checks` (a probe confirms a provider's
 "invalid key" before a credential leaves rotation; invalid ones are re-checked), an
@@ -37,7 +38,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal, cast
 
@@ -45,7 +46,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Row, delete, select, tuple_, update
 
-from server.errors import ProviderNotConfigured
+from server.errors import ProviderNotConfigured, StorageUnavailable
 from server.redaction import redact, register_secret
 from server.storage.database import Database
 from server.storage.schema import provider_credentials, utcnow
@@ -289,14 +290,22 @@ class CredentialVault:
         now = time.monotonic()
         if cached is not None and cached.expires > now:
             return cached
-        async with self._db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(provider_credentials)
-                    .where(provider_credentials.c.provider == provider)
-                    .order_by(provider_credentials.c.created_at, provider_credentials.c.id)
-                )
-            ).all()
+        try:
+            async with self._db.read() as conn:
+                rows = (
+                    await conn.execute(
+                        select(provider_credentials)
+                        .where(provider_credentials.c.provider == provider)
+                        .order_by(provider_credentials.c.created_at, provider_credentials.c.id)
+                    )
+                ).all()
+        except StorageUnavailable:
+            if cached is None:
+                raise
+            # The database is down: calls keep the credentials last read (the database
+            # logs the outage), and the next read is tried after another TTL.
+            self._pools[provider] = replace(cached, expires=now + self._ttl)
+            return cached
         active = [self._open(row) for row in rows if row.status == "active"]
         pool = _Pool(now + self._ttl, active, invalid=len(rows) - len(active))
         self._pools[provider] = pool
