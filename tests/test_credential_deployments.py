@@ -22,8 +22,22 @@ import openai
 import pytest
 import pytest_asyncio
 
+from server.accounts.credentials import CredentialVault
+from server.api.credential_deployments import with_credentials
 from server.app import Gateway, start_gateway
-from server.config import CooldownConfig, GatewayConfig, ProviderConfig, RoutingConfig, Settings
+from server.config import (
+    CooldownConfig,
+    DeploymentConfig,
+    GatewayConfig,
+    ModelRouteConfig,
+    ProviderConfig,
+    RoutingConfig,
+    Settings,
+)
+from server.providers.base import Capability, ChatCompletions
+from server.providers.registry import build_provider
+from server.routing.router import Router
+from server.storage import Database
 from tests.conftest import Bridge, start_bridge
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -167,3 +181,46 @@ async def test_calls_spread_over_the_stored_credentials(upstream: FakeOpenAI, ad
     # Weighted random with equal weights: both serve (1 in 2^39 that one never does).
     assert set(served) == set(ids.values())
     assert sorted(_keys_used(upstream)) == sorted(s for s in SECRETS for i in served if i == ids[s])
+
+
+# ------------------------------------------------------------- the plan, without Envoy
+
+
+async def test_each_active_credential_becomes_a_target_sharing_the_weight(tmp_path: Path) -> None:
+    db = await Database.open(f"sqlite:///{tmp_path / 'vault.db'}", migrate=True)
+    try:
+        vault = CredentialVault(db, os.urandom(32))
+        first, second = [await vault.add("keys", secret) for secret in SECRETS]
+        third = await vault.add("keys", "sk-third-" + secrets.token_hex(16))
+        await vault.mark_invalid(third.id, "rejected")
+        config = GatewayConfig(
+            providers={
+                "keys": ProviderConfig(type="openai", base_url="http://127.0.0.1:9/v1", api_key=CONFIGURED_KEY),
+                "other": ProviderConfig(type="openai", base_url="http://127.0.0.1:9/v1", api_key=CONFIGURED_KEY),
+            },
+            models={
+                "smart": ModelRouteConfig(
+                    deployments=[
+                        DeploymentConfig(provider="keys", model="gpt-4o", weight=3),
+                        DeploymentConfig(provider="other", model="gpt-4o", weight=1),
+                    ],
+                    fallbacks=[MODEL],
+                )
+            },
+        )
+        async with httpx.AsyncClient() as client:
+            providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+            plan = Router(config, providers).plan("smart", Capability.CHAT, ChatCompletions)
+            expanded, credentials = await with_credentials(plan, vault)
+            unchanged, none = await with_credentials(plan, None)
+    finally:
+        await db.close()
+    assert [(t.name, t.weight) for t in expanded.primary.targets] == [
+        (f"keys/gpt-4o@{first.id}", 1.5),
+        (f"keys/gpt-4o@{second.id}", 1.5),
+        ("other/gpt-4o", 1.0),  # no stored credential: its configured key
+    ]
+    assert [t.name for t in expanded.fallbacks[0].targets] == [f"{MODEL}@{first.id}", f"{MODEL}@{second.id}"]
+    assert set(credentials) == {first.id, second.id}, "the invalid credential is no deployment"
+    assert all(t.deployment == t.route.public_model for t in expanded.primary.targets)
+    assert unchanged is plan and none == {}
