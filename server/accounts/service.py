@@ -357,11 +357,19 @@ class Meter:
         self._admission = await limiter.admit(self._key.id, self._key.owner_id, self._model, self._public_model, tokens)
 
     async def _reserve(self) -> None:
-        if self._key is not None and self._accounts.credits.billing_enabled:
-            worst = await self._accounts.credits.price(self._model, self._worst_case)
-            self._rate = await self._accounts.credits.rate_for(self._model)
-            self._reservation = await self._accounts.credits.reserve(
-                self._key.owner_id, worst, key_id=self._key.id, request_id=self.request_id
+        """Holds the call's worst-case cost of the owner's balance, the key's cap and
+        the credit limits per day and month the call falls under (server.limits.windows)."""
+        key, credits, limiter = self._key, self._accounts.credits, self._accounts.limiter
+        if key is not None and credits.billing_enabled:
+            worst = await credits.price(self._model, self._worst_case)
+            self._rate = await credits.rate_for(self._model)
+            windows = (
+                await limiter.credit_windows(key.id, key.owner_id, self._model, self._public_model)
+                if limiter is not None
+                else []
+            )
+            self._reservation = await credits.reserve(
+                key.owner_id, worst, key_id=key.id, request_id=self.request_id, windows=windows
             )
 
     async def _record_refusal(self, exc: BaseException) -> None:
