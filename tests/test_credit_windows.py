@@ -10,20 +10,31 @@ window resets without waiting a day.
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import grpc
 import pytest
 from sqlalchemy import select
 
-from server.accounts.credits import CreditService
+from aigne.hub.v1 import chat_service_pb2 as chat_pb
+from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
+from server.accounts.credits import CreditService, Rate, credits_to_micros
 from server.accounts.keys import KeyStore
 from server.accounts.ledger import Ledger, UsageRecord
 from server.accounts.owners import ensure_owner
+from server.app import Gateway, start_gateway
+from server.config import Settings
 from server.errors import RateLimited
 from server.limits.rules import LimitRule
 from server.limits.windows import CreditWindow, WindowSpend, period_of, spend_of, windows_of
 from server.storage import Database
 from server.storage.schema import spend_windows
+from tests.conftest import FAKE_KEY, gateway_config
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.helpers import bearer_interceptors, chat_request, error_info
 from tests.storage_fixtures import database_url, db  # noqa: F401 - the fixtures
 
 CREDIT = 1_000_000
@@ -156,3 +167,115 @@ async def test_concurrent_reservations_on_two_replicas_never_overshoot_a_window(
         assert (row.spent_micros, row.reserved_micros, row.period) == (10 * CREDIT, 0, "day:2026-11-30")
     finally:
         await other.close()
+
+
+# -- through the server --------------------------------------------------------------------
+
+# Input 0.1 credit a token, output 1: a chat call with max_tokens=2 reserves ~3.6 credits
+# (its request size as input, plus 2 output) and is charged 2.1 (the fake's usage: 1 in, 2 out).
+RATE = Rate(
+    "openai/*", input_per_million_micros=credits_to_micros(100_000), output_per_million_micros=credits_to_micros(10**6)
+)
+CHARGE = CREDIT * 21 // 10
+LATE = datetime(2026, 11, 30, 23, 58, 30, tzinfo=UTC)  # 90 s before the day (and the month) ends
+
+
+@pytest.fixture(scope="module")
+async def upstream() -> AsyncIterator[FakeOpenAI]:
+    """An upstream of this module's own (its "slow" model keeps calls in flight)."""
+    async with FakeOpenAI(api_key=FAKE_KEY) as fake:
+        yield fake
+
+
+async def _gateway(url: str, upstream: FakeOpenAI, now: datetime = NOON) -> Gateway:
+    if url.startswith("postgresql"):
+        await (await Database.open(url, migrate=True)).close()
+    gateway = await start_gateway(
+        Settings(grpc_port=0, database_url=url, billing_enabled=True, key_cache_ttl_s=0),
+        gateway_config(upstream.base_url),
+    )
+    await gateway.accounts.credits.set_rate(RATE)
+    gateway.accounts.credits.clock = _at(now)  # type: ignore[assignment]
+    return gateway
+
+
+async def _funded_key(gateway: Gateway, owner: str | None = None) -> tuple[str, str, str]:
+    """(owner, key id, secret) of a new key whose owner has 1000 credits."""
+    if owner is None:
+        owner = (await ensure_owner(gateway.accounts.db, "user", f"w-{uuid.uuid4().hex[:8]}")).id
+        await gateway.accounts.credits.grant(owner, 1000 * CREDIT)
+    record, secret = await gateway.accounts.keys.create_key(owner, "windowed")
+    return owner, record.id, secret
+
+
+async def _limit(gateway: Gateway, rule: LimitRule) -> None:
+    assert gateway.accounts.limiter is not None
+    await gateway.accounts.limiter.store.set(rule)
+
+
+async def _chats(port: int, secret: str, calls: int, model: str = "openai/gpt-4o-mini") -> list[object]:
+    """`calls` chat calls at once; each result is the reply or the AioRpcError."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=bearer_interceptors(secret)) as channel:
+        stub = chat_grpc.ChatServiceStub(channel)
+        return await asyncio.gather(
+            *(stub.CreateChatCompletion(chat_request(model, max_tokens=2), timeout=60) for _ in range(calls)),
+            return_exceptions=True,
+        )
+
+
+def _served(results: list[object]) -> tuple[int, list[grpc.aio.AioRpcError]]:
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    served = sum(isinstance(r, chat_pb.CreateChatCompletionResponse) for r in results)
+    assert served + len(refused) == len(results), [r for r in results if isinstance(r, Exception)][:3]
+    return served, refused
+
+
+async def _until_refused(port: int, secret: str, model: str = "openai/gpt-4o-mini") -> int:
+    """Calls one at a time until one is refused; how many were served."""
+    for served in range(100):
+        if _served(await _chats(port, secret, 1, model))[1]:
+            return served
+    raise AssertionError("never refused")
+
+
+async def test_50_concurrent_calls_never_take_a_daily_window_past_its_limit(
+    database_url: str,  # noqa: F811
+    upstream: FakeOpenAI,
+) -> None:
+    upstream.slow_seconds = 1.0  # every admitted call holds its reservation while the others try
+    gateway = await _gateway(database_url, upstream, now=LATE)
+    try:
+        owner, key, secret = await _funded_key(gateway)
+        limit = 10 * CHARGE  # room for 10 calls' charges, or 5 calls' reservations at once
+        await _limit(gateway, LimitRule("key", key, daily_credits_micros=limit))
+        burst, refused = _served(await _chats(gateway.port, secret, 50, "openai/slow"))
+        assert 1 <= burst <= 5 and len(refused) == 50 - burst, "the reservations alone stop the burst"
+        error = refused[0]
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(error_info(error).metadata) == {
+            "scope": "key",
+            "limit_kind": "daily_credits",
+            "limit": "21",
+            "window": "day",
+            "window_seconds": "86400",
+            "model": "*",
+            "resets_at": "2026-12-01T00:00:00Z",
+            "openai_type": "rate_limit_error",
+        }
+        assert dict(error.trailing_metadata() or ())["retry-after"] == "90", "the real wait until midnight UTC"
+        assert "21 credits per UTC day on this key" in (error.details() or "")
+        # One at a time, the window fills to within one reservation of its limit, never past it.
+        one_by_one = await _until_refused(gateway.port, secret)
+        served = burst + one_by_one
+        window = CreditWindow("key", key, "*", "daily_credits", limit)
+        spend = await _spend(gateway.accounts.db, window, LATE)
+        assert spend.reserved_micros == 0 and spend.spent_micros == served * CHARGE
+        assert limit - 4 * CREDIT < spend.spent_micros <= limit
+        records = await gateway.accounts.ledger.records(key_id=key)
+        assert sum(r.credits_micros for r in records) == spend.spent_micros, "the window counts what the ledger charged"
+        outcomes = Counter((r.outcome, r.error_reason) for r in records)
+        assert outcomes == {("ok", None): served, ("error", "RATE_LIMITED"): 50 - burst + 1}, "each refusal once"
+        balance = await gateway.accounts.credits.balance(owner)
+        assert (balance.balance_micros, balance.reserved_micros) == (1000 * CREDIT - spend.spent_micros, 0)
+    finally:
+        await gateway.stop(0.5)
