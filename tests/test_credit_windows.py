@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import grpc
+import openai
 import pytest
 from sqlalchemy import select
 
@@ -31,8 +34,8 @@ from server.errors import RateLimited
 from server.limits.rules import LimitRule
 from server.limits.windows import CreditWindow, WindowSpend, period_of, spend_of, windows_of
 from server.storage import Database
-from server.storage.schema import spend_windows
-from tests.conftest import FAKE_KEY, gateway_config
+from server.storage.schema import spend_windows, utcnow
+from tests.conftest import FAKE_KEY, Bridge, gateway_config, start_bridge
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import bearer_interceptors, chat_request, error_info
 from tests.storage_fixtures import database_url, db  # noqa: F401 - the fixtures
@@ -171,8 +174,10 @@ async def test_concurrent_reservations_on_two_replicas_never_overshoot_a_window(
 
 # -- through the server --------------------------------------------------------------------
 
-# Input 0.1 credit a token, output 1: a chat call with max_tokens=2 reserves ~3.6 credits
-# (its request size as input, plus 2 output) and is charged 2.1 (the fake's usage: 1 in, 2 out).
+# Input 0.1 credit a token, output 1: a chat call of openai/gpt-4o-mini with max_tokens=2
+# reserves 4 credits (20 tokens for its request's size, plus 2 output; openai/slow: 3.7)
+# and is charged 2.1 (the fake's usage: 1 in, 2 out). So one at a time, a window of
+# 5 credits serves 1 call, 7 serves 2, 9 serves 3, 11 serves 4.
 RATE = Rate(
     "openai/*", input_per_million_micros=credits_to_micros(100_000), output_per_million_micros=credits_to_micros(10**6)
 )
@@ -278,4 +283,159 @@ async def test_50_concurrent_calls_never_take_a_daily_window_past_its_limit(
         balance = await gateway.accounts.credits.balance(owner)
         assert (balance.balance_micros, balance.reserved_micros) == (1000 * CREDIT - spend.spent_micros, 0)
     finally:
+        await gateway.stop(0.5)
+
+
+async def test_an_owner_window_holds_across_its_keys_and_a_glob_narrows_it(
+    database_url: str,  # noqa: F811
+    upstream: FakeOpenAI,
+) -> None:
+    gateway = await _gateway(database_url, upstream)
+    try:
+        owner, _, first = await _funded_key(gateway)
+        _, _, second = await _funded_key(gateway, owner)
+        limit = 11 * CREDIT
+        await _limit(gateway, LimitRule("owner", owner, "openai/gpt-4o-mini", monthly_credits_micros=limit))
+        served = 0
+        for secret in (first, second, first, second, first, second):
+            served += _served(await _chats(gateway.port, secret, 1))[0]
+        assert served == 4, "four charges in all for the owner's two keys"
+        refused = _served(await _chats(gateway.port, second, 1))[1]
+        info = error_info(refused[0])
+        assert (info.metadata["scope"], info.metadata["limit_kind"], info.metadata["window"]) == (
+            "owner",
+            "monthly_credits",
+            "month",
+        )
+        assert info.metadata["model"] == "openai/gpt-4o-mini" and info.metadata["window_seconds"] == str(30 * 86400)
+        assert _served(await _chats(gateway.port, first, 3, "openai/gpt-4o"))[0] == 3, "outside the glob: not limited"
+        window = CreditWindow("owner", owner, "openai/gpt-4o-mini", "monthly_credits", limit)
+        assert await _spend(gateway.accounts.db, window, NOON) == WindowSpend(4 * CHARGE, 0)
+    finally:
+        await gateway.stop(0.5)
+
+
+async def test_windows_reset_at_midnight_utc_and_on_the_first_of_the_month(
+    upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    gateway = await _gateway(f"sqlite:///{tmp_path / 'hub.db'}", upstream, now=LATE)
+    credits = gateway.accounts.credits
+    try:
+        _, key, secret = await _funded_key(gateway)
+        await _limit(gateway, LimitRule("key", key, daily_credits_micros=7 * CREDIT, monthly_credits_micros=9 * CREDIT))
+        assert await _until_refused(gateway.port, secret) == 2, "the daily limit is the tighter"
+        credits.clock = _at(LATE + timedelta(seconds=89))  # 23:59:59: still the same day
+        assert _served(await _chats(gateway.port, secret, 1))[0] == 0
+        credits.clock = _at(datetime(2026, 12, 1, tzinfo=UTC))
+        assert await _until_refused(gateway.port, secret) == 2, "a new day (and month), new windows"
+        credits.clock = _at(datetime(2026, 12, 2, tzinfo=UTC))
+        assert await _until_refused(gateway.port, secret) == 1, "2 charged on the 1st, of 3 for December"
+        [error] = _served(await _chats(gateway.port, secret, 1))[1]
+        assert error_info(error).metadata["limit_kind"] == "monthly_credits"
+        assert dict(error.trailing_metadata() or ())["retry-after"] == str(30 * 86400), "until January 1st"
+        credits.clock = _at(datetime(2027, 1, 1, 0, 0, 1, tzinfo=UTC))
+        assert await _until_refused(gateway.port, secret) == 2, "January: the daily limit is the tighter again"
+    finally:
+        await gateway.stop(0.5)
+
+
+async def test_a_limit_set_mid_day_counts_what_the_ledger_charged_that_day(
+    upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    gateway = await _gateway(f"sqlite:///{tmp_path / 'hub.db'}", upstream)
+    gateway.accounts.credits.clock = utcnow  # the ledger's records carry the real time
+    try:
+        _, key, secret = await _funded_key(gateway)
+        assert _served(await _chats(gateway.port, secret, 2))[0] == 2, "no limit yet: 4.2 credits charged"
+        await _limit(gateway, LimitRule("key", key, "anthropic/*", daily_credits_micros=7 * CREDIT))
+        assert _served(await _chats(gateway.port, secret, 1))[0] == 1, "another glob's window starts empty"
+        await _limit(gateway, LimitRule("key", key, "openai/*", daily_credits_micros=9 * CREDIT))
+        assert await _until_refused(gateway.port, secret) == 0, "6.3 charged today: no room for 4 more"
+        window = CreditWindow("key", key, "openai/*", "daily_credits", 9 * CREDIT)
+        assert await _spend(gateway.accounts.db, window, utcnow()) == WindowSpend(3 * CHARGE, 0)
+    finally:
+        await gateway.stop(0.5)
+
+
+async def test_errors_cut_streams_and_shutdown_release_their_holds(upstream: FakeOpenAI, tmp_path: Path) -> None:
+    gateway = await _gateway(f"sqlite:///{tmp_path / 'hub.db'}", upstream)
+    stopped = False
+    try:
+        _, key, secret = await _funded_key(gateway)
+        limit = 100 * CREDIT
+        await _limit(gateway, LimitRule("key", key, daily_credits_micros=limit))
+        window = CreditWindow("key", key, "*", "daily_credits", limit)
+        [failed] = _served(await _chats(gateway.port, secret, 1, "openai/error-500"))[1]
+        assert failed.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await _spend(gateway.accounts.db, window, NOON) == WindowSpend(0, 0), "a failed call costs nothing"
+
+        upstream.chunk_delay = 0.3
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{gateway.port}", interceptors=bearer_interceptors(secret)
+        ) as channel:
+            stream = chat_grpc.ChatServiceStub(channel).StreamChatCompletion(
+                chat_request("openai/stream-slow", "one two three four five six", max_tokens=50)
+            )
+            await stream.read()
+            assert (await _spend(gateway.accounts.db, window, NOON)).reserved_micros > 0, "held while it streams"
+            stream.cancel()
+        await _eventually(lambda: _spend(gateway.accounts.db, window, NOON), lambda s: s.reserved_micros == 0)
+        records = await gateway.accounts.ledger.records(key_id=key)
+        cut = next(r for r in records if r.outcome == "cancelled")
+        assert 0 < cut.credits_micros == (await _spend(gateway.accounts.db, window, NOON)).spent_micros
+
+        upstream.slow_seconds = 30.0
+        pending = asyncio.ensure_future(_chats(gateway.port, secret, 2, "openai/slow"))
+        await _eventually(lambda: _spend(gateway.accounts.db, window, NOON), lambda s: s.reserved_micros > 0)
+        await gateway.stop(0.5)  # the calls in flight are ended by the shutdown
+        stopped = True
+        await asyncio.wait_for(pending, 30)
+        reopened = await Database.open(f"sqlite:///{tmp_path / 'hub.db'}", migrate=False)
+        try:
+            spend = await _spend(reopened, window, NOON)
+            records = await Ledger(reopened).records(key_id=key)
+        finally:
+            await reopened.close()
+        ended = [r.outcome for r in records if r.model == "openai/slow"]
+        assert len(records) == 4 and len(ended) == 2 and "ok" not in ended, "both ended by the shutdown"
+        assert spend.reserved_micros == 0, "nothing left held"
+        assert spend.spent_micros == sum(r.credits_micros for r in records), "cut calls pay for their prompt"
+    finally:
+        upstream.chunk_delay = 0.0
+        upstream.slow_seconds = 1.0
+        if not stopped:
+            await gateway.stop(0.5)
+
+
+async def _eventually(read: Callable[[], Awaitable[WindowSpend]], check: Callable[[WindowSpend], bool]) -> None:
+    deadline = asyncio.get_running_loop().time() + 20
+    while not check(spend := await read()):
+        assert asyncio.get_running_loop().time() < deadline, spend
+        await asyncio.sleep(0.05)
+
+
+async def test_the_openai_sdk_raises_rate_limit_error_with_the_wait_until_midnight(
+    upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    gateway = await _gateway(f"sqlite:///{tmp_path / 'hub.db'}", upstream, now=LATE)
+    bridge: Bridge = await start_bridge(gateway.port, tmp_path / "envoy")
+    try:
+        _, key, secret = await _funded_key(gateway)
+        await _limit(gateway, LimitRule("key", key, daily_credits_micros=5 * CREDIT))
+        client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=secret, max_retries=0)
+        messages: Any = [{"role": "user", "content": "hello"}]
+        first = await client.chat.completions.create(model="openai/gpt-4o-mini", messages=messages, max_tokens=2)
+        assert first.choices[0].message.content
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(model="openai/gpt-4o-mini", messages=messages, max_tokens=2)
+        assert caught.value.status_code == 429
+        assert caught.value.response.headers["retry-after"] == "90"
+        body: Any = caught.value.body
+        assert body["code"] == "RATE_LIMITED" and body["type"] == "rate_limit_error"
+        assert "credits per UTC day" in body["message"] and "2026-12-01T00:00:00Z" in body["message"]
+        await client.close()
+        records = await gateway.accounts.ledger.records(key_id=key)
+        assert sorted((r.outcome, r.error_reason or "") for r in records) == [("error", "RATE_LIMITED"), ("ok", "")]
+    finally:
+        await bridge.envoy.stop()
         await gateway.stop(0.5)

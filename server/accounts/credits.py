@@ -71,7 +71,7 @@ from server.accounts.errors import (
     SpendingCapReached,
     format_credits,
 )
-from server.limits.windows import CreditWindow, period_of, refusal, spend_of
+from server.limits.windows import CreditWindow, ledger_spend, period_of, refusal, spend_of
 from server.storage.database import Database
 from server.storage.inline import Executor
 from server.storage.schema import (
@@ -418,8 +418,8 @@ class CreditService:
         for row_id in sorted(by_id):
             window = by_id[row_id]
             if not await _add_to_window(conn, row_id, window.limit_micros, amount_micros):
-                # The period's first call: create its row (a concurrent creator wins
-                # harmlessly), then try again.
+                # The period's first call: create its row from what the ledger charged
+                # so far (a concurrent creator wins harmlessly), then try again.
                 period = period_of(window.kind, now)
                 await conn.execute(
                     self._db.insert_ignoring_conflicts(spend_windows, "id").values(
@@ -428,7 +428,7 @@ class CreditService:
                         subject=window.subject,
                         model=window.model,
                         period=period.key,
-                        spent_micros=0,
+                        spent_micros=await ledger_spend(conn, window, period),
                         reserved_micros=0,
                         updated_at=utcnow(),
                     )

@@ -21,6 +21,12 @@ each (`spent + reserved + x <= limit`), in the reservation's transaction; settli
 moves the actual charge (at most the reservation) from `reserved` to `spent`. So
 concurrent calls on any number of replicas never take a window past its limit.
 
+A period's row is created by its first call, starting from what the ledger already
+charged the rule's key or owner in that period for models its glob matches
+(`ledger_spend`): a limit set mid-day counts the day's spend so far. (The ledger keeps
+the resolved `provider/model`, so an alias glob starts from zero; calls already in
+flight when a limit is set are not counted in it.)
+
 Over the limit: 429 RATE_LIMITED (a limit that resets by itself, like RPM; the
 balance's own refusal, INSUFFICIENT_CREDITS, means "buy more"), with the real wait
 until the period ends in Retry-After and ErrorInfo metadata scope, limit_kind
@@ -34,14 +40,15 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from fnmatch import fnmatchcase
 from typing import Literal
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.errors import RateLimited
 from server.limits.rules import LimitRule
-from server.storage.schema import spend_windows
+from server.storage.schema import spend_windows, usage_records
 
 WindowKind = Literal["daily_credits", "monthly_credits"]
 WINDOW_KINDS: tuple[WindowKind, ...] = ("daily_credits", "monthly_credits")
@@ -112,7 +119,8 @@ def windows_of(
 async def spend_of(
     conn: AsyncConnection, windows: Sequence[CreditWindow], now: datetime
 ) -> dict[CreditWindow, WindowSpend]:
-    """The current period's spend of each window (zero where nothing was spent yet)."""
+    """The current period's spend of each window (before its first counted call: what
+    the ledger charged in the period so far)."""
     ids = {window.row_id(period_of(window.kind, now)): window for window in windows}
     found: dict[CreditWindow, WindowSpend] = {}
     listed = list(ids)
@@ -124,7 +132,26 @@ async def spend_of(
         )
         for row in rows:
             found[ids[row.id]] = WindowSpend(int(row.spent_micros), int(row.reserved_micros))
-    return {window: found.get(window, WindowSpend()) for window in windows}
+    for window in windows:
+        if window not in found:  # no call counted yet: what its first call will start from
+            found[window] = WindowSpend(await ledger_spend(conn, window, period_of(window.kind, now)))
+    return found
+
+
+async def ledger_spend(conn: AsyncConnection, window: CreditWindow, period: Period) -> int:
+    """What the ledger charged the window's key or owner in `period`, for models its
+    glob matches (one grouped query on the (subject, created_at) index)."""
+    subject = usage_records.c.key_id if window.scope == "key" else usage_records.c.owner_id
+    rows = await conn.execute(
+        select(usage_records.c.model, func.coalesce(func.sum(usage_records.c.credits_micros), 0))
+        .where(
+            subject == window.subject,
+            usage_records.c.created_at >= period.start,
+            usage_records.c.created_at < period.end,
+        )
+        .group_by(usage_records.c.model)
+    )
+    return sum(int(charged) for model, charged in rows if fnmatchcase(model, window.model))
 
 
 def format_micros(micros: int) -> str:
