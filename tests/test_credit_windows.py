@@ -10,6 +10,9 @@ window resets without waiting a day.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import openai
 import pytest
 from sqlalchemy import select
@@ -38,7 +42,7 @@ from server.storage.schema import spend_windows, utcnow
 from tests.conftest import FAKE_KEY, Bridge, gateway_config, start_bridge
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import bearer_interceptors, chat_request, error_info
-from tests.storage_fixtures import database_url, db  # noqa: F401 - the fixtures
+from tests.storage_fixtures import count_queries, database_url, db  # noqa: F401 - the fixtures
 
 CREDIT = 1_000_000
 NOON = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -119,6 +123,20 @@ async def test_a_window_holds_reservations_and_counts_the_charge(db: Database) -
     await credits.release(third)
     assert await _spend(db, daily, tomorrow) == WindowSpend(0, 0)
     assert await _spend(db, daily, NOON) == WindowSpend(CREDIT * 5 // 2, 0)
+
+
+async def test_a_window_costs_one_update_per_call_to_reserve_and_one_to_settle(db: Database) -> None:  # noqa: F811
+    owner, key = await _owner_and_key(db, "counted")
+    credits = CreditService(db, billing_enabled=True)
+    await credits.grant(owner, 100 * CREDIT)
+    daily = CreditWindow("key", key, "*", "daily_credits", 50 * CREDIT)
+    await credits.settle(await credits.reserve(owner, CREDIT, key_id=key, windows=[daily]), 0)  # the day's row
+    with count_queries(db) as plain:
+        await credits.settle(await credits.reserve(owner, CREDIT, key_id=key), CREDIT)
+    with count_queries(db) as windowed:
+        await credits.settle(await credits.reserve(owner, CREDIT, key_id=key, windows=[daily]), CREDIT)
+    assert len(windowed) - len(plain) == 2, (plain, windowed)
+    assert sum("spend_windows" in statement for statement in windowed) == 2
 
 
 async def test_the_ledger_settles_windows_with_the_record_and_a_dead_calls_hold_expires(
@@ -436,6 +454,79 @@ async def test_the_openai_sdk_raises_rate_limit_error_with_the_wait_until_midnig
         await client.close()
         records = await gateway.accounts.ledger.records(key_id=key)
         assert sorted((r.outcome, r.error_reason or "") for r in records) == [("error", "RATE_LIMITED"), ("ok", "")]
+    finally:
+        await bridge.envoy.stop()
+        await gateway.stop(0.5)
+
+
+AIGNE_HUB = Path(sys.executable).parent / "aigne-hub"
+ADMIN_TOKEN = "admin-" + "w" * 32
+
+
+async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        str(AIGNE_HUB), *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_spend_is_shown_beside_the_limit_and_bad_amounts_change_nothing(
+    upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    gateway = await start_gateway(
+        Settings(grpc_port=0, database_url=url, billing_enabled=True, admin_token=ADMIN_TOKEN),
+        gateway_config(upstream.base_url),
+    )
+    await gateway.accounts.credits.set_rate(RATE)
+    bridge: Bridge = await start_bridge(gateway.port, tmp_path / "envoy")
+    headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        _, key, secret = await _funded_key(gateway)
+        assert _served(await _chats(gateway.port, secret, 2))[0] == 2
+        async with httpx.AsyncClient(base_url=bridge.rest_url, headers=headers) as admin:
+            answer = await admin.post("/admin/limits", json={"limit": {"key_id": key, "daily_credits": "9"}})
+            assert answer.status_code == 200, answer.text
+            shown = answer.json()["limit"]
+            assert (shown["daily_credits"], shown["daily_credits_spent"], shown["daily_credits_held"]) == (
+                "9.000000",
+                "4.200000",
+                "0.000000",
+            ), "the day's charges so far, beside the limit"
+            assert "monthly_credits_spent" not in shown or shown["monthly_credits_spent"] == ""
+            bad = {
+                "negative": "-1",
+                "zero": "0",
+                "not a number": "abc",
+                "not finite": "NaN",
+                "below a micro-credit": "0.0000001",
+                "too large": "1e400",
+            }
+            for case, amount in bad.items():
+                refused = await admin.post("/admin/limits", json={"limit": {"key_id": key, "daily_credits": amount}})
+                assert refused.status_code == 400, (case, refused.text)
+                message = refused.json()["error"]["message"]
+                assert "daily_credits" in message and len(message) < 200, (case, message)
+            [listed] = (await admin.get("/admin/limits", params={"key_id": key})).json()["limits"]
+            assert listed["daily_credits"] == "9.000000" and listed["daily_credits_spent"] == "4.200000"
+
+        env = {**os.environ, "AIGNE_HUB_DATABASE_URL": url}
+        for amount in ("-1", "abc", "0"):
+            code, _, stderr = await _cli(env, "limits", "set", "--key", key, "--daily-credits", amount)
+            assert code != 0 and "--daily-credits" in stderr, (amount, stderr)
+        code, stdout, stderr = await _cli(env, "limits", "show", "--key", key, "--json")
+        assert code == 0, stderr
+        [row] = json.loads(stdout)
+        assert (row["daily_credits"], row["daily_spent"], row["daily_credits_held"]) == (
+            "9.000000",
+            "4.200000",
+            "0.000000",
+        )
+        code, stdout, _ = await _cli(env, "limits", "show", "--key", key)
+        header, line = stdout.splitlines()
+        assert "daily_spent" in header.split() and "4.200000" in line.split()
     finally:
         await bridge.envoy.stop()
         await gateway.stop(0.5)

@@ -48,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.errors import RateLimited
 from server.limits.rules import LimitRule
+from server.storage.database import Database
 from server.storage.schema import spend_windows, usage_records
 
 WindowKind = Literal["daily_credits", "monthly_credits"]
@@ -152,6 +153,19 @@ async def ledger_spend(conn: AsyncConnection, window: CreditWindow, period: Peri
         .group_by(usage_records.c.model)
     )
     return sum(int(charged) for model, charged in rows if fnmatchcase(model, window.model))
+
+
+async def spend_by_rule(
+    db: Database, rules: Sequence[LimitRule], now: datetime
+) -> dict[tuple[str, str, str, WindowKind], WindowSpend]:
+    """The current period's spend of every credit window the rules set, keyed by
+    (scope, subject, model, kind): what `limits show` and the admin API show."""
+    windows = windows_of(rules)
+    if not windows:
+        return {}
+    async with db.read() as conn:
+        spend = await spend_of(conn, windows, now)
+    return {(w.scope, w.subject, w.model, w.kind): value for w, value in spend.items()}
 
 
 def format_micros(micros: int) -> str:
