@@ -261,17 +261,22 @@ async def _until_refused(port: int, secret: str, model: str = "openai/gpt-4o-min
     raise AssertionError("never refused")
 
 
-async def test_50_concurrent_calls_never_take_a_daily_window_past_its_limit(
+async def test_50_concurrent_calls_on_two_replicas_never_take_a_daily_window_past_its_limit(
     database_url: str,  # noqa: F811
     upstream: FakeOpenAI,
 ) -> None:
-    upstream.slow_seconds = 1.0  # every admitted call holds its reservation while the others try
+    upstream.slow_seconds = 3.0  # every admitted call holds its reservation while the others try
     gateway = await _gateway(database_url, upstream, now=LATE)
+    replica = await _gateway(database_url, upstream, now=LATE)  # a second gateway on the same database
     try:
         owner, key, secret = await _funded_key(gateway)
         limit = 10 * CHARGE  # room for 10 calls' charges, or 5 calls' reservations at once
         await _limit(gateway, LimitRule("key", key, daily_credits_micros=limit))
-        burst, refused = _served(await _chats(gateway.port, secret, 50, "openai/slow"))
+        halves = await asyncio.gather(
+            _chats(gateway.port, secret, 25, "openai/slow"), _chats(replica.port, secret, 25, "openai/slow")
+        )
+        split = [_served(half) for half in halves]
+        burst, refused = sum(s[0] for s in split), [e for s in split for e in s[1]]
         assert 1 <= burst <= 5 and len(refused) == 50 - burst, "the reservations alone stop the burst"
         error = refused[0]
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -301,6 +306,7 @@ async def test_50_concurrent_calls_never_take_a_daily_window_past_its_limit(
         balance = await gateway.accounts.credits.balance(owner)
         assert (balance.balance_micros, balance.reserved_micros) == (1000 * CREDIT - spend.spent_micros, 0)
     finally:
+        await replica.stop(0.5)
         await gateway.stop(0.5)
 
 
