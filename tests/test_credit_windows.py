@@ -109,6 +109,9 @@ async def test_a_window_holds_reservations_and_counts_the_charge(db: Database) -
         await credits.reserve(owner, 2 * CREDIT, key_id=key, windows=[daily])
     assert refused.value.metadata["limit_kind"] == "daily_credits"
     assert refused.value.retry_after_seconds == 12 * 3600, "until midnight UTC"
+    assert "alone exceeds" not in refused.value.message
+    with pytest.raises(RateLimited, match="this call's worst case alone exceeds the limit: lower max_tokens"):
+        await credits.reserve(owner, 4 * CREDIT, key_id=key, windows=[daily])
     balance = await credits.balance(owner)
     assert balance.reserved_micros == 2 * CREDIT, "a refused call holds nothing, not even of the balance"
     assert await credits.settle(first, CREDIT // 2) == CREDIT // 2

@@ -14,7 +14,8 @@ answer the ledger does not know about. A call cut short by the client is recorde
 "cancelled" with what it consumed so far; one the gateway ends while shutting down
 (the servicer raises ShuttingDown inside the meter) as "interrupted". A call the meter
 refuses as it starts (RATE_LIMITED by `server.limits`, checked first so a refusal costs
-no database work; INSUFFICIENT_CREDITS, SPENDING_CAP_REACHED, a model without a rate)
+no database work; INSUFFICIENT_CREDITS, SPENDING_CAP_REACHED, RATE_LIMITED by a credit
+limit per day or month, held with the credits; a model without a rate)
 is recorded by the meter too, as an error with that reason: once the meter has
 started (METERED), it alone records the call, so every call leaves exactly one record.
 
