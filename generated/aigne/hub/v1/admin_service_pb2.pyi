@@ -1148,7 +1148,7 @@ class RateLimit(_message.Message):
     concurrency: _builtins.int
     """Optional. Calls in flight at once, 1 to 1000000000000."""
     daily_credits: _builtins.str
-    """Optional. Credits per UTC day (00:00 to 24:00 UTC), a positive decimal such as
+    """Optional. Credits per UTC day (midnight to midnight UTC), a positive decimal such as
     "2.5": what the ledger charges the key or owner for the matching models. A call
     reserves its worst-case charge against it first (with billing on).
     """
