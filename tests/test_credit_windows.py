@@ -126,6 +126,12 @@ async def test_a_window_holds_reservations_and_counts_the_charge(db: Database) -
     await credits.release(third)
     assert await _spend(db, daily, tomorrow) == WindowSpend(0, 0)
     assert await _spend(db, daily, NOON) == WindowSpend(CREDIT * 5 // 2, 0)
+    # Past periods are pruned once untouched for longer than any month; a held one never.
+    held = await credits.reserve(owner, CREDIT, key_id=key, windows=[daily])
+    assert await credits.prune_spend_windows(now=datetime.now(UTC) + timedelta(days=61)) == 0
+    assert await credits.prune_spend_windows(now=datetime.now(UTC) + timedelta(days=63)) == 1
+    assert await _spend(db, daily, tomorrow) == WindowSpend(0, CREDIT), "the held window stays"
+    await credits.release(held)
 
 
 async def test_a_window_costs_one_update_per_call_to_reserve_and_one_to_settle(db: Database) -> None:  # noqa: F811

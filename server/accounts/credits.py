@@ -90,6 +90,8 @@ log = logging.getLogger(__name__)
 _IDS_PER_RENEWAL = 500
 # How much the sweeper's period varies, so replicas started together spread out.
 _SWEEP_JITTER = 0.2
+# How long a spend window untouched and holding nothing is kept: past any month.
+_WINDOW_KEPT = timedelta(days=62)
 
 
 def credits_to_micros(credits: Decimal | float | int | str) -> int:
@@ -502,6 +504,24 @@ class CreditService:
                 )
         return released
 
+    async def prune_spend_windows(self, now: datetime | None = None) -> int:
+        """Deletes the spend windows of past periods: rows holding nothing, untouched
+        for `_WINDOW_KEPT` (longer than a month, so their period has ended; only the
+        current period is ever consulted, and the ledger keeps the history). Returns
+        how many were deleted."""
+        cutoff = (now or utcnow()) - _WINDOW_KEPT
+        async with self._db.write() as conn:
+            done = await conn.execute(
+                delete(spend_windows).where(spend_windows.c.reserved_micros == 0, spend_windows.c.updated_at < cutoff)
+            )
+        return max(done.rowcount, 0)
+
+    async def _sweep(self) -> int:
+        """The sweeper's round: expired reservations, then past spend windows."""
+        released = await self.release_expired()
+        await self.prune_spend_windows()
+        return released
+
     # -- leases --------------------------------------------------------------------------
 
     def hold(self, reservation_id: str) -> None:
@@ -552,7 +572,7 @@ class CreditService:
                 name="credit-lease-renewal",
             ),
             asyncio.create_task(
-                _every(period, _SWEEP_JITTER, "releasing expired credit reservations", self.release_expired),
+                _every(period, _SWEEP_JITTER, "releasing expired credit reservations", self._sweep),
                 name="credit-reservation-sweeper",
             ),
         ]

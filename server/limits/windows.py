@@ -21,7 +21,9 @@ each (`spent + reserved + x <= limit`), in the reservation's transaction; settli
 moves the actual charge (at most the reservation) from `reserved` to `spent`. So
 concurrent calls on any number of replicas never take a window past its limit.
 
-A period's row is created by its first call, starting from what the ledger already
+The sweeper of expired reservations also deletes past periods' rows (untouched for
+62 days, holding nothing; CreditService.prune_spend_windows). A period's row is
+created by its first call, starting from what the ledger already
 charged the rule's key or owner in that period for models its glob matches
 (`ledger_spend`): a limit set mid-day counts the day's spend so far. (The ledger keeps
 the resolved `provider/model`, so an alias glob starts from zero; calls already in
