@@ -249,6 +249,10 @@ class KeyLimitsConfig(BaseModel):
     rpm: int | None = Field(None, ge=1, le=10**12)
     tpm: int | None = Field(None, ge=1, le=10**12)
     concurrency: int | None = Field(None, ge=1, le=10**12)
+    # Credits per UTC day / calendar month (decimals, e.g. 2.5), as `limits set
+    # --daily-credits` takes them: from 0.000001 to 1000000 credits.
+    daily_credits: Decimal | None = Field(None, ge=Decimal("0.000001"), le=10**6, allow_inf_nan=False)
+    monthly_credits: Decimal | None = Field(None, ge=Decimal("0.000001"), le=10**6, allow_inf_nan=False)
 
 
 class LimitsConfig(BaseModel):

@@ -42,11 +42,13 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Literal
 
+from server.config import KeyLimitsConfig
 from server.errors import RateLimited, RateLimitsUnavailable
 from server.limits.counters import Counter, Counters, CounterState, Kind, MemoryCounters, RedisCounters, Verdict
-from server.limits.rules import LimitRule, LimitStore
+from server.limits.rules import DEFAULT_RULE_ID, LIMIT_FIELDS, LimitRule, LimitStore
 from server.limits.windows import CreditWindow, windows_of
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,32 @@ class DefaultLimits:
     rpm: int | None = None
     tpm: int | None = None
     concurrency: int | None = None
+    daily_credits_micros: int | None = None
+    monthly_credits_micros: int | None = None
+
+    @classmethod
+    def from_config(cls, config: KeyLimitsConfig) -> DefaultLimits:
+        """The config file's `limits.default_key` (credits as micro-credits)."""
+
+        def micros(credits: Decimal | None) -> int | None:
+            return None if credits is None else int((credits * 1_000_000).to_integral_value())
+
+        return cls(
+            config.rpm,
+            config.tpm,
+            config.concurrency,
+            micros(config.daily_credits),
+            micros(config.monthly_credits),
+        )
+
+    def rule(self, key_id: str) -> LimitRule | None:
+        """The defaults as the rule of one key for all models (id "default"), None when
+        the config sets none: counted and refused exactly like an explicit rule, in the
+        counters and spend windows an explicit rule of the key for `*` would use."""
+        limits = {name: getattr(self, name) for name in LIMIT_FIELDS}
+        if not any(limits.values()):
+            return None
+        return LimitRule("key", key_id, "*", **limits, id=DEFAULT_RULE_ID)
 
 
 @dataclass
@@ -145,7 +173,7 @@ class Limiter:
     ) -> list[CreditWindow]:
         """The credit limits per day and month of the key and its owner that apply to a
         call of `model` (rules read through the store's cache)."""
-        return windows_of(await self.store.rules_for(key_id, owner_id), model, public_model)
+        return windows_of(await self._rules(key_id, owner_id), model, public_model)
 
     async def settle(self, admission: Admission, used_tokens: int) -> None:
         self._held.pop(admission.member, None)
@@ -167,15 +195,13 @@ class Limiter:
         await self.shared.aclose()
 
     async def _rules(self, key_id: str, owner_id: str) -> list[LimitRule]:
+        """The key's and owner's rules, plus the configured defaults when the key has no
+        rule of its own for all models (such a rule replaces them all; a narrower one adds)."""
         rules = await self.store.rules_for(key_id, owner_id)
-        defaults = self.defaults
-        own_all = any(r.scope == "key" and r.model == "*" for r in rules)
-        if not own_all and (defaults.rpm or defaults.tpm or defaults.concurrency):
-            rules = [
-                *rules,
-                LimitRule("key", key_id, "*", defaults.rpm, defaults.tpm, defaults.concurrency, id="default"),
-            ]
-        return rules
+        if any(r.scope == "key" and r.model == "*" for r in rules):
+            return rules
+        default = self.defaults.rule(key_id)
+        return rules if default is None else [*rules, default]
 
     def _counters(self, rules: Sequence[LimitRule], tokens: int) -> list[Counter]:
         counters = []
