@@ -101,7 +101,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         elif args.command == "credits":
             await _credits(args, CreditService(db, billing_enabled=True), db)
         elif args.command == "limits":
-            await limits_cli.run(args, db, billing_enabled=settings.billing_enabled, defaults=_default_limits(settings))
+            defaults = _default_limits(settings) if args.action == "show" else None
+            await limits_cli.run(args, db, billing_enabled=settings.billing_enabled, defaults=defaults)
         elif args.command == "credentials":
             master_key = settings.master_key.get_secret_value() if settings.master_key else None
             await _credentials(args, CredentialVault(db, load_master_key(master_key)))
