@@ -242,7 +242,7 @@ class RoutingConfig(BaseModel):
 
 
 class KeyLimitsConfig(BaseModel):
-    """Limits of every key that has no rule of its own for all models."""
+    """Limits of every key (or owner) that has no rule of its own for all models."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -256,11 +256,13 @@ class KeyLimitsConfig(BaseModel):
 
 
 class LimitsConfig(BaseModel):
-    """`limits:` in the YAML file: defaults for every key (`default_key: {rpm: 600}`)."""
+    """`limits:` in the YAML file: defaults for every key (`default_key: {rpm: 600}`) and
+    for every owner, all its keys together (`default_owner: {daily_credits: 50}`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     default_key: KeyLimitsConfig = Field(default_factory=KeyLimitsConfig)
+    default_owner: KeyLimitsConfig = Field(default_factory=KeyLimitsConfig)
 
 
 class GatewayConfig(BaseModel):

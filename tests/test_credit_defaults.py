@@ -19,6 +19,7 @@ import grpc
 import httpx
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, Settings
@@ -149,6 +150,42 @@ async def test_a_keys_own_rule_replaces_the_default_and_a_narrower_one_adds_to_i
         await gateway.stop(0.5)
 
 
+async def test_an_owner_default_holds_across_its_keys_unless_the_owner_has_its_own_rule(
+    upstream: FakeOpenAI,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    gateway = await _gateway(url, _config_owner(upstream, {"daily_credits": 7}), NOON)
+    try:
+        owner, _, first = await _funded_key(gateway)
+        _, _, second = await _funded_key(gateway, owner)
+        served = [_served(await _chats(gateway.port, secret, 1))[0] for secret in (first, second, first, second)]
+        assert served == [1, 1, 0, 0], "7 credits a day for the owner's keys together"
+        info = error_info(_served(await _chats(gateway.port, second, 1))[1][0])
+        assert (info.metadata["scope"], info.metadata["limit"], info.metadata["model"]) == ("owner", "7", "*")
+        other, _, own = await _funded_key(gateway)
+        await _limit(gateway, LimitRule("owner", other, "*", daily_credits_micros=11 * CREDIT))
+        assert _served(await _serial(gateway, own, 5))[0] == 4, "the owner's own rule replaces the default"
+
+        config_file = tmp_path / "gateway.yaml"
+        config_file.write_text(yaml.safe_dump({"limits": {"default_owner": {"daily_credits": 7}}}))
+        env = {**os.environ, "AIGNE_HUB_DATABASE_URL": url, "AIGNE_HUB_CONFIG": str(config_file)}
+        code, stdout, stderr = await _cli(env, "limits", "show", "--owner", owner, "--json")
+        assert code == 0, stderr
+        [row] = json.loads(stdout)
+        assert (row["source"], row["scope"], row["subject"]) == ("config", "owner", owner)
+        assert (row["daily_credits"], row["daily_spent"]) == ("7.000000", "4.200000")
+        code, stdout, _ = await _cli(env, "limits", "show", "--owner", other, "--json")
+        assert [r["source"] for r in json.loads(stdout)] == ["rule"]
+    finally:
+        await gateway.stop(0.5)
+
+
+def _config_owner(fake: FakeOpenAI, default_owner: dict[str, Any]) -> GatewayConfig:
+    limits = GatewayConfig.model_validate({"limits": {"default_owner": default_owner}}).limits
+    return gateway_config(fake.base_url).model_copy(update={"limits": limits})
+
+
 async def _serial(gateway: Gateway, secret: str, calls: int, model: str = "openai/gpt-4o-mini") -> list[object]:
     """`calls` chat calls one after another (so each sees the previous one's charge)."""
     return [result for _ in range(calls) for result in await _chats(gateway.port, secret, 1, model)]
@@ -165,12 +202,13 @@ async def _serial(gateway: Gateway, secret: str, calls: int, model: str = "opena
         ({"rpm": -5}, "limits.default_key.rpm"),
         ({"weekly_credits": 5}, "limits.default_key.weekly_credits"),
     ],
+    ids=["negative", "non-numeric", "zero", "boolean", "nan", "negative-rpm", "unknown"],
 )
 async def test_a_bad_default_stops_the_start_with_a_message_naming_the_field(
     tmp_path: Path, default_key: dict[str, Any], named: str
 ) -> None:
     config_file = tmp_path / "gateway.yaml"
-    config_file.write_text(yaml.safe_dump({"limits": {"default_key": default_key}}))
+    config_file.write_text(yaml.safe_dump({"limits": {"default_key": default_key, "default_owner": {"rpm": 5}}}))
     env = {
         **os.environ,
         "AIGNE_HUB_DATABASE_URL": f"sqlite:///{tmp_path / 'hub.db'}",
@@ -183,3 +221,8 @@ async def test_a_bad_default_stops_the_start_with_a_message_naming_the_field(
     assert "Traceback" not in stderr
     code, _, stderr = await _cli(env, "limits", "show")
     assert code != 0 and named in stderr, stderr
+
+
+def test_a_bad_owner_default_names_its_field() -> None:
+    with pytest.raises(ValidationError, match=r"limits\.default_owner\.monthly_credits"):
+        GatewayConfig.model_validate({"limits": {"default_owner": {"monthly_credits": -3}}})

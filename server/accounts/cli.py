@@ -112,12 +112,14 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         await db.close()
 
 
-def _default_limits(settings: Settings) -> DefaultLimits:
-    """The config file's `limits.default_key` (a bad file stops the CLI with its error)."""
+def _default_limits(settings: Settings) -> tuple[DefaultLimits, DefaultLimits]:
+    """The config file's defaults for every key and every owner (a bad file stops the
+    CLI with its error)."""
     try:
-        return DefaultLimits.from_config(load_gateway_config(settings.config).limits.default_key)
+        limits = load_gateway_config(settings.config).limits
     except ConfigError as exc:
         raise SystemExit(f"aigne-hub: {exc}") from exc
+    return DefaultLimits.from_config(limits.default_key), DefaultLimits.from_config(limits.default_owner)
 
 
 async def _keys(args: argparse.Namespace, db: Database, settings: Settings) -> None:

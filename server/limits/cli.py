@@ -7,9 +7,10 @@
 
 `show` lists each credit limit with what was charged so far in the current UTC day or
 month (`daily_spent`, `monthly_spent`; `--json` adds what calls in flight hold). It
-also lists the config file's defaults for every key (`limits.default_key`), with
-`source` "config" (explicit rules: "rule"): for every key (subject `*`), or for the key
-named when it has no rule of its own for all models (they then apply to it).
+also lists the config file's defaults for every key and every owner
+(`limits.default_key`, `limits.default_owner`), with `source` "config" (explicit rules:
+"rule"): subject `*`, or the key or owner named when it has no rule of its own for all
+models (they then apply to it).
 
 Limits are whole numbers from 1 (credits: decimals, e.g. 2.5); anything else, or a key
 or owner that does not exist, is refused with a message and a non-zero exit code, and
@@ -27,12 +28,14 @@ from typing import Any
 from server.accounts.credits import credits_to_micros
 from server.accounts.errors import format_credits
 from server.errors import GatewayError
-from server.limits.limiter import DefaultLimits
+from server.limits.limiter import DefaultLimits, with_defaults
 from server.limits.rules import LimitRule, LimitStore, Scope
 from server.limits.windows import WINDOW_KINDS, WindowKind, WindowSpend, spend_by_rule
 from server.storage import Database
 from server.storage.schema import utcnow
 
+# The config file's `limits.default_key` and `limits.default_owner`.
+ConfigDefaults = tuple[DefaultLimits, DefaultLimits]
 LIMIT_FLAGS = (
     ("rpm", "requests per minute"),
     ("tpm", "tokens per minute (input plus output)"),
@@ -120,24 +123,24 @@ def rule_row(
     return row
 
 
-def _configured(
-    rules: list[LimitRule], key: str | None, subject: str | None, defaults: DefaultLimits | None
-) -> list[LimitRule]:
-    """The config file's defaults as `show` lists them: for every key (subject `*`)
-    when no subject is named, for the key named when it has no rule of its own for all
-    models (then they apply to it, counted under its id), for an owner never."""
-    if defaults is None or (subject and not key):
-        return []
-    if key and any(r.model == "*" for r in rules):
-        return []
-    rule = defaults.rule(key or "*")
-    return [] if rule is None else [rule]
+def _configured(rules: list[LimitRule], scope: Scope, subject: str | None, defaults: ConfigDefaults) -> list[LimitRule]:
+    """The config file's defaults as `show` lists them: for every key and every owner
+    (subject `*`) when no subject is named; for the key or owner named when it has no
+    rule of its own for all models (they then apply to it, counted under its id)."""
+    key, owner = defaults
+    if not subject:
+        listed = (key.rule("key", "*"), owner.rule("owner", "*"))
+        return [rule for rule in listed if rule is not None]
+    if scope == "key":
+        return with_defaults(rules, subject, None, key, owner)
+    return with_defaults(rules, None, subject, key, owner)
 
 
 async def run(
-    args: argparse.Namespace, db: Database, *, billing_enabled: bool = True, defaults: DefaultLimits | None = None
+    args: argparse.Namespace, db: Database, *, billing_enabled: bool = True, defaults: ConfigDefaults | None = None
 ) -> None:
-    """`defaults`: the config file's `limits.default_key`, which `show` lists too."""
+    """`defaults`: the config file's defaults for every key and every owner, which
+    `show` lists too."""
     store = LimitStore(db)
     scope: Scope = "key" if args.key else "owner"
     subject = args.key or args.owner
@@ -153,7 +156,7 @@ async def run(
             _print(args, {"removed": True}, f"removed the limits on {scope} {subject} for {args.model}")
         else:
             rules = await store.find(scope if subject else None, subject)
-            configured = _configured(rules, args.key, subject, defaults)
+            configured = _configured(rules, scope, subject, defaults or (DefaultLimits(), DefaultLimits()))
             spend = await spend_by_rule(db, [*rules, *configured], utcnow())
             rows = [rule_row(r, spend) for r in rules]
             _table(args, rows + [{**rule_row(r, spend), "source": "config"} for r in configured])
