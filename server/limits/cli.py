@@ -157,7 +157,9 @@ async def run(
         else:
             rules = await store.find(scope if subject else None, subject)
             configured = _configured(rules, scope, subject, defaults or (DefaultLimits(), DefaultLimits()))
-            spend = await spend_by_rule(db, [*rules, *configured], utcnow())
+            # A default listed for every key or owner (subject `*`) has no spend of its own.
+            counted = [*rules, *(r for r in configured if r.subject != "*")]
+            spend = await spend_by_rule(db, counted, utcnow())
             rows = [rule_row(r, spend) for r in rules]
             _table(args, rows + [{**rule_row(r, spend), "source": "config"} for r in configured])
     except GatewayError as exc:
