@@ -309,18 +309,28 @@ async def test_sigterm_drains_both_workers_and_stops_everything(upstream, tmp_pa
     served = started(serve_env(upstream, tmp_path, AIGNE_HUB_AUTH_REQUIRED="false"))
     await served.start()
     workers, envoy = served.workers(), served.envoy()
-    before = len(upstream.requests)
     async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+        await until_both_workers_serve(served, client)
+        before, logged = len(upstream.requests), len(served.call_pids())
         calls = [asyncio.ensure_future(chat(client, served.rest_url, "openai/slow")) for _ in range(8)]
         await poll(lambda: len(upstream.requests) - before >= 8, 10, "every call reached the upstream")
         assert served.process is not None
         served.process.send_signal(signal.SIGTERM)
         answers = await asyncio.gather(*calls)
     assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
-    assert len(set(served.call_pids())) == 2, "both workers had calls in flight"
+    assert len(set(served.call_pids()[logged:])) == 2, "both workers had calls in flight"
     assert await served.stop() == 0
     assert not [p for p in [*workers, *envoy] if alive(p)]
     assert b"aigne-hub stopped" in served.output
+
+
+async def until_both_workers_serve(served: Served, client: httpx.AsyncClient) -> None:
+    """Quick calls until both workers answered one: Envoy routes to both."""
+    deadline = time.monotonic() + 20
+    while len(set(served.call_pids())) < 2:
+        assert time.monotonic() < deadline, f"one worker never got a call: {Counter(served.call_pids())}"
+        await asyncio.gather(*(chat(client, served.rest_url) for _ in range(4)))
+        await asyncio.sleep(0.1)
 
 
 async def test_kill_9_of_serve_leaves_no_worker_and_no_envoy(upstream, tmp_path, started) -> None:
@@ -331,3 +341,45 @@ async def test_kill_9_of_serve_leaves_no_worker_and_no_envoy(upstream, tmp_path,
     await served.kill()
     await poll(lambda: not [p for p in left if alive(p)], 10, "workers and Envoy are gone")
     assert not re.search(rb"Traceback", served.output)
+
+
+async def test_the_hub_gives_workers_one_set_of_counters_and_cooldowns(tmp_path) -> None:
+    """Two worker connections to one hub (a real Unix socket): a limit counts both; a
+    deployment's failures from both trip it once, and both (and a worker connecting
+    later, as a restarted one does) see it rest without asking."""
+    from server.config import CooldownConfig
+    from server.limits.counters import Counter as LimitCounter
+    from server.serving.hub import Hub, HubClient, HubCooldowns, HubCounters
+
+    config = CooldownConfig(failures=3, rest_s=30)
+    hub = Hub(tmp_path / "hub.sock", config)
+    await hub.start()
+    first, second = await HubClient.connect(hub.path), await HubClient.connect(hub.path)
+    try:
+        rpm = LimitCounter("key:k1:*:requests", "requests", 3)
+        slots = LimitCounter("key:k1:*:concurrency", "concurrency", 1)
+        admitted = [
+            (await HubCounters(client).admit([rpm], f"call-{i}", 60_000)).admitted
+            for i, client in enumerate([first, second] * 3)
+        ]
+        assert admitted == [True, True, True, False, False, False]
+        assert (await HubCounters(first).admit([slots], "a", 60_000)).admitted
+        assert not (await HubCounters(second).admit([slots], "b", 60_000)).admitted
+        await HubCounters(first).settle([slots], "a", [0])
+        assert (await HubCounters(second).admit([slots], "b", 60_000)).admitted
+
+        cooldowns = [HubCooldowns(first, config), HubCooldowns(second, config)]
+        await cooldowns[0].success("openai/x")
+        assert await cooldowns[0].failure("openai/x") is None
+        assert await cooldowns[1].failure("openai/x") is None
+        rest = await cooldowns[0].failure("openai/x")
+        assert rest == 30
+        await poll(lambda: "openai/x" in second.rests, 2, "the rest reaches the other worker")
+        assert set(await cooldowns[1].resting(["openai/x", "openai/y"])) == {"openai/x"}
+        later = await HubClient.connect(hub.path)
+        assert "openai/x" in await HubCooldowns(later, config).resting(["openai/x"])
+        await later.aclose()
+    finally:
+        await first.aclose()
+        await second.aclose()
+        await hub.close()
