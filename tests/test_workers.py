@@ -324,6 +324,41 @@ async def test_sigterm_drains_both_workers_and_stops_everything(upstream, tmp_pa
     assert b"aigne-hub stopped" in served.output
 
 
+async def test_streams_open_past_the_grace_end_with_shutting_down_on_both_workers(upstream, tmp_path, started):
+    upstream.chunk_delay = 0.3
+    env = serve_env(upstream, tmp_path, AIGNE_HUB_AUTH_REQUIRED="false", AIGNE_HUB_SHUTDOWN_GRACE_S="2")
+    served = started(env)
+    await served.start()
+    text = " ".join(["word"] * 60)  # 60 chunks of 0.3 s: far longer than the grace
+    body = {"model": "openai/stream-slow", "stream": True, "messages": [{"role": "user", "content": text}]}
+    sent = asyncio.Event()
+
+    async def stream(client: httpx.AsyncClient) -> list[str]:
+        events = []
+        async with client.stream("POST", f"{served.rest_url}/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    await sent.wait()
+        return events
+
+    async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+        await until_both_workers_serve(served, client)
+        logged = len(served.call_pids())
+        streams = [asyncio.ensure_future(stream(client)) for _ in range(6)]
+        await asyncio.sleep(1.5)
+        assert served.process is not None
+        served.process.send_signal(signal.SIGTERM)
+        sent.set()
+        results = await asyncio.gather(*streams)
+    for events in results:
+        assert "[DONE]" not in events
+        assert json.loads(events[-1])["error"]["code"] == "SHUTTING_DOWN", events[-3:]
+    assert await served.stop() == 0
+    assert len(set(served.call_pids()[logged:])) == 2, "both workers had streams to interrupt"
+
+
 async def until_both_workers_serve(served: Served, client: httpx.AsyncClient) -> None:
     """Quick calls until both workers answered one: Envoy routes to both."""
     deadline = time.monotonic() + 20
