@@ -172,8 +172,11 @@ async def start_gateway(
     if worker is None:
         await apply_configured_rates(accounts, config)
     hub = worker.hub if worker is not None and not settings.redis_url else None
+    limit_rules = LimitStore(accounts.db, cache_ttl_s=settings.key_cache_ttl_s)
+    if worker is not None:
+        share_changes(worker.hub, accounts, limit_rules)
     accounts.limiter = open_limiter(
-        LimitStore(accounts.db, cache_ttl_s=settings.key_cache_ttl_s),
+        limit_rules,
         settings.redis_url,
         defaults=DefaultLimits(**config.limits.default_key.model_dump()),
         on_redis_failure=settings.limits_on_redis_failure,
@@ -273,6 +276,21 @@ async def open_accounts(settings: Settings, migrate: bool | None = None) -> Acco
         reservation_lease_s=settings.reservation_lease_s,
         migrate=migrate,
     )
+
+
+def share_changes(hub: HubClient, accounts: Accounts, limit_rules: LimitStore) -> None:
+    """A key revoked (or its cap changed) or a limit rule changed through one worker's
+    admin API takes effect on every worker at once, not within the cache TTL."""
+    accounts.keys.on_change = lambda key_id: hub.send("invalidate", key_id=key_id)
+    limit_rules.on_change = lambda: hub.send("invalidate", key_id=None)
+
+    def forget(key_id: str | None) -> None:
+        if key_id is None:
+            limit_rules.invalidate()
+        else:
+            accounts.keys.invalidate(key_id)
+
+    hub.on_invalidate = forget
 
 
 async def follow_bridge_health(hub: HubClient, health_servicer: health.aio.HealthServicer) -> None:

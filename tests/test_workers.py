@@ -359,6 +359,32 @@ async def test_streams_open_past_the_grace_end_with_shutting_down_on_both_worker
     assert len(set(served.call_pids()[logged:])) == 2, "both workers had streams to interrupt"
 
 
+async def test_a_key_revoked_through_one_worker_stops_at_once_on_both(upstream, tmp_path, started) -> None:
+    token = "admin-" + "w" * 32
+    # A long cache TTL: without the hub, the other worker would accept the key for a minute.
+    env = serve_env(upstream, tmp_path, AIGNE_HUB_ADMIN_TOKEN=token, AIGNE_HUB_KEY_CACHE_TTL_S="60")
+    served = started(env)
+    await served.start()
+    async with httpx.AsyncClient(base_url=served.rest_url, timeout=20, trust_env=False) as client:
+        admin = {"authorization": f"Bearer {token}"}
+        created = (await client.post("/admin/keys", json={"owner": "user:w", "name": "k"}, headers=admin)).json()
+        user = {"authorization": f"Bearer {created['secret']}"}
+        body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        deadline = time.monotonic() + 20
+        while len(set(served.call_pids())) < 2:  # both workers have the key in their cache
+            assert time.monotonic() < deadline
+            answers = await asyncio.gather(
+                *(client.post("/v1/chat/completions", json=body, headers=user) for _ in range(4))
+            )
+            assert {a.status_code for a in answers} == {200}
+        revoked = await client.post(f"/admin/keys/{created['key']['id']}:revoke", json={}, headers=admin)
+        assert revoked.status_code == 200, revoked.text
+        answers = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=body, headers=user) for _ in range(20))
+        )
+    assert {(a.status_code, a.json()["error"]["code"]) for a in answers} == {(401, "KEY_REVOKED")}
+
+
 async def until_both_workers_serve(served: Served, client: httpx.AsyncClient) -> None:
     """Quick calls until both workers answered one: Envoy routes to both."""
     deadline = time.monotonic() + 20

@@ -152,6 +152,9 @@ class Hub:
             return None
         if op == "failure":
             return await self._failure(message)
+        if op == "invalidate":
+            self._broadcast({"push": "invalidate", "key_id": message.get("key_id")})
+            return None
         raise ValueError(f"unknown op {op!r}")
 
     async def _failure(self, message: dict[str, Any]) -> float | None:
@@ -180,6 +183,8 @@ class HubClient:
         self.rests: dict[str, float] = {}
         self.bridge_up = False
         self.on_bridge: Callable[[bool], Coroutine[Any, Any, None]] | None = None
+        # Told of a key (its id) or of limit rules (None) another worker changed.
+        self.on_invalidate: Callable[[str | None], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -230,6 +235,9 @@ class HubClient:
         kind = message.get("push")
         if kind == "rest":
             self.rests[str(message["deployment"])] = float(message["until"])
+        elif kind == "invalidate" and self.on_invalidate is not None:
+            key_id = message.get("key_id")
+            self.on_invalidate(None if key_id is None else str(key_id))
         elif kind == "bridge":
             self.bridge_up = bool(message["up"])
             if self.on_bridge is not None:
