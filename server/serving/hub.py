@@ -297,9 +297,12 @@ class HubCooldowns:
         if not self._config.enabled:
             return None
         self._flush()
-        rest = await self._client.call(
-            "failure", deployment=deployment, retry_after_s=retry_after_s, rate_limited=rate_limited
-        )
+        try:
+            rest = await self._client.call(
+                "failure", deployment=deployment, retry_after_s=retry_after_s, rate_limited=rate_limited
+            )
+        except ConnectionError:  # the supervisor is going away; routing never fails for this
+            return None
         return None if rest is None else float(rest)
 
     async def success(self, deployment: str) -> None:
