@@ -111,19 +111,19 @@ async def run_all(args: argparse.Namespace, wrk_path: str, work_dir: Path) -> li
                 async with stack.gateway(work_dir, fake.url, key, workers) as gateway:
                     targets = gateway_targets(gateway.name, gateway.url, key, gateway.pids, status=True)
                     phases += await run_targets(targets, args, wrk_path, work_dir)
+                    MEMORY.append(f"  {gateway.name}: " + ", ".join(procstat.describe(gateway.pids())))
         if "litellm" in args.only:
             if stack.litellm_installed():
                 async with stack.litellm(fake.port) as lite:
-                    phases += await run_targets(
-                        litellm_targets(lite.url, lite.api_key, lite.pids), args, wrk_path, work_dir
-                    )
+                    targets = litellm_targets(lite.url, lite.api_key, lite.pids)
+                    phases += await run_targets(targets, args, wrk_path, work_dir)
             else:
                 print(f"  (LiteLLM skipped: the kit is not set up; see {stack.KIT}/README.md)", flush=True)
-    if "fake" not in args.only:
-        phases = [p for p in phases if not p.target.key.startswith("fake")] + [
-            p for p in phases if p.target.key.startswith("fake")
-        ]
     return phases
+
+
+# RSS of each process of each gateway after its runs, printed under the table.
+MEMORY: list[str] = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(phases))
     print(report.LEGEND)
     print(report.ratios(phases, args.workers, args.connections))
+    if MEMORY:
+        print("RSS per process after the runs:\n" + "\n".join(MEMORY))
     failed = report.failures(phases)
     if failed:
         print(failed)

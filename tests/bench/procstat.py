@@ -121,3 +121,25 @@ def tree_rss_bytes(pids: list[int]) -> int:
         with contextlib.suppress(OSError, ValueError, IndexError):
             total += rss_bytes(pid)
     return total
+
+
+def describe(pids: list[int]) -> list[str]:
+    """`<role> <RSS> MiB` of each process: serve, worker, envoy, or its program name."""
+    found = []
+    for pid in pids:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            rss = rss_bytes(pid)
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in args if a]
+        if "worker" in words:
+            role = "worker"
+        elif "serve" in words:
+            role = "serve"
+        elif any(w.endswith("envoy") for w in words):
+            role = "envoy"
+        else:
+            role = Path(words[0]).name if words else str(pid)
+        found.append(f"{role} {rss / 2**20:.0f} MiB")
+    return found
