@@ -44,6 +44,8 @@ from server.serving.workers import WorkerPool
 from server.storage.database import StorageError
 
 ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "credentials", "limits", "migrate"})
+# Longest Unix socket path Linux takes (sun_path is 108 bytes, NUL included), with margin.
+UNIX_PATH_MAX = 100
 DESCRIPTOR_PATH = Path(__file__).resolve().parent.parent / "generated" / "descriptor.binpb"
 log = logging.getLogger("aigne_hub")
 
@@ -148,6 +150,9 @@ async def serve_workers(settings: Settings) -> None:
     config = load_gateway_config(settings.config)
     await prepare_storage(settings, config)
     run_dir = Path(tempfile.mkdtemp(prefix=f"aigne-hub-run-{os.getpid()}-"))
+    if len(str(run_dir / f"worker-{settings.workers}.sock")) > UNIX_PATH_MAX:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a long TMPDIR: sockets need short paths
+        run_dir = Path(tempfile.mkdtemp(prefix=f"aigne-hub-run-{os.getpid()}-", dir="/tmp"))
     hub = Hub(run_dir / "hub.sock", config.routing.cooldown)
     env = {**os.environ, "AIGNE_HUB_GRPC_HOST": grpc.host, "AIGNE_HUB_GRPC_PORT": str(grpc.port)}
     if settings.config is not None:
