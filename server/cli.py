@@ -40,7 +40,7 @@ from server.bridge.supervisor import supervise
 from server.config import ConfigError, GatewayConfig, Settings, load_gateway_config
 from server.observability.logs import configure_logging
 from server.serving.hub import Hub, HubClient, WorkerRole
-from server.serving.workers import WorkerPool
+from server.serving.workers import RUN_DIR_PREFIX, WorkerPool, remove_stale_run_dirs
 from server.storage.database import StorageError
 
 ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "credentials", "limits", "migrate"})
@@ -149,10 +149,11 @@ async def serve_workers(settings: Settings) -> None:
     check_ports_free([*bridge_listens(settings), grpc])
     config = load_gateway_config(settings.config)
     await prepare_storage(settings, config)
-    run_dir = Path(tempfile.mkdtemp(prefix=f"aigne-hub-run-{os.getpid()}-"))
+    remove_stale_run_dirs()
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
     if len(str(run_dir / f"worker-{settings.workers}.sock")) > UNIX_PATH_MAX:
         shutil.rmtree(run_dir, ignore_errors=True)  # a long TMPDIR: sockets need short paths
-        run_dir = Path(tempfile.mkdtemp(prefix=f"aigne-hub-run-{os.getpid()}-", dir="/tmp"))
+        run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir="/tmp"))
     hub = Hub(run_dir / "hub.sock", config.routing.cooldown)
     env = {**os.environ, "AIGNE_HUB_GRPC_HOST": grpc.host, "AIGNE_HUB_GRPC_PORT": str(grpc.port)}
     if settings.config is not None:

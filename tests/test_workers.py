@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -69,6 +70,10 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def run_dirs(pid: int) -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob(f"aigne-hub-run-{pid}-*"))
 
 
 async def poll(predicate: Callable[[], bool], seconds: float, what: str) -> None:
@@ -402,6 +407,11 @@ async def test_kill_9_of_serve_leaves_no_worker_and_no_envoy(upstream, tmp_path,
     await served.kill()
     await poll(lambda: not [p for p in left if alive(p)], 10, "workers and Envoy are gone")
     assert not re.search(rb"Traceback", served.output)
+    # The next serve removes the killed one's run folder (its sockets) and serves.
+    assert run_dirs(served.pid)
+    again = started(serve_env(upstream, tmp_path, AIGNE_HUB_AUTH_REQUIRED="false"))
+    await again.start()
+    assert not run_dirs(served.pid)
 
 
 async def test_the_hub_gives_workers_one_set_of_counters_and_cooldowns(tmp_path) -> None:

@@ -28,20 +28,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.bridge.process import SHIM_PATH
+from server.bridge.process import SHIM_PATH, _process_exists
 from server.bridge.supervisor import BridgeFailed, RestartPolicy
 from server.serving.hub import Hub
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0
+RUN_DIR_PREFIX = "aigne-hub-run-"
+
+
+def remove_stale_run_dirs() -> None:
+    """Removes the run folders (sockets) of `serve` processes that are gone (`kill -9`)."""
+    for parent in {Path(tempfile.gettempdir()), Path("/tmp")}:
+        for folder in parent.glob(f"{RUN_DIR_PREFIX}*-*"):
+            owner = folder.name.removeprefix(RUN_DIR_PREFIX).split("-", 1)[0]
+            if owner.isdigit() and not _process_exists(int(owner)):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 class WorkerFailed(RuntimeError):
