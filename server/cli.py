@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ DESCRIPTOR_PATH = Path(__file__).resolve().parent.parent / "generated" / "descri
 log = logging.getLogger("aigne_hub")
 
 
-def envoy_yaml(settings: Settings, grpc_port: int, worker_sockets: Sequence[Path] = ()) -> str:
+def envoy_yaml(settings: Settings, grpc_port: int, endpoints_file: Path | None = None) -> str:
     """The bridge configuration for these settings, pointing at `grpc_port` (or at the
     workers' sockets); Envoy's timeouts are derived from the server's upstream timeout,
     so the server decides first."""
@@ -64,7 +64,7 @@ def envoy_yaml(settings: Settings, grpc_port: int, worker_sockets: Sequence[Path
         lua_path=LUA_PATH,
         max_request_bytes=settings.max_message_bytes,
         max_response_bytes=settings.max_message_bytes,
-        grpc_sockets=worker_sockets,
+        grpc_endpoints_file=endpoints_file,
         **bridge_timeouts(settings.upstream_read_timeout_s),
     )
 
@@ -91,10 +91,10 @@ def bridge_listens(settings: Settings) -> list[Listen]:
     ]
 
 
-def bridge_process(settings: Settings, grpc_port: int, worker_sockets: Sequence[Path] = ()) -> EnvoyProcess:
+def bridge_process(settings: Settings, grpc_port: int, endpoints_file: Path | None = None) -> EnvoyProcess:
     """The Envoy of `serve`: checks its ports before each start and logs no secrets."""
     return EnvoyProcess(
-        envoy_yaml(settings, grpc_port, worker_sockets),
+        envoy_yaml(settings, grpc_port, endpoints_file),
         admin_url=f"http://127.0.0.1:{settings.admin_port}",
         log_level=settings.envoy_log_level,
         listens=bridge_listens(settings),
@@ -159,7 +159,7 @@ async def serve_workers(settings: Settings) -> None:
     if settings.config is not None:
         env["AIGNE_HUB_CONFIG"] = str(settings.config.resolve())
     pool = WorkerPool(settings.workers, run_dir, hub, env)
-    envoy = bridge_process(settings, grpc.port, pool.sockets)
+    envoy = bridge_process(settings, grpc.port, pool.endpoints_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -172,6 +172,7 @@ async def serve_workers(settings: Settings) -> None:
     try:
         await hub.start()
         await pool.start()
+        pool.publish()
         await envoy.start()
         await wait_for_bridge(rest_url)
         await wait_for_healthy_workers(envoy.admin_url, len(pool.workers))

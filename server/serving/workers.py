@@ -8,10 +8,12 @@ restarts whichever dies. Each worker is a full gateway process (`aigne-hub worke
   (`<tmp>/aigne-hub-run-<pid>-*/worker-<i>.sock`) and balances calls with
   LEAST_REQUEST. Why not one shared port: Envoy keeps a few long-lived HTTP/2
   connections per upstream, and the kernel balances SO_REUSEPORT per connection, so
-  one worker would get most of Envoy's traffic. A dead worker's socket refuses
-  connections: Envoy retries such calls on another worker (nothing was sent yet),
-  ejects the worker (outlier detection on local-origin failures) and its health check
-  marks it down until it serves again.
+  one worker would get most of Envoy's traffic (measured: 100 % on one worker).
+  The supervisor lists the workers that serve in a file Envoy watches (EDS from a
+  file, `endpoints.json` in the run folder): a worker that dies is taken off the list
+  at once and put back once its restart serves. Behind that, Envoy retries calls it
+  could not send on another worker, ejects a worker whose connections fail (outlier
+  detection on local-origin failures only) and health-checks each one.
 - The public gRPC port (default 50051) is bound by every worker with SO_REUSEPORT:
   direct gRPC clients are spread by the kernel per connection.
 - Workers are started through `die_with_parent.py` (Linux parent-death signal), so a
@@ -37,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.bridge.envoy_config import write_endpoints
 from server.bridge.process import SHIM_PATH, _process_exists
 from server.bridge.supervisor import BridgeFailed, RestartPolicy
 from server.serving.hub import Hub
@@ -65,6 +68,8 @@ class Worker:
     index: int
     socket: Path
     process: asyncio.subprocess.Process | None = None
+    # Listed as Envoy's endpoint: from "ready" until its exit is seen.
+    serving: bool = False
 
     @property
     def pid(self) -> int | None:
@@ -80,14 +85,15 @@ class WorkerPool:
 
     def __init__(self, count: int, run_dir: Path, hub: Hub, env: Mapping[str, str]) -> None:
         self.workers = [Worker(i, run_dir / f"worker-{i}.sock") for i in range(count)]
+        self.endpoints_file = run_dir / "endpoints.json"
         self._hub = hub
         self._run_dir = run_dir
         self._env = dict(env)
         self._stopping = False
 
-    @property
-    def sockets(self) -> list[Path]:
-        return [w.socket for w in self.workers]
+    def publish(self) -> None:
+        """Tells Envoy which workers serve (server.bridge.envoy_config.write_endpoints)."""
+        write_endpoints(self.endpoints_file, [w.socket for w in self.workers if w.serving])
 
     async def start(self) -> None:
         """Starts every worker and waits until all serve."""
@@ -128,6 +134,7 @@ class WorkerPool:
                 else f"worker {worker.index} did not serve within {READY_TIMEOUT_S} s"
             )
         log.info("worker %d serving (pid %d)", worker.index, worker.pid)
+        worker.serving = True
 
     async def supervise(self, stop: asyncio.Event, policy: RestartPolicy | None = None) -> None:
         """Restarts workers that die until `stop` is set; raises BridgeFailed (as Envoy's
@@ -143,6 +150,8 @@ class WorkerPool:
                 return
             if time.monotonic() - started >= policy.stable_after_s:
                 restarts = 0
+            worker.serving = False
+            self.publish()
             log.error("worker %d (pid %s) exited unexpectedly (code %s)", worker.index, worker.pid, code)
             while True:
                 if restarts >= policy.max_restarts:
@@ -167,6 +176,7 @@ class WorkerPool:
                     log.error("worker %d restart failed: %s", worker.index, exc)
                     continue
                 break
+            self.publish()
             log.warning("worker %d restarted (pid %s)", worker.index, worker.pid)
 
     async def stop(self, timeout_s: float) -> None:
