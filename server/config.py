@@ -4,6 +4,7 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     AIGNE_HUB_GRPC_HOST / AIGNE_HUB_GRPC_PORT   gRPC listener, default 127.0.0.1:50051
     AIGNE_HUB_REST_HOST / AIGNE_HUB_REST_PORT   REST bridge (Envoy), default 127.0.0.1:8080
     AIGNE_HUB_ADMIN_PORT                        Envoy admin (loopback only), default 9901
+    AIGNE_HUB_WORKERS                           gRPC processes of `serve`, default one per core
     AIGNE_HUB_CONFIG                            YAML file of providers, models, aliases
     AIGNE_HUB_MAX_MESSAGE_BYTES                 request/response size limit, default 32 MiB
     AIGNE_HUB_DEFAULT_CALL_DEADLINE_S           deadline of calls that send none, default 600
