@@ -178,7 +178,8 @@ async def start_gateway(
     accounts.limiter = open_limiter(
         limit_rules,
         settings.redis_url,
-        defaults=DefaultLimits(**config.limits.default_key.model_dump()),
+        defaults=DefaultLimits.from_config(config.limits.default_key),
+        owner_defaults=DefaultLimits.from_config(config.limits.default_owner),
         on_redis_failure=settings.limits_on_redis_failure,
         budget_s=settings.limits_redis_budget_ms / 1000,
         lease_s=settings.limits_slot_lease_s,
