@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy import ColumnElement, case, func, select, tuple_
 
 from server.accounts.credits import (
     CreditService,
@@ -374,6 +374,29 @@ class Ledger:
         async with self._db.read() as conn:
             rows = (await conn.execute(query)).all()
         return [_stored(row._mapping) for row in rows]
+
+    async def recent(
+        self,
+        *,
+        key_id: str | None = None,
+        owner_id: str | None = None,
+        before: tuple[datetime, int] | None = None,
+        limit: int = 100,
+    ) -> list[tuple[int, StoredUsage]]:
+        """Records newest first, with their row ids (the cursor of the next page: pass
+        the last one's (created_at, id) as `before`)."""
+        order = (usage_records.c.created_at, usage_records.c.id)
+        query = (
+            select(usage_records)
+            .where(*_filters(None, None, key_id, owner_id))
+            .order_by(*(column.desc() for column in order))
+            .limit(limit)
+        )
+        if before is not None:
+            query = query.where(tuple_(*order) < tuple_(*before))
+        async with self._db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [(int(row._mapping["id"]), _stored(row._mapping)) for row in rows]
 
     async def totals(
         self,
