@@ -265,7 +265,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             )
         since = datetime.now(UTC) - timedelta(minutes=window)
         totals = await self._accounts.ledger.totals(["provider", "model"], since=since)
-        counts = {f"{t.provider}/{t.model}": t for t in totals}
+        counts = {_deployment_name(t.provider or "", t.model or ""): t for t in totals}
         names = sorted({*self._deployments, *counts})
         resting = await self._cooldowns.resting(names) if self._cooldowns is not None and names else {}
         deployments = [
@@ -364,7 +364,7 @@ def parse_day(text: str, field: str) -> datetime | None:
     if not text:
         return None
     try:
-        return datetime.combine(date.fromisoformat(text), datetime.min.time())
+        return datetime.combine(date.fromisoformat(text), datetime.min.time(), tzinfo=UTC)
     except ValueError as exc:
         raise InvalidRequest(f"{field} must be a day YYYY-MM-DD, not {text[:64]!r}", field=field) from exc
 
@@ -478,6 +478,11 @@ def _credential(info: CredentialInfo) -> admin_pb.ProviderCredential:
         status=info.status,
         status_reason=info.invalid_reason or "",
     )
+
+
+def _deployment_name(provider: str, model: str) -> str:
+    """`provider/model` of a ledger record (whose model may already carry the provider)."""
+    return model if model.startswith(f"{provider}/") else f"{provider}/{model}"
 
 
 def usage_total_message(total: UsageTotals) -> admin_pb.UsageTotal:
