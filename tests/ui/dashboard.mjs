@@ -193,6 +193,8 @@ async function admin(browser) {
 
 async function wrong(browser) {
   const { page } = await open(browser);
+  await page.goto(`${BASE}/ui/`);
+  result.pristine = (await page.locator("main").innerText()).trim();
   for (const [name, token] of [
     ["key", "ahk_abcdefgh_" + "x".repeat(43)],
     ["admin", "not-the-admin-token"],
@@ -202,7 +204,7 @@ async function wrong(browser) {
     result[`${name}_error`] = await text(page, "error");
     result[`${name}_nav`] = await page.getByRole("navigation").count();
     result[`${name}_storage`] = await page.evaluate(() => sessionStorage.length);
-    result[`${name}_body`] = await page.locator("body").innerText();
+    result[`${name}_body`] = (await page.locator("body").innerText()).trim();
   }
   await check(page, "signin-error");
 }
@@ -234,6 +236,8 @@ async function keyboard(browser) {
   await page.getByRole("heading", { level: 1, name: "Usage" }).waitFor();
   result.focused_after_nav = await page.evaluate(() => document.activeElement?.id);
   result.url = page.url();
+  await page.getByTestId("total-calls").waitFor();
+  await check(page, "keyboard-usage");
 }
 
 // The sign-in page as it first appears (a screenshot for the record).

@@ -475,6 +475,7 @@ export function Health({ token }) {
             { label: "Deployment", key: "deployment" },
             {
               label: "State",
+              key: "state",
               render: (d) =>
                 d.resting ? (
                   <span class="badge bad">resting, back in {Math.ceil(d.rest_seconds_left)} s</span>
@@ -482,8 +483,8 @@ export function Health({ token }) {
                   <span class="badge ok">serving</span>
                 ),
             },
-            { label: "Calls", num: true, render: (d) => int(d.calls) },
-            { label: "Errors", num: true, render: (d) => int(d.errors) },
+            { label: "Calls", key: "calls", num: true, render: (d) => int(d.calls) },
+            { label: "Errors", key: "errors", num: true, render: (d) => int(d.errors) },
             {
               label: "Error rate",
               num: true,
