@@ -60,8 +60,11 @@ async def stack(fake_openai, tmp_path_factory):
     await accounts.credits.set_rate(rate_from_credits("*", {"input_per_million": 100, "output_per_million": 200}))
     owner = await ensure_owner(accounts.db, "user", "dash")
     await accounts.credits.grant(owner.id, 10 * 10**6, "tests")
-    _, secret = await accounts.keys.create_key(owner.id, "browser")
+    key, secret = await accounts.keys.create_key(owner.id, "browser", spend_cap_micros=8 * 10**6)
     bridge = await start_bridge(gateway.port, tmp_path_factory.mktemp("dashboard-envoy"))
+    async with httpx.AsyncClient(base_url=bridge.rest_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+        limit = await admin.post("/admin/limits", json={"limit": {"key_id": key.id, "rpm": 600}})
+        assert limit.status_code == 200, limit.text
     client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=secret, max_retries=0, timeout=20)
     for text in ("hello dashboard", "one two three four", "five six"):
         await client.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": text}])
@@ -167,6 +170,8 @@ async def test_owner_sees_the_usage_the_ledger_has(stack):
     balance = await gateway.accounts.credits.balance(OWNER)
     assert number(seen["balance"]) == Decimal(balance.balance_micros) / 10**6 < 10
     assert seen["signed_in_as"].startswith(OWNER)
+    [key_row] = seen["owner_keys"]
+    assert key_row[1:] == ["browser", "active", "all", "8.00 credits", "*: 600 requests/min"]
     assert len(seen["calls"]) == 5
     newest = seen["calls"][0]
     assert newest[1] == "badkey/gpt-4o-mini" and "error" in newest[3]
@@ -198,6 +203,8 @@ async def test_admin_creates_uses_revokes_a_key_and_grants_credits(stack):
     # Health: the deployments that served calls, with their errors from the ledger.
     health = {row["deployment"]: row for row in seen["health"]}
     assert health["badkey/gpt-4o-mini"]["errors"] == "1" and health["badkey/gpt-4o-mini"]["calls"] == "1"
+    # The refusal for want of credits is not the provider's error.
+    assert health["openai/gpt-4o-mini"]["calls"] == "4" and health["openai/gpt-4o-mini"]["errors"] == "0"
     assert "serving" in health["openai/gpt-4o-mini"]["state"]
     # The calls page keeps the owner chosen on the accounts page.
     [fresh] = await gateway.accounts.ledger.totals(owner_id="project:fresh")

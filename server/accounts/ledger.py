@@ -406,8 +406,11 @@ class Ledger:
         until: datetime | None = None,
         key_id: str | None = None,
         owner_id: str | None = None,
+        upstream_only: bool = False,
     ) -> list[UsageTotals]:
-        """Sums of the records in [since, until) per group (days are UTC days)."""
+        """Sums of the records in [since, until) per group (days are UTC days); with
+        `upstream_only`, of the calls that reached a provider (not those the gateway
+        refused itself: allow-list, credits, rate limits)."""
         groups: Sequence[GroupBy] = (group_by,) if isinstance(group_by, str) else tuple(group_by)
         columns: dict[GroupBy, tuple[str, ColumnElement[Any]]] = {
             "key": ("key_id", usage_records.c.key_id),
@@ -426,9 +429,10 @@ class Ledger:
             *(func.coalesce(func.sum(usage_records.c[name]), 0).label(name) for name in _COUNTERS),
             func.coalesce(func.sum(usage_records.c.credits_micros), 0).label("credits_micros"),
         ]
-        query = select(*(expr.label(name) for name, expr in keys), *sums).where(
-            *_filters(since, until, key_id, owner_id)
-        )
+        conditions = _filters(since, until, key_id, owner_id)
+        if upstream_only:
+            conditions.append(usage_records.c.attempts > 0)
+        query = select(*(expr.label(name) for name, expr in keys), *sums).where(*conditions)
         if keys:
             exprs = [expr for _, expr in keys]
             query = query.group_by(*exprs).order_by(*exprs)

@@ -264,7 +264,8 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
                 f"window_minutes must be 1 to {MAX_HEALTH_WINDOW_MINUTES}, got {window}", field="window_minutes"
             )
         since = datetime.now(UTC) - timedelta(minutes=window)
-        totals = await self._accounts.ledger.totals(["provider", "model"], since=since)
+        # Provider health: the gateway's own refusals (credits, limits) are not its errors.
+        totals = await self._accounts.ledger.totals(["provider", "model"], since=since, upstream_only=True)
         counts = {_deployment_name(t.provider or "", t.model or ""): t for t in totals}
         names = sorted({*self._deployments, *counts})
         resting = await self._cooldowns.resting(names) if self._cooldowns is not None and names else {}

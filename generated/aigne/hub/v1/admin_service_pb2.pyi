@@ -1583,7 +1583,9 @@ class DeploymentHealth(_message.Message):
     rest_seconds_left: _builtins.float
     """Output only. Seconds until it is tried again, when resting."""
     calls: _builtins.int
-    """Output only. Calls it served or failed in the window."""
+    """Output only. Calls that reached it in the window (not those the gateway refused
+    itself: allow-list, credits, rate limits).
+    """
     errors: _builtins.int
     """Output only. Of those, the calls that did not succeed."""
     def __init__(
