@@ -147,3 +147,14 @@ async def test_admin_lists_calls_and_provider_health(accounts_stack):
     }
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "window_minutes"
     assert as_key.status_code == 401
+
+
+async def test_admin_usage_takes_a_day_range(accounts_stack):
+    # `since`/`until` are UTC days: they used to reach the database as naive times,
+    # which it refuses (INTERNAL).
+    _gateway, bridge, _secrets = accounts_stack
+    async with client(bridge, ADMIN_TOKEN) as admin:
+        today = (await admin.get("/admin/usage", params={"since": "2020-01-01", "group_by": "owner"})).json()
+        before = (await admin.get("/admin/usage", params={"until": "2020-01-01"})).json()
+    assert {row["owner"]: row["calls"] for row in today["totals"]} == {"user:alice": 4}
+    assert before["totals"][0]["calls"] == 0

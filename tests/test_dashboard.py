@@ -179,6 +179,28 @@ async def test_owner_sees_the_usage_the_ledger_has(stack):
     assert "No calls in this range" in seen["empty_range"] and seen["empty_range_calls"] == "0"
 
 
+async def test_owner_sees_the_reservation_of_a_call_in_flight(stack):
+    gateway, bridge, secret = stack
+    client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=secret, max_retries=0, timeout=20)
+    slow = asyncio.create_task(client.chat.completions.create(model="openai/slow", messages=HELLO))
+    try:
+        for _ in range(100):
+            held = await gateway.accounts.credits.list_reservations(OWNER)
+            if held:
+                break
+            await asyncio.sleep(0.05)
+        [reservation] = held
+        seen = await drive("reservations", bridge, secret)
+    finally:
+        # The fake answers "slow" after about as long as the gateway waits: either ends it.
+        await asyncio.gather(slow, return_exceptions=True)
+        await client.close()
+    [row] = seen["reservations"]
+    assert number(row[1]) == Decimal(reservation.amount_micros) / 10**6 > 0
+    assert row[2].startswith("ahk_")
+    assert number(seen["reserved"]) == Decimal(reservation.amount_micros) / 10**6
+
+
 async def test_admin_creates_uses_revokes_a_key_and_grants_credits(stack):
     gateway, bridge, secret = stack
     seen = await drive(

@@ -119,6 +119,17 @@ async function owner(browser) {
   await check(page, "owner-calls");
 }
 
+// While a call is in flight: its credit reservation is listed.
+async function reservations(browser) {
+  const { page } = await open(browser);
+  await signIn(page, process.env.HUB_KEY);
+  await page.getByTestId("reservations").waitFor();
+  result.reservations = await cells(page, "reservations");
+  result.reserved = await text(page, "reserved");
+  result.available = await text(page, "available");
+  await check(page, "owner-reservations");
+}
+
 async function admin(browser) {
   const { page } = await open(browser);
   await signIn(page, process.env.HUB_ADMIN_TOKEN);
@@ -248,7 +259,7 @@ async function signin(browser) {
   await check(page, "signin");
 }
 
-const SCENARIOS = { owner, admin, wrong, keyboard, signin };
+const SCENARIOS = { owner, reservations, admin, wrong, keyboard, signin };
 const scenario = SCENARIOS[process.argv[2]];
 if (!scenario) {
   console.error(`usage: node dashboard.mjs ${Object.keys(SCENARIOS).join("|")}`);
