@@ -266,7 +266,7 @@ export function Calls({ source }) {
             testid="calls"
             rowKey={(c) => c.request_id}
             columns={[
-              { label: "Time", render: (c) => time(c.create_time) },
+              { label: "Time (UTC)", render: (c) => time(c.create_time).replace(" UTC", "") },
               { label: "Model", render: (c) => (c.model.startsWith(`${c.provider}/`) ? c.model : `${c.provider}/${c.model}`) },
               { label: "Kind", key: "operation" },
               {
