@@ -130,6 +130,7 @@ async def test_admin_lists_calls_and_provider_health(accounts_stack):
         everyone = (await admin.get("/admin/calls")).json()
         health = (await admin.get("/admin/health")).json()
         too_long = await admin.get("/admin/health", params={"window_minutes": 100000})
+        negative = await admin.get("/admin/health", params={"window_minutes": -5})
         as_key = await admin.get("/admin/health", headers={"authorization": f"Bearer {_secrets['alice']}"})
     assert len(calls["calls"]) == 2 and calls["next_page_token"]
     assert len(everyone["calls"]) == 4
@@ -145,7 +146,8 @@ async def test_admin_lists_calls_and_provider_health(accounts_stack):
         "calls": 3,
         "errors": 0,
     }
-    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "window_minutes"
+    for refused in (too_long, negative):
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "window_minutes"
     assert as_key.status_code == 401
 
 

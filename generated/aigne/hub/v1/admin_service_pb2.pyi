@@ -1516,8 +1516,8 @@ class GetProviderHealthRequest(_message.Message):
 
     WINDOW_MINUTES_FIELD_NUMBER: _builtins.int
     window_minutes: _builtins.int
-    """Optional. How far back the call and error counts go, in minutes, 1 to 10080 (a
-    week). Default 60.
+    """Optional. How far back the call and error counts go, in minutes: 0 or unset means
+    60, and at most 10080 (a week); a negative window is refused.
     """
     def __init__(
         self,
