@@ -167,6 +167,7 @@ async def test_owner_sees_the_usage_the_ledger_has(stack):
     assert [cells[0] for cells in seen["by_day"]] == [today.day.isoformat()]
     assert seen["by_day"][0][1] == str(today.calls)
     assert seen["chart_label"] == "Requests per UTC day (x: day, y: requests)"
+    assert seen["credits_chart_label"] == "Credits per UTC day (x: day, y: credits)"
     balance = await gateway.accounts.credits.balance(OWNER)
     assert number(seen["balance"]) == Decimal(balance.balance_micros) / 10**6 < 10
     assert seen["signed_in_as"].startswith(OWNER)

@@ -105,6 +105,9 @@ async function owner(browser) {
   result.by_day = await cells(page, "usage-by-day");
   result.chart_label = await page.getByTestId("chart").getAttribute("aria-label");
   await check(page, "owner-usage");
+  await page.getByLabel("Chart shows").selectOption("credits");
+  result.credits_chart_label = await page.getByTestId("chart").getAttribute("aria-label");
+  await shoot(page, "owner-usage-credits");
   // A range with no calls says what to do next.
   await page.getByLabel("From (UTC)").fill("2020-01-01");
   await page.getByLabel("To (UTC)").fill("2020-01-31");

@@ -29,7 +29,7 @@ export function DailyChart({ days, metric }) {
         tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
         legend: { show: false },
         cursor: { show: true, drag: { x: false, y: false } },
-        scales: { x: { time: true, range: (u, min, max) => [min - HALF_DAY, max + HALF_DAY] }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
+        scales: { x: { time: true, range: (u, min, max) => [min - HALF_DAY, max + HALF_DAY] }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.15 : 1] } },
         axes: [
           { label: "Day (UTC)", stroke: "#1f2937", grid: { stroke: "#e5e7eb" } },
           {
@@ -37,7 +37,8 @@ export function DailyChart({ days, metric }) {
             stroke: "#1f2937",
             grid: { stroke: "#e5e7eb" },
             size: 70,
-            values: (u, splits) => splits.map((v) => (metric === "credits" ? v.toFixed(2) : int(v))),
+            // Credits can be fractions of a cent: three significant digits, not two decimals.
+            values: (u, splits) => splits.map((v) => (metric === "credits" ? String(Number(v.toPrecision(3))) : int(v))),
           },
         ],
         series: [
