@@ -121,7 +121,7 @@ def number(text: str) -> Decimal:
 
 
 async def test_static_files_have_caching_headers_and_a_strict_csp(stack):
-    _gateway, bridge, _secret = stack
+    _gateway, bridge, secret = stack
     index_html = (UI_DIST / "index.html").read_text()
     async with httpx.AsyncClient(base_url=bridge.rest_url) as client:
         index = await client.get("/ui/")
@@ -130,6 +130,7 @@ async def test_static_files_have_caching_headers_and_a_strict_csp(stack):
         asset = await client.get(f"/ui/assets/{bundle.name}")
         missing = await client.get("/ui/assets/nope.js")
         ledger = await client.get("/account")  # the API behind the page needs a key
+        account = await client.get("/account", headers={"authorization": f"Bearer {secret}"})
     assert index.status_code == bare.status_code == 200 and index.text == index_html
     assert index.headers["content-type"].startswith("text/html")
     assert index.headers["cache-control"] == "no-cache"
@@ -139,6 +140,9 @@ async def test_static_files_have_caching_headers_and_a_strict_csp(stack):
     assert asset.status_code == 200 and asset.content == bundle.read_bytes()
     assert asset.headers["content-type"].startswith("text/javascript")
     assert asset.headers["cache-control"] == "public, max-age=31536000, immutable"
+    # The files are gzipped for clients that accept it (httpx does); the API's JSON is not.
+    assert asset.headers["content-encoding"] == "gzip" and "accept-encoding" in asset.headers["vary"].lower()
+    assert account.status_code == 200 and "content-encoding" not in account.headers
     assert missing.status_code == 404
     assert ledger.status_code == 401
 
