@@ -225,6 +225,16 @@ _NO_TRANSCODER = {
 }
 
 
+# The compressor filter is off by default (envoy.yaml.tmpl): on for the dashboard's files.
+_GZIP = {
+    "envoy.filters.http.compressor": {
+        # Any per-route config of a filter disabled by default turns it on for the route.
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.compressor.v3.CompressorPerRoute",
+        "overrides": {"response_direction_config": {}},
+    }
+}
+
+
 def _ui_route(url_path: str, file: Path, caching: str) -> dict[str, object]:
     headers = {
         "content-type": UI_CONTENT_TYPES[file.suffix],
@@ -241,7 +251,7 @@ def _ui_route(url_path: str, file: Path, caching: str) -> dict[str, object]:
             {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
             for key, value in headers.items()
         ],
-        **_NO_TRANSCODER,
+        "typed_per_filter_config": {**_NO_TRANSCODER["typed_per_filter_config"], **_GZIP},
     }
 
 
