@@ -15,6 +15,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import shutil
 from decimal import Decimal
 from pathlib import Path
@@ -63,7 +64,7 @@ async def stack(fake_openai, tmp_path_factory):
     key, secret = await accounts.keys.create_key(owner.id, "browser", spend_cap_micros=8 * 10**6)
     bridge = await start_bridge(gateway.port, tmp_path_factory.mktemp("dashboard-envoy"))
     async with httpx.AsyncClient(base_url=bridge.rest_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
-        limit = await admin.post("/admin/limits", json={"limit": {"key_id": key.id, "rpm": 600}})
+        limit = await admin.post("/admin/limits", json={"limit": {"key_id": key.id, "rpm": 600, "daily_credits": "3"}})
         assert limit.status_code == 200, limit.text
     client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=secret, max_retries=0, timeout=20)
     for text in ("hello dashboard", "one two three four", "five six"):
@@ -176,7 +177,9 @@ async def test_owner_sees_the_usage_the_ledger_has(stack):
     assert number(seen["balance"]) == Decimal(balance.balance_micros) / 10**6 < 10
     assert seen["signed_in_as"].startswith(OWNER)
     [key_row] = seen["owner_keys"]
-    assert key_row[1:] == ["browser", "active", "all", "8.00 credits", "*: 600 requests/min"]
+    assert key_row[1:5] == ["browser", "active", "all", "8.00 credits"]
+    limits = re.fullmatch(r"\*: 600 requests/min, 3\.00 credits/day \(([\d.]+) spent today\)", key_row[5])
+    assert limits and number(limits[1]) == Decimal(total.credits_micros) / 10**6
     assert len(seen["calls"]) == 5
     newest = seen["calls"][0]
     assert newest[1] == "badkey/gpt-4o-mini" and "error" in newest[3]

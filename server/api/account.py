@@ -34,6 +34,7 @@ from server.api.auth import CURRENT_KEY
 from server.api.calls import unary
 from server.errors import InvalidRequest
 from server.limits.rules import LimitStore
+from server.limits.windows import spend_by_rule
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 # An owner sees its own totals: grouping by owner would say nothing more.
@@ -56,12 +57,14 @@ class AccountServicer(account_grpc.AccountServiceServicer):
         rules = await store.find("owner", key.owner_id, limit=MAX_LISTED)
         for owned in keys:
             rules += await store.find("key", owned.id, limit=MAX_LISTED)
+        rules = rules[:MAX_LISTED]
+        spend = await spend_by_rule(self._accounts.db, rules, self._accounts.credits.clock())
         return account_pb.GetAccountResponse(
             key=key_message(key),
             keys=[key_message(k) for k in keys],
             balance=balance_message(await self._accounts.credits.balance(key.owner_id)),
             reservations=[reservation_message(r) for r in held],
-            limits=[rate_limit_message(r) for r in rules[:MAX_LISTED]],
+            limits=[rate_limit_message(r, spend) for r in rules],
             billing_enabled=self._accounts.credits.billing_enabled,
         )
 

@@ -73,7 +73,15 @@ export function Keys({ token }) {
   const limits = useAction();
   const [secret, setSecret] = useState(null);
   const [form, setForm] = useState({ owner: "", name: "", models: "", cap: "" });
-  const [limit, setLimit] = useState({ key_id: "", model: "", rpm: "", tpm: "", concurrency: "" });
+  const [limit, setLimit] = useState({
+    key_id: "",
+    model: "",
+    rpm: "",
+    tpm: "",
+    concurrency: "",
+    daily_credits: "",
+    monthly_credits: "",
+  });
 
   async function onCreate(event) {
     event.preventDefault();
@@ -104,6 +112,9 @@ export function Keys({ token }) {
     for (const name of ["rpm", "tpm", "concurrency"]) {
       const value = optionalInt(limit[name]);
       if (value !== undefined) rule[name] = value;
+    }
+    for (const name of ["daily_credits", "monthly_credits"]) {
+      if (limit[name].trim()) rule[name] = limit[name].trim();
     }
     await limits.run(
       () => call(token, "POST", "/admin/limits", { body: { limit: rule } }),
@@ -232,6 +243,8 @@ export function Keys({ token }) {
             ["rpm", "Requests per minute"],
             ["tpm", "Tokens per minute"],
             ["concurrency", "Calls at once"],
+            ["daily_credits", "Credits per UTC day"],
+            ["monthly_credits", "Credits per UTC month"],
           ].map(([name, label]) => (
             <label key={name}>
               {label}

@@ -8,8 +8,10 @@ function limitText(rule) {
   if (rule.rpm) parts.push(`${int(rule.rpm)} requests/min`);
   if (rule.tpm) parts.push(`${int(rule.tpm)} tokens/min`);
   if (rule.concurrency) parts.push(`${int(rule.concurrency)} at once`);
-  if (rule.daily_credits) parts.push(`${credits(rule.daily_credits)} credits/day (not enforced yet)`);
-  if (rule.monthly_credits) parts.push(`${credits(rule.monthly_credits)} credits/month (not enforced yet)`);
+  if (rule.daily_credits)
+    parts.push(`${credits(rule.daily_credits)} credits/day (${credits(rule.daily_credits_spent)} spent today)`);
+  if (rule.monthly_credits)
+    parts.push(`${credits(rule.monthly_credits)} credits/month (${credits(rule.monthly_credits_spent)} spent)`);
   return parts.join(", ") || "none";
 }
 
