@@ -231,10 +231,13 @@ async function keyboard(browser) {
   await page.keyboard.type(process.env.HUB_KEY);
   await page.keyboard.press("Enter");
   await page.getByRole("heading", { level: 1, name: "Overview" }).waitFor();
-  // Tab to the navigation and open "Usage" with the keyboard only.
+  await page.getByTestId("balance").waitFor();
+  // A new page puts the focus on its heading; from there, back (Shift+Tab) through the
+  // header to the navigation, and open "Usage" with the keyboard only.
+  await page.waitForFunction(() => document.activeElement?.id === "page-title");
   const visited = [];
   for (let i = 0; i < 12; i += 1) {
-    await page.keyboard.press("Tab");
+    await page.keyboard.press("Shift+Tab");
     const focused = await page.evaluate(() => ({
       text: document.activeElement?.innerText?.trim() || "",
       outline: getComputedStyle(document.activeElement).outlineStyle,
