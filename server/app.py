@@ -56,6 +56,7 @@ from server.memory import return_large_buffers_to_the_os
 from server.observability import MetricsListener, instrument, serve_metrics
 from server.observability.logs import tag_upstream_request
 from server.observability.tracing import propagate_to_upstream, setup_tracing
+from server.providers.aiohttp_transport import AiohttpTransport
 from server.providers.base import CredentialProbe, Preloading, Provider
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
@@ -93,6 +94,7 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=timeout,
         limits=limits,
+        transport=AiohttpTransport(limits),
         follow_redirects=False,
         trust_env=False,
         cookies=_NoCookies(),
