@@ -53,6 +53,7 @@ from google.protobuf.message import Message
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import image_service_pb2 as image_pb
 from server import errors
+from server.api import proto_dicts
 from server.api.validation import non_finite_number_path
 from server.providers.base import JSON
 
@@ -114,7 +115,14 @@ def to_json(message: Message) -> JSON:
 
 
 def from_json(data: JSON, message: M, *, provider: str) -> M:
-    """Fills `message` from an upstream's OpenAI-shaped answer, ignoring extra fields."""
+    """Fills `message` from an upstream's OpenAI-shaped answer, ignoring extra fields.
+
+    Built by the constructor when it certainly gives what `json_format` would
+    (server.api.proto_dicts), by `json_format` otherwise."""
+    built = proto_dicts.build(type(message), data)
+    if built is not None:
+        message.MergeFrom(built)
+        return message
     try:
         return json_format.ParseDict(data, message, ignore_unknown_fields=True)
     except json_format.ParseError as exc:
