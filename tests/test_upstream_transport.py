@@ -147,3 +147,27 @@ async def test_a_body_closed_early_does_not_go_back_to_the_pool() -> None:
             async with http.stream("GET", f"{url}/s") as response:
                 assert await anext(response.aiter_bytes()) == b"hi"
     assert len(accepted) == 2  # the unfinished first answer's connection was not reused
+
+
+async def test_headers_are_httpx_s_and_an_unlabelled_body_stays_unlabelled() -> None:
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                seen.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+
+    async with raw_server(answer) as (url, _), client() as http:
+        await http.post(f"{url}/json", json={"a": 1})
+        await http.post(f"{url}/raw", content=b"raw bytes")
+    names = [[line.split(b":")[0].lower() for line in head.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]] for head in seen]
+    for headers in names:
+        assert len(headers) == len(set(headers))  # nothing sent twice
+        assert b"user-agent" in headers and b"accept-encoding" in headers
+    assert b"content-type: application/json" in seen[0]
+    assert b"content-type" not in names[1]
+    assert seen[1].endswith(b"\r\n\r\nraw bytes")

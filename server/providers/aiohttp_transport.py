@@ -45,6 +45,9 @@ _ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
 )
 
 
+_NO_CONTENT_TYPE = ("Content-Type",)
+
+
 @contextmanager
 def _as_httpx_errors() -> Iterator[None]:
     try:
@@ -124,7 +127,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
                 compress=None,
                 timeout=self._timeout(request.extensions.get("timeout", {})),
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                # httpx set the defaults (User-Agent, Accept...); aiohttp adds only what
+                # is missing, and would label an unlabelled body application/octet-stream.
+                skip_auto_headers=_NO_CONTENT_TYPE if body and "content-type" not in request.headers else None,
             )
         return httpx.Response(
             status_code=response.status,
