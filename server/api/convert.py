@@ -44,10 +44,12 @@ the contract's `Usage` carries those names, and repeats the two counts as
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
@@ -212,8 +214,7 @@ def with_both_usage_names(usage: JSON) -> JSON:
 
 def check_given_fields(given: Iterable[str], request: type[Message]) -> None:
     """Refuses the first parameter the client gave that `request` does not carry."""
-    fields = request.DESCRIPTOR.fields
-    known = {field.name for field in fields} | {field.json_name for field in fields}
+    known = _parameter_names(request.DESCRIPTOR)
     for name in given:
         if not name or name in known:
             continue
@@ -228,3 +229,10 @@ def check_given_fields(given: Iterable[str], request: type[Message]) -> None:
         reason = REFUSED_PARAMETERS.get(name)
         message = f"{name}: {reason}" if reason else f"Unrecognized request argument supplied: {name}"
         raise errors.InvalidRequest(message, field=name)
+
+
+@functools.cache
+def _parameter_names(message: Descriptor) -> frozenset[str]:
+    """The message's field names, proto and JSON (computed once per message type)."""
+    fields = message.fields
+    return frozenset({field.name for field in fields} | {field.json_name for field in fields})
