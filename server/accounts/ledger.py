@@ -297,6 +297,10 @@ class Ledger:
             results = await self._db.write_in_thread(
                 lambda conn: run_inline(self._write_in(InlineConnection(conn), batch))
             )
+        elif len(batch) <= _ROWS_PER_INSERT and all(p.reservation is None for p in batch):
+            # Nothing to settle: the batch is one INSERT, committed on its own.
+            async with self._db.write_one_statement() as conn:
+                results = await self._write_in(conn, batch)
         else:
             async with self._db.write() as conn:
                 results = await self._write_in(conn, batch)
