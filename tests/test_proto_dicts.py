@@ -11,6 +11,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
+from aigne.hub.v1 import embedding_service_pb2 as embedding_pb
 from aigne.hub.v1 import image_service_pb2 as image_pb
 from server import errors
 from server.api import proto_dicts
@@ -67,6 +68,7 @@ BUILT: list[tuple[type[Message], dict[str, Any]]] = [
     (chat_pb.CreateChatCompletionResponse, {"choices": [{"message": {}}], "usage": {}}),
     (chat_pb.CreateChatCompletionResponse, {}),
     (image_pb.CreateImageResponse, {"created": 1, "data": [{"url": "https://x/y.png", "revised_prompt": "p"}]}),
+    (embedding_pb.CreateEmbeddingResponse, {"data": [{"index": 0, "floats": {}}], "model": "m"}),  # one oneof member
 ]
 # Inputs ParseDict may read differently (coercions, aliases, well-known types) or
 # refuse (and word the error): the fast path steps aside.
@@ -82,6 +84,8 @@ LEFT_TO_JSON_FORMAT: list[tuple[type[Message], dict[str, Any]]] = [
     (chat_pb.CreateChatCompletionResponse, {"choices": [{"message": "hi"}]}),
     (chat_pb.CreateChatCompletionResponse, {"model": 4}),
     (chat_pb.StreamChatCompletionResponse, {"choices": [{"delta": {"content": 1.5}}]}),
+    (embedding_pb.CreateEmbeddingResponse, {"data": [{"floats": {}, "float32_le": None}]}),  # two oneof members
+    (embedding_pb.CreateEmbeddingResponse, {"data": [{"floats": {"values": [0.5]}}]}),  # 32-bit floats
 ]
 
 

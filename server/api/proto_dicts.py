@@ -73,6 +73,8 @@ class _Field:
 class _Fields:
     by_name: dict[str, _Field | None]  # None: a field this path leaves to ParseDict
     aliases: frozenset[str]  # camelCase JSON names that differ from the proto names
+    # Each member of a real oneof -> the oneof (ParseDict refuses two members given).
+    oneof_of: dict[str, str]
 
 
 def build(message_type: type[M], data: dict[str, Any]) -> M | None:
@@ -85,6 +87,10 @@ def build(message_type: type[M], data: dict[str, Any]) -> M | None:
 
 
 def _kwargs(data: dict[str, Any], fields: _Fields) -> dict[str, Any]:
+    if fields.oneof_of and len({fields.oneof_of.get(name) for name in data} - {None}) < sum(
+        name in fields.oneof_of for name in data
+    ):
+        raise _Unsure("two members of one oneof")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if name not in fields.by_name:
@@ -124,7 +130,13 @@ def _fields_of(descriptor: Descriptor) -> _Fields:
     for field in descriptor.fields:
         by_name[field.name] = _field(field)
     aliases = frozenset(f.json_name for f in descriptor.fields if f.json_name != f.name)
-    return _Fields(by_name, aliases)
+    oneof_of = {
+        field.name: oneof.name
+        for oneof in descriptor.oneofs
+        if len(oneof.fields) > 1  # a proto3 `optional` is a oneof of one
+        for field in oneof.fields
+    }
+    return _Fields(by_name, aliases, oneof_of)
 
 
 def _field(field: FieldDescriptor) -> _Field | None:
