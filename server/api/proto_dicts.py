@@ -82,7 +82,7 @@ def build(message_type: type[M], data: dict[str, Any]) -> M | None:
     would, or None when only ParseDict can tell."""
     try:
         return message_type(**_kwargs(data, _fields_of(message_type.DESCRIPTOR)))
-    except (_Unsure, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - whatever the constructor refuses, ParseDict decides (and words it)
         return None
 
 
