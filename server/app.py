@@ -52,7 +52,7 @@ from server.api.shutdown import OpenStreams, interrupt_after
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
 from server.limits import DefaultLimits, LimitStore, open_limiter
-from server.memory import return_large_buffers_to_the_os
+from server.memory import return_large_buffers_to_the_os, tune_garbage_collection
 from server.observability import MetricsListener, instrument, serve_metrics
 from server.observability.logs import tag_upstream_request
 from server.observability.tracing import propagate_to_upstream, setup_tracing
@@ -240,6 +240,7 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")
+    tune_garbage_collection()
     replayer = accounts.spool_replayer(settings.spool_replay_interval_s)
     replay = asyncio.create_task(replayer.run(), name="ledger-spool-replay") if replayer else None
     return Gateway(
