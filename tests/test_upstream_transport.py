@@ -171,3 +171,22 @@ async def test_headers_are_httpx_s_and_an_unlabelled_body_stays_unlabelled() -> 
     assert b"content-type: application/json" in seen[0]
     assert b"content-type" not in names[1]
     assert seen[1].endswith(b"\r\n\r\nraw bytes")
+
+
+async def test_what_arrived_before_a_dropped_connection_still_arrives() -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        # Two whole chunks and part of a third, then the connection drops: one write.
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n8\r\ndata: 1\n\r\n8\r\ndata: 2\n\r\n8\r\nda"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)  # all of it is in the client's buffer before the drop
+
+    received = b""
+    async with raw_server(cut) as (url, _), client() as http, http.stream("POST", f"{url}/s") as response:
+        await asyncio.sleep(0.5)  # the drop is seen before the body is read
+        with pytest.raises(httpx.ReadError):
+            async for chunk in response.aiter_bytes():
+                received += chunk
+    assert received.startswith(b"data: 1\ndata: 2\n")

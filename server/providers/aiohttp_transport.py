@@ -66,13 +66,38 @@ class _Body(httpx.AsyncByteStream):
         self._response = response
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self._response.content
         with _as_httpx_errors():
-            async for chunk in self._response.content.iter_any():
+            while True:
+                try:
+                    chunk = await content.readany()
+                except aiohttp.ClientPayloadError:
+                    # The upstream dropped the connection: what arrived before it still
+                    # reaches the client (a stream's last chunks), then the error.
+                    received = _received_before_the_error(content)
+                    if received:
+                        yield received
+                    raise
+                if not chunk:
+                    return
                 yield chunk
 
     async def aclose(self) -> None:
         # Back to the pool when read to the end; closed (not reused) otherwise.
         self._response.release()
+
+
+def _received_before_the_error(content: aiohttp.StreamReader) -> bytes:
+    """The bytes aiohttp had received when the body failed: its reads raise the error
+    first and would drop them (aiohttp 3.14), so it is set aside for one read."""
+    error = content.exception()
+    setattr(content, "_exception", None)  # noqa: B010 - a private attribute, on purpose
+    try:
+        return content.read_nowait(-1)
+    except Exception:  # noqa: BLE001 - another aiohttp version: nothing more to hand over
+        return b""
+    finally:
+        setattr(content, "_exception", error)  # noqa: B010
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
