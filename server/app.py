@@ -23,6 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aigne.hub.v1 import (
+    account_service_pb2,
+    account_service_pb2_grpc,
     admin_service_pb2,
     admin_service_pb2_grpc,
     agent_service_pb2,
@@ -40,6 +42,7 @@ from aigne.hub.v1 import (
 )
 from server.accounts.credits import rate_from_credits
 from server.accounts.service import Accounts
+from server.api.account import AccountServicer
 from server.api.admin import AdminServicer
 from server.api.agent import AgentServicer
 from server.api.audio import AudioServicer
@@ -52,10 +55,11 @@ from server.api.shutdown import OpenStreams, interrupt_after
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
 from server.limits import DefaultLimits, LimitStore, open_limiter
-from server.memory import return_large_buffers_to_the_os
+from server.memory import return_large_buffers_to_the_os, tune_garbage_collection
 from server.observability import MetricsListener, instrument, serve_metrics
 from server.observability.logs import tag_upstream_request
 from server.observability.tracing import propagate_to_upstream, setup_tracing
+from server.providers.aiohttp_transport import AiohttpTransport
 from server.providers.base import CredentialProbe, Preloading, Provider
 from server.providers.conversation_state import KeepsConversationState
 from server.providers.credentials import apply_call_credential
@@ -77,6 +81,7 @@ SERVICE_NAMES = [
     status_service_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
 ]
 
 
@@ -96,6 +101,7 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=timeout,
         limits=limits,
+        transport=AiohttpTransport(limits),
         follow_redirects=False,
         trust_env=False,
         cookies=_NoCookies(),
@@ -242,7 +248,10 @@ async def start_gateway(
     # AIGNE's agent protocol, served by the same chat and image servicers in process.
     agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(router, accounts, chat, images), server)
     audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts, routing), server)
-    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(accounts, providers), server)
+    deployments = [f"{d.provider}/{d.model}" for route in config.models.values() for d in route.deployments]
+    admin = AdminServicer(accounts, providers, deployments=deployments, cooldowns=routing.cooldowns)
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+    account_service_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(accounts), server)
     status = StatusServicer(router, serving, routing, accounts.vault)
     status_service_pb2_grpc.add_StatusServiceServicer_to_server(status, server)
     health_servicer = health.aio.HealthServicer()
@@ -263,6 +272,7 @@ async def start_gateway(
     if worker is not None:
         await follow_bridge_health(worker.hub, health_servicer)
     log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")
+    tune_garbage_collection()
     replayer = accounts.spool_replayer(settings.spool_replay_interval_s)
     replay = asyncio.create_task(replayer.run(), name="ledger-spool-replay") if replayer else None
     return Gateway(
