@@ -31,7 +31,7 @@
 --   * OpenAI-shaped answers (chat chunks; unary chat, /models and /status, marked on the
 --     request): members the transcoder prints only because proto3 has no "unset" for
 --     them are dropped (TRIMS): `"tool_calls":[]`, `"alias_of":""`, `"error":""`,
---     `"code":""`; and an empty `"param"` becomes OpenAI's null (`created` stays, even
+--     `"code":""`, `"resting":[]` (/status); and an empty `"param"` becomes OpenAI's null (`created` stays, even
 --     0: OpenAI's schemas require it). OpenAI
 --     prints none of them; clients that test `tool_calls is not None` took every answer
 --     for a tool turn. Every pattern starts or ends with a quote outside any string (a
@@ -115,7 +115,7 @@ end
 -- Empty members to drop: each as the member after a comma, as the first of several
 -- and as the only one.
 local TRIMS = {}
-for _, member in ipairs({ '"tool_calls":%[%]', '"alias_of":""', '"error":""', '"code":""' }) do
+for _, member in ipairs({ '"tool_calls":%[%]', '"alias_of":""', '"error":""', '"code":""', '"resting":%[%]' }) do
   TRIMS[#TRIMS + 1] = { "," .. member, "" }
   TRIMS[#TRIMS + 1] = { "{" .. member .. ",", "{" }
   TRIMS[#TRIMS + 1] = { "{" .. member .. "}", "{}" }

@@ -61,6 +61,7 @@ from server.observability.logs import tag_upstream_request
 from server.observability.tracing import propagate_to_upstream, setup_tracing
 from server.providers.aiohttp_transport import AiohttpTransport
 from server.providers.base import CredentialProbe, Preloading, Provider
+from server.providers.conversation_state import KeepsConversationState
 from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
 from server.redaction import register_secret
@@ -68,6 +69,7 @@ from server.routing.attempts import Routing
 from server.routing.cooldown import open_cooldowns
 from server.routing.router import Router
 from server.serving.hub import HubClient, HubCooldowns, HubCounters, WorkerRole
+from server.storage.conversation import DatabaseConversationStore
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,10 @@ async def start_gateway(
         register_secret(secret.get_secret_value() if secret else None)
     client = upstream_client(settings)
     providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+    conversations = DatabaseConversationStore(accounts.db)
+    for provider in providers.values():
+        if isinstance(provider, KeepsConversationState):
+            provider.keep_state_in(conversations, settings.conversation_state_ttl_s)
     for provider in providers.values():
         if isinstance(provider, Preloading):
             provider.start_loading()
@@ -246,7 +252,8 @@ async def start_gateway(
     admin = AdminServicer(accounts, providers, deployments=deployments, cooldowns=routing.cooldowns)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     account_service_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(accounts), server)
-    status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving, routing), server)
+    status = StatusServicer(router, serving, routing, accounts.vault)
+    status_service_pb2_grpc.add_StatusServiceServicer_to_server(status, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

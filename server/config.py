@@ -99,6 +99,9 @@ class Settings(StorageSettings, AccountsSettings):
     # A call-in-flight slot's lease: renewed while the call runs; a crashed replica's
     # slots are free again within it.
     limits_slot_lease_s: float = Field(60.0, ge=1, le=3600)
+    # How long state a conversation needs on its next turn (Anthropic's thinking blocks,
+    # Gemini's thought signatures) is kept in the database for any replica to find.
+    conversation_state_ttl_s: float = Field(86_400.0, ge=60, le=30 * 86_400)
     log_level: str = "INFO"
     # `text` (readable, the default) or `json` (one object per line; server.observability.logs).
     log_format: Literal["text", "json"] = "text"

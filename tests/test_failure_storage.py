@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -31,6 +32,7 @@ from sqlalchemy.sql.dml import Insert
 
 from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
+from server.accounts.credentials import CredentialVault
 from server.accounts.errors import KeyRevoked
 from server.accounts.keys import KeyStore
 from server.accounts.owners import ensure_owner
@@ -369,3 +371,24 @@ async def test_during_a_freeze_only_one_lookup_per_interval_waits_for_the_databa
     started = time.monotonic()
     await keys.authenticate(secrets_[1])
     assert time.monotonic() - started >= min(CONNECT_TIMEOUT_S, STATEMENT_TIMEOUT_S)
+
+
+async def test_stored_credentials_keep_serving_from_the_cache_during_an_outage(
+    proxied_database: tuple[FaultProxy, Database, Database],
+) -> None:
+    """Each stored credential is a deployment (server.api.credential_deployments): a
+    database outage must not take the provider's credentials away from calls."""
+    proxy, proxied, direct = proxied_database
+    master = os.urandom(32)
+    stored = await CredentialVault(direct, master).add("openai", "sk-stored-" + secrets.token_hex(12))
+    vault = CredentialVault(proxied, master, cache_ttl_s=0.05)
+    assert [c.id for c in await vault.active("openai")] == [stored.id]
+    await proxy.stop_server()
+    await asyncio.sleep(0.1)  # past the cache's TTL: the next read tries the database
+    assert [c.id for c in await vault.active("openai")] == [stored.id]
+    with pytest.raises(StorageUnavailable):
+        await vault.active("anthropic")  # never read: nothing to fall back on
+    await proxy.resume()
+    later = await CredentialVault(direct, master).add("openai", "sk-later-" + secrets.token_hex(12))
+    await asyncio.sleep(0.1)
+    assert [c.id for c in await vault.active("openai")] == [stored.id, later.id], "read again once back"

@@ -28,7 +28,7 @@ from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, ProviderConfig, Settings, config_from_environment
-from server.providers.anthropic import TurnMemory, default_max_tokens, to_messages_request
+from server.providers.anthropic import default_max_tokens
 from tests.conftest import SINGLE_ATTEMPT, Bridge, start_bridge
 from tests.fakes.anthropic_upstream import FakeAnthropic, signature_of
 from tests.helpers import error_info, retry_info
@@ -534,24 +534,6 @@ async def test_thinking_from_a_stream_goes_back_too(via, fake):
     ]
     second = await via.complete(**follow_up)
     assert second["choices"][0]["message"]["content"] == "tool result: cloudy"
-
-
-def test_an_edited_turn_is_sent_without_the_remembered_thinking():
-    memory = TurnMemory()
-    memory.remember(
-        [
-            {"type": "thinking", "thinking": "hmm", "signature": "sig"},
-            {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}},
-        ]
-    )
-
-    def sent(arguments: str) -> list[JSON]:
-        call = {"id": "toolu_1", "type": "function", "function": {"name": "f", "arguments": arguments}}
-        request = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [call]}]}
-        return list(to_messages_request("anthropic", request, MODEL, memory)["messages"][1]["content"])
-
-    assert [b["type"] for b in sent('{"a": 1}')] == ["thinking", "tool_use"]
-    assert [b["type"] for b in sent('{"a": 2}')] == ["tool_use"]
 
 
 # ---------------------------------------------------------------------------- streaming

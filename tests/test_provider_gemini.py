@@ -318,7 +318,8 @@ async def test_multi_turn_tool_use_carries_the_thought_signature(chat, gemini_fa
         }
     ]
     signature = gemini_fake.signatures[-1]
-    assert read_call_id(call.id).signature == signature
+    # The signature is too long to carry in an id OpenAI would accept: kept by the gateway.
+    assert len(call.id) <= 64 and signature not in call.id
 
     follow_up = chat_request(model="gemini/tools", text="weather in Paris?", tools=[WEATHER_TOOL])
     follow_up.messages.add(role="assistant", tool_calls=[call])

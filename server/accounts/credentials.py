@@ -10,8 +10,11 @@ reported as exactly that instead of as corruption.
 Only a masked form (`sk-...abcd`) is ever listed, logged or returned; `Credential`,
 the one object holding a decrypted secret, hides it from `repr`.
 
-`select(provider)` rotates round-robin over the provider's active credentials from an
-in-process cache (refreshed every `cache_ttl_s`); `mark_invalid` takes one out of
+`active(provider)` lists the provider's active credentials from an in-process cache
+(refreshed every `cache_ttl_s`): the router makes each one a deployment of the provider,
+so balancing, cooldowns and retries apply per credential; `select(provider)` rotates
+round-robin over them for a call that is not routed. While the database is down the
+cache keeps serving the credentials last read; `mark_invalid` takes one out of
 rotation (here at once, on other replicas within the TTL) and `mark_active` puts it
 back. Who decides is `server.accounts.credential_checks` (a probe confirms a provider's
 "invalid key" before a credential leaves rotation; invalid ones are re-checked), an
@@ -35,7 +38,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal, cast
 
@@ -43,7 +46,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Row, delete, select, tuple_, update
 
-from server.errors import ProviderNotConfigured
+from server.errors import ProviderNotConfigured, StorageUnavailable
 from server.redaction import redact, register_secret
 from server.storage.database import Database
 from server.storage.schema import provider_credentials, utcnow
@@ -215,6 +218,14 @@ class CredentialVault:
             raise KeyError(credential_id)
         return self._open(row)
 
+    async def active(self, provider: str) -> list[Credential]:
+        """The provider's active credentials, oldest first, from the cache: each is a
+        deployment of the provider (server.api.credential_deployments). Empty when
+        it has none, and then calls use the provider's configured key."""
+        pool = await self._pool(provider)
+        self._note_fallback(provider, pool)
+        return pool.active
+
     async def select(self, provider: str) -> Credential:
         """The next active credential of `provider`, round-robin; PROVIDER_NOT_CONFIGURED
         when it has none."""
@@ -279,14 +290,22 @@ class CredentialVault:
         now = time.monotonic()
         if cached is not None and cached.expires > now:
             return cached
-        async with self._db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(provider_credentials)
-                    .where(provider_credentials.c.provider == provider)
-                    .order_by(provider_credentials.c.created_at, provider_credentials.c.id)
-                )
-            ).all()
+        try:
+            async with self._db.read() as conn:
+                rows = (
+                    await conn.execute(
+                        select(provider_credentials)
+                        .where(provider_credentials.c.provider == provider)
+                        .order_by(provider_credentials.c.created_at, provider_credentials.c.id)
+                    )
+                ).all()
+        except StorageUnavailable:
+            if cached is None:
+                raise
+            # The database is down: calls keep the credentials last read (the database
+            # logs the outage), and the next read is tried after another TTL.
+            self._pools[provider] = replace(cached, expires=now + self._ttl)
+            return cached
         active = [self._open(row) for row in rows if row.status == "active"]
         pool = _Pool(now + self._ttl, active, invalid=len(rows) - len(active))
         self._pools[provider] = pool

@@ -30,6 +30,8 @@ class FinishedCall:
     credits_micros: int = 0
     # The call's trace id (32 hex digits) when tracing is on.
     trace_id: str | None = None
+    # The stored provider credential (its id) the last attempt used, if any.
+    credential_id: str | None = None
 
 
 class CallObserver(Protocol):

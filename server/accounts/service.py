@@ -54,7 +54,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 
 from server.accounts.credential_checks import CredentialChecker, Probe
-from server.accounts.credentials import CredentialVault, load_master_key
+from server.accounts.credentials import Credential, CredentialVault, load_master_key
 from server.accounts.credits import CreditService, Rate, Reservation, Usage, cost_of
 from server.accounts.keys import KeyRecord, KeyStore, authorize
 from server.accounts.ledger import Ledger, Outcome, Recorded, UsageRecord
@@ -317,18 +317,40 @@ class Meter:
         return self
 
     async def use(
-        self, provider: str, model: str, public_model: str, credential_header: tuple[str, str] | None
+        self,
+        provider: str,
+        model: str,
+        public_model: str,
+        credential_header: tuple[str, str] | None,
+        credential: Credential | None = None,
     ) -> None:
         """Points the meter at the deployment the next attempt goes to (a retry on
         another deployment, a fallback): checks the key's allow-list for it, and when
         its model differs, takes that provider's credential and reserves for that
         model instead (the old hold is released once the new one is taken). Raises
-        what refuses it; the meter then still holds what it held."""
+        what refuses it; the meter then still holds what it held. `credential`: the
+        stored credential the deployment uses (see server.api.credential_deployments)."""
         target = f"{provider}/{model}"
         if self._key is not None:
             authorize(self._key, target, public_model)
-        if target == self._model:
-            return
+        if target != self._model:
+            await self._switch_model(provider, target, credential_header, chosen=credential is not None)
+        if credential is not None and credential_header is not None:
+            self._set_credential(credential_header, credential)
+
+    def _set_credential(self, header: tuple[str, str], credential: Credential) -> None:
+        """The call's next attempts use `credential` (in `header`)."""
+        if self._credential_token is not None:
+            clear_credential(self._credential_token)
+        self._credential_header = header
+        self._credential_id = credential.id
+        self._credential_token = use_credential(header, credential.secret)
+
+    async def _switch_model(
+        self, provider: str, target: str, credential_header: tuple[str, str] | None, *, chosen: bool
+    ) -> None:
+        """Reserves for the model `target` instead (when billing) and, unless the
+        deployment `chosen` its credential, takes the provider's next credential."""
         previous, previous_model, previous_rate = self._reservation, self._model, self._rate
         if self._key is not None and self._accounts.credits.billing_enabled:
             self._model = target
@@ -345,7 +367,8 @@ class Meter:
         if self._credential_token is not None:
             clear_credential(self._credential_token)
             self._credential_token, self._credential_id = None, None
-        await self._choose_credential()
+        if not chosen:
+            await self._choose_credential()
 
     async def _admit(self) -> None:
         """Takes the call's rate limits (RPM, concurrency, a TPM reservation of the
@@ -420,7 +443,14 @@ class Meter:
         ttft = self._first_token - self._started if self._first_token else None
         credits = recorded.credits_micros if recorded is not None else 0
         call = FinishedCall(
-            record, self.public_model, now - self._started, self.upstream_s, ttft, credits, self.trace_id
+            record,
+            self.public_model,
+            now - self._started,
+            self.upstream_s,
+            ttft,
+            credits,
+            self.trace_id,
+            self._credential_id,
         )
         observer.call_finished(call)
 

@@ -5,8 +5,11 @@ A call that reaches providers goes: plan (the model's deployments and fallbacks,
 `server.routing.router`) -> meter (allow-list, credits, one ledger record) -> attempts
 (`server.routing.attempts`: retries, fallbacks, cooldowns, timeouts), each attempt
 pointing the meter at its deployment first. The answer carries which deployment served
-it and after how many attempts (`x-aigne-hub-served-by`, `x-aigne-hub-attempts`, as
-initial and trailing metadata, which the REST bridge passes on as HTTP headers), and,
+it and after how many attempts (`x-aigne-hub-served-by`, `x-aigne-hub-attempts`, and
+`x-aigne-hub-credential` with the id of the stored provider credential that served it,
+if one did: each stored credential is a deployment, see
+`server.api.credential_deployments`), as initial and trailing metadata, which the REST
+bridge passes on as HTTP headers), and,
 when a rate limit applies to the key (server.limits), OpenAI's `x-ratelimit-*` headers
 of its tightest limits.
 
@@ -37,10 +40,12 @@ import grpc
 from google.protobuf.message import Message
 
 from server import errors
+from server.accounts.credentials import Credential
 from server.accounts.credits import Usage
 from server.accounts.errors import ModelNotAllowed
 from server.accounts.service import METERED, Accounts, Meter
 from server.api.auth import CURRENT_KEY
+from server.api.credential_deployments import with_credentials
 from server.api.errors import to_grpc_status, unexpected_error_status
 from server.api.validation import check_request
 from server.config import CooldownConfig, RoutingConfig
@@ -77,6 +82,8 @@ REST_HEADER = "x-aigne-rest"
 FALLBACKS_HEADER = "x-aigne-hub-fallbacks"
 TIMEOUT_HEADER = "x-aigne-hub-timeout-s"
 SERVED_BY_HEADER = "x-aigne-hub-served-by"
+# The stored provider credential (its id, never the secret) that served the call.
+CREDENTIAL_HEADER = "x-aigne-hub-credential"
 ATTEMPTS_HEADER = "x-aigne-hub-attempts"
 MAX_CALLER_FALLBACKS = 5
 MAX_MODEL_NAME_CHARS = 200
@@ -180,8 +187,11 @@ class Routed(Generic[T]):
         context: grpc.aio.ServicerContext[Any, Any],
         deadline: float | None,
         span: tracing.CallSpan | None = None,
+        credentials: dict[str, Credential] | None = None,
     ) -> None:
         self.meter = meter
+        # The stored credentials the plan's deployments use, by id.
+        self._credentials = credentials or {}
         self._span = span
         self.plan = plan
         self._routing = routing
@@ -192,9 +202,11 @@ class Routed(Generic[T]):
         served = await self._routing.run(
             self.plan, self._timed(attempt), deadline=self._deadline, before_attempt=self._use
         )
+        credential = served.target.credential_id
         metadata = (
             (SERVED_BY_HEADER, served.target.route.public_model),
             (ATTEMPTS_HEADER, str(served.attempts)),
+            *(((CREDENTIAL_HEADER, credential),) if credential else ()),
             *self.meter.limit_headers(),
         )
         await self._context.send_initial_metadata(metadata)
@@ -272,7 +284,8 @@ class Routed(Generic[T]):
 
     async def _use(self, target: Target[T], public_model: str) -> None:
         header = getattr(target.route.provider, "credential_header", None)
-        await self.meter.use(target.route.provider.name, target.route.upstream_model, public_model, header)
+        credential = self._credentials.get(target.credential_id) if target.credential_id else None
+        await self.meter.use(target.route.provider.name, target.route.upstream_model, public_model, header, credential)
         self.meter.attempts += 1
 
 
@@ -334,7 +347,9 @@ class MeteredServicer:
         prompt_tokens: int = 0,
     ) -> AsyncIterator[Routed[T]]:
         """The metered call over `plan`: the meter opens on the plan's first deployment
-        (allow-list, reservation) and records the call when the block ends."""
+        (allow-list, reservation) and records the call when the block ends. Stored
+        provider credentials become deployments of their provider first."""
+        plan, credentials = await with_credentials(plan, self._accounts.vault)
         first = plan.primary.targets[0].route
         header = getattr(first.provider, "credential_header", None)
         meter = self._accounts.meter(
@@ -353,13 +368,13 @@ class MeteredServicer:
         span = tracing.start_call(operation, plan.primary.model, context.invocation_metadata())
         if span is None:
             async with meter:
-                yield Routed(self._routing, plan, meter, context, deadline)
+                yield Routed(self._routing, plan, meter, context, deadline, credentials=credentials)
             return
         meter.trace_id = span.trace_id
         error: BaseException | None = None
         try:
             async with meter:
-                yield Routed(self._routing, plan, meter, context, deadline, span)
+                yield Routed(self._routing, plan, meter, context, deadline, span, credentials)
         except BaseException as exc:
             error = exc
             raise

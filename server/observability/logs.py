@@ -1,7 +1,7 @@
 """Logs: readable text by default, JSON lines with AIGNE_HUB_LOG_FORMAT=json, and one
 line per call (logger `aigne_hub.calls`, INFO) with its request id, key id (never the
-key), owner, model asked for, served deployment, outcome, reason, latency, attempts
-and tokens.
+key), owner, model asked for, served deployment (and the id of the stored provider
+credential it used, if any), outcome, reason, latency, attempts and tokens.
 
 The request id. Envoy gives every REST request an `x-request-id` (a fresh UUID: it
 does not trust a client's, `use_remote_address`), passes it to the gRPC server as
@@ -85,6 +85,7 @@ class CallLog:
             "operation": record.operation,
             "model": call.public_model,
             "deployment": record.model,
+            "credential_id": call.credential_id,
             "outcome": record.outcome,
             "reason": record.error_reason,
             "latency_ms": round(call.duration_s * 1000, 1) if call.duration_s is not None else None,

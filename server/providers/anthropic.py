@@ -28,8 +28,9 @@ not by content block index.
 
 Models that think (adaptive thinking is on by default on current Claude models) need
 the thinking blocks of a tool-calling turn sent back with the tool results, and
-OpenAI's format has no place for them: `TurnMemory` keeps such turns in process and
-puts them back when a client echoes the same tool calls.
+OpenAI's format has no place for them: `server.providers.anthropic_turns` keeps such
+turns in the shared conversation store (every replica, restarts included) and puts
+them back when a client echoes the same tool calls.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import json
 import os
 import re
 import time
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -47,7 +47,9 @@ import httpx
 
 from server import errors
 from server.config import ModelEntry, ProviderConfig
+from server.providers.anthropic_turns import Recall, ThinkingTurns
 from server.providers.base import JSON, Capability, auth_headers
+from server.providers.conversation_state import ConversationStore
 from server.providers.credentials import probe
 from server.providers.http_errors import retry_after_seconds, transport_error, upstream_status_error
 
@@ -99,7 +101,6 @@ _DEFAULT_MAX_TOKENS = 32_000
 _OLD_MODEL_MAX_TOKENS = (("claude-3-5-", 8192), ("claude-3-7-", 32_000), ("claude-3-", 4096))
 # Structured outputs exist from the 4.5 generation on.
 _NO_STRUCTURED_OUTPUTS = re.compile(r"claude-(3-|opus-4-(0|1|2025)|sonnet-4-(0|2025))")
-_THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})
 _DATA_URL = re.compile(r"data:(?P<media>[\w.+-]+/[\w.+-]+)(;[^,;]*)*;base64,(?P<data>.*)", re.DOTALL)
 
 
@@ -135,7 +136,11 @@ class AnthropicAdapter:
         self._headers = auth_headers(
             self.credential_header, api_key, {"anthropic-version": API_VERSION, **(extra_headers or {})}
         )
-        self.memory = TurnMemory()
+        self.turns = ThinkingTurns()
+
+    def keep_state_in(self, store: ConversationStore, ttl_s: float) -> None:
+        """Thinking turns go to `store` (shared by every replica) instead of process memory."""
+        self.turns = ThinkingTurns(store, ttl_s)
 
     async def aclose(self) -> None:
         """Nothing of its own to release: the HTTP client is shared."""
@@ -153,7 +158,7 @@ class AnthropicAdapter:
         )
 
     async def create_chat_completion(self, request: JSON, model: str) -> JSON:
-        body = to_messages_request(self.name, request, model, self.memory)
+        body = to_messages_request(self.name, request, model, await self.turns.recall_for(request))
         try:
             response = await self._client.post(self._url, headers=self._headers, json=body)
         except httpx.HTTPError as exc:
@@ -163,11 +168,12 @@ class AnthropicAdapter:
         message = _json_object(self.name, response.content)
         completion = to_chat_completion(self.name, message, int(time.time()))
         if message.get("stop_reason") == "tool_use":
-            self.memory.remember(message["content"])
+            await self.turns.remember(message["content"])
         return completion
 
     async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
-        body = {**to_messages_request(self.name, request, model, self.memory), "stream": True}
+        recall = await self.turns.recall_for(request)
+        body = {**to_messages_request(self.name, request, model, recall), "stream": True}
         translator = StreamTranslator(self.name, int(time.time()))
         async with self._open_stream(body) as response:
             async for data in _sse_data(response, self.name):
@@ -177,7 +183,7 @@ class AnthropicAdapter:
                     continue
                 chunks = translator.feed(_json_object(self.name, data.encode()))
                 if translator.finished and translator.stop_reason == "tool_use":
-                    self.memory.remember(translator.blocks())  # before the client can answer the calls
+                    await self.turns.remember(translator.blocks())  # before the client can answer the calls
                 for chunk in chunks:
                     yield chunk
         if not translator.finished:
@@ -219,7 +225,7 @@ class AnthropicAdapter:
 # ------------------------------------------------------------------------- requests
 
 
-def to_messages_request(provider: str, request: JSON, model: str, memory: TurnMemory) -> JSON:
+def to_messages_request(provider: str, request: JSON, model: str, memory: Recall | None = None) -> JSON:
     """The Anthropic Messages request for an OpenAI chat request."""
     _refuse_unsupported(provider, request)
     system, messages = _conversation(provider, request.get("messages") or [], memory)
@@ -269,7 +275,7 @@ def _unsupported(provider: str, feature: str, message: str) -> errors.Unsupporte
     return errors.UnsupportedFeature(message, field=feature, metadata={"provider": provider, "feature": feature})
 
 
-def _conversation(provider: str, messages: list[JSON], memory: TurnMemory) -> tuple[list[JSON], list[JSON]]:
+def _conversation(provider: str, messages: list[JSON], memory: Recall | None) -> tuple[list[JSON], list[JSON]]:
     """The system blocks and the user/assistant turns of an OpenAI conversation.
 
     Consecutive messages that map to the same role share one turn: tool results
@@ -284,7 +290,8 @@ def _conversation(provider: str, messages: list[JSON], memory: TurnMemory) -> tu
             system += _text_blocks(provider, message.get("content"), where)
             continue
         if role == "assistant":
-            blocks = memory.recall(_assistant_blocks(provider, message, where))
+            blocks = _assistant_blocks(provider, message, where)
+            blocks = memory.recall(blocks) if memory is not None else blocks
         elif role == "tool":
             blocks = [_tool_result(provider, message, where)]
         else:
@@ -638,51 +645,6 @@ class StreamTranslator:
         error_class = _ERROR_KINDS.get(kind, errors.UpstreamUnavailable)
         message = f"{self.provider} failed mid-stream ({kind or 'error'}): {error.get('message') or error}"
         raise error_class(message, provider=self.provider)
-
-
-# ----------------------------------------------------------------------- turn memory
-
-
-class TurnMemory:
-    """Assistant turns that thought before calling tools, kept to be sent back.
-
-    Anthropic wants a tool-calling turn's thinking blocks back, unmodified, with the
-    tool results; an OpenAI client only echoes the text and the tool calls. The turn
-    is found again by its tool call ids (unguessable, issued by Anthropic) and used
-    only if the echoed text and calls are unchanged. In process and bounded: after a
-    restart, on another replica, or once evicted, the turn is sent without thinking.
-    """
-
-    def __init__(self, capacity: int = 1000) -> None:
-        self._capacity = capacity
-        self._turns: OrderedDict[tuple[str, ...], list[JSON]] = OrderedDict()
-
-    def remember(self, blocks: list[JSON]) -> None:
-        ids = _tool_use_ids(blocks)
-        if not ids or not any(block.get("type") in _THINKING_BLOCKS for block in blocks):
-            return
-        self._turns[ids] = blocks
-        self._turns.move_to_end(ids)
-        while len(self._turns) > self._capacity:
-            self._turns.popitem(last=False)
-
-    def recall(self, blocks: list[JSON]) -> list[JSON]:
-        """The remembered turn that `blocks` (rebuilt from OpenAI's message) echoes, or `blocks`."""
-        turn = self._turns.get(_tool_use_ids(blocks)) if blocks else None
-        if turn is None or _visible(turn) != _visible(blocks):
-            return blocks
-        return turn
-
-
-def _tool_use_ids(blocks: list[JSON]) -> tuple[str, ...]:
-    return tuple(str(block.get("id")) for block in blocks if block.get("type") == "tool_use")
-
-
-def _visible(blocks: list[JSON]) -> tuple[str, list[tuple[Any, ...]]]:
-    """What an OpenAI client sees of a turn: its text and its tool calls."""
-    text = "".join(str(block.get("text") or "") for block in blocks if block.get("type") == "text")
-    calls = [(b.get("id"), b.get("name"), b.get("input")) for b in blocks if b.get("type") == "tool_use"]
-    return text, calls
 
 
 # ---------------------------------------------------------------------------- plumbing

@@ -38,6 +38,9 @@ on the same part in the next request. The gateway mints each call's OpenAI id as
 `functionCall` parts with those, and each tool message into a `functionResponse` named
 after the call with that id. Ids minted elsewhere are accepted and carry nothing. The
 signature Gemini may put on a plain text answer is not carried (it is optional there).
+A real signature makes such an id too long for clients (and for OpenAI, should the
+conversation go there next): `server.providers.gemini_state` hands out a short id instead
+and keeps the full one in the shared conversation store.
 
 Responses: text parts -> content, `thought` parts -> reasoning_content, functionCall parts
 -> tool_calls (arguments re-encoded as a JSON string). finishReason: STOP -> stop, or
@@ -115,7 +118,9 @@ import httpx
 from server import errors
 from server.config import ModelEntry, ProviderConfig
 from server.providers.base import JSON, Capability, auth_headers
+from server.providers.conversation_state import ConversationStore
 from server.providers.credentials import probe
+from server.providers.gemini_state import SignatureKeeper
 from server.providers.http_errors import error_message_from_body, transport_error, upstream_status_error
 
 if TYPE_CHECKING:
@@ -216,6 +221,11 @@ class GeminiAdapter:
         self._api_root = root if re.search(r"/v1(alpha|beta)?$", root) else f"{root}/{API_VERSION}"
         self._client = client
         self._headers = auth_headers(self.credential_header, api_key, extra_headers)
+        self.signatures = SignatureKeeper()
+
+    def keep_state_in(self, store: ConversationStore, ttl_s: float) -> None:
+        """Long tool call ids (thought signatures) are kept in `store`, shared by every replica."""
+        self.signatures = SignatureKeeper(store, ttl_s)
 
     async def aclose(self) -> None:
         """Nothing of its own to release: the HTTP client is shared."""
@@ -235,17 +245,18 @@ class GeminiAdapter:
     # -- chat -------------------------------------------------------------------------
 
     async def create_chat_completion(self, request: JSON, model: str) -> JSON:
-        body = generate_content_request(request, model, self.name)
+        body = generate_content_request(await self.signatures.restore(request), model, self.name)
         answer = await self._post(self._url(model, "generateContent"), body)
-        return completion_from_response(answer, model, int(request.get("n") or 1), self.name)
+        completion = completion_from_response(answer, model, int(request.get("n") or 1), self.name)
+        return await self.signatures.shorten_completion(completion)
 
     async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
-        body = generate_content_request(request, model, self.name)
+        body = generate_content_request(await self.signatures.restore(request), model, self.name)
         translator = StreamTranslator(model, int(request.get("n") or 1))
         async with self._open_stream(self._url(model, "streamGenerateContent") + "?alt=sse", body) as response:
             async for event in _sse_events(response, self.name):
                 for chunk in translator.chunks(self._parse_event(event)):
-                    yield chunk
+                    yield await self.signatures.shorten_chunk(chunk)
         if not translator.finished:
             raise errors.UpstreamUnavailable(
                 f"{self.name} ended the stream before its finishReason", provider=self.name

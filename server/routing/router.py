@@ -46,11 +46,21 @@ class Target(Generic[T]):
     route: Route
     adapter: T
     weight: float = 1.0
+    # A provider credential stored through the admin API that this deployment uses (its
+    # id; never the secret): each active stored credential of a provider is a deployment
+    # of its own (server.api.credential_deployments). None: the provider's configured key.
+    credential_id: str | None = None
+
+    @property
+    def deployment(self) -> str:
+        """`provider/model`, as the served-by header reports it."""
+        return f"{self.route.provider.name}/{self.route.upstream_model}"
 
     @property
     def name(self) -> str:
-        """The deployment's identity for cooldowns and statistics: `provider/model`."""
-        return f"{self.route.provider.name}/{self.route.upstream_model}"
+        """The deployment's identity for cooldowns and statistics: `provider/model`, and
+        `@<credential id>` when it uses a stored credential."""
+        return f"{self.deployment}@{self.credential_id}" if self.credential_id else self.deployment
 
 
 @dataclass(frozen=True, slots=True)

@@ -257,3 +257,14 @@ spend_windows = Table(
     CheckConstraint("reserved_micros >= 0", name="reserved_nonnegative"),
     UniqueConstraint("scope", "subject", "model", "period", name="uq_spend_windows_scope_subject_model_period"),
 )
+
+# State a conversation needs on its next turn (server.providers.conversation_state):
+# Anthropic's thinking blocks, Gemini's thought signatures. The key is a digest of
+# what the client echoes (tool call ids); rows past `expires_at` are ignored and purged.
+conversation_state = Table(
+    "conversation_state",
+    metadata,
+    Column("key", String(100), primary_key=True),
+    Column("value", Text(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False, index=True),
+)

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!aigne/hub/v1/status_service.proto\x12\x0c\x61igne.hub.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\"\'\n\x10GetStatusRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\"U\n\x11GetStatusResponse\x12\x17\n\tavailable\x18\x01 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65rror\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x63ode\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\"\x13\n\x11ListModelsRequest\"S\n\x12ListModelsResponse\x12\x14\n\x06object\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\'\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x13.aigne.hub.v1.ModelB\x04\xe2\x41\x01\x03\"\x92\x01\n\x05Model\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06object\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reated\x18\x03 \x01(\rB\x04\xe2\x41\x01\x03\x12\x16\n\x08owned_by\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x63\x61pabilities\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61lias_of\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x32\xec\x01\n\rStatusService\x12k\n\tGetStatus\x12\x1e.aigne.hub.v1.GetStatusRequest\x1a\x1f.aigne.hub.v1.GetStatusResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x07/statusZ\x0c\x12\n/v1/status\x12n\n\nListModels\x12\x1f.aigne.hub.v1.ListModelsRequest\x1a .aigne.hub.v1.ListModelsResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x07/modelsZ\x0c\x12\n/v1/modelsBW\n\x0fio.aigne.hub.v1B\x12StatusServiceProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!aigne/hub/v1/status_service.proto\x12\x0c\x61igne.hub.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\"\'\n\x10GetStatusRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\"\x8d\x01\n\x11GetStatusResponse\x12\x17\n\tavailable\x18\x01 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65rror\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x63ode\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x36\n\x07resting\x18\x04 \x03(\x0b\x32\x1f.aigne.hub.v1.RestingDeploymentB\x04\xe2\x41\x01\x03\"f\n\x11RestingDeployment\x12\x18\n\ndeployment\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rcredential_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cseconds_left\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x03\"\x13\n\x11ListModelsRequest\"S\n\x12ListModelsResponse\x12\x14\n\x06object\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\'\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x13.aigne.hub.v1.ModelB\x04\xe2\x41\x01\x03\"\x92\x01\n\x05Model\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06object\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reated\x18\x03 \x01(\rB\x04\xe2\x41\x01\x03\x12\x16\n\x08owned_by\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x63\x61pabilities\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61lias_of\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x32\xec\x01\n\rStatusService\x12k\n\tGetStatus\x12\x1e.aigne.hub.v1.GetStatusRequest\x1a\x1f.aigne.hub.v1.GetStatusResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x07/statusZ\x0c\x12\n/v1/status\x12n\n\nListModels\x12\x1f.aigne.hub.v1.ListModelsRequest\x1a .aigne.hub.v1.ListModelsResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x07/modelsZ\x0c\x12\n/v1/modelsBW\n\x0fio.aigne.hub.v1B\x12StatusServiceProtoP\x01Z.github.com/aigne/hub/gen/go/aigne/hub/v1;hubv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSRESPONSE'].fields_by_name['error']._serialized_options = b'\342A\001\003'
   _globals['_GETSTATUSRESPONSE'].fields_by_name['code']._loaded_options = None
   _globals['_GETSTATUSRESPONSE'].fields_by_name['code']._serialized_options = b'\342A\001\003'
+  _globals['_GETSTATUSRESPONSE'].fields_by_name['resting']._loaded_options = None
+  _globals['_GETSTATUSRESPONSE'].fields_by_name['resting']._serialized_options = b'\342A\001\003'
+  _globals['_RESTINGDEPLOYMENT'].fields_by_name['deployment']._loaded_options = None
+  _globals['_RESTINGDEPLOYMENT'].fields_by_name['deployment']._serialized_options = b'\342A\001\003'
+  _globals['_RESTINGDEPLOYMENT'].fields_by_name['credential_id']._loaded_options = None
+  _globals['_RESTINGDEPLOYMENT'].fields_by_name['credential_id']._serialized_options = b'\342A\001\003'
+  _globals['_RESTINGDEPLOYMENT'].fields_by_name['seconds_left']._loaded_options = None
+  _globals['_RESTINGDEPLOYMENT'].fields_by_name['seconds_left']._serialized_options = b'\342A\001\003'
   _globals['_LISTMODELSRESPONSE'].fields_by_name['object']._loaded_options = None
   _globals['_LISTMODELSRESPONSE'].fields_by_name['object']._serialized_options = b'\342A\001\003'
   _globals['_LISTMODELSRESPONSE'].fields_by_name['data']._loaded_options = None
@@ -64,14 +72,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSSERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\027\022\007/modelsZ\014\022\n/v1/models'
   _globals['_GETSTATUSREQUEST']._serialized_start=114
   _globals['_GETSTATUSREQUEST']._serialized_end=153
-  _globals['_GETSTATUSRESPONSE']._serialized_start=155
-  _globals['_GETSTATUSRESPONSE']._serialized_end=240
-  _globals['_LISTMODELSREQUEST']._serialized_start=242
-  _globals['_LISTMODELSREQUEST']._serialized_end=261
-  _globals['_LISTMODELSRESPONSE']._serialized_start=263
-  _globals['_LISTMODELSRESPONSE']._serialized_end=346
-  _globals['_MODEL']._serialized_start=349
-  _globals['_MODEL']._serialized_end=495
-  _globals['_STATUSSERVICE']._serialized_start=498
-  _globals['_STATUSSERVICE']._serialized_end=734
+  _globals['_GETSTATUSRESPONSE']._serialized_start=156
+  _globals['_GETSTATUSRESPONSE']._serialized_end=297
+  _globals['_RESTINGDEPLOYMENT']._serialized_start=299
+  _globals['_RESTINGDEPLOYMENT']._serialized_end=401
+  _globals['_LISTMODELSREQUEST']._serialized_start=403
+  _globals['_LISTMODELSREQUEST']._serialized_end=422
+  _globals['_LISTMODELSRESPONSE']._serialized_start=424
+  _globals['_LISTMODELSRESPONSE']._serialized_end=507
+  _globals['_MODEL']._serialized_start=510
+  _globals['_MODEL']._serialized_end=656
+  _globals['_STATUSSERVICE']._serialized_start=659
+  _globals['_STATUSSERVICE']._serialized_end=895
 # @@protoc_insertion_point(module_scope)

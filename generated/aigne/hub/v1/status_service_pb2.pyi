@@ -54,6 +54,7 @@ class GetStatusResponse(_message.Message):
     AVAILABLE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    RESTING_FIELD_NUMBER: _builtins.int
     available: _builtins.bool
     """Output only. Whether the service (and the model, when one was named) can take
     requests.
@@ -64,20 +65,60 @@ class GetStatusResponse(_message.Message):
     """Output only. Why not, when `available` is false: an `ErrorReason` name such as
     "MODEL_NOT_FOUND" or "PROVIDER_NOT_CONFIGURED".
     """
+    @_builtins.property
+    def resting(self) -> _containers.RepeatedCompositeFieldContainer[Global___RestingDeployment]:
+        """Output only. When a model was named: its deployments that rest now (after
+        repeated failures or a 429) and take no calls until their rest ends. Each stored
+        provider credential is a deployment of its own. Empty when none rests.
+        """
+
     def __init__(
         self,
         *,
         available: _builtins.bool = ...,
         error: _builtins.str = ...,
         code: _builtins.str = ...,
+        resting: _abc.Iterable[Global___RestingDeployment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "code", b"code", "error", b"error"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "code", b"code", "error", b"error", "resting", b"resting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class RestingDeployment(_message.Message):
+    """A deployment at rest (a cooldown)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
+    SECONDS_LEFT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """Output only. The deployment as `provider/model`."""
+    credential_id: _builtins.str
+    """Output only. The id of the stored provider credential the deployment uses (as
+    listed by `ListProviderCredentials`); empty for the provider's configured key.
+    """
+    seconds_left: _builtins.float
+    """Output only. Seconds until the deployment takes a call again (a trial call)."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        credential_id: _builtins.str = ...,
+        seconds_left: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential_id", b"credential_id", "deployment", b"deployment", "seconds_left", b"seconds_left"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestingDeployment: _TypeAlias = RestingDeployment  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
