@@ -15,6 +15,7 @@ from server import errors
 from server.config import CooldownConfig, GatewayConfig, ProviderConfig, RoutingConfig
 from server.providers.base import Capability, ChatCompletions
 from server.providers.registry import build_provider
+from server.providers.transport import Transport
 from server.routing import balance, policy
 from server.routing.attempts import Routing, idle_bounded
 from server.routing.cooldown import MemoryCooldowns, RedisCooldowns
@@ -136,7 +137,7 @@ def _router(models: dict[str, object], fallbacks: list[str] | None = None) -> Ro
     import httpx
 
     client = httpx.AsyncClient()
-    built = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+    built = {name: build_provider(name, cfg, Transport(client)) for name, cfg in config.providers.items()}
     return Router(config, built)
 
 

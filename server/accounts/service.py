@@ -16,7 +16,8 @@ answer the ledger does not know about. A call cut short by the client is recorde
 refuses as it starts (RATE_LIMITED by `server.limits`, checked first so a refusal costs
 no database work; INSUFFICIENT_CREDITS, SPENDING_CAP_REACHED, a model without a rate)
 is recorded by the meter too, as an error with that reason: once the meter has
-started (METERED), it alone records the call, so every call leaves exactly one record.
+started, it alone records the call, so every call leaves exactly one record (the error
+it recorded is marked `recorded`, which the servicer's refusal path checks).
 
 When the provider answers a stored credential with "invalid key"
 (`UpstreamCredentialRejected`), the meter has `server.accounts.credential_checks`
@@ -48,7 +49,6 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from types import TracebackType
 
@@ -59,6 +59,7 @@ from server.accounts.keys import KeyRecord, KeyStore, authorize
 from server.accounts.ledger import Ledger, Outcome, Recorded, UsageRecord
 from server.accounts.observer import CallObserver, FinishedCall
 from server.accounts.spool import Spool, SpoolReplayer
+from server.calls import Credential
 from server.errors import (
     GatewayError,
     ProviderNotConfigured,
@@ -67,14 +68,11 @@ from server.errors import (
     UpstreamCredentialRejected,
 )
 from server.limits import Admission, Limiter
-from server.providers.credentials import CallCredential, clear_credential, use_credential
 from server.storage import Database
 from server.storage.settings import StorageSettings
 
 log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4
-# Whether the current call's meter started (then the meter records it, failures too).
-METERED: ContextVar[bool] = ContextVar("aigne_hub_metered", default=False)
 
 
 @dataclass
@@ -165,6 +163,7 @@ class Accounts:
     ) -> None:
         """Records a call refused before it reached a provider (bad input, unknown model,
         allow-list, credits), so that every call with a key leaves one record."""
+        exc.recorded = True
         provider = model.partition("/")[0] if "/" in model else ""
         record = UsageRecord(
             request_id=request_id or uuid.uuid4().hex,
@@ -239,8 +238,9 @@ class Meter:
         self._streamed_chars = 0
         self._prompt_tokens = prompt_tokens
         self._credential_header = credential_header
-        self._credential_id: str | None = None
-        self._credential_token: Token[CallCredential | None] | None = None
+        # The stored credential chosen for the current attempt (None: the adapter's
+        # configured key); each attempt's `Call` carries it to the transport.
+        self.credential: Credential | None = None
         # Upstream attempts so far (the routing sets it); 0 until one is made.
         self.attempts = 0
         # For the observer: the model asked for, and the time spent in upstream attempts.
@@ -278,8 +278,7 @@ class Meter:
             credential = await vault.select(self._provider)
         except ProviderNotConfigured:
             return
-        self._credential_id = credential.id
-        self._credential_token = use_credential(self._credential_header, credential.secret)
+        self.credential = Credential(credential.secret, credential.id)
 
     def _final_usage(self, exc: BaseException | None) -> Usage:
         usage = self.usage
@@ -293,7 +292,6 @@ class Meter:
         return usage
 
     async def __aenter__(self) -> Meter:
-        METERED.set(True)
         if not self._accounts.ledger.writable:
             # Refused before any provider is called: its answer could not be recorded.
             raise StorageUnavailable(
@@ -309,7 +307,7 @@ class Meter:
             await self._reserve()
         except BaseException as exc:
             # A call refused here (out of credits, cap reached, no rate) is recorded
-            # by its meter, once: METERED tells the servicer's refusal path it is done.
+            # by its meter, once: `recorded` tells the servicer's refusal path it is done.
             await self._record_refusal(exc)
             raise
         return self
@@ -340,9 +338,7 @@ class Meter:
                 if previous.id is not None:
                     self._accounts.credits.forget(previous.id)
         self._provider, self._model, self._credential_header = provider, target, credential_header
-        if self._credential_token is not None:
-            clear_credential(self._credential_token)
-            self._credential_token, self._credential_id = None, None
+        self.credential = None
         await self._choose_credential()
 
     async def _admit(self) -> None:
@@ -375,12 +371,13 @@ class Meter:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._credential_token is not None:
-            clear_credential(self._credential_token)
+        if isinstance(exc, GatewayError):
+            exc.recorded = True  # this meter records it, whatever happens below
         checker = self._accounts.credential_checker
-        if isinstance(exc, UpstreamCredentialRejected) and self._credential_id and checker:
+        credential_id = self.credential.id if self.credential else None
+        if isinstance(exc, UpstreamCredentialRejected) and credential_id and checker:
             # "Invalid key" (not a 403): out of rotation if a probe confirms it.
-            await asyncio.shield(checker.confirm_rejection(self._provider, self._credential_id, exc))
+            await asyncio.shield(checker.confirm_rejection(self._provider, credential_id, exc))
         self.usage = self._final_usage(exc)
         if self._admission is not None:
             # Every path ends here (answers, errors, cancellations, shutdown): frees the

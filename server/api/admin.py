@@ -40,7 +40,7 @@ from server.api.calls import unary
 from server.api.paging import page_request
 from server.errors import InvalidRequest, ProviderNotConfigured, ResourceNotFound
 from server.limits.rules import LimitRule, LimitStore, Scope
-from server.providers.registry import ADAPTERS, PRESETS
+from server.providers.registry import SPECS
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 GROUPS = frozenset({"key", "owner", "provider", "model", "day"})
@@ -55,7 +55,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     def __init__(self, accounts: Accounts, providers: Iterable[str] = ()) -> None:
         self._accounts = accounts
         # Credentials may be stored for the configured providers and the built-in ones.
-        self._known_providers = frozenset({*providers, *ADAPTERS, *PRESETS})
+        self._known_providers = frozenset({*providers, *SPECS})
 
     @unary
     async def CreateApiKey(

@@ -39,13 +39,14 @@ from google.protobuf.message import Message
 from server import errors
 from server.accounts.credits import Usage
 from server.accounts.errors import ModelNotAllowed
-from server.accounts.service import METERED, Accounts, Meter
+from server.accounts.service import Accounts, Meter
 from server.api.auth import CURRENT_KEY
 from server.api.errors import to_grpc_status, unexpected_error_status
 from server.api.validation import check_request
+from server.calls import Call
 from server.config import CooldownConfig, RoutingConfig
 from server.observability import tracing
-from server.observability.logs import ledger_request_id, take_request_id
+from server.observability.logs import current_request_id, ledger_request_id, take_request_id
 from server.providers.base import JSON, Capability
 from server.routing.attempts import Routing, Served, idle_bounded
 from server.routing.cooldown import MemoryCooldowns
@@ -170,7 +171,9 @@ def _positive_seconds(text: str) -> float:
 
 
 class Routed(Generic[T]):
-    """One metered call running over its plan (see the module docstring)."""
+    """One metered call running over its plan (see the module docstring). `call` is the
+    call as the upstream sees it; each attempt gets its copy (`Call.for_attempt`) with
+    its number, the credential the meter chose for it and its trace context."""
 
     def __init__(
         self,
@@ -178,19 +181,19 @@ class Routed(Generic[T]):
         plan: Plan[T],
         meter: Meter,
         context: grpc.aio.ServicerContext[Any, Any],
-        deadline: float | None,
+        call: Call,
         span: tracing.CallSpan | None = None,
     ) -> None:
         self.meter = meter
         self._span = span
         self.plan = plan
+        self.call = call
         self._routing = routing
         self._context = context
-        self._deadline = deadline
 
-    async def run(self, attempt: Callable[[Target[T], float | None], Awaitable[R]]) -> Served[T, R]:
+    async def run(self, attempt: Callable[[Target[T], Call], Awaitable[R]]) -> Served[T, R]:
         served = await self._routing.run(
-            self.plan, self._timed(attempt), deadline=self._deadline, before_attempt=self._use
+            self.plan, self._timed(attempt), deadline=self.call.deadline, before_attempt=self._use
         )
         metadata = (
             (SERVED_BY_HEADER, served.target.route.public_model),
@@ -202,10 +205,10 @@ class Routed(Generic[T]):
         return served
 
     def _timed(
-        self, attempt: Callable[[Target[T], float | None], Awaitable[R]]
+        self, attempt: Callable[[Target[T], Call], Awaitable[R]]
     ) -> Callable[[Target[T], float | None], Awaitable[R]]:
-        """`attempt`, adding its time to the meter's upstream time (the gateway's own
-        overhead is the rest)."""
+        """`attempt` with its call, adding its time to the meter's upstream time (the
+        gateway's own overhead is the rest)."""
         meter, call_span = self.meter, self._span
 
         async def timed(target: Target[T], left: float | None) -> R:
@@ -213,7 +216,8 @@ class Routed(Generic[T]):
             started = time.perf_counter()
             try:
                 with tracing.attempt_span(meter.operation, route.provider.name, route.upstream_model) as span:
-                    result = await attempt(target, left)
+                    call = self.call.for_attempt(meter.attempts, meter.credential, tracing.upstream_headers())
+                    result = await attempt(target, call)
                     if span is not None:
                         tracing.note_answer(span, call_span, result)
                     return result
@@ -222,15 +226,16 @@ class Routed(Generic[T]):
 
         return timed
 
-    async def unary(self, call: Callable[[T, str], Awaitable[R]]) -> Served[T, R]:
-        """Runs a unary call: each attempt bounded by `first_token_s` until its answer."""
+    async def unary(self, send: Callable[[T, str, Call], Awaitable[R]]) -> Served[T, R]:
+        """Runs a unary call, `send(adapter, upstream model, call)` per attempt, each
+        bounded by `first_token_s` until its answer."""
         limit = self.plan.timeouts.first_token_s
 
-        async def attempt(target: Target[T], left: float | None) -> R:
+        async def attempt(target: Target[T], call: Call) -> R:
             provider = target.route.provider.name
             try:
                 async with asyncio.timeout(limit):
-                    return await call(target.adapter, target.route.upstream_model)
+                    return await send(target.adapter, target.route.upstream_model, call)
             except TimeoutError:
                 raise errors.UpstreamTimeout(
                     f"{provider} did not answer in time (no answer within {limit:g} s)", provider=provider
@@ -239,7 +244,7 @@ class Routed(Generic[T]):
         return await self.run(attempt)
 
     async def stream(
-        self, open_stream: Callable[[T, str], AsyncGenerator[JSON, None]]
+        self, open_stream: Callable[[T, str, Call], AsyncGenerator[JSON, None]]
     ) -> tuple[Served[T, JSON | None], AsyncGenerator[JSON, None]]:
         """Opens a stream: attempts are retried until one yields its first chunk (then
         no more: a chunk may have reached the client). Returns the first chunk and the
@@ -247,8 +252,8 @@ class Routed(Generic[T]):
         limit = self.plan.timeouts.first_token_s
         opened: list[AsyncGenerator[JSON, None]] = []
 
-        async def attempt(target: Target[T], left: float | None) -> JSON | None:
-            chunks = open_stream(target.adapter, target.route.upstream_model)
+        async def attempt(target: Target[T], call: Call) -> JSON | None:
+            chunks = open_stream(target.adapter, target.route.upstream_model, call)
             provider = target.route.provider.name
             try:
                 async with asyncio.timeout(limit):
@@ -337,8 +342,16 @@ class MeteredServicer:
         (allow-list, reservation) and records the call when the block ends."""
         first = plan.primary.targets[0].route
         header = getattr(first.provider, "credential_header", None)
+        key = CURRENT_KEY.get()  # the interceptor's hand-off: read once, then the call carries it
+        deadline = self._routing.deadline_for(plan, options.timeout_s, context.time_remaining())
+        call = Call(
+            request_id=current_request_id(),
+            key_id=key.id if key else None,
+            owner_id=key.owner_id if key else None,
+            deadline=deadline,
+        )
         meter = self._accounts.meter(
-            CURRENT_KEY.get(),
+            key,
             first.provider.name,
             first.upstream_model,
             operation,
@@ -346,20 +359,18 @@ class MeteredServicer:
             header,
             prompt_tokens,
             public_model=plan.primary.model,
-            request_id=ledger_request_id(),
+            request_id=ledger_request_id(call.request_id),
         )
-        grpc_left = context.time_remaining()
-        deadline = self._routing.deadline_for(plan, options.timeout_s, grpc_left)
         span = tracing.start_call(operation, plan.primary.model, context.invocation_metadata())
         if span is None:
             async with meter:
-                yield Routed(self._routing, plan, meter, context, deadline)
+                yield Routed(self._routing, plan, meter, context, call)
             return
         meter.trace_id = span.trace_id
         error: BaseException | None = None
         try:
             async with meter:
-                yield Routed(self._routing, plan, meter, context, deadline, span)
+                yield Routed(self._routing, plan, meter, context, call, span)
         except BaseException as exc:
             error = exc
             raise
@@ -368,10 +379,11 @@ class MeteredServicer:
 
     async def record_refusal(self, method: str, request: Any, exc: Exception) -> None:
         """A call that failed before its meter started still leaves a ledger record."""
-        if METERED.get() or not isinstance(exc, errors.GatewayError):
-            return
+        if not isinstance(exc, errors.GatewayError) or exc.recorded:
+            return  # the call's meter recorded it already
         if isinstance(exc, errors.StorageUnavailable):
             return  # the ledger is in that database: trying would only wait again
         model = getattr(request, "model", "") or ""
         operation = OPERATIONS.get(method, method)
-        await self._accounts.record_refusal(CURRENT_KEY.get(), operation, model, exc, ledger_request_id())
+        request_id = ledger_request_id(current_request_id())
+        await self._accounts.record_refusal(CURRENT_KEY.get(), operation, model, exc, request_id)
