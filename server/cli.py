@@ -34,6 +34,7 @@ from server.bridge.process import EnvoyProcess, Listen, check_ports_free
 from server.bridge.supervisor import supervise
 from server.config import ConfigError, Settings
 from server.observability.logs import configure_logging
+from server.providers.registry import enabling_variables
 from server.storage.database import StorageError
 
 ACCOUNT_COMMANDS = frozenset({"keys", "credits", "usage", "credentials", "limits", "migrate"})
@@ -133,9 +134,10 @@ async def serve(settings: Settings) -> None:
 def _print_hints(gateway: Gateway) -> None:
     """What a first-time user needs next: a provider, and a key to call with."""
     if not gateway.providers:
+        first, *others = enabling_variables()
         print(
-            "aigne-hub: no provider is configured, so every model is refused: set OPENAI_API_KEY "
-            "(or ANTHROPIC_API_KEY, GEMINI_API_KEY, MISTRAL_API_KEY, OLLAMA_HOST, ...) or pass --config",
+            f"aigne-hub: no provider is configured, so every model is refused: set {first} "
+            f"(or {', '.join(others[:4])}, ...) or pass --config",
             flush=True,
         )
     if gateway.settings.auth_required:

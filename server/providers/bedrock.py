@@ -381,7 +381,7 @@ SPEC = ProviderSpec(
         ),
     ),
     from_environment=_from_environment,
-    enabled_by="AWS credentials and region, or AWS_BEARER_TOKEN_BEDROCK",
+    enabled_by=f"AWS credentials and region, or {BEARER_ENV}",
     adapter="bedrock",
     variables=(*_CREDENTIAL_VARIABLES, "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", *_REGION_VARIABLES),
 )

@@ -70,6 +70,12 @@ def api_key_variable(provider: str) -> str | None:
     return spec.api_key_env if spec else None
 
 
+def enabling_variables() -> list[str]:
+    """The variable that enables each provider with a key of its own, in the registry's
+    order (for hints: "set OPENAI_API_KEY (or ANTHROPIC_API_KEY, ...)")."""
+    return [spec.api_key_env for spec in SPECS.values() if spec.from_environment and spec.api_key_env]
+
+
 def providers_from_environment(environ: Mapping[str, str]) -> dict[str, ProviderConfig]:
     """The providers the environment enables (each spec reads its own variables)."""
     providers = {}
