@@ -156,8 +156,7 @@ class Upstream:
         if call.request_id is not None:
             headers[REQUEST_ID_HEADER] = call.request_id
         headers.update(call.trace_headers)
-        if call.credential is not None:
-            register_secret(call.credential.secret)
+        if call.credential is not None:  # registered for redaction by the vault that holds it
             name, prefix = self.credential_header
             headers[name] = prefix + call.credential.secret
         return headers
