@@ -1,8 +1,9 @@
 """The call: what one client call carries from its servicer down to the upstream request.
 
-Built once by the servicer (`server.api.calls`) when the call starts, then copied per
-attempt (`for_attempt`) with the attempt's number and the provider credential chosen
-for it; the adapter hands it to the transport (`server.providers.transport`), which
+Built once by the servicer (`server.api.calls`) when the call starts, handed to the
+routing (`server.routing.attempts`), which copies it per attempt (`for_attempt`) with
+the attempt's number and the provider credential chosen for it (the servicer adds the
+attempt's trace context); the adapter hands it to the transport (`server.providers.transport`), which
 puts the credential in the provider's header and the request id and trace context in
 the upstream request. Nothing about a call travels in context variables or HTTP
 hooks: a reader of an adapter sees what reaches the upstream.
@@ -46,10 +47,12 @@ class Call:
     # Headers that continue the call's trace upstream (W3C traceparent, ...).
     trace_headers: tuple[tuple[str, str], ...] = ()
 
-    def for_attempt(
-        self, attempt: int, credential: Credential | None, trace_headers: tuple[tuple[str, str], ...] = ()
-    ) -> Call:
-        return replace(self, attempt=attempt, credential=credential, trace_headers=trace_headers)
+    def for_attempt(self, attempt: int, credential: Credential | None) -> Call:
+        """The call as attempt number `attempt` sends it, with `credential`."""
+        return replace(self, attempt=attempt, credential=credential)
+
+    def with_trace(self, headers: tuple[tuple[str, str], ...]) -> Call:
+        return replace(self, trace_headers=headers) if headers else self
 
 
 # For calls made outside a client call: the CLI, tests, a credential probe.

@@ -43,7 +43,7 @@ from server.accounts.service import Accounts, Meter
 from server.api.auth import CURRENT_KEY
 from server.api.errors import to_grpc_status, unexpected_error_status
 from server.api.validation import check_request
-from server.calls import Call
+from server.calls import Call, Credential
 from server.config import CooldownConfig, RoutingConfig
 from server.observability import tracing
 from server.observability.logs import current_request_id, ledger_request_id, take_request_id
@@ -172,8 +172,8 @@ def _positive_seconds(text: str) -> float:
 
 class Routed(Generic[T]):
     """One metered call running over its plan (see the module docstring). `call` is the
-    call as the upstream sees it; each attempt gets its copy (`Call.for_attempt`) with
-    its number, the credential the meter chose for it and its trace context."""
+    call as the upstream sees it; the routing gives each attempt its copy with its
+    number and the credential the meter chose for it; the trace context is added here."""
 
     def __init__(
         self,
@@ -192,9 +192,7 @@ class Routed(Generic[T]):
         self._context = context
 
     async def run(self, attempt: Callable[[Target[T], Call], Awaitable[R]]) -> Served[T, R]:
-        served = await self._routing.run(
-            self.plan, self._timed(attempt), deadline=self.call.deadline, before_attempt=self._use
-        )
+        served = await self._routing.run(self.plan, self._timed(attempt), call=self.call, before_attempt=self._use)
         metadata = (
             (SERVED_BY_HEADER, served.target.route.public_model),
             (ATTEMPTS_HEADER, str(served.attempts)),
@@ -204,20 +202,18 @@ class Routed(Generic[T]):
         self._context.set_trailing_metadata(metadata)
         return served
 
-    def _timed(
-        self, attempt: Callable[[Target[T], Call], Awaitable[R]]
-    ) -> Callable[[Target[T], float | None], Awaitable[R]]:
+    def _timed(self, attempt: Callable[[Target[T], Call], Awaitable[R]]) -> Callable[[Target[T], Call], Awaitable[R]]:
         """`attempt` with its call, adding its time to the meter's upstream time (the
         gateway's own overhead is the rest)."""
         meter, call_span = self.meter, self._span
 
-        async def timed(target: Target[T], left: float | None) -> R:
+        async def timed(target: Target[T], call: Call) -> R:
             route = target.route
             started = time.perf_counter()
             try:
                 with tracing.attempt_span(meter.operation, route.provider.name, route.upstream_model) as span:
-                    call = self.call.for_attempt(meter.attempts, meter.credential, tracing.upstream_headers())
-                    result = await attempt(target, call)
+                    # The attempt's span is current here: the upstream request continues it.
+                    result = await attempt(target, call.with_trace(tracing.upstream_headers()))
                     if span is not None:
                         tracing.note_answer(span, call_span, result)
                     return result
@@ -275,10 +271,12 @@ class Routed(Generic[T]):
         provider = served.target.route.provider.name
         return served, _rest_of(opened[-1], self.plan.timeouts.idle_s, provider)
 
-    async def _use(self, target: Target[T], public_model: str) -> None:
+    async def _use(self, target: Target[T], public_model: str) -> Credential | None:
+        """Points the meter at the attempt's deployment; the credential it picked."""
         header = getattr(target.route.provider, "credential_header", None)
         await self.meter.use(target.route.provider.name, target.route.upstream_model, public_model, header)
         self.meter.attempts += 1
+        return self.meter.credential
 
 
 async def _rest_of(
