@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
-class Credential:
+class CallCredential:
     """A provider secret chosen for one attempt (a stored credential of the vault, or a
     secret being probed); `id` is the stored credential's id, None for a probe."""
 
@@ -26,7 +26,7 @@ class Credential:
     id: str | None = None
 
     def __repr__(self) -> str:  # never the secret, whoever prints the call
-        return f"Credential(id={self.id!r})"
+        return f"CallCredential(id={self.id!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +43,11 @@ class Call:
     # 1 for the first upstream attempt, 2 for the next (a retry or a fallback), ...
     attempt: int = 0
     # The credential for this attempt; None: the adapter's configured key.
-    credential: Credential | None = None
+    credential: CallCredential | None = None
     # Headers that continue the call's trace upstream (W3C traceparent, ...).
     trace_headers: tuple[tuple[str, str], ...] = ()
 
-    def for_attempt(self, attempt: int, credential: Credential | None) -> Call:
+    def for_attempt(self, attempt: int, credential: CallCredential | None) -> Call:
         """The call as attempt number `attempt` sends it, with `credential`."""
         return replace(self, attempt=attempt, credential=credential)
 
@@ -61,4 +61,4 @@ NO_CALL = Call()
 
 def probe_call(secret: str) -> Call:
     """The call of a credential probe: nothing but the secret to check."""
-    return Call(credential=Credential(secret))
+    return Call(credential=CallCredential(secret))

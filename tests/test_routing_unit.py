@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from server import errors
-from server.calls import Call, Credential
+from server.calls import Call, CallCredential
 from server.config import CooldownConfig, GatewayConfig, ProviderConfig, RoutingConfig
 from server.providers.base import Capability, ChatCompletions
 from server.providers.registry import build_provider
@@ -194,8 +194,8 @@ async def test_each_attempt_gets_its_own_copy_of_the_call() -> None:
             raise outcome
         return outcome
 
-    async def before(target: Target[ChatCompletions], public_model: str) -> Credential:
-        return Credential(f"secret-of-{target.name}", id=f"cred-{target.name}")
+    async def before(target: Target[ChatCompletions], public_model: str) -> CallCredential:
+        return CallCredential(f"secret-of-{target.name}", id=f"cred-{target.name}")
 
     call = Call(request_id="r-1", key_id="k-1", owner_id="o-1")
     served = await _routing().run(plan, attempt, call=call, before_attempt=before)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from server import errors
-from server.calls import NO_CALL, Call, Credential, probe_call
+from server.calls import NO_CALL, Call, CallCredential, probe_call
 from server.providers.openai import OpenAIAdapter
 from server.providers.transport import (
     Transport,
@@ -124,7 +124,7 @@ async def test_a_call_carries_its_credential_request_id_and_trace(fake: FakeOpen
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     call = Call(
         request_id="req-1",
-        credential=Credential("stored-key", "cred-1"),
+        credential=CallCredential("stored-key", "cred-1"),
         trace_headers=(("traceparent", traceparent),),
     )
     answer = await adapter.create_chat_completion(CHAT, "gpt-4o-mini", call)

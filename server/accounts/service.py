@@ -59,7 +59,7 @@ from server.accounts.keys import KeyRecord, KeyStore, authorize
 from server.accounts.ledger import Ledger, Outcome, Recorded, UsageRecord
 from server.accounts.observer import CallObserver, FinishedCall
 from server.accounts.spool import Spool, SpoolReplayer
-from server.calls import Credential
+from server.calls import CallCredential
 from server.errors import (
     GatewayError,
     ProviderNotConfigured,
@@ -240,7 +240,7 @@ class Meter:
         self._credential_header = credential_header
         # The stored credential chosen for the current attempt (None: the adapter's
         # configured key); each attempt's `Call` carries it to the transport.
-        self.credential: Credential | None = None
+        self.credential: CallCredential | None = None
         # Upstream attempts so far (the routing sets it); 0 until one is made.
         self.attempts = 0
         # For the observer: the model asked for, and the time spent in upstream attempts.
@@ -278,7 +278,7 @@ class Meter:
             credential = await vault.select(self._provider)
         except ProviderNotConfigured:
             return
-        self.credential = Credential(credential.secret, credential.id)
+        self.credential = CallCredential(credential.secret, credential.id)
 
     def _final_usage(self, exc: BaseException | None) -> Usage:
         usage = self.usage

@@ -43,7 +43,7 @@ from server.accounts.service import Accounts, Meter
 from server.api.auth import CURRENT_KEY
 from server.api.errors import to_grpc_status, unexpected_error_status
 from server.api.validation import check_request
-from server.calls import Call, Credential
+from server.calls import Call, CallCredential
 from server.config import CooldownConfig, RoutingConfig
 from server.observability import tracing
 from server.observability.logs import current_request_id, ledger_request_id, take_request_id
@@ -271,7 +271,7 @@ class Routed(Generic[T]):
         provider = served.target.route.provider.name
         return served, _rest_of(opened[-1], self.plan.timeouts.idle_s, provider)
 
-    async def _use(self, target: Target[T], public_model: str) -> Credential | None:
+    async def _use(self, target: Target[T], public_model: str) -> CallCredential | None:
         """Points the meter at the attempt's deployment; the credential it picked."""
         header = getattr(target.route.provider, "credential_header", None)
         await self.meter.use(target.route.provider.name, target.route.upstream_model, public_model, header)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from server import errors
-from server.calls import NO_CALL, Call, Credential
+from server.calls import NO_CALL, Call, CallCredential
 from server.config import RoutingConfig
 from server.routing import balance, policy
 from server.routing.cooldown import CooldownStore
@@ -82,7 +82,7 @@ class Routing:
         attempt: Callable[[Target[T], Call], Awaitable[R]],
         *,
         call: Call = NO_CALL,
-        before_attempt: Callable[[Target[T], str], Awaitable[Credential | None]] | None = None,
+        before_attempt: Callable[[Target[T], str], Awaitable[CallCredential | None]] | None = None,
     ) -> Served[T, R]:
         """Tries `attempt(target, attempt's call)` over the plan until one succeeds.
 
@@ -111,7 +111,7 @@ class _Run(Generic[T, R]):
         plan: Plan[T],
         attempt: Callable[[Target[T], Call], Awaitable[R]],
         call: Call,
-        before_attempt: Callable[[Target[T], str], Awaitable[Credential | None]] | None,
+        before_attempt: Callable[[Target[T], str], Awaitable[CallCredential | None]] | None,
     ) -> None:
         self._routing = routing
         self._plan = plan
