@@ -70,13 +70,6 @@ class StreamBody:
         self._provider = provider
         self.headers: Headers = response.headers
 
-    async def lines(self) -> AsyncIterator[str]:
-        try:
-            async for line in self._response.aiter_lines():
-                yield line
-        except httpx.HTTPError as exc:
-            raise transport_error(self._provider, exc) from exc
-
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for data in self._response.aiter_bytes():
@@ -86,13 +79,16 @@ class StreamBody:
 
     def sse(self, *, bare_json: bool = False) -> AsyncIterator[str]:
         """The `data` of each server-sent event (see `sse_data`)."""
-        return sse_data(self.lines(), bare_json=bare_json)
+        return sse_data(self._response.aiter_lines(), bare_json=bare_json, provider=self._provider)
 
     async def ndjson(self) -> AsyncIterator[JSON]:
         """Each non-blank line as a JSON object."""
-        async for line in self.lines():
-            if line.strip():
-                yield parse_object(self._provider, line)
+        try:
+            async for line in self._response.aiter_lines():
+                if line.strip():
+                    yield parse_object(self._provider, line)
+        except httpx.HTTPError as exc:
+            raise transport_error(self._provider, exc) from exc
 
 
 class Transport:
@@ -218,26 +214,32 @@ def with_credential(
 # -------------------------------------------------------------------------- framing
 
 
-async def sse_data(lines: AsyncIterator[str], *, bare_json: bool = False) -> AsyncIterator[str]:
+async def sse_data(
+    lines: AsyncIterator[str], *, bare_json: bool = False, provider: str = "upstream"
+) -> AsyncIterator[str]:
     """The `data` of each server-sent event, multi-line data joined with newlines.
 
     Other fields (event:, id:, retry:) and comments (:) carry nothing an adapter uses.
     With `bare_json`, a line outside any field that (with the lines before it) is a
-    JSON document is an event too: Google sends a failure mid-stream that way."""
+    JSON document is an event too: Google sends a failure mid-stream that way. One
+    generator over the response's lines (no layer per concern: this runs per line)."""
     data: list[str] = []
     bare: list[str] = []
-    async for line in lines:
-        if line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-        elif not line.strip():
-            if data:
-                yield "\n".join(data)
-                data = []
-        elif bare_json and not line.startswith((":", "event:", "id:", "retry:")):
-            bare.append(line)
-            if _is_json("\n".join(bare)):
-                yield "\n".join(bare)
-                bare = []
+    try:
+        async for line in lines:
+            if line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+            elif not line.strip():
+                if data:
+                    yield "\n".join(data)
+                    data = []
+            elif bare_json and not line.startswith((":", "event:", "id:", "retry:")):
+                bare.append(line)
+                if _is_json("\n".join(bare)):
+                    yield "\n".join(bare)
+                    bare = []
+    except httpx.HTTPError as exc:
+        raise transport_error(provider, exc) from exc
     for rest in (data, bare):
         if rest:
             yield "\n".join(rest)
