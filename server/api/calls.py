@@ -4,7 +4,12 @@ call metadata, and running a call over its routing plan with its meter.
 A call that reaches providers goes: plan (the model's deployments and fallbacks, see
 `server.routing.router`) -> meter (allow-list, credits, one ledger record) -> attempts
 (`server.routing.attempts`: retries, fallbacks, cooldowns, timeouts), each attempt
-pointing the meter at its deployment first. The answer carries which deployment served
+pointing the meter at its deployment first. What the upstream request carries of the
+call travels as one object, `server.calls.Call`, built here (request id, key, owner,
+deadline), copied by the routing per attempt (number, the credential the meter picked),
+given the attempt's trace context, and handed to the adapter, which hands it to the
+transport. The key comes from the auth interceptor's context variable, read once here:
+a gRPC interceptor can hand a handler nothing else. The answer carries which deployment served
 it and after how many attempts (`x-aigne-hub-served-by`, `x-aigne-hub-attempts`, as
 initial and trailing metadata, which the REST bridge passes on as HTTP headers), and,
 when a rate limit applies to the key (server.limits), OpenAI's `x-ratelimit-*` headers
