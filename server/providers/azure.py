@@ -25,19 +25,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncGenerator, Mapping
-from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from server import errors
 from server.calls import NO_CALL, Call
-from server.config import ModelEntry
+from server.config import ModelEntry, ProviderConfig
 from server.providers.base import JSON, Capability
 from server.providers.openai import OpenAIAdapter
 from server.providers.spec import ProviderSpec
 from server.providers.transport import Headers, Transport, error_message_from_body, upstream_status_error
-
-if TYPE_CHECKING:
-    from server.config import ProviderConfig
 
 API_KEY_ENV = "AZURE_OPENAI_API_KEY"
 AD_TOKEN_ENV = "AZURE_OPENAI_AD_TOKEN"
@@ -157,8 +153,6 @@ def build_azure(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: T
 
 def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
     """As openai.AzureOpenAI reads it: an endpoint and a key or Entra ID token."""
-    from server.config import ProviderConfig
-
     if environ.get(ENDPOINT_ENV) and (environ.get(API_KEY_ENV) or environ.get(AD_TOKEN_ENV)):
         return ProviderConfig()
     return None

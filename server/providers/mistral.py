@@ -53,17 +53,14 @@ import string
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server import errors
 from server.calls import NO_CALL, Call, probe_call
-from server.config import ModelEntry
+from server.config import ModelEntry, ProviderConfig
 from server.providers.base import JSON, Capability, floats_to_base64
 from server.providers.spec import ProviderSpec
 from server.providers.transport import Headers, Transport, error_message_from_body, parse_object, upstream_status_error
-
-if TYPE_CHECKING:
-    from server.config import ProviderConfig
 
 DEFAULT_BASE_URL = "https://api.mistral.ai"
 API_KEY_ENV = "MISTRAL_API_KEY"
@@ -187,8 +184,6 @@ def build_mistral(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport:
 
 
 def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
-    from server.config import ProviderConfig
-
     return ProviderConfig(api_key_env=API_KEY_ENV) if environ.get(API_KEY_ENV) else None
 
 

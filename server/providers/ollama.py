@@ -57,16 +57,14 @@ import time
 import urllib.parse
 from collections.abc import AsyncGenerator, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server import errors
 from server.calls import NO_CALL, Call, probe_call
+from server.config import ProviderConfig
 from server.providers.base import JSON, Capability, floats_to_base64
 from server.providers.spec import ProviderSpec
 from server.providers.transport import Transport, error_message_from_body
-
-if TYPE_CHECKING:
-    from server.config import ProviderConfig
 
 DEFAULT_PORT = 11434
 API_KEY_ENV = "OLLAMA_API_KEY"
@@ -174,8 +172,6 @@ def build_ollama(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: 
 
 def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
     """Ollama needs no key (OLLAMA_API_KEY only for ollama.com); its host enables it."""
-    from server.config import ProviderConfig
-
     if not environ.get(HOST_ENV):
         return None
     return ProviderConfig(base_url=environ[HOST_ENV], api_key_env=API_KEY_ENV)

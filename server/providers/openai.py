@@ -12,11 +12,11 @@ import json
 import os
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server import errors
 from server.calls import NO_CALL, Call, probe_call
-from server.config import ModelEntry
+from server.config import ModelEntry, ProviderConfig
 from server.providers.base import (
     JSON,
     AudioFile,
@@ -26,9 +26,6 @@ from server.providers.base import (
 )
 from server.providers.spec import ProviderSpec
 from server.providers.transport import ErrorReader, Transport, parse_object
-
-if TYPE_CHECKING:
-    from server.config import ProviderConfig
 
 ALL_CAPABILITIES = frozenset(Capability)
 API_KEY_ENV = "OPENAI_API_KEY"
@@ -195,8 +192,6 @@ def build_openai(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: 
 
 
 def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
-    from server.config import ProviderConfig
-
     if not (environ.get(API_KEY_ENV) or environ.get(BASE_URL_ENV)):
         return None
     return ProviderConfig(api_key_env=API_KEY_ENV, base_url=environ.get(BASE_URL_ENV) or None)
