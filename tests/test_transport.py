@@ -4,6 +4,7 @@ OpenAI upstream on loopback (no gateway, no Envoy)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 
@@ -180,3 +181,15 @@ async def test_probe_sends_the_secret_and_reads_a_rejection(fake: FakeOpenAI, ad
                 await checked.probe_credential("sk-wrong")
     finally:
         await strict.stop()
+
+
+async def test_closing_a_stream_hangs_up_on_the_upstream(fake: FakeOpenAI, adapter: OpenAIAdapter) -> None:
+    before = fake.cancelled_streams
+    chunks = adapter.stream_chat_completion(CHAT, "stream-stall")
+    assert (await anext(chunks))["choices"]  # the upstream is now silent, mid-stream
+    await chunks.aclose()  # what a client's cancellation does to the attempt
+    for _ in range(50):
+        if fake.cancelled_streams > before:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.cancelled_streams == before + 1
