@@ -100,7 +100,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         elif args.command == "credits":
             await _credits(args, CreditService(db, billing_enabled=True), db)
         elif args.command == "limits":
-            await limits_cli.run(args, db)
+            await limits_cli.run(args, db, billing_enabled=settings.billing_enabled)
         elif args.command == "credentials":
             master_key = settings.master_key.get_secret_value() if settings.master_key else None
             await _credentials(args, CredentialVault(db, load_master_key(master_key)))

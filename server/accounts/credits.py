@@ -38,6 +38,13 @@ SQLite is one machine's file, so its clock is the process's. Both background loo
 
 With billing off (the default) nothing is reserved or charged: `reserve` returns an
 empty reservation without touching the database, and usage is still recorded.
+
+Spend windows (credits per UTC day / calendar month, server.limits.windows): `reserve`
+also holds the amount against each window the call falls under, in the same
+transaction (after the key, so the lock order holds: ..., keys, spend windows by id),
+and the reservation row lists the windows it holds; settling (here, in the ledger's
+group commit, or by the sweeper) moves the charge into them with the balance. The
+period a call falls in is read from `clock` (the process's UTC clock; tests set it).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
+from typing import Any
 
 from sqlalchemy import ColumnElement, Interval, Row, delete, func, literal, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -63,9 +71,18 @@ from server.accounts.errors import (
     SpendingCapReached,
     format_credits,
 )
+from server.limits.windows import CreditWindow, ledger_spend, period_of, refusal, spend_of
 from server.storage.database import Database
 from server.storage.inline import Executor
-from server.storage.schema import api_keys, balances, credit_grants, model_rates, reservations, utcnow
+from server.storage.schema import (
+    api_keys,
+    balances,
+    credit_grants,
+    model_rates,
+    reservations,
+    spend_windows,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +90,8 @@ log = logging.getLogger(__name__)
 _IDS_PER_RENEWAL = 500
 # How much the sweeper's period varies, so replicas started together spread out.
 _SWEEP_JITTER = 0.2
+# How long a spend window untouched and holding nothing is kept: past any month.
+_WINDOW_KEPT = timedelta(days=62)
 
 
 def credits_to_micros(credits: Decimal | float | int | str) -> int:
@@ -204,6 +223,8 @@ class CreditService:
         self._rates_ttl = rates_cache_ttl_s
         self._rates: tuple[dict[str, Rate], list[Rate]] | None = None
         self._rates_fresh_until = 0.0
+        # "Now" for spend windows: which UTC day and month a call counts in.
+        self.clock: Callable[[], datetime] = utcnow
 
     # -- rates ---------------------------------------------------------------------------
 
@@ -319,9 +340,12 @@ class CreditService:
         *,
         key_id: str | None = None,
         request_id: str | None = None,
+        windows: Sequence[CreditWindow] = (),
     ) -> Reservation:
-        """Holds `amount_micros` of the owner's credits and of the key's cap, or raises
-        INSUFFICIENT_CREDITS / SPENDING_CAP_REACHED saying what is left and what was needed."""
+        """Holds `amount_micros` of the owner's credits, of the key's cap and of each
+        spend window's current period, or raises INSUFFICIENT_CREDITS /
+        SPENDING_CAP_REACHED / RATE_LIMITED (a window) saying what is left and what
+        was needed; a refusal holds nothing."""
         if amount_micros < 0:
             raise ValueError("a reservation cannot be negative")
         if not self.billing_enabled:
@@ -367,6 +391,7 @@ class CreditService:
                         available_micros=left,
                         needed_micros=amount_micros,
                     )
+            window_ids = await self._hold_windows(conn, windows, amount_micros)
             await conn.execute(
                 reservations.insert().values(
                     id=reservation.id,
@@ -376,11 +401,44 @@ class CreditService:
                     request_id=request_id,
                     created_at=reservation.created_at,
                     expires_at=self._lease_end(),
+                    spend_window_ids=" ".join(window_ids) or None,
                 )
             )
         # No await from here to the caller: a reservation held is always returned.
         self.hold(reservation_id)
         return reservation
+
+    async def _hold_windows(
+        self, conn: AsyncConnection, windows: Sequence[CreditWindow], amount_micros: int
+    ) -> list[str]:
+        """Adds `amount_micros` to each window's reserved credits unless that would take
+        it past its limit (then RATE_LIMITED, and the caller's transaction rolls back);
+        returns the window rows held, in id (lock) order. One UPDATE per window once
+        its period's row exists."""
+        now = self.clock()
+        by_id = {window.row_id(period_of(window.kind, now)): window for window in windows}
+        for row_id in sorted(by_id):
+            window = by_id[row_id]
+            if not await _add_to_window(conn, row_id, window.limit_micros, amount_micros):
+                # The period's first call: create its row from what the ledger charged
+                # so far (a concurrent creator wins harmlessly), then try again.
+                period = period_of(window.kind, now)
+                await conn.execute(
+                    self._db.insert_ignoring_conflicts(spend_windows, "id").values(
+                        id=row_id,
+                        scope=window.scope,
+                        subject=window.subject,
+                        model=window.model,
+                        period=period.key,
+                        spent_micros=await ledger_spend(conn, window, period),
+                        reserved_micros=0,
+                        updated_at=utcnow(),
+                    )
+                )
+                if not await _add_to_window(conn, row_id, window.limit_micros, amount_micros):
+                    spend = (await spend_of(conn, [window], now))[window]
+                    raise refusal(window, spend, amount_micros, now)
+        return sorted(by_id)
 
     async def settle(self, reservation: Reservation, actual_micros: int) -> int:
         """Charges `min(actual, reserved)` and releases the rest; returns the charge.
@@ -446,6 +504,24 @@ class CreditService:
                 )
         return released
 
+    async def prune_spend_windows(self, now: datetime | None = None) -> int:
+        """Deletes the spend windows of past periods: rows holding nothing, untouched
+        for `_WINDOW_KEPT` (longer than a month, so their period has ended; only the
+        current period is ever consulted, and the ledger keeps the history). Returns
+        how many were deleted."""
+        cutoff = (now or utcnow()) - _WINDOW_KEPT
+        async with self._db.write() as conn:
+            done = await conn.execute(
+                delete(spend_windows).where(spend_windows.c.reserved_micros == 0, spend_windows.c.updated_at < cutoff)
+            )
+        return max(done.rowcount, 0)
+
+    async def _sweep(self) -> int:
+        """The sweeper's round: expired reservations, then past spend windows."""
+        released = await self.release_expired()
+        await self.prune_spend_windows()
+        return released
+
     # -- leases --------------------------------------------------------------------------
 
     def hold(self, reservation_id: str) -> None:
@@ -496,7 +572,7 @@ class CreditService:
                 name="credit-lease-renewal",
             ),
             asyncio.create_task(
-                _every(period, _SWEEP_JITTER, "releasing expired credit reservations", self.release_expired),
+                _every(period, _SWEEP_JITTER, "releasing expired credit reservations", self._sweep),
                 name="credit-reservation-sweeper",
             ),
         ]
@@ -551,6 +627,28 @@ class HeldReservation:
     owner_id: str
     key_id: str | None
     amount_micros: int
+    # The spend windows it holds `amount_micros` of (server.limits.windows).
+    window_ids: tuple[str, ...] = ()
+
+
+_TAKEN = (reservations.c.owner_id, reservations.c.key_id, reservations.c.amount_micros, reservations.c.spend_window_ids)
+
+
+def _held(reservation_id: str, row: Any) -> HeldReservation:
+    windows = tuple(str(row.spend_window_ids).split()) if row.spend_window_ids else ()
+    return HeldReservation(reservation_id, row.owner_id, row.key_id, row.amount_micros, windows)
+
+
+async def _add_to_window(conn: AsyncConnection, row_id: str, limit_micros: int, amount_micros: int) -> bool:
+    """Holds `amount_micros` of the window if it still fits under the limit (the WHERE
+    clause is re-checked on the newest row version after a concurrent writer)."""
+    column = spend_windows.c
+    done = await conn.execute(
+        update(spend_windows)
+        .where(column.id == row_id, column.spent_micros + column.reserved_micros + amount_micros <= limit_micros)
+        .values(reserved_micros=column.reserved_micros + amount_micros, updated_at=utcnow())
+    )
+    return bool(done.rowcount == 1)
 
 
 async def take_reservations(conn: Executor, ids: Iterable[str]) -> dict[str, HeldReservation]:
@@ -558,14 +656,10 @@ async def take_reservations(conn: Executor, ids: Iterable[str]) -> dict[str, Hel
     taken: dict[str, HeldReservation] = {}
     for reservation_id in sorted(set(ids)):
         row = (
-            await conn.execute(
-                delete(reservations)
-                .where(reservations.c.id == reservation_id)
-                .returning(reservations.c.owner_id, reservations.c.key_id, reservations.c.amount_micros)
-            )
+            await conn.execute(delete(reservations).where(reservations.c.id == reservation_id).returning(*_TAKEN))
         ).one_or_none()
         if row is not None:
-            taken[reservation_id] = HeldReservation(reservation_id, row.owner_id, row.key_id, row.amount_micros)
+            taken[reservation_id] = _held(reservation_id, row)
     return taken
 
 
@@ -577,18 +671,22 @@ async def _take_expired(
         await conn.execute(
             delete(reservations)
             .where(reservations.c.id == reservation_id, reservations.c.expires_at < cutoff)
-            .returning(reservations.c.owner_id, reservations.c.key_id, reservations.c.amount_micros)
+            .returning(*_TAKEN)
         )
     ).one_or_none()
-    return None if row is None else HeldReservation(reservation_id, row.owner_id, row.key_id, row.amount_micros)
+    return None if row is None else _held(reservation_id, row)
 
 
 async def apply_settlements(conn: Executor, settlements: Sequence[tuple[HeldReservation, int]]) -> None:
     """Moves each taken reservation's charge from held to spent: balances (by owner),
-    then keys (by id), one UPDATE per row."""
+    then keys (by id), then spend windows (by id), one UPDATE per row."""
     owner_delta: dict[str, tuple[int, int]] = {}
     key_delta: dict[str, tuple[int, int]] = {}
+    window_delta: dict[str, tuple[int, int]] = {}
     for held, charged in settlements:
+        for window_id in held.window_ids:
+            spent, released = window_delta.get(window_id, (0, 0))
+            window_delta[window_id] = (spent + charged, released + held.amount_micros)
         spent, released = owner_delta.get(held.owner_id, (0, 0))
         owner_delta[held.owner_id] = (spent + charged, released + held.amount_micros)
         if held.key_id is not None:
@@ -614,6 +712,17 @@ async def apply_settlements(conn: Executor, settlements: Sequence[tuple[HeldRese
             .values(
                 spent_micros=api_keys.c.spent_micros + charged,
                 reserved_micros=api_keys.c.reserved_micros - held_amount,
+            )
+        )
+    for window_id in sorted(window_delta):
+        charged, held_amount = window_delta[window_id]
+        await conn.execute(
+            update(spend_windows)
+            .where(spend_windows.c.id == window_id)
+            .values(
+                spent_micros=spend_windows.c.spent_micros + charged,
+                reserved_micros=spend_windows.c.reserved_micros - held_amount,
+                updated_at=now,
             )
         )
 

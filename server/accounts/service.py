@@ -14,7 +14,8 @@ answer the ledger does not know about. A call cut short by the client is recorde
 "cancelled" with what it consumed so far; one the gateway ends while shutting down
 (the servicer raises ShuttingDown inside the meter) as "interrupted". A call the meter
 refuses as it starts (RATE_LIMITED by `server.limits`, checked first so a refusal costs
-no database work; INSUFFICIENT_CREDITS, SPENDING_CAP_REACHED, a model without a rate)
+no database work; INSUFFICIENT_CREDITS, SPENDING_CAP_REACHED, RATE_LIMITED by a credit
+limit per day or month, held with the credits; a model without a rate)
 is recorded by the meter too, as an error with that reason: once the meter has
 started, it alone records the call, so every call leaves exactly one record (the error
 it recorded is marked `recorded`, which the servicer's refusal path checks).
@@ -353,11 +354,19 @@ class Meter:
         self._admission = await limiter.admit(self._key.id, self._key.owner_id, self._model, self._public_model, tokens)
 
     async def _reserve(self) -> None:
-        if self._key is not None and self._accounts.credits.billing_enabled:
-            worst = await self._accounts.credits.price(self._model, self._worst_case)
-            self._rate = await self._accounts.credits.rate_for(self._model)
-            self._reservation = await self._accounts.credits.reserve(
-                self._key.owner_id, worst, key_id=self._key.id, request_id=self.request_id
+        """Holds the call's worst-case cost of the owner's balance, the key's cap and
+        the credit limits per day and month the call falls under (server.limits.windows)."""
+        key, credits, limiter = self._key, self._accounts.credits, self._accounts.limiter
+        if key is not None and credits.billing_enabled:
+            worst = await credits.price(self._model, self._worst_case)
+            self._rate = await credits.rate_for(self._model)
+            windows = (
+                await limiter.credit_windows(key.id, key.owner_id, self._model, self._public_model)
+                if limiter is not None
+                else []
+            )
+            self._reservation = await credits.reserve(
+                key.owner_id, worst, key_id=key.id, request_id=self.request_id, windows=windows
             )
 
     async def _record_refusal(self, exc: BaseException) -> None:

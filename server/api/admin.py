@@ -40,6 +40,7 @@ from server.api.calls import unary
 from server.api.paging import page_request
 from server.errors import InvalidRequest, ProviderNotConfigured, ResourceNotFound
 from server.limits.rules import LimitRule, LimitStore, Scope
+from server.limits.windows import WindowKind, WindowSpend, spend_by_rule
 from server.providers.registry import SPECS
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -273,7 +274,8 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         self, request: admin_pb.SetRateLimitRequest, context: Context
     ) -> admin_pb.SetRateLimitResponse:
         rule = await self._limits().set(_limit_rule(request.limit))
-        return admin_pb.SetRateLimitResponse(limit=_rate_limit(rule))
+        spend = await spend_by_rule(self._accounts.db, [rule], self._accounts.credits.clock())
+        return admin_pb.SetRateLimitResponse(limit=_rate_limit(rule, spend))
 
     @unary
     async def ListRateLimits(
@@ -286,8 +288,10 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         page = page_request(request.page_size, request.page_token, (str, str, str), f"{scope}:{subject}")
         rules = await self._limits().find(scope, subject, after=cast(Any, page.after), limit=page.size + 1)
         next_token = page.next_token([(r.scope, r.subject, r.model) for r in rules])
+        shown = rules[: page.size]
+        spend = await spend_by_rule(self._accounts.db, shown, self._accounts.credits.clock())
         return admin_pb.ListRateLimitsResponse(
-            limits=[_rate_limit(r) for r in rules[: page.size]], next_page_token=next_token
+            limits=[_rate_limit(r, spend) for r in shown], next_page_token=next_token
         )
 
     @unary
@@ -366,9 +370,17 @@ def _positive_credits(text: str, field: str) -> int | None:
     return amount
 
 
-def _rate_limit(rule: LimitRule) -> admin_pb.RateLimit:
+def _rate_limit(rule: LimitRule, spend: dict[tuple[str, str, str, WindowKind], WindowSpend]) -> admin_pb.RateLimit:
+    """The rule, with what its credit windows hold now."""
     daily, monthly = rule.daily_credits_micros, rule.monthly_credits_micros
+    shown: dict[str, str] = {}
+    for kind in ("daily_credits", "monthly_credits"):
+        window = spend.get((rule.scope, rule.subject, rule.model, kind))
+        if window is not None:
+            shown[f"{kind}_spent"] = format_credits(window.spent_micros)
+            shown[f"{kind}_held"] = format_credits(window.reserved_micros)
     return admin_pb.RateLimit(
+        **shown,
         key_id=rule.subject if rule.scope == "key" else "",
         owner=rule.subject if rule.scope == "owner" else "",
         model=rule.model,

@@ -5,6 +5,9 @@
     aigne-hub limits show [--key KEY_ID | --owner OWNER] [--json]
     aigne-hub limits rm (--key KEY_ID | --owner OWNER) [--model GLOB]
 
+`show` lists each credit limit with what was charged so far in the current UTC day or
+month (`daily_spent`, `monthly_spent`; `--json` adds what calls in flight hold).
+
 Limits are whole numbers from 1 (credits: decimals, e.g. 2.5); anything else, or a key
 or owner that does not exist, is refused with a message and a non-zero exit code, and
 nothing changes. Running servers apply a change within their key cache TTL.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -21,7 +25,9 @@ from server.accounts.credits import credits_to_micros
 from server.accounts.errors import format_credits
 from server.errors import GatewayError
 from server.limits.rules import LimitRule, LimitStore, Scope
+from server.limits.windows import WINDOW_KINDS, WindowKind, WindowSpend, spend_by_rule
 from server.storage import Database
+from server.storage.schema import utcnow
 
 LIMIT_FLAGS = (
     ("rpm", "requests per minute"),
@@ -67,10 +73,8 @@ def add_commands(sub: Any) -> None:
     set_.add_argument("--model", default="*", help="a model glob such as openai/* (default: every model)")
     for flag, text in LIMIT_FLAGS:
         set_.add_argument(f"--{flag}", type=positive_int, help=text)
-    set_.add_argument("--daily-credits", type=positive_credits, help="credits per UTC day (stored, not enforced yet)")
-    set_.add_argument(
-        "--monthly-credits", type=positive_credits, help="credits per UTC month (stored, not enforced yet)"
-    )
+    set_.add_argument("--daily-credits", type=positive_credits, help="credits charged per UTC day")
+    set_.add_argument("--monthly-credits", type=positive_credits, help="credits charged per UTC calendar month")
     show = actions.add_parser("show", help="list limits")
     _subject(show, required=False)
     remove = actions.add_parser("rm", help="remove a rule")
@@ -93,19 +97,25 @@ def rule_from_args(scope: Scope, subject: str, args: argparse.Namespace) -> Limi
     )
 
 
-def rule_row(rule: LimitRule) -> dict[str, Any]:
-    micros = {"daily_credits_micros": "daily_credits", "monthly_credits_micros": "monthly_credits"}
+def rule_row(
+    rule: LimitRule, spend: dict[tuple[str, str, str, WindowKind], WindowSpend] | None = None
+) -> dict[str, Any]:
+    """The rule as shown; with `spend`, what each credit window holds now beside it."""
     row: dict[str, Any] = {"scope": rule.scope, "subject": rule.subject, "model": rule.model}
     for name, value in (("rpm", rule.rpm), ("tpm", rule.tpm), ("concurrency", rule.concurrency)):
         row[name] = value
-    for name, shown in micros.items():
-        value = getattr(rule, name)
-        row[shown] = format_credits(value) if value is not None else None
+    for kind in WINDOW_KINDS:
+        value = getattr(rule, f"{kind}_micros")
+        row[kind] = format_credits(value) if value is not None else None
+        window = (spend or {}).get((rule.scope, rule.subject, rule.model, kind))
+        if window is not None:
+            row[f"{kind.partition('_')[0]}_spent"] = format_credits(window.spent_micros)
+            row[f"{kind}_held"] = format_credits(window.reserved_micros)
     row["updated_at"] = rule.updated_at
     return row
 
 
-async def run(args: argparse.Namespace, db: Database) -> None:
+async def run(args: argparse.Namespace, db: Database, *, billing_enabled: bool = True) -> None:
     store = LimitStore(db)
     scope: Scope = "key" if args.key else "owner"
     subject = args.key or args.owner
@@ -113,12 +123,16 @@ async def run(args: argparse.Namespace, db: Database) -> None:
         if args.action == "set":
             rule = await store.set(rule_from_args(scope, subject, args))
             _print(args, rule_row(rule), f"limits set on {scope} {subject} for {rule.model}: {_summary(rule)}")
+            if not billing_enabled and (args.daily_credits or args.monthly_credits):
+                # Credit windows count what the ledger charges, and nothing is charged.
+                print("note: credit limits apply once AIGNE_HUB_BILLING_ENABLED=true", file=sys.stderr)
         elif args.action == "rm":
             await store.remove(scope, subject, args.model)
             _print(args, {"removed": True}, f"removed the limits on {scope} {subject} for {args.model}")
         else:
             rules = await store.find(scope if subject else None, subject)
-            _table(args, [rule_row(r) for r in rules])
+            spend = await spend_by_rule(db, rules, utcnow())
+            _table(args, [rule_row(r, spend) for r in rules])
     except GatewayError as exc:
         raise SystemExit(f"aigne-hub: {exc.message}") from exc
 
@@ -138,7 +152,8 @@ def _table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     if args.json:
         print(json.dumps(rows, default=str))
         return
-    columns = ["scope", "subject", "model", *_SHOWN]
+    columns = ["scope", "subject", "model", "rpm", "tpm", "concurrency"]
+    columns += ["daily_credits", "daily_spent", "monthly_credits", "monthly_spent"]
     cells = [["" if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))

@@ -17,8 +17,10 @@ reservations underestimated.
 A call is admitted once, against the model the caller named and its first deployment
 (a retry or fallback to another model is not admitted again: the call already counts).
 
-Credits per day and per month are stored with the rules but not enforced yet (see the
-README); they are checked by nothing on the request path.
+Credits per UTC day and per calendar month are not counted here but by the credits
+module, in the database, beside the balance they are charged from
+(server.limits.windows): `credit_windows` tells the meter which of them a call falls
+under, and the meter reserves its worst-case charge against them with its credits.
 
 Redis faults: when Redis does not answer within `budget_s` (default 50 ms) or fails,
 the `on_redis_failure` policy decides. "open" (default): the call is served through
@@ -45,6 +47,7 @@ from typing import Literal
 from server.errors import RateLimited, RateLimitsUnavailable
 from server.limits.counters import Counter, Counters, CounterState, Kind, MemoryCounters, RedisCounters, Verdict
 from server.limits.rules import LimitRule, LimitStore
+from server.limits.windows import CreditWindow, windows_of
 
 log = logging.getLogger(__name__)
 Policy = Literal["open", "closed"]
@@ -136,6 +139,13 @@ class Limiter:
             self._held[member] = admission
             self._start_renewing()
         return admission
+
+    async def credit_windows(
+        self, key_id: str, owner_id: str, model: str, public_model: str | None
+    ) -> list[CreditWindow]:
+        """The credit limits per day and month of the key and its owner that apply to a
+        call of `model` (rules read through the store's cache)."""
+        return windows_of(await self.store.rules_for(key_id, owner_id), model, public_model)
 
     async def settle(self, admission: Admission, used_tokens: int) -> None:
         self._held.pop(admission.member, None)

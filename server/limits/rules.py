@@ -4,7 +4,8 @@
 A rule is on a key (`scope="key"`, subject = the key's id) or on an owner (`"owner"`,
 subject = "user:alice": all its keys together), narrowed to a model glob (`openai/*`;
 default `*`). It sets any of: requests per minute, tokens per minute (input plus
-output), calls in flight, credits per UTC day and per UTC month. Setting a rule again
+output), calls in flight, credits per UTC day and per UTC calendar month
+(enforced by the credits module: server.limits.windows). Setting a rule again
 for the same scope, subject and glob changes the limits it names and keeps the others.
 
 Replicas read rules through `LimitStore.rules_for`, cached for the key cache TTL
@@ -71,8 +72,12 @@ def check_rule(rule: LimitRule) -> None:
         raise InvalidRequest(f"model must be a glob of 1 to {MAX_GLOB_CHARS} characters", field="model")
     for name in LIMIT_FIELDS:
         value = getattr(rule, name)
-        if value is not None and (not isinstance(value, int) or not 1 <= value <= MAX_LIMIT):
-            raise InvalidRequest(f"{name} must be a whole number from 1 to {MAX_LIMIT}, not {value!r}", field=name)
+        if value is None or (isinstance(value, int) and 1 <= value <= MAX_LIMIT):
+            continue
+        if name.endswith("_credits_micros"):  # micro-credits: say it in credits, as they were given
+            shown = name.removesuffix("_micros")
+            raise InvalidRequest(f"{shown} must be from 0.000001 to {MAX_LIMIT // 1_000_000} credits", field=shown)
+        raise InvalidRequest(f"{name} must be a whole number from 1 to {MAX_LIMIT}, not {str(value)[:40]}", field=name)
     if not rule.limits():
         raise InvalidRequest(
             "set at least one limit (rpm, tpm, concurrency, daily credits, monthly credits)", field="limits"

@@ -141,6 +141,9 @@ reservations = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     # After this a sweeper may release it (the replica that made it probably died).
     Column("expires_at", UTCDateTime(), nullable=False, index=True),
+    # The spend windows (`spend_windows.id`, space-separated) this reservation holds
+    # `amount_micros` of; NULL: none. Settling moves the charge into each of them.
+    Column("spend_window_ids", Text(), nullable=True),
     CheckConstraint("amount_micros >= 0", name="amount_nonnegative"),
 )
 
@@ -230,4 +233,27 @@ rate_limits = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
     CheckConstraint("scope IN ('key', 'owner')", name="scope"),
     UniqueConstraint("scope", "subject", "model", name="uq_rate_limits_scope_subject_model"),
+)
+
+# Credits per UTC day / calendar month of a limit rule's scope, subject and model glob
+# (server.limits.windows), one row per period: what settled calls were charged
+# (`spent`) and what calls in flight hold (`reserved`). Keyed by the rule's scope,
+# subject and glob, not by the rule's id, so removing and setting a rule again keeps
+# the period's spend.
+spend_windows = Table(
+    "spend_windows",
+    metadata,
+    # sha256 of (scope, subject, model, period): a short id reservations can list.
+    Column("id", String(64), primary_key=True),
+    Column("scope", String(8), nullable=False),
+    Column("subject", String(200), nullable=False),
+    Column("model", String(200), nullable=False),
+    # "day:2026-11-30" or "month:2026-11" (UTC).
+    Column("period", String(16), nullable=False),
+    Column("spent_micros", BigInteger(), nullable=False, server_default="0"),
+    Column("reserved_micros", BigInteger(), nullable=False, server_default="0"),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    CheckConstraint("spent_micros >= 0", name="spent_nonnegative"),
+    CheckConstraint("reserved_micros >= 0", name="reserved_nonnegative"),
+    UniqueConstraint("scope", "subject", "model", "period", name="uq_spend_windows_scope_subject_model_period"),
 )

@@ -1127,6 +1127,10 @@ class RateLimit(_message.Message):
     DAILY_CREDITS_FIELD_NUMBER: _builtins.int
     MONTHLY_CREDITS_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    DAILY_CREDITS_SPENT_FIELD_NUMBER: _builtins.int
+    DAILY_CREDITS_HELD_FIELD_NUMBER: _builtins.int
+    MONTHLY_CREDITS_SPENT_FIELD_NUMBER: _builtins.int
+    MONTHLY_CREDITS_HELD_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The API key's identifier. Exactly one of key_id and owner is set."""
     owner: _builtins.str
@@ -1144,12 +1148,29 @@ class RateLimit(_message.Message):
     concurrency: _builtins.int
     """Optional. Calls in flight at once, 1 to 1000000000000."""
     daily_credits: _builtins.str
-    """Optional. Credits per UTC day, a positive decimal such as "2.5". Stored and shown;
-    not enforced yet.
+    """Optional. Credits per UTC day (midnight to midnight UTC), a positive decimal such as
+    "2.5": what the ledger charges the key or owner for the matching models. A call
+    reserves its worst-case charge against it first (with billing on).
     """
     monthly_credits: _builtins.str
-    """Optional. Credits per UTC month, a positive decimal. Stored and shown; not
-    enforced yet.
+    """Optional. Credits per calendar month in UTC (from the 1st, 00:00 UTC), a positive
+    decimal, counted like daily_credits.
+    """
+    daily_credits_spent: _builtins.str
+    """Output only. Credits charged so far in the current UTC day under daily_credits, as
+    a decimal; empty when the rule sets no daily credits.
+    """
+    daily_credits_held: _builtins.str
+    """Output only. Credits held now against daily_credits by calls in flight (their
+    worst-case charge); empty when the rule sets no daily credits.
+    """
+    monthly_credits_spent: _builtins.str
+    """Output only. Credits charged so far in the current UTC calendar month under
+    monthly_credits; empty when the rule sets no monthly credits.
+    """
+    monthly_credits_held: _builtins.str
+    """Output only. Credits held now against monthly_credits by calls in flight; empty
+    when the rule sets no monthly credits.
     """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
@@ -1167,10 +1188,14 @@ class RateLimit(_message.Message):
         daily_credits: _builtins.str = ...,
         monthly_credits: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        daily_credits_spent: _builtins.str = ...,
+        daily_credits_held: _builtins.str = ...,
+        monthly_credits_spent: _builtins.str = ...,
+        monthly_credits_held: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency", "_rpm", b"_rpm", "_tpm", b"_tpm", "concurrency", b"concurrency", "rpm", b"rpm", "tpm", b"tpm", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency", "_rpm", b"_rpm", "_tpm", b"_tpm", "concurrency", b"concurrency", "daily_credits", b"daily_credits", "key_id", b"key_id", "model", b"model", "monthly_credits", b"monthly_credits", "owner", b"owner", "rpm", b"rpm", "tpm", b"tpm", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency", "_rpm", b"_rpm", "_tpm", b"_tpm", "concurrency", b"concurrency", "daily_credits", b"daily_credits", "daily_credits_held", b"daily_credits_held", "daily_credits_spent", b"daily_credits_spent", "key_id", b"key_id", "model", b"model", "monthly_credits", b"monthly_credits", "monthly_credits_held", b"monthly_credits_held", "monthly_credits_spent", b"monthly_credits_spent", "owner", b"owner", "rpm", b"rpm", "tpm", b"tpm", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__concurrency: _TypeAlias = _typing.Literal["concurrency"]  # noqa: Y015
     _WhichOneofArgType__concurrency: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency"]  # noqa: Y015
