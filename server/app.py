@@ -175,7 +175,8 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     accounts.limiter = open_limiter(
         LimitStore(accounts.db, cache_ttl_s=settings.key_cache_ttl_s),
         settings.redis_url,
-        defaults=DefaultLimits(**config.limits.default_key.model_dump()),
+        defaults=DefaultLimits.from_config(config.limits.default_key),
+        owner_defaults=DefaultLimits.from_config(config.limits.default_owner),
         on_redis_failure=settings.limits_on_redis_failure,
         budget_s=settings.limits_redis_budget_ms / 1000,
         lease_s=settings.limits_slot_lease_s,

@@ -242,21 +242,27 @@ class RoutingConfig(BaseModel):
 
 
 class KeyLimitsConfig(BaseModel):
-    """Limits of every key that has no rule of its own for all models."""
+    """Limits of every key (or owner) that has no rule of its own for all models."""
 
     model_config = ConfigDict(extra="forbid")
 
     rpm: int | None = Field(None, ge=1, le=10**12)
     tpm: int | None = Field(None, ge=1, le=10**12)
     concurrency: int | None = Field(None, ge=1, le=10**12)
+    # Credits per UTC day / calendar month (decimals, e.g. 2.5), as `limits set
+    # --daily-credits` takes them: from 0.000001 to 1000000 credits.
+    daily_credits: Decimal | None = Field(None, ge=Decimal("0.000001"), le=10**6, allow_inf_nan=False)
+    monthly_credits: Decimal | None = Field(None, ge=Decimal("0.000001"), le=10**6, allow_inf_nan=False)
 
 
 class LimitsConfig(BaseModel):
-    """`limits:` in the YAML file: defaults for every key (`default_key: {rpm: 600}`)."""
+    """`limits:` in the YAML file: defaults for every key (`default_key: {rpm: 600}`) and
+    for every owner, all its keys together (`default_owner: {daily_credits: 50}`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     default_key: KeyLimitsConfig = Field(default_factory=KeyLimitsConfig)
+    default_owner: KeyLimitsConfig = Field(default_factory=KeyLimitsConfig)
 
 
 class GatewayConfig(BaseModel):

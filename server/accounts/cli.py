@@ -23,8 +23,9 @@ from server.accounts.errors import format_credits
 from server.accounts.keys import KeyRecord, KeyStore
 from server.accounts.ledger import GroupBy, Ledger
 from server.accounts.owners import ensure_owner, parse_owner
-from server.config import Settings
+from server.config import ConfigError, Settings, load_gateway_config
 from server.limits import cli as limits_cli
+from server.limits.limiter import DefaultLimits
 from server.limits.rules import LimitRule, LimitStore
 from server.storage import Database
 
@@ -100,7 +101,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         elif args.command == "credits":
             await _credits(args, CreditService(db, billing_enabled=True), db)
         elif args.command == "limits":
-            await limits_cli.run(args, db, billing_enabled=settings.billing_enabled)
+            defaults = _default_limits(settings) if args.action == "show" else None
+            await limits_cli.run(args, db, billing_enabled=settings.billing_enabled, defaults=defaults)
         elif args.command == "credentials":
             master_key = settings.master_key.get_secret_value() if settings.master_key else None
             await _credentials(args, CredentialVault(db, load_master_key(master_key)))
@@ -108,6 +110,16 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             await _usage(args, Ledger(db))
     finally:
         await db.close()
+
+
+def _default_limits(settings: Settings) -> tuple[DefaultLimits, DefaultLimits]:
+    """The config file's defaults for every key and every owner (a bad file stops the
+    CLI with its error)."""
+    try:
+        limits = load_gateway_config(settings.config).limits
+    except ConfigError as exc:
+        raise SystemExit(f"aigne-hub: {exc}") from exc
+    return DefaultLimits.from_config(limits.default_key), DefaultLimits.from_config(limits.default_owner)
 
 
 async def _keys(args: argparse.Namespace, db: Database, settings: Settings) -> None:

@@ -6,7 +6,11 @@
     aigne-hub limits rm (--key KEY_ID | --owner OWNER) [--model GLOB]
 
 `show` lists each credit limit with what was charged so far in the current UTC day or
-month (`daily_spent`, `monthly_spent`; `--json` adds what calls in flight hold).
+month (`daily_spent`, `monthly_spent`; `--json` adds what calls in flight hold). It
+also lists the config file's defaults for every key and every owner
+(`limits.default_key`, `limits.default_owner`), with `source` "config" (explicit rules:
+"rule"): subject `*`, or the key or owner named when it has no rule of its own for all
+models (they then apply to it).
 
 Limits are whole numbers from 1 (credits: decimals, e.g. 2.5); anything else, or a key
 or owner that does not exist, is refused with a message and a non-zero exit code, and
@@ -24,11 +28,14 @@ from typing import Any
 from server.accounts.credits import credits_to_micros
 from server.accounts.errors import format_credits
 from server.errors import GatewayError
+from server.limits.limiter import DefaultLimits, with_defaults
 from server.limits.rules import LimitRule, LimitStore, Scope
 from server.limits.windows import WINDOW_KINDS, WindowKind, WindowSpend, spend_by_rule
 from server.storage import Database
 from server.storage.schema import utcnow
 
+# The config file's `limits.default_key` and `limits.default_owner`.
+ConfigDefaults = tuple[DefaultLimits, DefaultLimits]
 LIMIT_FLAGS = (
     ("rpm", "requests per minute"),
     ("tpm", "tokens per minute (input plus output)"),
@@ -112,10 +119,28 @@ def rule_row(
             row[f"{kind.partition('_')[0]}_spent"] = format_credits(window.spent_micros)
             row[f"{kind}_held"] = format_credits(window.reserved_micros)
     row["updated_at"] = rule.updated_at
+    row["source"] = "rule"
     return row
 
 
-async def run(args: argparse.Namespace, db: Database, *, billing_enabled: bool = True) -> None:
+def _configured(rules: list[LimitRule], scope: Scope, subject: str | None, defaults: ConfigDefaults) -> list[LimitRule]:
+    """The config file's defaults as `show` lists them: for every key and every owner
+    (subject `*`) when no subject is named; for the key or owner named when it has no
+    rule of its own for all models (they then apply to it, counted under its id)."""
+    key, owner = defaults
+    if not subject:
+        listed = (key.rule("key", "*"), owner.rule("owner", "*"))
+        return [rule for rule in listed if rule is not None]
+    if scope == "key":
+        return with_defaults(rules, subject, None, key, owner)
+    return with_defaults(rules, None, subject, key, owner)
+
+
+async def run(
+    args: argparse.Namespace, db: Database, *, billing_enabled: bool = True, defaults: ConfigDefaults | None = None
+) -> None:
+    """`defaults`: the config file's defaults for every key and every owner, which
+    `show` lists too."""
     store = LimitStore(db)
     scope: Scope = "key" if args.key else "owner"
     subject = args.key or args.owner
@@ -131,8 +156,12 @@ async def run(args: argparse.Namespace, db: Database, *, billing_enabled: bool =
             _print(args, {"removed": True}, f"removed the limits on {scope} {subject} for {args.model}")
         else:
             rules = await store.find(scope if subject else None, subject)
-            spend = await spend_by_rule(db, rules, utcnow())
-            _table(args, [rule_row(r, spend) for r in rules])
+            configured = _configured(rules, scope, subject, defaults or (DefaultLimits(), DefaultLimits()))
+            # A default listed for every key or owner (subject `*`) has no spend of its own.
+            counted = [*rules, *(r for r in configured if r.subject != "*")]
+            spend = await spend_by_rule(db, counted, utcnow())
+            rows = [rule_row(r, spend) for r in rules]
+            _table(args, rows + [{**rule_row(r, spend), "source": "config"} for r in configured])
     except GatewayError as exc:
         raise SystemExit(f"aigne-hub: {exc.message}") from exc
 
@@ -153,7 +182,7 @@ def _table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         print(json.dumps(rows, default=str))
         return
     columns = ["scope", "subject", "model", "rpm", "tpm", "concurrency"]
-    columns += ["daily_credits", "daily_spent", "monthly_credits", "monthly_spent"]
+    columns += ["daily_credits", "daily_spent", "monthly_credits", "monthly_spent", "source"]
     cells = [["" if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))

@@ -2,12 +2,13 @@
 
 `Limiter.admit(key_id, owner_id, model, public_model, tokens)` gathers the rules of the
 key and of its owner whose model glob matches the call (plus the configured defaults
-for every key, `limits: {default_key: {...}}`, where the key has no rule of its own for
-all models), turns them into counters (server.limits.counters) and asks them, in one
-round trip, whether the call may go. Refused: `RateLimited` (429) naming the limit,
-with the real wait. Admitted: an `Admission`, whose `finish(used_tokens)` corrects the
-token reservation with the call's usage and frees its slots; the meter calls it on
-every path (answer, error, cancellation, shutdown).
+for every key and every owner, `limits: {default_key: {...}, default_owner: {...}}`,
+where the key or owner has no rule of its own for all models), turns them into
+counters (server.limits.counters) and asks them, in one round trip, whether the call
+may go. Refused: `RateLimited` (429) naming the limit, with the real wait. Admitted:
+an `Admission`, whose `finish(used_tokens)` corrects the token reservation with the
+call's usage and frees its slots; the meter calls it on every path (answer, error,
+cancellation, shutdown).
 
 Tokens per minute are reserved before the call from an estimate (the prompt plus the
 output limit, see `Meter`), capped at the limit itself, and corrected when the call
@@ -42,11 +43,13 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Literal
 
+from server.config import KeyLimitsConfig
 from server.errors import RateLimited, RateLimitsUnavailable
 from server.limits.counters import Counter, Counters, CounterState, Kind, MemoryCounters, RedisCounters, Verdict
-from server.limits.rules import LimitRule, LimitStore
+from server.limits.rules import DEFAULT_RULE_ID, LIMIT_FIELDS, LimitRule, LimitStore, Scope
 from server.limits.windows import CreditWindow, windows_of
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,47 @@ class DefaultLimits:
     rpm: int | None = None
     tpm: int | None = None
     concurrency: int | None = None
+    daily_credits_micros: int | None = None
+    monthly_credits_micros: int | None = None
+
+    @classmethod
+    def from_config(cls, config: KeyLimitsConfig) -> DefaultLimits:
+        """The config file's `limits.default_key` (credits as micro-credits)."""
+
+        def micros(credits: Decimal | None) -> int | None:
+            return None if credits is None else int((credits * 1_000_000).to_integral_value())
+
+        return cls(
+            config.rpm,
+            config.tpm,
+            config.concurrency,
+            micros(config.daily_credits),
+            micros(config.monthly_credits),
+        )
+
+    def rule(self, scope: Scope, subject: str) -> LimitRule | None:
+        """The defaults as the rule of one key or owner for all models (id "default"),
+        None when the config sets none: counted and refused exactly like an explicit
+        rule, in the counters and spend windows its own rule for `*` would use."""
+        limits = {name: getattr(self, name) for name in LIMIT_FIELDS}
+        if not any(limits.values()):
+            return None
+        return LimitRule(scope, subject, "*", **limits, id=DEFAULT_RULE_ID)
+
+
+def with_defaults(
+    rules: Sequence[LimitRule], key_id: str | None, owner_id: str | None, key: DefaultLimits, owner: DefaultLimits
+) -> list[LimitRule]:
+    """The default rules that apply beside `rules` (the key's and its owner's): the key's
+    unless it has a rule of its own for `*`, the owner's likewise."""
+    added = []
+    pairs: tuple[tuple[Scope, str | None, DefaultLimits], ...] = (("key", key_id, key), ("owner", owner_id, owner))
+    for scope, subject, defaults in pairs:
+        if subject is None or any(r.scope == scope and r.model == "*" for r in rules):
+            continue
+        if (rule := defaults.rule(scope, subject)) is not None:
+            added.append(rule)
+    return added
 
 
 @dataclass
@@ -113,6 +157,7 @@ class Limiter:
     shared: Counters
     local: MemoryCounters = field(default_factory=MemoryCounters)
     defaults: DefaultLimits = field(default_factory=DefaultLimits)
+    owner_defaults: DefaultLimits = field(default_factory=DefaultLimits)
     on_redis_failure: Policy = "open"
     budget_s: float = 0.05
     lease_s: float = 60.0
@@ -145,7 +190,7 @@ class Limiter:
     ) -> list[CreditWindow]:
         """The credit limits per day and month of the key and its owner that apply to a
         call of `model` (rules read through the store's cache)."""
-        return windows_of(await self.store.rules_for(key_id, owner_id), model, public_model)
+        return windows_of(await self._rules(key_id, owner_id), model, public_model)
 
     async def settle(self, admission: Admission, used_tokens: int) -> None:
         self._held.pop(admission.member, None)
@@ -167,15 +212,11 @@ class Limiter:
         await self.shared.aclose()
 
     async def _rules(self, key_id: str, owner_id: str) -> list[LimitRule]:
+        """The key's and owner's rules, plus the configured defaults of each of the two
+        that has no rule of its own for all models (such a rule replaces them all; a
+        narrower one applies beside them)."""
         rules = await self.store.rules_for(key_id, owner_id)
-        defaults = self.defaults
-        own_all = any(r.scope == "key" and r.model == "*" for r in rules)
-        if not own_all and (defaults.rpm or defaults.tpm or defaults.concurrency):
-            rules = [
-                *rules,
-                LimitRule("key", key_id, "*", defaults.rpm, defaults.tpm, defaults.concurrency, id="default"),
-            ]
-        return rules
+        return [*rules, *with_defaults(rules, key_id, owner_id, self.defaults, self.owner_defaults)]
 
     def _counters(self, rules: Sequence[LimitRule], tokens: int) -> list[Counter]:
         counters = []
@@ -266,6 +307,7 @@ def open_limiter(
     redis_url: str | None,
     *,
     defaults: DefaultLimits | None = None,
+    owner_defaults: DefaultLimits | None = None,
     on_redis_failure: Policy = "open",
     budget_s: float = 0.05,
     lease_s: float = 60.0,
@@ -278,6 +320,7 @@ def open_limiter(
         shared,
         local,
         defaults or DefaultLimits(),
+        owner_defaults or DefaultLimits(),
         on_redis_failure=on_redis_failure,
         budget_s=budget_s,
         lease_s=lease_s,

@@ -35,6 +35,8 @@ SCOPES: tuple[Scope, ...] = ("key", "owner")
 LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "daily_credits_micros", "monthly_credits_micros")
 MAX_LIMIT = 10**12
 MAX_GLOB_CHARS = 200
+# The id of the rule the config file's `limits: {default_key: ...}` makes for a key.
+DEFAULT_RULE_ID = "default"
 
 
 @dataclass(frozen=True, slots=True)
