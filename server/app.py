@@ -62,6 +62,7 @@ from server.redaction import register_secret
 from server.routing.attempts import Routing
 from server.routing.cooldown import open_cooldowns
 from server.routing.router import Router
+from server.serving.hub import HubClient, HubCooldowns, HubCounters, WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -155,31 +156,34 @@ class Gateway:
             self.metrics.stop()
 
 
-async def start_gateway(settings: Settings, config: GatewayConfig | None = None) -> Gateway:
-    """Builds and starts the gRPC server on settings.grpc_host:grpc_port (0: any port)."""
+async def start_gateway(
+    settings: Settings, config: GatewayConfig | None = None, worker: WorkerRole | None = None
+) -> Gateway:
+    """Builds and starts the gRPC server on settings.grpc_host:grpc_port (0: any port).
+
+    As a worker of `serve --workers N` (`worker`): the supervisor did the once-only work
+    (migrations, configured rates); the server also listens on the worker's Unix socket
+    (Envoy's endpoint), shares the public port with the other workers (SO_REUSEPORT),
+    and without Redis keeps its limit counters and cooldowns in the supervisor's hub."""
     return_large_buffers_to_the_os()
     if config is None:
         config = load_gateway_config(settings.config)
-    accounts = await Accounts.open(
-        settings,
-        auth_required=settings.auth_required,
-        billing_enabled=settings.billing_enabled,
-        key_cache_ttl_s=settings.key_cache_ttl_s,
-        key_negative_cache_ttl_s=settings.key_negative_cache_ttl_s,
-        key_cache_outage_grace_s=settings.key_cache_outage_grace_s,
-        key_pepper=settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None,
-        master_key=settings.master_key.get_secret_value() if settings.master_key else None,
-        reservation_lease_s=settings.reservation_lease_s,
-    )
-    await apply_configured_rates(accounts, config)
+    accounts = await open_accounts(settings, migrate=False if worker is not None else None)
+    if worker is None:
+        await apply_configured_rates(accounts, config)
+    hub = worker.hub if worker is not None and not settings.redis_url else None
+    limit_rules = LimitStore(accounts.db, cache_ttl_s=settings.key_cache_ttl_s)
+    if worker is not None:
+        share_changes(worker.hub, accounts, limit_rules)
     accounts.limiter = open_limiter(
-        LimitStore(accounts.db, cache_ttl_s=settings.key_cache_ttl_s),
+        limit_rules,
         settings.redis_url,
         defaults=DefaultLimits.from_config(config.limits.default_key),
         owner_defaults=DefaultLimits.from_config(config.limits.default_owner),
         on_redis_failure=settings.limits_on_redis_failure,
         budget_s=settings.limits_redis_budget_ms / 1000,
         lease_s=settings.limits_slot_lease_s,
+        shared=HubCounters(hub) if hub is not None else None,
     )
     for secret in (settings.admin_token, settings.master_key, settings.key_pepper):
         register_secret(secret.get_secret_value() if secret else None)
@@ -189,7 +193,12 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         if isinstance(provider, Preloading):
             provider.start_loading()
     router = Router(config, providers, upstream_timeout_s=settings.upstream_read_timeout_s)
-    routing = Routing(config.routing, open_cooldowns(settings.redis_url, config.routing.cooldown))
+    cooldowns = (
+        HubCooldowns(hub, config.routing.cooldown)
+        if hub is not None
+        else open_cooldowns(settings.redis_url, config.routing.cooldown)
+    )
+    routing = Routing(config.routing, cooldowns)
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
     accounts.watch_credentials(probes, settings.credential_recheck_s)
     setup_tracing()
@@ -198,7 +207,10 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     )
     metrics = None
     if gateway_metrics is not None:
-        metrics = serve_metrics(gateway_metrics, settings.metrics_host, settings.metrics_port)
+        metrics_port = settings.metrics_port
+        if worker is not None and metrics_port:
+            metrics_port += worker.index  # one listener per worker: 9464, 9465, ...
+        metrics = serve_metrics(gateway_metrics, settings.metrics_host, metrics_port)
     serving = ServingFlag()
     streams = OpenStreams()
     limit = settings.max_message_bytes
@@ -206,7 +218,8 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
+            # Workers share the public port; a single server refuses a port in use.
+            ("grpc.so_reuseport", 1 if worker is not None else 0),
         ],
         interceptors=[
             AuthInterceptor(accounts, settings.admin_token.get_secret_value() if settings.admin_token else None),
@@ -234,10 +247,14 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     if port == 0:
         raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
+    if worker is not None and server.add_insecure_port(f"unix:{worker.socket}") == 0:
+        raise OSError(f"cannot listen on the worker socket {worker.socket}")
     await server.start()
     accounts.credits.start_lease_keeping()
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if worker is not None:
+        await follow_bridge_health(worker.hub, health_servicer)
     log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")
     replayer = accounts.spool_replayer(settings.spool_replay_interval_s)
     replay = asyncio.create_task(replayer.run(), name="ledger-spool-replay") if replayer else None
@@ -255,6 +272,48 @@ async def start_gateway(settings: Settings, config: GatewayConfig | None = None)
         routing,
         metrics,
     )
+
+
+async def open_accounts(settings: Settings, migrate: bool | None = None) -> Accounts:
+    """The accounts of these settings; `migrate` as `Database.open` takes it."""
+    return await Accounts.open(
+        settings,
+        auth_required=settings.auth_required,
+        billing_enabled=settings.billing_enabled,
+        key_cache_ttl_s=settings.key_cache_ttl_s,
+        key_negative_cache_ttl_s=settings.key_negative_cache_ttl_s,
+        key_cache_outage_grace_s=settings.key_cache_outage_grace_s,
+        key_pepper=settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None,
+        master_key=settings.master_key.get_secret_value() if settings.master_key else None,
+        reservation_lease_s=settings.reservation_lease_s,
+        migrate=migrate,
+    )
+
+
+def share_changes(hub: HubClient, accounts: Accounts, limit_rules: LimitStore) -> None:
+    """A key revoked (or its cap changed) or a limit rule changed through one worker's
+    admin API takes effect on every worker at once, not within the cache TTL."""
+    accounts.keys.on_change = lambda key_id: hub.send("invalidate", key_id=key_id)
+    limit_rules.on_change = lambda: hub.send("invalidate", key_id=None)
+
+    def forget(key_id: str | None) -> None:
+        if key_id is None:
+            limit_rules.invalidate()
+        else:
+            accounts.keys.invalidate(key_id)
+
+    hub.on_invalidate = forget
+
+
+async def follow_bridge_health(hub: HubClient, health_servicer: health.aio.HealthServicer) -> None:
+    """A worker's health for "" (the whole gateway) follows the supervisor's REST bridge."""
+
+    async def bridge(up: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        await health_servicer.set("", status)
+
+    hub.on_bridge = bridge
+    await bridge(hub.bridge_up)
 
 
 async def apply_configured_rates(accounts: Accounts, config: GatewayConfig) -> None:

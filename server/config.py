@@ -4,6 +4,7 @@ Settings (`AIGNE_HUB_*` variables, all optional):
     AIGNE_HUB_GRPC_HOST / AIGNE_HUB_GRPC_PORT   gRPC listener, default 127.0.0.1:50051
     AIGNE_HUB_REST_HOST / AIGNE_HUB_REST_PORT   REST bridge (Envoy), default 127.0.0.1:8080
     AIGNE_HUB_ADMIN_PORT                        Envoy admin (loopback only), default 9901
+    AIGNE_HUB_WORKERS                           gRPC processes of `serve`, default one per core
     AIGNE_HUB_CONFIG                            YAML file of providers, models, aliases
     AIGNE_HUB_MAX_MESSAGE_BYTES                 request/response size limit, default 32 MiB
     AIGNE_HUB_DEFAULT_CALL_DEADLINE_S           deadline of calls that send none, default 600
@@ -43,6 +44,14 @@ from server.storage.settings import StorageSettings
 MIB = 1024 * 1024
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class Settings(StorageSettings, AccountsSettings):
     """Process settings, read from `AIGNE_HUB_*` environment variables (storage and
     accounts settings included: data dir, database URL, billing, key cache, master key)."""
@@ -56,6 +65,8 @@ class Settings(StorageSettings, AccountsSettings):
     # admin API is closed (the `aigne-hub keys|credits|usage` CLI still works locally).
     admin_token: SecretStr | None = None
 
+    # gRPC server processes of `aigne-hub serve` (server.serving); default: one per core.
+    workers: int = Field(default_factory=lambda: cores(), ge=1, le=256)
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(50051, ge=0, le=65535)
     rest_host: str = "127.0.0.1"

@@ -88,6 +88,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("AIGNE_HUB_DATA_DIR", tempfile.mkdtemp(prefix="aigne-hub-test-data-"))
     # Every gateway a test starts serves its metrics on a free port, not the default.
     os.environ.setdefault("AIGNE_HUB_METRICS_PORT", "0")
+    # `serve` runs one gRPC process unless a test asks for workers (tests/test_workers.py):
+    # the single-process tests count serve's children (Envoy alone).
+    os.environ.setdefault("AIGNE_HUB_WORKERS", "1")
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -137,6 +137,9 @@ class KeyStore:
         self._probe_interval = outage_probe_interval_s
         # While the database fails: when the next lookup may try it again.
         self._next_probe: float | None = None
+        # Told of a key this process revoked or changed (the workers of one `serve` then
+        # forget it at once: server.serving.hub).
+        self.on_change: Callable[[str], None] | None = None
 
     # -- administration ---------------------------------------------------------------
 
@@ -207,7 +210,7 @@ class KeyStore:
             row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).one_or_none()
         if row is None:
             raise KeyError(key_id)
-        self.invalidate(key_id)
+        self._changed(key_id)
         return _record(row)
 
     async def set_spend_cap(self, key_id: str, spend_cap_micros: int | None) -> KeyRecord:
@@ -218,7 +221,7 @@ class KeyStore:
             row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).one_or_none()
         if row is None:
             raise KeyError(key_id)
-        self.invalidate(key_id)
+        self._changed(key_id)
         return _record(row)
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
@@ -239,6 +242,11 @@ class KeyStore:
         async with self._db.read() as conn:
             rows = (await conn.execute(query)).all()
         return [_record(row) for row in rows]
+
+    def _changed(self, key_id: str) -> None:
+        self.invalidate(key_id)
+        if self.on_change is not None:
+            self.on_change(key_id)
 
     def invalidate(self, key_id: str | None = None) -> None:
         """Forgets cached entries (of one key, or all) on this replica."""

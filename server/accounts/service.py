@@ -109,8 +109,9 @@ class Accounts:
         key_pepper: bytes | None = None,
         master_key: str | None = None,
         reservation_lease_s: float = 120.0,
+        migrate: bool | None = None,
     ) -> Accounts:
-        db = await Database.open_with(storage)
+        db = await Database.open_with(storage, migrate=migrate)
         keys = KeyStore(
             db,
             pepper=key_pepper,

@@ -23,6 +23,7 @@ import math
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from string import Template
 from typing import TypedDict
@@ -124,6 +125,7 @@ def render_envoy_config(
     request_timeout_s: float = 630.0,
     request_headers_timeout_s: float = 10.0,
     request_receive_timeout_s: float = 120.0,
+    grpc_endpoints_file: Path | None = None,
 ) -> str:
     """Returns the Envoy YAML for the REST bridge.
 
@@ -141,6 +143,9 @@ def render_envoy_config(
     - `request_headers_timeout_s`: a client must send its headers within this time.
     - `request_receive_timeout_s`: a client must send its whole request within this time
       (408 otherwise), so a client stalling mid-body is cut off early.
+    - `grpc_endpoints_file`: where `serve --workers N` lists the Unix sockets of the
+      workers that serve (`write_endpoints`); when given, Envoy sends calls to them
+      instead of `grpc_host:grpc_port`, and follows the file as it changes.
     """
     for name, host in (("rest_host", rest_host), ("grpc_host", grpc_host), ("admin_host", admin_host)):
         if not host or any(c.isspace() for c in host):
@@ -162,9 +167,81 @@ def render_envoy_config(
             request_headers_timeout_s, name="request_headers_timeout_s", allow_zero=False
         ),
         "request_receive_timeout": _duration(request_receive_timeout_s, name="request_receive_timeout_s"),
+        "cluster_endpoints": _cluster_endpoints(grpc_host, grpc_port, grpc_endpoints_file),
+        "health_check_timeout": "5s" if grpc_endpoints_file else "1s",
     }
     template = Template(TEMPLATE_PATH.read_text(encoding="utf-8"))
     return template.substitute(values)
+
+
+def write_endpoints(path: Path, sockets: Sequence[Path]) -> None:
+    """Lists `sockets` as the gRPC cluster's endpoints in `path`, replaced atomically
+    (Envoy watches the folder and takes the new list at once: a worker that died is out
+    before any call fails on it, a restarted one is in once it serves)."""
+    endpoints = [{"endpoint": {"address": {"pipe": {"path": str(s)}}}} for s in sockets]
+    assignment = {
+        "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+        "cluster_name": "aigne_grpc",
+        "endpoints": [{"lb_endpoints": endpoints}] if endpoints else [],
+    }
+    staged = path.with_name(path.name + ".new")
+    staged.write_text(json.dumps({"resources": [assignment]}))
+    staged.replace(path)
+
+
+def _cluster_endpoints(grpc_host: str, grpc_port: int, endpoints_file: Path | None) -> str:
+    """The gRPC cluster's type, balancing and endpoints (indented for the template).
+
+    Workers: least requests (with two or three workers Envoy compares two at random and
+    takes the less busy, so a slow or stuck worker gets fewer calls), and outlier
+    detection on local-origin failures only (a refused or reset connection: a dead
+    worker), so that a provider's errors, which the gateway answers as gRPC errors,
+    never take a healthy worker out."""
+    if endpoints_file is None:
+        return "\n".join(
+            [
+                "    type: STRICT_DNS",
+                "    dns_lookup_family: V4_PREFERRED",
+                "    connect_timeout: 2s",
+                "    load_assignment:",
+                "      cluster_name: aigne_grpc",
+                "      endpoints:",
+                "      - lb_endpoints:",
+                "        - endpoint:",
+                "            address:",
+                f"              socket_address: {{address: {_yaml_str(grpc_host)}, port_value: {grpc_port}}}",
+            ]
+        )
+    lines = [
+        "    type: EDS",
+        "    connect_timeout: 2s",
+        # A worker taken off the list is out at once, not after failing health checks.
+        "    ignore_health_on_host_removal: true",
+        "    lb_policy: LEAST_REQUEST",
+        "    eds_cluster_config:",
+        "      eds_config:",
+        "        resource_api_version: V3",
+        "        path_config_source:",
+        f"          path: {_yaml_str(str(endpoints_file))}",
+        f"          watched_directory: {{path: {_yaml_str(str(endpoints_file.parent))}}}",
+    ]
+    lines += [
+        "    outlier_detection:",
+        "      split_external_local_origin_errors: true",
+        "      consecutive_local_origin_failure: 1",
+        "      enforcing_consecutive_local_origin_failure: 100",
+        "      enforcing_consecutive_5xx: 0",
+        "      enforcing_consecutive_gateway_failure: 0",
+        "      enforcing_success_rate: 0",
+        "      enforcing_local_origin_success_rate: 0",
+        "      enforcing_failure_percentage: 0",
+        "      enforcing_failure_percentage_local_origin: 0",
+        "      interval: 1s",
+        "      base_ejection_time: 1s",
+        "      max_ejection_time: 10s",
+        "      max_ejection_percent: 50",
+    ]
+    return "\n".join(lines)
 
 
 def envoy_executable() -> str:

@@ -311,10 +311,20 @@ def open_limiter(
     on_redis_failure: Policy = "open",
     budget_s: float = 0.05,
     lease_s: float = 60.0,
+    shared: Counters | None = None,
 ) -> Limiter:
-    """Counters in Redis when a URL is set, else in this process (one replica)."""
+    """Counters in Redis when a URL is set, else `shared` (the counters the worker
+    processes of one `serve` share in their supervisor), else in this process (one
+    replica). A failure of `shared` is handled as Redis's (`on_redis_failure`)."""
     local = MemoryCounters()
-    shared: Counters = RedisCounters(redis_url) if redis_url else local
+    if redis_url:
+        shared = RedisCounters(redis_url)
+    elif shared is None:
+        shared = local
+    else:
+        # The hub is a local socket, but a busy machine may delay its answer well past
+        # a Redis budget; falling back to per-process counters would over-admit.
+        budget_s = max(budget_s, 2.0)
     return Limiter(
         store,
         shared,

@@ -99,6 +99,9 @@ class LimitStore:
         self._ttl = cache_ttl_s
         self._clock = clock
         self._cache: dict[tuple[str, str], tuple[float, list[LimitRule]]] = {}
+        # Told when this process changed a rule (the workers of one `serve` then forget
+        # theirs at once: server.serving.hub).
+        self.on_change: Callable[[], None] | None = None
 
     async def set(self, rule: LimitRule) -> LimitRule:
         """Creates the rule, or changes the limits it names on the existing one.
@@ -126,8 +129,17 @@ class LimitStore:
                 await conn.execute(
                     rate_limits.update().where(rate_limits.c.id == found.id).values(**changes, updated_at=now)
                 )
-        self._cache.clear()
+        self._changed()
         return stored
+
+    def invalidate(self) -> None:
+        """Forgets the cached rules of this process."""
+        self._cache.clear()
+
+    def _changed(self) -> None:
+        self._cache.clear()
+        if self.on_change is not None:
+            self.on_change()
 
     async def remove(self, scope: Scope, subject: str, model: str = "*") -> None:
         """Removes a rule; NOT_FOUND when there is none."""
@@ -139,7 +151,7 @@ class LimitStore:
             )
         if not result.rowcount:
             raise ResourceNotFound(f"no limit on {scope} {subject[:64]!r} for model {model[:64]!r}", field="subject")
-        self._cache.clear()
+        self._changed()
 
     async def find(
         self,

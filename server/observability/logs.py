@@ -103,6 +103,8 @@ class JsonFormatter(logging.Formatter):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
+            # Which process wrote it: `serve --workers N` runs several.
+            "pid": record.process,
         }
         call = getattr(record, "call", None)
         if isinstance(call, dict):

@@ -1,4 +1,7 @@
-"""`python -m tests.bench [--quick] [--duration S] [--connections 1,16,64]`."""
+"""`python -m tests.bench [--quick] [--duration S] [--connections 1,16,64] [--workers N]
+[--only fake,1w,Nw,litellm]`: one table for the fake upstream called directly, the
+gateway (`aigne-hub serve`) with 1 and N workers (a trivial RPC through Envoy, chat, a
+20-chunk SSE stream), and LiteLLM when the side-by-side kit (../shared/bench) is set up."""
 
 from __future__ import annotations
 
@@ -13,11 +16,14 @@ import time
 from pathlib import Path
 
 from server.bridge.envoy_config import envoy_executable
-from tests.bench import procstat, report, reuse, stack, wrk
-from tests.bench.measure import Phase, Target, measure, targets
+from server.config import cores
+from tests.bench import procstat, report, stack, wrk
+from tests.bench.measure import Phase, Target, fake_targets, gateway_targets, litellm_targets, measure
 
 DEFAULT_SECONDS, QUICK_SECONDS = 8.0, 1.0
 DEFAULT_WARMUP, QUICK_WARMUP = 2.0, 1.0
+# The fake always runs: it is every other row's baseline.
+GROUPS = ("fake", "1w", "Nw", "litellm")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,34 +31,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help=f"seconds per measurement (default {DEFAULT_SECONDS:g})")
     parser.add_argument("--warmup", type=float, help=f"seconds of warm-up per target (default {DEFAULT_WARMUP:g})")
     parser.add_argument("--connections", default="1,16,64", help="concurrent connections, comma-separated")
-    parser.add_argument("--quick", action="store_true", help="a ~20 s smoke run (1 s measurements)")
-    parser.add_argument("--only", default="abcd", help="which targets to run, e.g. 'ab' (default abcd)")
+    parser.add_argument("--workers", type=int, default=cores(), help="N of the N-worker rows (default: cores)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (1 s measurements)")
+    parser.add_argument("--only", default=",".join(GROUPS), help=f"groups to run, from {','.join(GROUPS)}")
     args = parser.parse_args(argv)
     args.duration = args.duration or (QUICK_SECONDS if args.quick else DEFAULT_SECONDS)
     args.warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP)
+    args.only = {g.strip() for g in args.only.split(",") if g.strip()}
+    if not args.only <= set(GROUPS):
+        parser.error(f"--only takes groups from {', '.join(GROUPS)}, got {sorted(args.only)}")
     try:
         args.connections = sorted({int(n) for n in args.connections.split(",")})
     except ValueError:
         parser.error(f"--connections must be integers separated by commas, got {args.connections!r}")
-    if min(args.connections) < 1 or args.duration < 1:
-        parser.error("connections must be >= 1 and --duration at least 1 s (wrk counts whole seconds)")
+    if min(args.connections) < 1 or args.duration < 1 or args.workers < 2:
+        parser.error("connections >= 1, --duration >= 1 s (wrk counts whole seconds), --workers >= 2")
     return args
 
 
-def print_conditions(args: argparse.Namespace, wrk_path: str) -> None:
-    runs = len(args.only) * len(args.connections)
-    estimate = runs * max(1, round(args.duration)) + len(args.only) * max(1, round(args.warmup)) + 5
-    print(f"AIGNE Hub benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  on {platform.node()}")
-    print(
-        f"  machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; Python {platform.python_version()}"
+def conditions(args: argparse.Namespace, wrk_path: str) -> str:
+    return "\n".join(
+        [
+            f"AIGNE Hub benchmark  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  on {platform.node()}",
+            f"  machine: {os.cpu_count()} CPUs ({_cpu_model()}), load average {os.getloadavg()[0]:.2f} at start; "
+            f"Python {platform.python_version()}",
+            f"  {_first_line([envoy_executable(), '--version'])}",
+            f"  {_first_line([wrk_path, '--version'])}",
+            f"  each run: wrk {args.duration:g} s after a {args.warmup:g} s warm-up per target, connections "
+            f"{','.join(map(str, args.connections))}; gateway: API key + ledger on (SQLite), billing off, JSON "
+            "and SSE from an Envoy direct_response fake",
+            "  wrk, the fake and the target share these CPUs: compare ratios within a run more than absolutes.",
+        ]
     )
-    print(f"  {_first_line([envoy_executable(), '--version'])}")
-    print(f"  {_first_line([wrk_path, '--version'])}")
-    print(
-        f"  each run: wrk {args.duration:g} s (after a {args.warmup:g} s warm-up per target), "
-        f"connections {','.join(map(str, args.connections))}; expected total ~{estimate} s"
-    )
-    print("  wrk, both Envoys and the gRPC server share these CPUs: compare ratios more than absolutes.\n", flush=True)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def _first_line(command: list[str]) -> str:
@@ -64,48 +84,53 @@ def _first_line(command: list[str]) -> str:
     return next((line.strip() for line in lines if line.strip()), command[0])
 
 
-async def run_target(
-    running: stack.Stack, target: Target, args: argparse.Namespace, wrk_path: str, work_dir: Path
-) -> list[Phase]:
-    script = wrk.write_script(target.request, work_dir, target.key)
-    # Warm-up at the highest concurrency: fills the connection pools (client -> Envoy ->
-    # gRPC, gateway -> upstream) and the interpreter's caches before anything counts.
-    await wrk.run(wrk_path, target.request.url, script, connections=max(args.connections), seconds=args.warmup)
+async def run_targets(targets: list[Target], args: argparse.Namespace, wrk_path: str, work_dir: Path) -> list[Phase]:
     phases = []
-    for connections in args.connections:
-        phase = await measure(running, target, script, wrk_path, connections, args.duration)
-        print(report.row(phase), flush=True)
-        phases.append(phase)
+    for target in targets:
+        script = wrk.write_script(target.request, work_dir, target.key)
+        # Warm-up at the highest concurrency: fills the connection pools and caches.
+        await wrk.run(wrk_path, target.request.url, script, connections=max(args.connections), seconds=args.warmup)
+        for connections in args.connections:
+            phase = await measure(target, script, wrk_path, connections, args.duration)
+            print(
+                f"  {target.label} at {connections}: {phase.result.rps:.0f} req/s, "
+                f"{phase.cpu_ms_per_request:.2f} CPU ms/req",
+                flush=True,
+            )
+            phases.append(phase)
     return phases
 
 
 async def run_all(args: argparse.Namespace, wrk_path: str, work_dir: Path) -> list[Phase]:
-    async with stack.running(work_dir) as running:
-        rss_mib = procstat.rss_bytes(running.gateway_pid) / report.MIB
-        print(f"stack ready: gRPC server pid {running.gateway_pid}, RSS {rss_mib:.1f} MiB at start\n")
-        print(report.HEADER + "\n" + "-" * len(report.HEADER), flush=True)
-        phases: list[Phase] = []
-        for target in targets(running):
-            if target.key in args.only:
-                phases += await run_target(running, target, args, wrk_path, work_dir)
-        report.legend()
-        report.streams(phases)
-        report.reconnects(phases)
-        await reuse.report(running)
-        return phases
+    phases: list[Phase] = []
+    async with stack.fake(work_dir) as fake:
+        key = await stack.create_key(work_dir)
+        phases += await run_targets(fake_targets(fake.url, fake.pid), args, wrk_path, work_dir)
+        for group, workers in (("1w", 1), ("Nw", args.workers)):
+            if group in args.only:
+                async with stack.gateway(work_dir, fake.url, key, workers) as gateway:
+                    targets = gateway_targets(gateway.name, gateway.url, key, gateway.pids, status=True)
+                    phases += await run_targets(targets, args, wrk_path, work_dir)
+                    MEMORY.append(f"  {gateway.name}: " + ", ".join(procstat.describe(gateway.pids())))
+        if "litellm" in args.only:
+            if stack.litellm_installed():
+                async with stack.litellm(fake.port) as lite:
+                    targets = litellm_targets(lite.url, lite.api_key, lite.pids)
+                    phases += await run_targets(targets, args, wrk_path, work_dir)
+            else:
+                print(f"  (LiteLLM skipped: the kit is not set up; see {stack.KIT}/README.md)", flush=True)
+    return phases
 
 
-def summarize(phases: list[Phase], connections: list[int]) -> bool:
-    by_key = {(p.target.key, p.connections): p for p in phases}
-    report.ratios(by_key, connections)
-    report.checks(by_key, connections)
-    return report.failures(phases)
+# RSS of each process of each gateway after its runs, printed under the table.
+MEMORY: list[str] = []
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wrk_path = wrk.ensure_installed()
-    print_conditions(args, wrk_path)
+    header = conditions(args, wrk_path)
+    print(header + "\n", flush=True)
     work_dir = Path(tempfile.mkdtemp(prefix="aigne-hub-bench-"))
     try:
         phases = asyncio.run(run_all(args, wrk_path, work_dir))
@@ -119,7 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         leftovers = procstat.terminate_children()
         if leftovers:
             print(f"bench: had to stop leftover child processes {leftovers}", file=sys.stderr)
-    failed = summarize(phases, args.connections)
+    print("\n" + header + "\n")
+    print(report.table(phases))
+    print(report.LEGEND)
+    print(report.ratios(phases, args.workers, args.connections))
+    if MEMORY:
+        print("RSS per process after the runs:\n" + "\n".join(MEMORY))
+    failed = report.failures(phases)
+    if failed:
+        print(failed)
     print(f"\n(logs: {work_dir})")
     return 1 if failed else 0
 

@@ -5,6 +5,7 @@ Routes (by prefix, so that two gateway providers can point at two behaviours):
   /json/v1/chat/completions  a fixed chat.completion JSON object
   /sse/v1/chat/completions   a fixed stream of chat.completion.chunk events + [DONE]
   /v1/chat/completions       the same JSON, for calling the fake the way an SDK would
+  /stream/v1/chat/completions  the same stream, where the side-by-side kit's LiteLLM asks
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ static_resources:
                 response_headers_to_add: &sse
                 - header: {key: content-type, value: text/event-stream}
                   append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              # The path the side-by-side kit (../shared/bench) gives LiteLLM for streams.
+              - match: {prefix: /stream/v1/chat/completions}
+                direct_response: {status: 200, body: {inline_string: $sse_body}}
+                response_headers_to_add: *sse
               - match: {prefix: /json/v1/chat/completions}
                 direct_response: {status: 200, body: {inline_string: $json_body}}
                 response_headers_to_add: &json

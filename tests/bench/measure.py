@@ -1,17 +1,18 @@
-"""One measured phase: wrk against one target at one concurrency, with the CPU time
-each process of the stack spent meanwhile."""
+"""One measured phase: wrk against one target at one concurrency, with the CPU time and
+memory of the target's processes meanwhile."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.bench import procstat, reuse, wrk
-from tests.bench.stack import Stack
+from tests.bench import procstat, wrk
 
 CHAT_MESSAGES = [{"role": "user", "content": "Say hello in one short sentence."}]
 FAKE_CONTENT = '"content":"Hello! How can I help you today?"'
+DONE = "data: [DONE]"
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,10 @@ class Target:
     key: str
     label: str
     request: wrk.Request
+    # The processes whose CPU and memory count (read at the start of each run).
+    pids: Callable[[], list[int]]
+    # The key of the target whose latency this one adds to ("" for none).
+    baseline: str = ""
 
 
 @dataclass(frozen=True)
@@ -26,46 +31,94 @@ class Phase:
     target: Target
     connections: int
     result: wrk.Result
-    # CPU seconds spent during the run; None when the process could not be found.
-    cpu_s: dict[str, float | None]
-    gateway_rss: int
-    # Connections the fake upstream accepted during the run: about `connections` for (c)
-    # (wrk connects afresh), about 0 for (b) and (d) once the gateway's pool is warm.
-    fake_connections: int | None
+    cpu_s: float
+    rss_bytes: int
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return 1e3 * self.cpu_s / max(self.result.requests, 1)
 
 
-def targets(stack: Stack) -> list[Target]:
-    key = stack.api_key
-    chat = json.dumps({"model": "json/gpt-4o-mini", "messages": CHAT_MESSAGES, "max_tokens": 32})
-    stream = json.dumps({"model": "sse/gpt-4o-mini", "messages": CHAT_MESSAGES, "max_tokens": 32, "stream": True})
-    bridge_chat = f"{stack.rest_url}/v1/chat/completions"
-    fake_chat = f"{stack.fake_url}/v1/chat/completions"
+def chat_body(model: str, stream: bool = False) -> str:
+    body: dict[str, object] = {"model": model, "messages": CHAT_MESSAGES, "max_tokens": 32}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body)
+
+
+def fake_targets(fake_url: str, fake_pid: int | None) -> list[Target]:
+    pids = (lambda: [fake_pid]) if fake_pid else list
     return [
-        Target("a", "GET /status via bridge", wrk.Request(f"{stack.rest_url}/status", '"available":true', api_key=key)),
-        Target("b", "chat via bridge+gRPC", wrk.Request(bridge_chat, FAKE_CONTENT, "POST", chat, key)),
-        Target("c", "chat, fake directly", wrk.Request(fake_chat, FAKE_CONTENT, "POST", chat)),
-        # [DONE] comes last: seeing it proves the whole stream crossed the bridge.
-        Target("d", "stream via bridge+gRPC", wrk.Request(bridge_chat, "data: [DONE]", "POST", stream, key)),
+        Target(
+            "fake",
+            "fake directly: chat",
+            wrk.Request(f"{fake_url}/v1/chat/completions", FAKE_CONTENT, "POST", chat_body("x")),
+            pids,
+        ),
+        Target(
+            "fake-sse",
+            "fake directly: SSE 20 chunks",
+            wrk.Request(f"{fake_url}/sse/v1/chat/completions", DONE, "POST", chat_body("x", True)),
+            pids,
+        ),
     ]
 
 
-def _pids(stack: Stack) -> dict[str, int | None]:
-    return {"gateway": stack.gateway_pid, "bridge": stack.bridge_pid, "fake": stack.fake_pid}
+def gateway_targets(name: str, url: str, key: str, pids: Callable[[], list[int]], *, status: bool) -> list[Target]:
+    chat_url = f"{url}/v1/chat/completions"
+    found = []
+    if status:
+        found.append(
+            Target(
+                f"{name}-status",
+                f"{name}: trivial RPC (GET /status)",
+                wrk.Request(f"{url}/status", '"available":true'),
+                pids,
+            )
+        )
+    found += [
+        Target(
+            f"{name}-chat",
+            f"{name}: chat",
+            wrk.Request(chat_url, FAKE_CONTENT, "POST", chat_body("json/gpt-4o-mini"), key),
+            pids,
+            "fake",
+        ),
+        # [DONE] comes last: seeing it proves the whole stream crossed the gateway.
+        Target(
+            f"{name}-sse",
+            f"{name}: SSE 20 chunks",
+            wrk.Request(chat_url, DONE, "POST", chat_body("sse/gpt-4o-mini", True), key),
+            pids,
+            "fake-sse",
+        ),
+    ]
+    return found
 
 
-def _cpu(pids: dict[str, int | None]) -> dict[str, float | None]:
-    return {name: None if pid is None else procstat.cpu_seconds(pid) for name, pid in pids.items()}
+def litellm_targets(url: str, key: str, pids: Callable[[], list[int]]) -> list[Target]:
+    chat_url = f"{url}/v1/chat/completions"
+    return [
+        Target(
+            "litellm-chat",
+            "litellm-1w: chat",
+            wrk.Request(chat_url, FAKE_CONTENT, "POST", chat_body("gpt-4o-mini"), key),
+            pids,
+            "fake",
+        ),
+        Target(
+            "litellm-sse",
+            "litellm-1w: SSE 20 chunks",
+            wrk.Request(chat_url, DONE, "POST", chat_body("gpt-4o-mini-stream", True), key),
+            pids,
+            "fake-sse",
+        ),
+    ]
 
 
-async def measure(stack: Stack, target: Target, script: Path, wrk_path: str, connections: int, seconds: float) -> Phase:
-    pids = _pids(stack)
-    cx_before, before = await reuse.fake_connections(stack), _cpu(pids)
+async def measure(target: Target, script: Path, wrk_path: str, connections: int, seconds: float) -> Phase:
+    pids = target.pids()
+    before = procstat.tree_cpu_seconds(pids)
     result = await wrk.run(wrk_path, target.request.url, script, connections=connections, seconds=seconds)
-    after, cx_after = _cpu(pids), await reuse.fake_connections(stack)
-    spent = {name: _delta(before[name], after[name]) for name in pids}
-    new_cx = None if cx_before is None or cx_after is None else cx_after - cx_before
-    return Phase(target, connections, result, spent, procstat.rss_bytes(stack.gateway_pid), new_cx)
-
-
-def _delta(before: float | None, after: float | None) -> float | None:
-    return None if before is None or after is None else after - before
+    spent = procstat.tree_cpu_seconds(pids) - before
+    return Phase(target, connections, result, spent, procstat.tree_rss_bytes(target.pids()))

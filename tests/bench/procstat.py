@@ -86,3 +86,60 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants now (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += parents.get(current, [])
+    return found
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds of these processes (those that exited meanwhile count 0)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def tree_rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += rss_bytes(pid)
+    return total
+
+
+def describe(pids: list[int]) -> list[str]:
+    """`<role> <RSS> MiB` of each process: serve, worker, envoy, or its program name."""
+    found = []
+    for pid in pids:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            rss = rss_bytes(pid)
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in args if a]
+        if "worker" in words:
+            role = "worker"
+        elif "serve" in words:
+            role = "serve"
+        elif any(w.endswith("envoy") for w in words):
+            role = "envoy"
+        else:
+            role = Path(words[0]).name if words else str(pid)
+        found.append(f"{role} {rss / 2**20:.0f} MiB")
+    return found

@@ -1,8 +1,9 @@
 """Starts what the benchmark measures, each in its own process, and stops it all.
 
 fake upstream  Envoy direct_response (fake_upstream.py)
-gRPC server    `python -m server.cli grpc` with a YAML config naming two providers
-REST bridge    Envoy with the production configuration (server.cli.envoy_yaml)
+gateway        `aigne-hub serve --workers W` (gRPC workers + the REST bridge Envoy, as
+               an operator runs it) with a YAML config naming two providers on the fake
+LiteLLM        the side-by-side kit's proxy (../shared/bench), when it is set up
 """
 
 from __future__ import annotations
@@ -18,29 +19,40 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import yaml
 
 from server.bridge.process import EnvoyProcess
-from server.cli import envoy_yaml, wait_for_bridge
-from server.config import Settings
 from tests.bench import procstat
 from tests.bench.fake_upstream import render_fake_config
 
 REPO = Path(__file__).resolve().parents[2]
+KIT = REPO.parent / "shared" / "bench"
+BENCH_HOME = Path(os.environ.get("BENCH_HOME", "/tmp/bench"))
+LITELLM_KEY = os.environ.get("BENCH_API_KEY", "sk-bench-0123456789abcdef0123456789abcdef")
 
 
 @dataclass(frozen=True)
-class Stack:
-    rest_url: str
-    fake_url: str
-    gateway_pid: int
-    bridge_pid: int | None
-    fake_pid: int | None
-    bridge_admin: str
-    fake_admin: str
-    # A key of the gateway's own ledger: the bench measures with authentication and
-    # usage recording on, as the gateway runs in production.
+class Fake:
+    url: str
+    port: int
+    admin: str
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """A running gateway: where to call it, with which key, and its root process."""
+
+    name: str
+    url: str
     api_key: str
+    root_pid: int
+    admin: str | None = None
+
+    def pids(self) -> list[int]:
+        """Every process of the gateway (workers, Envoy, LiteLLM's uvicorn workers)."""
+        return procstat.tree(self.root_pid)
 
 
 def free_port() -> int:
@@ -59,37 +71,15 @@ def gateway_config(fake_url: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def running(work_dir: Path) -> AsyncIterator[Stack]:
-    """Everything started and answering; on exit (error and Ctrl-C included) stopped."""
-    fake_port, grpc_port = free_port(), free_port()
-    fake_url = f"http://127.0.0.1:{fake_port}"
-    fake = _envoy(render_fake_config(port=fake_port, admin_port=free_port()), work_dir / "fake")
-    settings = Settings(grpc_port=grpc_port, rest_port=free_port(), admin_port=free_port())
-    bridge = _envoy(envoy_yaml(settings, grpc_port), work_dir / "bridge")
-    gateway: asyncio.subprocess.Process | None = None
+async def fake(work_dir: Path) -> AsyncIterator[Fake]:
+    port = free_port()
+    config = render_fake_config(port=port, admin_port=free_port())
+    envoy = EnvoyProcess(config, admin_url=_admin_url(config), work_dir=work_dir / "fake")
     try:
-        await fake.start()
-        api_key = await _create_key(work_dir)
-        gateway = await _start_gateway(grpc_port, gateway_config(fake_url), work_dir)
-        await bridge.start()
-        rest_url = f"http://127.0.0.1:{settings.rest_port}"
-        await _wait_healthy(rest_url, gateway, work_dir / "gateway.log")
-        yield Stack(
-            rest_url=rest_url,
-            fake_url=fake_url,
-            gateway_pid=gateway.pid,
-            bridge_pid=procstat.child_pid(str(bridge.config_path)),
-            fake_pid=procstat.child_pid(str(fake.config_path)),
-            bridge_admin=bridge.admin_url,
-            fake_admin=fake.admin_url,
-            api_key=api_key,
-        )
+        await envoy.start()
+        yield Fake(f"http://127.0.0.1:{port}", port, envoy.admin_url, envoy.pid)
     finally:
-        await _stop_all(gateway, bridge, fake)
-
-
-def _envoy(config: str, work_dir: Path) -> EnvoyProcess:
-    return EnvoyProcess(config, admin_url=_admin_url(config), work_dir=work_dir)
+        await envoy.stop()
 
 
 def _admin_url(config: str) -> str:
@@ -104,28 +94,18 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return f"(no log at {path})"
 
 
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
 def _gateway_env(work_dir: Path) -> dict[str, str]:
-    return {**os.environ, "AIGNE_HUB_DATA_DIR": str(work_dir / "data")}
+    env = {**os.environ, "AIGNE_HUB_DATA_DIR": str(work_dir / "data"), "AIGNE_HUB_METRICS_ENABLED": "false"}
+    for name in ("AIGNE_HUB_CONFIG", "AIGNE_HUB_WORKERS", "AIGNE_HUB_DATABASE_URL", "AIGNE_HUB_REDIS_URL"):
+        env.pop(name, None)
+    return env
 
 
-async def _create_key(work_dir: Path) -> str:
+async def create_key(work_dir: Path) -> str:
     """A key made with `aigne-hub keys create`, in the bench's own data dir."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "server.cli",
-        "keys",
-        "create",
-        "--owner",
-        "project:bench",
-        "--name",
-        "bench",
-        "--json",
+        *("-m", "server.cli", "keys", "create", "--owner", "project:bench", "--name", "bench", "--json"),
         cwd=REPO,
         env=_gateway_env(work_dir),
         stdout=asyncio.subprocess.PIPE,
@@ -138,53 +118,50 @@ async def _create_key(work_dir: Path) -> str:
     return secret
 
 
-async def _start_gateway(grpc_port: int, config: str, work_dir: Path) -> asyncio.subprocess.Process:
-    config_path = _write(work_dir / "gateway.yaml", config)
-    with open(work_dir / "gateway.log", "ab") as log:  # noqa: ASYNC230 - opening a local file is instant
-        return await asyncio.create_subprocess_exec(
+@contextlib.asynccontextmanager
+async def gateway(work_dir: Path, fake_url: str, api_key: str, workers: int) -> AsyncIterator[Gateway]:
+    """`aigne-hub serve --workers W`, ready; stopped with SIGTERM on exit."""
+    config_path = work_dir / "gateway.yaml"
+    config_path.write_text(gateway_config(fake_url))
+    rest_port, admin_port = free_port(), free_port()
+    out = work_dir / f"serve-{workers}w.out"
+    with out.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "server.cli",
-            "grpc",
-            "--grpc-port",
-            str(grpc_port),
-            "--config",
-            str(config_path),
+            *("-m", "server.cli", "serve", f"--workers={workers}", f"--config={config_path}"),
+            *(f"--rest-port={rest_port}", f"--grpc-port={free_port()}", f"--admin-port={admin_port}"),
             cwd=REPO,
             env=_gateway_env(work_dir),
             stdout=log,
             stderr=log,
             stdin=asyncio.subprocess.DEVNULL,
-            # Its own session: Ctrl-C reaches only the benchmark, which then stops the
-            # gateway with SIGTERM in order (after wrk, before the bridge).
+            # Its own session: Ctrl-C reaches only the benchmark, which stops it in order.
             start_new_session=True,
         )
-
-
-async def _wait_healthy(rest_url: str, gateway: asyncio.subprocess.Process, log: Path) -> None:
-    """Until /status answers through the bridge; fails at once if the gateway exits."""
-    healthy = asyncio.ensure_future(wait_for_bridge(rest_url, timeout_s=30.0))
-    exited = asyncio.ensure_future(gateway.wait())
     try:
-        await asyncio.wait([healthy, exited], return_when=asyncio.FIRST_COMPLETED)
+        await _wait_for(lambda: b"aigne-hub ready" in out.read_bytes(), process, out, 120)
+        yield Gateway(
+            f"{workers}w",
+            f"http://127.0.0.1:{rest_port}",
+            api_key,
+            process.pid,
+            admin=f"http://127.0.0.1:{admin_port}",
+        )
     finally:
-        exited.cancel()
-        if not healthy.done():
-            healthy.cancel()
-    if healthy.done() and not healthy.cancelled() and healthy.exception() is None:
-        return
-    state = "running" if gateway.returncode is None else f"exited with {gateway.returncode}"
-    raise RuntimeError(f"the stack did not become healthy; gateway {state}, its log:\n{log_tail(log)}")
+        await _stop(process)
 
 
-async def _stop_all(gateway: asyncio.subprocess.Process | None, bridge: EnvoyProcess, fake: EnvoyProcess) -> None:
-    if gateway is not None:
-        await _stop_gateway(gateway)
-    await bridge.stop()
-    await fake.stop()
+async def _wait_for(ready: object, process: asyncio.subprocess.Process, log: Path, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not ready():  # type: ignore[operator]
+        if process.returncode is not None or loop.time() > deadline:
+            state = "running" if process.returncode is None else f"exited with {process.returncode}"
+            raise RuntimeError(f"the gateway did not get ready; it is {state}; its log:\n{log_tail(log)}")
+        await asyncio.sleep(0.1)
 
 
-async def _stop_gateway(process: asyncio.subprocess.Process, timeout_s: float = 10.0) -> None:
+async def _stop(process: asyncio.subprocess.Process, timeout_s: float = 60.0) -> None:
     if process.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -195,3 +172,39 @@ async def _stop_gateway(process: asyncio.subprocess.Process, timeout_s: float = 
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
+
+
+def litellm_installed() -> bool:
+    return (BENCH_HOME / "venv-litellm" / "bin" / "litellm").exists() and (KIT / "litellm_proxy.sh").exists()
+
+
+@contextlib.asynccontextmanager
+async def litellm(fake_port: int) -> AsyncIterator[Gateway]:
+    """The kit's LiteLLM proxy (1 uvicorn worker) in front of this run's fake."""
+    port = free_port()
+    env = {**os.environ, "BENCH_HOME": str(BENCH_HOME), "LITELLM_PORT": str(port), "FAKE_PORT": str(fake_port)}
+    script = str(KIT / "litellm_proxy.sh")
+    start = await asyncio.create_subprocess_exec(script, "start", "1", env=env, stdout=asyncio.subprocess.PIPE)
+    output, _ = await start.communicate()
+    if start.returncode != 0:
+        raise RuntimeError(f"LiteLLM did not start: {output.decode(errors='replace')}")
+    try:
+        pid = int((BENCH_HOME / "run" / "litellm.pid").read_text())
+        yield Gateway("litellm-1w", f"http://127.0.0.1:{port}", LITELLM_KEY, pid)
+    finally:
+        stop = await asyncio.create_subprocess_exec(script, "stop", env=env, stdout=asyncio.subprocess.DEVNULL)
+        await stop.wait()
+
+
+async def fake_connections(admin_url: str) -> int | None:
+    """Connections the fake upstream has accepted so far."""
+    async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+        try:
+            text = (await client.get(f"{admin_url}/stats", params={"filter": "downstream_cx_total$"})).text
+        except httpx.HTTPError:
+            return None
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name == "http.fake_openai.downstream_cx_total" and value.isdigit():
+            return int(value)
+    return None
