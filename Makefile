@@ -7,7 +7,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := python3
 
 
-.PHONY: setup run test pytest postgres redis prometheus bench generate check-generated lint typecheck buf-lint buf-breaking clean go-toolchain go-client
+.PHONY: setup run test pytest postgres redis prometheus bench generate check-generated lint typecheck buf-lint buf-breaking clean go-toolchain go-client ui check-ui chromium
 
 setup: .venv/.installed node_modules/.installed
 
@@ -27,8 +27,8 @@ run: setup
 	.venv/bin/aigne-hub serve
 
 # The one test command (README, CI): static checks, then the whole suite.
-test: setup check-generated lint typecheck buf-breaking postgres redis prometheus go-client
-	AIGNE_HUB_REQUIRE_POSTGRES=1 AIGNE_HUB_REQUIRE_GO=1 .venv/bin/pytest
+test: setup check-generated check-ui lint typecheck buf-breaking postgres redis prometheus go-client chromium
+	AIGNE_HUB_REQUIRE_POSTGRES=1 AIGNE_HUB_REQUIRE_GO=1 AIGNE_HUB_REQUIRE_CHROMIUM=1 .venv/bin/pytest
 
 # Storage tests run against SQLite and PostgreSQL (127.0.0.1:5432, trust auth, database
 # `test`, as on these machines): start the local cluster if it is installed but stopped.
@@ -56,6 +56,27 @@ prometheus:
 		echo "installing Prometheus"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
 			apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+# The web dashboard (ui/): its build, ui/dist, is committed and served by Envoy under
+# /ui/; `make ui` rebuilds it after changing ui/src, `make check-ui` (part of `make
+# test`) fails when the committed build is not what the sources build to.
+UI_VITE := npx --no-install vite build --config ui/vite.config.mjs
+
+ui: node_modules/.installed
+	$(UI_VITE)
+
+check-ui: node_modules/.installed
+	@rm -rf .build/ui-check && $(UI_VITE) --outDir $(CURDIR)/.build/ui-check >/dev/null
+	@diff -r ui/dist .build/ui-check >/dev/null || { \
+		echo "ui/dist is stale: run 'make ui' and commit it"; diff -rq ui/dist .build/ui-check; exit 1; }
+
+# The dashboard's browser tests drive Debian's Chromium with playwright-core (from
+# package-lock.json; no browser is downloaded).
+chromium:
+	@test -x /usr/lib/chromium/chromium || { \
+		echo "installing Chromium from Debian's packages"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium fonts-dejavu-core >/dev/null; }
 
 pytest: setup
 	.venv/bin/pytest $(ARGS)

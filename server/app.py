@@ -23,6 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aigne.hub.v1 import (
+    account_service_pb2,
+    account_service_pb2_grpc,
     admin_service_pb2,
     admin_service_pb2_grpc,
     agent_service_pb2,
@@ -40,6 +42,7 @@ from aigne.hub.v1 import (
 )
 from server.accounts.credits import rate_from_credits
 from server.accounts.service import Accounts
+from server.api.account import AccountServicer
 from server.api.admin import AdminServicer
 from server.api.agent import AgentServicer
 from server.api.audio import AudioServicer
@@ -74,6 +77,7 @@ SERVICE_NAMES = [
     status_service_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
 ]
 
 
@@ -236,7 +240,10 @@ async def start_gateway(
     # AIGNE's agent protocol, served by the same chat and image servicers in process.
     agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(router, accounts, chat, images), server)
     audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts, routing), server)
-    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(accounts, providers), server)
+    deployments = [f"{d.provider}/{d.model}" for route in config.models.values() for d in route.deployments]
+    admin = AdminServicer(accounts, providers, deployments=deployments, cooldowns=routing.cooldowns)
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+    account_service_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(accounts), server)
     status_service_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(router, serving, routing), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

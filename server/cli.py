@@ -129,7 +129,7 @@ async def serve(settings: Settings) -> None:
         await wait_for_bridge(rest_url)
         await bridge_health(True)
         print(
-            f"aigne-hub ready: REST {rest_url} (OpenAI base_url {rest_url}/v1), "
+            f"aigne-hub ready: REST {rest_url} (OpenAI base_url {rest_url}/v1, dashboard {rest_url}/ui/), "
             f"gRPC {settings.grpc_host}:{gateway.port}, Envoy log {envoy.log_path}",
             flush=True,
         )

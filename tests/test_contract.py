@@ -35,6 +35,8 @@ AGENT_PATHS = {
     ("post", "/api/v2/chat"),
     ("post", "/api/v2/image"),
 }
+# The owner's view of its own account (AccountService, the dashboard's), by API key.
+ACCOUNT_PATHS = {("get", "/account"), ("get", "/account/usage"), ("get", "/account/calls")}
 
 
 def buf(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -98,7 +100,7 @@ def test_rest_paths_are_the_seeds_with_v1_twins_and_aignes_own():
         pair for pairs in _http_rules().values() for pair in pairs if not pair[1].startswith(("/internal/", "/admin/"))
     }
     expected = SEED_PATHS | SDK_TWINS
-    assert public == expected | {(method, "/v1" + path) for method, path in expected} | AGENT_PATHS
+    assert public == expected | {(method, "/v1" + path) for method, path in expected} | AGENT_PATHS | ACCOUNT_PATHS
 
 
 def test_every_rpc_but_typed_transcription_is_on_rest():

@@ -428,6 +428,11 @@ TARGETS: dict[str, Target] = {
         lambda: admin_pb.SetRateLimitRequest(limit=admin_pb.RateLimit(owner="user:hostile", model="hostile/*", rpm=1)),
         lambda request: request.limit,
     ),
+    "GetProviderHealthRequest": Target(
+        ADMIN + "GetProviderHealth",
+        admin_pb.GetProviderHealthResponse,
+        lambda: admin_pb.GetProviderHealthRequest(window_minutes=60),
+    ),
     "AddProviderCredentialRequest": Target(
         ADMIN + "AddProviderCredential",
         admin_pb.AddProviderCredentialResponse,

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy import ColumnElement, case, func, select, tuple_
 
 from server.accounts.credits import (
     CreditService,
@@ -375,6 +375,29 @@ class Ledger:
             rows = (await conn.execute(query)).all()
         return [_stored(row._mapping) for row in rows]
 
+    async def recent(
+        self,
+        *,
+        key_id: str | None = None,
+        owner_id: str | None = None,
+        before: tuple[datetime, int] | None = None,
+        limit: int = 100,
+    ) -> list[tuple[int, StoredUsage]]:
+        """Records newest first, with their row ids (the cursor of the next page: pass
+        the last one's (created_at, id) as `before`)."""
+        order = (usage_records.c.created_at, usage_records.c.id)
+        query = (
+            select(usage_records)
+            .where(*_filters(None, None, key_id, owner_id))
+            .order_by(*(column.desc() for column in order))
+            .limit(limit)
+        )
+        if before is not None:
+            query = query.where(tuple_(*order) < tuple_(*before))
+        async with self._db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [(int(row._mapping["id"]), _stored(row._mapping)) for row in rows]
+
     async def totals(
         self,
         group_by: GroupBy | Sequence[GroupBy] = (),
@@ -383,8 +406,11 @@ class Ledger:
         until: datetime | None = None,
         key_id: str | None = None,
         owner_id: str | None = None,
+        upstream_only: bool = False,
     ) -> list[UsageTotals]:
-        """Sums of the records in [since, until) per group (days are UTC days)."""
+        """Sums of the records in [since, until) per group (days are UTC days); with
+        `upstream_only`, of the calls that reached a provider (not those the gateway
+        refused itself: allow-list, credits, rate limits)."""
         groups: Sequence[GroupBy] = (group_by,) if isinstance(group_by, str) else tuple(group_by)
         columns: dict[GroupBy, tuple[str, ColumnElement[Any]]] = {
             "key": ("key_id", usage_records.c.key_id),
@@ -403,9 +429,10 @@ class Ledger:
             *(func.coalesce(func.sum(usage_records.c[name]), 0).label(name) for name in _COUNTERS),
             func.coalesce(func.sum(usage_records.c.credits_micros), 0).label("credits_micros"),
         ]
-        query = select(*(expr.label(name) for name, expr in keys), *sums).where(
-            *_filters(since, until, key_id, owner_id)
-        )
+        conditions = _filters(since, until, key_id, owner_id)
+        if upstream_only:
+            conditions.append(usage_records.c.attempts > 0)
+        query = select(*(expr.label(name) for name, expr in keys), *sums).where(*conditions)
         if keys:
             exprs = [expr for _, expr in keys]
             query = query.group_by(*exprs).order_by(*exprs)

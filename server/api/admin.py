@@ -12,7 +12,7 @@ NOT_FOUND with reason RESOURCE_NOT_FOUND.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeAlias, cast
 
@@ -33,7 +33,7 @@ from server.accounts.credits import (
 )
 from server.accounts.errors import format_credits
 from server.accounts.keys import KeyRecord
-from server.accounts.ledger import GroupBy
+from server.accounts.ledger import GroupBy, StoredUsage, UsageTotals
 from server.accounts.owners import ensure_owner, parse_owner
 from server.accounts.service import Accounts
 from server.api.calls import unary
@@ -42,19 +42,32 @@ from server.errors import InvalidRequest, ProviderNotConfigured, ResourceNotFoun
 from server.limits.rules import LimitRule, LimitStore, Scope
 from server.limits.windows import WindowKind, WindowSpend, spend_by_rule
 from server.providers.registry import SPECS
+from server.routing.cooldown import CooldownStore
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 GROUPS = frozenset({"key", "owner", "provider", "model", "day"})
 # Credit amounts are stored as signed 64-bit micro-credits.
 MAX_CREDITS = Decimal(2**63 - 1) / 10**6
 MAX_AMOUNT_CHARS = 40
+DEFAULT_HEALTH_WINDOW_MINUTES = 60
+MAX_HEALTH_WINDOW_MINUTES = 7 * 24 * 60
 # google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 
 class AdminServicer(admin_grpc.AdminServiceServicer):
-    def __init__(self, accounts: Accounts, providers: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        accounts: Accounts,
+        providers: Iterable[str] = (),
+        *,
+        deployments: Iterable[str] = (),
+        cooldowns: CooldownStore | None = None,
+    ) -> None:
         self._accounts = accounts
+        # For the health report: the configured deployments and the routing's cooldowns.
+        self._deployments = frozenset(deployments)
+        self._cooldowns = cooldowns
         # Credentials may be stored for the configured providers and the built-in ones.
         self._known_providers = frozenset({*providers, *SPECS})
 
@@ -74,7 +87,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             allowed_models=list(request.allowed_models) or None,
             spend_cap_micros=spend_cap,
         )
-        return admin_pb.CreateApiKeyResponse(key=_key(record), secret=secret)
+        return admin_pb.CreateApiKeyResponse(key=key_message(record), secret=secret)
 
     @unary
     async def ListApiKeys(self, request: admin_pb.ListApiKeysRequest, context: Context) -> admin_pb.ListApiKeysResponse:
@@ -83,7 +96,9 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             request.owner or None, after=cast(Any, page.after), limit=page.size + 1
         )
         next_token = page.next_token([(r.created_at, r.id) for r in records])
-        return admin_pb.ListApiKeysResponse(keys=[_key(r) for r in records[: page.size]], next_page_token=next_token)
+        return admin_pb.ListApiKeysResponse(
+            keys=[key_message(r) for r in records[: page.size]], next_page_token=next_token
+        )
 
     @unary
     async def RevokeApiKey(
@@ -93,7 +108,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             record = await self._accounts.keys.revoke_key(request.key_id)
         except KeyError as exc:
             raise ResourceNotFound(f"no API key has the id {request.key_id[:64]!r}", field="key_id") from exc
-        return admin_pb.RevokeApiKeyResponse(key=_key(record))
+        return admin_pb.RevokeApiKeyResponse(key=key_message(record))
 
     @unary
     async def GrantCredits(
@@ -104,13 +119,13 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             raise InvalidRequest("amount must be positive", field="amount")
         owner = await self._owner(request.owner)
         balance = await self._accounts.credits.grant(owner, amount, request.note)
-        return admin_pb.GrantCreditsResponse(balance=_balance(balance))
+        return admin_pb.GrantCreditsResponse(balance=balance_message(balance))
 
     @unary
     async def GetBalance(self, request: admin_pb.GetBalanceRequest, context: Context) -> admin_pb.GetBalanceResponse:
         if not request.owner:
             raise InvalidRequest("owner is required", field="owner")
-        return admin_pb.GetBalanceResponse(balance=_balance(await self._accounts.credits.balance(request.owner)))
+        return admin_pb.GetBalanceResponse(balance=balance_message(await self._accounts.credits.balance(request.owner)))
 
     @unary
     async def SetModelRate(
@@ -211,7 +226,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         )
         next_token = page.next_token([(r.created_at, r.id or "") for r in held])
         return admin_pb.ListReservationsResponse(
-            reservations=[_reservation(r) for r in held[: page.size]], next_page_token=next_token
+            reservations=[reservation_message(r) for r in held[: page.size]], next_page_token=next_token
         )
 
     @unary
@@ -223,31 +238,50 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             )
         totals = await self._accounts.ledger.totals(
             cast(list[GroupBy], list(request.group_by)),
-            since=_day(request.since, "since"),
-            until=_day(request.until, "until"),
+            since=parse_day(request.since, "since"),
+            until=parse_day(request.until, "until"),
             key_id=request.key_id or None,
             owner_id=request.owner or None,
         )
-        rows = [
-            admin_pb.UsageTotal(
-                key_id=t.key_id or "",
-                owner=t.owner_id or "",
-                provider=t.provider or "",
-                model=t.model or "",
-                day=t.day.isoformat() if t.day else "",
-                calls=t.calls,
-                errors=t.errors,
-                input_tokens=t.input_tokens,
-                output_tokens=t.output_tokens,
-                cached_tokens=t.cached_tokens,
-                images=t.image_count,
-                audio_ms=t.audio_ms,
-                characters=t.characters,
-                credits=format_credits(t.credits_micros),
-            )
-            for t in totals
-        ]
+        rows = [usage_total_message(t) for t in totals]
         return admin_pb.QueryUsageResponse(totals=rows)
+
+    @unary
+    async def ListCallRecords(
+        self, request: admin_pb.ListCallRecordsRequest, context: Context
+    ) -> admin_pb.ListCallRecordsResponse:
+        calls, next_token = await recent_calls(
+            self._accounts, request.page_size, request.page_token, owner_id=request.owner, key_id=request.key_id
+        )
+        return admin_pb.ListCallRecordsResponse(calls=calls, next_page_token=next_token)
+
+    @unary
+    async def GetProviderHealth(
+        self, request: admin_pb.GetProviderHealthRequest, context: Context
+    ) -> admin_pb.GetProviderHealthResponse:
+        window = request.window_minutes or DEFAULT_HEALTH_WINDOW_MINUTES
+        if not 1 <= window <= MAX_HEALTH_WINDOW_MINUTES:
+            raise InvalidRequest(
+                f"window_minutes must be 1 to {MAX_HEALTH_WINDOW_MINUTES}, got {window}", field="window_minutes"
+            )
+        since = datetime.now(UTC) - timedelta(minutes=window)
+        # Provider health: the gateway's own refusals (credits, limits) are not its errors.
+        totals = await self._accounts.ledger.totals(["provider", "model"], since=since, upstream_only=True)
+        counts = {_deployment_name(t.provider or "", t.model or ""): t for t in totals}
+        names = sorted({*self._deployments, *counts})
+        resting = await self._cooldowns.resting(names) if self._cooldowns is not None and names else {}
+        deployments = [
+            admin_pb.DeploymentHealth(
+                deployment=name,
+                provider=name.partition("/")[0],
+                resting=name in resting,
+                rest_seconds_left=round(resting.get(name, 0.0), 1),
+                calls=counts[name].calls if name in counts else 0,
+                errors=counts[name].errors if name in counts else 0,
+            )
+            for name in names
+        ]
+        return admin_pb.GetProviderHealthResponse(deployments=deployments, window_minutes=window)
 
     async def _owner(self, text: str) -> str:
         """The owner's id, created if new (owners are bounded by the request limits)."""
@@ -275,7 +309,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     ) -> admin_pb.SetRateLimitResponse:
         rule = await self._limits().set(_limit_rule(request.limit))
         spend = await spend_by_rule(self._accounts.db, [rule], self._accounts.credits.clock())
-        return admin_pb.SetRateLimitResponse(limit=_rate_limit(rule, spend))
+        return admin_pb.SetRateLimitResponse(limit=rate_limit_message(rule, spend))
 
     @unary
     async def ListRateLimits(
@@ -291,7 +325,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         shown = rules[: page.size]
         spend = await spend_by_rule(self._accounts.db, shown, self._accounts.credits.clock())
         return admin_pb.ListRateLimitsResponse(
-            limits=[_rate_limit(r, spend) for r in shown], next_page_token=next_token
+            limits=[rate_limit_message(r, spend) for r in shown], next_page_token=next_token
         )
 
     @unary
@@ -331,11 +365,11 @@ def _expiry(stamp: timestamp_pb2.Timestamp) -> datetime:
     return expires
 
 
-def _day(text: str, field: str) -> datetime | None:
+def parse_day(text: str, field: str) -> datetime | None:
     if not text:
         return None
     try:
-        return datetime.combine(date.fromisoformat(text), datetime.min.time())
+        return datetime.combine(date.fromisoformat(text), datetime.min.time(), tzinfo=UTC)
     except ValueError as exc:
         raise InvalidRequest(f"{field} must be a day YYYY-MM-DD, not {text[:64]!r}", field=field) from exc
 
@@ -370,7 +404,9 @@ def _positive_credits(text: str, field: str) -> int | None:
     return amount
 
 
-def _rate_limit(rule: LimitRule, spend: dict[tuple[str, str, str, WindowKind], WindowSpend]) -> admin_pb.RateLimit:
+def rate_limit_message(
+    rule: LimitRule, spend: dict[tuple[str, str, str, WindowKind], WindowSpend]
+) -> admin_pb.RateLimit:
     """The rule, with what its credit windows hold now."""
     daily, monthly = rule.daily_credits_micros, rule.monthly_credits_micros
     shown: dict[str, str] = {}
@@ -389,11 +425,11 @@ def _rate_limit(rule: LimitRule, spend: dict[tuple[str, str, str, WindowKind], W
         concurrency=rule.concurrency,
         daily_credits=format_credits(daily) if daily is not None else "",
         monthly_credits=format_credits(monthly) if monthly is not None else "",
-        update_time=_timestamp(rule.updated_at),
+        update_time=timestamp_message(rule.updated_at),
     )
 
 
-def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+def timestamp_message(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
     stamp = timestamp_pb2.Timestamp()
@@ -401,7 +437,7 @@ def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
-def _key(record: KeyRecord) -> admin_pb.ApiKey:
+def key_message(record: KeyRecord) -> admin_pb.ApiKey:
     return admin_pb.ApiKey(
         id=record.id,
         display=record.display,
@@ -409,13 +445,13 @@ def _key(record: KeyRecord) -> admin_pb.ApiKey:
         owner=record.owner_id,
         allowed_models=list(record.allowed_models or ()),
         spend_cap=format_credits(record.spend_cap_micros) if record.spend_cap_micros is not None else "",
-        create_time=_timestamp(record.created_at),
-        expire_time=_timestamp(record.expires_at),
-        revoke_time=_timestamp(record.revoked_at),
+        create_time=timestamp_message(record.created_at),
+        expire_time=timestamp_message(record.expires_at),
+        revoke_time=timestamp_message(record.revoked_at),
     )
 
 
-def _balance(balance: Balance) -> admin_pb.Balance:
+def balance_message(balance: Balance) -> admin_pb.Balance:
     return admin_pb.Balance(
         owner=balance.owner_id,
         balance=format_credits(balance.balance_micros),
@@ -436,15 +472,15 @@ def _rate(rate: Rate) -> admin_pb.ModelRate:
     )
 
 
-def _reservation(held: Reservation) -> admin_pb.Reservation:
+def reservation_message(held: Reservation) -> admin_pb.Reservation:
     return admin_pb.Reservation(
         id=held.id or "",
         owner=held.owner_id,
         key_id=held.key_id or "",
         amount=format_credits(held.amount_micros),
         request_id=held.request_id or "",
-        create_time=_timestamp(held.created_at),
-        expire_time=_timestamp(held.expires_at),
+        create_time=timestamp_message(held.created_at),
+        expire_time=timestamp_message(held.expires_at),
     )
 
 
@@ -457,3 +493,69 @@ def _credential(info: CredentialInfo) -> admin_pb.ProviderCredential:
         status=info.status,
         status_reason=info.invalid_reason or "",
     )
+
+
+def _deployment_name(provider: str, model: str) -> str:
+    """`provider/model` of a ledger record (whose model may already carry the provider)."""
+    return model if model.startswith(f"{provider}/") else f"{provider}/{model}"
+
+
+def usage_total_message(total: UsageTotals) -> admin_pb.UsageTotal:
+    return admin_pb.UsageTotal(
+        key_id=total.key_id or "",
+        owner=total.owner_id or "",
+        provider=total.provider or "",
+        model=total.model or "",
+        day=total.day.isoformat() if total.day else "",
+        calls=total.calls,
+        errors=total.errors,
+        input_tokens=total.input_tokens,
+        output_tokens=total.output_tokens,
+        cached_tokens=total.cached_tokens,
+        images=total.image_count,
+        audio_ms=total.audio_ms,
+        characters=total.characters,
+        credits=format_credits(total.credits_micros),
+    )
+
+
+def call_record_message(usage: StoredUsage) -> admin_pb.CallRecord:
+    return admin_pb.CallRecord(
+        request_id=usage.request_id,
+        create_time=timestamp_message(usage.created_at),
+        key_id=usage.key_id or "",
+        owner=usage.owner_id or "",
+        provider=usage.provider,
+        model=usage.model,
+        operation=usage.operation,
+        outcome=usage.outcome,
+        error_reason=usage.error_reason or "",
+        latency_ms=usage.latency_ms,
+        ttft_ms=usage.ttft_ms,
+        attempts=usage.attempts,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        images=usage.image_count,
+        audio_ms=usage.audio_ms,
+        characters=usage.characters,
+        credits=format_credits(usage.credits_micros),
+    )
+
+
+async def recent_calls(
+    accounts: Accounts, page_size: int, page_token: str, *, owner_id: str = "", key_id: str = ""
+) -> tuple[list[admin_pb.CallRecord], str]:
+    """A page of the ledger's records, newest first, and the next page's token. The
+    cursor is the last record's (time, row id); the id travels as a string."""
+    page = page_request(page_size, page_token, (datetime, str), f"{owner_id}|{key_id}")
+    before = None
+    if page.after is not None:
+        stamp, row_id = page.after
+        if not str(row_id).isdigit():
+            raise InvalidRequest("page_token is not a token this list returned", field="page_token")
+        before = (cast(datetime, stamp), int(str(row_id)))
+    rows = await accounts.ledger.recent(
+        owner_id=owner_id or None, key_id=key_id or None, before=before, limit=page.size + 1
+    )
+    next_token = page.next_token([(usage.created_at, str(row_id)) for row_id, usage in rows])
+    return [call_record_message(usage) for _, usage in rows[: page.size]], next_token

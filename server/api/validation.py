@@ -108,6 +108,7 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
     _p("CreateEmbeddingRequest.dimensions"): (Limit(1),),
     _p("CreateApiKeyRequest.owner"): (Limit(None, 200, "length"),),
     _p("CreateApiKeyRequest.name"): (Limit(1, 200, "length"),),
+    _p("GetProviderHealthRequest.window_minutes"): (Limit(None, 10_080),),
     _p("CreateApiKeyRequest.allowed_models"): (Limit(None, 100, "items"), Limit(1, 200, "item_length")),
     _p("GrantCreditsRequest.owner"): (Limit(None, 200, "length"),),
     _p("GrantCreditsRequest.note"): (Limit(None, 500, "length"),),

@@ -34,6 +34,8 @@ __all__ = [
     "ENVOY_LOG_LEVELS",
     "LUA_PATH",
     "TEMPLATE_PATH",
+    "UI_DIST",
+    "UI_PREFIX",
     "BridgeTimeouts",
     "bridge_timeouts",
     "check_envoy_log_level",
@@ -45,6 +47,28 @@ __all__ = [
 ENVOY_DIR: Path = Path(__file__).resolve().parents[2] / "envoy"
 TEMPLATE_PATH: Path = ENVOY_DIR / "envoy.yaml.tmpl"
 LUA_PATH: Path = ENVOY_DIR / "openai_bridge.lua"
+# The web dashboard's build (`make ui`; sources in ui/), served by Envoy under UI_PREFIX.
+UI_DIST: Path = ENVOY_DIR.parent / "ui" / "dist"
+UI_PREFIX = "/ui/"
+# No inline script or style, nothing from elsewhere: the page's own files and its own
+# API (same origin) only. CSSOM changes from the page's scripts (charts) are allowed.
+UI_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "connect-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+UI_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".json": "application/json",
+    ".woff2": "font/woff2",
+    ".txt": "text/plain; charset=utf-8",
+}
+# Vite names the bundles under assets/ by their content's hash: cached for good.
+IMMUTABLE = "public, max-age=31536000, immutable"
 
 
 # How much longer than the server Envoy waits (see the module docstring).
@@ -125,6 +149,7 @@ def render_envoy_config(
     request_timeout_s: float = 630.0,
     request_headers_timeout_s: float = 10.0,
     request_receive_timeout_s: float = 120.0,
+    ui_dir: Path | None = UI_DIST,
     grpc_endpoints_file: Path | None = None,
 ) -> str:
     """Returns the Envoy YAML for the REST bridge.
@@ -143,6 +168,8 @@ def render_envoy_config(
     - `request_headers_timeout_s`: a client must send its headers within this time.
     - `request_receive_timeout_s`: a client must send its whole request within this time
       (408 otherwise), so a client stalling mid-body is cut off early.
+    - `ui_dir`: the dashboard's built files, served under `/ui/` (None or a folder
+      without index.html: no dashboard; `/ui/` is then 404 like any unknown path).
     - `grpc_endpoints_file`: where `serve --workers N` lists the Unix sockets of the
       workers that serve (`write_endpoints`); when given, Envoy sends calls to them
       instead of `grpc_host:grpc_port`, and follows the file as it changes.
@@ -167,11 +194,72 @@ def render_envoy_config(
             request_headers_timeout_s, name="request_headers_timeout_s", allow_zero=False
         ),
         "request_receive_timeout": _duration(request_receive_timeout_s, name="request_receive_timeout_s"),
+        "ui_routes": ui_routes(ui_dir),
         "cluster_endpoints": _cluster_endpoints(grpc_host, grpc_port, grpc_endpoints_file),
         "health_check_timeout": "5s" if grpc_endpoints_file else "1s",
     }
     template = Template(TEMPLATE_PATH.read_text(encoding="utf-8"))
     return template.substitute(values)
+
+
+def ui_routes(ui_dir: Path | None) -> str:
+    """Envoy routes (YAML, indented for the template) serving the dashboard's files as
+    direct responses read from `ui_dir` when Envoy starts: `/ui` and `/ui/` answer
+    index.html (no-cache, so a new build is seen at once), each other file its own path
+    (hashed bundles cached for good), anything else under `/ui/` 404. Every answer
+    carries the dashboard's Content-Security-Policy. Envoy holds the files in memory,
+    so the dashboard needs no server process of its own and no route to the gateway."""
+    if ui_dir is None or not (ui_dir / "index.html").is_file():
+        return ""
+    files = sorted(p for p in ui_dir.rglob("*") if p.is_file() and p.suffix in UI_CONTENT_TYPES)
+    routes = [_ui_route("/ui", ui_dir / "index.html", "no-cache"), _ui_route("/ui/", ui_dir / "index.html", "no-cache")]
+    for path in files:
+        relative = path.relative_to(ui_dir).as_posix()
+        caching = IMMUTABLE if relative.startswith("assets/") else "no-cache"
+        routes.append(_ui_route(UI_PREFIX + relative, path, caching))
+    missing = {"match": {"prefix": UI_PREFIX}, "direct_response": {"status": 404}, **_NO_TRANSCODER}
+    lines = [json.dumps(route) for route in [*routes, missing]]
+    return "".join(f"              - {line}\n" for line in lines)
+
+
+_NO_TRANSCODER = {
+    "typed_per_filter_config": {
+        "envoy.filters.http.grpc_json_transcoder": {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+            "disabled": True,
+        }
+    }
+}
+
+
+# The compressor filter is off by default (envoy.yaml.tmpl): on for the dashboard's files.
+_GZIP = {
+    "envoy.filters.http.compressor": {
+        # Any per-route config of a filter disabled by default turns it on for the route.
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.compressor.v3.CompressorPerRoute",
+        "overrides": {"response_direction_config": {}},
+    }
+}
+
+
+def _ui_route(url_path: str, file: Path, caching: str) -> dict[str, object]:
+    headers = {
+        "content-type": UI_CONTENT_TYPES[file.suffix],
+        "cache-control": caching,
+        "content-security-policy": UI_CSP,
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "no-referrer",
+        "x-frame-options": "DENY",
+    }
+    return {
+        "match": {"path": url_path},
+        "direct_response": {"status": 200, "body": {"filename": str(file.resolve())}},
+        "response_headers_to_add": [
+            {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for key, value in headers.items()
+        ],
+        "typed_per_filter_config": {**_NO_TRANSCODER["typed_per_filter_config"], **_GZIP},
+    }
 
 
 def write_endpoints(path: Path, sockets: Sequence[Path]) -> None:

@@ -1372,3 +1372,261 @@ class RemoveRateLimitResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveRateLimitResponse: _TypeAlias = RemoveRateLimitResponse  # noqa: Y015
+
+@_typing.final
+class CallRecord(_message.Message):
+    """One call as the usage ledger recorded it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    TTFT_MS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    AUDIO_MS_FIELD_NUMBER: _builtins.int
+    CHARACTERS_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Output only. The call's request id."""
+    key_id: _builtins.str
+    """Output only. The API key of the call; empty if none."""
+    owner: _builtins.str
+    """Output only. The owner charged; empty if none."""
+    provider: _builtins.str
+    """Output only. The provider that served it (or was tried last)."""
+    model: _builtins.str
+    """Output only. The model that served it (or was tried last)."""
+    operation: _builtins.str
+    """Output only. What was called: "chat", "chat_stream", "embedding", "image", ..."""
+    outcome: _builtins.str
+    """Output only. "ok", "error", "cancelled" or "interrupted"."""
+    error_reason: _builtins.str
+    """Output only. Why it failed: an `ErrorReason` name; empty when it succeeded."""
+    latency_ms: _builtins.int
+    """Output only. Milliseconds from the call's start to its end."""
+    ttft_ms: _builtins.int
+    """Output only. Milliseconds to the first streamed token; unset for unary calls."""
+    attempts: _builtins.int
+    """Output only. Upstream attempts (retries and fallbacks included)."""
+    input_tokens: _builtins.int
+    """Output only. Input tokens."""
+    output_tokens: _builtins.int
+    """Output only. Output tokens."""
+    images: _builtins.int
+    """Output only. Images generated."""
+    audio_ms: _builtins.int
+    """Output only. Milliseconds of audio."""
+    characters: _builtins.int
+    """Output only. Characters of speech."""
+    credits: _builtins.str
+    """Output only. Credits charged, a decimal string."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the call was recorded."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        key_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        error_reason: _builtins.str = ...,
+        latency_ms: _builtins.int = ...,
+        ttft_ms: _builtins.int | None = ...,
+        attempts: _builtins.int = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        images: _builtins.int = ...,
+        audio_ms: _builtins.int = ...,
+        characters: _builtins.int = ...,
+        credits: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ttft_ms", b"_ttft_ms", "create_time", b"create_time", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttft_ms", b"_ttft_ms", "attempts", b"attempts", "audio_ms", b"audio_ms", "characters", b"characters", "create_time", b"create_time", "credits", b"credits", "error_reason", b"error_reason", "images", b"images", "input_tokens", b"input_tokens", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "operation", b"operation", "outcome", b"outcome", "output_tokens", b"output_tokens", "owner", b"owner", "provider", b"provider", "request_id", b"request_id", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ttft_ms: _TypeAlias = _typing.Literal["ttft_ms"]  # noqa: Y015
+    _WhichOneofArgType__ttft_ms: _TypeAlias = _typing.Literal["_ttft_ms", b"_ttft_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ttft_ms) -> _WhichOneofReturnType__ttft_ms | None: ...
+
+Global___CallRecord: _TypeAlias = CallRecord  # noqa: Y015
+
+@_typing.final
+class ListCallRecordsRequest(_message.Message):
+    """A request for recorded calls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """Optional. Only this owner's calls. Default: every owner."""
+    key_id: _builtins.str
+    """Optional. Only this key's calls. Default: every key."""
+    page_size: _builtins.int
+    """Optional. The most calls to return in one page: 0 or unset means 100, and values
+    above 1000 are treated as 1000.
+    """
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of the previous page, to get older calls; the
+    other fields must be the same as in the request that returned it.
+    """
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "owner", b"owner", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCallRecordsRequest: _TypeAlias = ListCallRecordsRequest  # noqa: Y015
+
+@_typing.final
+class ListCallRecordsResponse(_message.Message):
+    """Recorded calls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. The token of the next (older) page; empty on the last page."""
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallRecord]:
+        """Output only. The calls, newest first."""
+
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___CallRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCallRecordsResponse: _TypeAlias = ListCallRecordsResponse  # noqa: Y015
+
+@_typing.final
+class GetProviderHealthRequest(_message.Message):
+    """A request for the deployments' health."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_MINUTES_FIELD_NUMBER: _builtins.int
+    window_minutes: _builtins.int
+    """Optional. How far back the call and error counts go, in minutes: 0 or unset means
+    60, and at most 10080 (a week); a negative window is refused.
+    """
+    def __init__(
+        self,
+        *,
+        window_minutes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["window_minutes", b"window_minutes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProviderHealthRequest: _TypeAlias = GetProviderHealthRequest  # noqa: Y015
+
+@_typing.final
+class GetProviderHealthResponse(_message.Message):
+    """The deployments' health."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENTS_FIELD_NUMBER: _builtins.int
+    WINDOW_MINUTES_FIELD_NUMBER: _builtins.int
+    window_minutes: _builtins.int
+    """Output only. The window of the counts, in minutes."""
+    @_builtins.property
+    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeploymentHealth]:
+        """Output only. The configured deployments and those that served calls in the window,
+        by name.
+        """
+
+    def __init__(
+        self,
+        *,
+        deployments: _abc.Iterable[Global___DeploymentHealth] | None = ...,
+        window_minutes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "window_minutes", b"window_minutes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProviderHealthResponse: _TypeAlias = GetProviderHealthResponse  # noqa: Y015
+
+@_typing.final
+class DeploymentHealth(_message.Message):
+    """One deployment's health."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    RESTING_FIELD_NUMBER: _builtins.int
+    REST_SECONDS_LEFT_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """Output only. The deployment, `provider/model`."""
+    provider: _builtins.str
+    """Output only. The provider."""
+    resting: _builtins.bool
+    """Output only. Whether it rests after repeated failures (calls skip it meanwhile)."""
+    rest_seconds_left: _builtins.float
+    """Output only. Seconds until it is tried again, when resting."""
+    calls: _builtins.int
+    """Output only. Calls that reached it in the window (not those the gateway refused
+    itself: allow-list, credits, rate limits).
+    """
+    errors: _builtins.int
+    """Output only. Of those, the calls that did not succeed."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        resting: _builtins.bool = ...,
+        rest_seconds_left: _builtins.float = ...,
+        calls: _builtins.int = ...,
+        errors: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "deployment", b"deployment", "errors", b"errors", "provider", b"provider", "rest_seconds_left", b"rest_seconds_left", "resting", b"resting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeploymentHealth: _TypeAlias = DeploymentHealth  # noqa: Y015

@@ -123,6 +123,16 @@ class AdminServiceStub:
                 request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitRequest.SerializeToString,
                 response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitResponse.FromString,
                 _registered_method=True)
+        self.ListCallRecords = channel.unary_unary(
+                '/aigne.hub.v1.AdminService/ListCallRecords',
+                request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListCallRecordsRequest.SerializeToString,
+                response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListCallRecordsResponse.FromString,
+                _registered_method=True)
+        self.GetProviderHealth = channel.unary_unary(
+                '/aigne.hub.v1.AdminService/GetProviderHealth',
+                request_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.GetProviderHealthRequest.SerializeToString,
+                response_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.GetProviderHealthResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -295,6 +305,26 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCallRecords(self, request, context):
+        """Recorded calls from the usage ledger, newest first: all, or one owner's or one
+        key's.
+
+        REST: `GET /admin/calls?owner=user:alice`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProviderHealth(self, request, context):
+        """The health of the deployments: which rest after repeated failures (cooldowns) and
+        their recent calls and errors from the ledger.
+
+        REST: `GET /admin/health?window_minutes=60`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -382,6 +412,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RemoveRateLimit,
                     request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitRequest.FromString,
                     response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitResponse.SerializeToString,
+            ),
+            'ListCallRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCallRecords,
+                    request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListCallRecordsRequest.FromString,
+                    response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListCallRecordsResponse.SerializeToString,
+            ),
+            'GetProviderHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProviderHealth,
+                    request_deserializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.GetProviderHealthRequest.FromString,
+                    response_serializer=aigne_dot_hub_dot_v1_dot_admin__service__pb2.GetProviderHealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -847,6 +887,60 @@ class AdminService:
             '/aigne.hub.v1.AdminService/RemoveRateLimit',
             aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitRequest.SerializeToString,
             aigne_dot_hub_dot_v1_dot_admin__service__pb2.RemoveRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCallRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aigne.hub.v1.AdminService/ListCallRecords',
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListCallRecordsRequest.SerializeToString,
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.ListCallRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProviderHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aigne.hub.v1.AdminService/GetProviderHealth',
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.GetProviderHealthRequest.SerializeToString,
+            aigne_dot_hub_dot_v1_dot_admin__service__pb2.GetProviderHealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -143,6 +143,18 @@ class AdminServiceStub:
 
     REST: `POST /admin/limits:remove`.
     """
+    ListCallRecords: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListCallRecordsRequest, _admin_service_pb2.ListCallRecordsResponse]
+    """Recorded calls from the usage ledger, newest first: all, or one owner's or one
+    key's.
+
+    REST: `GET /admin/calls?owner=user:alice`.
+    """
+    GetProviderHealth: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetProviderHealthRequest, _admin_service_pb2.GetProviderHealthResponse]
+    """The health of the deployments: which rest after repeated failures (cooldowns) and
+    their recent calls and errors from the ledger.
+
+    REST: `GET /admin/health?window_minutes=60`.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -249,6 +261,18 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Removes a rate limit rule (NOT_FOUND when there is none).
 
     REST: `POST /admin/limits:remove`.
+    """
+    ListCallRecords: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListCallRecordsRequest, _admin_service_pb2.ListCallRecordsResponse]  # type: ignore[assignment]
+    """Recorded calls from the usage ledger, newest first: all, or one owner's or one
+    key's.
+
+    REST: `GET /admin/calls?owner=user:alice`.
+    """
+    GetProviderHealth: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetProviderHealthRequest, _admin_service_pb2.GetProviderHealthResponse]  # type: ignore[assignment]
+    """The health of the deployments: which rest after repeated failures (cooldowns) and
+    their recent calls and errors from the ledger.
+
+    REST: `GET /admin/health?window_minutes=60`.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -454,6 +478,30 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Removes a rate limit rule (NOT_FOUND when there is none).
 
         REST: `POST /admin/limits:remove`.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCallRecords(
+        self,
+        request: _admin_service_pb2.ListCallRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListCallRecordsResponse, _abc.Awaitable[_admin_service_pb2.ListCallRecordsResponse]]:
+        """Recorded calls from the usage ledger, newest first: all, or one owner's or one
+        key's.
+
+        REST: `GET /admin/calls?owner=user:alice`.
+        """
+
+    @_abc_1.abstractmethod
+    def GetProviderHealth(
+        self,
+        request: _admin_service_pb2.GetProviderHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.GetProviderHealthResponse, _abc.Awaitable[_admin_service_pb2.GetProviderHealthResponse]]:
+        """The health of the deployments: which rest after repeated failures (cooldowns) and
+        their recent calls and errors from the ledger.
+
+        REST: `GET /admin/health?window_minutes=60`.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
