@@ -55,9 +55,10 @@ from server.api.shutdown import OpenStreams, interrupt_after
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
 from server.limits import DefaultLimits, LimitStore, open_limiter
-from server.memory import return_large_buffers_to_the_os
+from server.memory import return_large_buffers_to_the_os, tune_garbage_collection
 from server.observability import MetricsListener, instrument, serve_metrics
 from server.observability.tracing import setup_tracing
+from server.providers.aiohttp_transport import AiohttpTransport
 from server.providers.base import CredentialProbe, Preloading, Provider
 from server.providers.registry import build_provider
 from server.providers.transport import Transport
@@ -99,6 +100,7 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=timeout,
         limits=limits,
+        transport=AiohttpTransport(limits),
         follow_redirects=False,
         trust_env=False,
         cookies=_NoCookies(),
@@ -263,6 +265,7 @@ async def start_gateway(
     if worker is not None:
         await follow_bridge_health(worker.hub, health_servicer)
     log.info("gRPC server listening on %s:%d (providers: %s)", settings.grpc_host, port, ", ".join(providers) or "none")
+    tune_garbage_collection()
     replayer = accounts.spool_replayer(settings.spool_replay_interval_s)
     replay = asyncio.create_task(replayer.run(), name="ledger-spool-replay") if replayer else None
     return Gateway(

@@ -8,7 +8,7 @@ from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import String, func, select
 
 from server.accounts import CreditService, KeyStore, Ledger, UsageRecord, ensure_owner
 from server.storage import Database
@@ -197,3 +197,33 @@ async def test_record_settles_its_reservation_in_the_same_transaction(db: Databa
     assert total.credits_micros == 10_000_000 - (await credits.balance(owner)).balance_micros
     refreshed = await KeyStore(db).get_key(key.id)
     assert refreshed is not None
+
+
+async def test_group_commit_stores_what_sqlalchemy_stores(db: Database) -> None:  # noqa: F811
+    """On SQLite the group commit inserts through the sqlite3 cursor: the stored row is
+    the one SQLAlchemy's own insert of the same record stores (timestamp format included)."""
+    ledger = Ledger(db)
+    fields: dict[str, object] = {
+        "created_at": DAY0.replace(microsecond=0),
+        "key_id": "k1",
+        "ttft_ms": None,
+        "input_tokens": 5,
+        "error_reason": "x" * 100,
+    }
+    await ledger.record(_usage("by-ledger", **fields))
+    twin = await ledger.get("by-ledger")
+    assert twin is not None
+    row = {name: getattr(twin, name) for name in twin.__dataclass_fields__ if name in usage_records.c}
+    async with db.write() as conn:
+        await conn.execute(usage_records.insert().values({**row, "request_id": "by-sqlalchemy"}))
+    async with db.read() as conn:
+        stored = (await conn.execute(select(usage_records).order_by(usage_records.c.request_id))).all()
+    by_ledger, by_sqlalchemy = (
+        tuple(r._mapping[c.name] for c in usage_records.c if c.name not in ("id", "request_id")) for r in stored
+    )
+    assert by_ledger == by_sqlalchemy
+    assert by_ledger[0] == DAY0.replace(microsecond=0)
+    async with db.read() as conn:  # the same text in the column (range queries compare it)
+        texts = (await conn.execute(select(func.cast(usage_records.c.created_at, String)))).scalars().all()
+    assert len(set(texts)) == 1
+    await ledger.close()

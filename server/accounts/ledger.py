@@ -297,6 +297,10 @@ class Ledger:
             results = await self._db.write_in_thread(
                 lambda conn: run_inline(self._write_in(InlineConnection(conn), batch))
             )
+        elif len(batch) <= _ROWS_PER_INSERT and all(p.reservation is None for p in batch):
+            # Nothing to settle: the batch is one INSERT, committed on its own.
+            async with self._db.write_one_statement() as conn:
+                results = await self._write_in(conn, batch)
         else:
             async with self._db.write() as conn:
                 results = await self._write_in(conn, batch)
@@ -323,15 +327,7 @@ class Ledger:
             if row["request_id"] not in rows:
                 rows[row["request_id"]] = row
                 owner_of_row[row["request_id"]] = index
-        inserted: set[str] = set()
-        values = list(rows.values())
-        # One statement with the rows as parameters ("insertmanyvalues"): compiled
-        # once and cached, where .values(rows) compiled a new statement per batch
-        # (about 0.7 ms of CPU per call).
-        insert = self._db.insert_ignoring_conflicts(usage_records, "request_id").returning(usage_records.c.request_id)
-        for start in range(0, len(values), _ROWS_PER_INSERT):
-            done = await conn.execute(insert, values[start : start + _ROWS_PER_INSERT])
-            inserted.update(done.scalars())
+        inserted = await self._insert(conn, list(rows.values()))
         results: list[Recorded] = []
         settlements: list[tuple[HeldReservation, int]] = []
         for index, pending in enumerate(batch):
@@ -345,6 +341,20 @@ class Ledger:
             results.append(Recorded(was_inserted, charge))
         await apply_settlements(conn, settlements)
         return results
+
+    async def _insert(self, conn: Executor, values: list[dict[str, Any]]) -> set[str]:
+        """Inserts the rows whose request id is new; returns those request ids."""
+        if isinstance(conn, InlineConnection):  # SQLite's writer thread: the cursor itself
+            return conn.insert_new(usage_records, "request_id", values)
+        inserted: set[str] = set()
+        # One statement with the rows as parameters ("insertmanyvalues"): compiled
+        # once and cached, where .values(rows) compiled a new statement per batch
+        # (about 0.7 ms of CPU per call).
+        insert = self._db.insert_ignoring_conflicts(usage_records, "request_id").returning(usage_records.c.request_id)
+        for start in range(0, len(values), _ROWS_PER_INSERT):
+            done = await conn.execute(insert, values[start : start + _ROWS_PER_INSERT])
+            inserted.update(done.scalars())
+        return inserted
 
     # -- queries -------------------------------------------------------------------------
 

@@ -112,6 +112,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         body = chat_body(request)
         body["stream"] = True
         include_usage = request.stream_options.include_usage
+        json_nulls = wants_json_nulls(context)  # once: it reads the call's metadata
         worst, prompt = chat_worst_case(request), chat_prompt_tokens(request)
         async with self._routed(plan, options, context, "chat_stream", worst, prompt) as call:
             try:
@@ -125,7 +126,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
                         if "usage" in chunk:
                             meter.usage = usage_from_openai(chunk["usage"])
                         meter.add_streamed_chars(streamed_text_chars(chunk))
-                        message = _client_chunk(chunk, route, include_usage, wants_json_nulls(context))
+                        message = _client_chunk(chunk, route, include_usage, json_nulls)
                         if message is not None:
                             yield message
                         chunk = await anext(rest, None)

@@ -44,15 +44,18 @@ the contract's `Usage` carries those names, and repeats the two counts as
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import image_service_pb2 as image_pb
 from server import errors
+from server.api import proto_dicts
 from server.api.validation import non_finite_number_path
 from server.providers.base import JSON
 
@@ -114,7 +117,14 @@ def to_json(message: Message) -> JSON:
 
 
 def from_json(data: JSON, message: M, *, provider: str) -> M:
-    """Fills `message` from an upstream's OpenAI-shaped answer, ignoring extra fields."""
+    """Fills `message` from an upstream's OpenAI-shaped answer, ignoring extra fields.
+
+    Built by the constructor when it certainly gives what `json_format` would
+    (server.api.proto_dicts), by `json_format` otherwise."""
+    built = proto_dicts.build(type(message), data)
+    if built is not None:
+        message.MergeFrom(built)
+        return message
     try:
         return json_format.ParseDict(data, message, ignore_unknown_fields=True)
     except json_format.ParseError as exc:
@@ -204,8 +214,7 @@ def with_both_usage_names(usage: JSON) -> JSON:
 
 def check_given_fields(given: Iterable[str], request: type[Message]) -> None:
     """Refuses the first parameter the client gave that `request` does not carry."""
-    fields = request.DESCRIPTOR.fields
-    known = {field.name for field in fields} | {field.json_name for field in fields}
+    known = _parameter_names(request.DESCRIPTOR)
     for name in given:
         if not name or name in known:
             continue
@@ -220,3 +229,10 @@ def check_given_fields(given: Iterable[str], request: type[Message]) -> None:
         reason = REFUSED_PARAMETERS.get(name)
         message = f"{name}: {reason}" if reason else f"Unrecognized request argument supplied: {name}"
         raise errors.InvalidRequest(message, field=name)
+
+
+@functools.cache
+def _parameter_names(message: Descriptor) -> frozenset[str]:
+    """The message's field names, proto and JSON (computed once per message type)."""
+    fields = message.fields
+    return frozenset({field.name for field in fields} | {field.json_name for field in fields})

@@ -62,16 +62,24 @@ Deserializer: TypeAlias = Callable[[bytes], Any]
 class IntakeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, default_deadline_s: float) -> None:
         self._default_deadline_s = default_deadline_s
+        # The rebuilt handler of each method served so far: the same for every call
+        # (grpc looks the method up and this rebuilds it once, not per call).
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method: str = details.method
+        rebuilt = self._handlers.get(method)
+        if rebuilt is not None:
+            return rebuilt
         handler = await continuation(details)
         if handler is None:
-            return None
-        return _Intake(handler, self._default_deadline_s).handler()
+            return None  # an unknown method: not remembered (a client chooses the names)
+        rebuilt = self._handlers[method] = _Intake(handler, self._default_deadline_s).handler()
+        return rebuilt
 
 
 class _Intake:

@@ -44,13 +44,15 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from server.config import KeyLimitsConfig
 from server.errors import RateLimited, RateLimitsUnavailable
 from server.limits.counters import Counter, Counters, CounterState, Kind, MemoryCounters, RedisCounters, Verdict
 from server.limits.rules import DEFAULT_RULE_ID, LIMIT_FIELDS, LimitRule, LimitStore, Scope
 from server.limits.windows import CreditWindow, windows_of
+
+if TYPE_CHECKING:  # a type only: server.config imports accounts, which import this module
+    from server.config import KeyLimitsConfig
 
 log = logging.getLogger(__name__)
 Policy = Literal["open", "closed"]

@@ -323,6 +323,15 @@ class Database:
         async with self._write_lock_held(), self._transaction(**{_BEGIN_MODE: "IMMEDIATE"}) as conn:
             yield conn
 
+    @asynccontextmanager
+    async def write_one_statement(self) -> AsyncIterator[AsyncConnection]:
+        """PostgreSQL: a connection for a write that is one statement, which commits on
+        its own (autocommit): one round trip instead of BEGIN, the statement, COMMIT."""
+        if self.backend != "postgresql":
+            raise RuntimeError("write_one_statement is for PostgreSQL only")
+        async with self._transaction(isolation_level="AUTOCOMMIT") as conn:
+            yield conn
+
     async def write_in_thread(self, work: Callable[[Connection], T]) -> T:
         """Runs `work` in one SQLite write transaction (BEGIN IMMEDIATE) in the writer
         thread; only for SQLite, serialised with `write()`."""

@@ -4,14 +4,22 @@ The ledger's group commit is written once, as async code over `Executor`. On
 PostgreSQL it runs on an AsyncConnection; on SQLite it runs whole inside the writer
 thread (`Database.write_in_thread`) on an `InlineConnection`, whose `execute` never
 suspends, so the coroutine is driven to its end with `run_inline` without an event loop.
+
+`insert_new` writes rows through the sqlite3 cursor itself, in the same transaction:
+SQLAlchemy's statement execution (cache key, execution context, RETURNING result)
+cost about five times what SQLite's insert and commit cost for the ledger's small
+batches. The values pass through the columns' own bind processors (the UTC timestamp
+type, SQLite's datetime format), so what is stored is what SQLAlchemy would store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+import functools
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy.engine import Connection
+from sqlalchemy import Table
+from sqlalchemy.engine import Connection, Dialect
 
 T = TypeVar("T")
 
@@ -30,6 +38,42 @@ class InlineConnection:
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         return self._conn.execute(statement, parameters)
+
+    def insert_new(self, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> set[Any]:
+        """Inserts `rows` (each with the same columns) into `table` on SQLite,
+        skipping those whose `key` is taken; returns the keys of the rows inserted."""
+        if not rows:
+            return set()
+        columns = tuple(rows[0])
+        sql, binds = _insert_plan(table, key, columns, self._conn.dialect)
+        cursor = self._conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        inserted: set[Any] = set()
+        try:
+            for row in rows:
+                cursor.execute(sql, [bind(row[name]) for name, bind in zip(columns, binds, strict=True)])
+                if cursor.rowcount == 1:
+                    inserted.add(row[key])
+        finally:
+            cursor.close()
+        return inserted
+
+
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+@functools.cache
+def _insert_plan(
+    table: Table, key: str, columns: tuple[str, ...], dialect: Dialect
+) -> tuple[str, tuple[Callable[[Any], Any], ...]]:
+    """`INSERT ... ON CONFLICT (key) DO NOTHING` in SQLite's words, and each column's
+    bind processor."""
+    names = ", ".join(f'"{name}"' for name in columns)
+    marks = ", ".join("?" for _ in columns)
+    sql = f'INSERT INTO "{table.name}" ({names}) VALUES ({marks}) ON CONFLICT ("{key}") DO NOTHING'
+    types = (table.c[name].type.dialect_impl(dialect) for name in columns)
+    binds = tuple(kind.bind_processor(dialect) or _unchanged for kind in types)
+    return sql, binds
 
 
 def run_inline(coro: Coroutine[Any, Any, T]) -> T:
