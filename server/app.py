@@ -57,13 +57,12 @@ from server.config import GatewayConfig, Settings, load_gateway_config
 from server.limits import DefaultLimits, LimitStore, open_limiter
 from server.memory import return_large_buffers_to_the_os, tune_garbage_collection
 from server.observability import MetricsListener, instrument, serve_metrics
-from server.observability.logs import tag_upstream_request
-from server.observability.tracing import propagate_to_upstream, setup_tracing
+from server.observability.tracing import setup_tracing
 from server.providers.aiohttp_transport import AiohttpTransport
 from server.providers.base import CredentialProbe, Preloading, Provider
 from server.providers.conversation_state import KeepsConversationState
-from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
+from server.providers.transport import Transport
 from server.redaction import register_secret
 from server.routing.attempts import Routing
 from server.routing.cooldown import open_cooldowns
@@ -86,7 +85,9 @@ SERVICE_NAMES = [
 
 
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
-    """The one HTTP client every adapter shares: pooled connections, bounded waits."""
+    """The HTTP client under the one upstream transport (server.providers.transport):
+    pooled connections, bounded waits. The call's credential, request id and trace
+    context are put on each request by the transport, from the call; no hooks here."""
     timeout = httpx.Timeout(
         connect=settings.upstream_connect_timeout_s,
         read=settings.upstream_read_timeout_s,
@@ -105,7 +106,6 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
         cookies=_NoCookies(),
-        event_hooks={"request": [apply_call_credential, tag_upstream_request, propagate_to_upstream]},
     )
 
 
@@ -128,7 +128,7 @@ class Gateway:
     settings: Settings
     server: grpc.aio.Server
     port: int
-    client: httpx.AsyncClient
+    transport: Transport
     health: health.aio.HealthServicer
     serving: ServingFlag
     accounts: Accounts
@@ -153,7 +153,7 @@ class Gateway:
         await self.accounts.credits.stop_lease_keeping()
         for provider in self.providers.values():
             await provider.aclose()
-        await self.client.aclose()
+        await self.transport.aclose()
         if self.routing is not None:
             await self.routing.aclose()
         if self.spool_replay is not None:
@@ -195,8 +195,8 @@ async def start_gateway(
     )
     for secret in (settings.admin_token, settings.master_key, settings.key_pepper):
         register_secret(secret.get_secret_value() if secret else None)
-    client = upstream_client(settings)
-    providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+    transport = Transport(upstream_client(settings))
+    providers = {name: build_provider(name, cfg, transport) for name, cfg in config.providers.items()}
     conversations = DatabaseConversationStore(accounts.db)
     for provider in providers.values():
         if isinstance(provider, KeepsConversationState):
@@ -276,7 +276,18 @@ async def start_gateway(
     replayer = accounts.spool_replayer(settings.spool_replay_interval_s)
     replay = asyncio.create_task(replayer.run(), name="ledger-spool-replay") if replayer else None
     return Gateway(
-        settings, server, port, client, health_servicer, serving, accounts, providers, streams, replay, routing, metrics
+        settings,
+        server,
+        port,
+        transport,
+        health_servicer,
+        serving,
+        accounts,
+        providers,
+        streams,
+        replay,
+        routing,
+        metrics,
     )
 
 

@@ -39,6 +39,7 @@ from server.bridge.process import EnvoyProcess, Listen, check_ports_free
 from server.bridge.supervisor import supervise
 from server.config import ConfigError, GatewayConfig, Settings, load_gateway_config
 from server.observability.logs import configure_logging
+from server.providers.registry import enabling_variables
 from server.serving.hub import Hub, HubClient, WorkerRole
 from server.serving.workers import RUN_DIR_PREFIX, WorkerPool, remove_stale_run_dirs
 from server.storage.database import StorageError
@@ -259,9 +260,10 @@ async def serve_worker(settings: Settings, index: int, socket_path: Path, hub_pa
 def _print_hints(gateway: Gateway) -> None:
     """What a first-time user needs next: a provider, and a key to call with."""
     if not gateway.providers:
+        first, *others = enabling_variables()
         print(
-            "aigne-hub: no provider is configured, so every model is refused: set OPENAI_API_KEY "
-            "(or ANTHROPIC_API_KEY, GEMINI_API_KEY, MISTRAL_API_KEY, OLLAMA_HOST, ...) or pass --config",
+            f"aigne-hub: no provider is configured, so every model is refused: set {first} "
+            f"(or {', '.join(others[:4])}, ...) or pass --config",
             flush=True,
         )
     if gateway.settings.auth_required:

@@ -135,7 +135,7 @@ class ProviderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # The adapter module (a key of `registry.ADAPTERS`) or a preset name; default:
+    # The spec it is built from (a key of `registry.SPECS`); default:
     # the provider's own name.
     type: str | None = None
     base_url: str | None = None
@@ -318,60 +318,9 @@ def load_gateway_config(path: Path | None, environ: dict[str, str] | None = None
 
 
 def config_from_environment(environ: dict[str, str]) -> GatewayConfig:
-    """Providers enabled by the variables their official SDKs read."""
-    providers: dict[str, ProviderConfig] = {}
-    if environ.get("OPENAI_API_KEY") or environ.get("OPENAI_BASE_URL"):
-        providers["openai"] = ProviderConfig(
-            api_key_env="OPENAI_API_KEY", base_url=environ.get("OPENAI_BASE_URL") or None
-        )
-    if environ.get("ANTHROPIC_API_KEY") or environ.get("ANTHROPIC_BASE_URL"):
-        providers["anthropic"] = ProviderConfig(
-            api_key_env="ANTHROPIC_API_KEY", base_url=environ.get("ANTHROPIC_BASE_URL") or None
-        )
-    for name, variable in (
-        ("mistral", "MISTRAL_API_KEY"),
-        ("deepseek", "DEEPSEEK_API_KEY"),
-        ("xai", "XAI_API_KEY"),
-        ("openrouter", "OPENROUTER_API_KEY"),
-        ("groq", "GROQ_API_KEY"),
-        ("together", "TOGETHER_API_KEY"),
-        ("fireworks", "FIREWORKS_API_KEY"),
-        ("perplexity", "PERPLEXITY_API_KEY"),
-    ):
-        if environ.get(variable):
-            providers[name] = ProviderConfig(api_key_env=variable)
-    # google-genai reads GOOGLE_API_KEY first, then GEMINI_API_KEY, and GOOGLE_GEMINI_BASE_URL.
-    if gemini_key := next((v for v in ("GOOGLE_API_KEY", "GEMINI_API_KEY") if environ.get(v)), None):
-        gemini_url = environ.get("GOOGLE_GEMINI_BASE_URL") or None
-        providers["gemini"] = ProviderConfig(api_key_env=gemini_key, base_url=gemini_url)
-    # Bedrock: AWS credentials (keys, a profile, or a Bedrock API key) and a region,
-    # read by botocore itself when the adapter is built.
-    if any(environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_BEARER_TOKEN_BEDROCK")) and any(
-        environ.get(v) for v in ("AWS_REGION", "AWS_DEFAULT_REGION")
-    ):
-        providers["bedrock"] = ProviderConfig()
-    # Azure OpenAI, as openai.AzureOpenAI reads it: an endpoint and a key or Entra ID token.
-    if environ.get("AZURE_OPENAI_ENDPOINT") and (
-        environ.get("AZURE_OPENAI_API_KEY") or environ.get("AZURE_OPENAI_AD_TOKEN")
-    ):
-        providers["azure"] = ProviderConfig()
-    # Ollama needs no key (OLLAMA_API_KEY only for ollama.com); its host enables it.
-    if environ.get("OLLAMA_HOST"):
-        providers["ollama"] = ProviderConfig(base_url=environ["OLLAMA_HOST"], api_key_env="OLLAMA_API_KEY")
-    if local_enabled(environ):
-        providers["local"] = ProviderConfig()
-    return GatewayConfig(providers=providers)
+    """Providers enabled by the variables their official SDKs read; each provider's
+    spec names its own (`server.providers.spec`)."""
+    # Imported here: the registry builds on this module's ProviderConfig and ModelEntry.
+    from server.providers.registry import providers_from_environment
 
-
-def local_enabled(environ: dict[str, str]) -> bool:
-    """The packaged local models serve unless AIGNE_HUB_LOCAL says no or they are not installed."""
-    from server.providers.local import installed
-
-    switch = environ.get("AIGNE_HUB_LOCAL", "true").strip().lower()
-    if switch not in _TRUE | _FALSE:
-        raise ConfigError(f"AIGNE_HUB_LOCAL must be true or false, got {switch[:16]!r}")
-    return switch in _TRUE and installed()
-
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
+    return GatewayConfig(providers=providers_from_environment(environ))

@@ -65,6 +65,9 @@ class GatewayError(Exception):
     # OpenAI's error `type` for REST clients: the one source for unary answers (via
     # ErrorInfo metadata `openai_type`, copied by the bridge) and stream error events.
     openai_type = "api_error"
+    # Set once the ledger holds a record of the call this error ended (written by the
+    # call's meter, or as a refusal), so that no later handler records it again.
+    recorded = False
 
     def __init__(
         self,

@@ -36,6 +36,7 @@ from server.config import (
 )
 from server.providers.base import Capability, ChatCompletions
 from server.providers.registry import build_provider
+from server.providers.transport import Transport
 from server.routing.router import Router
 from server.storage import Database
 from tests.conftest import Bridge, start_bridge
@@ -209,7 +210,7 @@ async def test_each_active_credential_becomes_a_target_sharing_the_weight(tmp_pa
             },
         )
         async with httpx.AsyncClient() as client:
-            providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+            providers = {name: build_provider(name, cfg, Transport(client)) for name, cfg in config.providers.items()}
             plan = Router(config, providers).plan("smart", Capability.CHAT, ChatCompletions)
             expanded, credentials = await with_credentials(plan, vault)
             unchanged, none = await with_credentials(plan, None)

@@ -13,8 +13,8 @@ import pytest_asyncio
 from server import errors
 from server.config import ProviderConfig, config_from_environment
 from server.providers.azure import AzureOpenAIAdapter
-from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
+from server.providers.transport import Transport
 from tests.fakes.azure_upstream import FakeAzureOpenAI
 from tests.mistral_ollama_fixtures import Stack, assemble, start_stack
 from tests.test_grpc_chat import WEATHER_TOOL
@@ -198,16 +198,18 @@ async def test_environment_enables_azure(monkeypatch, fake):
     config = config_from_environment(variables)
     assert "azure" not in config_from_environment({"AZURE_OPENAI_API_KEY": KEY}).providers
     async with httpx.AsyncClient() as client:
-        adapter = build_provider("azure", config.providers["azure"], client)
+        adapter = build_provider("azure", config.providers["azure"], Transport(client))
         assert isinstance(adapter, AzureOpenAIAdapter) and adapter._params == {"api-version": "2024-10-21"}
         monkeypatch.delenv("AZURE_OPENAI_ENDPOINT")
         with pytest.raises(errors.ProviderNotConfigured, match="AZURE_OPENAI_ENDPOINT"):
-            build_provider("azure", ProviderConfig(), client)
+            build_provider("azure", ProviderConfig(), Transport(client))
 
 
 async def test_probe_credential(fake):
-    async with httpx.AsyncClient(event_hooks={"request": [apply_call_credential]}) as client:
-        adapter = build_provider("azure", ProviderConfig(base_url=fake.endpoint, api_key="configured"), client)
+    async with httpx.AsyncClient() as client:
+        adapter = build_provider(
+            "azure", ProviderConfig(base_url=fake.endpoint, api_key="configured"), Transport(client)
+        )
         await adapter.probe_credential(KEY)
         assert fake.requests[-1].path == "/openai/models" and fake.requests[-1].headers["api-key"] == KEY
         with pytest.raises(errors.UpstreamCredentialRejected):

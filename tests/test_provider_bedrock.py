@@ -22,8 +22,8 @@ from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from server import errors
 from server.config import ProviderConfig, config_from_environment
 from server.providers.bedrock import BedrockAdapter
-from server.providers.credentials import apply_call_credential
 from server.providers.registry import build_provider
+from server.providers.transport import Transport
 from tests.fakes.bedrock_upstream import FakeBedrock, event_frame
 from tests.helpers import chat_request
 from tests.mistral_ollama_fixtures import Stack, assemble, start_stack
@@ -454,7 +454,7 @@ async def test_environment_enables_bedrock_with_botocore_endpoint(monkeypatch, t
     assert "bedrock" in config.providers
     assert "bedrock" not in config_from_environment({"AWS_ACCESS_KEY_ID": ACCESS_KEY}).providers  # no region
     async with httpx.AsyncClient() as client:
-        adapter = build_provider("bedrock", config.providers["bedrock"], client)
+        adapter = build_provider("bedrock", config.providers["bedrock"], Transport(client))
         assert isinstance(adapter, BedrockAdapter) and adapter._endpoint == fake.base_url
         answer = await adapter.create_chat_completion({"messages": [user("via env")]}, "amazon.nova-lite-v1:0")
     assert answer["choices"][0]["message"]["content"] == "echo: via env"
@@ -463,33 +463,33 @@ async def test_environment_enables_bedrock_with_botocore_endpoint(monkeypatch, t
 async def test_default_endpoint_is_the_regional_one(monkeypatch, tmp_path):
     aws_environment(monkeypatch, tmp_path)
     async with httpx.AsyncClient() as client:
-        adapter = build_provider("bedrock", ProviderConfig(), client)
+        adapter = build_provider("bedrock", ProviderConfig(), Transport(client))
     assert adapter._endpoint == f"https://bedrock-runtime.{REGION}.amazonaws.com"
 
 
 async def test_bearer_token_variable_and_missing_region(monkeypatch, tmp_path, fake):
     aws_environment(monkeypatch, tmp_path, AWS_BEARER_TOKEN_BEDROCK=API_KEY)
     async with httpx.AsyncClient() as client:
-        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), client)
+        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), Transport(client))
         await adapter.create_chat_completion({"messages": [user("x")]}, "m")
         assert fake.requests[-1].headers["authorization"] == f"Bearer {API_KEY}"
         monkeypatch.delenv("AWS_DEFAULT_REGION")
         with pytest.raises(errors.ProviderNotConfigured, match="AWS region"):
-            build_provider("bedrock", ProviderConfig(), client)
+            build_provider("bedrock", ProviderConfig(), Transport(client))
 
 
 async def test_wrong_secret_is_a_rejected_credential(monkeypatch, tmp_path, fake):
     aws_environment(monkeypatch, tmp_path, AWS_SECRET_ACCESS_KEY="wrong")
     async with httpx.AsyncClient() as client:
-        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), client)
+        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), Transport(client))
         with pytest.raises(errors.UpstreamCredentialRejected, match="InvalidSignatureException"):
             await adapter.create_chat_completion({"messages": [user("x")]}, "m")
 
 
 async def test_probe_credential(monkeypatch, tmp_path, fake):
     aws_environment(monkeypatch, tmp_path)
-    async with httpx.AsyncClient(event_hooks={"request": [apply_call_credential]}) as client:
-        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), client)
+    async with httpx.AsyncClient() as client:
+        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), Transport(client))
         await adapter.probe_credential(API_KEY)  # the empty conversation is refused only after auth
         assert fake.requests[-1].headers["authorization"] == f"Bearer {API_KEY}"
         with pytest.raises(errors.UpstreamCredentialRejected):
@@ -499,7 +499,7 @@ async def test_probe_credential(monkeypatch, tmp_path, fake):
 async def test_session_token_is_signed_along(monkeypatch, tmp_path, fake):
     aws_environment(monkeypatch, tmp_path, AWS_SESSION_TOKEN="session-token-1")
     async with httpx.AsyncClient() as client:
-        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), client)
+        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), Transport(client))
         await adapter.create_chat_completion({"messages": [user("x")]}, "m")
     sent = fake.requests[-1].headers
     assert sent["x-amz-security-token"] == "session-token-1"

@@ -31,7 +31,8 @@ from server import errors
 from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, ProviderConfig, Settings, config_from_environment
 from server.providers.gemini import GeminiAdapter, mint_call_id, read_call_id
-from server.providers.registry import PRESETS, build_provider, catalog_models
+from server.providers.registry import SPECS, build_provider, catalog_models
+from server.providers.transport import Transport
 from tests.conftest import SINGLE_ATTEMPT, Bridge, start_bridge
 from tests.fakes.gemini_upstream import CACHED_TOKENS, RETRY_DELAY_SECONDS, THOUGHT_TOKENS, FakeGemini
 from tests.helpers import error_info, retry_info
@@ -810,9 +811,9 @@ def test_call_ids_carry_id_and_signature_in_a_portable_alphabet():
 
 
 def test_base64_encoding_is_little_endian_float32():
-    from server.providers.gemini import _float32_base64
+    from server.providers.base import floats_to_base64
 
-    assert struct.unpack("<2f", base64.b64decode(_float32_base64([0.5, -2.0]))) == (0.5, -2.0)
+    assert struct.unpack("<2f", base64.b64decode(floats_to_base64([0.5, -2.0]))) == (0.5, -2.0)
 
 
 def test_environment_enables_gemini_like_the_google_genai_sdk():
@@ -827,15 +828,17 @@ def test_environment_enables_gemini_like_the_google_genai_sdk():
 
 async def test_registry_builds_the_gemini_preset():
     async with httpx.AsyncClient() as client:
-        adapter = build_provider("gemini", ProviderConfig(api_key="k"), client)
+        adapter = build_provider("gemini", ProviderConfig(api_key="k"), Transport(client))
         assert isinstance(adapter, GeminiAdapter)
         assert adapter._url("gemini-2.5-flash", "generateContent") == (
             "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
         )
-        versioned = build_provider("g", ProviderConfig(type="gemini", base_url="http://p.test/v1beta/"), client)
+        versioned = build_provider(
+            "g", ProviderConfig(type="gemini", base_url="http://p.test/v1beta/"), Transport(client)
+        )
         assert isinstance(versioned, GeminiAdapter)
         assert versioned._url("m", "embedContent") == "http://p.test/v1beta/models/m:embedContent"
-    assert PRESETS["gemini"].api_key_env == "GEMINI_API_KEY"
+    assert SPECS["gemini"].api_key_env == "GEMINI_API_KEY"
     ids = {entry.id for entry in catalog_models("gemini", ProviderConfig())}
     assert {"gemini-3.5-flash", "gemini-3.1-pro-preview", "gemini-embedding-001"} <= ids
 

@@ -30,7 +30,7 @@ from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, ProviderConfig, Settings
 from server.providers.base import Capability
 from server.providers.gemini import GEMINI_CAPABILITIES, MAX_IMAGES
-from server.providers.registry import PRESETS, catalog_models
+from server.providers.registry import SPECS, catalog_models
 from tests.conftest import SINGLE_ATTEMPT, Bridge, start_bridge
 from tests.fakes.gemini_upstream import (
     IMAGE_SAFETY_MESSAGE,
@@ -376,7 +376,7 @@ async def test_rest_rate_limit_carries_retry_after(oai):
 
 
 def test_only_image_models_gain_images():
-    assert Capability.IMAGES in GEMINI_CAPABILITIES == PRESETS["gemini"].capabilities
+    assert Capability.IMAGES in GEMINI_CAPABILITIES == SPECS["gemini"].capabilities
     entries = {entry.id: set(entry.capabilities) for entry in catalog_models("gemini", ProviderConfig())}
     image_models = {model for model, caps in entries.items() if Capability.IMAGES in caps}
     assert image_models == {"gemini-3.1-flash-image", "gemini-3-pro-image"}

@@ -19,6 +19,7 @@ from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from server.config import ProviderConfig, config_from_environment
 from server.providers.mistral import MistralAdapter, mistral_tool_call_id
 from server.providers.registry import build_provider
+from server.providers.transport import Transport
 from tests.fakes.mistral_upstream import FakeMistral
 from tests.helpers import chat_request
 from tests.mistral_ollama_fixtures import Stack, assemble, start_stack
@@ -398,10 +399,10 @@ async def test_environment_enables_mistral_with_its_defaults(monkeypatch):
     config = config_from_environment({"MISTRAL_API_KEY": "from-env"})
     assert config.providers["mistral"].api_key_env == "MISTRAL_API_KEY"
     async with httpx.AsyncClient() as client:
-        adapter = build_provider("mistral", config.providers["mistral"], client)
+        adapter = build_provider("mistral", config.providers["mistral"], Transport(client))
     assert isinstance(adapter, MistralAdapter)
     assert adapter._base_url == "https://api.mistral.ai"
-    assert adapter._headers["authorization"] == "Bearer from-env"
+    assert adapter._http.headers["authorization"] == "Bearer from-env"
     assert "mistral" not in config_from_environment({}).providers
 
 

@@ -16,6 +16,7 @@ import pytest_asyncio
 from server.config import ProviderConfig, config_from_environment
 from server.providers.ollama import OllamaAdapter, ollama_base_url
 from server.providers.registry import build_provider
+from server.providers.transport import Transport
 from tests.fakes.ollama_upstream import ChatResponse, EmbedResponse, ErrorResponse, FakeOllama
 from tests.mistral_ollama_fixtures import Stack, assemble, start_stack
 from tests.test_grpc_chat import WEATHER_TOOL
@@ -340,9 +341,9 @@ async def test_environment_enables_ollama_by_its_host(monkeypatch):
     monkeypatch.setenv("OLLAMA_API_KEY", "cloud-key")
     config = config_from_environment({"OLLAMA_HOST": "0.0.0.0:11500"})
     async with httpx.AsyncClient() as client:
-        adapter = build_provider("ollama", config.providers["ollama"], client)
-        local = build_provider("ollama", ProviderConfig(base_url="localhost"), client)
+        adapter = build_provider("ollama", config.providers["ollama"], Transport(client))
+        local = build_provider("ollama", ProviderConfig(base_url="localhost"), Transport(client))
     assert isinstance(adapter, OllamaAdapter) and adapter._base_url == "http://0.0.0.0:11500"
-    assert adapter._headers["authorization"] == "Bearer cloud-key"
+    assert adapter._http.headers["authorization"] == "Bearer cloud-key"
     assert local._base_url == "http://localhost:11434"
     assert "ollama" not in config_from_environment({"OLLAMA_API_KEY": "k"}).providers

@@ -22,7 +22,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from server.config import ProviderConfig, config_from_environment
 from server.errors import ProviderNotConfigured
 from server.providers.openai import OpenAIAdapter
-from server.providers.registry import PRESETS, build_provider, catalog_models
+from server.providers.registry import SPECS, build_provider, catalog_models
+from server.providers.transport import Transport
 from tests.fakes._http import Response
 from tests.fakes.openai_upstream import FakeOpenAI, RecordedRequest
 from tests.mistral_ollama_fixtures import Stack, assemble, start_stack
@@ -151,10 +152,10 @@ async def test_preset_defaults_and_environment(provider, monkeypatch):
     config = config_from_environment({variable: "from-env", "AIGNE_HUB_LOCAL": "false"})
     assert list(config.providers) == [provider]
     async with httpx.AsyncClient() as client:
-        adapter = build_provider(provider, config.providers[provider], client)
+        adapter = build_provider(provider, config.providers[provider], Transport(client))
     assert isinstance(adapter, OpenAIAdapter)
-    assert adapter._base_url == base_url and PRESETS[provider].api_key_env == variable
-    assert adapter._headers["authorization"] == "Bearer from-env"
+    assert adapter._base_url == base_url and SPECS[provider].api_key_env == variable
+    assert adapter._http.headers["authorization"] == "Bearer from-env"
     assert model in {entry.id for entry in catalog_models(provider, config.providers[provider])}
 
 
@@ -234,20 +235,20 @@ async def test_hosted_preset_defaults_and_environment(provider, monkeypatch):
     config = config_from_environment({variable: "from-env", "AIGNE_HUB_LOCAL": "false"})
     assert list(config.providers) == [provider]
     async with httpx.AsyncClient() as client:
-        adapter = build_provider(provider, config.providers[provider], client)
+        adapter = build_provider(provider, config.providers[provider], Transport(client))
     assert isinstance(adapter, OpenAIAdapter)
-    assert adapter._base_url == base_url and adapter._headers["authorization"] == "Bearer from-env"
+    assert adapter._base_url == base_url and adapter._http.headers["authorization"] == "Bearer from-env"
     assert model in {entry.id for entry in catalog_models(provider, config.providers[provider])}
 
 
 @pytest.mark.parametrize("provider", ["vllm", "llamacpp"])
 async def test_self_hosted_presets_need_a_base_url_and_no_key(provider, monkeypatch):
-    monkeypatch.delenv(PRESETS[provider].api_key_env or "", raising=False)
+    monkeypatch.delenv(SPECS[provider].api_key_env or "", raising=False)
     async with httpx.AsyncClient() as client:
         with pytest.raises(ProviderNotConfigured, match="needs a base_url"):
-            build_provider(provider, ProviderConfig(), client)
-        adapter = build_provider(provider, ProviderConfig(base_url="http://10.0.0.5:8000/v1"), client)
-    assert isinstance(adapter, OpenAIAdapter) and "authorization" not in adapter._headers
+            build_provider(provider, ProviderConfig(), Transport(client))
+        adapter = build_provider(provider, ProviderConfig(base_url="http://10.0.0.5:8000/v1"), Transport(client))
+    assert isinstance(adapter, OpenAIAdapter) and "authorization" not in adapter._http.headers
     assert provider not in config_from_environment({"VLLM_API_KEY": "x", "LLAMA_API_KEY": "x"}).providers
 
 

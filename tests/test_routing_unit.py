@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from server import errors
+from server.calls import Call, CallCredential
 from server.config import CooldownConfig, GatewayConfig, ProviderConfig, RoutingConfig
 from server.providers.base import Capability, ChatCompletions
 from server.providers.registry import build_provider
+from server.providers.transport import Transport
 from server.routing import balance, policy
 from server.routing.attempts import Routing, idle_bounded
 from server.routing.cooldown import MemoryCooldowns, RedisCooldowns
@@ -136,7 +138,7 @@ def _router(models: dict[str, object], fallbacks: list[str] | None = None) -> Ro
     import httpx
 
     client = httpx.AsyncClient()
-    built = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+    built = {name: build_provider(name, cfg, Transport(client)) for name, cfg in config.providers.items()}
     return Router(config, built)
 
 
@@ -144,7 +146,7 @@ Script = dict[str, list[BaseException | str]]
 
 
 def _attempts(script: Script, seen: list[str]):  # type: ignore[no-untyped-def]
-    async def attempt(target: Target[ChatCompletions], left: float | None) -> str:
+    async def attempt(target: Target[ChatCompletions], call: Call) -> str:
         seen.append(target.name)
         outcome = script[target.name].pop(0) if script.get(target.name) else "ok"
         if isinstance(outcome, BaseException):
@@ -175,6 +177,35 @@ async def test_retry_goes_to_another_deployment_then_falls_back() -> None:
     assert served.target.name == "c/m" and served.attempts == 4
     assert set(seen[:2]) == {"a/m", "b/m"}  # both deployments before any repeat
     assert seen[-1] == "c/m"
+
+
+async def test_each_attempt_gets_its_own_copy_of_the_call() -> None:
+    router = _router({"smart": {"deployments": [{"provider": "a", "model": "m"}, {"provider": "b", "model": "m"}]}})
+    plan = router.plan("smart", Capability.CHAT, ChatCompletions)
+    calls: list[Call] = []
+    targets: list[str] = []
+    outcomes: list[BaseException | str] = [_unavailable(), "ok"]
+
+    async def attempt(target: Target[ChatCompletions], call: Call) -> str:
+        calls.append(call)
+        targets.append(target.name)
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def before(target: Target[ChatCompletions], public_model: str) -> CallCredential:
+        return CallCredential(f"secret-of-{target.name}", id=f"cred-{target.name}")
+
+    call = Call(request_id="r-1", key_id="k-1", owner_id="o-1")
+    served = await _routing().run(plan, attempt, call=call, before_attempt=before)
+    assert served.attempts == 2
+    assert [c.attempt for c in calls] == [1, 2]
+    assert set(targets) == {"a/m", "b/m"}  # the retry went to the other deployment...
+    assert [c.credential.id if c.credential else None for c in calls] == [
+        f"cred-{t}" for t in targets
+    ]  # ...with its own
+    assert {(c.request_id, c.key_id, c.owner_id) for c in calls} == {("r-1", "k-1", "o-1")}
 
 
 async def test_no_retry_on_bad_request_and_retry_hint_honoured() -> None:
@@ -216,14 +247,14 @@ async def test_context_window_fallback_and_deadline() -> None:
     served = await _routing().run(plan, _attempts({"a/m": [too_long]}, seen))
     assert served.target.name == "b/big"
 
-    async def silent(target: Target[ChatCompletions], left: float | None) -> str:
+    async def silent(target: Target[ChatCompletions], call: Call) -> str:
         await asyncio.sleep(10)
         return "late"
 
     routing = _routing()
     deadline = asyncio.get_running_loop().time() + 0.2
     with pytest.raises(errors.UpstreamTimeout):
-        await routing.run(router.plan("b/m", Capability.CHAT, ChatCompletions), silent, deadline=deadline)
+        await routing.run(router.plan("b/m", Capability.CHAT, ChatCompletions), silent, call=Call(deadline=deadline))
 
 
 async def test_idle_bounded_stream() -> None:

@@ -1,6 +1,6 @@
 """The upstream client's aiohttp transport against raw loopback servers: each way an
 upstream can fail reaches the adapters as the httpx error that
-server.providers.http_errors classifies (timeout vs unreachable), bodies arrive chunk
+server.providers.transport classifies (timeout vs unreachable), bodies arrive chunk
 by chunk, connections are reused, and a body closed early does not go back to the pool."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from server.app import upstream_client
 from server.config import Settings
-from server.providers.http_errors import transport_error
+from server.providers.transport import transport_error
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -17,7 +17,8 @@ refuses as it starts (RATE_LIMITED by `server.limits`, checked first so a refusa
 no database work; INSUFFICIENT_CREDITS, SPENDING_CAP_REACHED, RATE_LIMITED by a credit
 limit per day or month, held with the credits; a model without a rate)
 is recorded by the meter too, as an error with that reason: once the meter has
-started (METERED), it alone records the call, so every call leaves exactly one record.
+started, it alone records the call, so every call leaves exactly one record (the error
+it recorded is marked `recorded`, which the servicer's refusal path checks).
 
 When the provider answers a stored credential with "invalid key"
 (`UpstreamCredentialRejected`), the meter has `server.accounts.credential_checks`
@@ -49,7 +50,6 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from types import TracebackType
 
@@ -60,6 +60,7 @@ from server.accounts.keys import KeyRecord, KeyStore, authorize
 from server.accounts.ledger import Ledger, Outcome, Recorded, UsageRecord
 from server.accounts.observer import CallObserver, FinishedCall
 from server.accounts.spool import Spool, SpoolReplayer
+from server.calls import CallCredential
 from server.errors import (
     GatewayError,
     ProviderNotConfigured,
@@ -68,14 +69,11 @@ from server.errors import (
     UpstreamCredentialRejected,
 )
 from server.limits import Admission, Limiter
-from server.providers.credentials import CallCredential, clear_credential, use_credential
 from server.storage import Database
 from server.storage.settings import StorageSettings
 
 log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4
-# Whether the current call's meter started (then the meter records it, failures too).
-METERED: ContextVar[bool] = ContextVar("aigne_hub_metered", default=False)
 
 
 @dataclass
@@ -167,6 +165,7 @@ class Accounts:
     ) -> None:
         """Records a call refused before it reached a provider (bad input, unknown model,
         allow-list, credits), so that every call with a key leaves one record."""
+        exc.recorded = True
         provider = model.partition("/")[0] if "/" in model else ""
         record = UsageRecord(
             request_id=request_id or uuid.uuid4().hex,
@@ -241,8 +240,9 @@ class Meter:
         self._streamed_chars = 0
         self._prompt_tokens = prompt_tokens
         self._credential_header = credential_header
-        self._credential_id: str | None = None
-        self._credential_token: Token[CallCredential | None] | None = None
+        # The stored credential chosen for the current attempt (None: the adapter's
+        # configured key); each attempt's `Call` carries it to the transport.
+        self.credential: CallCredential | None = None
         # Upstream attempts so far (the routing sets it); 0 until one is made.
         self.attempts = 0
         # For the observer: the model asked for, and the time spent in upstream attempts.
@@ -280,8 +280,7 @@ class Meter:
             credential = await vault.select(self._provider)
         except ProviderNotConfigured:
             return
-        self._credential_id = credential.id
-        self._credential_token = use_credential(self._credential_header, credential.secret)
+        self.credential = CallCredential(credential.secret, credential.id)
 
     def _final_usage(self, exc: BaseException | None) -> Usage:
         usage = self.usage
@@ -295,7 +294,6 @@ class Meter:
         return usage
 
     async def __aenter__(self) -> Meter:
-        METERED.set(True)
         if not self._accounts.ledger.writable:
             # Refused before any provider is called: its answer could not be recorded.
             raise StorageUnavailable(
@@ -311,7 +309,7 @@ class Meter:
             await self._reserve()
         except BaseException as exc:
             # A call refused here (out of credits, cap reached, no rate) is recorded
-            # by its meter, once: METERED tells the servicer's refusal path it is done.
+            # by its meter, once: `recorded` tells the servicer's refusal path it is done.
             await self._record_refusal(exc)
             raise
         return self
@@ -340,11 +338,8 @@ class Meter:
 
     def _set_credential(self, header: tuple[str, str], credential: Credential) -> None:
         """The call's next attempts use `credential` (in `header`)."""
-        if self._credential_token is not None:
-            clear_credential(self._credential_token)
         self._credential_header = header
-        self._credential_id = credential.id
-        self._credential_token = use_credential(header, credential.secret)
+        self.credential = CallCredential(credential.secret, credential.id)
 
     async def _switch_model(
         self, provider: str, target: str, credential_header: tuple[str, str] | None, *, chosen: bool
@@ -364,9 +359,7 @@ class Meter:
                 if previous.id is not None:
                     self._accounts.credits.forget(previous.id)
         self._provider, self._model, self._credential_header = provider, target, credential_header
-        if self._credential_token is not None:
-            clear_credential(self._credential_token)
-            self._credential_token, self._credential_id = None, None
+        self.credential = None
         if not chosen:
             await self._choose_credential()
 
@@ -408,12 +401,13 @@ class Meter:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._credential_token is not None:
-            clear_credential(self._credential_token)
+        if isinstance(exc, GatewayError):
+            exc.recorded = True  # this meter records it, whatever happens below
         checker = self._accounts.credential_checker
-        if isinstance(exc, UpstreamCredentialRejected) and self._credential_id and checker:
+        credential_id = self.credential.id if self.credential else None
+        if isinstance(exc, UpstreamCredentialRejected) and credential_id and checker:
             # "Invalid key" (not a 403): out of rotation if a probe confirms it.
-            await asyncio.shield(checker.confirm_rejection(self._provider, self._credential_id, exc))
+            await asyncio.shield(checker.confirm_rejection(self._provider, credential_id, exc))
         self.usage = self._final_usage(exc)
         if self._admission is not None:
             # Every path ends here (answers, errors, cancellations, shutdown): frees the
@@ -450,7 +444,7 @@ class Meter:
             ttft,
             credits,
             self.trace_id,
-            self._credential_id,
+            self.credential.id if self.credential else None,
         )
         observer.call_finished(call)
 

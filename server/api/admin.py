@@ -41,7 +41,7 @@ from server.api.paging import page_request
 from server.errors import InvalidRequest, ProviderNotConfigured, ResourceNotFound
 from server.limits.rules import LimitRule, LimitStore, Scope
 from server.limits.windows import WindowKind, WindowSpend, spend_by_rule
-from server.providers.registry import ADAPTERS, PRESETS
+from server.providers.registry import SPECS
 from server.routing.cooldown import CooldownStore
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -69,7 +69,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         self._deployments = frozenset(deployments)
         self._cooldowns = cooldowns
         # Credentials may be stored for the configured providers and the built-in ones.
-        self._known_providers = frozenset({*providers, *ADAPTERS, *PRESETS})
+        self._known_providers = frozenset({*providers, *SPECS})
 
     @unary
     async def CreateApiKey(

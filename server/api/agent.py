@@ -42,7 +42,7 @@ from aigne.hub.v1 import agent_service_pb2 as agent_pb
 from aigne.hub.v1 import agent_service_pb2_grpc as agent_grpc
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from server import errors
-from server.accounts.service import METERED, Accounts
+from server.accounts.service import Accounts
 from server.api import agent_convert
 from server.api.auth import CURRENT_KEY
 from server.api.calls import MeteredServicer, abort_for, unary
@@ -186,7 +186,7 @@ class AgentServicer(MeteredServicer, agent_grpc.AgentServiceServicer):
     async def record_refusal(self, method: str, request: Any, exc: Exception) -> None:
         """A call refused before it reached the OpenAI-shaped servicer, recorded under
         that servicer's operation and the model the caller asked for."""
-        if method not in OPERATIONS or METERED.get() or not isinstance(exc, errors.GatewayError):
+        if method not in OPERATIONS or not isinstance(exc, errors.GatewayError) or exc.recorded:
             return
         if isinstance(exc, errors.StorageUnavailable):
             return  # the ledger is in that database: trying would only wait again

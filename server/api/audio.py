@@ -63,7 +63,9 @@ class AudioServicer(MeteredServicer, audio_grpc.AudioServiceServicer):
         body.pop("model", None)
         characters = Usage(characters=len(request.input))
         async with self._routed(plan, options, context, "speech", characters) as call:
-            audio = (await call.unary(lambda adapter, model: adapter.create_speech(dict(body), model))).result
+            audio = (
+                await call.unary(lambda adapter, model, attempt: adapter.create_speech(dict(body), model, attempt))
+            ).result
             call.meter.usage = characters
         return httpbody_pb2.HttpBody(content_type=audio.content_type, data=audio.data)
 
@@ -102,7 +104,9 @@ class AudioServicer(MeteredServicer, audio_grpc.AudioServiceServicer):
     ) -> tuple[Route, TranscriptionOutput]:
         plan, options = self._plan(model, Capability.TRANSCRIPTION, Transcription, context)
         async with self._routed(plan, options, context, "transcription", Usage()) as call:
-            served = await call.unary(lambda adapter, model: adapter.create_transcription(audio, model))
+            served = await call.unary(
+                lambda adapter, model, attempt: adapter.create_transcription(audio, model, attempt)
+            )
             output = served.result
             call.meter.usage = _transcription_usage(output)
         route = served.target.route

@@ -4,10 +4,15 @@ call metadata, and running a call over its routing plan with its meter.
 A call that reaches providers goes: plan (the model's deployments and fallbacks, see
 `server.routing.router`) -> meter (allow-list, credits, one ledger record) -> attempts
 (`server.routing.attempts`: retries, fallbacks, cooldowns, timeouts), each attempt
-pointing the meter at its deployment first. The answer carries which deployment served
-it and after how many attempts (`x-aigne-hub-served-by`, `x-aigne-hub-attempts`, and
-`x-aigne-hub-credential` with the id of the stored provider credential that served it,
-if one did: each stored credential is a deployment, see
+pointing the meter at its deployment first. What the upstream request carries of the
+call travels as one object, `server.calls.Call`, built here (request id, key, owner,
+deadline), copied by the routing per attempt (number, the credential the meter picked),
+given the attempt's trace context, and handed to the adapter, which hands it to the
+transport. The key comes from the auth interceptor's context variable, read once here:
+a gRPC interceptor can hand a handler nothing else. The answer carries which deployment
+served it and after how many attempts (`x-aigne-hub-served-by`, `x-aigne-hub-attempts`,
+and `x-aigne-hub-credential` with the id of the stored provider credential that served
+it, if one did: each stored credential is a deployment, see
 `server.api.credential_deployments`), as initial and trailing metadata, which the REST
 bridge passes on as HTTP headers), and,
 when a rate limit applies to the key (server.limits), OpenAI's `x-ratelimit-*` headers
@@ -43,14 +48,15 @@ from server import errors
 from server.accounts.credentials import Credential
 from server.accounts.credits import Usage
 from server.accounts.errors import ModelNotAllowed
-from server.accounts.service import METERED, Accounts, Meter
+from server.accounts.service import Accounts, Meter
 from server.api.auth import CURRENT_KEY
 from server.api.credential_deployments import with_credentials
 from server.api.errors import to_grpc_status, unexpected_error_status
 from server.api.validation import check_request
+from server.calls import Call, CallCredential
 from server.config import CooldownConfig, RoutingConfig
 from server.observability import tracing
-from server.observability.logs import ledger_request_id, take_request_id
+from server.observability.logs import current_request_id, ledger_request_id, take_request_id
 from server.providers.base import JSON, Capability
 from server.routing.attempts import Routing, Served, idle_bounded
 from server.routing.cooldown import MemoryCooldowns
@@ -177,7 +183,9 @@ def _positive_seconds(text: str) -> float:
 
 
 class Routed(Generic[T]):
-    """One metered call running over its plan (see the module docstring)."""
+    """One metered call running over its plan (see the module docstring). `call` is the
+    call as the upstream sees it; the routing gives each attempt its copy with its
+    number and the credential the meter chose for it; the trace context is added here."""
 
     def __init__(
         self,
@@ -185,7 +193,7 @@ class Routed(Generic[T]):
         plan: Plan[T],
         meter: Meter,
         context: grpc.aio.ServicerContext[Any, Any],
-        deadline: float | None,
+        call: Call,
         span: tracing.CallSpan | None = None,
         credentials: dict[str, Credential] | None = None,
     ) -> None:
@@ -194,14 +202,12 @@ class Routed(Generic[T]):
         self._credentials = credentials or {}
         self._span = span
         self.plan = plan
+        self.call = call
         self._routing = routing
         self._context = context
-        self._deadline = deadline
 
-    async def run(self, attempt: Callable[[Target[T], float | None], Awaitable[R]]) -> Served[T, R]:
-        served = await self._routing.run(
-            self.plan, self._timed(attempt), deadline=self._deadline, before_attempt=self._use
-        )
+    async def run(self, attempt: Callable[[Target[T], Call], Awaitable[R]]) -> Served[T, R]:
+        served = await self._routing.run(self.plan, self._timed(attempt), call=self.call, before_attempt=self._use)
         credential = served.target.credential_id
         metadata = (
             (SERVED_BY_HEADER, served.target.route.public_model),
@@ -213,19 +219,18 @@ class Routed(Generic[T]):
         self._context.set_trailing_metadata(metadata)
         return served
 
-    def _timed(
-        self, attempt: Callable[[Target[T], float | None], Awaitable[R]]
-    ) -> Callable[[Target[T], float | None], Awaitable[R]]:
-        """`attempt`, adding its time to the meter's upstream time (the gateway's own
-        overhead is the rest)."""
+    def _timed(self, attempt: Callable[[Target[T], Call], Awaitable[R]]) -> Callable[[Target[T], Call], Awaitable[R]]:
+        """`attempt` with its call, adding its time to the meter's upstream time (the
+        gateway's own overhead is the rest)."""
         meter, call_span = self.meter, self._span
 
-        async def timed(target: Target[T], left: float | None) -> R:
+        async def timed(target: Target[T], call: Call) -> R:
             route = target.route
             started = time.perf_counter()
             try:
                 with tracing.attempt_span(meter.operation, route.provider.name, route.upstream_model) as span:
-                    result = await attempt(target, left)
+                    # The attempt's span is current here: the upstream request continues it.
+                    result = await attempt(target, call.with_trace(tracing.upstream_headers()))
                     if span is not None:
                         tracing.note_answer(span, call_span, result)
                     return result
@@ -234,15 +239,16 @@ class Routed(Generic[T]):
 
         return timed
 
-    async def unary(self, call: Callable[[T, str], Awaitable[R]]) -> Served[T, R]:
-        """Runs a unary call: each attempt bounded by `first_token_s` until its answer."""
+    async def unary(self, send: Callable[[T, str, Call], Awaitable[R]]) -> Served[T, R]:
+        """Runs a unary call, `send(adapter, upstream model, call)` per attempt, each
+        bounded by `first_token_s` until its answer."""
         limit = self.plan.timeouts.first_token_s
 
-        async def attempt(target: Target[T], left: float | None) -> R:
+        async def attempt(target: Target[T], call: Call) -> R:
             provider = target.route.provider.name
             try:
                 async with asyncio.timeout(limit):
-                    return await call(target.adapter, target.route.upstream_model)
+                    return await send(target.adapter, target.route.upstream_model, call)
             except TimeoutError:
                 raise errors.UpstreamTimeout(
                     f"{provider} did not answer in time (no answer within {limit:g} s)", provider=provider
@@ -251,7 +257,7 @@ class Routed(Generic[T]):
         return await self.run(attempt)
 
     async def stream(
-        self, open_stream: Callable[[T, str], AsyncGenerator[JSON, None]]
+        self, open_stream: Callable[[T, str, Call], AsyncGenerator[JSON, None]]
     ) -> tuple[Served[T, JSON | None], AsyncGenerator[JSON, None]]:
         """Opens a stream: attempts are retried until one yields its first chunk (then
         no more: a chunk may have reached the client). Returns the first chunk and the
@@ -259,8 +265,8 @@ class Routed(Generic[T]):
         limit = self.plan.timeouts.first_token_s
         opened: list[AsyncGenerator[JSON, None]] = []
 
-        async def attempt(target: Target[T], left: float | None) -> JSON | None:
-            chunks = open_stream(target.adapter, target.route.upstream_model)
+        async def attempt(target: Target[T], call: Call) -> JSON | None:
+            chunks = open_stream(target.adapter, target.route.upstream_model, call)
             provider = target.route.provider.name
             try:
                 async with asyncio.timeout(limit):
@@ -282,11 +288,13 @@ class Routed(Generic[T]):
         provider = served.target.route.provider.name
         return served, _rest_of(opened[-1], self.plan.timeouts.idle_s, provider)
 
-    async def _use(self, target: Target[T], public_model: str) -> None:
+    async def _use(self, target: Target[T], public_model: str) -> CallCredential | None:
+        """Points the meter at the attempt's deployment; the credential it picked."""
         header = getattr(target.route.provider, "credential_header", None)
         credential = self._credentials.get(target.credential_id) if target.credential_id else None
         await self.meter.use(target.route.provider.name, target.route.upstream_model, public_model, header, credential)
         self.meter.attempts += 1
+        return self.meter.credential
 
 
 async def _rest_of(
@@ -352,8 +360,16 @@ class MeteredServicer:
         plan, credentials = await with_credentials(plan, self._accounts.vault)
         first = plan.primary.targets[0].route
         header = getattr(first.provider, "credential_header", None)
+        key = CURRENT_KEY.get()  # the interceptor's hand-off: read once, then the call carries it
+        deadline = self._routing.deadline_for(plan, options.timeout_s, context.time_remaining())
+        call = Call(
+            request_id=current_request_id(),
+            key_id=key.id if key else None,
+            owner_id=key.owner_id if key else None,
+            deadline=deadline,
+        )
         meter = self._accounts.meter(
-            CURRENT_KEY.get(),
+            key,
             first.provider.name,
             first.upstream_model,
             operation,
@@ -361,20 +377,18 @@ class MeteredServicer:
             header,
             prompt_tokens,
             public_model=plan.primary.model,
-            request_id=ledger_request_id(),
+            request_id=ledger_request_id(call.request_id),
         )
-        grpc_left = context.time_remaining()
-        deadline = self._routing.deadline_for(plan, options.timeout_s, grpc_left)
         span = tracing.start_call(operation, plan.primary.model, context.invocation_metadata())
         if span is None:
             async with meter:
-                yield Routed(self._routing, plan, meter, context, deadline, credentials=credentials)
+                yield Routed(self._routing, plan, meter, context, call, credentials=credentials)
             return
         meter.trace_id = span.trace_id
         error: BaseException | None = None
         try:
             async with meter:
-                yield Routed(self._routing, plan, meter, context, deadline, span, credentials)
+                yield Routed(self._routing, plan, meter, context, call, span, credentials)
         except BaseException as exc:
             error = exc
             raise
@@ -383,10 +397,11 @@ class MeteredServicer:
 
     async def record_refusal(self, method: str, request: Any, exc: Exception) -> None:
         """A call that failed before its meter started still leaves a ledger record."""
-        if METERED.get() or not isinstance(exc, errors.GatewayError):
-            return
+        if not isinstance(exc, errors.GatewayError) or exc.recorded:
+            return  # the call's meter recorded it already
         if isinstance(exc, errors.StorageUnavailable):
             return  # the ledger is in that database: trying would only wait again
         model = getattr(request, "model", "") or ""
         operation = OPERATIONS.get(method, method)
-        await self._accounts.record_refusal(CURRENT_KEY.get(), operation, model, exc, ledger_request_id())
+        request_id = ledger_request_id(current_request_id())
+        await self._accounts.record_refusal(CURRENT_KEY.get(), operation, model, exc, request_id)

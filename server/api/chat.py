@@ -65,7 +65,9 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         async with self._routed(
             plan, options, context, "chat", chat_worst_case(request), chat_prompt_tokens(request)
         ) as call:
-            served = await call.unary(lambda adapter, model: adapter.create_chat_completion(dict(body), model))
+            served = await call.unary(
+                lambda adapter, model, attempt: adapter.create_chat_completion(dict(body), model, attempt)
+            )
             answer = served.result
             call.meter.usage = usage_from_openai(answer.get("usage"))
         route = served.target.route
@@ -115,7 +117,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         async with self._routed(plan, options, context, "chat_stream", worst, prompt) as call:
             try:
                 served, rest = await call.stream(
-                    lambda adapter, model: adapter.stream_chat_completion(dict(body), model)
+                    lambda adapter, model, attempt: adapter.stream_chat_completion(dict(body), model, attempt)
                 )
                 route, meter = served.target.route, call.meter
                 async with aclosing(rest):

@@ -40,7 +40,9 @@ class EmbeddingServicer(MeteredServicer, embedding_grpc.EmbeddingServiceServicer
         body.pop("model", None)
         worst = input_worst_case(request.input.ByteSize())
         async with self._routed(plan, options, context, "embedding", worst) as call:
-            served = await call.unary(lambda adapter, model: adapter.create_embedding(dict(body), model))
+            served = await call.unary(
+                lambda adapter, model, attempt: adapter.create_embedding(dict(body), model, attempt)
+            )
             answer = served.result
             call.meter.usage = usage_from_openai(answer.get("usage"))
         route = served.target.route

@@ -37,7 +37,7 @@ class ImageServicer(MeteredServicer, image_grpc.ImageServiceServicer):
         body.pop("model", None)
         images = request.n if request.HasField("n") else 1
         async with self._routed(plan, options, context, "image", Usage(images=images)) as call:
-            served = await call.unary(lambda adapter, model: adapter.create_image(dict(body), model))
+            served = await call.unary(lambda adapter, model, attempt: adapter.create_image(dict(body), model, attempt))
             answer = served.result
             provider = served.target.route.provider.name
             response, usage = image_answer_from_openai(answer, provider=provider)

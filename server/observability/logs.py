@@ -36,7 +36,9 @@ CALLS_LOGGER = "aigne_hub.calls"
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID_CHARS = 64
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
-# The current call's request id (set by the servicer, read by the upstream request hook).
+# The current call's request id, for log records only (a logging filter cannot be
+# handed the call): set once when a call starts, copied into its `server.calls.Call`,
+# which is what carries it to the upstream request and the ledger.
 REQUEST_ID: ContextVar[str | None] = ContextVar("aigne_hub_request_id", default=None)
 
 call_log = logging.getLogger(CALLS_LOGGER)
@@ -54,18 +56,14 @@ def take_request_id(metadata: Any) -> str:
     return request_id
 
 
-def ledger_request_id() -> str | None:
-    """The ledger record's id for the current call (see the module docstring); None
-    outside a call."""
-    request_id = REQUEST_ID.get()
+def current_request_id() -> str | None:
+    """The request id `take_request_id` set for the call running now (None outside one)."""
+    return REQUEST_ID.get()
+
+
+def ledger_request_id(request_id: str | None) -> str | None:
+    """The ledger record's id for a call with `request_id` (see the module docstring)."""
     return None if request_id is None else f"{request_id}:{uuid.uuid4().hex[:12]}"
-
-
-async def tag_upstream_request(request: Any) -> None:
-    """httpx request hook: the upstream request carries the call's `x-request-id`."""
-    request_id = REQUEST_ID.get()
-    if request_id is not None:
-        request.headers[REQUEST_ID_HEADER] = request_id
 
 
 class CallLog:

@@ -168,7 +168,11 @@ def _mark_error(span: Span, error: BaseException | None) -> None:
     span.set_status(StatusCode.ERROR, reason)
 
 
-async def propagate_to_upstream(request: Any) -> None:
-    """httpx request hook: the upstream request continues the current trace."""
-    if _tracer is not None:
-        _PROPAGATOR.inject(request.headers)
+def upstream_headers() -> tuple[tuple[str, str], ...]:
+    """The headers that continue the current trace upstream (the attempt's span), for
+    the call's per-attempt `server.calls.Call`; none when tracing is off."""
+    if _tracer is None:
+        return ()
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return tuple(carrier.items())

@@ -8,7 +8,7 @@ pooled connection expired" check alone (a socket poll through anyio's typed
 attributes). The `httpx-aiohttp` package does the same, but maps aiohttp's errors
 loosely (a dropped connection becomes `ConnectTimeout`, so a gateway would report a
 timeout for a refused connection); this module maps each one to the httpx error the
-gateway's classification expects (server.providers.http_errors.transport_error):
+gateway's classification expects (server.providers.transport.transport_error):
 timeouts to `httpx.TimeoutException`s, everything else to other `httpx.TransportError`s.
 
 Kept from httpx's transport: pooled keep-alive connections (limit and keep-alive

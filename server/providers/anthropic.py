@@ -39,26 +39,22 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
-
-import httpx
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
 
 from server import errors
+from server.calls import NO_CALL, Call, probe_call
 from server.config import ModelEntry, ProviderConfig
 from server.providers.anthropic_turns import Recall, ThinkingTurns
-from server.providers.base import JSON, Capability, auth_headers
+from server.providers.base import JSON, Capability
 from server.providers.conversation_state import ConversationStore
-from server.providers.credentials import probe
-from server.providers.http_errors import retry_after_seconds, transport_error, upstream_status_error
-
-if TYPE_CHECKING:
-    from server.providers.registry import Preset
+from server.providers.spec import ProviderSpec
+from server.providers.transport import Headers, Transport, parse_object, retry_after_seconds, upstream_status_error
 
 API_VERSION = "2023-06-01"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_KEY_ENV = "ANTHROPIC_API_KEY"
+BASE_URL_ENV = "ANTHROPIC_BASE_URL"
 
 _C = Capability
 CLAUDE_CHAT = frozenset({_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA})
@@ -115,7 +111,7 @@ def default_max_tokens(model: str) -> int:
 class AnthropicAdapter:
     """Speaks Anthropic's Messages API at `base_url` (without `/v1`)."""
 
-    # Where a per-call credential from the vault goes (see server.providers.credentials).
+    # Where the key, and a call's credential, go (see server.providers.transport).
     credential_header = ("x-api-key", "")
 
     def __init__(
@@ -124,7 +120,7 @@ class AnthropicAdapter:
         name: str,
         base_url: str,
         api_key: str | None,
-        client: httpx.AsyncClient,
+        transport: Transport,
         extra_headers: Mapping[str, str] | None = None,
         capabilities: frozenset[Capability] = CLAUDE_CHAT,
     ) -> None:
@@ -132,9 +128,12 @@ class AnthropicAdapter:
         self.capabilities = capabilities
         # Tolerate an OpenAI-style base URL that already ends in /v1.
         self._url = base_url.rstrip("/").removesuffix("/v1") + "/v1/messages"
-        self._client = client
-        self._headers = auth_headers(
-            self.credential_header, api_key, {"anthropic-version": API_VERSION, **(extra_headers or {})}
+        self._http = transport.upstream(
+            name,
+            credential_header=self.credential_header,
+            api_key=api_key,
+            headers={"anthropic-version": API_VERSION, **(extra_headers or {})},
+            error_reader=self._status_error,
         )
         self.turns = ThinkingTurns()
 
@@ -143,45 +142,33 @@ class AnthropicAdapter:
         self.turns = ThinkingTurns(store, ttl_s)
 
     async def aclose(self) -> None:
-        """Nothing of its own to release: the HTTP client is shared."""
+        """Nothing of its own to release: the transport is shared."""
 
     async def probe_credential(self, secret: str) -> None:
         """Lists the provider's models with `secret` (see `base.CredentialProbe`)."""
-        await probe(
-            self._client,
-            self._url.removesuffix("/messages") + "/models?limit=1",
-            provider=self.name,
-            headers=self._headers,
-            credential_header=self.credential_header,
-            secret=secret,
-            error_of=lambda r: self._status_error(r.status_code, r.headers, r.content),
-        )
+        await self._http.send("GET", self._url.removesuffix("/messages") + "/models?limit=1", probe_call(secret))
 
-    async def create_chat_completion(self, request: JSON, model: str) -> JSON:
+    async def create_chat_completion(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
         body = to_messages_request(self.name, request, model, await self.turns.recall_for(request))
-        try:
-            response = await self._client.post(self._url, headers=self._headers, json=body)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
-        if response.status_code >= 400:
-            raise self._status_error(response.status_code, response.headers, response.content)
-        message = _json_object(self.name, response.content)
+        message = await self._http.post_json(self._url, body, call)
         completion = to_chat_completion(self.name, message, int(time.time()))
         if message.get("stop_reason") == "tool_use":
             await self.turns.remember(message["content"])
         return completion
 
-    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
+    async def stream_chat_completion(
+        self, request: JSON, model: str, call: Call = NO_CALL
+    ) -> AsyncGenerator[JSON, None]:
         recall = await self.turns.recall_for(request)
         body = {**to_messages_request(self.name, request, model, recall), "stream": True}
         translator = StreamTranslator(self.name, int(time.time()))
-        async with self._open_stream(body) as response:
-            async for data in _sse_data(response, self.name):
+        async with self._http.stream("POST", self._url, call, json=body) as response:
+            async for data in response.sse():
                 # After message_stop the body is still read to its end: only then does
                 # the connection go back to the pool instead of being dropped.
                 if translator.finished:
                     continue
-                chunks = translator.feed(_json_object(self.name, data.encode()))
+                chunks = translator.feed(parse_object(self.name, data))
                 if translator.finished and translator.stop_reason == "tool_use":
                     await self.turns.remember(translator.blocks())  # before the client can answer the calls
                 for chunk in chunks:
@@ -189,37 +176,22 @@ class AnthropicAdapter:
         if not translator.finished:
             raise errors.UpstreamUnavailable(f"{self.name} ended the stream before message_stop", provider=self.name)
 
-    @asynccontextmanager
-    async def _open_stream(self, body: JSON) -> AsyncIterator[httpx.Response]:
-        """The streaming response; closing it on exit is how a client's cancellation
-        reaches the upstream at once."""
-        request = self._client.build_request("POST", self._url, headers=self._headers, json=body)
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
-        try:
-            if response.status_code >= 400:
-                try:
-                    content = await response.aread()
-                except httpx.HTTPError:
-                    content = b""
-                raise self._status_error(response.status_code, response.headers, content)
-            yield response
-        finally:
-            await response.aclose()
+    def _status_error(self, status: int, headers: Headers, content: bytes) -> errors.UpstreamError:
+        return anthropic_error(self.name, status, headers, content)
 
-    def _status_error(self, status: int, headers: httpx.Headers, content: bytes) -> errors.UpstreamError:
-        kind, message = _error_fields(content)
-        error_class = _ERROR_KINDS.get(kind or "")
-        if error_class is None:  # an unknown or missing type: the status decides
-            return upstream_status_error(self.name, status, headers, message)
-        return error_class(
-            f"{self.name} answered {status} ({kind}): {message}",
-            provider=self.name,
-            status=status,
-            retry_after_seconds=retry_after_seconds(headers),
-        )
+
+def anthropic_error(provider: str, status: int, headers: Headers, content: bytes) -> errors.UpstreamError:
+    """The gateway's error for an Anthropic error answer (its body's `error.type` first)."""
+    kind, message = _error_fields(content)
+    error_class = _ERROR_KINDS.get(kind or "")
+    if error_class is None:  # an unknown or missing type: the status decides
+        return upstream_status_error(provider, status, headers, message)
+    return error_class(
+        f"{provider} answered {status} ({kind}): {message}",
+        provider=provider,
+        status=status,
+        retry_after_seconds=retry_after_seconds(headers),
+    )
 
 
 # ------------------------------------------------------------------------- requests
@@ -650,18 +622,6 @@ class StreamTranslator:
 # ---------------------------------------------------------------------------- plumbing
 
 
-def _json_object(provider: str, content: bytes) -> JSON:
-    try:
-        parsed = json.loads(content)
-    except ValueError as exc:
-        raise errors.UpstreamMalformedResponse(
-            f"{provider} answered with invalid JSON: {content[:200]!r}", provider=provider
-        ) from exc
-    if not isinstance(parsed, dict):
-        raise errors.UpstreamMalformedResponse(f"{provider} answered JSON that is not an object", provider=provider)
-    return parsed
-
-
 def _error_fields(content: bytes) -> tuple[str | None, str]:
     """The type and message of Anthropic's error body {"type": "error", "error": {...}}."""
     try:
@@ -673,34 +633,34 @@ def _error_fields(content: bytes) -> tuple[str | None, str]:
     return None, content.decode("utf-8", "replace").strip()[:500] or "(empty body)"
 
 
-async def _sse_data(response: httpx.Response, provider: str) -> AsyncIterator[str]:
-    """The `data` of each server-sent event; the event name repeats the data's type."""
-    data_lines: list[str] = []
-    try:
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
-                data_lines.append(line[5:].removeprefix(" "))
-            elif not line and data_lines:
-                yield "\n".join(data_lines)
-                data_lines = []
-    except httpx.HTTPError as exc:
-        raise transport_error(provider, exc) from exc
-    if data_lines:
-        yield "\n".join(data_lines)
-
-
 def build_anthropic_adapter(
-    name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient
+    name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: Transport
 ) -> AnthropicAdapter:
-    """The registry's factory: configuration first, then the preset, then the SDK's defaults."""
-    api_key = cfg.resolved_api_key()
-    if api_key is None and cfg.api_key_env is None:
-        api_key = os.environ.get((preset.api_key_env if preset else None) or API_KEY_ENV) or None
+    """The registry's factory: configuration first, then the spec's defaults."""
     return AnthropicAdapter(
         name=name,
-        base_url=cfg.base_url or (preset.base_url if preset else None) or DEFAULT_BASE_URL,
-        api_key=api_key,
-        client=client,
+        base_url=cfg.base_url or spec.base_url or DEFAULT_BASE_URL,
+        api_key=spec.key_from_environment(cfg, os.environ),
+        transport=transport,
         extra_headers=cfg.headers,
-        capabilities=preset.capabilities if preset else CLAUDE_CHAT,
+        capabilities=spec.capabilities,
     )
+
+
+def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
+    if not (environ.get(API_KEY_ENV) or environ.get(BASE_URL_ENV)):
+        return None
+    return ProviderConfig(api_key_env=API_KEY_ENV, base_url=environ.get(BASE_URL_ENV) or None)
+
+
+SPEC = ProviderSpec(
+    name="anthropic",
+    build=build_anthropic_adapter,
+    api_key_env=API_KEY_ENV,
+    base_url=DEFAULT_BASE_URL,
+    capabilities=CLAUDE_CHAT,
+    models=CLAUDE_MODELS,
+    from_environment=_from_environment,
+    adapter="anthropic",
+    variables=(API_KEY_ENV, BASE_URL_ENV),
+)

@@ -25,20 +25,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncGenerator, Mapping
-from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
-
 from server import errors
+from server.calls import NO_CALL, Call
 from server.config import ModelEntry, ProviderConfig
-from server.providers.base import JSON, Capability, auth_headers
-from server.providers.credentials import probe
-from server.providers.http_errors import error_message_from_body, transport_error, upstream_status_error
-from server.providers.openai import OpenAIAdapter, _StreamContext
-
-if TYPE_CHECKING:
-    from server.providers.registry import Preset
+from server.providers.base import JSON, Capability
+from server.providers.openai import OpenAIAdapter
+from server.providers.spec import ProviderSpec
+from server.providers.transport import Headers, Transport, error_message_from_body, upstream_status_error
 
 API_KEY_ENV = "AZURE_OPENAI_API_KEY"
 AD_TOKEN_ENV = "AZURE_OPENAI_AD_TOKEN"
@@ -47,22 +42,14 @@ API_VERSION_ENV = "OPENAI_API_VERSION"
 # The latest GA version when neither the config nor OPENAI_API_VERSION names one.
 DEFAULT_API_VERSION = "2024-10-21"
 CAPABILITIES = frozenset(Capability)
+_AZURE_CHAT = [Capability.CHAT, Capability.CHAT_STREAM, Capability.TOOLS, Capability.VISION, Capability.JSON_SCHEMA]
 # Deployments are named by their owners; these are the usual names (the models').
 MODELS = tuple(
     ModelEntry(id=model_id, capabilities=caps)
     for model_id, caps in [
-        (
-            "gpt-4o",
-            [Capability.CHAT, Capability.CHAT_STREAM, Capability.TOOLS, Capability.VISION, Capability.JSON_SCHEMA],
-        ),
-        (
-            "gpt-4o-mini",
-            [Capability.CHAT, Capability.CHAT_STREAM, Capability.TOOLS, Capability.VISION, Capability.JSON_SCHEMA],
-        ),
-        (
-            "gpt-4.1",
-            [Capability.CHAT, Capability.CHAT_STREAM, Capability.TOOLS, Capability.VISION, Capability.JSON_SCHEMA],
-        ),
+        ("gpt-4o", _AZURE_CHAT),
+        ("gpt-4o-mini", _AZURE_CHAT),
+        ("gpt-4.1", _AZURE_CHAT),
         ("text-embedding-3-small", [Capability.EMBEDDINGS]),
         ("text-embedding-3-large", [Capability.EMBEDDINGS]),
         ("dall-e-3", [Capability.IMAGES]),
@@ -73,7 +60,7 @@ MODELS = tuple(
 
 
 class AzureOpenAIAdapter(OpenAIAdapter):
-    """OpenAI's adapter with Azure's URLs, api-version and credential header."""
+    """OpenAI's adapter with Azure's URLs, api-version, credential header and errors."""
 
     credential_header = ("api-key", "")
 
@@ -83,7 +70,7 @@ class AzureOpenAIAdapter(OpenAIAdapter):
         name: str,
         endpoint: str,
         api_key: str | None,
-        client: httpx.AsyncClient,
+        transport: Transport,
         api_version: str,
         ad_token: str | None = None,
         extra_headers: Mapping[str, str] | None = None,
@@ -91,62 +78,33 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     ) -> None:
         endpoint = endpoint.rstrip("/")
         self._v1 = endpoint.endswith("/openai/v1")
+        if ad_token and not api_key:
+            self.credential_header = ("authorization", "Bearer ")
         super().__init__(
             name=name,
             base_url=endpoint if self._v1 else endpoint + "/openai",
-            api_key=None,
-            client=client,
+            api_key=api_key or ad_token,
+            transport=transport,
             extra_headers=extra_headers,
             capabilities=capabilities,
+            error_reader=self._status_error,
         )
         self._params = {} if self._v1 else {"api-version": api_version}
-        if ad_token and not api_key:
-            self.credential_header = ("authorization", "Bearer ")
-        self._headers = auth_headers(self.credential_header, api_key or ad_token, extra_headers)
 
-    async def probe_credential(self, secret: str) -> None:
-        """Lists the resource's models with `secret` (see `base.CredentialProbe`)."""
-        query = "" if self._v1 else f"?api-version={quote(self._params['api-version'])}"
-        await probe(
-            self._client,
-            f"{self._base_url}/models{query}",
-            provider=self.name,
-            headers=self._headers,
-            credential_header=self.credential_header,
-            secret=secret,
-            error_of=lambda r: self._status_error(r.status_code, r.headers, r.content),
-        )
-
-    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
-        async for chunk in super().stream_chat_completion(request, model):
+    async def stream_chat_completion(
+        self, request: JSON, model: str, call: Call = NO_CALL
+    ) -> AsyncGenerator[JSON, None]:
+        async for chunk in super().stream_chat_completion(request, model, call):
             # Azure's first chunk carries only prompt_filter_results: nothing for clients.
             if chunk.get("choices") or chunk.get("usage"):
                 yield chunk
 
-    def _url(self, path: str, model: Any) -> str:
+    def _url(self, path: str, model: str) -> str:
         if self._v1:
             return self._base_url + path
         return f"{self._base_url}/deployments/{quote(str(model), safe='')}{path}"
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        body = kwargs.get("json") or kwargs.get("data") or {}
-        try:
-            response = await self._client.request(
-                method, self._url(path, body.get("model")), params=self._params, headers=self._headers, **kwargs
-            )
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
-        if response.status_code >= 400:
-            raise self._status_error(response.status_code, response.headers, response.content)
-        return response
-
-    def _open_stream(self, path: str, body: JSON) -> _StreamContext:
-        request = self._client.build_request(
-            "POST", self._url(path, body.get("model")), params=self._params, headers=self._headers, json=body
-        )
-        return _StreamContext(self._client, request, self.name, self._status_error)
-
-    def _status_error(self, status: int, headers: httpx.Headers, content: bytes) -> errors.UpstreamError:
+    def _status_error(self, status: int, headers: Headers, content: bytes) -> errors.UpstreamError:
         filtered = _filtered_categories(content)
         if filtered is None:
             return upstream_status_error(self.name, status, headers, error_message_from_body(content))
@@ -174,23 +132,41 @@ def _filtered_categories(content: bytes) -> str | None:
     return ", ".join(flagged) or "no category given"
 
 
-def build_azure(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient) -> AzureOpenAIAdapter:
+def build_azure(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: Transport) -> AzureOpenAIAdapter:
     """The registry's factory: configuration first, then the SDK's variables."""
     endpoint = cfg.base_url or os.environ.get(ENDPOINT_ENV)
     if not endpoint:
         raise errors.ProviderNotConfigured(
             f"provider {name!r} needs an endpoint (base_url or {ENDPOINT_ENV})", field="base_url"
         )
-    api_key = cfg.resolved_api_key()
-    if api_key is None and cfg.api_key_env is None:
-        api_key = os.environ.get(API_KEY_ENV) or None
     return AzureOpenAIAdapter(
         name=name,
         endpoint=endpoint,
-        api_key=api_key,
-        client=client,
+        api_key=spec.key_from_environment(cfg, os.environ),
+        transport=transport,
         api_version=cfg.api_version or os.environ.get(API_VERSION_ENV) or DEFAULT_API_VERSION,
         ad_token=os.environ.get(AD_TOKEN_ENV) or None,
         extra_headers=cfg.headers,
-        capabilities=preset.capabilities if preset else CAPABILITIES,
+        capabilities=spec.capabilities,
     )
+
+
+def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
+    """As openai.AzureOpenAI reads it: an endpoint and a key or Entra ID token."""
+    if environ.get(ENDPOINT_ENV) and (environ.get(API_KEY_ENV) or environ.get(AD_TOKEN_ENV)):
+        return ProviderConfig()
+    return None
+
+
+# Model names are deployment names.
+SPEC = ProviderSpec(
+    name="azure",
+    build=build_azure,
+    api_key_env=API_KEY_ENV,
+    capabilities=CAPABILITIES,
+    models=MODELS,
+    from_environment=_from_environment,
+    enabled_by=f"{ENDPOINT_ENV} and {API_KEY_ENV} or {AD_TOKEN_ENV}",
+    adapter="azure",
+    variables=(ENDPOINT_ENV, API_KEY_ENV, AD_TOKEN_ENV, API_VERSION_ENV),
+)

@@ -4,17 +4,21 @@ Internally a request or response is the OpenAI-shaped JSON object (a dict) of th
 matching OpenAI endpoint, because that is the lingua franca every client and most
 providers already speak: the OpenAI adapter forwards it nearly as is, and an adapter
 for another API translates it both ways. The `model` an adapter receives is the
-upstream model name (the part after `provider/`).
+upstream model name (the part after `provider/`); the `call` (`server.calls.Call`) is
+what the upstream request carries of the client's call (its credential, request id,
+trace), handed to the transport as is; it defaults to `NO_CALL` outside a client call.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+import base64
+import struct
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from server.redaction import register_secret
+from server.calls import Call
 
 JSON = dict[str, Any]
 
@@ -76,11 +80,11 @@ class TranscriptionOutput:
 class ChatCompletions(Protocol):
     """Chat completions, complete and streamed."""
 
-    async def create_chat_completion(self, request: JSON, model: str) -> JSON:
+    async def create_chat_completion(self, request: JSON, model: str, call: Call = ...) -> JSON:
         """Answers an OpenAI chat request with an OpenAI `chat.completion` object."""
         ...
 
-    def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
+    def stream_chat_completion(self, request: JSON, model: str, call: Call = ...) -> AsyncGenerator[JSON, None]:
         """Yields OpenAI `chat.completion.chunk` objects as the upstream produces them.
 
         Always ends with a chunk carrying `usage` (with empty `choices`) when the
@@ -94,7 +98,7 @@ class ChatCompletions(Protocol):
 class Embeddings(Protocol):
     """Text embeddings."""
 
-    async def create_embedding(self, request: JSON, model: str) -> JSON:
+    async def create_embedding(self, request: JSON, model: str, call: Call = ...) -> JSON:
         """Answers an OpenAI embeddings request with an OpenAI embedding `list`."""
         ...
 
@@ -103,7 +107,7 @@ class Embeddings(Protocol):
 class ImageGeneration(Protocol):
     """Images from prompts."""
 
-    async def create_image(self, request: JSON, model: str) -> JSON:
+    async def create_image(self, request: JSON, model: str, call: Call = ...) -> JSON:
         """Answers an OpenAI images request with OpenAI's images response."""
         ...
 
@@ -112,7 +116,7 @@ class ImageGeneration(Protocol):
 class SpeechSynthesis(Protocol):
     """Text to speech."""
 
-    async def create_speech(self, request: JSON, model: str) -> AudioFile:
+    async def create_speech(self, request: JSON, model: str, call: Call = ...) -> AudioFile:
         """Answers an OpenAI speech request with the audio file."""
         ...
 
@@ -121,7 +125,9 @@ class SpeechSynthesis(Protocol):
 class Transcription(Protocol):
     """Speech to text."""
 
-    async def create_transcription(self, audio: TranscriptionInput, model: str) -> TranscriptionOutput:
+    async def create_transcription(
+        self, audio: TranscriptionInput, model: str, call: Call = ...
+    ) -> TranscriptionOutput:
         """Transcribes audio, rendered in `audio.response_format`."""
         ...
 
@@ -162,18 +168,11 @@ class Provider(Protocol):
     capabilities: frozenset[Capability]
 
     async def aclose(self) -> None:
-        """Releases what the adapter holds (the shared HTTP client is not its own)."""
+        """Releases what the adapter holds (the shared transport is not its own)."""
         ...
 
 
-def auth_headers(
-    credential_header: tuple[str, str], api_key: str | None, extra: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """An adapter's request headers: the configured extras, and the API key in the one
-    header its API reads (the same `credential_header` a vault credential replaces)."""
-    headers = dict(extra or {})
-    register_secret(api_key)  # redacted wherever a provider echoes it
-    if api_key:
-        name, prefix = credential_header
-        headers[name] = prefix + api_key
-    return headers
+def floats_to_base64(vector: list[float]) -> str:
+    """OpenAI's `encoding_format: base64`: little-endian float32 values, base64-encoded
+    (for providers whose embeddings come back as float lists only)."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()

@@ -46,13 +46,11 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any
 from urllib.parse import quote
 
 import botocore.session
-import httpx
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -61,15 +59,20 @@ from botocore.exceptions import BotoCoreError
 from botocore.utils import get_token_from_environment
 
 from server import errors
-from server.config import ProviderConfig
-from server.providers.base import JSON, Capability, auth_headers
+from server.calls import NO_CALL, Call, probe_call
+from server.config import ModelEntry, ProviderConfig
+from server.providers.base import JSON, Capability, floats_to_base64
 from server.providers.bedrock_converse import StreamTranslator, to_chat_completion, to_converse_request, unsupported
-from server.providers.credentials import clear_credential, use_credential
-from server.providers.http_errors import retry_after_seconds, transport_error, upstream_status_error
-from server.providers.mistral import floats_to_base64
-
-if TYPE_CHECKING:
-    from server.providers.registry import Preset
+from server.providers.spec import ProviderSpec
+from server.providers.transport import (
+    Answer,
+    Headers,
+    StreamBody,
+    Transport,
+    parse_object,
+    retry_after_seconds,
+    upstream_status_error,
+)
 
 SIGNING_NAME = "bedrock"
 BEARER_ENV = "AWS_BEARER_TOKEN_BEDROCK"
@@ -109,6 +112,7 @@ _ERROR_KINDS: dict[str, type[errors.UpstreamError]] = {
 class BedrockAdapter:
     """Speaks bedrock-runtime's REST API at `endpoint` with SigV4 or a Bedrock API key."""
 
+    # Where a Bedrock API key, and a call's credential, go (see server.providers.transport).
     credential_header = ("authorization", "Bearer ")
 
     def __init__(
@@ -117,7 +121,7 @@ class BedrockAdapter:
         name: str,
         endpoint: str,
         region: str,
-        client: httpx.AsyncClient,
+        transport: Transport,
         credentials: Any = None,
         api_key: str | None = None,
         extra_headers: dict[str, str] | None = None,
@@ -127,52 +131,61 @@ class BedrockAdapter:
         self.capabilities = capabilities
         self._endpoint = endpoint.rstrip("/")
         self._region = region
-        self._client = client
         # botocore credentials (possibly refreshable); unused when an API key is set.
         self._credentials = credentials
-        self._headers = auth_headers(self.credential_header, api_key, extra_headers)
+        self._http = transport.upstream(
+            name,
+            credential_header=self.credential_header,
+            api_key=api_key,
+            headers=extra_headers,
+            error_reader=self._status_error,
+        )
         self._bearer = api_key is not None
 
     async def aclose(self) -> None:
-        """Nothing of its own to release: the HTTP client is shared."""
+        """Nothing of its own to release: the transport is shared."""
 
     async def probe_credential(self, secret: str) -> None:
         """An empty Converse call with `secret` (see the module docstring)."""
-        token = use_credential(self.credential_header, secret)
         try:
-            response = await self._send(self._url(_PROBE_MODEL, "converse"), {"messages": []})
-        finally:
-            clear_credential(token)
-        if response.status_code < 400:
-            return
-        error = self._status_error(response.status_code, response.headers, response.content)
-        if not isinstance(error, errors.UpstreamBadRequest):  # refused as invalid only once authenticated
-            raise error
+            await self._send(self._url(_PROBE_MODEL, "converse"), {"messages": []}, probe_call(secret))
+        except errors.UpstreamBadRequest:
+            return  # refused as invalid only once authenticated
 
     # -- chat -------------------------------------------------------------------------
 
-    async def create_chat_completion(self, request: JSON, model: str) -> JSON:
+    async def create_chat_completion(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
         body = to_converse_request(self.name, request)
-        response = await self._checked(await self._send(self._url(model, "converse"), body))
+        answer = await self._send(self._url(model, "converse"), body, call)
         return to_chat_completion(
-            self._json(response.content), completion_id=_completion_id(response), model=model, created=int(time.time())
+            parse_object(self.name, answer.content),
+            completion_id=_completion_id(answer.headers),
+            model=model,
+            created=int(time.time()),
         )
 
-    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
+    async def stream_chat_completion(
+        self, request: JSON, model: str, call: Call = NO_CALL
+    ) -> AsyncGenerator[JSON, None]:
         body = to_converse_request(self.name, request)
-        async with self._open_stream(self._url(model, "converse-stream"), body) as response:
-            translator = StreamTranslator(completion_id=_completion_id(response), model=model, created=int(time.time()))
+        url = self._url(model, "converse-stream")
+        content = json.dumps(body).encode()
+        headers = await self._signed_headers(url, content, "application/vnd.amazon.eventstream")
+        async with self._http.stream("POST", url, call, headers=headers, content=content) as response:
+            translator = StreamTranslator(
+                completion_id=_completion_id(response.headers), model=model, created=int(time.time())
+            )
             async for event_type, payload in self._events(response):
                 for chunk in translator.feed(event_type, payload):
                     yield chunk
         if not (translator.stopped and translator.usage_seen):
             raise errors.UpstreamUnavailable(f"{self.name} ended the stream before its metadata", provider=self.name)
 
-    async def _events(self, response: httpx.Response) -> AsyncIterator[tuple[str, JSON]]:
+    async def _events(self, response: StreamBody) -> AsyncIterator[tuple[str, JSON]]:
         """The stream's events as (event type, JSON payload), decoded by botocore."""
         frames = EventStreamBuffer()
         try:
-            async for data in response.aiter_bytes():
+            async for data in response.chunks():
                 frames.add_data(data)
                 for message in frames:
                     # (botocore-stubs types `message.headers` wrongly; this dict is the same.)
@@ -180,9 +193,7 @@ class BedrockAdapter:
                     headers: dict[str, Any] = frame["headers"]
                     if headers.get(":message-type") != "event":
                         raise self._stream_exception(headers, frame["body"])
-                    yield str(headers.get(":event-type", "")), self._json(frame["body"])
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
+                    yield str(headers.get(":event-type", "")), parse_object(self.name, frame["body"])
         except ParserError as exc:
             raise errors.UpstreamMalformedResponse(
                 f"{self.name} sent a broken event-stream frame ({exc})", provider=self.name
@@ -196,15 +207,15 @@ class BedrockAdapter:
 
     # -- embeddings -----------------------------------------------------------------------
 
-    async def create_embedding(self, request: JSON, model: str) -> JSON:
+    async def create_embedding(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
         inputs = request.get("input")
         texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
         if not texts or not all(isinstance(text, str) for text in texts):
             raise unsupported(self.name, "input", "embeds text only, not token arrays")
         if ".titan-embed" in model:
-            vectors, tokens = await self._titan_embeddings(texts, model, request.get("dimensions"))
+            vectors, tokens = await self._titan_embeddings(texts, model, request.get("dimensions"), call)
         elif ".embed-" in model:  # cohere.embed-english-v3, cohere.embed-multilingual-v3, ...
-            vectors, tokens = await self._cohere_embeddings(texts, model)
+            vectors, tokens = await self._cohere_embeddings(texts, model, call)
         else:
             raise unsupported(self.name, "model", f"knows no embedding body for {model!r} (Titan or Cohere)")
         base64_output = request.get("encoding_format") == "base64"
@@ -219,22 +230,24 @@ class BedrockAdapter:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
-    async def _titan_embeddings(self, texts: list[str], model: str, dimensions: Any) -> tuple[list[list[float]], int]:
+    async def _titan_embeddings(
+        self, texts: list[str], model: str, dimensions: Any, call: Call
+    ) -> tuple[list[list[float]], int]:
         extra = {"dimensions": dimensions} if dimensions and "v2" in model else {}
 
         async def one(text: str) -> JSON:
-            response = await self._checked(await self._send(self._url(model, "invoke"), {"inputText": text, **extra}))
-            return self._json(response.content)
+            answer = await self._send(self._url(model, "invoke"), {"inputText": text, **extra}, call)
+            return parse_object(self.name, answer.content)
 
         answers = await asyncio.gather(*(one(text) for text in texts))
         return [list(a.get("embedding") or []) for a in answers], sum(
             int(a.get("inputTextTokenCount") or 0) for a in answers
         )
 
-    async def _cohere_embeddings(self, texts: list[str], model: str) -> tuple[list[list[float]], int]:
+    async def _cohere_embeddings(self, texts: list[str], model: str, call: Call) -> tuple[list[list[float]], int]:
         body = {"texts": texts, "input_type": "search_document"}
-        response = await self._checked(await self._send(self._url(model, "invoke"), body))
-        answer = self._json(response.content)
+        response = await self._send(self._url(model, "invoke"), body, call)
+        answer = parse_object(self.name, response.content)
         tokens = int(response.headers.get("x-amzn-bedrock-input-token-count") or 0)
         return [list(v) for v in answer.get("embeddings") or []], tokens
 
@@ -245,7 +258,7 @@ class BedrockAdapter:
 
     async def _signed_headers(self, url: str, content: bytes, accept: str) -> dict[str, str]:
         """The request's headers: the API key's, or SigV4's over this exact body and URL."""
-        headers = {**self._headers, "content-type": "application/json", "accept": accept}
+        headers = {**self._http.headers, "content-type": "application/json", "accept": accept}
         if self._bearer or self._credentials is None:
             return headers
         try:
@@ -264,42 +277,12 @@ class BedrockAdapter:
         )
         return dict(signed.headers.items())
 
-    async def _send(self, url: str, body: JSON) -> httpx.Response:
+    async def _send(self, url: str, body: JSON, call: Call) -> Answer:
         content = json.dumps(body).encode()
         headers = await self._signed_headers(url, content, "application/json")
-        try:
-            return await self._client.post(url, headers=headers, content=content)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
+        return await self._http.send("POST", url, call, headers=headers, content=content)
 
-    async def _checked(self, response: httpx.Response) -> httpx.Response:
-        if response.status_code >= 400:
-            raise self._status_error(response.status_code, response.headers, response.content)
-        return response
-
-    @asynccontextmanager
-    async def _open_stream(self, url: str, body: JSON) -> AsyncIterator[httpx.Response]:
-        """The streaming response; closing it on exit is how a client's cancellation
-        reaches the upstream at once."""
-        content = json.dumps(body).encode()
-        headers = await self._signed_headers(url, content, "application/vnd.amazon.eventstream")
-        request = self._client.build_request("POST", url, headers=headers, content=content)
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
-        try:
-            if response.status_code >= 400:
-                try:
-                    error_body = await response.aread()
-                except httpx.HTTPError:
-                    error_body = b""
-                raise self._status_error(response.status_code, response.headers, error_body)
-            yield response
-        finally:
-            await response.aclose()
-
-    def _status_error(self, status: int, headers: httpx.Headers, content: bytes) -> errors.UpstreamError:
+    def _status_error(self, status: int, headers: Headers, content: bytes) -> errors.UpstreamError:
         kind = (headers.get("x-amzn-errortype") or _body_type(content) or "").split(":")[0]
         message = _message_of(content) or content.decode("utf-8", "replace")[:500] or "(empty body)"
         error_class = _ERROR_KINDS.get(kind.lower())
@@ -312,22 +295,9 @@ class BedrockAdapter:
             retry_after_seconds=retry_after_seconds(headers),
         )
 
-    def _json(self, content: bytes) -> JSON:
-        try:
-            parsed = json.loads(content)
-        except ValueError as exc:
-            raise errors.UpstreamMalformedResponse(
-                f"{self.name} answered with invalid JSON: {content[:200]!r}", provider=self.name
-            ) from exc
-        if not isinstance(parsed, dict):
-            raise errors.UpstreamMalformedResponse(
-                f"{self.name} answered JSON that is not an object", provider=self.name
-            )
-        return parsed
 
-
-def _completion_id(response: httpx.Response) -> str:
-    return "chatcmpl-" + (response.headers.get("x-amzn-requestid") or uuid.uuid4().hex)
+def _completion_id(headers: Headers) -> str:
+    return "chatcmpl-" + (headers.get("x-amzn-requestid") or uuid.uuid4().hex)
 
 
 def _body_json(content: bytes) -> JSON:
@@ -348,7 +318,7 @@ def _message_of(content: bytes) -> str:
     return str(body.get("message") or body.get("Message") or "")[:500]
 
 
-def build_bedrock(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient) -> BedrockAdapter:
+def build_bedrock(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: Transport) -> BedrockAdapter:
     """The registry's factory: the region, endpoint and credentials botocore finds."""
     session = botocore.session.Session()
     api_key = cfg.resolved_api_key()
@@ -366,12 +336,55 @@ def build_bedrock(name: str, cfg: ProviderConfig, preset: Preset | None, client:
         name=name,
         endpoint=endpoint,
         region=region,
-        client=client,
+        transport=transport,
         credentials=None if api_key else session.get_credentials(),
         api_key=api_key,
         extra_headers=cfg.headers,
-        capabilities=preset.capabilities if preset else CAPABILITIES,
+        capabilities=spec.capabilities,
     )
+
+
+_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", BEARER_ENV)
+_REGION_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
+    """AWS credentials (keys, a profile, or a Bedrock API key) and a region, read by
+    botocore itself when the adapter is built."""
+    if any(environ.get(v) for v in _CREDENTIAL_VARIABLES) and any(environ.get(v) for v in _REGION_VARIABLES):
+        return ProviderConfig()
+    return None
+
+
+_C = Capability
+SPEC = ProviderSpec(
+    name="bedrock",
+    build=build_bedrock,
+    api_key_env=BEARER_ENV,
+    capabilities=CAPABILITIES,
+    models=(
+        *(
+            ModelEntry(id=m, capabilities=[_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION, _C.JSON_SCHEMA])
+            for m in ("us.anthropic.claude-sonnet-4-20250514-v1:0", "us.anthropic.claude-haiku-4-5-20251001-v1:0")
+        ),
+        *(
+            ModelEntry(id=m, capabilities=[_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.VISION])
+            for m in ("amazon.nova-pro-v1:0", "amazon.nova-lite-v1:0")
+        ),
+        *(
+            ModelEntry(id=m, capabilities=[_C.CHAT, _C.CHAT_STREAM, _C.TOOLS])
+            for m in ("amazon.nova-micro-v1:0", "meta.llama3-3-70b-instruct-v1:0", "mistral.mistral-large-2407-v1:0")
+        ),
+        *(
+            ModelEntry(id=m, capabilities=[_C.EMBEDDINGS])
+            for m in ("amazon.titan-embed-text-v2:0", "cohere.embed-english-v3", "cohere.embed-multilingual-v3")
+        ),
+    ),
+    from_environment=_from_environment,
+    enabled_by=f"AWS credentials and region, or {BEARER_ENV}",
+    adapter="bedrock",
+    variables=(*_CREDENTIAL_VARIABLES, "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", *_REGION_VARIABLES),
+)
 
 
 def _botocore_endpoint(session: botocore.session.Session, region: str) -> str:

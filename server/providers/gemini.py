@@ -105,26 +105,20 @@ import mimetypes
 import os
 import re
 import secrets
-import struct
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
-import httpx
-
 from server import errors
+from server.calls import NO_CALL, Call, probe_call
 from server.config import ModelEntry, ProviderConfig
-from server.providers.base import JSON, Capability, auth_headers
+from server.providers.base import JSON, Capability, floats_to_base64
 from server.providers.conversation_state import ConversationStore
-from server.providers.credentials import probe
 from server.providers.gemini_state import SignatureKeeper
-from server.providers.http_errors import error_message_from_body, transport_error, upstream_status_error
-
-if TYPE_CHECKING:
-    from server.providers.registry import Preset
+from server.providers.spec import ProviderSpec
+from server.providers.transport import Headers, Transport, error_message_from_body, parse_object, upstream_status_error
 
 GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
 _log = logging.getLogger(__name__)
@@ -133,6 +127,7 @@ API_VERSION = "v1beta"
 TOKEN_COUNT_MODEL = "gemini-3.5-flash-lite"
 # The variables the official google-genai SDK reads, in its order of precedence.
 API_KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
+BASE_URL_ENV = "GOOGLE_GEMINI_BASE_URL"
 
 _C = Capability
 GEMINI_CAPABILITIES = frozenset(
@@ -182,9 +177,9 @@ _CALL_PREFIX = "call_"
 _NONCE_HEX = 16
 
 
-def build_gemini(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient) -> GeminiAdapter:
+def build_gemini(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: Transport) -> GeminiAdapter:
     """The registry's factory: the adapter for provider `name` configured by `cfg`."""
-    base_url = cfg.base_url or (preset.base_url if preset else None) or GEMINI_BASE_URL
+    base_url = cfg.base_url or spec.base_url or GEMINI_BASE_URL
     api_key = cfg.resolved_api_key()
     if api_key is None and cfg.api_key_env is None:
         api_key = next((os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v)), None)
@@ -192,16 +187,24 @@ def build_gemini(name: str, cfg: ProviderConfig, preset: Preset | None, client: 
         name=name,
         base_url=base_url,
         api_key=api_key,
-        client=client,
+        transport=transport,
         extra_headers=cfg.headers,
-        capabilities=preset.capabilities if preset else GEMINI_CAPABILITIES,
+        capabilities=spec.capabilities,
     )
+
+
+def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
+    """google-genai reads GOOGLE_API_KEY first, then GEMINI_API_KEY, and GOOGLE_GEMINI_BASE_URL."""
+    key_variable = next((v for v in API_KEY_VARIABLES if environ.get(v)), None)
+    if key_variable is None:
+        return None
+    return ProviderConfig(api_key_env=key_variable, base_url=environ.get(BASE_URL_ENV) or None)
 
 
 class GeminiAdapter:
     """Speaks the Gemini Developer API at `base_url` (with or without the `/v1beta`)."""
 
-    # Where a per-call credential from the vault goes (see server.providers.credentials).
+    # Where the key, and a call's credential, go (see server.providers.transport).
     credential_header = ("x-goog-api-key", "")
 
     def __init__(
@@ -210,7 +213,7 @@ class GeminiAdapter:
         name: str,
         base_url: str,
         api_key: str | None,
-        client: httpx.AsyncClient,
+        transport: Transport,
         extra_headers: Mapping[str, str] | None = None,
         capabilities: frozenset[Capability] = GEMINI_CAPABILITIES,
     ) -> None:
@@ -219,8 +222,13 @@ class GeminiAdapter:
         root = base_url.rstrip("/")
         # GOOGLE_GEMINI_BASE_URL, like the SDK's base_url, has no version; accept one anyway.
         self._api_root = root if re.search(r"/v1(alpha|beta)?$", root) else f"{root}/{API_VERSION}"
-        self._client = client
-        self._headers = auth_headers(self.credential_header, api_key, extra_headers)
+        self._http = transport.upstream(
+            name,
+            credential_header=self.credential_header,
+            api_key=api_key,
+            headers=extra_headers,
+            error_reader=self._status_error,
+        )
         self.signatures = SignatureKeeper()
 
     def keep_state_in(self, store: ConversationStore, ttl_s: float) -> None:
@@ -228,33 +236,29 @@ class GeminiAdapter:
         self.signatures = SignatureKeeper(store, ttl_s)
 
     async def aclose(self) -> None:
-        """Nothing of its own to release: the HTTP client is shared."""
+        """Nothing of its own to release: the transport is shared."""
 
     async def probe_credential(self, secret: str) -> None:
         """Lists the provider's models with `secret` (see `base.CredentialProbe`)."""
-        await probe(
-            self._client,
-            f"{self._api_root}/models?pageSize=1",
-            provider=self.name,
-            headers=self._headers,
-            credential_header=self.credential_header,
-            secret=secret,
-            error_of=lambda r: google_error(self.name, r.status_code, r.headers, r.content),
-        )
+        await self._http.send("GET", f"{self._api_root}/models?pageSize=1", probe_call(secret))
 
     # -- chat -------------------------------------------------------------------------
 
-    async def create_chat_completion(self, request: JSON, model: str) -> JSON:
+    async def create_chat_completion(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
         body = generate_content_request(await self.signatures.restore(request), model, self.name)
-        answer = await self._post(self._url(model, "generateContent"), body)
+        answer = await self._post(self._url(model, "generateContent"), body, call)
         completion = completion_from_response(answer, model, int(request.get("n") or 1), self.name)
         return await self.signatures.shorten_completion(completion)
 
-    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
+    async def stream_chat_completion(
+        self, request: JSON, model: str, call: Call = NO_CALL
+    ) -> AsyncGenerator[JSON, None]:
         body = generate_content_request(await self.signatures.restore(request), model, self.name)
         translator = StreamTranslator(model, int(request.get("n") or 1))
-        async with self._open_stream(self._url(model, "streamGenerateContent") + "?alt=sse", body) as response:
-            async for event in _sse_events(response, self.name):
+        url = self._url(model, "streamGenerateContent") + "?alt=sse"
+        async with self._http.stream("POST", url, call, json=body) as response:
+            # A failure mid-stream comes as a bare JSON object, outside the SSE fields.
+            async for event in response.sse(bare_json=True):
                 for chunk in translator.chunks(self._parse_event(event)):
                     yield await self.signatures.shorten_chunk(chunk)
         if not translator.finished:
@@ -266,41 +270,41 @@ class GeminiAdapter:
 
     # -- embeddings -------------------------------------------------------------------
 
-    async def create_embedding(self, request: JSON, model: str) -> JSON:
+    async def create_embedding(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
         texts = _embedding_texts(request.get("input"), self.name)
         (vectors, answer), counted = await asyncio.gather(
-            self._embed(texts, request.get("dimensions"), model), self._count_tokens(texts)
+            self._embed(texts, request.get("dimensions"), model, call), self._count_tokens(texts, call)
         )
         base64_wanted = request.get("encoding_format") == "base64"
         data = [
-            {"object": "embedding", "index": i, "embedding": _float32_base64(v) if base64_wanted else v}
+            {"object": "embedding", "index": i, "embedding": floats_to_base64(v) if base64_wanted else v}
             for i, v in enumerate(vectors)
         ]
         tokens = _int(_object(answer.get("usageMetadata")).get("promptTokenCount")) or counted
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return {"object": "list", "data": data, "model": model, "usage": usage}
 
-    async def _count_tokens(self, texts: list[str]) -> int:
+    async def _count_tokens(self, texts: list[str], call: Call) -> int:
         """The inputs' tokens by countTokens (free) on a generation model, whose tokenizer
         the embedding models share; embedContent reports none. If the count fails the
         call still succeeds, billed at 4 characters a token."""
         body = {"contents": [{"role": "user", "parts": [{"text": text}]} for text in texts]}
         try:
-            answer = await self._post(self._url(TOKEN_COUNT_MODEL, "countTokens"), body)
+            answer = await self._post(self._url(TOKEN_COUNT_MODEL, "countTokens"), body, call)
         except errors.UpstreamError as exc:
             _log.warning("%s: countTokens failed, embedding tokens estimated (%s)", self.name, exc)
             return sum(-(-len(text) // 4) for text in texts)
         return _int(answer.get("totalTokens"))
 
-    async def _embed(self, texts: list[str], dimensions: Any, model: str) -> tuple[list[list[float]], JSON]:
+    async def _embed(self, texts: list[str], dimensions: Any, model: str, call: Call) -> tuple[list[list[float]], JSON]:
         """The vectors, in input order, and Gemini's answer: embedContent for one text,
         batchEmbedContents for several."""
         if len(texts) == 1:
-            answer = await self._post(self._url(model, "embedContent"), _embed_request(texts[0], dimensions))
+            answer = await self._post(self._url(model, "embedContent"), _embed_request(texts[0], dimensions), call)
             vectors = [self._vector(answer.get("embedding"))]
         else:
             batch = [{"model": _model_path(model), **_embed_request(text, dimensions)} for text in texts]
-            answer = await self._post(self._url(model, "batchEmbedContents"), {"requests": batch})
+            answer = await self._post(self._url(model, "batchEmbedContents"), {"requests": batch}, call)
             vectors = [self._vector(item) for item in answer.get("embeddings") or []]
         if len(vectors) != len(texts):
             raise errors.UpstreamMalformedResponse(
@@ -318,10 +322,10 @@ class GeminiAdapter:
 
     # -- images -----------------------------------------------------------------------
 
-    async def create_image(self, request: JSON, model: str) -> JSON:
+    async def create_image(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
         body, count = image_generation_request(request, model, self.name)
         url = self._url(model, "generateContent")
-        answers = await _all_or_none([self._image_call(url, body) for _ in range(count)])
+        answers = await _all_or_none([self._image_call(url, body, call) for _ in range(count)])
         result: JSON = {
             "created": int(time.time()),
             "data": [{"b64_json": image} for images, _ in answers for image in images],
@@ -330,10 +334,10 @@ class GeminiAdapter:
             result["usage"] = usage
         return result
 
-    async def _image_call(self, url: str, body: JSON) -> tuple[list[str], JSON]:
+    async def _image_call(self, url: str, body: JSON, call: Call) -> tuple[list[str], JSON]:
         """One call's images (base64) and its answer; a refusal is raised at once, which
         cancels the sibling calls."""
-        answer = await self._post(url, body)
+        answer = await self._post(url, body, call)
         return images_from_response(answer, self.name), answer
 
     # -- HTTP plumbing ----------------------------------------------------------------
@@ -341,53 +345,21 @@ class GeminiAdapter:
     def _url(self, model: str, method: str) -> str:
         return f"{self._api_root}/{quote(_model_path(model), safe='/')}:{method}"
 
-    async def _post(self, url: str, body: JSON) -> JSON:
-        try:
-            response = await self._client.post(url, headers=self._headers, json=body)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
-        if response.status_code >= 400:
-            raise google_error(self.name, response.status_code, response.headers, response.content)
-        return self._parse_event(response.content)
-
-    @asynccontextmanager
-    async def _open_stream(self, url: str, body: JSON) -> AsyncIterator[httpx.Response]:
-        """Sends the request, raises the mapped error on a failed status, and closes the
-        upstream response on exit: that is how a client's cancellation reaches Google."""
-        request = self._client.build_request("POST", url, headers=self._headers, json=body)
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
-        try:
-            if response.status_code >= 400:
-                try:
-                    content = await response.aread()
-                except httpx.HTTPError:
-                    content = b""
-                raise google_error(self.name, response.status_code, response.headers, content)
-            yield response
-        finally:
-            await response.aclose()
+    async def _post(self, url: str, body: JSON, call: Call) -> JSON:
+        answer = await self._http.send("POST", url, call, json=body)
+        return self._parse_event(answer.content)
 
     def _parse_event(self, data: str | bytes) -> JSON:
         """A response object; a Google error object (mid-stream, or in a 200) is raised."""
-        try:
-            parsed = json.loads(data)
-        except ValueError as exc:
-            shown = data[:200] if isinstance(data, str) else data[:200].decode("utf-8", "replace")
-            raise errors.UpstreamMalformedResponse(
-                f"{self.name} answered with invalid JSON: {shown!r}", provider=self.name
-            ) from exc
-        if not isinstance(parsed, dict):
-            raise errors.UpstreamMalformedResponse(
-                f"{self.name} answered with JSON that is not an object", provider=self.name
-            )
+        parsed = parse_object(self.name, data)
         if isinstance(parsed.get("error"), dict):
             error = parsed["error"]
             status = error.get("code") if isinstance(error.get("code"), int) else 500
-            raise google_error_from_object(self.name, status, httpx.Headers(), error)
+            raise google_error_from_object(self.name, status, {}, error)
         return parsed
+
+    def _status_error(self, status: int, headers: Headers, content: bytes) -> errors.UpstreamError:
+        return google_error(self.name, status, headers, content)
 
 
 # ---------------------------------------------------------------------------- tool-call ids
@@ -925,39 +897,6 @@ class StreamTranslator:
         return choice if delta or "finish_reason" in choice else None
 
 
-async def _sse_events(response: httpx.Response, provider: str) -> AsyncIterator[str]:
-    """The JSON text of each event: the data of `data:` lines, or a bare JSON object,
-    which is how Google sends a failure in the middle of a stream."""
-    data: list[str] = []
-    bare: list[str] = []
-    try:
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-            elif not line.strip():
-                if data:
-                    yield "\n".join(data)
-                    data = []
-            elif not line.startswith((":", "event:", "id:", "retry:")):
-                bare.append(line)
-                if _is_json("\n".join(bare)):
-                    yield "\n".join(bare)
-                    bare = []
-    except httpx.HTTPError as exc:
-        raise transport_error(provider, exc) from exc
-    for rest in (data, bare):
-        if rest:
-            yield "\n".join(rest)
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- embeddings
 
 
@@ -973,11 +912,6 @@ def _embed_request(text: str, dimensions: Any) -> JSON:
     if dimensions:
         request["outputDimensionality"] = dimensions
     return request
-
-
-def _float32_base64(vector: list[float]) -> str:
-    """OpenAI's `encoding_format: base64`: little-endian float32 values, base64-encoded."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 def _model_path(model: str) -> str:
@@ -1161,7 +1095,7 @@ async def _all_or_none(calls: list[Coroutine[Any, Any, _T]]) -> list[_T]:
 # ------------------------------------------------------------------------------- errors
 
 
-def google_error(provider: str, status: int, headers: httpx.Headers, content: bytes) -> errors.UpstreamError:
+def google_error(provider: str, status: int, headers: Headers, content: bytes) -> errors.UpstreamError:
     """The exception for a failed HTTP answer carrying Google's error body."""
     try:
         parsed = json.loads(content)
@@ -1175,18 +1109,15 @@ def google_error(provider: str, status: int, headers: httpx.Headers, content: by
     return google_error_from_object(provider, status, headers, error)
 
 
-def google_error_from_object(provider: str, status: int, headers: httpx.Headers, error: JSON) -> errors.UpstreamError:
+def google_error_from_object(provider: str, status: int, headers: Headers, error: JSON) -> errors.UpstreamError:
     details = [detail for detail in error.get("details") or [] if isinstance(detail, dict)]
     if status == 400 and any(detail.get("reason") in _API_KEY_REJECTED for detail in details):
         status = 401  # Google answers a bad API key with 400 INVALID_ARGUMENT
-    delay = _retry_delay(details)
-    if delay is not None and "retry-after" not in headers:
-        headers = httpx.Headers(headers)
-        headers["retry-after"] = f"{delay:g}"
     message = str(error.get("message") or "(no message)")[:500]
     if isinstance(error.get("status"), str):
         message = f"{error['status']}: {message}"
-    return upstream_status_error(provider, status, headers, message)
+    # RetryInfo in the body counts when the headers give no hint.
+    return upstream_status_error(provider, status, headers, message, retry_after=_retry_delay(details))
 
 
 def _retry_delay(details: list[JSON]) -> float | None:
@@ -1198,3 +1129,18 @@ def _retry_delay(details: list[JSON]) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+SPEC = ProviderSpec(
+    name="gemini",
+    build=build_gemini,
+    # Named in messages; GOOGLE_API_KEY works too (and wins, as in google-genai).
+    api_key_env=API_KEY_VARIABLES[1],
+    base_url=GEMINI_BASE_URL,
+    capabilities=GEMINI_CAPABILITIES,
+    models=GEMINI_MODELS,
+    from_environment=_from_environment,
+    enabled_by=" or ".join(reversed(API_KEY_VARIABLES)),
+    adapter="gemini",
+    variables=(*API_KEY_VARIABLES, BASE_URL_ENV),
+)

@@ -39,36 +39,28 @@ Embeddings: string inputs only (token arrays are refused); `dimensions` ->
 the client wants base64, because Mistral's embedding objects are float lists only.
 
 Errors: `{"object": "error", "message": ...}`, `{"detail": ...}` and 422 validation
-lists are all reduced to one message; statuses are mapped by `http_errors`.
+lists are all reduced to one message; statuses are mapped by the transport (`upstream_status_error`).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
 import re
 import secrets
 import string
-import struct
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import httpx
+from typing import Any
 
 from server import errors
-from server.providers.base import JSON, Capability, auth_headers
-from server.providers.credentials import probe
-from server.providers.http_errors import error_message_from_body, transport_error, upstream_status_error
-from server.providers.openai import _sse_data
-
-if TYPE_CHECKING:
-    from server.config import ProviderConfig
-    from server.providers.registry import Preset
+from server.calls import NO_CALL, Call, probe_call
+from server.config import ModelEntry, ProviderConfig
+from server.providers.base import JSON, Capability, floats_to_base64
+from server.providers.spec import ProviderSpec
+from server.providers.transport import Headers, Transport, error_message_from_body, parse_object, upstream_status_error
 
 DEFAULT_BASE_URL = "https://api.mistral.ai"
 API_KEY_ENV = "MISTRAL_API_KEY"
@@ -110,7 +102,7 @@ _MAX_MESSAGE_CHARS = 500
 class MistralAdapter:
     """Speaks Mistral's REST API at `base_url` (without the `/v1` part)."""
 
-    # Where a per-call credential from the vault goes (see server.providers.credentials).
+    # Where the key, and a call's credential, go (see server.providers.transport).
     credential_header = ("authorization", "Bearer ")
 
     def __init__(
@@ -119,7 +111,7 @@ class MistralAdapter:
         name: str,
         base_url: str,
         api_key: str | None,
-        client: httpx.AsyncClient,
+        transport: Transport,
         extra_headers: Mapping[str, str] | None = None,
         capabilities: frozenset[Capability] = CAPABILITIES,
     ) -> None:
@@ -127,41 +119,40 @@ class MistralAdapter:
         self.capabilities = capabilities
         # People often copy the OpenAI-style base (".../v1"); the paths carry /v1 here.
         self._base_url = base_url.rstrip("/").removesuffix("/v1")
-        self._client = client
-        self._headers = auth_headers(self.credential_header, api_key, extra_headers)
+        self._http = transport.upstream(
+            name,
+            credential_header=self.credential_header,
+            api_key=api_key,
+            headers=extra_headers,
+            error_reader=self._status_error,
+        )
 
     async def aclose(self) -> None:
-        """Nothing of its own to release: the HTTP client is shared."""
+        """Nothing of its own to release: the transport is shared."""
 
     async def probe_credential(self, secret: str) -> None:
         """Lists the provider's models with `secret` (see `base.CredentialProbe`)."""
-        await probe(
-            self._client,
-            self._base_url + "/v1/models",
-            provider=self.name,
-            headers=self._headers,
-            credential_header=self.credential_header,
-            secret=secret,
-            error_of=lambda r: upstream_status_error(
-                self.name, r.status_code, r.headers, mistral_error_message(r.content)
-            ),
-        )
+        await self._http.send("GET", self._base_url + "/v1/models", probe_call(secret))
 
     # -- chat -------------------------------------------------------------------------
 
-    async def create_chat_completion(self, request: JSON, model: str) -> JSON:
-        answer = await self._post_json("/v1/chat/completions", chat_body(request, model, stream=False))
+    async def create_chat_completion(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
+        body = chat_body(request, model, stream=False)
+        answer = await self._http.post_json(self._base_url + "/v1/chat/completions", body, call)
         return completion_from_mistral(answer, self.name)
 
-    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
+    async def stream_chat_completion(
+        self, request: JSON, model: str, call: Call = NO_CALL
+    ) -> AsyncGenerator[JSON, None]:
         stream = _StreamTranslator(self.name)
-        async with self._open_stream("/v1/chat/completions", chat_body(request, model, stream=True)) as response:
-            async for data in _sse_data(response, self.name):
+        body = chat_body(request, model, stream=True)
+        async with self._http.stream("POST", self._base_url + "/v1/chat/completions", call, json=body) as response:
+            async for data in response.sse():
                 if data == "[DONE]":
                     if (usage := stream.usage_chunk()) is not None:
                         yield usage
                     return
-                if (chunk := stream.translate(_json_object(data.encode(), self.name))) is not None:
+                if (chunk := stream.translate(parse_object(self.name, data))) is not None:
                     yield chunk
                 if stream.failed:
                     raise errors.UpstreamUnavailable(
@@ -171,55 +162,50 @@ class MistralAdapter:
 
     # -- embeddings -------------------------------------------------------------------
 
-    async def create_embedding(self, request: JSON, model: str) -> JSON:
-        answer = await self._post_json("/v1/embeddings", embedding_body(request, model))
+    async def create_embedding(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
+        body = embedding_body(request, model)
+        answer = await self._http.post_json(self._base_url + "/v1/embeddings", body, call)
         return embeddings_from_mistral(answer, request.get("encoding_format") or "float", self.name)
 
-    # -- HTTP plumbing ----------------------------------------------------------------
-
-    async def _post_json(self, path: str, body: JSON) -> JSON:
-        try:
-            response = await self._client.post(self._base_url + path, headers=self._headers, json=body)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
-        if response.status_code >= 400:
-            message = mistral_error_message(response.content)
-            raise upstream_status_error(self.name, response.status_code, response.headers, message)
-        return _json_object(response.content, self.name)
-
-    @asynccontextmanager
-    async def _open_stream(self, path: str, body: JSON) -> AsyncIterator[httpx.Response]:
-        """Sends the request and closes the upstream response on exit, which is how a
-        client's cancellation reaches Mistral at once."""
-        request = self._client.build_request("POST", self._base_url + path, headers=self._headers, json=body)
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
-        try:
-            if response.status_code >= 400:
-                message = mistral_error_message(await _read_quietly(response))
-                raise upstream_status_error(self.name, response.status_code, response.headers, message)
-            yield response
-        finally:
-            await response.aclose()
+    def _status_error(self, status: int, headers: Headers, content: bytes) -> errors.UpstreamError:
+        return upstream_status_error(self.name, status, headers, mistral_error_message(content))
 
 
-def build_mistral(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient) -> MistralAdapter:
+def build_mistral(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: Transport) -> MistralAdapter:
     """The registry's factory: base URL and key from the config, else Mistral's defaults."""
-    base_url = cfg.base_url or (preset.base_url if preset else None) or DEFAULT_BASE_URL
-    api_key = cfg.resolved_api_key()
-    if api_key is None and cfg.api_key_env is None:
-        api_key = os.environ.get(preset.api_key_env if preset and preset.api_key_env else API_KEY_ENV) or None
-    capabilities = preset.capabilities & CAPABILITIES if preset else CAPABILITIES
     return MistralAdapter(
         name=name,
-        base_url=base_url,
-        api_key=api_key,
-        client=client,
+        base_url=cfg.base_url or spec.base_url or DEFAULT_BASE_URL,
+        api_key=spec.key_from_environment(cfg, os.environ),
+        transport=transport,
         extra_headers=cfg.headers,
-        capabilities=capabilities,
+        capabilities=spec.capabilities & CAPABILITIES,
     )
+
+
+def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
+    return ProviderConfig(api_key_env=API_KEY_ENV) if environ.get(API_KEY_ENV) else None
+
+
+_CHAT_ONLY = [Capability.CHAT, Capability.CHAT_STREAM, Capability.TOOLS, Capability.JSON_SCHEMA]
+SPEC = ProviderSpec(
+    name="mistral",
+    build=build_mistral,
+    api_key_env=API_KEY_ENV,
+    base_url=DEFAULT_BASE_URL,
+    capabilities=CAPABILITIES,
+    models=(
+        *(
+            ModelEntry(id=m, capabilities=[*_CHAT_ONLY, Capability.VISION])
+            for m in ("mistral-medium-latest", "mistral-small-latest")
+        ),
+        ModelEntry(id="mistral-large-latest", capabilities=list(_CHAT_ONLY)),
+        ModelEntry(id="mistral-embed", capabilities=[Capability.EMBEDDINGS]),
+    ),
+    from_environment=_from_environment,
+    adapter="mistral",
+    variables=(API_KEY_ENV,),
+)
 
 
 # ---------------------------------------------------------------------- chat requests
@@ -561,11 +547,6 @@ def embeddings_from_mistral(answer: JSON, encoding_format: str, provider: str) -
     }
 
 
-def floats_to_base64(vector: list[float]) -> str:
-    """OpenAI's `encoding_format: base64`: little-endian float32 values, base64-encoded."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-
-
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -604,22 +585,3 @@ def _validation_item(item: Any) -> str | None:
         location = ".".join(str(part) for part in item.get("loc") or [])
         return f"{location}: {item['msg']}" if location else str(item["msg"])
     return None
-
-
-def _json_object(content: bytes, provider: str) -> JSON:
-    try:
-        parsed = json.loads(content)
-    except ValueError as exc:
-        raise errors.UpstreamMalformedResponse(
-            f"{provider} answered with invalid JSON: {content[:200]!r}", provider=provider
-        ) from exc
-    if not isinstance(parsed, dict):
-        raise errors.UpstreamMalformedResponse(f"{provider} answered JSON that is not an object", provider=provider)
-    return parsed
-
-
-async def _read_quietly(response: httpx.Response) -> bytes:
-    try:
-        return await response.aread()
-    except httpx.HTTPError:
-        return b""

@@ -49,32 +49,26 @@ ollama.com, or a proxy) is sent as a Bearer token when configured.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import json
 import os
 import secrets
-import struct
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
-
-import httpx
+from typing import Any
 
 from server import errors
-from server.providers.base import JSON, Capability, auth_headers
-from server.providers.credentials import probe
-from server.providers.http_errors import error_message_from_body, transport_error, upstream_status_error
-from server.providers.openai import _StreamContext
-
-if TYPE_CHECKING:
-    from server.config import ProviderConfig
-    from server.providers.registry import Preset
+from server.calls import NO_CALL, Call, probe_call
+from server.config import ProviderConfig
+from server.providers.base import JSON, Capability, floats_to_base64
+from server.providers.spec import ProviderSpec
+from server.providers.transport import Transport, error_message_from_body
 
 DEFAULT_PORT = 11434
 API_KEY_ENV = "OLLAMA_API_KEY"
+HOST_ENV = "OLLAMA_HOST"
 CAPABILITIES = frozenset(
     {
         Capability.CHAT,
@@ -108,7 +102,7 @@ _THINK = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "hi
 class OllamaAdapter:
     """Speaks Ollama's native REST API at `base_url` (the server's root)."""
 
-    # Where a per-call credential from the vault goes (see server.providers.credentials).
+    # Where the key, and a call's credential, go (see server.providers.transport).
     credential_header = ("authorization", "Bearer ")
 
     def __init__(
@@ -117,48 +111,38 @@ class OllamaAdapter:
         name: str,
         base_url: str,
         api_key: str | None,
-        client: httpx.AsyncClient,
+        transport: Transport,
         extra_headers: Mapping[str, str] | None = None,
         capabilities: frozenset[Capability] = CAPABILITIES,
     ) -> None:
         self.name = name
         self.capabilities = capabilities
         self._base_url = ollama_base_url(base_url)
-        self._client = client
-        self._headers = auth_headers(self.credential_header, api_key, extra_headers)
+        self._http = transport.upstream(
+            name, credential_header=self.credential_header, api_key=api_key, headers=extra_headers
+        )
 
     async def aclose(self) -> None:
-        """Nothing of its own to release: the HTTP client is shared."""
+        """Nothing of its own to release: the transport is shared."""
 
     async def probe_credential(self, secret: str) -> None:
         """Lists the pulled models with `secret` (see `base.CredentialProbe`)."""
-        await probe(
-            self._client,
-            self._base_url + "/api/tags",
-            provider=self.name,
-            headers=self._headers,
-            credential_header=self.credential_header,
-            secret=secret,
-            error_of=lambda r: upstream_status_error(
-                self.name, r.status_code, r.headers, error_message_from_body(r.content)
-            ),
-        )
+        await self._http.send("GET", self._base_url + "/api/tags", probe_call(secret))
 
-    async def create_chat_completion(self, request: JSON, model: str) -> JSON:
-        answer = await self._post_json("/api/chat", chat_body(request, model, stream=False))
-        translator = _Translator(self.name)
-        return translator.completion(answer)
+    async def create_chat_completion(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
+        body = chat_body(request, model, stream=False)
+        answer = await self._http.post_json(self._base_url + "/api/chat", body, call)
+        return _Translator(self.name).completion(answer)
 
-    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
+    async def stream_chat_completion(
+        self, request: JSON, model: str, call: Call = NO_CALL
+    ) -> AsyncGenerator[JSON, None]:
         translator = _Translator(self.name)
-        http_request = self._client.build_request(
-            "POST", self._base_url + "/api/chat", headers=self._headers, json=chat_body(request, model, stream=True)
-        )
-        async with _StreamContext(self._client, http_request, self.name) as response:
-            async for line in _ndjson_lines(response, self.name):
-                event = _json_object(line.encode(), self.name)
+        body = chat_body(request, model, stream=True)
+        async with self._http.stream("POST", self._base_url + "/api/chat", call, json=body) as response:
+            async for event in response.ndjson():
                 if "error" in event:
-                    message = error_message_from_body(line.encode())
+                    message = error_message_from_body(json.dumps(event).encode())
                     raise errors.UpstreamUnavailable(f"{self.name} failed mid-stream: {message}", provider=self.name)
                 for chunk in translator.chunks(event):
                     yield chunk
@@ -166,35 +150,44 @@ class OllamaAdapter:
                     return
         raise errors.UpstreamUnavailable(f"{self.name} ended the stream before its last message", provider=self.name)
 
-    async def create_embedding(self, request: JSON, model: str) -> JSON:
-        answer = await self._post_json("/api/embed", embed_body(request, model))
+    async def create_embedding(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
+        answer = await self._http.post_json(self._base_url + "/api/embed", embed_body(request, model), call)
         return embeddings_from_ollama(answer, request, self.name)
 
-    async def _post_json(self, path: str, body: JSON) -> JSON:
-        try:
-            response = await self._client.post(self._base_url + path, headers=self._headers, json=body)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
-        if response.status_code >= 400:
-            message = error_message_from_body(response.content)
-            raise upstream_status_error(self.name, response.status_code, response.headers, message)
-        return _json_object(response.content, self.name)
 
-
-def build_ollama(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient) -> OllamaAdapter:
+def build_ollama(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: Transport) -> OllamaAdapter:
     """The registry's factory: OLLAMA_HOST-style base URL; a key only if configured."""
     api_key = cfg.resolved_api_key()
     if api_key is None and cfg.api_key_env is None:
         api_key = os.environ.get(API_KEY_ENV) or None
-    capabilities = preset.capabilities & CAPABILITIES if preset else CAPABILITIES
     return OllamaAdapter(
         name=name,
-        base_url=cfg.base_url or (preset.base_url if preset else None) or "",
+        base_url=cfg.base_url or spec.base_url or "",
         api_key=api_key,
-        client=client,
+        transport=transport,
         extra_headers=cfg.headers,
-        capabilities=capabilities,
+        capabilities=spec.capabilities & CAPABILITIES,
     )
+
+
+def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
+    """Ollama needs no key (OLLAMA_API_KEY only for ollama.com); its host enables it."""
+    if not environ.get(HOST_ENV):
+        return None
+    return ProviderConfig(base_url=environ[HOST_ENV], api_key_env=API_KEY_ENV)
+
+
+SPEC = ProviderSpec(
+    name="ollama",
+    build=build_ollama,
+    # None: no key enables it (its host does); OLLAMA_API_KEY is read when set.
+    api_key_env=None,
+    capabilities=CAPABILITIES,
+    from_environment=_from_environment,
+    enabled_by=HOST_ENV,
+    adapter="ollama",
+    variables=(HOST_ENV, API_KEY_ENV),
+)
 
 
 def ollama_base_url(host: str | None) -> str:
@@ -468,7 +461,7 @@ def embeddings_from_ollama(answer: JSON, request: JSON, provider: str) -> JSON:
         raise _unsupported("dimensions (this server ignores it; Ollama 0.11 or later honours it)", "dimensions")
     base64_wanted = request.get("encoding_format") == "base64"
     data = [
-        {"object": "embedding", "index": i, "embedding": _floats_to_base64(v) if base64_wanted else v}
+        {"object": "embedding", "index": i, "embedding": floats_to_base64(v) if base64_wanted else v}
         for i, v in enumerate(vectors)
     ]
     tokens = int(answer.get("prompt_eval_count") or 0)
@@ -478,32 +471,3 @@ def embeddings_from_ollama(answer: JSON, request: JSON, provider: str) -> JSON:
         "model": answer.get("model", ""),
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
-
-
-def _floats_to_base64(vector: list[float]) -> str:
-    """OpenAI's `encoding_format: base64`: little-endian float32 values, base64-encoded."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-async def _ndjson_lines(response: httpx.Response, provider: str) -> AsyncIterator[str]:
-    try:
-        async for line in response.aiter_lines():
-            if line.strip():
-                yield line
-    except httpx.HTTPError as exc:
-        raise transport_error(provider, exc) from exc
-
-
-def _json_object(content: bytes, provider: str) -> JSON:
-    try:
-        parsed = json.loads(content)
-    except ValueError as exc:
-        raise errors.UpstreamMalformedResponse(
-            f"{provider} answered with invalid JSON: {content[:200]!r}", provider=provider
-        ) from exc
-    if not isinstance(parsed, dict):
-        raise errors.UpstreamMalformedResponse(f"{provider} answered JSON that is not an object", provider=provider)
-    return parsed

@@ -2,41 +2,41 @@
 llama.cpp's server, Ollama's /v1, ...): the internal format is OpenAI's, so requests
 go upstream nearly unchanged.
 
-One adapter instance per configured provider; all share the process's httpx client.
+One adapter instance per configured provider; all share the process's upstream
+transport (`server.providers.transport`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+import os
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from server import errors
+from server.calls import NO_CALL, Call, probe_call
+from server.config import ModelEntry, ProviderConfig
 from server.providers.base import (
     JSON,
     AudioFile,
     Capability,
     TranscriptionInput,
     TranscriptionOutput,
-    auth_headers,
 )
-from server.providers.credentials import probe
-from server.providers.http_errors import (
-    error_message_from_body,
-    transport_error,
-    upstream_status_error,
-)
+from server.providers.spec import ProviderSpec
+from server.providers.transport import ErrorReader, Transport, parse_object
 
 ALL_CAPABILITIES = frozenset(Capability)
+API_KEY_ENV = "OPENAI_API_KEY"
+BASE_URL_ENV = "OPENAI_BASE_URL"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 class OpenAIAdapter:
     """Speaks OpenAI's REST API at `base_url` (which includes the `/v1` part)."""
 
-    # Where a per-call credential from the vault goes (see server.providers.credentials).
+    # Where the key, and a call's credential, go (see server.providers.transport).
     credential_header = ("authorization", "Bearer ")
 
     def __init__(
@@ -45,10 +45,11 @@ class OpenAIAdapter:
         name: str,
         base_url: str,
         api_key: str | None,
-        client: httpx.AsyncClient,
+        transport: Transport,
         extra_headers: Mapping[str, str] | None = None,
         capabilities: frozenset[Capability] = ALL_CAPABILITIES,
         reasoning_field: str = "reasoning_content",
+        error_reader: ErrorReader | None = None,
     ) -> None:
         self.name = name
         # Where this dialect puts visible reasoning (DeepSeek: reasoning_content,
@@ -56,40 +57,40 @@ class OpenAIAdapter:
         self._reasoning_field = reasoning_field
         self.capabilities = capabilities
         self._base_url = base_url.rstrip("/")
-        self._client = client
-        self._headers = auth_headers(self.credential_header, api_key, extra_headers)
+        self._http = transport.upstream(
+            name,
+            credential_header=self.credential_header,
+            api_key=api_key,
+            headers=extra_headers,
+            error_reader=error_reader,
+        )
+        # Query parameters of every request (Azure's api-version).
+        self._params: dict[str, str] = {}
 
     async def aclose(self) -> None:
-        """Nothing of its own to release: the HTTP client is shared."""
+        """Nothing of its own to release: the transport is shared."""
 
     async def probe_credential(self, secret: str) -> None:
         """Lists the provider's models with `secret` (see `base.CredentialProbe`)."""
-        await probe(
-            self._client,
-            self._base_url + "/models",
-            provider=self.name,
-            headers=self._headers,
-            credential_header=self.credential_header,
-            secret=secret,
-            error_of=lambda r: upstream_status_error(
-                self.name, r.status_code, r.headers, error_message_from_body(r.content)
-            ),
-        )
+        await self._http.send("GET", self._base_url + "/models", probe_call(secret), params=self._params)
 
     # -- chat -------------------------------------------------------------------------
 
-    async def create_chat_completion(self, request: JSON, model: str) -> JSON:
+    async def create_chat_completion(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
         body = {**request, "model": model}
         body.pop("stream", None)
         body.pop("stream_options", None)
-        return self._rename_reasoning(await self._post_json("/chat/completions", body), "message")
+        return self._rename_reasoning(await self._post_json("/chat/completions", body, call), "message")
 
-    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
+    async def stream_chat_completion(
+        self, request: JSON, model: str, call: Call = NO_CALL
+    ) -> AsyncGenerator[JSON, None]:
         # Usage is always asked for: billing needs it even when the client did not.
         body = {**request, "model": model, "stream": True, "stream_options": {"include_usage": True}}
-        async with self._open_stream("/chat/completions", body) as response:
+        url = self._url("/chat/completions", model)
+        async with self._http.stream("POST", url, call, json=body, params=self._params) as response:
             done = False
-            async for event in _sse_data(response, self.name):
+            async for event in response.sse():
                 # After [DONE] the body is still read to its end: only then does the
                 # connection go back to the pool instead of being dropped.
                 if done:
@@ -97,7 +98,7 @@ class OpenAIAdapter:
                 if event == "[DONE]":
                     done = True
                     continue
-                chunk = self._parse_event(event)
+                chunk = parse_object(self.name, event)
                 if "error" in chunk:  # OpenRouter sends it beside choices
                     raise self._stream_error(chunk["error"])
                 yield self._rename_reasoning(chunk, "delta")
@@ -107,34 +108,37 @@ class OpenAIAdapter:
 
     # -- embeddings, images, audio --------------------------------------------------------
 
-    async def create_embedding(self, request: JSON, model: str) -> JSON:
-        return await self._post_json("/embeddings", {**request, "model": model})
+    async def create_embedding(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
+        return await self._post_json("/embeddings", {**request, "model": model}, call)
 
-    async def create_image(self, request: JSON, model: str) -> JSON:
+    async def create_image(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
         body = {**request, "model": model}
         rules = IMAGE_MODELS.get(model) if self.name == "openai" else None
         if rules is not None:
             body = rules.check(self.name, model, body)
-        return await self._post_json("/images/generations", body)
+        return await self._post_json("/images/generations", body, call)
 
-    async def create_speech(self, request: JSON, model: str) -> AudioFile:
-        response = await self._send("POST", "/audio/speech", json={**request, "model": model})
+    async def create_speech(self, request: JSON, model: str, call: Call = NO_CALL) -> AudioFile:
+        url = self._url("/audio/speech", model)
+        response = await self._http.send("POST", url, call, json={**request, "model": model}, params=self._params)
         content_type = response.headers.get("content-type", "application/octet-stream")
         return AudioFile(content_type=content_type, data=response.content)
 
-    async def create_transcription(self, audio: TranscriptionInput, model: str) -> TranscriptionOutput:
+    async def create_transcription(
+        self, audio: TranscriptionInput, model: str, call: Call = NO_CALL
+    ) -> TranscriptionOutput:
         # text, srt and vtt carry no usage: ask for a JSON format that does and render
         # the client's format here, so that the audio is billed whatever was asked.
         asked = richer_transcription_format(audio.response_format, model)
         if asked != audio.response_format:
             fields = [(n, v) for n, v in audio.fields if n != "response_format"] + [("response_format", asked)]
             output = await self._transcribe(
-                TranscriptionInput(audio.file, audio.filename, audio.file_content_type, fields), model
+                TranscriptionInput(audio.file, audio.filename, audio.file_content_type, fields), model, call
             )
             return render_transcription(self.name, output.body, audio.response_format)
-        return await self._transcribe(audio, model)
+        return await self._transcribe(audio, model, call)
 
-    async def _transcribe(self, audio: TranscriptionInput, model: str) -> TranscriptionOutput:
+    async def _transcribe(self, audio: TranscriptionInput, model: str, call: Call) -> TranscriptionOutput:
         data: dict[str, str | list[str]] = {"model": model}
         for name, value in audio.fields:  # repeated fields (`include[]`) become lists
             previous = data.get(name)
@@ -143,42 +147,19 @@ class OpenAIAdapter:
             else:
                 data[name] = [*([previous] if isinstance(previous, str) else previous), value]
         files = {"file": (audio.filename, audio.file, audio.file_content_type)}
-        response = await self._send("POST", "/audio/transcriptions", data=data, files=files)
+        url = self._url("/audio/transcriptions", model)
+        response = await self._http.send("POST", url, call, data=data, files=files, params=self._params)
         content_type = response.headers.get("content-type", "text/plain")
         return TranscriptionOutput(content_type=content_type, body=response.content)
 
-    # -- HTTP plumbing --------------------------------------------------------------------
+    # -- translation --------------------------------------------------------------------
 
-    async def _post_json(self, path: str, body: JSON) -> JSON:
-        response = await self._send("POST", path, json=body)
-        return self._parse_json(response.content)
+    def _url(self, path: str, model: str) -> str:
+        """The URL of an operation on `model` (Azure's deployments put the model in it)."""
+        return self._base_url + path
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self._client.request(method, self._base_url + path, headers=self._headers, **kwargs)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc) from exc
-        if response.status_code >= 400:
-            message = error_message_from_body(response.content)
-            raise upstream_status_error(self.name, response.status_code, response.headers, message)
-        return response
-
-    def _open_stream(self, path: str, body: JSON) -> _StreamContext:
-        request = self._client.build_request("POST", self._base_url + path, headers=self._headers, json=body)
-        return _StreamContext(self._client, request, self.name)
-
-    def _parse_json(self, content: bytes) -> JSON:
-        try:
-            parsed = json.loads(content)
-        except ValueError as exc:
-            raise errors.UpstreamMalformedResponse(
-                f"{self.name} answered with invalid JSON: {content[:200]!r}", provider=self.name
-            ) from exc
-        if not isinstance(parsed, dict):
-            raise errors.UpstreamMalformedResponse(
-                f"{self.name} answered with JSON that is not an object", provider=self.name
-            )
-        return parsed
+    async def _post_json(self, path: str, body: JSON, call: Call) -> JSON:
+        return await self._http.post_json(self._url(path, body["model"]), body, call, params=self._params)
 
     def _rename_reasoning(self, answer: JSON, part: str) -> JSON:
         if self._reasoning_field == "reasoning_content":
@@ -189,12 +170,66 @@ class OpenAIAdapter:
                 message["reasoning_content"] = message.pop(self._reasoning_field)
         return answer
 
-    def _parse_event(self, data: str) -> JSON:
-        return self._parse_json(data.encode())
-
     def _stream_error(self, error: Any) -> errors.UpstreamError:
         message = error.get("message") if isinstance(error, dict) else None
         return errors.UpstreamUnavailable(f"{self.name} failed mid-stream: {message or error}", provider=self.name)
+
+
+def build_openai(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: Transport) -> OpenAIAdapter:
+    """The factory of OpenAI and of every OpenAI-compatible spec (`server.providers.presets`)."""
+    base_url = cfg.base_url or spec.base_url
+    if not base_url:
+        raise errors.ProviderNotConfigured(f"provider {name!r} needs a base_url", field="base_url")
+    return OpenAIAdapter(
+        name=name,
+        base_url=base_url,
+        api_key=spec.key_from_environment(cfg, os.environ),
+        transport=transport,
+        extra_headers=cfg.headers,
+        capabilities=spec.capabilities,
+        reasoning_field=spec.reasoning_field,
+    )
+
+
+def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
+    if not (environ.get(API_KEY_ENV) or environ.get(BASE_URL_ENV)):
+        return None
+    return ProviderConfig(api_key_env=API_KEY_ENV, base_url=environ.get(BASE_URL_ENV) or None)
+
+
+_C = Capability
+_OPENAI_CHAT = [_C.CHAT, _C.CHAT_STREAM, _C.TOOLS, _C.JSON_SCHEMA, _C.VISION]
+MODELS = tuple(
+    ModelEntry(id=model_id, capabilities=caps)
+    for model_id, caps in [
+        ("gpt-4o", _OPENAI_CHAT),
+        ("gpt-4o-mini", _OPENAI_CHAT),
+        ("gpt-4.1", _OPENAI_CHAT),
+        ("gpt-4.1-mini", _OPENAI_CHAT),
+        ("gpt-4.1-nano", _OPENAI_CHAT),
+        ("o4-mini", _OPENAI_CHAT),
+        ("text-embedding-3-small", [_C.EMBEDDINGS]),
+        ("text-embedding-3-large", [_C.EMBEDDINGS]),
+        ("dall-e-2", [_C.IMAGES]),
+        ("dall-e-3", [_C.IMAGES]),
+        ("gpt-image-1", [_C.IMAGES]),
+        ("tts-1", [_C.SPEECH]),
+        ("gpt-4o-mini-tts", [_C.SPEECH]),
+        ("whisper-1", [_C.TRANSCRIPTION]),
+        ("gpt-4o-mini-transcribe", [_C.TRANSCRIPTION]),
+    ]
+)
+
+SPEC = ProviderSpec(
+    name="openai",
+    build=build_openai,
+    api_key_env=API_KEY_ENV,
+    base_url=DEFAULT_BASE_URL,
+    models=MODELS,
+    from_environment=_from_environment,
+    adapter="openai",
+    variables=(API_KEY_ENV, BASE_URL_ENV),
+)
 
 
 def richer_transcription_format(wanted: str, model: str) -> str:
@@ -290,64 +325,3 @@ IMAGE_MODELS: dict[str, ImageModelRules] = {
     "gpt-image-1": _GPT_IMAGE,
     "gpt-image-1-mini": _GPT_IMAGE,
 }
-
-
-class _StreamContext:
-    """`async with`: sends the request, raises the mapped error on a failed status,
-    and closes the upstream connection on exit, which is how a client's cancellation
-    reaches the upstream at once."""
-
-    def __init__(
-        self,
-        client: httpx.AsyncClient,
-        request: httpx.Request,
-        provider: str,
-        error_of: Callable[[int, httpx.Headers, bytes], errors.UpstreamError] | None = None,
-    ) -> None:
-        self._client = client
-        self._request = request
-        self._provider = provider
-        # How a failed status and its body become the error (a dialect may read more).
-        self._error_of = error_of or self._openai_error
-        self._response: httpx.Response | None = None
-
-    def _openai_error(self, status: int, headers: httpx.Headers, body: bytes) -> errors.UpstreamError:
-        return upstream_status_error(self._provider, status, headers, error_message_from_body(body))
-
-    async def __aenter__(self) -> httpx.Response:
-        try:
-            response = await self._client.send(self._request, stream=True)
-        except httpx.HTTPError as exc:
-            raise transport_error(self._provider, exc) from exc
-        if response.status_code >= 400:
-            try:
-                body = await response.aread()
-            except httpx.HTTPError:
-                body = b""
-            finally:
-                await response.aclose()
-            raise self._error_of(response.status_code, response.headers, body)
-        self._response = response
-        return response
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._response is not None:
-            await self._response.aclose()
-
-
-async def _sse_data(response: httpx.Response, provider: str) -> AsyncIterator[str]:
-    """The `data` of each server-sent event, multi-line data joined with newlines."""
-    data_lines: list[str] = []
-    try:
-        async for line in response.aiter_lines():
-            if not line:
-                if data_lines:
-                    yield "\n".join(data_lines)
-                    data_lines = []
-            elif line.startswith("data:"):
-                data_lines.append(line[5:].removeprefix(" "))
-            # Other fields (event:, id:, retry:) and comments (:) carry nothing we use.
-    except httpx.HTTPError as exc:
-        raise transport_error(provider, exc) from exc
-    if data_lines:
-        yield "\n".join(data_lines)

