@@ -471,3 +471,16 @@ async def test_a_crashed_replicas_slots_expire_and_a_live_ones_are_renewed(limit
     finally:
         await crashed.aclose()
         await live.aclose()
+
+
+def test_a_keys_own_rule_replaces_only_the_default_kinds_it_sets() -> None:
+    from server.limits.limiter import DefaultLimits, with_defaults
+
+    key_defaults = DefaultLimits(rpm=600, daily_credits_micros=5_000_000)
+    owner_defaults = DefaultLimits(tpm=1000)
+    own = [LimitRule("key", "k1", "*", rpm=60), LimitRule("key", "k1", "openai/*", tpm=10)]
+    added = with_defaults(own, "k1", "o1", key_defaults, owner_defaults)
+    by_scope = {rule.scope: rule.limits() for rule in added}
+    assert by_scope == {"key": {"daily_credits_micros": 5_000_000}, "owner": {"tpm": 1000}}
+    both = [LimitRule("key", "k1", "*", rpm=60, daily_credits_micros=1), LimitRule("owner", "o1", "*", tpm=5)]
+    assert with_defaults(both, "k1", "o1", key_defaults, owner_defaults) == []

@@ -125,8 +125,8 @@ def rule_row(
 
 def _configured(rules: list[LimitRule], scope: Scope, subject: str | None, defaults: ConfigDefaults) -> list[LimitRule]:
     """The config file's defaults as `show` lists them: for every key and every owner
-    (subject `*`) when no subject is named; for the key or owner named when it has no
-    rule of its own for all models (they then apply to it, counted under its id)."""
+    (subject `*`) when no subject is named; for the key or owner named, each kind its own
+    rules for all models do not set (they then apply to it, counted under its id)."""
     key, owner = defaults
     if not subject:
         listed = (key.rule("key", "*"), owner.rule("owner", "*"))

@@ -128,11 +128,13 @@ class DefaultLimits:
             micros(config.monthly_credits),
         )
 
-    def rule(self, scope: Scope, subject: str) -> LimitRule | None:
+    def rule(self, scope: Scope, subject: str, overridden: frozenset[str] = frozenset()) -> LimitRule | None:
         """The defaults as the rule of one key or owner for all models (id "default"),
         None when the config sets none: counted and refused exactly like an explicit
-        rule, in the counters and spend windows its own rule for `*` would use."""
-        limits = {name: getattr(self, name) for name in LIMIT_FIELDS}
+        rule, in the counters and spend windows its own rule for `*` would use.
+        `overridden`: the kinds (LIMIT_FIELDS) the subject's own `*` rules set, which
+        replace the default of that kind and leave the others in force."""
+        limits = {name: None if name in overridden else getattr(self, name) for name in LIMIT_FIELDS}
         if not any(limits.values()):
             return None
         return LimitRule(scope, subject, "*", **limits, id=DEFAULT_RULE_ID)
@@ -141,14 +143,17 @@ class DefaultLimits:
 def with_defaults(
     rules: Sequence[LimitRule], key_id: str | None, owner_id: str | None, key: DefaultLimits, owner: DefaultLimits
 ) -> list[LimitRule]:
-    """The default rules that apply beside `rules` (the key's and its owner's): the key's
-    unless it has a rule of its own for `*`, the owner's likewise."""
+    """The default rules that apply beside `rules` (the key's and its owner's), kind by
+    kind: a key's own rule for `*` setting `rpm` replaces the default rpm and keeps the
+    default daily credits (so `keys create --rpm` never silently lifts a spend default);
+    the owner's likewise. Narrower rules (`openai/*`) apply beside the defaults."""
     added = []
     pairs: tuple[tuple[Scope, str | None, DefaultLimits], ...] = (("key", key_id, key), ("owner", owner_id, owner))
     for scope, subject, defaults in pairs:
-        if subject is None or any(r.scope == scope and r.model == "*" for r in rules):
+        if subject is None:
             continue
-        if (rule := defaults.rule(scope, subject)) is not None:
+        own = frozenset(kind for r in rules if r.scope == scope and r.model == "*" for kind in r.limits())
+        if (rule := defaults.rule(scope, subject, own)) is not None:
             added.append(rule)
     return added
 
