@@ -1,5 +1,5 @@
 """The config file's credit limits for every key (`limits: {default_key: {daily_credits: X,
-monthly_credits: X}}`): enforced like a key's own rule for all models, replaced by such a
+monthly_credits: X}}`): enforced like a key's own rule for all models, replaced kind by kind by such a
 rule, added to by a narrower one, listed by `limits show` as `source: config`, and a
 bad value stops the start with a message naming the field.
 
@@ -136,7 +136,11 @@ async def test_a_keys_own_rule_replaces_the_default_and_a_narrower_one_adds_to_i
             "1000.000000",
         )
         code, stdout, _ = await _cli(env, "limits", "show", "--key", own, "--json")
-        assert [(r["source"], r["daily_credits"]) for r in json.loads(stdout)] == [("rule", "11.000000")]
+        # Its own rule sets the daily credits: the default monthly credits still hold.
+        assert [(r["source"], r["daily_credits"], r["monthly_credits"]) for r in json.loads(stdout)] == [
+            ("rule", "11.000000", None),
+            ("config", None, "1000.000000"),
+        ]
         code, stdout, _ = await _cli(env, "limits", "show", "--key", narrow, "--json")
         assert sorted((r["source"], r["model"]) for r in json.loads(stdout)) == [
             ("config", "*"),
