@@ -230,3 +230,79 @@ async def test_a_bad_default_stops_the_start_with_a_message_naming_the_field(
 def test_a_bad_owner_default_names_its_field() -> None:
     with pytest.raises(ValidationError, match=r"limits\.default_owner\.monthly_credits"):
         GatewayConfig.model_validate({"limits": {"default_owner": {"monthly_credits": -3}}})
+
+
+async def test_the_admin_and_account_apis_list_the_config_defaults_where_they_apply(
+    upstream: FakeOpenAI,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # Defaults for every key (rpm, daily credits) and every owner (concurrency).
+    limits = GatewayConfig.model_validate(
+        {"limits": {"default_key": {"rpm": 50, "daily_credits": 7}, "default_owner": {"concurrency": 4}}}
+    ).limits
+    config = gateway_config(upstream.base_url).model_copy(update={"limits": limits})
+    admin_token = "limits-admin-" + "x" * 32
+    settings = Settings(
+        grpc_port=0,
+        database_url=f"sqlite:///{tmp_path / 'hub.db'}",
+        billing_enabled=True,
+        key_cache_ttl_s=0,
+        admin_token=admin_token,
+    )
+    gateway = await start_gateway(settings, config)
+    await gateway.accounts.credits.set_rate(RATE)
+    gateway.accounts.credits.clock = _at(NOON)  # type: ignore[assignment]
+    bridge: Bridge = await start_bridge(gateway.port, tmp_path / "envoy")
+    try:
+        owner, plain, plain_secret = await _funded_key(gateway)
+        _, own, _ = await _funded_key(gateway, owner)
+        await _limit(gateway, LimitRule("key", own, "*", rpm=5))  # replaces the default rpm only
+        assert _served(await _chats(gateway.port, plain_secret, 1))[0] == 1
+        headers = {"authorization": f"Bearer {admin_token}"}
+        async with httpx.AsyncClient(base_url=bridge.rest_url, headers=headers) as admin:
+
+            async def listed(**params: str) -> list[dict[str, Any]]:
+                answer = await admin.get("/admin/limits", params=params)
+                assert answer.status_code == 200, answer.text
+                return list(answer.json()["limits"])
+
+            [default] = await listed(key_id=plain)
+            assert (default["source"], default["key_id"], default["model"]) == ("config", plain, "*")
+            assert (default["rpm"], default["daily_credits"], default["daily_credits_spent"]) == (
+                "50",
+                "7.000000",
+                "2.100000",
+            ), "the default is counted under the key's id, with its spend"
+            assert "update_time" not in default
+            rule, default = await listed(key_id=own)
+            assert (rule["source"], rule["rpm"], rule.get("daily_credits", "")) == ("rule", "5", "")
+            assert (default["source"], "rpm" in default, default["daily_credits"]) == ("config", False, "7.000000")
+            [owner_default] = await listed(owner=owner)
+            assert (owner_default["source"], owner_default["owner"], owner_default["concurrency"]) == (
+                "config",
+                owner,
+                "4",
+            )
+            assert await listed(key_id="nosuchkey") == [], "no default is listed for a key that does not exist"
+            await _limit(gateway, LimitRule("owner", owner, "openai/*", rpm=9))  # beside the owner's default
+            every = await listed()
+            assert [(r["source"], r.get("key_id", ""), r.get("owner", "")) for r in every[-2:]] == [
+                ("config", "*", ""),
+                ("config", "", "*"),
+            ], "after the rules, the defaults for every key and every owner"
+            assert [r["source"] for r in every[:-2]] == ["rule", "rule"]
+            # Paged: the defaults come on the last page only.
+            first = (await admin.get("/admin/limits", params={"page_size": 1})).json()
+            assert [r["source"] for r in first["limits"]] == ["rule"] and first["next_page_token"]
+            last = await listed(page_size="1", page_token=first["next_page_token"])
+            assert [r["source"] for r in last] == ["rule", "config", "config"]
+        # The owner's own view (GET /account) lists them too.
+        async with httpx.AsyncClient(
+            base_url=bridge.rest_url, headers={"authorization": f"Bearer {plain_secret}"}
+        ) as account:
+            mine = (await account.get("/account")).json()["limits"]
+        shown = sorted((r["source"], r.get("key_id", ""), r.get("owner", "")) for r in mine)
+        assert shown == sorted([("config", "", owner), ("config", plain, ""), ("rule", own, ""), ("config", own, "")])
+    finally:
+        await bridge.envoy.stop()
+        await gateway.stop(0.5)

@@ -28,7 +28,7 @@ from server.accounts.credits import rate_from_credits
 from server.accounts.owners import ensure_owner
 from server.app import start_gateway
 from server.bridge.envoy_config import UI_DIST
-from server.config import Settings
+from server.config import GatewayConfig, Settings
 from tests.conftest import gateway_config, start_bridge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,10 @@ async def stack(fake_openai, tmp_path_factory):
         billing_enabled=True,
         upstream_read_timeout_s=5.0,
     )
-    gateway = await start_gateway(settings, gateway_config(fake_openai.base_url))
+    # A monthly credit default for every key, listed beside the key's own rule as the config's.
+    config = gateway_config(fake_openai.base_url)
+    limits = GatewayConfig.model_validate({"limits": {"default_key": {"monthly_credits": 50}}}).limits
+    gateway = await start_gateway(settings, config.model_copy(update={"limits": limits}))
     accounts = gateway.accounts
     # Prices that make every call cost something visible.
     await accounts.credits.set_rate(rate_from_credits("*", {"input_per_million": 100, "output_per_million": 200}))
@@ -178,8 +181,13 @@ async def test_owner_sees_the_usage_the_ledger_has(stack):
     assert seen["signed_in_as"].startswith(OWNER)
     [key_row] = seen["owner_keys"]
     assert key_row[1:5] == ["browser", "active", "all", "8.00 credits"]
-    limits = re.fullmatch(r"\*: 600 requests/min, 3\.00 credits/day \(([\d.]+) spent today\)", key_row[5])
-    assert limits and number(limits[1]) == Decimal(total.credits_micros) / 10**6
+    limits = re.fullmatch(
+        r"\*: 600 requests/min, 3\.00 credits/day \(([\d.]+) spent today\); "
+        r"\*: 50\.00 credits/month \(([\d.]+) spent\) \(config default\)",
+        key_row[5],
+    )
+    assert limits, key_row[5]
+    assert number(limits[1]) == number(limits[2]) == Decimal(total.credits_micros) / 10**6
     assert len(seen["calls"]) == 5
     newest = seen["calls"][0]
     assert newest[1] == "badkey/gpt-4o-mini" and "error" in newest[3]

@@ -23,6 +23,7 @@ from server.accounts.ledger import GroupBy
 from server.accounts.service import Accounts
 from server.api.admin import (
     balance_message,
+    configured_limits,
     key_message,
     parse_day,
     rate_limit_message,
@@ -55,8 +56,10 @@ class AccountServicer(account_grpc.AccountServiceServicer):
         held = await self._accounts.credits.list_reservations(key.owner_id, limit=MAX_LISTED)
         store = self._limits()
         rules = await store.find("owner", key.owner_id, limit=MAX_LISTED)
+        rules += await configured_limits(self._accounts, "owner", key.owner_id)
         for owned in keys:
             rules += await store.find("key", owned.id, limit=MAX_LISTED)
+            rules += await configured_limits(self._accounts, "key", owned.id)
         rules = rules[:MAX_LISTED]
         spend = await spend_by_rule(self._accounts.db, rules, self._accounts.credits.clock())
         return account_pb.GetAccountResponse(

@@ -39,7 +39,8 @@ from server.accounts.service import Accounts
 from server.api.calls import unary
 from server.api.paging import page_request
 from server.errors import InvalidRequest, ProviderNotConfigured, ResourceNotFound
-from server.limits.rules import LimitRule, LimitStore, Scope
+from server.limits.limiter import listed_defaults
+from server.limits.rules import DEFAULT_RULE_ID, LimitRule, LimitStore, Scope
 from server.limits.windows import WindowKind, WindowSpend, spend_by_rule
 from server.providers.registry import SPECS
 from server.routing.cooldown import CooldownStore
@@ -323,7 +324,11 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         rules = await self._limits().find(scope, subject, after=cast(Any, page.after), limit=page.size + 1)
         next_token = page.next_token([(r.scope, r.subject, r.model) for r in rules])
         shown = rules[: page.size]
-        spend = await spend_by_rule(self._accounts.db, shown, self._accounts.credits.clock())
+        if not next_token:  # the last page: the config file's defaults follow the rules
+            shown += await configured_limits(self._accounts, scope, subject)
+        # A default listed for every key or owner (subject `*`) has no spend of its own.
+        counted = [r for r in shown if r.subject != "*"]
+        spend = await spend_by_rule(self._accounts.db, counted, self._accounts.credits.clock())
         return admin_pb.ListRateLimitsResponse(
             limits=[rate_limit_message(r, spend) for r in shown], next_page_token=next_token
         )
@@ -426,7 +431,24 @@ def rate_limit_message(
         daily_credits=format_credits(daily) if daily is not None else "",
         monthly_credits=format_credits(monthly) if monthly is not None else "",
         update_time=timestamp_message(rule.updated_at),
+        source="config" if rule.id == DEFAULT_RULE_ID else "rule",
     )
+
+
+async def configured_limits(accounts: Accounts, scope: Scope | None, subject: str | None) -> list[LimitRule]:
+    """The config file's defaults (`limits.default_key`, `limits.default_owner`) as they
+    apply: to every key and owner (subject `*`) without a subject; to the key or owner
+    named, kind by kind where its own rules for all models leave them in force (as the
+    limiter enforces them); none for a key or owner that does not exist."""
+    limiter = accounts.limiter
+    if limiter is None:
+        return []
+    own: list[LimitRule] = []
+    if scope is not None and subject is not None:
+        if not await limiter.store.exists(scope, subject):
+            return []
+        own = await limiter.store.find(scope, subject)
+    return listed_defaults(own, scope, subject, limiter.defaults, limiter.owner_defaults)
 
 
 def timestamp_message(value: datetime | None) -> timestamp_pb2.Timestamp | None:

@@ -28,7 +28,7 @@ from typing import Any
 from server.accounts.credits import credits_to_micros
 from server.accounts.errors import format_credits
 from server.errors import GatewayError
-from server.limits.limiter import DefaultLimits, with_defaults
+from server.limits.limiter import DefaultLimits, listed_defaults
 from server.limits.rules import LimitRule, LimitStore, Scope
 from server.limits.windows import WINDOW_KINDS, WindowKind, WindowSpend, spend_by_rule
 from server.storage import Database
@@ -123,19 +123,6 @@ def rule_row(
     return row
 
 
-def _configured(rules: list[LimitRule], scope: Scope, subject: str | None, defaults: ConfigDefaults) -> list[LimitRule]:
-    """The config file's defaults as `show` lists them: for every key and every owner
-    (subject `*`) when no subject is named; for the key or owner named, each kind its own
-    rules for all models do not set (they then apply to it, counted under its id)."""
-    key, owner = defaults
-    if not subject:
-        listed = (key.rule("key", "*"), owner.rule("owner", "*"))
-        return [rule for rule in listed if rule is not None]
-    if scope == "key":
-        return with_defaults(rules, subject, None, key, owner)
-    return with_defaults(rules, None, subject, key, owner)
-
-
 async def run(
     args: argparse.Namespace, db: Database, *, billing_enabled: bool = True, defaults: ConfigDefaults | None = None
 ) -> None:
@@ -156,7 +143,8 @@ async def run(
             _print(args, {"removed": True}, f"removed the limits on {scope} {subject} for {args.model}")
         else:
             rules = await store.find(scope if subject else None, subject)
-            configured = _configured(rules, scope, subject, defaults or (DefaultLimits(), DefaultLimits()))
+            key_defaults, owner_defaults = defaults or (DefaultLimits(), DefaultLimits())
+            configured = listed_defaults(rules, scope, subject, key_defaults, owner_defaults)
             # A default listed for every key or owner (subject `*`) has no spend of its own.
             counted = [*rules, *(r for r in configured if r.subject != "*")]
             spend = await spend_by_rule(db, counted, utcnow())

@@ -158,6 +158,21 @@ def with_defaults(
     return added
 
 
+def listed_defaults(
+    rules: Sequence[LimitRule], scope: Scope | None, subject: str | None, key: DefaultLimits, owner: DefaultLimits
+) -> list[LimitRule]:
+    """The config file's defaults as the lists of rules show them (`limits show`, the
+    admin and account APIs): for every key and every owner (subject `*`) when no subject
+    is named; for the key or owner named, each kind its own rules for all models
+    (`rules`) do not set, under its id, as the limiter enforces them (`with_defaults`)."""
+    if not subject:
+        listed = (key.rule("key", "*"), owner.rule("owner", "*"))
+        return [rule for rule in listed if rule is not None]
+    if scope == "key":
+        return with_defaults(rules, subject, None, key, owner)
+    return with_defaults(rules, None, subject, key, owner)
+
+
 @dataclass
 class Limiter:
     store: LimitStore

@@ -201,10 +201,13 @@ class LimitStore:
         self._cache[cache_key] = (now + self._ttl, rules)
         return rules
 
-    async def _check_subject(self, scope: Scope, subject: str) -> None:
+    async def exists(self, scope: Scope, subject: str) -> bool:
+        """Whether the key (scope "key") or owner named exists."""
         column = api_keys.c.id if scope == "key" else owners.c.id
         async with self._db.read() as conn:
-            found = (await conn.execute(select(column).where(column == subject))).first()
-        if found is None:
+            return (await conn.execute(select(column).where(column == subject))).first() is not None
+
+    async def _check_subject(self, scope: Scope, subject: str) -> None:
+        if not await self.exists(scope, subject):
             kind = "API key" if scope == "key" else "owner"
             raise ResourceNotFound(f"no {kind} {subject[:64]!r}", field=scope)

@@ -12,7 +12,9 @@ function limitText(rule) {
     parts.push(`${credits(rule.daily_credits)} credits/day (${credits(rule.daily_credits_spent)} spent today)`);
   if (rule.monthly_credits)
     parts.push(`${credits(rule.monthly_credits)} credits/month (${credits(rule.monthly_credits_spent)} spent)`);
-  return parts.join(", ") || "none";
+  const text = parts.join(", ") || "none";
+  // The config file's defaults (limits.default_key / default_owner) are changed only there.
+  return rule.source === "config" ? `${text} (config default)` : text;
 }
 
 function keyState(key) {
@@ -84,7 +86,7 @@ export function Overview({ source, adminHint }) {
           <Empty>No keys yet. An administrator creates them (aigne-hub keys create, or the Keys page).</Empty>
         )}
         {data.limits.filter((l) => l.owner).map((l) => (
-          <p class="note" key={l.model}>
+          <p class="note" key={`${l.model}:${l.source}`} data-testid="owner-limit">
             Limits on all keys together ({l.model}): {limitText(l)}
           </p>
         ))}

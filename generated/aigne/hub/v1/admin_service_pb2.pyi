@@ -1131,6 +1131,7 @@ class RateLimit(_message.Message):
     DAILY_CREDITS_HELD_FIELD_NUMBER: _builtins.int
     MONTHLY_CREDITS_SPENT_FIELD_NUMBER: _builtins.int
     MONTHLY_CREDITS_HELD_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The API key's identifier. Exactly one of key_id and owner is set."""
     owner: _builtins.str
@@ -1172,6 +1173,13 @@ class RateLimit(_message.Message):
     """Output only. Credits held now against monthly_credits by calls in flight; empty
     when the rule sets no monthly credits.
     """
+    source: _builtins.str
+    """Output only. Where the limits come from: "rule" (set through the API or the CLI and
+    stored) or "config" (the config file's `limits.default_key` or
+    `limits.default_owner`, enforced on every key or owner for the kinds its own rule
+    for all models does not set; changed only in the config). A "config" entry listed
+    for every key or every owner has key_id or owner "*".
+    """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the rule last changed."""
@@ -1192,10 +1200,11 @@ class RateLimit(_message.Message):
         daily_credits_held: _builtins.str = ...,
         monthly_credits_spent: _builtins.str = ...,
         monthly_credits_held: _builtins.str = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency", "_rpm", b"_rpm", "_tpm", b"_tpm", "concurrency", b"concurrency", "rpm", b"rpm", "tpm", b"tpm", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency", "_rpm", b"_rpm", "_tpm", b"_tpm", "concurrency", b"concurrency", "daily_credits", b"daily_credits", "daily_credits_held", b"daily_credits_held", "daily_credits_spent", b"daily_credits_spent", "key_id", b"key_id", "model", b"model", "monthly_credits", b"monthly_credits", "monthly_credits_held", b"monthly_credits_held", "monthly_credits_spent", b"monthly_credits_spent", "owner", b"owner", "rpm", b"rpm", "tpm", b"tpm", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency", "_rpm", b"_rpm", "_tpm", b"_tpm", "concurrency", b"concurrency", "daily_credits", b"daily_credits", "daily_credits_held", b"daily_credits_held", "daily_credits_spent", b"daily_credits_spent", "key_id", b"key_id", "model", b"model", "monthly_credits", b"monthly_credits", "monthly_credits_held", b"monthly_credits_held", "monthly_credits_spent", b"monthly_credits_spent", "owner", b"owner", "rpm", b"rpm", "source", b"source", "tpm", b"tpm", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__concurrency: _TypeAlias = _typing.Literal["concurrency"]  # noqa: Y015
     _WhichOneofArgType__concurrency: _TypeAlias = _typing.Literal["_concurrency", b"_concurrency"]  # noqa: Y015
@@ -1310,7 +1319,9 @@ class ListRateLimitsResponse(_message.Message):
     """Output only. The token of the next page; empty on the last page."""
     @_builtins.property
     def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
-        """Output only. The rules, by scope, subject and model."""
+        """Output only. The rules, by scope, subject and model; on the last page followed by
+        the config file's defaults that apply (source "config").
+        """
 
     def __init__(
         self,

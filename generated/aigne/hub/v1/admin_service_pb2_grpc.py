@@ -288,7 +288,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRateLimits(self, request, context):
-        """Lists rate limit rules: all, or those of one key or one owner.
+        """Lists rate limit rules: all, or those of one key or one owner, and after them (on
+        the last page) the config file's defaults that apply (source "config").
 
         REST: `GET /admin/limits?owner=user:alice`.
         """

@@ -134,7 +134,8 @@ class AdminServiceStub:
     REST: `POST /admin/limits`.
     """
     ListRateLimits: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListRateLimitsRequest, _admin_service_pb2.ListRateLimitsResponse]
-    """Lists rate limit rules: all, or those of one key or one owner.
+    """Lists rate limit rules: all, or those of one key or one owner, and after them (on
+    the last page) the config file's defaults that apply (source "config").
 
     REST: `GET /admin/limits?owner=user:alice`.
     """
@@ -253,7 +254,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     REST: `POST /admin/limits`.
     """
     ListRateLimits: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListRateLimitsRequest, _admin_service_pb2.ListRateLimitsResponse]  # type: ignore[assignment]
-    """Lists rate limit rules: all, or those of one key or one owner.
+    """Lists rate limit rules: all, or those of one key or one owner, and after them (on
+    the last page) the config file's defaults that apply (source "config").
 
     REST: `GET /admin/limits?owner=user:alice`.
     """
@@ -464,7 +466,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.ListRateLimitsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ListRateLimitsResponse, _abc.Awaitable[_admin_service_pb2.ListRateLimitsResponse]]:
-        """Lists rate limit rules: all, or those of one key or one owner.
+        """Lists rate limit rules: all, or those of one key or one owner, and after them (on
+        the last page) the config file's defaults that apply (source "config").
 
         REST: `GET /admin/limits?owner=user:alice`.
         """
