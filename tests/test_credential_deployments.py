@@ -9,6 +9,7 @@ the answers name the credential that served them (its id, never the secret).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -41,6 +42,7 @@ from server.routing.router import Router
 from server.storage import Database
 from tests.conftest import Bridge, start_bridge
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.storage_fixtures import database_url  # noqa: F401 - SQLite and PostgreSQL
 
 ADMIN_TOKEN = "adm-" + secrets.token_hex(16)
 MASTER_KEY = base64.b64encode(os.urandom(32)).decode()
@@ -182,6 +184,45 @@ async def test_calls_spread_over_the_stored_credentials(upstream: FakeOpenAI, ad
     # Weighted random with equal weights: both serve (1 in 2^39 that one never does).
     assert set(served) == set(ids.values())
     assert sorted(_keys_used(upstream)) == sorted(s for s in SECRETS for i in served if i == ids[s])
+
+
+async def test_the_ledger_names_the_stored_credential_that_served_each_call(
+    upstream: FakeOpenAI,
+    database_url: str,  # noqa: F811 - SQLite and PostgreSQL
+    tmp_path: Path,
+) -> None:
+    await (await Database.open(database_url, migrate=True)).close()  # PostgreSQL is migrated explicitly
+    settings = Settings(
+        grpc_port=0, database_url=database_url, admin_token=ADMIN_TOKEN, master_key=MASTER_KEY, shutdown_grace_s=0.5
+    )
+    config = GatewayConfig(
+        providers={"keys": ProviderConfig(type="openai", base_url=upstream.base_url, api_key=CONFIGURED_KEY)}
+    )
+    gateway = await start_gateway(settings, config)
+    bridge = await start_bridge(gateway.port, tmp_path / "envoy")
+    headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        async with httpx.AsyncClient(base_url=bridge.rest_url, headers=headers, timeout=20) as admin:
+            key = (await admin.post("/admin/keys", json={"owner": "user:ledger", "name": "k"})).json()
+            sdk = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=key["secret"], max_retries=0)
+            ids = await _store(admin)
+            served = [(await _call(sdk))[0]["x-aigne-hub-credential"] for _ in range(16)]
+            await sdk.close()
+            assert set(served) == set(ids.values()), "both credentials served (1 in 2^15 that one never does)"
+            calls: list[dict[str, Any]] = []
+            for _ in range(100):  # the group commit writes within its batch interval
+                calls = (await admin.get("/admin/calls", params={"key_id": key["key"]["id"]})).json().get("calls", [])
+                if len(calls) == len(served):
+                    break
+                await asyncio.sleep(0.05)
+            # Newest first in the listing; the headers in call order.
+            assert [c["credential_id"] for c in reversed(calls)] == served
+            assert not any(secret in str(calls) for secret in SECRETS), "the id only, never the secret"
+        records = await gateway.accounts.ledger.records(key_id=key["key"]["id"])
+        assert sorted(r.credential_id or "" for r in records) == sorted(served)
+    finally:
+        await bridge.envoy.stop()
+        await gateway.stop(0.5)
 
 
 # ------------------------------------------------------------- the plan, without Envoy

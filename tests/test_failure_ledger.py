@@ -218,7 +218,9 @@ async def test_replay_settles_a_spooled_records_reservation_once(tmp_path, proxi
         reservation = await credits.reserve(owner.id, 3_000_000, request_id="spooled-1")
 
         await proxied_postgres.proxy.close()
-        usage = UsageRecord("spooled-1", "openai", "openai/gpt-4o-mini", owner_id=owner.id, cost_micros=1_000_000)
+        usage = UsageRecord(
+            "spooled-1", "openai", "openai/gpt-4o-mini", owner_id=owner.id, cost_micros=1_000_000, credential_id="cred1"
+        )
         recorded = await ledger.record(usage, reservation=reservation)
         assert recorded.spooled
         # The same file replayed twice (a replayer that died before removing it).
@@ -239,6 +241,7 @@ async def test_replay_settles_a_spooled_records_reservation_once(tmp_path, proxi
         assert (balance.balance_micros, balance.reserved_micros) == (9_000_000, 0), "charged once, hold released"
         stored = await ledger.get("spooled-1")
         assert stored is not None and stored.credits_micros == 1_000_000
+        assert stored.credential_id == "cred1", "the serving credential survives the spool"
         assert await proxied_postgres.count() == 1
     finally:
         await ledger.close()

@@ -109,6 +109,9 @@ class UsageRecord:
     # Upstream attempts (retries and fallbacks included); 0: no provider was called.
     attempts: int = 1
     created_at: datetime = field(default_factory=utcnow)
+    # The id of the stored provider credential that served the call (never its secret);
+    # None for the configured key or when no provider was called.
+    credential_id: str | None = None
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -510,6 +513,7 @@ def _row(usage: UsageRecord, credits_micros: int) -> dict[str, Any]:
         "attempts": max(usage.attempts, 0),
         "outcome": usage.outcome,
         "error_reason": _clip(usage.error_reason, "error_reason"),
+        "credential_id": _clip(usage.credential_id, "credential_id"),
     }
     for name in _COUNTERS:
         row[name] = max(int(getattr(usage, name)), 0)

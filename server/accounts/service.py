@@ -477,6 +477,7 @@ class Meter:
             ttft_ms=round((self._first_token - self._started) * 1000) if self._first_token else None,
             error_reason=None if outcome == "ok" else reason,
             attempts=self.attempts,
+            credential_id=self.credential.id if self.credential else None,
         )
 
     async def _commit(self, record: UsageRecord) -> Recorded:

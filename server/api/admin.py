@@ -561,6 +561,7 @@ def call_record_message(usage: StoredUsage) -> admin_pb.CallRecord:
         audio_ms=usage.audio_ms,
         characters=usage.characters,
         credits=format_credits(usage.credits_micros),
+        credential_id=usage.credential_id or "",
     )
 
 

@@ -188,6 +188,8 @@ usage_records = Table(
     Column("attempts", Integer(), nullable=False, server_default="1"),
     Column("outcome", String(16), nullable=False),
     Column("error_reason", String(64), nullable=True),
+    # The stored provider credential that served the call (its id; migration 0006).
+    Column("credential_id", String(32), nullable=True),
     Index("ix_usage_records_created_at", "created_at"),
     Index("ix_usage_records_key_id_created_at", "key_id", "created_at"),
     Index("ix_usage_records_owner_id_created_at", "owner_id", "created_at"),

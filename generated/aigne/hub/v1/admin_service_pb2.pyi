@@ -1408,6 +1408,7 @@ class CallRecord(_message.Message):
     AUDIO_MS_FIELD_NUMBER: _builtins.int
     CHARACTERS_FIELD_NUMBER: _builtins.int
     CREDITS_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Output only. The call's request id."""
     key_id: _builtins.str
@@ -1442,6 +1443,11 @@ class CallRecord(_message.Message):
     """Output only. Characters of speech."""
     credits: _builtins.str
     """Output only. Credits charged, a decimal string."""
+    credential_id: _builtins.str
+    """Output only. The id of the stored provider credential that served the call (as
+    `x-aigne-hub-credential` named it; never the secret); empty when the provider's
+    configured key served it or no provider was called.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the call was recorded."""
@@ -1467,10 +1473,11 @@ class CallRecord(_message.Message):
         audio_ms: _builtins.int = ...,
         characters: _builtins.int = ...,
         credits: _builtins.str = ...,
+        credential_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_ttft_ms", b"_ttft_ms", "create_time", b"create_time", "ttft_ms", b"ttft_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttft_ms", b"_ttft_ms", "attempts", b"attempts", "audio_ms", b"audio_ms", "characters", b"characters", "create_time", b"create_time", "credits", b"credits", "error_reason", b"error_reason", "images", b"images", "input_tokens", b"input_tokens", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "operation", b"operation", "outcome", b"outcome", "output_tokens", b"output_tokens", "owner", b"owner", "provider", b"provider", "request_id", b"request_id", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ttft_ms", b"_ttft_ms", "attempts", b"attempts", "audio_ms", b"audio_ms", "characters", b"characters", "create_time", b"create_time", "credential_id", b"credential_id", "credits", b"credits", "error_reason", b"error_reason", "images", b"images", "input_tokens", b"input_tokens", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "operation", b"operation", "outcome", b"outcome", "output_tokens", b"output_tokens", "owner", b"owner", "provider", b"provider", "request_id", b"request_id", "ttft_ms", b"ttft_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ttft_ms: _TypeAlias = _typing.Literal["ttft_ms"]  # noqa: Y015
     _WhichOneofArgType__ttft_ms: _TypeAlias = _typing.Literal["_ttft_ms", b"_ttft_ms"]  # noqa: Y015
