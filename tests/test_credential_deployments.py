@@ -110,6 +110,18 @@ async def _status(admin: httpx.AsyncClient) -> dict[str, Any]:
     return status
 
 
+async def _health(admin: httpx.AsyncClient) -> dict[str, Any]:
+    """The deployment's row of `GET /admin/health`, once the ledger holds its call."""
+    for _ in range(100):
+        answer = await admin.get("/admin/health")
+        assert answer.status_code == 200, answer.text
+        rows = {d["deployment"]: d for d in answer.json().get("deployments", [])}
+        if MODEL in rows:
+            return rows[MODEL]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{MODEL} never appeared in /admin/health")
+
+
 def _keys_used(upstream: FakeOpenAI) -> list[str]:
     return [r.headers["authorization"].removeprefix("Bearer ") for r in upstream.requests if r.method == "POST"]
 
@@ -142,6 +154,11 @@ async def test_a_429_on_one_credential_rests_that_credential_and_the_call_succee
     [resting] = status["resting"]
     assert resting["deployment"] == MODEL and resting["credential_id"] == ids[limited]
     assert 25 < resting["seconds_left"] <= 30, "rests for the provider's Retry-After"
+    # The admin's health view (the dashboard's) shows the same per-credential rest.
+    health = await _health(admin)
+    assert health["resting"] is False, "the other credential still serves"
+    [credential] = health["resting_credentials"]
+    assert credential["credential_id"] == ids[limited] and 25 < credential["seconds_left"] <= 30
 
     upstream.requests.clear()
     for _ in range(6):  # streams too
@@ -167,6 +184,9 @@ async def test_every_credential_resting_is_a_503_with_a_retry_hint(
     status = await _status(admin)
     assert status["available"] is False and status["code"] == "UPSTREAM_UNAVAILABLE"
     assert len(status["resting"]) == 2
+    health = await _health(admin)
+    assert health["resting"] is True and 0 < health["rest_seconds_left"] <= 60, "every credential rests"
+    assert len(health["resting_credentials"]) == 2
 
 
 async def test_without_stored_credentials_the_configured_key_serves(

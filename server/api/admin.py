@@ -270,19 +270,40 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         totals = await self._accounts.ledger.totals(["provider", "model"], since=since, upstream_only=True)
         counts = {_deployment_name(t.provider or "", t.model or ""): t for t in totals}
         names = sorted({*self._deployments, *counts})
-        resting = await self._cooldowns.resting(names) if self._cooldowns is not None and names else {}
-        deployments = [
-            admin_pb.DeploymentHealth(
-                deployment=name,
-                provider=name.partition("/")[0],
-                resting=name in resting,
-                rest_seconds_left=round(resting.get(name, 0.0), 1),
-                calls=counts[name].calls if name in counts else 0,
-                errors=counts[name].errors if name in counts else 0,
+        credentials = await self._credential_ids({name.partition("/")[0] for name in names})
+        # Each stored credential rests on its own, as `deployment@<credential id>`.
+        cooldowns = [*names, *(f"{n}@{c}" for n in names for c in credentials.get(n.partition("/")[0], ()))]
+        resting = await self._cooldowns.resting(cooldowns) if self._cooldowns is not None and names else {}
+        deployments = []
+        for name in names:
+            own = credentials.get(name.partition("/")[0], [])
+            rests = {c: resting[f"{name}@{c}"] for c in own if f"{name}@{c}" in resting}
+            # Every stored credential resting: the deployment takes no calls until one is back.
+            all_rest = bool(own) and len(rests) == len(own)
+            left = resting.get(name, min(rests.values()) if all_rest else 0.0)
+            deployments.append(
+                admin_pb.DeploymentHealth(
+                    deployment=name,
+                    provider=name.partition("/")[0],
+                    resting=name in resting or all_rest,
+                    rest_seconds_left=round(left, 1),
+                    calls=counts[name].calls if name in counts else 0,
+                    errors=counts[name].errors if name in counts else 0,
+                    resting_credentials=[
+                        admin_pb.RestingCredential(credential_id=c, seconds_left=round(s, 1))
+                        for c, s in sorted(rests.items())
+                    ],
+                )
             )
-            for name in names
-        ]
         return admin_pb.GetProviderHealthResponse(deployments=deployments, window_minutes=window)
+
+    async def _credential_ids(self, providers: set[str]) -> dict[str, list[str]]:
+        """The ids of the active stored credentials of each of `providers` (none
+        without a vault)."""
+        vault = self._accounts.vault
+        if vault is None:
+            return {}
+        return {provider: [c.id for c in await vault.active(provider)] for provider in sorted(providers)}
 
     async def _owner(self, text: str) -> str:
         """The owner's id, created if new (owners are bounded by the request limits)."""

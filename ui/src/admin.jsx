@@ -489,12 +489,21 @@ export function Health({ token }) {
             {
               label: "State",
               key: "state",
-              render: (d) =>
-                d.resting ? (
-                  <span class="badge bad">resting, back in {Math.ceil(d.rest_seconds_left)} s</span>
-                ) : (
-                  <span class="badge ok">serving</span>
-                ),
+              render: (d) => (
+                <>
+                  {d.resting ? (
+                    <span class="badge bad">resting, back in {Math.ceil(d.rest_seconds_left)} s</span>
+                  ) : (
+                    <span class="badge ok">serving</span>
+                  )}
+                  {/* Stored credentials rest one by one (a 429 on one key rests that key). */}
+                  {(d.resting_credentials || []).map((c) => (
+                    <span class="badge bad" key={c.credential_id}>
+                      credential {c.credential_id} resting, back in {Math.ceil(c.seconds_left)} s
+                    </span>
+                  ))}
+                </>
+              ),
             },
             { label: "Calls", key: "calls", num: true, render: (d) => int(d.calls) },
             { label: "Errors", key: "errors", num: true, render: (d) => int(d.errors) },

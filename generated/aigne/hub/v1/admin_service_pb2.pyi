@@ -1617,6 +1617,7 @@ class DeploymentHealth(_message.Message):
     REST_SECONDS_LEFT_FIELD_NUMBER: _builtins.int
     CALLS_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
+    RESTING_CREDENTIALS_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
     """Output only. The deployment, `provider/model`."""
     provider: _builtins.str
@@ -1631,6 +1632,13 @@ class DeploymentHealth(_message.Message):
     """
     errors: _builtins.int
     """Output only. Of those, the calls that did not succeed."""
+    @_builtins.property
+    def resting_credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___RestingCredential]:
+        """Output only. The provider's stored credentials that rest now for this deployment
+        (each stored credential is a deployment of its own, resting alone after its own
+        failures, as /status shows). When all of them rest, `resting` is true as well.
+        """
+
     def __init__(
         self,
         *,
@@ -1640,11 +1648,38 @@ class DeploymentHealth(_message.Message):
         rest_seconds_left: _builtins.float = ...,
         calls: _builtins.int = ...,
         errors: _builtins.int = ...,
+        resting_credentials: _abc.Iterable[Global___RestingCredential] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "deployment", b"deployment", "errors", b"errors", "provider", b"provider", "rest_seconds_left", b"rest_seconds_left", "resting", b"resting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "deployment", b"deployment", "errors", b"errors", "provider", b"provider", "rest_seconds_left", b"rest_seconds_left", "resting", b"resting", "resting_credentials", b"resting_credentials"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeploymentHealth: _TypeAlias = DeploymentHealth  # noqa: Y015
+
+@_typing.final
+class RestingCredential(_message.Message):
+    """A stored provider credential resting for one deployment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
+    SECONDS_LEFT_FIELD_NUMBER: _builtins.int
+    credential_id: _builtins.str
+    """Output only. The credential's id (never its secret)."""
+    seconds_left: _builtins.float
+    """Output only. Seconds until it is tried again."""
+    def __init__(
+        self,
+        *,
+        credential_id: _builtins.str = ...,
+        seconds_left: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential_id", b"credential_id", "seconds_left", b"seconds_left"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestingCredential: _TypeAlias = RestingCredential  # noqa: Y015
