@@ -106,6 +106,7 @@ class Served:
                 env=self.env,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
+                start_new_session=True,  # its own process group, as a terminal's job is
             )
         self._reader = asyncio.create_task(self._read())
         await poll(lambda: b"aigne-hub ready" in self.output or self._reader.done(), 90, "serve is ready")
@@ -314,7 +315,10 @@ async def test_a_rate_limit_of_20_per_minute_admits_exactly_20_across_workers(up
     assert len(set(served.call_pids())) == 2, "both workers took calls"
 
 
-async def test_sigterm_drains_both_workers_and_stops_everything(upstream, tmp_path, started) -> None:
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "sigint-to-the-group"])
+async def test_sigterm_drains_both_workers_and_stops_everything(upstream, tmp_path, started, ctrl_c) -> None:
+    """SIGTERM to `serve`, or Ctrl-C in a terminal (SIGINT to its whole process group):
+    Envoy is in a group of its own, so it is stopped by `serve` after the drain."""
     upstream.slow_seconds = 1.5
     served = started(serve_env(upstream, tmp_path, AIGNE_HUB_AUTH_REQUIRED="false"))
     await served.start()
@@ -325,7 +329,11 @@ async def test_sigterm_drains_both_workers_and_stops_everything(upstream, tmp_pa
         calls = [asyncio.ensure_future(chat(client, served.rest_url, "openai/slow")) for _ in range(8)]
         await poll(lambda: len(upstream.requests) - before >= 8, 10, "every call reached the upstream")
         assert served.process is not None
-        served.process.send_signal(signal.SIGTERM)
+        if ctrl_c:
+            assert envoy and all(os.getpgid(p) != served.pid for p in envoy), "Envoy is not in serve's group"
+            os.killpg(served.pid, signal.SIGINT)
+        else:
+            served.process.send_signal(signal.SIGTERM)
         answers = await asyncio.gather(*calls)
     assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
     assert len(set(served.call_pids()[logged:])) == 2, "both workers had calls in flight"

@@ -3,6 +3,9 @@
 Guarantees, each against a failure seen in practice:
 - Envoy dies with its parent: it is started through `die_with_parent.py` (Linux
   parent-death signal, SIGKILL), so a gateway killed with `kill -9` leaves no Envoy behind.
+- Envoy outlives the drain: it runs in a session (process group) of its own, so Ctrl-C
+  (SIGINT to the terminal's foreground group) reaches only the gateway, which stops Envoy
+  once its calls in flight have ended.
 - The Envoy that answers is the one started: each start passes a fresh node id
   (`--service-node`), and readiness means the admin's `/server_info` reports that id. An
   older Envoy still holding the admin port cannot pass for the new one.
@@ -155,6 +158,11 @@ class EnvoyProcess:
                 stdout=log,
                 stderr=log,
                 stdin=asyncio.subprocess.DEVNULL,
+                # A session of its own: Ctrl-C in a terminal signals the foreground process
+                # group, and Envoy must not stop before the gateway has drained its calls;
+                # the gateway stops it after the drain (setsid runs in the C fork path, and
+                # the parent-death signal survives it).
+                start_new_session=True,
             )
         try:
             await self._wait_ready(ready_timeout_s)
