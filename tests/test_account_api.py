@@ -145,6 +145,7 @@ async def test_admin_lists_calls_and_provider_health(accounts_stack):
         "rest_seconds_left": 0,
         "calls": 3,
         "errors": 0,
+        "resting_credentials": [],  # no stored credential rests
     }
     for refused in (too_long, negative):
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "window_minutes"
