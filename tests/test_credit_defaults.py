@@ -301,8 +301,8 @@ async def test_the_admin_and_account_apis_list_the_config_defaults_where_they_ap
             base_url=bridge.rest_url, headers={"authorization": f"Bearer {plain_secret}"}
         ) as account:
             mine = (await account.get("/account")).json()["limits"]
-        shown = sorted((r["source"], r.get("key_id", ""), r.get("owner", "")) for r in mine)
-        assert shown == sorted([("config", "", owner), ("config", plain, ""), ("rule", own, ""), ("config", own, "")])
+        shown = {(r["source"], r.get("key_id", ""), r.get("owner", "")) for r in mine}
+        assert {("config", "", owner), ("config", plain, ""), ("config", own, ""), ("rule", own, "")} <= shown
     finally:
         await bridge.envoy.stop()
         await gateway.stop(0.5)
