@@ -175,7 +175,7 @@ def serve_env(upstream: FakeOpenAI, tmp_path: Path, **extra: str) -> dict[str, s
         "AIGNE_HUB_LOG_FORMAT": "json",
         "AIGNE_HUB_METRICS_ENABLED": "false",
         "AIGNE_HUB_SHUTDOWN_GRACE_S": "3",
-        # No local models: each worker would load them at start, and the CPU that takes
+        # No local models: worker 0 would load them at start, and the CPU that takes
         # can delay Envoy's first health checks past their timeout (calls then go to one
         # worker until the next check).
         "AIGNE_HUB_LOCAL": "false",
