@@ -187,7 +187,8 @@ def verdict(processes: dict[str, Process], total: int) -> tuple[str, bool]:
         if server:
             ok = ok and met
         shown = "n/a" if slope is None else f"{slope:+.2f}"
-        mark = ("ok" if met else "OVER GOAL") if server else "(Envoy, not a server process)"
+        mark = "ok" if met else ("GROWS" if max(values) <= GOAL_MB else "OVER 150 MB")
+        mark = mark if server else "(Envoy, not a server process)"
         lines.append(
             f"  {process.role:<9} start {values[0]:6.1f}  end {values[-1]:6.1f}  max {max(values):6.1f} MB  "
             f"slope {shown:>6} MB/100k  {mark}"
