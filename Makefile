@@ -7,7 +7,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := python3
 
 
-.PHONY: setup run test pytest postgres redis prometheus bench generate check-generated lint typecheck buf-lint buf-breaking clean go-toolchain go-client ui check-ui chromium
+.PHONY: setup run test pytest postgres redis prometheus bench soak generate check-generated lint typecheck buf-lint buf-breaking clean go-toolchain go-client ui check-ui chromium
 
 setup: .venv/.installed node_modules/.installed
 
@@ -83,6 +83,11 @@ pytest: setup
 
 bench: setup
 	$(PY) -m tests.bench
+
+# Memory over a long run (default 1M requests, about an hour here): RSS of every
+# process every 5 %, its slope, a verdict. Not part of `make test`; ARGS="--requests 200000".
+soak: setup
+	$(PY) -m tests.bench.soak $(ARGS)
 
 generate: setup
 	$(PY) -m server.tools.generate

@@ -6,7 +6,15 @@ rather than cut silently. The ledger's spool replay task (server.accounts.spool)
 runs for the gateway's lifetime.
 
 A serving gateway also keeps its credit reservations' leases and sweeps expired ones
-(see `server.accounts.credits`): started with the server, stopped after it drained."""
+(see `server.accounts.credits`): started with the server, stopped after it drained.
+
+Background work done once per `serve`, not once per worker: the sweep of expired
+reservations and the periodic re-check of invalid credentials work on the shared
+database, so N workers doing them would only multiply the queries and the probes sent
+to providers. Worker 0 does them (`WorkerRole.keeps_shared_duties`); when it dies,
+`serve` restarts it with the same index and they resume (a sweep runs at once on
+start). Local models are preloaded there too; the other workers load one on its first
+call, so a `local` provider that is configured but not called costs one copy, not N."""
 
 from __future__ import annotations
 
@@ -179,6 +187,7 @@ async def start_gateway(
     accounts = await open_accounts(settings, migrate=False if worker is not None else None)
     if worker is None:
         await apply_configured_rates(accounts, config)
+    duties = worker is None or worker.keeps_shared_duties
     hub = worker.hub if worker is not None and not settings.redis_url else None
     limit_rules = LimitStore(accounts.db, cache_ttl_s=settings.key_cache_ttl_s)
     if worker is not None:
@@ -202,7 +211,7 @@ async def start_gateway(
         if isinstance(provider, KeepsConversationState):
             provider.keep_state_in(conversations, settings.conversation_state_ttl_s)
     for provider in providers.values():
-        if isinstance(provider, Preloading):
+        if duties and isinstance(provider, Preloading):
             provider.start_loading()
     router = Router(config, providers, upstream_timeout_s=settings.upstream_read_timeout_s)
     cooldowns = (
@@ -212,7 +221,7 @@ async def start_gateway(
     )
     routing = Routing(config.routing, cooldowns)
     probes = {name: p.probe_credential for name, p in providers.items() if isinstance(p, CredentialProbe)}
-    accounts.watch_credentials(probes, settings.credential_recheck_s)
+    accounts.watch_credentials(probes, settings.credential_recheck_s, recheck=duties)
     setup_tracing()
     gateway_metrics = instrument(
         accounts, routing, router, metrics_on=settings.metrics_enabled, owner_labels=settings.metrics_owner_labels
@@ -266,7 +275,7 @@ async def start_gateway(
     if worker is not None and server.add_insecure_port(f"unix:{worker.socket}") == 0:
         raise OSError(f"cannot listen on the worker socket {worker.socket}")
     await server.start()
-    accounts.credits.start_lease_keeping()
+    accounts.credits.start_lease_keeping(sweep=duties)
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if worker is not None:

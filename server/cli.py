@@ -38,6 +38,7 @@ from server.bridge.envoy_config import LUA_PATH, bridge_timeouts, render_envoy_c
 from server.bridge.process import EnvoyProcess, Listen, check_ports_free
 from server.bridge.supervisor import supervise
 from server.config import ConfigError, GatewayConfig, Settings, load_gateway_config
+from server.memory import trace_allocations_if_asked
 from server.observability.logs import configure_logging
 from server.providers.registry import enabling_variables
 from server.serving.hub import Hub, HubClient, WorkerRole
@@ -242,6 +243,7 @@ def free_port(host: str) -> int:
 
 async def serve_worker(settings: Settings, index: int, socket_path: Path, hub_path: Path) -> None:
     """One worker of `serve --workers N` (started by it): serves until SIGTERM/SIGINT."""
+    trace_allocations_if_asked()
     hub = await HubClient.connect(hub_path)
     gateway = await start_gateway(settings, worker=WorkerRole(index, socket_path, hub))
     stop = asyncio.Event()

@@ -20,6 +20,12 @@ collector ran ~50 times a second under load and took about 6 % of the server's C
 of the collector's sight (`gc.freeze`) and collects the young generation every
 `YOUNG_GC_THRESHOLD` allocations instead: reference cycles are still collected, a
 little later.
+
+Finding a leak (`python -m tests.bench.soak --tracemalloc`): with
+AIGNE_HUB_TRACEMALLOC_DIR set, a gateway process traces its allocations from start and
+writes a snapshot (`<pid>-<n>.snap`) into that folder on each SIGUSR2; comparing two
+snapshots names the lines whose allocations grew. Off (and nothing imported) otherwise:
+tracing slows every allocation.
 """
 
 from __future__ import annotations
@@ -28,8 +34,14 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
+import signal
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+TRACEMALLOC_DIR_VARIABLE = "AIGNE_HUB_TRACEMALLOC_DIR"
+TRACEMALLOC_FRAMES = 8
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 YOUNG_GC_THRESHOLD = 10_000
@@ -64,3 +76,28 @@ def tune_garbage_collection() -> None:
 
 
 _frozen = False
+
+
+def trace_allocations_if_asked() -> None:
+    """With AIGNE_HUB_TRACEMALLOC_DIR set: traces allocations and writes a snapshot on
+    each SIGUSR2 (see the module docstring). Call it from the running event loop."""
+    folder = os.environ.get(TRACEMALLOC_DIR_VARIABLE)
+    if not folder:
+        return
+    import asyncio
+    import tracemalloc
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    if not tracemalloc.is_tracing():
+        tracemalloc.start(TRACEMALLOC_FRAMES)
+    taken = 0
+
+    def take() -> None:
+        nonlocal taken
+        taken += 1
+        path = Path(folder) / f"{os.getpid()}-{taken:03d}.snap"
+        snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+        snapshot.dump(str(path))
+        log.warning("tracemalloc snapshot written to %s", path)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, take)

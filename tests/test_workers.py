@@ -11,6 +11,7 @@ wrote it, and each call writes one line (logger `aigne_hub.calls`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -175,7 +176,7 @@ def serve_env(upstream: FakeOpenAI, tmp_path: Path, **extra: str) -> dict[str, s
         "AIGNE_HUB_LOG_FORMAT": "json",
         "AIGNE_HUB_METRICS_ENABLED": "false",
         "AIGNE_HUB_SHUTDOWN_GRACE_S": "3",
-        # No local models: each worker would load them at start, and the CPU that takes
+        # No local models: worker 0 would load them at start, and the CPU that takes
         # can delay Envoy's first health checks past their timeout (calls then go to one
         # worker until the next check).
         "AIGNE_HUB_LOCAL": "false",
@@ -467,3 +468,69 @@ async def test_the_hub_gives_workers_one_set_of_counters_and_cooldowns(tmp_path)
         await first.aclose()
         await second.aclose()
         await hub.close()
+
+
+def log_pids(served: Served, message: str) -> list[int]:
+    """The pid of each JSON log line whose message starts with `message`, in order."""
+    pids = []
+    for line in served.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if str(record.get("message", "")).startswith(message):
+                pids.append(int(record["pid"]))
+    return pids
+
+
+def worker_index(pid: int) -> str:
+    words = cmdline(pid).split()
+    return words[words.index("--index") + 1]
+
+
+async def test_one_worker_sweeps_and_rechecks_for_all_and_resumes_after_kill_9(upstream, tmp_path, started) -> None:
+    """The sweep of expired reservations and the re-check of invalid credentials run in
+    one worker of the two (they work on the shared database); killed with `kill -9`,
+    that worker is restarted and the duty with it: a reservation left to expire is
+    released afterwards too."""
+    url = f"sqlite:///{tmp_path / 'data' / 'aigne-hub.db'}"
+    db = await Database.open(url, migrate=True)
+    # A process that reserves and never renews: its holds expire after 1 s.
+    lapsing = CreditService(db, billing_enabled=True, reservation_lease_s=1.0)
+    owner = await ensure_owner(db, "project", "sweep")
+    await lapsing.grant(owner.id, 100 * CREDIT)
+    sweeper, recheck = "sweeping expired credit reservations", "re-checking invalid provider credentials"
+    env = serve_env(
+        upstream,
+        tmp_path,
+        AIGNE_HUB_BILLING_ENABLED="true",
+        AIGNE_HUB_RESERVATION_LEASE_S="3",  # a sweep every second
+        AIGNE_HUB_CREDENTIAL_RECHECK_S="1",
+        AIGNE_HUB_MASTER_KEY=base64.b64encode(os.urandom(32)).decode(),
+    )
+
+    async def lapsed_hold_is_released() -> None:
+        await lapsing.reserve(owner.id, CREDIT)
+        deadline = time.monotonic() + 15
+        while await lapsing.list_reservations(owner.id):
+            assert time.monotonic() < deadline, "no sweeper released the expired reservation"
+            await asyncio.sleep(0.2)
+
+    try:
+        served = started(env)
+        await served.start()
+        workers = served.workers()
+        assert len(workers) == 2
+        await lapsed_hold_is_released()
+        (duty,) = set(log_pids(served, sweeper))
+        assert set(log_pids(served, recheck)) == {duty}, "one process re-checks credentials, the sweeper's"
+        assert duty in workers and worker_index(duty) == "0"
+        (other,) = set(workers) - {duty}
+
+        os.kill(duty, signal.SIGKILL)
+        await poll(lambda: len(served.workers()) == 2 and duty not in served.workers(), 30, "worker 0 restarts")
+        (restarted,) = set(served.workers()) - {other}
+        await poll(lambda: restarted in log_pids(served, sweeper), 60, "the restarted worker sweeps")
+        await lapsed_hold_is_released()
+        assert set(log_pids(served, sweeper)) == {duty, restarted}, "never the other worker"
+        assert set(log_pids(served, recheck)) == {duty, restarted}
+    finally:
+        await db.close()

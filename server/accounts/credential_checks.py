@@ -83,8 +83,10 @@ class CredentialChecker:
         return reactivated
 
     def start(self) -> None:
-        """Starts the periodic re-check in the background."""
+        """Starts the periodic re-check in the background (in one process per `serve`:
+        the credentials' status is in the shared database)."""
         if self._loop_task is None:
+            log.info("re-checking invalid provider credentials every %g s in this process", self._interval)
             self._loop_task = asyncio.create_task(self._recheck_forever(), name="aigne-hub credential re-check")
 
     async def stop(self) -> None:

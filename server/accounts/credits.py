@@ -24,8 +24,9 @@ Reservations are leases. A reservation expires `reservation_lease_s` (default 12
 after it is made, and the process that made it renews the lease of every reservation
 it still holds (`hold` / `forget`, an in-memory set) every lease/3, in one UPDATE per
 500 ids. A
-sweeper on every replica releases expired reservations at start and every lease/3
-(jittered); two sweepers never release one twice because taking a reservation
+sweeper on every replica (in one worker of a `serve --workers N`: the others' expired
+holds are in the same database) releases expired reservations at start and every
+lease/3 (jittered); two sweepers never release one twice because taking a reservation
 deletes its row, and a sweeper only deletes a row that is still expired (a renewal
 that wins the race keeps it). So the holds of a process killed mid-call come back
 within about one lease, however long calls take, and a live call's hold never lapses
@@ -560,9 +561,11 @@ class CreditService:
             renewed += max(done.rowcount, 0)
         return renewed
 
-    def start_lease_keeping(self) -> None:
-        """Starts the two background loops of a serving process: lease renewal and the
-        sweeper of expired reservations (which runs at once, then every lease/3)."""
+    def start_lease_keeping(self, *, sweep: bool = True) -> None:
+        """Starts the background loops of a serving process: lease renewal (of this
+        process's own reservations) and, with `sweep`, the sweeper of expired ones (which
+        runs at once, then every lease/3). One sweeper per `serve` is enough: the other
+        workers of a `serve --workers N` pass sweep=False."""
         if self._lease_tasks:
             return
         period = self.lease_s / 3
@@ -571,11 +574,15 @@ class CreditService:
                 _every(period, 0.0, "renewing credit reservation leases", self.renew_leases, first_at_once=False),
                 name="credit-lease-renewal",
             ),
-            asyncio.create_task(
-                _every(period, _SWEEP_JITTER, "releasing expired credit reservations", self._sweep),
-                name="credit-reservation-sweeper",
-            ),
         ]
+        if sweep:
+            log.info("sweeping expired credit reservations every %.1f s in this process", period)
+            self._lease_tasks.append(
+                asyncio.create_task(
+                    _every(period, _SWEEP_JITTER, "releasing expired credit reservations", self._sweep),
+                    name="credit-reservation-sweeper",
+                )
+            )
 
     async def stop_lease_keeping(self) -> None:
         tasks, self._lease_tasks = self._lease_tasks, []

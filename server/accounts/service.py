@@ -128,12 +128,16 @@ class Accounts:
         """The task body that replays spooled records (None without a spool)."""
         return None if self.spool is None else SpoolReplayer(self.ledger, self.spool, interval_s=interval_s)
 
-    def watch_credentials(self, probes: Mapping[str, Probe], recheck_interval_s: float) -> None:
+    def watch_credentials(
+        self, probes: Mapping[str, Probe], recheck_interval_s: float, *, recheck: bool = True
+    ) -> None:
         """With a vault: confirms provider rejections of stored credentials with these
-        probes (by provider name) and re-checks invalid ones every `recheck_interval_s`."""
+        probes (by provider name) and, with `recheck`, re-checks invalid ones every
+        `recheck_interval_s` (one process per `serve` does: the status is shared)."""
         if self.vault is not None and self.credential_checker is None:
             self.credential_checker = CredentialChecker(self.vault, probes, recheck_interval_s=recheck_interval_s)
-            self.credential_checker.start()
+            if recheck:
+                self.credential_checker.start()
 
     async def close(self) -> None:
         """Commits what the ledger still holds, then disconnects."""

@@ -19,28 +19,35 @@ ends with its first chunk, before any finish reason).
 Propagation: a W3C `traceparent` (and `tracestate`) arriving as gRPC metadata is
 continued: a REST client's header reaches it through Envoy unchanged. Each upstream
 request carries the attempt span's `traceparent`. Message content is never recorded.
+
+OpenTelemetry (~10 MB of RSS per process with its SDK) is imported only when tracing
+is on: every name used below `use_provider` runs only with a tracer set.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
-
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from typing import TYPE_CHECKING, Any
 
 from server.observability.metrics import GEN_AI_OPERATIONS
 
-_PROPAGATOR = TraceContextTextMapPropagator()
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _tracer: Tracer | None = None
+
+
+@functools.cache
+def _propagator() -> TraceContextTextMapPropagator:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    return TraceContextTextMapPropagator()
 
 
 def tracing_requested(environ: Mapping[str, str]) -> bool:
@@ -57,6 +64,9 @@ def setup_tracing(environ: Mapping[str, str] | None = None) -> TracerProvider | 
     if not tracing_requested(environ):
         return None
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     service = environ.get("OTEL_SERVICE_NAME") or "aigne-hub"
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
@@ -88,8 +98,12 @@ class CallSpan:
     """The SERVER span of one call, current while the call runs."""
 
     def __init__(self, tracer: Tracer, operation: str, model: str, metadata: Any) -> None:
+        from opentelemetry import context as otel_context
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanKind
+
         carrier = {k: v for k, v in metadata or () if k in _TRACE_HEADERS and isinstance(v, str)}
-        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        parent = _propagator().extract(carrier) if carrier else None
         self.operation = GEN_AI_OPERATIONS.get(operation, operation)
         self.span: Span = tracer.start_span(
             f"{self.operation} {model}",
@@ -118,6 +132,8 @@ class CallSpan:
             span.set_attribute("gen_ai.response.finish_reasons", self.finish_reasons)
         _mark_error(span, error)
         span.end()
+        from opentelemetry import context as otel_context
+
         otel_context.detach(self._token)
 
 
@@ -134,6 +150,8 @@ def attempt_span(operation: str, provider: str, model: str) -> Iterator[Span | N
     if tracer is None:
         yield None
         return
+    from opentelemetry.trace import SpanKind
+
     name = GEN_AI_OPERATIONS.get(operation, operation)
     attributes = {"gen_ai.operation.name": name, "gen_ai.provider.name": provider, "gen_ai.request.model": model}
     with tracer.start_as_current_span(
@@ -163,6 +181,8 @@ def note_answer(span: Span, call: CallSpan | None, answer: Any) -> None:
 def _mark_error(span: Span, error: BaseException | None) -> None:
     if error is None:
         return
+    from opentelemetry.trace import StatusCode
+
     reason = getattr(error, "reason", None) or type(error).__name__
     span.set_attribute("error.type", reason)
     span.set_status(StatusCode.ERROR, reason)
@@ -174,5 +194,5 @@ def upstream_headers() -> tuple[tuple[str, str], ...]:
     if _tracer is None:
         return ()
     carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier)
+    _propagator().inject(carrier)
     return tuple(carrier.items())

@@ -47,16 +47,8 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
-
-import botocore.session
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
-from botocore.eventstream import EventStreamBuffer, ParserError
-from botocore.exceptions import BotoCoreError
-from botocore.utils import get_token_from_environment
 
 from server import errors
 from server.calls import NO_CALL, Call, probe_call
@@ -73,6 +65,13 @@ from server.providers.transport import (
     retry_after_seconds,
     upstream_status_error,
 )
+
+if TYPE_CHECKING:
+    import botocore.session
+
+# botocore (~20 MB of RSS with what it imports) is imported when a Bedrock adapter is
+# built or used, not by the registry that lists every provider's spec: a gateway
+# without Bedrock does not carry it.
 
 SIGNING_NAME = "bedrock"
 BEARER_ENV = "AWS_BEARER_TOKEN_BEDROCK"
@@ -183,6 +182,8 @@ class BedrockAdapter:
 
     async def _events(self, response: StreamBody) -> AsyncIterator[tuple[str, JSON]]:
         """The stream's events as (event type, JSON payload), decoded by botocore."""
+        from botocore.eventstream import EventStreamBuffer, ParserError
+
         frames = EventStreamBuffer()
         try:
             async for data in response.chunks():
@@ -261,6 +262,11 @@ class BedrockAdapter:
         headers = {**self._http.headers, "content-type": "application/json", "accept": accept}
         if self._bearer or self._credentials is None:
             return headers
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+        from botocore.exceptions import BotoCoreError
+
         try:
             # A refresh (assumed role, SSO, instance metadata) is blocking I/O: off the loop.
             if getattr(self._credentials, "refresh_needed", lambda: False)():
@@ -320,6 +326,9 @@ def _message_of(content: bytes) -> str:
 
 def build_bedrock(name: str, cfg: ProviderConfig, spec: ProviderSpec, transport: Transport) -> BedrockAdapter:
     """The registry's factory: the region, endpoint and credentials botocore finds."""
+    import botocore.session
+    from botocore.utils import get_token_from_environment
+
     session = botocore.session.Session()
     api_key = cfg.resolved_api_key()
     if api_key is None and cfg.api_key_env is None:

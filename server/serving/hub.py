@@ -327,6 +327,11 @@ class HubCooldowns:
         self._flush()
 
 
+# The worker that sweeps expired reservations and re-checks invalid credentials for
+# every worker of its `serve` (server.app.start_gateway).
+DUTY_WORKER = 0
+
+
 @dataclass(frozen=True)
 class WorkerRole:
     """What makes a gateway process worker `index` of `serve --workers N`."""
@@ -334,3 +339,9 @@ class WorkerRole:
     index: int
     socket: Path
     hub: HubClient
+
+    @property
+    def keeps_shared_duties(self) -> bool:
+        """Worker 0 runs the background work one process does for all (see
+        `server.app.start_gateway`); restarted with the same index, it resumes it."""
+        return self.index == DUTY_WORKER

@@ -20,6 +20,9 @@ restarts whichever dies. Each worker is a full gateway process (`aigne-hub worke
   supervisor killed with `kill -9` takes every worker (and Envoy) with it.
 - A worker that exits on its own is logged and restarted after a backoff (0.5 s
   doubling to 30 s, as Envoy's); 5 failed restarts in a row end `serve` with code 1.
+- Worker 0 also does the background work that one process does for all: the sweep of
+  expired credit reservations and the re-check of invalid credentials (see
+  `server.app`); restarted with the same index, it resumes them.
 - SIGTERM/SIGINT: every worker drains in parallel (the single-process guarantees hold
   for each: streams still open at the end of the grace end with SHUTTING_DOWN), then
   Envoy stops.
