@@ -22,11 +22,8 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
-from http.cookiejar import CookieJar
-from typing import Any
 
 import grpc
-import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -66,11 +63,10 @@ from server.limits import DefaultLimits, LimitStore, open_limiter
 from server.memory import return_large_buffers_to_the_os, tune_garbage_collection
 from server.observability import MetricsListener, instrument, serve_metrics
 from server.observability.tracing import setup_tracing
-from server.providers.aiohttp_transport import AiohttpTransport
 from server.providers.base import CredentialProbe, Preloading, Provider
 from server.providers.conversation_state import KeepsConversationState
 from server.providers.registry import build_provider
-from server.providers.transport import Transport
+from server.providers.transport import Transport, UpstreamLimits
 from server.redaction import register_secret
 from server.routing.attempts import Routing
 from server.routing.cooldown import open_cooldowns
@@ -92,41 +88,20 @@ SERVICE_NAMES = [
 ]
 
 
-def upstream_client(settings: Settings) -> httpx.AsyncClient:
-    """The HTTP client under the one upstream transport (server.providers.transport):
-    pooled connections, bounded waits. The call's credential, request id and trace
-    context are put on each request by the transport, from the call; no hooks here."""
-    timeout = httpx.Timeout(
-        connect=settings.upstream_connect_timeout_s,
-        read=settings.upstream_read_timeout_s,
-        write=60.0,
-        pool=settings.upstream_connect_timeout_s,
+def upstream_transport(settings: Settings) -> Transport:
+    """The one upstream transport (server.providers.transport) with the settings' pool
+    and waits; it opens its aiohttp session on the first request and closes it on
+    shutdown. The call's credential, request id, trace context and deadline are put on
+    each request by the transport, from the call."""
+    return Transport(
+        UpstreamLimits(
+            connect_s=settings.upstream_connect_timeout_s,
+            read_s=settings.upstream_read_timeout_s,
+            pool_s=settings.upstream_connect_timeout_s,
+            max_connections=settings.upstream_max_connections,
+            keepalive_s=30.0,
+        )
     )
-    limits = httpx.Limits(
-        max_connections=settings.upstream_max_connections,
-        max_keepalive_connections=min(settings.upstream_max_connections, 200),
-        keepalive_expiry=30.0,
-    )
-    return httpx.AsyncClient(
-        timeout=timeout,
-        limits=limits,
-        transport=AiohttpTransport(limits),
-        follow_redirects=False,
-        trust_env=False,
-        cookies=_NoCookies(),
-    )
-
-
-class _NoCookies(CookieJar):
-    """A jar that keeps nothing. A gateway must not carry one caller's upstream
-    cookies into another caller's request, and skipping httpx's per-response cookie
-    parsing is a measurable share of the upstream client's CPU."""
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        return None
-
-    def add_cookie_header(self, request: Any) -> None:
-        return None
 
 
 @dataclass
@@ -204,7 +179,7 @@ async def start_gateway(
     )
     for secret in (settings.admin_token, settings.master_key, settings.key_pepper):
         register_secret(secret.get_secret_value() if secret else None)
-    transport = Transport(upstream_client(settings))
+    transport = upstream_transport(settings)
     providers = {name: build_provider(name, cfg, transport) for name, cfg in config.providers.items()}
     conversations = DatabaseConversationStore(accounts.db)
     for provider in providers.values():

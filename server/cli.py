@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(str(exc))
     configure_logging(settings.log_level, settings.log_format)
-    # httpx logs every upstream request at INFO: too much for a gateway's log.
+    # httpx (the admin commands' and readiness probes' client) logs each request at INFO.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:

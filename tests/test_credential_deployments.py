@@ -270,8 +270,8 @@ async def test_each_active_credential_becomes_a_target_sharing_the_weight(tmp_pa
                 )
             },
         )
-        async with httpx.AsyncClient() as client:
-            providers = {name: build_provider(name, cfg, Transport(client)) for name, cfg in config.providers.items()}
+        async with Transport() as transport:
+            providers = {name: build_provider(name, cfg, transport) for name, cfg in config.providers.items()}
             plan = Router(config, providers).plan("smart", Capability.CHAT, ChatCompletions)
             expanded, credentials = await with_credentials(plan, vault)
             unchanged, none = await with_credentials(plan, None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx
 import openai
 import pytest
 import pytest_asyncio
@@ -197,19 +196,17 @@ async def test_environment_enables_azure(monkeypatch, fake):
     monkeypatch.delenv("AZURE_OPENAI_AD_TOKEN", raising=False)
     config = config_from_environment(variables)
     assert "azure" not in config_from_environment({"AZURE_OPENAI_API_KEY": KEY}).providers
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider("azure", config.providers["azure"], Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider("azure", config.providers["azure"], transport)
         assert isinstance(adapter, AzureOpenAIAdapter) and adapter._params == {"api-version": "2024-10-21"}
         monkeypatch.delenv("AZURE_OPENAI_ENDPOINT")
         with pytest.raises(errors.ProviderNotConfigured, match="AZURE_OPENAI_ENDPOINT"):
-            build_provider("azure", ProviderConfig(), Transport(client))
+            build_provider("azure", ProviderConfig(), transport)
 
 
 async def test_probe_credential(fake):
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider(
-            "azure", ProviderConfig(base_url=fake.endpoint, api_key="configured"), Transport(client)
-        )
+    async with Transport() as transport:
+        adapter = build_provider("azure", ProviderConfig(base_url=fake.endpoint, api_key="configured"), transport)
         await adapter.probe_credential(KEY)
         assert fake.requests[-1].path == "/openai/models" and fake.requests[-1].headers["api-key"] == KEY
         with pytest.raises(errors.UpstreamCredentialRejected):

@@ -11,7 +11,6 @@ import struct
 from collections.abc import AsyncIterator, Iterator
 
 import boto3
-import httpx
 import pytest
 import pytest_asyncio
 from botocore.config import Config
@@ -453,8 +452,8 @@ async def test_environment_enables_bedrock_with_botocore_endpoint(monkeypatch, t
     config = config_from_environment({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_DEFAULT_REGION": REGION})
     assert "bedrock" in config.providers
     assert "bedrock" not in config_from_environment({"AWS_ACCESS_KEY_ID": ACCESS_KEY}).providers  # no region
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider("bedrock", config.providers["bedrock"], Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider("bedrock", config.providers["bedrock"], transport)
         assert isinstance(adapter, BedrockAdapter) and adapter._endpoint == fake.base_url
         answer = await adapter.create_chat_completion({"messages": [user("via env")]}, "amazon.nova-lite-v1:0")
     assert answer["choices"][0]["message"]["content"] == "echo: via env"
@@ -462,34 +461,34 @@ async def test_environment_enables_bedrock_with_botocore_endpoint(monkeypatch, t
 
 async def test_default_endpoint_is_the_regional_one(monkeypatch, tmp_path):
     aws_environment(monkeypatch, tmp_path)
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider("bedrock", ProviderConfig(), Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider("bedrock", ProviderConfig(), transport)
     assert adapter._endpoint == f"https://bedrock-runtime.{REGION}.amazonaws.com"
 
 
 async def test_bearer_token_variable_and_missing_region(monkeypatch, tmp_path, fake):
     aws_environment(monkeypatch, tmp_path, AWS_BEARER_TOKEN_BEDROCK=API_KEY)
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), transport)
         await adapter.create_chat_completion({"messages": [user("x")]}, "m")
         assert fake.requests[-1].headers["authorization"] == f"Bearer {API_KEY}"
         monkeypatch.delenv("AWS_DEFAULT_REGION")
         with pytest.raises(errors.ProviderNotConfigured, match="AWS region"):
-            build_provider("bedrock", ProviderConfig(), Transport(client))
+            build_provider("bedrock", ProviderConfig(), transport)
 
 
 async def test_wrong_secret_is_a_rejected_credential(monkeypatch, tmp_path, fake):
     aws_environment(monkeypatch, tmp_path, AWS_SECRET_ACCESS_KEY="wrong")
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), transport)
         with pytest.raises(errors.UpstreamCredentialRejected, match="InvalidSignatureException"):
             await adapter.create_chat_completion({"messages": [user("x")]}, "m")
 
 
 async def test_probe_credential(monkeypatch, tmp_path, fake):
     aws_environment(monkeypatch, tmp_path)
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), transport)
         await adapter.probe_credential(API_KEY)  # the empty conversation is refused only after auth
         assert fake.requests[-1].headers["authorization"] == f"Bearer {API_KEY}"
         with pytest.raises(errors.UpstreamCredentialRejected):
@@ -498,8 +497,8 @@ async def test_probe_credential(monkeypatch, tmp_path, fake):
 
 async def test_session_token_is_signed_along(monkeypatch, tmp_path, fake):
     aws_environment(monkeypatch, tmp_path, AWS_SESSION_TOKEN="session-token-1")
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider("bedrock", ProviderConfig(base_url=fake.base_url), transport)
         await adapter.create_chat_completion({"messages": [user("x")]}, "m")
     sent = fake.requests[-1].headers
     assert sent["x-amz-security-token"] == "session-token-1"

@@ -827,15 +827,13 @@ def test_environment_enables_gemini_like_the_google_genai_sdk():
 
 
 async def test_registry_builds_the_gemini_preset():
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider("gemini", ProviderConfig(api_key="k"), Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider("gemini", ProviderConfig(api_key="k"), transport)
         assert isinstance(adapter, GeminiAdapter)
         assert adapter._url("gemini-2.5-flash", "generateContent") == (
             "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
         )
-        versioned = build_provider(
-            "g", ProviderConfig(type="gemini", base_url="http://p.test/v1beta/"), Transport(client)
-        )
+        versioned = build_provider("g", ProviderConfig(type="gemini", base_url="http://p.test/v1beta/"), transport)
         assert isinstance(versioned, GeminiAdapter)
         assert versioned._url("m", "embedContent") == "http://p.test/v1beta/models/m:embedContent"
     assert SPECS["gemini"].api_key_env == "GEMINI_API_KEY"

@@ -398,8 +398,8 @@ async def test_environment_enables_mistral_with_its_defaults(monkeypatch):
     monkeypatch.setenv("MISTRAL_API_KEY", "from-env")
     config = config_from_environment({"MISTRAL_API_KEY": "from-env"})
     assert config.providers["mistral"].api_key_env == "MISTRAL_API_KEY"
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider("mistral", config.providers["mistral"], Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider("mistral", config.providers["mistral"], transport)
     assert isinstance(adapter, MistralAdapter)
     assert adapter._base_url == "https://api.mistral.ai"
     assert adapter._http.headers["authorization"] == "Bearer from-env"

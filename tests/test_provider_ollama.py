@@ -340,9 +340,9 @@ def test_ollama_host_is_read_like_the_official_client(host, url):
 async def test_environment_enables_ollama_by_its_host(monkeypatch):
     monkeypatch.setenv("OLLAMA_API_KEY", "cloud-key")
     config = config_from_environment({"OLLAMA_HOST": "0.0.0.0:11500"})
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider("ollama", config.providers["ollama"], Transport(client))
-        local = build_provider("ollama", ProviderConfig(base_url="localhost"), Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider("ollama", config.providers["ollama"], transport)
+        local = build_provider("ollama", ProviderConfig(base_url="localhost"), transport)
     assert isinstance(adapter, OllamaAdapter) and adapter._base_url == "http://0.0.0.0:11500"
     assert adapter._http.headers["authorization"] == "Bearer cloud-key"
     assert local._base_url == "http://localhost:11434"

@@ -151,8 +151,8 @@ async def test_preset_defaults_and_environment(provider, monkeypatch):
     monkeypatch.setenv(variable, "from-env")
     config = config_from_environment({variable: "from-env", "AIGNE_HUB_LOCAL": "false"})
     assert list(config.providers) == [provider]
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider(provider, config.providers[provider], Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider(provider, config.providers[provider], transport)
     assert isinstance(adapter, OpenAIAdapter)
     assert adapter._base_url == base_url and SPECS[provider].api_key_env == variable
     assert adapter._http.headers["authorization"] == "Bearer from-env"
@@ -234,8 +234,8 @@ async def test_hosted_preset_defaults_and_environment(provider, monkeypatch):
     monkeypatch.setenv(variable, "from-env")
     config = config_from_environment({variable: "from-env", "AIGNE_HUB_LOCAL": "false"})
     assert list(config.providers) == [provider]
-    async with httpx.AsyncClient() as client:
-        adapter = build_provider(provider, config.providers[provider], Transport(client))
+    async with Transport() as transport:
+        adapter = build_provider(provider, config.providers[provider], transport)
     assert isinstance(adapter, OpenAIAdapter)
     assert adapter._base_url == base_url and adapter._http.headers["authorization"] == "Bearer from-env"
     assert model in {entry.id for entry in catalog_models(provider, config.providers[provider])}
@@ -244,10 +244,10 @@ async def test_hosted_preset_defaults_and_environment(provider, monkeypatch):
 @pytest.mark.parametrize("provider", ["vllm", "llamacpp"])
 async def test_self_hosted_presets_need_a_base_url_and_no_key(provider, monkeypatch):
     monkeypatch.delenv(SPECS[provider].api_key_env or "", raising=False)
-    async with httpx.AsyncClient() as client:
+    async with Transport() as transport:
         with pytest.raises(ProviderNotConfigured, match="needs a base_url"):
-            build_provider(provider, ProviderConfig(), Transport(client))
-        adapter = build_provider(provider, ProviderConfig(base_url="http://10.0.0.5:8000/v1"), Transport(client))
+            build_provider(provider, ProviderConfig(), transport)
+        adapter = build_provider(provider, ProviderConfig(base_url="http://10.0.0.5:8000/v1"), transport)
     assert isinstance(adapter, OpenAIAdapter) and "authorization" not in adapter._http.headers
     assert provider not in config_from_environment({"VLLM_API_KEY": "x", "LLAMA_API_KEY": "x"}).providers
 

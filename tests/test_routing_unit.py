@@ -123,7 +123,6 @@ def test_least_busy_and_latency_orders() -> None:
 
 
 def _router(models: dict[str, object], fallbacks: list[str] | None = None) -> Router:
-    client = None  # adapters are built, never called: the attempt function stands for the upstream
     providers = {
         name: ProviderConfig(type="openai", base_url=f"http://{name}.invalid/v1", api_key="k")
         for name in ("a", "b", "c")
@@ -135,10 +134,8 @@ def _router(models: dict[str, object], fallbacks: list[str] | None = None) -> Ro
             "routing": {"fallbacks": fallbacks or [], "backoff_base_s": 0.01, "max_backoff_s": 0.02},
         }
     )
-    import httpx
-
-    client = httpx.AsyncClient()
-    built = {name: build_provider(name, cfg, Transport(client)) for name, cfg in config.providers.items()}
+    transport = Transport()  # adapters are built, never called: the attempt function stands for the upstream
+    built = {name: build_provider(name, cfg, transport) for name, cfg in config.providers.items()}
     return Router(config, built)
 
 

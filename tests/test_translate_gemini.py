@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
+from multidict import CIMultiDict
 
 from server import errors
 from server.providers.gemini import (
@@ -106,17 +106,17 @@ def _error_body(code: int, status: str, details: list[dict[str, object]]) -> byt
 
 def test_retry_info_is_the_retry_hint() -> None:
     retry = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}
-    error = google_error("gemini", 429, httpx.Headers(), _error_body(429, "RESOURCE_EXHAUSTED", [retry]))
+    error = google_error("gemini", 429, CIMultiDict(), _error_body(429, "RESOURCE_EXHAUSTED", [retry]))
     assert isinstance(error, errors.UpstreamRateLimited) and error.retry_after_seconds == 7.0
     assert "RESOURCE_EXHAUSTED: why" in error.message
 
 
 def test_a_bad_key_400_is_a_rejected_credential() -> None:
     info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
-    error = google_error("gemini", 400, httpx.Headers(), _error_body(400, "INVALID_ARGUMENT", [info]))
+    error = google_error("gemini", 400, CIMultiDict(), _error_body(400, "INVALID_ARGUMENT", [info]))
     assert isinstance(error, errors.UpstreamCredentialRejected)
 
 
 def test_a_body_that_is_not_google_s_is_read_by_status() -> None:
-    error = google_error("gemini", 503, httpx.Headers(), b"<html>down</html>")
+    error = google_error("gemini", 503, CIMultiDict(), b"<html>down</html>")
     assert isinstance(error, errors.UpstreamUnavailable) and "down" in error.message

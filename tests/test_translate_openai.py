@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 
-import httpx
+from multidict import CIMultiDict
 
 from server import errors
 from server.providers.azure import AzureOpenAIAdapter
 from server.providers.openai import OpenAIAdapter, render_transcription, richer_transcription_format
 from server.providers.transport import Transport
 
-TRANSPORT = Transport(httpx.AsyncClient())  # built only: nothing is sent here
+TRANSPORT = Transport()  # built only: nothing is sent here
 
 
 def test_openrouter_reasoning_reaches_clients_as_reasoning_content() -> None:
@@ -35,9 +35,9 @@ def test_azure_content_filter_refusal_names_the_categories() -> None:
             "innererror": {"content_filter_result": {"hate": {"filtered": True, "severity": "high"}}},
         }
     }
-    error = adapter._status_error(400, httpx.Headers(), json.dumps(body).encode())
+    error = adapter._status_error(400, CIMultiDict(), json.dumps(body).encode())
     assert isinstance(error, errors.UpstreamBadRequest) and "hate: high" in error.message
-    other = adapter._status_error(429, httpx.Headers({"retry-after": "2"}), b'{"error": {"message": "slow"}}')
+    other = adapter._status_error(429, CIMultiDict({"retry-after": "2"}), b'{"error": {"message": "slow"}}')
     assert isinstance(other, errors.UpstreamRateLimited) and other.retry_after_seconds == 2.0
     assert adapter._url("/chat/completions", "my gpt") == (
         "https://r.openai.azure.com/openai/deployments/my%20gpt/chat/completions"

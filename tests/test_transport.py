@@ -8,14 +8,15 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
+from multidict import CIMultiDict
 
 from server import errors
 from server.calls import NO_CALL, Call, CallCredential, probe_call
 from server.providers.openai import OpenAIAdapter
 from server.providers.transport import (
     Transport,
+    UpstreamLimits,
     error_message_from_body,
     parse_object,
     retry_after_seconds,
@@ -79,14 +80,14 @@ def test_parse_object_refuses_what_is_not_a_json_object() -> None:
     ],
 )
 def test_status_classification(status: int, kind: type[errors.UpstreamError]) -> None:
-    error = upstream_status_error("p", status, httpx.Headers(), "why")
+    error = upstream_status_error("p", status, CIMultiDict(), "why")
     assert type(error) is kind and error.message == f"p answered {status}: why"
 
 
 def test_retry_hints() -> None:
-    assert retry_after_seconds(httpx.Headers({"retry-after-ms": "1500", "retry-after": "9"})) == 1.5
-    assert retry_after_seconds(httpx.Headers({"retry-after": "7"})) == 7.0
-    assert retry_after_seconds(httpx.Headers({"retry-after": "soon"})) is None
+    assert retry_after_seconds(CIMultiDict({"retry-after-ms": "1500", "retry-after": "9"})) == 1.5
+    assert retry_after_seconds(CIMultiDict({"retry-after": "7"})) == 7.0
+    assert retry_after_seconds(CIMultiDict({"retry-after": "soon"})) is None
     assert retry_after_seconds({}) is None
     # A hint from the body (Gemini's RetryInfo) counts only when the headers give none.
     assert upstream_status_error("p", 429, {}, "m", retry_after=3.0).retry_after_seconds == 3.0
@@ -110,7 +111,7 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
 
 @pytest.fixture
 async def adapter(fake: FakeOpenAI) -> AsyncIterator[OpenAIAdapter]:
-    transport = Transport(httpx.AsyncClient())
+    transport = Transport()
     yield OpenAIAdapter(name="openai", base_url=fake.base_url, api_key="configured-key", transport=transport)
     await transport.aclose()
 
@@ -161,8 +162,8 @@ async def test_no_answer_is_unavailable_or_timeout() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens once the socket closes
-    async with httpx.AsyncClient(timeout=httpx.Timeout(0.5)) as client:
-        upstream = Transport(client).upstream("p", credential_header=("authorization", "Bearer "))
+    async with Transport(UpstreamLimits(connect_s=0.5, read_s=0.5, pool_s=0.5)) as transport:
+        upstream = transport.upstream("p", credential_header=("authorization", "Bearer "))
         with pytest.raises(errors.UpstreamUnavailable, match="p could not be reached"):
             await upstream.send("GET", f"http://127.0.0.1:{port}/", probe_call("s"))
 
@@ -174,8 +175,8 @@ async def test_probe_sends_the_secret_and_reads_a_rejection(fake: FakeOpenAI, ad
     strict = FakeOpenAI(api_key="sk-right")
     await strict.start()
     try:
-        async with httpx.AsyncClient() as client:
-            checked = OpenAIAdapter(name="openai", base_url=strict.base_url, api_key=None, transport=Transport(client))
+        async with Transport() as transport:
+            checked = OpenAIAdapter(name="openai", base_url=strict.base_url, api_key=None, transport=transport)
             await checked.probe_credential("sk-right")
             with pytest.raises(errors.UpstreamCredentialRejected, match="openai answered 401"):
                 await checked.probe_credential("sk-wrong")

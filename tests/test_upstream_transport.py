@@ -1,7 +1,9 @@
-"""The upstream client's aiohttp transport against raw loopback servers: each way an
-upstream can fail reaches the adapters as the httpx error that
-server.providers.transport classifies (timeout vs unreachable), bodies arrive chunk
-by chunk, connections are reused, and a body closed early does not go back to the pool."""
+"""The upstream transport's HTTP client (aiohttp, server.providers.transport) against
+raw loopback servers: each way an upstream can fail becomes the right error of the tree
+(a timeout vs unreachable), bodies arrive chunk by chunk and split into lines whatever
+the chunk boundaries, connections are reused, a body closed early does not go back to
+the pool, what is sent is what an adapter asked for (headers, body, query, escapes),
+and no wait outlives the call's deadline."""
 
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-import httpx
 import pytest
 
-from server.app import upstream_client
+from server import errors
+from server.app import upstream_transport
+from server.calls import NO_CALL, Call
 from server.config import Settings
-from server.providers.transport import transport_error
+from server.providers.transport import Transport, Upstream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -47,30 +50,45 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + (await reader.readexactly(length) if length else b"")
 
 
-def client(read_timeout_s: float = 5.0) -> httpx.AsyncClient:
-    return upstream_client(Settings(upstream_read_timeout_s=read_timeout_s, upstream_connect_timeout_s=2.0))
-
-
-async def test_answers_reuse_one_connection_and_send_the_body() -> None:
-    seen: list[bytes] = []
+def answering(reply: bytes, seen: list[bytes] | None = None) -> Handler:
+    """A keep-alive server giving `reply` to every request (recorded in `seen`)."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             try:
-                seen.append(await read_request(reader))
+                request = await read_request(reader)
             except asyncio.IncompleteReadError:
                 return
-            writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}')
+            if seen is not None:
+                seen.append(request)
+            writer.write(reply)
             await writer.drain()
 
-    async with raw_server(answer) as (url, accepted), client() as http:
+    return answer
+
+
+@asynccontextmanager
+async def upstream(read_timeout_s: float = 5.0) -> AsyncIterator[Upstream]:
+    """The provider view of the transport the application builds from its settings."""
+    settings = Settings(upstream_read_timeout_s=read_timeout_s, upstream_connect_timeout_s=2.0)
+    async with upstream_transport(settings) as transport:
+        yield transport.upstream("p", credential_header=("authorization", "Bearer "), api_key="sk-configured")
+
+
+OK_JSON = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nX-Thing: 1\r\ncontent-length: 11\r\n\r\n{"ok":true}'
+
+
+async def test_answers_reuse_one_connection_and_send_the_body() -> None:
+    seen: list[bytes] = []
+    async with raw_server(answering(OK_JSON, seen)) as (url, accepted), upstream() as http:
         for _ in range(3):
-            response = await http.post(f"{url}/v1/chat", json={"a": 1}, headers={"authorization": "Bearer sk-x"})
-            assert response.status_code == 200
-            assert response.json() == {"ok": True}
+            assert await http.post_json(f"{url}/v1/chat", {"a": 1, "é": "ü"}, Call(request_id="r-1")) == {"ok": True}
+        answer = await http.send("GET", f"{url}/v1/models", NO_CALL)
     assert len(accepted) == 1
-    assert b"authorization: Bearer sk-x" in seen[0]
-    assert seen[0].endswith(b'{"a":1}')
+    assert b"authorization: Bearer sk-configured" in seen[0] and b"x-request-id: r-1" in seen[0]
+    assert seen[0].endswith('{"a":1,"é":"ü"}'.encode())  # compact UTF-8, as httpx sent it
+    assert answer.status == 200 and answer.content == b'{"ok":true}'
+    assert answer.headers["x-thing"] == answer.headers["X-THING"] == "1"  # case-insensitive
 
 
 async def test_a_streamed_body_arrives_chunk_by_chunk() -> None:
@@ -85,92 +103,152 @@ async def test_a_streamed_body_arrives_chunk_by_chunk() -> None:
         writer.write(b"8\r\ndata: 2\n\r\n0\r\n\r\n")
         await writer.drain()
 
-    async with raw_server(stream) as (url, _), client() as http, http.stream("POST", f"{url}/s") as response:
-        chunks = response.aiter_bytes()
+    async with raw_server(stream) as (url, _), upstream() as http, http.stream("POST", f"{url}/s", NO_CALL) as body:
+        chunks = body.chunks()
         assert await asyncio.wait_for(anext(chunks), 5) == b"data: 1\n"  # before the rest was sent
         release.set()
         assert [chunk async for chunk in chunks] == [b"data: 2\n"]
+        assert body.headers["Content-Type"] == "text/event-stream"
+
+
+async def test_lines_split_on_every_line_end_across_chunk_boundaries() -> None:
+    # LF, CRLF (its CR and LF in two chunks), a bare CR, and a two-byte character cut in two.
+    pieces = [b"data: a\n", b"data: b\r", b"\ndata: c\r\r", b"data: \xc3", b"\xa9\n\ndata: end"]
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.02)  # one read per piece
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with raw_server(stream) as (url, _), upstream() as http, http.stream("GET", f"{url}/s", NO_CALL) as body:
+        lines = [line async for line in body.lines()]
+    assert lines == ["data: a", "data: b", "data: c", "", "data: é", "", "data: end"]
 
 
 async def test_a_refused_connection_is_unreachable_not_a_timeout() -> None:
     async with raw_server(lambda r, w: asyncio.sleep(0)) as (url, _):
         pass  # closed: nothing listens on the port any more
-    async with client() as http:
-        with pytest.raises(httpx.ConnectError) as caught:
-            await http.get(f"{url}/x")
-    assert not isinstance(caught.value, httpx.TimeoutException)
-    assert "could not be reached" in transport_error("p", caught.value).message
+    async with upstream() as http:
+        with pytest.raises(errors.UpstreamUnavailable, match="p could not be reached") as caught:
+            await http.send("GET", f"{url}/x", NO_CALL)
+    assert not isinstance(caught.value, errors.UpstreamTimeout)
+
+
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    await asyncio.sleep(5)
 
 
 async def test_a_silent_upstream_is_a_read_timeout() -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        await asyncio.sleep(5)
+    async with raw_server(silent) as (url, _), upstream(read_timeout_s=0.3) as http:
+        with pytest.raises(errors.UpstreamTimeout, match="p did not answer in time"):
+            await http.send("GET", f"{url}/x", NO_CALL)
 
-    async with raw_server(silent) as (url, _), client(read_timeout_s=0.3) as http:
-        with pytest.raises(httpx.ReadTimeout):
-            await http.get(f"{url}/x")
+
+async def test_no_wait_outlives_the_calls_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    async with raw_server(silent) as (url, _), upstream(read_timeout_s=30) as http:
+        started = loop.time()
+        with pytest.raises(errors.UpstreamTimeout):
+            await http.send("GET", f"{url}/x", Call(deadline=started + 0.3))
+        assert loop.time() - started < 2  # the deadline's 0.3 s, not the read timeout's 30 s
+        started = loop.time()
+        with pytest.raises(errors.UpstreamTimeout):  # a stream is bounded as a whole
+            async with http.stream("GET", f"{url}/x", Call(deadline=started + 0.3)):
+                pass
+        assert loop.time() - started < 2
+
+
+async def test_a_stream_that_trickles_past_the_deadline_is_cut_at_the_deadline() -> None:
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(50):  # each wait well inside the read timeout
+            writer.write(b"2\r\nx\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    loop = asyncio.get_running_loop()
+    async with raw_server(trickle) as (url, _), upstream(read_timeout_s=1) as http:
+        started = loop.time()
+        with pytest.raises(errors.UpstreamTimeout):
+            async with http.stream("GET", f"{url}/s", Call(deadline=started + 0.5)) as body:
+                _ = [chunk async for chunk in body.chunks()]
+        assert loop.time() - started < 2
 
 
 @pytest.mark.parametrize(
-    ("reply", "error"),
+    "reply",
     [
-        (b"", httpx.RemoteProtocolError),  # closed before any answer
-        (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{", httpx.ReadError),  # closed mid-body
-        (b"not http at all\r\n\r\n", httpx.RemoteProtocolError),
+        b"",  # closed before any answer
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{",  # closed mid-body
+        b"not http at all\r\n\r\n",
     ],
 )
-async def test_a_broken_answer_is_a_transport_error(reply: bytes, error: type[httpx.TransportError]) -> None:
+async def test_a_broken_answer_is_unreachable(reply: bytes) -> None:
     async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(reply)
         await writer.drain()
 
-    async with raw_server(broken) as (url, _), client() as http:
-        with pytest.raises(error) as caught:
-            await http.get(f"{url}/x")
-    assert "could not be reached" in transport_error("p", caught.value).message
+    async with raw_server(broken) as (url, _), upstream() as http:
+        with pytest.raises(errors.UpstreamUnavailable, match="p could not be reached"):
+            await http.send("GET", f"{url}/x", NO_CALL)
+
+
+async def test_an_error_status_is_read_by_the_providers_error_reader() -> None:
+    body = b'{"error": {"message": "slow"}}'
+    reply = b"HTTP/1.1 429 Too Many\r\nRetry-After: 3\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    async with raw_server(answering(reply)) as (url, _), upstream() as http:
+        with pytest.raises(errors.UpstreamRateLimited, match="p answered 429: slow") as whole:
+            await http.send("GET", f"{url}/x", NO_CALL)
+        with pytest.raises(errors.UpstreamRateLimited) as streamed:
+            async with http.stream("GET", f"{url}/x", NO_CALL):
+                pass
+    assert whole.value.retry_after_seconds == streamed.value.retry_after_seconds == 3.0
 
 
 async def test_a_body_closed_early_does_not_go_back_to_the_pool() -> None:
-    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n")
-            await writer.drain()
-
-    async with raw_server(endless) as (url, accepted), client() as http:
+    endless = answering(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n")
+    async with raw_server(endless) as (url, accepted), upstream() as http:
         for _ in range(2):
-            async with http.stream("GET", f"{url}/s") as response:
-                assert await anext(response.aiter_bytes()) == b"hi"
+            async with http.stream("GET", f"{url}/s", NO_CALL) as body:
+                assert await anext(body.chunks()) == b"hi"
     assert len(accepted) == 2  # the unfinished first answer's connection was not reused
 
 
-async def test_headers_are_httpx_s_and_an_unlabelled_body_stays_unlabelled() -> None:
+async def test_what_is_sent_is_what_the_adapter_asked_for() -> None:
     seen: list[bytes] = []
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                seen.append(await read_request(reader))
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-            await writer.drain()
-
-    async with raw_server(answer) as (url, _), client() as http:
-        await http.post(f"{url}/json", json={"a": 1})
-        await http.post(f"{url}/raw", content=b"raw bytes")
+    async with raw_server(answering(b"HTTP/1.1 204 No Content\r\n\r\n", seen)) as (url, _), upstream() as http:
+        await http.send("POST", f"{url}/json", NO_CALL, json={"a": 1})
+        await http.send("POST", f"{url}/raw", NO_CALL, content=b"raw bytes")
+        # A signed URL's escapes stay as they are (SigV4 signed them); params join the query.
+        await http.send("POST", f"{url}/model/a%3A0/x?k=1", NO_CALL, params={"api-version": "v 2"})
+        await http.send(
+            "POST",
+            f"{url}/form",
+            NO_CALL,
+            data={"model": "m", "include[]": ["a", "b"]},
+            files={"file": ("a.wav", b"RIFF", "audio/wav")},
+        )
     names = [[line.split(b":")[0].lower() for line in head.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]] for head in seen]
     for headers in names:
         assert len(headers) == len(set(headers))  # nothing sent twice
         assert b"user-agent" in headers and b"accept-encoding" in headers
-    assert b"content-type: application/json" in seen[0]
+    assert b"content-type: application/json" in seen[0].lower()
     assert b"content-type" not in names[1]
     assert seen[1].endswith(b"\r\n\r\nraw bytes")
+    assert seen[2].startswith(b"POST /model/a%3A0/x?k=1&api-version=v+2 HTTP/1.1")
+    form = seen[3]
+    assert b"content-type: multipart/form-data; boundary=" in form.lower()
+    for part in (b'name="model"\r\n\r\nm\r\n', b'name="include[]"\r\n\r\na\r\n', b'name="include[]"\r\n\r\nb\r\n'):
+        assert part in form
+    assert b'name="file"; filename="a.wav"' in form and b"audio/wav" in form.lower() and b"\r\n\r\nRIFF\r\n" in form
 
 
 async def test_what_arrived_before_a_dropped_connection_still_arrives() -> None:
@@ -184,9 +262,20 @@ async def test_what_arrived_before_a_dropped_connection_still_arrives() -> None:
         await asyncio.sleep(0.2)  # all of it is in the client's buffer before the drop
 
     received = b""
-    async with raw_server(cut) as (url, _), client() as http, http.stream("POST", f"{url}/s") as response:
+    async with raw_server(cut) as (url, _), upstream() as http, http.stream("POST", f"{url}/s", NO_CALL) as body:
         await asyncio.sleep(0.5)  # the drop is seen before the body is read
-        with pytest.raises(httpx.ReadError):
-            async for chunk in response.aiter_bytes():
+        with pytest.raises(errors.UpstreamUnavailable):
+            async for chunk in body.chunks():
                 received += chunk
     assert received.startswith(b"data: 1\ndata: 2\n")
+
+
+async def test_the_session_opens_on_first_use_and_closes_with_the_transport() -> None:
+    transport = Transport()
+    transport.upstream("p", credential_header=("x-api-key", ""))  # building opens nothing
+    assert transport._session is None
+    async with raw_server(answering(OK_JSON)) as (url, _), transport:
+        await transport.upstream("p", credential_header=("x-api-key", "")).send("GET", url, NO_CALL)
+        session = transport.session
+        assert not session.closed
+    assert session.closed

@@ -21,7 +21,7 @@ of its tightest limits.
 The caller may send its own fallback chain (`x-aigne-hub-fallbacks: a/b,c/d`) and a
 shorter limit for the whole call (`x-aigne-hub-timeout-s`; a gRPC deadline works too).
 Each attempt is bounded by the model's `first_token_s` until its answer (unary) or its
-first chunk (streams), and a stream by `idle_s` between chunks: httpx's read timeout
+first chunk (streams), and a stream by `idle_s` between chunks: the HTTP read timeout
 applies to each socket read, so an upstream that trickles bytes would never hit it.
 The server always decides before the REST bridge's longer limits cut the call.
 

@@ -14,13 +14,22 @@ What it does, once for all providers:
     provider's `ErrorReader` (the translator's knowledge of its error bodies) and
     mapped by status where the provider says nothing more specific
     (`upstream_status_error`).
-Timeouts: the HTTP client's connect / read / pool timeouts (the settings'); the call's
-attempt, first-token, idle and total bounds are the routing's (`server.routing`), above.
+Timeouts: connect (the wait for a pooled connection plus the TCP/TLS connect) and read
+(the longest wait between two reads), from `UpstreamLimits` (the settings'), and never
+past the call's deadline (`Call.deadline` bounds the whole request, its body included);
+the call's attempt, first-token, idle and total bounds are the routing's
+(`server.routing`), above.
 
-The HTTP client underneath is an `httpx.AsyncClient`, made by the application
-(`server.app.upstream_client`); its own transport may be swapped (an aiohttp-based one,
-say) without any adapter noticing: adapters see only `Upstream`, `Answer` and
-`StreamBody`, whose headers are a case-insensitive `Mapping[str, str]`.
+The HTTP client underneath is one pooled `aiohttp.ClientSession` per process, owned by
+the `Transport` the application makes (`server.app`), opened on the first request (in
+the event loop) and closed on shutdown. Why aiohttp directly: its C HTTP/1.1 parser and
+connection pool carry a request for a fraction of the CPU of httpx's (whose request and
+response objects were a visible share of a chat call even over an aiohttp transport).
+Adapters see only `Upstream`, `Answer` and `StreamBody`, whose headers are a
+case-insensitive `Mapping[str, str]`. Kept from the httpx client it replaced: no
+cookies, no redirects, no proxies from the environment, certifi's CA bundle, gzip and
+deflate answers decoded, a body without a content type sent without one, a connection
+whose answer was not read to its end closed rather than reused.
 
 Only a 401 says the credential itself is bad (`UpstreamCredentialRejected`: the gateway
 confirms with a probe and may take a stored credential out of rotation); a 403 is a
@@ -30,27 +39,48 @@ is redacted of anything key-shaped when the `UpstreamError` is built.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from time import time
+from types import TracebackType
 from typing import Any
 
-import httpx
+import aiohttp
+import certifi
+from yarl import URL
 
 from server import errors
 from server.calls import Call
 from server.providers.base import JSON
 from server.redaction import register_secret
 
-# Response headers: case-insensitive (httpx.Headers, or another client's equivalent).
+# Response headers: case-insensitive (aiohttp's CIMultiDictProxy, or any equivalent).
 Headers = Mapping[str, str]
 # How a provider's failed answer becomes the gateway's error: (status, headers, body).
 ErrorReader = Callable[[int, Headers, bytes], errors.UpstreamError]
 REQUEST_ID_HEADER = "x-request-id"
 _MAX_MESSAGE_CHARS = 500
+# What "no (complete) answer" raises: aiohttp's errors, and its timeouts (TimeoutError).
+_NO_ANSWER = (aiohttp.ClientError, TimeoutError)
+_NO_CONTENT_TYPE = frozenset({"Content-Type"})
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamLimits:
+    """The pool and the waits of the upstream client (the settings' `upstream_*`)."""
+
+    connect_s: float = 10.0
+    read_s: float = 600.0
+    pool_s: float = 10.0
+    max_connections: int = 1000
+    keepalive_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,39 +95,84 @@ class Answer:
 class StreamBody:
     """An open streaming answer with a success status; read it one way."""
 
-    def __init__(self, response: httpx.Response, provider: str) -> None:
-        self._response = response
+    def __init__(self, response: aiohttp.ClientResponse, provider: str) -> None:
+        self._content = response.content
         self._provider = provider
         self.headers: Headers = response.headers
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; what arrived before a dropped connection, then the error."""
+        content = self._content
         try:
-            async for data in self._response.aiter_bytes():
-                yield data
-        except httpx.HTTPError as exc:
+            while True:
+                try:
+                    chunk = await content.readany()
+                except aiohttp.ClientPayloadError:
+                    if received := _received_before_the_error(content):
+                        yield received
+                    raise
+                if not chunk:
+                    return
+                yield chunk
+        except _NO_ANSWER as exc:
             raise transport_error(self._provider, exc) from exc
+
+    async def lines(self) -> AsyncIterator[str]:
+        """The body's lines, without their ends (LF, CRLF or CR, as server-sent events
+        allow); split as bytes, so a character cut between two chunks stays whole."""
+        pending = b""
+        async for chunk in self.chunks():
+            if pending:
+                chunk = pending + chunk
+            *complete, pending = chunk.split(b"\n")
+            for raw in complete:
+                line = raw.decode("utf-8", "replace")
+                if "\r" in line:
+                    for part in line.removesuffix("\r").split("\r"):
+                        yield part
+                else:
+                    yield line
+        if pending:
+            for part in pending.decode("utf-8", "replace").removesuffix("\r").split("\r"):
+                yield part
 
     def sse(self, *, bare_json: bool = False) -> AsyncIterator[str]:
         """The `data` of each server-sent event (see `sse_data`)."""
-        return sse_data(self._response.aiter_lines(), bare_json=bare_json, provider=self._provider)
+        return sse_data(self.lines(), bare_json=bare_json)
 
     async def ndjson(self) -> AsyncIterator[JSON]:
         """Each non-blank line as a JSON object."""
-        try:
-            async for line in self._response.aiter_lines():
-                if line.strip():
-                    yield parse_object(self._provider, line)
-        except httpx.HTTPError as exc:
-            raise transport_error(self._provider, exc) from exc
+        async for line in self.lines():
+            if line.strip():
+                yield parse_object(self._provider, line)
+
+
+def _received_before_the_error(content: aiohttp.StreamReader) -> bytes:
+    """The bytes aiohttp had received when the connection dropped. Every public read of
+    its StreamReader raises the error first and drops them (aiohttp 3.14, pinned), and
+    nothing public reaches its buffer, so the error is set aside for one read."""
+    error = content.exception()
+    setattr(content, "_exception", None)  # noqa: B010 - a private attribute, on purpose
+    try:
+        return content.read_nowait(-1)
+    except Exception:  # noqa: BLE001 - another aiohttp version: nothing more to hand over
+        return b""
+    finally:
+        setattr(content, "_exception", error)  # noqa: B010
 
 
 class Transport:
-    """The process's upstream transport over one pooled HTTP client; each provider
-    gets its `Upstream` view of it."""
+    """The process's upstream transport over one pooled aiohttp session; each provider
+    gets its `Upstream` view of it. `async with` (or `aclose`) closes the session."""
 
-    def __init__(self, client: httpx.AsyncClient | None = None) -> None:
-        # No client: one with httpx's defaults (tests, the CLI's capability table).
-        self._client = client or httpx.AsyncClient()
+    def __init__(self, limits: UpstreamLimits | None = None) -> None:
+        self.limits = limits or UpstreamLimits()
+        self._session: aiohttp.ClientSession | None = None
+        connect = self.limits.connect_s
+        # aiohttp's `connect` covers the wait for a pooled connection and the connect.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect + self.limits.pool_s, sock_connect=connect, sock_read=self.limits.read_s
+        )
 
     def upstream(
         self,
@@ -109,7 +184,7 @@ class Transport:
         error_reader: ErrorReader | None = None,
     ) -> Upstream:
         return Upstream(
-            self._client,
+            self,
             provider,
             credential_header=credential_header,
             api_key=api_key,
@@ -117,8 +192,54 @@ class Transport:
             error_reader=error_reader,
         )
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session, opened on first use (aiohttp binds it to the running loop)."""
+        if self._session is None:
+            self._session = self._open_session()
+        return self._session
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self.limits.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=self.limits.keepalive_s,
+            ssl=ssl.create_default_context(cafile=certifi.where()),
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies never reach another's call
+            trust_env=False,
+            timeout=self._timeout,
+        )
+
+    def timeout(self, call: Call) -> aiohttp.ClientTimeout:
+        """The request's timeouts: the configured ones, none past the call's deadline
+        (which then bounds the whole request, its body included)."""
+        if call.deadline is None:
+            return self._timeout
+        left = max(call.deadline - asyncio.get_running_loop().time(), 0.001)  # 0 would mean no bound
+        default = self._timeout
+        return aiohttp.ClientTimeout(
+            total=left,
+            connect=min(default.connect or left, left),
+            sock_connect=min(default.sock_connect or left, left),
+            sock_read=min(default.sock_read or left, left),
+            ceil_threshold=float("inf"),  # exactly at the deadline, not rounded up to a second
+        )
+
+    async def __aenter__(self) -> Transport:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 class Upstream:
@@ -127,7 +248,7 @@ class Upstream:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        transport: Transport,
         provider: str,
         *,
         credential_header: tuple[str, str],
@@ -136,7 +257,7 @@ class Upstream:
         error_reader: ErrorReader | None = None,
     ) -> None:
         self.provider = provider
-        self._client = client
+        self._transport = transport
         # (header name, value prefix): ("authorization", "Bearer "), ("x-api-key", "")...
         self.credential_header = credential_header
         self.headers = with_credential(credential_header, api_key, headers)
@@ -157,19 +278,47 @@ class Upstream:
             headers[name] = prefix + call.credential.secret
         return headers
 
+    async def _open(
+        self, method: str, url: str, call: Call, headers: Mapping[str, str] | None, body: dict[str, Any]
+    ) -> aiohttp.ClientResponse:
+        """Sends the request and returns the answer with its body still to read.
+
+        `body`: at most one of `json` (an object sent as JSON), `content` (bytes), or
+        `data` (form fields) with `files` (`{name: (filename, bytes, content type)}`:
+        multipart); and `params` (query parameters added to the URL's)."""
+        sent = self.request_headers(call, headers)
+        data, content_type = _body(body)
+        skip = _label(sent, data, content_type)
+        transport = self._transport
+        try:
+            return await transport.session.request(
+                method,
+                _url(url),
+                params=body.get("params") or None,
+                headers=sent,
+                data=data,
+                allow_redirects=False,
+                skip_auto_headers=skip,
+                timeout=transport.timeout(call),
+            )
+        except _NO_ANSWER as exc:
+            raise transport_error(self.provider, exc) from exc
+
     async def send(
         self, method: str, url: str, call: Call, *, headers: Mapping[str, str] | None = None, **body: Any
     ) -> Answer:
-        """Sends one request (`body`: httpx's json / content / data / files / params) and
-        returns the answer; raises the mapped error for an error status or no answer."""
-        _drop_empty_params(body)
+        """Sends one request (`body`: see `_open`) and returns the whole answer; raises
+        the mapped error for an error status or no (complete) answer."""
+        response = await self._open(method, url, call, headers, body)
         try:
-            response = await self._client.request(method, url, headers=self.request_headers(call, headers), **body)
-        except httpx.HTTPError as exc:
+            content = await response.read()
+        except _NO_ANSWER as exc:
             raise transport_error(self.provider, exc) from exc
-        if response.status_code >= 400:
-            raise self._error_of(response.status_code, response.headers, response.content)
-        return Answer(response.status_code, response.headers, response.content)
+        finally:
+            _close(response)
+        if response.status >= 400:
+            raise self._error_of(response.status, response.headers, content)
+        return Answer(response.status, response.headers, content)
 
     async def post_json(self, url: str, body: JSON, call: Call, **options: Any) -> JSON:
         """POSTs `body` as JSON and returns the answer's JSON object."""
@@ -182,29 +331,67 @@ class Upstream:
     ) -> AsyncIterator[StreamBody]:
         """`async with`: sends the request, raises the mapped error on a failed status
         (its body read first), and closes the upstream response on exit."""
-        _drop_empty_params(body)
-        request = self._client.build_request(method, url, headers=self.request_headers(call, headers), **body)
+        response = await self._open(method, url, call, headers, body)
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise transport_error(self.provider, exc) from exc
-        try:
-            if response.status_code >= 400:
+            if response.status >= 400:
                 try:
-                    content = await response.aread()
-                except httpx.HTTPError:
+                    content = await response.read()
+                except _NO_ANSWER:
                     content = b""
-                raise self._error_of(response.status_code, response.headers, content)
+                raise self._error_of(response.status, response.headers, content)
             yield StreamBody(response, self.provider)
         finally:
-            await response.aclose()
+            _close(response)
 
 
-def _drop_empty_params(body: dict[str, Any]) -> None:
-    """No `params` when there are none: httpx re-parses the whole URL to merge even an
-    empty mapping (measured: the largest share of the transport's own CPU)."""
-    if "params" in body and not body["params"]:
-        del body["params"]
+def _close(response: aiohttp.ClientResponse) -> None:
+    """Back to the pool when read to its end; closed otherwise, which hangs up on the
+    upstream at once (a cancelled call stops the upstream's work)."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
+
+
+def _label(headers: dict[str, str], data: object, content_type: str | None) -> frozenset[str]:
+    """Puts the body's content type in `headers` unless the adapter set one; returns
+    the headers aiohttp must not add (a bare bytes body is left unlabelled, as httpx
+    left it, where aiohttp would call it application/octet-stream)."""
+    if data is None or any(name.lower() == "content-type" for name in headers):
+        return frozenset()
+    if content_type is not None:
+        headers["content-type"] = content_type
+    return _NO_CONTENT_TYPE if isinstance(data, bytes) and content_type is None else frozenset()
+
+
+def _body(body: dict[str, Any]) -> tuple[bytes | aiohttp.FormData | None, str | None]:
+    """The request body as aiohttp sends it, and the content type it implies."""
+    if (value := body.get("json")) is not None:
+        # As httpx encoded it: compact, UTF-8, no NaN.
+        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return encoded.encode(), "application/json"
+    if (content := body.get("content")) is not None:
+        return bytes(content), None
+    fields, files = body.get("data"), body.get("files")
+    if fields is None and files is None:
+        return None, None
+    form = aiohttp.FormData()
+    for name, value in (fields or {}).items():
+        for item in value if isinstance(value, list) else [value]:
+            form.add_field(name, item)
+    for name, (filename, data, *rest) in (files or {}).items():
+        form.add_field(name, data, filename=filename, content_type=rest[0] if rest else None)
+    return form, None
+
+
+# A URL of characters that need no quoting: sent as written (a signed URL's escapes kept).
+_PLAIN_URL = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
+
+
+@lru_cache(maxsize=1024)
+def _url(url: str) -> URL:
+    """The request URL, parsed once per distinct URL (a handful per provider and model)."""
+    return URL(url, encoded=True) if _PLAIN_URL.fullmatch(url) else URL(url)
 
 
 def with_credential(
@@ -223,32 +410,28 @@ def with_credential(
 # -------------------------------------------------------------------------- framing
 
 
-async def sse_data(
-    lines: AsyncIterator[str], *, bare_json: bool = False, provider: str = "upstream"
-) -> AsyncIterator[str]:
+async def sse_data(lines: AsyncIterator[str], *, bare_json: bool = False) -> AsyncIterator[str]:
     """The `data` of each server-sent event, multi-line data joined with newlines.
 
     Other fields (event:, id:, retry:) and comments (:) carry nothing an adapter uses.
     With `bare_json`, a line outside any field that (with the lines before it) is a
     JSON document is an event too: Google sends a failure mid-stream that way. One
-    generator over the response's lines (no layer per concern: this runs per line)."""
+    generator over the response's lines (no layer per concern: this runs per line);
+    the lines' own failures are already the error tree's (`StreamBody.chunks`)."""
     data: list[str] = []
     bare: list[str] = []
-    try:
-        async for line in lines:
-            if line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-            elif not line.strip():
-                if data:
-                    yield "\n".join(data)
-                    data = []
-            elif bare_json and not line.startswith((":", "event:", "id:", "retry:")):
-                bare.append(line)
-                if _is_json("\n".join(bare)):
-                    yield "\n".join(bare)
-                    bare = []
-    except httpx.HTTPError as exc:
-        raise transport_error(provider, exc) from exc
+    async for line in lines:
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line.strip():
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif bare_json and not line.startswith((":", "event:", "id:", "retry:")):
+            bare.append(line)
+            if _is_json("\n".join(bare)):
+                yield "\n".join(bare)
+                bare = []
     for rest in (data, bare):
         if rest:
             yield "\n".join(rest)
@@ -340,8 +523,10 @@ def upstream_status_error(
 
 
 def transport_error(provider: str, exc: Exception) -> errors.UpstreamError:
-    """The exception for a request that got no (complete) HTTP answer."""
+    """The exception for a request that got no (complete) HTTP answer: a timeout
+    (connect or read; aiohttp's timeouts are `TimeoutError`s) or unreachable (refused,
+    reset, dropped mid-answer, not HTTP)."""
     detail = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return errors.UpstreamTimeout(f"{provider} did not answer in time ({detail})", provider=provider)
     return errors.UpstreamUnavailable(f"{provider} could not be reached ({detail})", provider=provider)

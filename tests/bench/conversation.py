@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from server.accounts.credentials import CredentialVault
 from server.api.credential_deployments import with_credentials
 from server.config import GatewayConfig, ProviderConfig
@@ -73,8 +71,8 @@ async def bench_expansion(folder: Path, calls: int) -> None:
         for n in range(2):
             await vault.add("openai", f"sk-bench-{n}-" + base64.b16encode(os.urandom(16)).decode())
         config = GatewayConfig(providers={"openai": ProviderConfig(api_key="sk-x", base_url="http://127.0.0.1:9")})
-        async with httpx.AsyncClient() as client:
-            providers = {name: build_provider(name, cfg, Transport(client)) for name, cfg in config.providers.items()}
+        async with Transport() as transport:
+            providers = {name: build_provider(name, cfg, transport) for name, cfg in config.providers.items()}
         plan = Router(config, providers).plan("openai/gpt-4o-mini", Capability.CHAT, ChatCompletions)
         for label, source in (("no vault", None), ("2 stored credentials", vault)):
             await with_credentials(plan, source)
