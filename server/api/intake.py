@@ -48,13 +48,12 @@ from typing import Any, TypeAlias
 import grpc
 from google.protobuf.message import Message
 
+from server.api.call_metadata import FIELDS_HEADER, call_metadata
 from server.api.convert import check_given_fields
 from server.api.errors import to_grpc_status
 from server.api.wire_fields import undecodable_field
 from server.errors import CallTimeout, GatewayError, InvalidRequest
 
-# Set by the REST bridge: the top-level members of the JSON body (envoy/openai_bridge.lua).
-FIELDS_HEADER = "x-aigne-fields"
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 Deserializer: TypeAlias = Callable[[bytes], Any]
 
@@ -131,7 +130,7 @@ class _Intake:
 
     def _check_given_fields(self, context: Context) -> None:
         """REST: refuses a JSON member the transcoder would have dropped (see convert)."""
-        given = next((value for key, value in context.invocation_metadata() or () if key == FIELDS_HEADER), None)
+        given = call_metadata(context).first(FIELDS_HEADER)
         if given is None or self._message_type is None:
             return
         try:
