@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 Convert = Callable[[Any], Any]
@@ -116,7 +116,7 @@ def _converter(field: FieldDescriptor) -> Convert:
     if field.is_extension:
         return _unsure
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
-        return _map(field)
+        return _map(field.message_type)
     one = _single(field)
     if one is _unsure:
         return _unsure
@@ -125,9 +125,9 @@ def _converter(field: FieldDescriptor) -> Convert:
     return one
 
 
-def _map(field: FieldDescriptor) -> Convert:
-    key_field = field.message_type.fields_by_name["key"]
-    convert = _single(field.message_type.fields_by_name["value"])
+def _map(entry: Descriptor) -> Convert:
+    key_field = entry.fields_by_name["key"]
+    convert = _single(entry.fields_by_name["value"])
     if key_field.type != FieldDescriptor.TYPE_STRING or convert is _unsure:
         return _unsure  # json_format words other keys its own way
     return lambda entries: {key: convert(entries[key]) for key in entries}
