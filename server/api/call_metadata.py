@@ -18,6 +18,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from server.observability.tracing import TRACE_HEADERS  # W3C trace context, which tracing continues
+
 # Set by the REST bridge (Envoy's Lua filter) on calls it turns into JSON or SSE.
 BRIDGE_HEADER = "x-aigne-bridge"
 # Set by the REST bridge on OpenAI's chat paths: its Lua filter prints
@@ -29,8 +31,6 @@ FIELDS_HEADER = "x-aigne-fields"
 FALLBACKS_HEADER = "x-aigne-hub-fallbacks"
 TIMEOUT_HEADER = "x-aigne-hub-timeout-s"
 REQUEST_ID_HEADER = "x-request-id"
-# W3C trace context (server.observability.tracing continues it).
-TRACE_HEADERS = ("traceparent", "tracestate")
 MARKED = frozenset(
     {BRIDGE_HEADER, REST_HEADER, FIELDS_HEADER, FALLBACKS_HEADER, TIMEOUT_HEADER, REQUEST_ID_HEADER, *TRACE_HEADERS}
 )

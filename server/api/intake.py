@@ -27,8 +27,9 @@ INVALID_ARGUMENT when there is none.
 Default deadline. A call that sends no deadline gets `default_deadline_s`
 (AIGNE_HUB_DEFAULT_CALL_DEADLINE_S, default 600 s: the length of a long LLM stream):
 waiting for the request message and running the method are bounded by it, and the
-call then ends with DEADLINE_EXCEEDED (reason CALL_TIMEOUT). A streamed answer is
-checked between its messages. Calls with a client deadline are left to grpc-core.
+call then ends with DEADLINE_EXCEEDED (reason CALL_TIMEOUT). A streamed answer's
+waits for its messages are bounded by one timer for the stream (server.watchdog).
+Calls with a client deadline are left to grpc-core.
 REST calls arrive from Envoy without a deadline, so the default bounds them too; a
 health `Watch` without a deadline ends with it (health-checking clients re-open it).
 

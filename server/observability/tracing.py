@@ -39,7 +39,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from server.observability.metrics import GEN_AI_OPERATIONS
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _tracer: Tracer | None = None
 
 
@@ -88,7 +88,7 @@ class CallSpan:
     """The SERVER span of one call, current while the call runs."""
 
     def __init__(self, tracer: Tracer, operation: str, model: str, metadata: Any) -> None:
-        carrier = {k: v for k, v in metadata or () if k in _TRACE_HEADERS and isinstance(v, str)}
+        carrier = {k: v for k, v in metadata or () if k in TRACE_HEADERS and isinstance(v, str)}
         parent = _PROPAGATOR.extract(carrier) if carrier else None
         self.operation = GEN_AI_OPERATIONS.get(operation, operation)
         self.span: Span = tracer.start_span(
