@@ -207,10 +207,18 @@ class Accounts:
         estimates the input, for a cut call that reports no usage."""
         if key is not None:
             authorize(key, f"{provider}/{model}", public_model)
-        meter = Meter(self, key, provider, model, operation, worst_case, credential_header, prompt_tokens, public_model)
-        if request_id is not None:
-            meter.request_id = request_id
-        return meter
+        return Meter(
+            self,
+            key,
+            provider,
+            model,
+            operation,
+            worst_case,
+            credential_header,
+            prompt_tokens,
+            public_model,
+            request_id,
+        )
 
 
 class Meter:
@@ -227,8 +235,9 @@ class Meter:
         credential_header: tuple[str, str] | None = None,
         prompt_tokens: int = 0,
         public_model: str | None = None,
+        request_id: str | None = None,
     ) -> None:
-        self.request_id = uuid.uuid4().hex
+        self.request_id = request_id if request_id is not None else uuid.uuid4().hex
         self.usage = Usage()
         self._accounts = accounts
         self._key = key

@@ -50,6 +50,7 @@ from server.accounts.credits import Usage
 from server.accounts.errors import ModelNotAllowed
 from server.accounts.service import Accounts, Meter
 from server.api.auth import CURRENT_KEY
+from server.api.call_metadata import FALLBACKS_HEADER, TIMEOUT_HEADER, call_metadata
 from server.api.credential_deployments import with_credentials
 from server.api.errors import to_grpc_status, unexpected_error_status
 from server.api.validation import check_request
@@ -79,14 +80,8 @@ OPERATIONS = {
     "UploadTranscription": "transcription",
 }
 
-# Set by the REST bridge (Envoy's Lua filter) on streams it turns into SSE.
-BRIDGE_HEADER = "x-aigne-bridge"
-# Set by the REST bridge on OpenAI's chat paths: its Lua filter prints
-# convert.JSON_NULL as JSON null there.
-REST_HEADER = "x-aigne-rest"
-# Routing metadata: what the caller may ask for, what the answer says.
-FALLBACKS_HEADER = "x-aigne-hub-fallbacks"
-TIMEOUT_HEADER = "x-aigne-hub-timeout-s"
+# Routing metadata: what the answer says (what the caller may ask for, and the REST
+# bridge's markers, are read in server.api.call_metadata).
 SERVED_BY_HEADER = "x-aigne-hub-served-by"
 # The stored provider credential (its id, never the secret) that served the call.
 CREDENTIAL_HEADER = "x-aigne-hub-credential"
@@ -111,7 +106,7 @@ def unary(
 
     @functools.wraps(method)
     async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
-        take_request_id(context.invocation_metadata())
+        take_request_id(call_metadata(context).marked)
         try:
             if isinstance(request, Message):
                 check_request(request)
@@ -129,18 +124,18 @@ def unary(
 
 def from_rest(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     """Whether the call came through the REST bridge (its answer is printed as JSON)."""
-    return any(key == BRIDGE_HEADER and value in ("rest", "sse") for key, value in context.invocation_metadata() or ())
+    return call_metadata(context).from_rest
 
 
 def from_bridge(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     """Whether the call came through the REST bridge as an SSE stream."""
-    return any(key == BRIDGE_HEADER and value == "sse" for key, value in context.invocation_metadata() or ())
+    return call_metadata(context).from_bridge
 
 
 def wants_json_nulls(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     """Whether the answer goes to an OpenAI REST client, whose schemas want JSON nulls
     (the bridge marks OpenAI's chat requests only: AIGNE's protocol does not)."""
-    return any(key == REST_HEADER for key, _ in context.invocation_metadata() or ())
+    return call_metadata(context).wants_json_nulls
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +150,7 @@ def call_options(context: grpc.aio.ServicerContext[Any, Any]) -> CallOptions:
     """The caller's fallback chain and time limit; INVALID_ARGUMENT when malformed."""
     fallbacks: tuple[str, ...] = ()
     timeout_s = None
-    for key, value in context.invocation_metadata() or ():
+    for key, value in call_metadata(context).marked:
         if key == FALLBACKS_HEADER and isinstance(value, str):
             fallbacks = tuple(name.strip() for name in value.split(",") if name.strip())
             if len(fallbacks) > MAX_CALLER_FALLBACKS or any(len(n) > MAX_MODEL_NAME_CHARS for n in fallbacks):
@@ -379,7 +374,7 @@ class MeteredServicer:
             public_model=plan.primary.model,
             request_id=ledger_request_id(call.request_id),
         )
-        span = tracing.start_call(operation, plan.primary.model, context.invocation_metadata())
+        span = tracing.start_call(operation, plan.primary.model, call_metadata(context).marked)
         if span is None:
             async with meter:
                 yield Routed(self._routing, plan, meter, context, call, credentials=credentials)

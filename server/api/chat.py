@@ -20,6 +20,7 @@ from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import common_pb2
 from server import errors
 from server.accounts.service import Accounts
+from server.api.call_metadata import call_metadata
 from server.api.calls import CallOptions, MeteredServicer, abort_for, from_bridge, unary, wants_json_nulls
 from server.api.convert import chat_body, chat_chunk_from_openai, chat_completion_from_openai
 from server.api.metering import chat_prompt_tokens, chat_worst_case, streamed_text_chars, usage_from_openai
@@ -83,7 +84,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
     ) -> AsyncIterator[chat_pb.StreamChatCompletionResponse]:
         bridge = from_bridge(context)
         started = False
-        take_request_id(context.invocation_metadata())
+        take_request_id(call_metadata(context).marked)
         try:
             check_request(request)
             with self._streams.track():

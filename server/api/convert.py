@@ -55,7 +55,7 @@ from google.protobuf.message import Message
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import image_service_pb2 as image_pb
 from server import errors
-from server.api import proto_dicts
+from server.api import message_dicts, proto_dicts
 from server.api.validation import non_finite_number_path
 from server.providers.base import JSON
 
@@ -101,7 +101,11 @@ def to_json(message: Message) -> JSON:
 
     Whole numbers come back as ints: `google.protobuf.Struct` (tool parameter schemas)
     stores every number as a double, and `"minItems": 1.0` is not what the caller sent.
+    Built in one walk (server.api.message_dicts) when that is certainly the same.
     """
+    direct = message_dicts.to_dict(message)
+    if direct is not None:
+        return direct
     try:
         result = json_format.MessageToDict(message, preserving_proto_field_name=True)
     except (ValueError, json_format.Error) as exc:

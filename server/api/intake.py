@@ -27,8 +27,9 @@ INVALID_ARGUMENT when there is none.
 Default deadline. A call that sends no deadline gets `default_deadline_s`
 (AIGNE_HUB_DEFAULT_CALL_DEADLINE_S, default 600 s: the length of a long LLM stream):
 waiting for the request message and running the method are bounded by it, and the
-call then ends with DEADLINE_EXCEEDED (reason CALL_TIMEOUT). A streamed answer is
-checked between its messages. Calls with a client deadline are left to grpc-core.
+call then ends with DEADLINE_EXCEEDED (reason CALL_TIMEOUT). A streamed answer's
+waits for its messages are bounded by one timer for the stream (server.watchdog).
+Calls with a client deadline are left to grpc-core.
 REST calls arrive from Envoy without a deadline, so the default bounds them too; a
 health `Watch` without a deadline ends with it (health-checking clients re-open it).
 
@@ -48,13 +49,13 @@ from typing import Any, TypeAlias
 import grpc
 from google.protobuf.message import Message
 
+from server.api.call_metadata import FIELDS_HEADER, call_metadata
 from server.api.convert import check_given_fields
 from server.api.errors import to_grpc_status
 from server.api.wire_fields import undecodable_field
 from server.errors import CallTimeout, GatewayError, InvalidRequest
+from server.watchdog import Watchdog
 
-# Set by the REST bridge: the top-level members of the JSON body (envoy/openai_bridge.lua).
-FIELDS_HEADER = "x-aigne-fields"
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 Deserializer: TypeAlias = Callable[[bytes], Any]
 
@@ -131,7 +132,7 @@ class _Intake:
 
     def _check_given_fields(self, context: Context) -> None:
         """REST: refuses a JSON member the transcoder would have dropped (see convert)."""
-        given = next((value for key, value in context.invocation_metadata() or () if key == FIELDS_HEADER), None)
+        given = call_metadata(context).first(FIELDS_HEADER)
         if given is None or self._message_type is None:
             return
         try:
@@ -180,12 +181,31 @@ class _Intake:
             async with self._bounded(context, deadline):
                 await answers
             return
-        while True:
-            async with self._bounded(context, deadline):
-                response = await anext(answers, _END)
-            if response is _END:
-                return
-            yield response
+        # One timer for the whole stream (server.watchdog), not one per message; none
+        # with a client deadline (grpc-core enforces it).
+        watchdog = Watchdog(deadline=deadline) if deadline is not None else None
+        try:
+            while True:
+                async with _Bounded(None, context, self._default_deadline_s):
+                    response = await self._next(answers, watchdog, context)
+                if response is _END:
+                    return
+                yield response
+        finally:
+            if watchdog is not None:
+                watchdog.close()
+
+    async def _next(self, answers: AsyncIterator[Any], watchdog: Watchdog | None, context: Context) -> Any:
+        """The method's next answer (or _END); CALL_TIMEOUT once the deadline passes."""
+        if watchdog is None:
+            return await anext(answers, _END)
+        try:
+            return await watchdog.wait(anext(answers, _END))
+        except TimeoutError:
+            if not watchdog.fired:
+                raise
+            await context.abort_with_status(to_grpc_status(_timed_out(self._default_deadline_s)))
+            raise  # unreachable: abort_with_status raises
 
     def _bounded(self, context: Context, deadline: float | None = None) -> _Bounded:
         """Bounds a step by `deadline` (default: the call's, from now) and answers a
@@ -218,16 +238,19 @@ class _Bounded:
     inside into the call's status."""
 
     def __init__(self, deadline: float | None, context: Context, limit_s: float) -> None:
-        self._timeout = asyncio.timeout_at(deadline)
+        # No timer without a deadline (a client deadline, or a stream's watchdog).
+        self._timeout = asyncio.timeout_at(deadline) if deadline is not None else None
         self._context = context
         self._limit_s = limit_s
 
     async def __aenter__(self) -> None:
-        await self._timeout.__aenter__()
+        if self._timeout is not None:
+            await self._timeout.__aenter__()
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         try:
-            await self._timeout.__aexit__(kind, exc, tb)
+            if self._timeout is not None:
+                await self._timeout.__aexit__(kind, exc, tb)
         except TimeoutError:
             await self._context.abort_with_status(to_grpc_status(_timed_out(self._limit_s)))
         if isinstance(exc, _Refusal):

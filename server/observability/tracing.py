@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _tracer: Tracer | None = None
 
 
@@ -102,7 +102,7 @@ class CallSpan:
         from opentelemetry import trace
         from opentelemetry.trace import SpanKind
 
-        carrier = {k: v for k, v in metadata or () if k in _TRACE_HEADERS and isinstance(v, str)}
+        carrier = {k: v for k, v in metadata or () if k in TRACE_HEADERS and isinstance(v, str)}
         parent = _propagator().extract(carrier) if carrier else None
         self.operation = GEN_AI_OPERATIONS.get(operation, operation)
         self.span: Span = tracer.start_span(

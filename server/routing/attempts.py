@@ -45,6 +45,7 @@ from server.config import RoutingConfig
 from server.routing import balance, policy
 from server.routing.cooldown import CooldownStore
 from server.routing.router import ModelGroup, Plan, Target
+from server.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -289,16 +290,24 @@ class _Run(Generic[T, R]):
 
 async def idle_bounded(chunks: AsyncIterator[R], idle_s: float | None, provider: str) -> AsyncIterator[R]:
     """The chunks of a stream, failing with UPSTREAM_TIMEOUT when the upstream stays
-    silent for `idle_s` between two of them."""
+    silent for `idle_s` between two of them (one timer for the stream, see
+    server.watchdog)."""
     iterator = aiter(chunks)
-    while True:
-        try:
-            async with asyncio.timeout(idle_s):
-                chunk = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise errors.UpstreamTimeout(
-                f"{provider} sent nothing for {idle_s:g} s in the middle of the stream", provider=provider
-            ) from None
-        yield chunk
+    if idle_s is None:
+        async for chunk in iterator:
+            yield chunk
+        return
+    watchdog = Watchdog(idle_s=idle_s)
+    try:
+        while True:
+            try:
+                chunk = await watchdog.wait(anext(iterator))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise errors.UpstreamTimeout(
+                    f"{provider} sent nothing for {idle_s:g} s in the middle of the stream", provider=provider
+                ) from None
+            yield chunk
+    finally:
+        watchdog.close()
