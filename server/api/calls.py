@@ -81,7 +81,7 @@ OPERATIONS = {
 
 # Set by the REST bridge (Envoy's Lua filter) on streams it turns into SSE.
 BRIDGE_HEADER = "x-aigne-bridge"
-# Set by the REST bridge on OpenAI's chat paths: its Lua filter prints
+# Set by the REST bridge on OpenAI's chat paths: BridgeService prints
 # convert.JSON_NULL as JSON null there.
 REST_HEADER = "x-aigne-rest"
 # Routing metadata: what the caller may ask for, what the answer says.
