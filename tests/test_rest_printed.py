@@ -14,6 +14,7 @@ equal. (Run against the transcoder path itself, this file passed too.)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -171,6 +172,8 @@ STREAMS: dict[str, list[dict[str, Any]]] = {
         chunk({"index": 0, "delta": {}, "finish_reason": "stop"}, {"index": 1, "delta": {}, "finish_reason": "stop"}),
     ],
     "s-error": [chunk(delta(role="assistant", content="par")), chunk(delta(content="tial"))],
+    # The fake holds the rest back after the first chunk until the test releases it.
+    "s-held": [chunk(delta(role="assistant", content="first")), chunk(delta(content=" then the rest"))],
 }
 STREAM_ERROR = {"error": {"message": "The model crashed mid-stream.", "type": "server_error", "code": None}}
 
@@ -180,6 +183,7 @@ class ScriptedOpenAI:
 
     def __init__(self) -> None:
         self.http = HttpServer(self._handle)
+        self.release = asyncio.Event()
 
     async def _handle(self, request: Request) -> Response:
         body = json.loads(request.body)
@@ -189,7 +193,9 @@ class ScriptedOpenAI:
         return Response(200, content_type="text/event-stream", stream=self._events(model))
 
     async def _events(self, model: str) -> AsyncGenerator[bytes, None]:
-        for item in STREAMS[model]:
+        for number, item in enumerate(STREAMS[model]):
+            if model == "s-held" and number == 1:
+                await self.release.wait()
             yield b"data: " + json.dumps(item).encode() + b"\n\n"
         if model == "s-error":
             yield b"data: " + json.dumps(STREAM_ERROR).encode() + b"\n\n"
@@ -198,8 +204,8 @@ class ScriptedOpenAI:
 
 
 class Setup:
-    def __init__(self, rest_url: str, grpc_port: int, key: str) -> None:
-        self.rest_url, self.grpc_port, self.key = rest_url, grpc_port, key
+    def __init__(self, rest_url: str, grpc_port: int, key: str, upstream: ScriptedOpenAI) -> None:
+        self.rest_url, self.grpc_port, self.key, self.upstream = rest_url, grpc_port, key, upstream
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -215,7 +221,7 @@ async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup
     bridge = await start_bridge(gateway.port, tmp_path_factory.mktemp("printed-envoy"))
     owner = await ensure_owner(gateway.accounts.db, "user", "printed")
     _, key = await gateway.accounts.keys.create_key(owner.id, "tests")
-    yield Setup(bridge.rest_url, gateway.port, key)
+    yield Setup(bridge.rest_url, gateway.port, key, upstream)
     await bridge.envoy.stop()
     await gateway.stop(0.5)
     await upstream.http.stop()
@@ -289,7 +295,7 @@ async def test_a_chat_answer_is_printed_as_the_bridge_printed_it(setup, model):
 
 
 @pytest.mark.parametrize("include_usage", [True, False])
-@pytest.mark.parametrize("model", sorted(STREAMS))
+@pytest.mark.parametrize("model", sorted(set(STREAMS) - {"s-held"}))
 async def test_a_stream_is_printed_as_the_bridge_printed_it(setup, model, include_usage):
     body = request_body(model, stream=True, stream_options={"include_usage": include_usage})
     response, events = await over_rest(setup, body)
@@ -301,6 +307,23 @@ async def test_a_stream_is_printed_as_the_bridge_printed_it(setup, model, includ
         assert events[-1]["error"]["message"] and "[DONE]" not in events
     else:
         assert events[-1] == "[DONE]"
+
+
+async def test_each_event_reaches_the_client_as_the_upstream_sends_it(setup):
+    headers = {"authorization": f"Bearer {setup.key}"}
+    body = request_body("s-held", stream=True)
+    async with (
+        httpx.AsyncClient(base_url=setup.rest_url, headers=headers, timeout=20) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        lines = response.aiter_lines()
+        first = await anext(line async for line in lines if line)
+        # The upstream has sent one chunk and waits: the client has it already.
+        assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["content"] == "first"
+        setup.upstream.release.set()
+        rest = [line async for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[0].removeprefix("data: "))["choices"][0]["delta"]["content"] == " then the rest"
 
 
 async def test_the_printed_json_keeps_what_clients_rely_on(setup):

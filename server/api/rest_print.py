@@ -79,8 +79,7 @@ def to_openai_dict(message: Message) -> dict[str, Any]:
     # Only the fields that are set (a field without presence: when not its default);
     # `ListFields` lists them in C, in field-number order.
     for field, value in message.ListFields():
-        name = field.name
-        convert = converts[name]
+        name, convert = converts[field]
         out[name] = value if convert is None else convert(value)
     for name, dropped in plan.trims:  # an explicitly set empty value (no chat field has one)
         if out.get(name, None) == "":
@@ -96,8 +95,9 @@ class _Plan:
     # The fields without presence at their default value (as printed, after the
     # bridge's rules), in declaration order: what the message prints when unset.
     defaults: dict[str, Any]
-    # How each field's value is printed; None: as it is.
-    converts: dict[str, Convert | None]
+    # Each field's name and how its value is printed (None: as it is), by descriptor
+    # (reading a descriptor's name costs more than this lookup).
+    converts: dict[FieldDescriptor, tuple[str, Convert | None]]
     # Fields with presence that the bridge's rules trim when empty: (name, dropped).
     trims: tuple[tuple[str, bool], ...]
 
@@ -105,11 +105,11 @@ class _Plan:
 @functools.cache
 def _plan(descriptor: Descriptor) -> _Plan:
     defaults: dict[str, Any] = {}
-    converts: dict[str, Convert | None] = {}
+    converts: dict[FieldDescriptor, tuple[str, Convert | None]] = {}
     trims: list[tuple[str, bool]] = []
     for field in descriptor.fields:
         convert = _field_converter(field)
-        converts[field.name] = None if convert is _same else convert
+        converts[field] = (field.name, None if convert is _same else convert)
         dropped = True if field.name in DROPPED_WHEN_EMPTY else False if field.name in NULL_WHEN_EMPTY else None
         if field.has_presence:
             if dropped is not None and field.message_type is None:
@@ -145,7 +145,11 @@ def _list(convert: Convert, values: Any) -> list[Any]:
 
 
 def _map(convert: Convert, values: Any) -> dict[str, Any]:
-    return {str(key): convert(value) for key, value in values.items()}
+    return {_key(key): convert(value) for key, value in values.items()}
+
+
+def _key(key: Any) -> str:
+    return ("true" if key else "false") if isinstance(key, bool) else str(key)
 
 
 def _converter(field: FieldDescriptor) -> Convert:
