@@ -19,7 +19,8 @@
 --     answered 400 saying so (OBJECT_REFUSALS).
 --   * OpenAI's chat requests get `x-aigne-rest: 1`: the server then prints the
 --     string fields OpenAI sends as null as null (server/api/convert.py).
---   * A client-sent `x-aigne-fields` or `x-aigne-rest` header is removed, and a
+--   * A client-sent `x-aigne-fields`, `x-aigne-rest` or `x-aigne-original-path` header
+--     is removed, and a
 --     client-sent `x-aigne-bridge` is replaced by `x-aigne-bridge: rest`: the server
 --     knows the request came through this bridge.
 --   * Every other request passes untouched after a few header operations.
@@ -231,6 +232,7 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   local path = headers:get(":path")
   if not path then return end
+  headers:remove("x-aigne-original-path") -- only this filter sets it (the access log's path)
   local ctype = headers:get("content-type")
   if ctype and sub(ctype, 1, 16) == "application/grpc" then
     -- Native gRPC belongs on the gRPC port: its route answers 404, which Envoy turns
@@ -260,8 +262,10 @@ function envoy_on_request(handle)
     if headers:get(":method") ~= "POST" then return end
     local chat = CHAT_PATHS[path]
     if chat then
-      -- The server prints the answer (nulls included) for OpenAI's clients.
+      -- The server prints the answer (nulls included) for OpenAI's clients. The access
+      -- log shows the client's path (x-aigne-original-path; see envoy.yaml).
       headers:replace("x-aigne-rest", "1")
+      headers:replace("x-aigne-original-path", path .. query)
       headers:replace(":path", PRINTED_PATH .. query)
     end
     local body = handle:body()
