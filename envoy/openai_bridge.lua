@@ -3,10 +3,12 @@
 -- responses). Loaded by envoy.yaml (default_source_code.filename).
 --
 -- Requests:
---   * POST /chat/completions and /v1/chat/completions whose top-level "stream" is true
---     are re-routed to the internal binding of ChatService.StreamChatCompletion, with
---     the header `x-aigne-bridge: sse` that asks the server for the end-of-stream
---     sentinel.
+--   * POST /chat/completions and /v1/chat/completions are re-routed to the internal
+--     bindings of BridgeService (server/api/bridge.py), which answers with the exact
+--     JSON or server-sent events the client gets (`google.api.HttpBody`): this filter
+--     does no work on those answers but for errors. Those whose top-level "stream" is
+--     true go to its stream, with the header `x-aigne-bridge: sse` that asks the
+--     server for `data: [DONE]` and for an error event after the first chunk.
 --   * /internal/... sent by a client is answered 404.
 --   * Native gRPC (content-type application/grpc...) is marked `x-aigne-bridge: grpc`
 --     for the local reply that tells it to use the gRPC port (see envoy.yaml).
@@ -15,27 +17,24 @@
 --     a parameter the contract does not carry instead of the transcoder dropping it.
 --   * Speech with `voice` as an object (a custom voice id, in OpenAI's spec) is
 --     answered 400 saying so (OBJECT_REFUSALS).
---   * OpenAI's chat requests get `x-aigne-rest: 1`: the server then writes the string
---     fields OpenAI sends as null with the JSON_NULL marker (server/api/convert.py).
---   * A client-sent `x-aigne-fields` or `x-aigne-rest` header is removed, and a
+--   * OpenAI's chat requests get `x-aigne-rest: 1`: the server then prints the
+--     string fields OpenAI sends as null as null (server/api/convert.py).
+--   * A client-sent `x-aigne-fields`, `x-aigne-rest` or `x-aigne-original-path` header
+--     is removed, and a
 --     client-sent `x-aigne-bridge` is replaced by `x-aigne-bridge: rest`: the server
 --     knows the request came through this bridge.
 --   * Every other request passes untouched after a few header operations.
 -- Responses:
---   * text/event-stream: the sentinel event `data: {"id":"[DONE]",...}` becomes
---     `data: [DONE]`, chunk by chunk, without buffering the stream.
---   * the JSON_NULL marker (the JSON text `:"\u0000null"`) becomes `:null`, in every
---     SSE chunk of OpenAI's streams and in the whole (buffered) 200 answer of a chat
---     completion. A JSON text holds `:"` only where a string value begins, so the
---     marker cannot be matched inside a string (a quote there is escaped).
---   * OpenAI-shaped answers (chat chunks; unary chat, /models and /status, marked on the
---     request): members the transcoder prints only because proto3 has no "unset" for
+--   * OpenAI's chat answers (BridgeService): untouched unless an error status.
+--   * OpenAI-shaped answers (/models and /status, marked on the request): members the
+--     transcoder prints only because proto3 has no "unset" for
 --     them are dropped (TRIMS): `"tool_calls":[]`, `"alias_of":""`, `"error":""`,
 --     `"code":""`, `"resting":[]` (/status); and an empty `"param"` becomes OpenAI's null (`created` stays, even
 --     0: OpenAI's schemas require it). OpenAI
 --     prints none of them; clients that test `tool_calls is not None` took every answer
 --     for a tool turn. Every pattern starts or ends with a quote outside any string (a
---     quote inside a JSON string is escaped), so none can match inside a value.
+--     quote inside a JSON string is escaped), so none can match inside a value. (The
+--     server prints chat answers by the same rules: server/api/rest_print.py.)
 --   * status >= 400 with a JSON google.rpc.Status body (the transcoder's
 --     convert_grpc_status): an OpenAI `error` object is added in front of the original
 --     fields. Its type, code and param are copied from the status's ErrorInfo (metadata
@@ -46,7 +45,9 @@
 
 local find, sub, byte, gsub = string.find, string.sub, string.byte, string.gsub
 
-local STREAM_PATH = "/internal/chat/completions:stream"
+-- BridgeService's internal bindings: OpenAI's chat answers as the server prints them.
+local PRINTED_PATH = "/internal/openai/chat/completions"
+local PRINTED_STREAM_PATH = "/internal/openai/chat/completions:stream"
 -- AIGNE Hub's agent protocol (AgentService): its chat path and internal stream binding.
 local AGENT_CHAT_PATH = "/api/v2/chat"
 local AGENT_STREAM_PATH = "/internal/api/v2/chat:stream"
@@ -61,10 +62,6 @@ local OPENAI_BODIES = {
   ["/image/generations"] = true, ["/v1/image/generations"] = true,
   ["/audio/speech"] = true, ["/v1/audio/speech"] = true,
 }
-local SENTINEL = 'data: {"id":"[DONE]"'
-local DONE_EVENT = "data: [DONE]\n\n"
-local NULL_MARKER = ':"\\u0000null"' -- the transcoder's JSON for convert.JSON_NULL
-local JSON_NULL = ":null"
 
 -- Position of the closing quote of the JSON string whose opening quote is at `i`, or nil.
 -- Plain find of one character is a memchr, far faster than a pattern class over long
@@ -122,7 +119,6 @@ for _, member in ipairs({ '"tool_calls":%[%]', '"alias_of":""', '"error":""', '"
 end
 TRIMS[#TRIMS + 1] = { '"param":""', '"param":null' }
 local TRIM_PATHS = {
-  ["/chat/completions"] = true, ["/v1/chat/completions"] = true,
   ["/models"] = true, ["/v1/models"] = true, ["/status"] = true, ["/v1/status"] = true,
 }
 
@@ -236,6 +232,7 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   local path = headers:get(":path")
   if not path then return end
+  headers:remove("x-aigne-original-path") -- only this filter sets it (the access log's path)
   local ctype = headers:get("content-type")
   if ctype and sub(ctype, 1, 16) == "application/grpc" then
     -- Native gRPC belongs on the gRPC port: its route answers 404, which Envoy turns
@@ -265,9 +262,11 @@ function envoy_on_request(handle)
     if headers:get(":method") ~= "POST" then return end
     local chat = CHAT_PATHS[path]
     if chat then
-      -- The answer may hold JSON_NULL markers (a stream's chunks are checked anyway).
+      -- The server prints the answer (nulls included) for OpenAI's clients. The access
+      -- log shows the client's path (x-aigne-original-path; see envoy.yaml).
       headers:replace("x-aigne-rest", "1")
-      handle:streamInfo():dynamicMetadata():set(LUA_NS, "json_nulls", true)
+      headers:replace("x-aigne-original-path", path .. query)
+      headers:replace(":path", PRINTED_PATH .. query)
     end
     local body = handle:body()
     if not body or body:length() == 0 then return end
@@ -283,7 +282,7 @@ function envoy_on_request(handle)
     headers = handle:headers()
     headers:replace("x-aigne-fields", given_fields(members))
     if chat and stream_true(members) then
-      headers:replace(":path", STREAM_PATH .. query)
+      headers:replace(":path", PRINTED_STREAM_PATH .. query)
       headers:replace("x-aigne-bridge", "sse")
     end
     return
@@ -436,39 +435,6 @@ local function rewrite_error(handle, status, agent)
   handle:headers():replace("content-type", "application/json")
 end
 
--- Each chunk is forwarded as soon as this loop body returns: nothing is buffered.
--- `data` with every JSON_NULL marker printed as null, or nil when it holds none.
-local function with_json_nulls(data)
-  if not find(data, NULL_MARKER, 1, true) then return nil end
-  return (gsub(data, NULL_MARKER, JSON_NULL))
-end
-
-local function wants_json_nulls(meta)
-  return meta ~= nil and meta["json_nulls"] == true
-end
-
--- An OpenAI stream, chunk by chunk (each forwarded as soon as the loop body returns:
--- nothing is buffered; the transcoder writes each message as one chunk, so a marker is
--- never split): JSON_NULL markers become null, the sentinel `data: [DONE]`, and the
--- empty members are trimmed.
-local function rewrite_events(handle)
-  for chunk in handle:bodyChunks() do
-    local n = chunk:length()
-    if n > 0 then
-      local original = chunk:getBytes(0, n)
-      local data = with_json_nulls(original) or original
-      local i = find(data, SENTINEL, 1, true)
-      if i then
-        local j = find(data, "\n\n", i, true)
-        local rest = j and sub(data, j + 2) or ""
-        data = sub(data, 1, i - 1) .. DONE_EVENT .. rest
-      end
-      local trimmed = trim_empty(data)
-      if trimmed ~= original then chunk:setBytes(trimmed) end
-    end
-  end
-end
-
 -- An agent stream's failure event `data: {"error":{...}}` becomes AIGNE's
 -- `event: error` with the error object as its data, chunk by chunk.
 local AGENT_ERROR = 'data: {"error":'
@@ -500,22 +466,16 @@ function envoy_on_response(handle)
   local ctype = headers:get("content-type")
   if not ctype then return end
   if sub(ctype, 1, 16) == "application/json" then
-    local trim = meta ~= nil and meta["trim"] == true
-    local nulls = wants_json_nulls(meta)
-    if not trim and not nulls then return end
+    if meta == nil or meta["trim"] ~= true then return end
     local body = handle:body()
     if not body or body:length() == 0 then return end
     local text = body:getBytes(0, body:length())
-    local out = text
-    if nulls then out = with_json_nulls(out) or out end
-    if trim then out = trim_empty(out) end
+    local out = trim_empty(text)
     if out ~= text then body:setBytes(out) end
     return
   end
-  if sub(ctype, 1, 17) ~= "text/event-stream" then return end
-  if agent then
+  -- OpenAI's chat streams arrive printed by the server: only AIGNE's are rewritten.
+  if agent and sub(ctype, 1, 17) == "text/event-stream" then
     rewrite_agent_stream(handle)
-    return
   end
-  rewrite_events(handle)
 end

@@ -36,6 +36,7 @@ from aigne.hub.v1 import (
     agent_service_pb2_grpc,
     audio_service_pb2,
     audio_service_pb2_grpc,
+    bridge_service_pb2_grpc,
     chat_service_pb2,
     chat_service_pb2_grpc,
     embedding_service_pb2,
@@ -52,6 +53,7 @@ from server.api.admin import AdminServicer
 from server.api.agent import AgentServicer
 from server.api.audio import AudioServicer
 from server.api.auth import AuthInterceptor
+from server.api.bridge import BridgeServicer
 from server.api.chat import ChatServicer
 from server.api.embeddings import EmbeddingServicer
 from server.api.images import ImageServicer
@@ -225,6 +227,8 @@ async def start_gateway(
     chat = ChatServicer(router, accounts, streams, routing)
     images = ImageServicer(router, accounts, routing)
     chat_service_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
+    # OpenAI's REST chat paths: the same calls, answered with the bytes the client gets.
+    bridge_service_pb2_grpc.add_BridgeServiceServicer_to_server(BridgeServicer(chat), server)
     embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(
         EmbeddingServicer(router, accounts, routing), server
     )

@@ -6,7 +6,8 @@ status the tree's docstring states.
 The servicer here is a stand-in whose methods only raise the class a request names;
 everything that shapes the error is the project's own: `unary` and `abort_for`
 (server.api.calls), `to_grpc_status` (server.api.errors), the stream's error event
-(server.api.chat._error_chunk), the transcoder and openai_bridge.lua.
+(server.api.chat._error_chunk) as BridgeService prints it, the transcoder and
+openai_bridge.lua.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from aigne.hub.v1 import bridge_service_pb2_grpc as bridge_grpc
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
 from server import errors
 from server.accounts import errors as accounts_errors
+from server.api.bridge import BridgeServicer
 from server.api.calls import abort_for, from_bridge, unary
 from server.api.chat import _error_chunk
 from server.api.errors import OPENAI_TYPE_KEY, grpc_code
@@ -87,7 +90,10 @@ class Available(status_grpc.StatusServiceServicer):
 @pytest_asyncio.fixture(scope="module")
 async def raising(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[int, Bridge]]:
     server = grpc.aio.server()
-    chat_grpc.add_ChatServiceServicer_to_server(RaisingChat(), server)
+    chat = RaisingChat()
+    chat_grpc.add_ChatServiceServicer_to_server(chat, server)
+    # OpenAI's REST chat paths reach the chat servicer through BridgeService.
+    bridge_grpc.add_BridgeServiceServicer_to_server(BridgeServicer(chat), server)
     status_grpc.add_StatusServiceServicer_to_server(Available(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -36,7 +36,7 @@ StreamContext: TypeAlias = grpc.aio.ServicerContext[
     chat_pb.CreateChatCompletionRequest, chat_pb.StreamChatCompletionResponse
 ]
 
-# The sentinel that the REST bridge turns into `data: [DONE]`.
+# The sentinel that BridgeService prints as `data: [DONE]`.
 DONE_SENTINEL_ID = "[DONE]"
 
 

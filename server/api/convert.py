@@ -11,8 +11,8 @@ field by leaving it out. So:
 - `logprobs` is a `google.protobuf.Value` in the contract, set to null here when the
   upstream gave none: null for gRPC and REST callers alike.
 - The string fields get `JSON_NULL` for REST callers only (`json_nulls=True`, from the
-  bridge's `x-aigne-rest` marker on OpenAI's chat paths), which the bridge's Lua
-  filter prints as `null`.
+  bridge's `x-aigne-rest` marker on OpenAI's chat paths), which BridgeService
+  (server.api.rest_print) prints as `null`.
   gRPC callers see them unset, proto3's null (a gRPC client that sends the
   header itself gets the marker). A value that is exactly `JSON_NULL`
   (NUL then "null") from an upstream would also become null; no model writes it.
@@ -61,8 +61,7 @@ from server.providers.base import JSON
 
 M = TypeVar("M", bound=Message)
 
-# Printed by the REST bridge as JSON null (envoy/openai_bridge.lua looks for the JSON
-# text `:"\u0000null"`, which only a string value equal to this can produce).
+# Printed as JSON null for OpenAI's REST clients (server.api.rest_print).
 JSON_NULL = "\x00null"
 
 DEFAULT_IMAGE_MODEL = "openai/dall-e-2"

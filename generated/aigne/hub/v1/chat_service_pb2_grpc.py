@@ -74,7 +74,9 @@ class ChatServiceServicer:
 
         REST: `POST /chat/completions` (and `/v1/chat/completions`) with `"stream": true`,
         answered as server-sent events (`data: {chunk}`) ending with `data: [DONE]`. The
-        bridge routes such requests here; the binding below is internal to the bridge.
+        bridge serves such requests through BridgeService.StreamChatCompletion, which
+        prints this method's messages; the binding below is internal (the bridge routes
+        nothing to it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

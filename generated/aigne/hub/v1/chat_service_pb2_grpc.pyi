@@ -54,7 +54,9 @@ class ChatServiceStub:
 
     REST: `POST /chat/completions` (and `/v1/chat/completions`) with `"stream": true`,
     answered as server-sent events (`data: {chunk}`) ending with `data: [DONE]`. The
-    bridge routes such requests here; the binding below is internal to the bridge.
+    bridge serves such requests through BridgeService.StreamChatCompletion, which
+    prints this method's messages; the binding below is internal (the bridge routes
+    nothing to it).
     """
 
 @_typing.type_check_only
@@ -80,7 +82,9 @@ class ChatServiceAsyncStub(ChatServiceStub):
 
     REST: `POST /chat/completions` (and `/v1/chat/completions`) with `"stream": true`,
     answered as server-sent events (`data: {chunk}`) ending with `data: [DONE]`. The
-    bridge routes such requests here; the binding below is internal to the bridge.
+    bridge serves such requests through BridgeService.StreamChatCompletion, which
+    prints this method's messages; the binding below is internal (the bridge routes
+    nothing to it).
     """
 
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -115,7 +119,9 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
 
         REST: `POST /chat/completions` (and `/v1/chat/completions`) with `"stream": true`,
         answered as server-sent events (`data: {chunk}`) ending with `data: [DONE]`. The
-        bridge routes such requests here; the binding below is internal to the bridge.
+        bridge serves such requests through BridgeService.StreamChatCompletion, which
+        prints this method's messages; the binding below is internal (the bridge routes
+        nothing to it).
         """
 
 def add_ChatServiceServicer_to_server(servicer: ChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
