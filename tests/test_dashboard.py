@@ -53,7 +53,8 @@ async def stack(fake_openai, tmp_path_factory):
         admin_token=ADMIN_TOKEN,
         master_key=base64.b64encode(os.urandom(32)).decode(),
         billing_enabled=True,
-        upstream_read_timeout_s=5.0,
+        # Long enough for a browser to show a reservation while model "slow" is waited for.
+        upstream_read_timeout_s=30.0,
     )
     # A monthly credit default for every key, listed beside the key's own rule as the config's.
     config = gateway_config(fake_openai.base_url)
@@ -195,9 +196,11 @@ async def test_owner_sees_the_usage_the_ledger_has(stack):
     assert "No calls in this range" in seen["empty_range"] and seen["empty_range_calls"] == "0"
 
 
-async def test_owner_sees_the_reservation_of_a_call_in_flight(stack):
+async def test_owner_sees_the_reservation_of_a_call_in_flight(stack, fake_openai):
     gateway, bridge, secret = stack
-    client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=secret, max_retries=0, timeout=20)
+    client = openai.AsyncOpenAI(base_url=f"{bridge.rest_url}/v1", api_key=secret, max_retries=0, timeout=40)
+    # The call stays in flight while the browser starts and reads the page, however busy the machine.
+    slow_seconds, fake_openai.slow_seconds = fake_openai.slow_seconds, 25.0
     slow = asyncio.create_task(client.chat.completions.create(model="openai/slow", messages=HELLO))
     try:
         for _ in range(100):
@@ -208,8 +211,10 @@ async def test_owner_sees_the_reservation_of_a_call_in_flight(stack):
         [reservation] = held
         seen = await drive("reservations", bridge, secret)
     finally:
-        # The fake answers "slow" after about as long as the gateway waits: either ends it.
+        # The client gives up on the call: the gateway cancels it and releases the hold.
+        slow.cancel()
         await asyncio.gather(slow, return_exceptions=True)
+        fake_openai.slow_seconds = slow_seconds
         await client.close()
     [row] = seen["reservations"]
     assert number(row[1]) == Decimal(reservation.amount_micros) / 10**6 > 0
