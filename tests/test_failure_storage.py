@@ -39,9 +39,9 @@ from server.accounts.owners import ensure_owner
 from server.app import Gateway, start_gateway
 from server.config import Settings
 from server.errors import StorageUnavailable
-from server.storage import Database, upgrade_engine
+from server.storage import Database
 from server.storage.database import create_engine
-from server.storage.migrate import _PG_LOCK_KEY
+from server.storage.migrate import _PG_LOCK_KEY, upgrade_engine
 from server.storage.schema import owners, utcnow
 from tests.conftest import Bridge, gateway_config, start_bridge
 from tests.fakes.openai_upstream import FakeOpenAI

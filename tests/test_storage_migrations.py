@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,18 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, text
 
-from server.storage import Database, SchemaOutOfDate, StorageError, StorageSettings, normalize_url, upgrade
+from server.storage import Database, SchemaOutOfDate, StorageError, StorageSettings, normalize_url
 from server.storage.database import create_engine
-from server.storage.migrate import VERSION_TABLE, check_current, current_revision, head_revision, upgrade_engine
+from server.storage.migrate import (
+    VERSION_TABLE,
+    check_current,
+    current_revision,
+    head_revision,
+    upgrade,
+    upgrade_engine,
+)
 from server.storage.schema import metadata
+from server.storage.schema_version import HEAD_REVISION
 from tests.storage_fixtures import database_url  # noqa: F401
 
 
@@ -41,6 +50,45 @@ async def test_migrations_apply_from_empty_and_are_idempotent(database_url: str)
             assert await conn.run_sync(_schema_diff) == []
     finally:
         await engine.dispose()
+
+
+def test_the_head_revision_constant_is_alembics_head() -> None:
+    # Workers check the schema against the constant without Alembic: a new migration
+    # must update it.
+    assert head_revision() == HEAD_REVISION
+
+
+async def test_an_older_schema_is_refused_with_both_revisions_named(database_url: str) -> None:  # noqa: F811
+    engine = create_engine(database_url)
+    try:
+        await upgrade_engine(engine, "0005")
+        assert await current_revision(engine) == "0005"
+        with pytest.raises(SchemaOutOfDate, match=f"at 0005, this gateway needs {HEAD_REVISION}"):
+            await check_current(engine)
+        await upgrade_engine(engine)
+        await check_current(engine)
+    finally:
+        await engine.dispose()
+
+
+async def test_checking_the_schema_does_not_import_alembic(tmp_path: Path) -> None:
+    # What a worker does (serve migrated the database once): open it without migrating.
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    await asyncio.to_thread(upgrade, url)
+    script = (
+        "import asyncio, sys\n"
+        "import server.app\n"
+        "from server.storage import Database\n"
+        f"db = asyncio.run(Database.open({url!r}, migrate=False))\n"
+        "asyncio.run(db.close())\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'alembic'))\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert stdout.decode().strip() == "[]"
 
 
 async def test_concurrent_upgrades_are_serialised(database_url: str) -> None:  # noqa: F811

@@ -5,11 +5,13 @@
     async with db.read() as conn: ...
 
 `server.storage.migrate.upgrade(url)` runs the versioned migrations (on start for
-SQLite, by command for PostgreSQL); `server.storage.schema` holds the tables.
+SQLite, by command for PostgreSQL; it imports Alembic, so it is not imported here: a
+worker only checks the revision, see `server.storage.schema_version`);
+`server.storage.schema` holds the tables.
 """
 
 from server.storage.database import Backend, Database, StorageError, create_engine, normalize_url
-from server.storage.migrate import SchemaOutOfDate, check_current, upgrade, upgrade_engine
+from server.storage.schema_version import SchemaOutOfDate, check_current
 from server.storage.settings import StorageSettings
 
 __all__ = [
@@ -21,6 +23,4 @@ __all__ = [
     "check_current",
     "create_engine",
     "normalize_url",
-    "upgrade",
-    "upgrade_engine",
 ]

@@ -282,7 +282,7 @@ class Database:
     ) -> Database:
         """Connects to `url`. Migrates it to the latest schema when `migrate` is true
         (default: for SQLite only); otherwise checks that it is up to date."""
-        from server.storage.migrate import check_current
+        from server.storage.schema_version import check_current
 
         timeouts = Timeouts(connect_timeout_s, statement_timeout_s, sqlite_busy_timeout_ms)
         engine = create_engine(

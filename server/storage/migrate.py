@@ -3,6 +3,7 @@
     upgrade(url)                 from a command (blocking; `aigne-hub migrate` later)
     await upgrade_engine(engine) on start (SQLite) or from async code
     await check_current(engine)  refuses to start on an out-of-date schema
+                                 (server.storage.schema_version: no Alembic needed)
 
 Migrations run in one transaction (both backends have transactional DDL), so a
 failed migration leaves the database as it was. On PostgreSQL an advisory lock
@@ -16,22 +17,28 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.storage.database import _BEGIN_MODE, StorageError, Timeouts, create_engine
+from server.storage.database import _BEGIN_MODE, Timeouts, create_engine
+from server.storage.schema_version import VERSION_TABLE, SchemaOutOfDate, check_current, current_revision
+
+__all__ = [
+    "MIGRATIONS_DIR",
+    "VERSION_TABLE",
+    "SchemaOutOfDate",
+    "check_current",
+    "current_revision",
+    "head_revision",
+    "upgrade",
+    "upgrade_engine",
+]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-VERSION_TABLE = "aigne_hub_schema_version"
 # pg_advisory_xact_lock key: any fixed 64-bit number ("aigne-hub" in ASCII, truncated).
 _PG_LOCK_KEY = 0x616967_6E6568_75
-
-
-class SchemaOutOfDate(StorageError):
-    """The database's schema is older (or newer) than this gateway's."""
 
 
 def alembic_config() -> Config:
@@ -41,6 +48,8 @@ def alembic_config() -> Config:
 
 
 def head_revision() -> str:
+    """The newest revision as Alembic reads it from the scripts (schema_version's
+    HEAD_REVISION must equal it)."""
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
@@ -73,23 +82,3 @@ def _upgrade_sync(connection: Connection, revision: str) -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, revision)
-
-
-async def current_revision(engine: AsyncEngine) -> str | None:
-    async with engine.connect() as conn:
-        return await conn.run_sync(_current_sync)
-
-
-def _current_sync(connection: Connection) -> str | None:
-    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    return context.get_current_revision()
-
-
-async def check_current(engine: AsyncEngine) -> None:
-    current = await current_revision(engine)
-    head = head_revision()
-    if current != head:
-        raise SchemaOutOfDate(
-            f"the database schema is at {current or 'nothing (empty database)'}, this gateway needs {head}; "
-            "run the migrations (server.storage.migrate.upgrade) first"
-        )

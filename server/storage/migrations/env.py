@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from server.storage.migrate import VERSION_TABLE
 from server.storage.schema import metadata
+from server.storage.schema_version import VERSION_TABLE
 
 connection = context.config.attributes.get("connection")
 if not isinstance(connection, Connection):
