@@ -27,7 +27,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import httpx
 from grpc_health.v1 import health_pb2
 
 from server.accounts.cli import add_commands as add_account_commands
@@ -73,6 +72,8 @@ def envoy_yaml(settings: Settings, grpc_port: int, endpoints_file: Path | None =
 
 async def wait_for_bridge(rest_url: str, timeout_s: float = 15.0) -> None:
     """Waits until a REST call crosses Envoy and reaches the gRPC server."""
+    import httpx  # here: workers import this module and never call it
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     async with httpx.AsyncClient(timeout=1.0, trust_env=False) as client:
@@ -199,6 +200,8 @@ async def serve_workers(settings: Settings) -> None:
 async def wait_for_healthy_workers(admin_url: str, count: int, timeout_s: float = 15.0) -> None:
     """Until Envoy's health checks pass for `count` workers: before that, Envoy sends
     every call to the workers already checked (or, with none, to all in panic mode)."""
+    import httpx  # here: workers import this module and never call it
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     async with httpx.AsyncClient(timeout=1.0, trust_env=False) as client:

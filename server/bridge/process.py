@@ -33,10 +33,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from server.bridge.envoy_config import check_envoy_log_level, envoy_executable
+
+if TYPE_CHECKING:
+    import httpx
 
 SHIM_PATH = Path(__file__).resolve().parent / "die_with_parent.py"
 
@@ -177,6 +179,8 @@ class EnvoyProcess:
         return await self._process.wait()
 
     async def _wait_ready(self, timeout_s: float) -> None:
+        import httpx  # here: gRPC workers import this module and never start an Envoy
+
         deadline = time.monotonic() + timeout_s
         async with httpx.AsyncClient(timeout=1.0, trust_env=False) as client:
             while time.monotonic() < deadline:
