@@ -74,6 +74,7 @@ SCENARIO_MODELS = (
     "stream-cut",  # streams 2 chunks, then drops the connection (no [DONE])
     "stream-error",  # streams 2 chunks, then `data: {"error": {...}}`
     "stream-slow",  # waits server.chunk_delay before each chunk
+    "stream-burst",  # the whole stream in one write (a fast model, a cached answer)
     "stream-stall",  # streams 2 chunks, then goes silent until the client hangs up
     "stream-trickle",  # streams 2 chunks, then only SSE comments (every 0.2 s) until the client hangs up
 )
@@ -408,6 +409,9 @@ class FakeOpenAI:
             self.open_streams -= 1
 
     async def _stream_body(self, model: str, events: list[bytes]) -> AsyncGenerator[bytes, None]:
+        if model == "stream-burst":
+            yield b"".join(events) + b"data: [DONE]\n\n"
+            return
         broken = model in ("stream-cut", "stream-error", "stream-stall", "stream-trickle")
         for event in events[:2] if broken else events:
             if model == "stream-slow":
