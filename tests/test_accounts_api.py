@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
-from server.accounts.credits import Rate, credits_to_micros
+from server.accounts.credits import Rate, Usage, credits_to_micros
 from server.accounts.owners import ensure_owner
 from server.app import start_gateway
 from server.config import Settings
@@ -127,6 +127,31 @@ async def test_every_call_leaves_one_record(gateway, bridge):
     totals = await gateway.accounts.ledger.totals("key", key_id=record.id)
     assert totals[0].calls == 6 and totals[0].errors == 1
     assert totals[0].input_tokens == sum(u.input_tokens for u in records)
+
+
+async def test_a_stream_closed_while_it_waits_at_a_yield_is_recorded_as_cancelled(gateway):
+    # A consumer that goes away while the stream waits at a `yield` (its last message
+    # being sent) closes it: GeneratorExit there, not CancelledError. It was recorded
+    # as an error with reason GeneratorExit; it is the client leaving.
+    record, _ = await new_key(gateway)
+    request_id = f"closed-at-yield-{record.id}"
+
+    async def stream():
+        meter = gateway.accounts.meter(
+            record, "openai", "gpt-4o-mini", "chat_stream", Usage(), prompt_tokens=5, request_id=request_id
+        )
+        async with meter:
+            meter.add_streamed_chars(40)
+            yield "first"
+            yield "second"
+
+    chunks = stream()
+    assert await anext(chunks) == "first"
+    await chunks.aclose()
+    stored = await gateway.accounts.ledger.get(request_id)
+    assert stored is not None
+    assert (stored.outcome, stored.error_reason) == ("cancelled", "CancelledError")
+    assert (stored.input_tokens, stored.output_tokens) == (5, 10)
 
 
 async def test_abandoned_stream_is_recorded_with_what_was_streamed(gateway, bridge, fake_openai):

@@ -73,6 +73,10 @@ from server.storage import Database
 from server.storage.settings import StorageSettings
 
 log = logging.getLogger(__name__)
+# How a call's end reaches its meter when the client stopped listening: the task was
+# cancelled while waiting, or the stream was closed while it waited at a `yield`
+# (its consumer went away and closed it: GeneratorExit). Both are "cancelled".
+CLIENT_LEFT = (asyncio.CancelledError, GeneratorExit)
 CHARS_PER_TOKEN = 4
 
 
@@ -300,7 +304,7 @@ class Meter:
         if usage.output_tokens == 0 and self._streamed_chars:
             # No usage arrived (the stream was cut): about 4 characters per token.
             usage = replace(usage, output_tokens=-(-self._streamed_chars // CHARS_PER_TOKEN))
-        cut = isinstance(exc, (asyncio.CancelledError, ShuttingDown))
+        cut = isinstance(exc, (*CLIENT_LEFT, ShuttingDown))
         if usage.input_tokens == 0 and (self._streamed_chars or cut):
             # The provider read the prompt even if it never said how long it was.
             usage = replace(usage, input_tokens=self._prompt_tokens)
@@ -463,13 +467,16 @@ class Meter:
 
     def _record(self, exc: BaseException | None) -> UsageRecord:
         outcome: Outcome = "ok"
-        if isinstance(exc, asyncio.CancelledError):
+        if isinstance(exc, CLIENT_LEFT):
             outcome = "cancelled"
         elif isinstance(exc, ShuttingDown):
             outcome = "interrupted"
         elif exc is not None:
             outcome = "error"
-        reason = exc.reason if isinstance(exc, GatewayError) else (type(exc).__name__ if exc else None)
+        if isinstance(exc, GatewayError):
+            reason: str | None = exc.reason
+        else:  # a cancellation reads the same however it reached the stream
+            reason = "CancelledError" if isinstance(exc, CLIENT_LEFT) else (type(exc).__name__ if exc else None)
         now = time.monotonic()
         usage = self.usage
         return UsageRecord(

@@ -43,7 +43,7 @@ whatever its body holds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
@@ -194,6 +194,10 @@ class _Intake:
         finally:
             if watchdog is not None:
                 watchdog.close()
+            # The client left while its last message was being sent: close the method's
+            # stream now (it records the call), not whenever it is garbage-collected.
+            if isinstance(answers, AsyncGenerator):
+                await answers.aclose()
 
     async def _next(self, answers: AsyncIterator[Any], watchdog: Watchdog | None, context: Context) -> Any:
         """The method's next answer (or _END); CALL_TIMEOUT once the deadline passes."""
