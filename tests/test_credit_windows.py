@@ -45,7 +45,11 @@ from tests.helpers import bearer_interceptors, chat_request, error_info
 from tests.storage_fixtures import count_queries, database_url, db  # noqa: F401 - the fixtures
 
 CREDIT = 1_000_000
-NOON = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+# The gateway's credit clock is set by the tests; the ledger stamps records with the real
+# time, from which a period's first call counts what was charged before. Moments two
+# years back keep the two apart whatever day the suite runs (it failed on 2026-12-01,
+# when the real day was the one the test moved its clock to).
+NOON = datetime(2024, 11, 30, 12, 0, tzinfo=UTC)
 
 
 def _at(moment: datetime) -> object:
@@ -194,7 +198,7 @@ async def test_concurrent_reservations_on_two_replicas_never_overshoot_a_window(
         assert sum(results) == 10 and (await _spend(db, daily, NOON)).spent_micros == 10 * CREDIT
         async with db.read() as conn:
             row = (await conn.execute(select(spend_windows))).one()
-        assert (row.spent_micros, row.reserved_micros, row.period) == (10 * CREDIT, 0, "day:2026-11-30")
+        assert (row.spent_micros, row.reserved_micros, row.period) == (10 * CREDIT, 0, "day:2024-11-30")
     finally:
         await other.close()
 
@@ -209,7 +213,7 @@ RATE = Rate(
     "openai/*", input_per_million_micros=credits_to_micros(100_000), output_per_million_micros=credits_to_micros(10**6)
 )
 CHARGE = CREDIT * 21 // 10
-LATE = datetime(2026, 11, 30, 23, 58, 30, tzinfo=UTC)  # 90 s before the day (and the month) ends
+LATE = datetime(2024, 11, 30, 23, 58, 30, tzinfo=UTC)  # 90 s before the day (and the month) ends
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +300,7 @@ async def test_50_concurrent_calls_on_two_replicas_never_take_a_daily_window_pas
             "window": "day",
             "window_seconds": "86400",
             "model": "*",
-            "resets_at": "2026-12-01T00:00:00Z",
+            "resets_at": "2024-12-01T00:00:00Z",
             "openai_type": "rate_limit_error",
         }
         assert dict(error.trailing_metadata() or ())["retry-after"] == "90", "the real wait until midnight UTC"
@@ -359,14 +363,14 @@ async def test_windows_reset_at_midnight_utc_and_on_the_first_of_the_month(
         assert await _until_refused(gateway.port, secret) == 2, "the daily limit is the tighter"
         credits.clock = _at(LATE + timedelta(seconds=89))  # 23:59:59: still the same day
         assert _served(await _chats(gateway.port, secret, 1))[0] == 0
-        credits.clock = _at(datetime(2026, 12, 1, tzinfo=UTC))
+        credits.clock = _at(datetime(2024, 12, 1, tzinfo=UTC))
         assert await _until_refused(gateway.port, secret) == 2, "a new day (and month), new windows"
-        credits.clock = _at(datetime(2026, 12, 2, tzinfo=UTC))
+        credits.clock = _at(datetime(2024, 12, 2, tzinfo=UTC))
         assert await _until_refused(gateway.port, secret) == 1, "2 charged on the 1st, of 3 for December"
         [error] = _served(await _chats(gateway.port, secret, 1))[1]
         assert error_info(error).metadata["limit_kind"] == "monthly_credits"
         assert dict(error.trailing_metadata() or ())["retry-after"] == str(30 * 86400), "until January 1st"
-        credits.clock = _at(datetime(2027, 1, 1, 0, 0, 1, tzinfo=UTC))
+        credits.clock = _at(datetime(2025, 1, 1, 0, 0, 1, tzinfo=UTC))
         assert await _until_refused(gateway.port, secret) == 2, "January: the daily limit is the tighter again"
     finally:
         await gateway.stop(0.5)
@@ -465,7 +469,7 @@ async def test_the_openai_sdk_raises_rate_limit_error_with_the_wait_until_midnig
         assert caught.value.response.headers["retry-after"] == "90"
         body: Any = caught.value.body
         assert body["code"] == "RATE_LIMITED" and body["type"] == "rate_limit_error"
-        assert "credits per UTC day" in body["message"] and "2026-12-01T00:00:00Z" in body["message"]
+        assert "credits per UTC day" in body["message"] and "2024-12-01T00:00:00Z" in body["message"]
         await client.close()
         records = await gateway.accounts.ledger.records(key_id=key)
         assert sorted((r.outcome, r.error_reason or "") for r in records) == [("error", "RATE_LIMITED"), ("ok", "")]
