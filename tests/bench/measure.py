@@ -4,6 +4,7 @@ memory of the target's processes meanwhile."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ class Phase:
     result: wrk.Result
     cpu_s: float
     rss_bytes: int
+    # Cores the whole machine kept busy meanwhile (wrk, the fake and anything else
+    # included): near the core count, a second worker has nothing left to use.
+    machine_busy_cores: float = 0.0
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -119,6 +123,10 @@ def litellm_targets(url: str, key: str, pids: Callable[[], list[int]]) -> list[T
 async def measure(target: Target, script: Path, wrk_path: str, connections: int, seconds: float) -> Phase:
     pids = target.pids()
     before = procstat.tree_cpu_seconds(pids)
+    busy_before, all_before = procstat.machine_cpu_seconds()
     result = await wrk.run(wrk_path, target.request.url, script, connections=connections, seconds=seconds)
     spent = procstat.tree_cpu_seconds(pids) - before
-    return Phase(target, connections, result, spent, procstat.tree_rss_bytes(target.pids()))
+    busy_after, all_after = procstat.machine_cpu_seconds()
+    cores = os.cpu_count() or 1
+    busy = cores * (busy_after - busy_before) / max(all_after - all_before, 1e-9)
+    return Phase(target, connections, result, spent, procstat.tree_rss_bytes(target.pids()), busy)

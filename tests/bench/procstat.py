@@ -30,6 +30,14 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / _TICKS_PER_S
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, all cores summed (/proc/stat):
+    busy is everything but idle and iowait."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values) - idle) / _TICKS_PER_S, sum(values) / _TICKS_PER_S
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

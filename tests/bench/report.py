@@ -9,14 +9,15 @@ from tests.bench.measure import Phase
 MIB = 1024 * 1024
 HEADER = (
     f"{'target':<34}{'conns':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}"
-    f"{'CPU ms/req':>12}{'RSS MiB':>9}{'failed':>8}"
+    f"{'CPU ms/req':>12}{'RSS MiB':>9}{'busy':>6}{'failed':>8}"
 )
 LEGEND = (
     "  req/s: completed requests (whole streams for SSE) per second; p50/p99: wrk's latency to the last byte;\n"
     "  +p50/+p99: over the fake called directly with the same body and connections (the latency the target adds);\n"
     "  CPU ms/req: CPU time of ALL the target's processes (gateway: serve + its workers + its Envoy; LiteLLM: its\n"
     "  processes; fake: its Envoy) per request; RSS: their resident memory summed after the run (pages they\n"
-    "  share, such as forked workers' code, count in each); failed: non-2xx + socket errors + unexpected bodies."
+    "  share, such as forked workers' code, count in each); busy: cores the whole machine kept busy during the run\n"
+    "  (wrk and the fake included); failed: non-2xx + socket errors + unexpected bodies."
 )
 
 
@@ -31,7 +32,7 @@ def table(phases: Sequence[Phase]) -> str:
         lines.append(
             f"{phase.target.label:<34}{phase.connections:>6}{r.rps:>9.0f}{r.p50_s * 1e3:>9.2f}{r.p99_s * 1e3:>9.2f}"
             f"{added_p50:>9}{added_p99:>9}{phase.cpu_ms_per_request:>12.2f}{phase.rss_bytes / MIB:>9.0f}"
-            f"{r.failures:>8}"
+            f"{phase.machine_busy_cores:>6.2f}{r.failures:>8}"
         )
     return "\n".join(lines)
 
@@ -50,6 +51,8 @@ def ratios(phases: Sequence[Phase], workers: int, connections: Sequence[int]) ->
                 parts.append(f"{kind} 1w/litellm {one.result.rps / lite.result.rps:.1f}x")
             if lite and lite.result.rps and many:
                 parts.append(f"{kind} {workers}w/litellm {many.result.rps / lite.result.rps:.1f}x")
+            if lite and one and one.cpu_ms_per_request:
+                parts.append(f"{kind} CPU/req litellm/1w {lite.cpu_ms_per_request / one.cpu_ms_per_request:.1f}x")
         status, chat = by_key.get(("1w-status", n)), by_key.get(("1w-chat", n))
         if status and chat and status.result.rps:
             parts.append(f"chat/trivial RPC (1w) {chat.result.rps / status.result.rps:.2f}")
