@@ -30,12 +30,20 @@ async def test_stop_drains_streams_in_flight_and_refuses_new_calls(fake_openai):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
         while not with_new_call_refused and loop.time() < deadline:
+            upstream_calls = len(fake_openai.requests)
             try:
                 await chat.CreateChatCompletion(chat_request(), timeout=2)
             except grpc.aio.AioRpcError as error:
                 # UNAVAILABLE: refused by the stopping server. CANCELLED: the call raced the
                 # server's GOAWAY on the connection and was never served either.
-                assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), error
+                # DEADLINE_EXCEEDED: it raced the listener's close and the client's channel
+                # held it until its deadline (about 1 run in 7 here); never served either.
+                assert error.code() in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ), error
+                assert len(fake_openai.requests) == upstream_calls, "a refused call reached the upstream"
                 with_new_call_refused = True
             else:
                 await asyncio.sleep(0.01)
