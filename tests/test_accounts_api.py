@@ -11,6 +11,7 @@ import grpc
 import httpx
 import openai
 import pytest
+from grpc._cython import cygrpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
@@ -18,8 +19,11 @@ from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
 from server.accounts.credits import Rate, Usage, credits_to_micros
 from server.accounts.owners import ensure_owner
+from server.api.auth import CURRENT_KEY
+from server.api.chat import ChatServicer
 from server.app import start_gateway
 from server.config import Settings
+from server.routing.router import Router
 from tests.conftest import gateway_config
 from tests.helpers import bearer_interceptors, chat_request, error_info
 
@@ -152,6 +156,46 @@ async def test_a_stream_closed_while_it_waits_at_a_yield_is_recorded_as_cancelle
     assert stored is not None
     assert (stored.outcome, stored.error_reason) == ("cancelled", "CancelledError")
     assert (stored.input_tokens, stored.output_tokens) == (5, 10)
+
+
+class _GoneCallContext:
+    """grpc.aio's servicer context of a call whose client has left, as grpc-core's state
+    can be before grpc cancels the handler's task: sending the answer's headers fails
+    with grpc-core's own ExecuteBatchError (what a gone call raised in the 1M soak)."""
+
+    def __init__(self, request_id: str) -> None:
+        self._metadata = (("x-request-id", request_id),)
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def time_remaining(self):
+        return None
+
+    async def send_initial_metadata(self, metadata):
+        raise cygrpc.ExecuteBatchError("Failed grpc_call_start_batch: 1 with grpc_call_error value: 'GRPC_CALL_ERROR'")
+
+    def set_trailing_metadata(self, metadata):
+        raise AssertionError("a gone call has no trailers to set")
+
+    async def abort_with_status(self, status):
+        raise AssertionError(f"a gone call is not answered with a status ({status.code})")
+
+
+async def test_a_call_gone_before_its_answer_headers_is_recorded_as_cancelled(gateway, fake_openai):
+    # The upstream answered, but grpc-core could not send the headers: the client left
+    # a moment before. It was recorded as an error with reason ExecuteBatchError.
+    record, _ = await new_key(gateway)
+    request_id = f"gone-{record.id}"
+    router = Router(gateway_config(fake_openai.base_url), gateway.providers, upstream_timeout_s=2.0)
+    chat = ChatServicer(router, gateway.accounts)
+    CURRENT_KEY.set(record)  # what the auth interceptor hands the servicer
+    with pytest.raises(asyncio.CancelledError):
+        await chat.CreateChatCompletion(chat_request(), _GoneCallContext(request_id))
+    [stored] = await gateway.accounts.ledger.records(key_id=record.id)
+    assert stored.request_id.startswith(request_id)
+    assert (stored.outcome, stored.error_reason) == ("cancelled", "CancelledError")
+    assert stored.attempts == 1 and stored.input_tokens > 0
 
 
 async def test_abandoned_stream_is_recorded_with_what_was_streamed(gateway, bridge, fake_openai):

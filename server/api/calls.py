@@ -43,6 +43,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from grpc._cython import cygrpc
 
 from server import errors
 from server.accounts.credentials import Credential
@@ -210,7 +211,14 @@ class Routed(Generic[T]):
             *(((CREDENTIAL_HEADER, credential),) if credential else ()),
             *self.meter.limit_headers(),
         )
-        await self._context.send_initial_metadata(metadata)
+        try:
+            await self._context.send_initial_metadata(metadata)
+        except cygrpc.BaseError as exc:
+            # grpc-core could not send the answer's headers: the call is gone (its client
+            # left, or its connection broke, before grpc told this task). Nothing can
+            # reach the client, so the call ends as a cancelled one (the meter records
+            # it so) rather than as a gateway error.
+            raise asyncio.CancelledError(f"the client left before the answer: {exc}") from exc
         self._context.set_trailing_metadata(metadata)
         return served
 
