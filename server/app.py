@@ -22,6 +22,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -58,6 +59,7 @@ from server.api.chat import ChatServicer
 from server.api.embeddings import EmbeddingServicer
 from server.api.images import ImageServicer
 from server.api.intake import IntakeInterceptor
+from server.api.registration import GenericHandlersOnly
 from server.api.shutdown import OpenStreams, interrupt_after
 from server.api.status import ServingFlag, StatusServicer
 from server.config import GatewayConfig, Settings, load_gateway_config
@@ -224,26 +226,29 @@ async def start_gateway(
             IntakeInterceptor(settings.default_call_deadline_s),
         ],
     )
+    # Every service as a generic handler only: why in server.api.registration.
+    services = cast(grpc.aio.Server, GenericHandlersOnly(server))
     chat = ChatServicer(router, accounts, streams, routing)
     images = ImageServicer(router, accounts, routing)
-    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
+    chat_service_pb2_grpc.add_ChatServiceServicer_to_server(chat, services)
     # OpenAI's REST chat paths: the same calls, answered with the bytes the client gets.
-    bridge_service_pb2_grpc.add_BridgeServiceServicer_to_server(BridgeServicer(chat), server)
+    bridge_service_pb2_grpc.add_BridgeServiceServicer_to_server(BridgeServicer(chat), services)
     embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(
-        EmbeddingServicer(router, accounts, routing), server
+        EmbeddingServicer(router, accounts, routing), services
     )
-    image_service_pb2_grpc.add_ImageServiceServicer_to_server(images, server)
+    image_service_pb2_grpc.add_ImageServiceServicer_to_server(images, services)
     # AIGNE's agent protocol, served by the same chat and image servicers in process.
-    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(router, accounts, chat, images), server)
-    audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts, routing), server)
+    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(router, accounts, chat, images), services)
+    audio_service_pb2_grpc.add_AudioServiceServicer_to_server(AudioServicer(router, accounts, routing), services)
     deployments = [f"{d.provider}/{d.model}" for route in config.models.values() for d in route.deployments]
     admin = AdminServicer(accounts, providers, deployments=deployments, cooldowns=routing.cooldowns)
-    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
-    account_service_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(accounts), server)
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, services)
+    account_service_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(accounts), services)
     status = StatusServicer(router, serving, routing, accounts.vault)
-    status_service_pb2_grpc.add_StatusServiceServicer_to_server(status, server)
+    status_service_pb2_grpc.add_StatusServiceServicer_to_server(status, services)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, services)
+    # (Reflection's one method stays registered: it checks for a grpc.aio.Server.)
     reflection.enable_server_reflection(
         [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
