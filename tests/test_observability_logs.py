@@ -22,7 +22,7 @@ from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from server.accounts.owners import ensure_owner
 from server.app import Gateway, start_gateway
 from server.config import CooldownConfig, GatewayConfig, ProviderConfig, RoutingConfig, Settings
-from server.observability.logs import CALLS_LOGGER, JsonFormatter
+from server.observability.logs import CALLS_LOGGER, JsonFormatter, TurnBatchedHandler, ledger_request_id
 from tests.conftest import Bridge, start_bridge
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import bearer_interceptors, chat_request
@@ -179,3 +179,65 @@ async def _envoy_line(bridge: Bridge, request_id: str) -> dict[str, Any]:
                     return line
         await asyncio.sleep(0.1)
     raise AssertionError(f"no access log line for {request_id}: {bridge.envoy.log_tail()}")
+
+
+class _Writes:
+    """A stream that keeps each write: how many syscalls a real stderr would make."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        return None
+
+
+def _batched_logger(stream: _Writes) -> logging.Logger:
+    handler = TurnBatchedHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"test.batched.{id(stream)}")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+async def test_lines_of_one_loop_turn_are_written_together_in_order() -> None:
+    stream = _Writes()
+    logger = _batched_logger(stream)
+    for n in range(5):
+        logger.info("call %d", n)
+    assert stream.writes == [], "written at the end of the turn, not line by line"
+    await asyncio.sleep(0)
+    assert stream.writes == ["call 0\ncall 1\ncall 2\ncall 3\ncall 4\n"]
+    logger.info("next turn")
+    await asyncio.sleep(0)
+    assert stream.writes[1:] == ["next turn\n"]
+
+
+async def test_lines_outside_the_loop_thread_are_written_at_once_and_flush_writes_what_waits() -> None:
+    stream = _Writes()
+    logger = _batched_logger(stream)
+    await asyncio.to_thread(logger.info, "from a thread")
+    assert stream.writes == ["from a thread\n"]
+    logger.info("waiting")
+    logger.handlers[0].flush()  # logging.shutdown does this at exit
+    assert stream.writes == ["from a thread\n", "waiting\n"]
+
+
+def test_ledger_suffixes_are_unique_and_differ_in_a_forked_child() -> None:
+    ids = [ledger_request_id("same") for _ in range(3 * 1024)]  # crosses the 1,024 batch
+    assert len(set(ids)) == len(ids)
+    assert all(i is not None and len(i.split(":")[1]) == 12 for i in ids)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(writer, (ledger_request_id("same") or "").encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(reader, 100).decode()
+    os.close(reader)
+    os.close(writer)
+    assert child.startswith("same:") and child != ledger_request_id("same")

@@ -20,6 +20,7 @@ Secrets: the per-call line carries ids and names only. Other lines are free text
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -65,7 +66,33 @@ def current_request_id() -> str | None:
 def ledger_request_id(request_id: str | None) -> str | None:
     """The ledger record's id for a call with `request_id` (see the module docstring)."""
     # 12 random hex digits, as uuid4().hex[:12] gave, without building a UUID per call.
-    return None if request_id is None else f"{request_id}:{os.urandom(6).hex()}"
+    return None if request_id is None else f"{request_id}:{_SUFFIXES.take()}"
+
+
+class _RandomHex:
+    """12 hex digits of the system's random source per call, read 1,024 at a time: one
+    getrandom syscall per call cost about 40 us on the shared test machines."""
+
+    BATCH = 1024
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._at = 0
+
+    def take(self) -> str:
+        at = self._at
+        if at >= len(self._hex):
+            self._hex, at = os.urandom(6 * self.BATCH).hex(), 0
+        self._at = at + 12
+        return self._hex[at : at + 12]
+
+    def forget(self) -> None:
+        self._hex, self._at = "", 0
+
+
+_SUFFIXES = _RandomHex()
+# A forked child must not hand out its parent's next suffixes.
+os.register_at_fork(after_in_child=_SUFFIXES.forget)
 
 
 class CallLog:
@@ -134,9 +161,54 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class TurnBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that writes the lines logged in one turn of the event loop
+    together, at the end of that turn: stderr is line-buffered, so each line was its
+    own write syscall (one per call for the call log, about 50 us each on the shared
+    test machines). A line logged outside the loop's thread, or with no loop running,
+    is written at once, as StreamHandler does; `flush` (at exit too) writes what waits."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._waiting: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write(line, record)
+            return
+        if not self._waiting:
+            loop.call_soon(self.flush)
+        self._waiting.append(line)
+
+    def flush(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                if waiting:
+                    self.stream.write("".join(waiting))
+                self.stream.flush()
+            except Exception:  # noqa: BLE001 - as StreamHandler: a closed stderr must not end a call
+                pass
+
+    def _write(self, line: str, record: logging.LogRecord) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except Exception:  # noqa: BLE001 - logging's own contract
+                self.handleError(record)
+
+
 def configure_logging(level: str, log_format: str) -> None:
     """Sets up the root logger: `json` lines or readable `text`, on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = TurnBatchedHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
