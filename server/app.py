@@ -94,7 +94,7 @@ SERVICE_NAMES = [
 
 def upstream_transport(settings: Settings) -> Transport:
     """The one upstream transport (server.providers.transport) with the settings' pool
-    and waits; it opens its aiohttp session on the first request and closes it on
+    and waits; it opens its connection pool on the first request and closes it on
     shutdown. The call's credential, request id, trace context and deadline are put on
     each request by the transport, from the call."""
     return Transport(

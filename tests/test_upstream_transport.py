@@ -1,4 +1,5 @@
-"""The upstream transport's HTTP client (aiohttp, server.providers.transport) against
+"""The upstream transport's HTTP client (server.providers.http1 under
+server.providers.transport) against
 raw loopback servers: each way an upstream can fail becomes the right error of the tree
 (a timeout vs unreachable), bodies arrive chunk by chunk and split into lines whatever
 the chunk boundaries, connections are reused, a body closed early does not go back to
@@ -8,16 +9,26 @@ and no wait outlives the call's deadline."""
 from __future__ import annotations
 
 import asyncio
+import gzip
+import ipaddress
+import ssl
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from server import errors
 from server.app import upstream_transport
 from server.calls import NO_CALL, Call
 from server.config import Settings
-from server.providers.transport import Transport, Upstream
+from server.providers.transport import Transport, Upstream, UpstreamLimits
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -270,12 +281,184 @@ async def test_what_arrived_before_a_dropped_connection_still_arrives() -> None:
     assert received.startswith(b"data: 1\ndata: 2\n")
 
 
-async def test_the_session_opens_on_first_use_and_closes_with_the_transport() -> None:
+async def test_the_pool_opens_on_first_use_and_closes_with_the_transport() -> None:
     transport = Transport()
     transport.upstream("p", credential_header=("x-api-key", ""))  # building opens nothing
-    assert transport._session is None
+    assert transport._pool is None
     async with raw_server(answering(OK_JSON)) as (url, _), transport:
         await transport.upstream("p", credential_header=("x-api-key", "")).send("GET", url, NO_CALL)
-        session = transport.session
-        assert not session.closed
-    assert session.closed
+        pool = transport.pool
+        assert not pool.closed
+    assert pool.closed and transport._pool is None
+
+
+def provider_view(transport: Transport) -> Upstream:
+    return transport.upstream("p", credential_header=("authorization", "Bearer "), api_key="sk-configured")
+
+
+async def test_a_request_on_a_connection_the_upstream_closed_is_sent_again_once() -> None:
+    # The upstream answers one request per connection, then hangs up without saying so
+    # (no `Connection: close`) when the next one arrives: the client's pooled connection
+    # is stale, and the request goes again on a new one.
+    async def one_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK_JSON)
+        await writer.drain()
+        await read_request(reader)  # then closed unanswered
+
+    async with raw_server(one_per_connection) as (url, accepted), upstream() as http:
+        for _ in range(3):
+            assert await http.post_json(f"{url}/v1/chat", {"a": 1}, NO_CALL) == {"ok": True}
+    assert len(accepted) == 3
+
+
+async def test_gzip_and_deflate_answers_are_decoded() -> None:
+    document = b'{"text":"' + b"compressible " * 200 + b'"}'
+    wrapped = zlib.compressobj(wbits=zlib.MAX_WBITS)
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    bodies = {
+        "gzip": gzip.compress(document),
+        "deflate": wrapped.compress(document) + wrapped.flush(),
+        "raw-deflate": raw.compress(document) + raw.flush(),
+    }
+    for name, body in bodies.items():
+        encoding = "deflate" if name.endswith("deflate") else name
+        reply = b"HTTP/1.1 200 OK\r\ncontent-encoding: %s\r\ncontent-length: %d\r\n\r\n%s" % (
+            encoding.encode(),
+            len(body),
+            body,
+        )
+        async with raw_server(answering(reply)) as (url, _), upstream() as http:
+            assert (await http.send("GET", f"{url}/x", NO_CALL)).content == document, name
+            async with http.stream("GET", f"{url}/x", NO_CALL) as streamed:
+                assert b"".join([chunk async for chunk in streamed.chunks()]) == document, name
+
+
+async def test_an_answer_without_a_length_ends_when_the_upstream_closes() -> None:
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b'{"ok":true}')
+        await writer.drain()
+
+    async with raw_server(until_close) as (url, accepted), upstream() as http:
+        for _ in range(2):
+            assert await http.post_json(f"{url}/x", {}, NO_CALL) == {"ok": True}
+    assert len(accepted) == 2  # such a connection is never reused
+
+
+async def test_at_most_max_connections_are_open_and_a_request_waits_for_one() -> None:
+    release = asyncio.Event()
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            await release.wait()
+            writer.write(OK_JSON)
+            await writer.drain()
+
+    limits = UpstreamLimits(connect_s=0.2, pool_s=0.2, max_connections=2)
+    async with raw_server(held) as (url, accepted), Transport(limits) as transport:
+        http = provider_view(transport)
+        calls = [asyncio.create_task(http.post_json(f"{url}/x", {}, NO_CALL)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        # Both connections busy: a third request waits for one, and gives up at the connect timeout.
+        with pytest.raises(errors.UpstreamTimeout, match="p did not answer in time"):
+            await http.post_json(f"{url}/x", {}, NO_CALL)
+        waiting = asyncio.create_task(http.post_json(f"{url}/x", {}, NO_CALL))
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await asyncio.gather(*calls, waiting) == [{"ok": True}] * 3
+    assert len(accepted) == 2  # the waiting request took a connection that came back
+
+
+async def test_idle_connections_are_closed_after_the_keepalive() -> None:
+    async with raw_server(answering(OK_JSON)) as (url, accepted), Transport(UpstreamLimits(keepalive_s=0.1)) as t:
+        http = provider_view(t)
+        await http.send("GET", f"{url}/x", NO_CALL)
+        await http.send("GET", f"{url}/x", NO_CALL)
+        await asyncio.sleep(0.3)
+        await http.send("GET", f"{url}/x", NO_CALL)
+    assert len(accepted) == 2
+
+
+async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent() -> None:
+    async with raw_server(answering(OK_JSON)) as (url, accepted), upstream() as http:
+        with pytest.raises(errors.UpstreamUnavailable, match="line break"):
+            await http.send("GET", f"{url}/x", NO_CALL, headers={"x-note": "a\r\nx-injected: 1"})
+    assert accepted == []
+
+
+async def test_a_large_stream_read_slowly_arrives_whole() -> None:
+    # More than the client buffers before it stops reading the socket (its backpressure).
+    piece = b"x" * 65536
+
+    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(piece) * 64))
+        for _ in range(64):
+            writer.write(piece)
+            await writer.drain()
+
+    received = 0
+    async with raw_server(large) as (url, _), upstream() as http, http.stream("GET", f"{url}/s", NO_CALL) as body:
+        async for chunk in body.chunks():
+            received += len(chunk)
+            await asyncio.sleep(0.001)
+    assert received == len(piece) * 64
+
+
+def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client context trusting it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_path, key_path)
+    client = ssl.create_default_context(cafile=str(cert_path))
+    return server, client
+
+
+async def test_https_upstreams_are_verified_and_reused(tmp_path: Path) -> None:
+    server_context, client_context = _self_signed(tmp_path)
+    accepted: list[int] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        await answering(OK_JSON)(reader, writer)
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=server_context)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with Transport(ssl_context=client_context) as trusting:
+            for _ in range(2):
+                assert await provider_view(trusting).post_json(f"{url}/v1/chat", {}, NO_CALL) == {"ok": True}
+        async with Transport() as default:  # certifi's CAs: the self-signed certificate is refused
+            with pytest.raises(errors.UpstreamUnavailable, match="p could not be reached"):
+                await provider_view(default).post_json(f"{url}/v1/chat", {}, NO_CALL)
+    finally:
+        server.close()
+    assert len(accepted) == 1  # the two calls shared one connection; the refused handshake never got one

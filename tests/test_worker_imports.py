@@ -3,9 +3,9 @@ out of it, since every worker pays their memory (each module costs RSS in every
 process; `make soak` shows the totals).
 
 A worker is `python -m server.cli worker`: it imports the CLI module, the app and the
-servicers. Alembic (migrations run once, in serve), httpx (serve's readiness polls;
-the upstream transport is aiohttp), botocore (Bedrock only) and OpenTelemetry (tracing
-only) must be imported only by the code that uses them.
+servicers. Alembic (migrations run once, in serve), httpx (serve's readiness polls),
+aiohttp (the upstream transport's form encoder, for uploads only), botocore (Bedrock
+only) and OpenTelemetry (tracing only) must be imported only by the code that uses them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-LAZY = ("alembic", "httpx", "click", "pygments", "botocore", "boto3", "opentelemetry")
+LAZY = ("alembic", "httpx", "aiohttp", "click", "pygments", "botocore", "boto3", "opentelemetry")
 
 WORKER_IMPORTS = """
 import json, sys
@@ -43,4 +43,4 @@ def test_a_worker_does_not_import(package: str, worker_packages: set[str]) -> No
 
 def test_the_check_sees_what_a_worker_does_import(worker_packages: set[str]) -> None:
     # The same run does load what serving needs: the check above is not vacuous.
-    assert {"grpc", "aiohttp", "sqlalchemy", "server"} <= worker_packages
+    assert {"grpc", "httptools", "sqlalchemy", "server"} <= worker_packages

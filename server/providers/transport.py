@@ -20,16 +20,18 @@ past the call's deadline (`Call.deadline` bounds the whole request, its body inc
 the call's attempt, first-token, idle and total bounds are the routing's
 (`server.routing`), above.
 
-The HTTP client underneath is one pooled `aiohttp.ClientSession` per process, owned by
-the `Transport` the application makes (`server.app`), opened on the first request (in
-the event loop) and closed on shutdown. Why aiohttp directly: its C HTTP/1.1 parser and
-connection pool carry a request for a fraction of the CPU of httpx's (whose request and
-response objects were a visible share of a chat call even over an aiohttp transport).
-Adapters see only `Upstream`, `Answer` and `StreamBody`, whose headers are a
-case-insensitive `Mapping[str, str]`. Kept from the httpx client it replaced: no
-cookies, no redirects, no proxies from the environment, certifi's CA bundle, gzip and
-deflate answers decoded, a body without a content type sent without one, a connection
-whose answer was not read to its end closed rather than reused.
+The HTTP client underneath is one connection pool per process
+(`server.providers.http1`: HTTP/1.1 on asyncio protocols, parsed by httptools), owned
+by the `Transport` the application makes (`server.app`), opened on the first request
+(in the event loop) and closed on shutdown. Why not aiohttp's client (before it,
+httpx): their request and response objects cost a chat call more CPU than the rest of
+its work outside gRPC; forms (multipart uploads) are still encoded by aiohttp's
+multipart writer, loaded only when one is sent. Adapters see only `Upstream`, `Answer`
+and `StreamBody`, whose headers are a case-insensitive `Mapping[str, str]`. Kept from
+the clients it replaced: no cookies, no redirects, no proxies from the environment,
+certifi's CA bundle, gzip and deflate answers decoded, a body without a content type
+sent without one, a connection whose answer was not read to its end closed rather than
+reused; requests say `User-Agent: aigne-hub`.
 
 Only a 401 says the credential itself is bad (`UpstreamCredentialRejected`: the gateway
 confirms with a probe and may take a stored credential out of rotation); a 403 is a
@@ -39,7 +41,6 @@ is redacted of anything key-shaped when the `UpstreamError` is built.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import ssl
@@ -52,13 +53,13 @@ from time import time
 from types import TracebackType
 from typing import Any
 
-import aiohttp
 import certifi
 from yarl import URL
 
 from server import errors
 from server.calls import Call
 from server.providers.base import JSON
+from server.providers.http1 import Http1Pool, HttpError, Response, Timeouts
 from server.redaction import register_secret
 
 # Response headers: case-insensitive (aiohttp's CIMultiDictProxy, or any equivalent).
@@ -68,8 +69,10 @@ ErrorReader = Callable[[int, Headers, bytes], errors.UpstreamError]
 REQUEST_ID_HEADER = "x-request-id"
 _MAX_MESSAGE_CHARS = 500
 # What "no (complete) answer" raises: aiohttp's errors, and its timeouts (TimeoutError).
-_NO_ANSWER = (aiohttp.ClientError, TimeoutError)
-_NO_CONTENT_TYPE = frozenset({"Content-Type"})
+_NO_ANSWER = (HttpError, TimeoutError)
+# Sent with every request unless the adapter sets its own.
+_DEFAULT_HEADERS = (("User-Agent", "aigne-hub"), ("Accept", "*/*"), ("Accept-Encoding", "gzip, deflate"))
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,24 +98,15 @@ class Answer:
 class StreamBody:
     """An open streaming answer with a success status; read it one way."""
 
-    def __init__(self, response: aiohttp.ClientResponse, provider: str) -> None:
-        self._content = response.content
+    def __init__(self, response: Response, provider: str) -> None:
+        self._response = response
         self._provider = provider
         self.headers: Headers = response.headers
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; what arrived before a dropped connection, then the error."""
-        content = self._content
         try:
-            while True:
-                try:
-                    chunk = await content.readany()
-                except aiohttp.ClientPayloadError:
-                    if received := _received_before_the_error(content):
-                        yield received
-                    raise
-                if not chunk:
-                    return
+            async for chunk in self._response.chunks():
                 yield chunk
         except _NO_ANSWER as exc:
             raise transport_error(self._provider, exc) from exc
@@ -147,32 +141,18 @@ class StreamBody:
                 yield parse_object(self._provider, line)
 
 
-def _received_before_the_error(content: aiohttp.StreamReader) -> bytes:
-    """The bytes aiohttp had received when the connection dropped. Every public read of
-    its StreamReader raises the error first and drops them (aiohttp 3.14, pinned), and
-    nothing public reaches its buffer, so the error is set aside for one read."""
-    error = content.exception()
-    setattr(content, "_exception", None)  # noqa: B010 - a private attribute, on purpose
-    try:
-        return content.read_nowait(-1)
-    except Exception:  # noqa: BLE001 - another aiohttp version: nothing more to hand over
-        return b""
-    finally:
-        setattr(content, "_exception", error)  # noqa: B010
-
-
 class Transport:
-    """The process's upstream transport over one pooled aiohttp session; each provider
-    gets its `Upstream` view of it. `async with` (or `aclose`) closes the session."""
+    """The process's upstream transport over one connection pool
+    (`server.providers.http1`); each provider gets its `Upstream` view of it. `async
+    with` (or `aclose`) closes the pool."""
 
-    def __init__(self, limits: UpstreamLimits | None = None) -> None:
+    def __init__(self, limits: UpstreamLimits | None = None, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        """`ssl_context`: what https upstreams are verified with (default: certifi's CAs)."""
         self.limits = limits or UpstreamLimits()
-        self._session: aiohttp.ClientSession | None = None
-        connect = self.limits.connect_s
-        # aiohttp's `connect` covers the wait for a pooled connection and the connect.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect + self.limits.pool_s, sock_connect=connect, sock_read=self.limits.read_s
-        )
+        self._ssl_context = ssl_context
+        self._pool: Http1Pool | None = None
+        # The connect wait covers the wait for a free connection and the connect.
+        self._timeouts = Timeouts(connect_s=self.limits.connect_s + self.limits.pool_s, read_s=self.limits.read_s)
 
     def upstream(
         self,
@@ -193,40 +173,22 @@ class Transport:
         )
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """The pooled session, opened on first use (aiohttp binds it to the running loop)."""
-        if self._session is None:
-            self._session = self._open_session()
-        return self._session
+    def pool(self) -> Http1Pool:
+        """The connection pool, opened on first use (it belongs to the running loop)."""
+        if self._pool is None:
+            self._pool = Http1Pool(
+                max_connections=self.limits.max_connections,
+                keepalive_s=self.limits.keepalive_s,
+                ssl_context=self._ssl_context or _ssl_context(),
+            )
+        return self._pool
 
-    def _open_session(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=self.limits.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=self.limits.keepalive_s,
-            ssl=ssl.create_default_context(cafile=certifi.where()),
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies never reach another's call
-            trust_env=False,
-            timeout=self._timeout,
-        )
-
-    def timeout(self, call: Call) -> aiohttp.ClientTimeout:
-        """The request's timeouts: the configured ones, none past the call's deadline
+    def timeouts(self, call: Call) -> Timeouts:
+        """The request's waits: the configured ones, none past the call's deadline
         (which then bounds the whole request, its body included)."""
         if call.deadline is None:
-            return self._timeout
-        left = max(call.deadline - asyncio.get_running_loop().time(), 0.001)  # 0 would mean no bound
-        default = self._timeout
-        return aiohttp.ClientTimeout(
-            total=left,
-            connect=min(default.connect or left, left),
-            sock_connect=min(default.sock_connect or left, left),
-            sock_read=min(default.sock_read or left, left),
-            ceil_threshold=float("inf"),  # exactly at the deadline, not rounded up to a second
-        )
+            return self._timeouts
+        return Timeouts(self._timeouts.connect_s, self._timeouts.read_s, call.deadline)
 
     async def __aenter__(self) -> Transport:
         return self
@@ -237,9 +199,17 @@ class Transport:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
+
+
+@lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    """certifi's CA bundle, HTTP/1.1 offered by ALPN."""
+    context = ssl.create_default_context(cafile=certifi.where())
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class Upstream:
@@ -280,27 +250,23 @@ class Upstream:
 
     async def _open(
         self, method: str, url: str, call: Call, headers: Mapping[str, str] | None, body: dict[str, Any]
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """Sends the request and returns the answer with its body still to read.
 
         `body`: at most one of `json` (an object sent as JSON), `content` (bytes), or
         `data` (form fields) with `files` (`{name: (filename, bytes, content type)}`:
         multipart); and `params` (query parameters added to the URL's)."""
         sent = self.request_headers(call, headers)
-        data, content_type = _body(body)
-        skip = _label(sent, data, content_type)
+        data, content_type = await _body(body)
+        _label(sent, data, content_type)
+        target = _url(url)
+        if params := body.get("params"):
+            target = target.extend_query(params)
+        if data is None and method in _BODY_METHODS:
+            data = b""
         transport = self._transport
         try:
-            return await transport.session.request(
-                method,
-                _url(url),
-                params=body.get("params") or None,
-                headers=sent,
-                data=data,
-                allow_redirects=False,
-                skip_auto_headers=skip,
-                timeout=transport.timeout(call),
-            )
+            return await transport.pool.request(method, target, _with_defaults(sent), data, transport.timeouts(call))
         except _NO_ANSWER as exc:
             raise transport_error(self.provider, exc) from exc
 
@@ -315,7 +281,7 @@ class Upstream:
         except _NO_ANSWER as exc:
             raise transport_error(self.provider, exc) from exc
         finally:
-            _close(response)
+            response.close()  # back to the pool when read to its end, else hung up
         if response.status >= 400:
             raise self._error_of(response.status, response.headers, content)
         return Answer(response.status, response.headers, content)
@@ -330,7 +296,9 @@ class Upstream:
         self, method: str, url: str, call: Call, *, headers: Mapping[str, str] | None = None, **body: Any
     ) -> AsyncIterator[StreamBody]:
         """`async with`: sends the request, raises the mapped error on a failed status
-        (its body read first), and closes the upstream response on exit."""
+        (its body read first), and closes the upstream response on exit: back to the
+        pool when read to its end, else hung up, which stops the upstream's work (a
+        cancelled call)."""
         response = await self._open(method, url, call, headers, body)
         try:
             if response.status >= 400:
@@ -341,31 +309,27 @@ class Upstream:
                 raise self._error_of(response.status, response.headers, content)
             yield StreamBody(response, self.provider)
         finally:
-            _close(response)
+            response.close()
 
 
-def _close(response: aiohttp.ClientResponse) -> None:
-    """Back to the pool when read to its end; closed otherwise, which hangs up on the
-    upstream at once (a cancelled call stops the upstream's work)."""
-    if response.content.at_eof():
-        response.release()
-    else:
-        response.close()
+def _label(headers: dict[str, str], data: bytes | None, content_type: str | None) -> None:
+    """Puts the body's content type in `headers` unless the adapter set one (a bare
+    bytes body is left unlabelled, as httpx left it)."""
+    if data is None or content_type is None or any(name.lower() == "content-type" for name in headers):
+        return
+    headers["content-type"] = content_type
 
 
-def _label(headers: dict[str, str], data: object, content_type: str | None) -> frozenset[str]:
-    """Puts the body's content type in `headers` unless the adapter set one; returns
-    the headers aiohttp must not add (a bare bytes body is left unlabelled, as httpx
-    left it, where aiohttp would call it application/octet-stream)."""
-    if data is None or any(name.lower() == "content-type" for name in headers):
-        return frozenset()
-    if content_type is not None:
-        headers["content-type"] = content_type
-    return _NO_CONTENT_TYPE if isinstance(data, bytes) and content_type is None else frozenset()
+def _with_defaults(headers: dict[str, str]) -> list[tuple[str, str]]:
+    """The request's headers, with the defaults the adapter did not set itself."""
+    sent = list(headers.items())
+    names = {name.lower() for name in headers}
+    sent.extend((name, value) for name, value in _DEFAULT_HEADERS if name.lower() not in names)
+    return sent
 
 
-def _body(body: dict[str, Any]) -> tuple[bytes | aiohttp.FormData | None, str | None]:
-    """The request body as aiohttp sends it, and the content type it implies."""
+async def _body(body: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    """The request body's bytes, and the content type it implies."""
     if (value := body.get("json")) is not None:
         # As httpx encoded it: compact, UTF-8, no NaN.
         encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -375,13 +339,18 @@ def _body(body: dict[str, Any]) -> tuple[bytes | aiohttp.FormData | None, str | 
     fields, files = body.get("data"), body.get("files")
     if fields is None and files is None:
         return None, None
+    # Forms (transcription uploads): encoded by aiohttp's multipart writer, imported
+    # here only (a worker that never uploads does not load aiohttp).
+    import aiohttp
+
     form = aiohttp.FormData()
     for name, value in (fields or {}).items():
         for item in value if isinstance(value, list) else [value]:
             form.add_field(name, item)
     for name, (filename, data, *rest) in (files or {}).items():
         form.add_field(name, data, filename=filename, content_type=rest[0] if rest else None)
-    return form, None
+    payload = form()
+    return await payload.as_bytes(), payload.content_type
 
 
 # A URL of characters that need no quoting: sent as written (a signed URL's escapes kept).
