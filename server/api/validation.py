@@ -191,15 +191,22 @@ def _rules(descriptor: Any) -> tuple[_Rule, ...]:
 
 
 def _check_message(message: Message, prefix: str) -> None:
-    for rule in _rules(message.DESCRIPTOR):
+    rules = _rules(message.DESCRIPTOR)
+    if not rules:
+        return
+    # The fields set, by name, in one C call: a REQUIRED field absent from it is unset
+    # (repeated and map fields are listed only when not empty, fields with presence when
+    # set, other scalars only when not zero).
+    present = {field.name: value for field, value in message.ListFields()}
+    for rule in rules:
         field = rule.field
-        path = prefix + field.name
-        value = getattr(message, field.name)
-        present = _present(message, field, value)
-        if rule.required and not present:
-            raise InvalidRequest(f"{path} is required", field=path)
-        if not present:
+        value = present.get(field.name, _ABSENT)
+        if value is _ABSENT:
+            if rule.required:
+                path = prefix + field.name
+                raise InvalidRequest(f"{path} is required", field=path)
             continue
+        path = prefix + field.name
         for limit in rule.limits:
             _check_limit(limit, path, field, value)
         if field.full_name in MODEL_FIELDS:
@@ -214,12 +221,7 @@ def _check_message(message: Message, prefix: str) -> None:
                 _check_message(value, f"{path}.")
 
 
-def _present(message: Message, field: FieldDescriptor, value: Any) -> bool:
-    if field.is_repeated:
-        return len(value) > 0
-    if field.has_presence:
-        return message.HasField(field.name)
-    return bool(value)
+_ABSENT = object()
 
 
 def _check_limit(limit: Limit, path: str, field: FieldDescriptor, value: Any) -> None:

@@ -410,7 +410,7 @@ class Http1Pool:
         self.closed = False
 
     async def request(
-        self, method: str, url: URL, headers: Iterable[tuple[str, str]], body: bytes | None, timeouts: Timeouts
+        self, method: str, url: URL, headers: list[tuple[str, str]], body: bytes | None, timeouts: Timeouts
     ) -> Response:
         """Sends the request and returns its answer's head (its body still to read)."""
         origin = _origin(url)
@@ -536,13 +536,14 @@ def _origin(url: URL) -> _Origin:
     return _Origin(scheme, url.raw_host, url.port or (443 if scheme == "https" else 80))
 
 
-def _request_bytes(method: str, url: URL, headers: Iterable[tuple[str, str]], body: bytes | None) -> bytes:
+def _request_bytes(method: str, url: URL, headers: list[tuple[str, str]], body: bytes | None) -> bytes:
     """The request's head and body, as one write."""
     lines = [f"{method} {url.raw_path_qs or '/'} HTTP/1.1", f"Host: {url.host_port_subcomponent}"]
-    for name, value in headers:
-        if _UNSAFE.intersection(name) or _UNSAFE.intersection(value):
-            raise HttpError(f"the request header {name!r} contains a line break or NUL")
-        lines.append(f"{name}: {value}")
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    fields = "".join(lines)  # one scan for all of them; the culprit is looked for only if needed
+    if "\r" in fields or "\n" in fields or "\0" in fields:
+        bad = next((name for name, value in headers if _UNSAFE.intersection(name + value)), "?")
+        raise HttpError(f"the request header {bad!r} contains a line break or NUL")
     if body is not None:
         lines.append(f"Content-Length: {len(body)}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode()
