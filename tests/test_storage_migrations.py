@@ -127,6 +127,24 @@ async def test_sqlite_default_file_in_data_dir(tmp_path: Path, monkeypatch: pyte
             assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
             assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
             assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar() == 10_000
+            assert (await conn.execute(text("PRAGMA synchronous"))).scalar() == 2  # FULL: survives a power cut
+    finally:
+        await db.close()
+
+
+async def test_sqlite_synchronous_normal_is_set_on_every_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIGNE_HUB_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("AIGNE_HUB_SQLITE_SYNCHRONOUS", "normal")
+    monkeypatch.delenv("AIGNE_HUB_DATABASE_URL", raising=False)
+    db = await Database.open_with(StorageSettings())
+    try:
+        async with db.read() as conn:
+            assert (await conn.execute(text("PRAGMA synchronous"))).scalar() == 1  # NORMAL
+        # The ledger's writer thread has its own connection: the same setting.
+        seen = await db.write_in_thread(lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar())
+        assert seen == 1
     finally:
         await db.close()
 

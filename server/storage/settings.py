@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# SQLite's `synchronous` for the gateway's connections (server.storage.database).
+SqliteSynchronous = Literal["full", "normal"]
 
 SQLITE_FILENAME = "aigne-hub.db"
 
@@ -38,6 +42,9 @@ class StorageSettings(BaseSettings):
     database_url: str | None = None
     # How long a SQLite writer waits for another process's write lock.
     sqlite_busy_timeout_ms: int = Field(10_000, ge=0)
+    # full: a commit survives a power cut (waits for the disk); normal: it survives a
+    # crash of the process only (server.storage.database).
+    sqlite_synchronous: SqliteSynchronous = "full"
     # PostgreSQL connection pool per replica.
     database_pool_size: int = Field(10, ge=1)
     database_max_overflow: int = Field(20, ge=0)
