@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -462,3 +463,17 @@ async def test_https_upstreams_are_verified_and_reused(tmp_path: Path) -> None:
     finally:
         server.close()
     assert len(accepted) == 1  # the two calls shared one connection; the refused handshake never got one
+
+
+def test_the_client_works_on_uvloop_as_serve_runs_it() -> None:
+    # The suite's other tests run on asyncio's own loop; `aigne-hub serve` runs uvloop,
+    # whose transports are not asyncio.Transport subclasses (a check of that type once
+    # broke every upstream call under serve only).
+    async def scenario() -> None:
+        await test_answers_reuse_one_connection_and_send_the_body()
+        await test_a_streamed_body_arrives_chunk_by_chunk()
+        await test_a_request_on_a_connection_the_upstream_closed_is_sent_again_once()
+        await test_a_silent_upstream_is_a_read_timeout()
+        await test_what_arrived_before_a_dropped_connection_still_arrives()
+
+    uvloop.run(scenario())
