@@ -6,7 +6,7 @@ status the tree's docstring states.
 The servicer here is a stand-in whose methods only raise the class a request names;
 everything that shapes the error is the project's own: `unary` and `abort_for`
 (server.api.calls), `to_grpc_status` (server.api.errors), the stream's error event
-(server.api.chat._error_chunk) as BridgeService prints it, the transcoder and
+(server.api.chat._error_chunk) as ChatServicer prints it for BridgeService, the transcoder and
 openai_bridge.lua.
 """
 
@@ -31,7 +31,7 @@ from server import errors
 from server.accounts import errors as accounts_errors
 from server.api.bridge import BridgeServicer
 from server.api.calls import abort_for, from_bridge, unary
-from server.api.chat import _error_chunk
+from server.api.chat import _error_chunk, sse_event
 from server.api.errors import OPENAI_TYPE_KEY, grpc_code
 from tests.conftest import Bridge, start_bridge
 from tests.helpers import chat_request, error_info
@@ -79,6 +79,12 @@ class RaisingChat(chat_grpc.ChatServiceServicer):
             await abort_for(context, exc)
         yield _error_chunk(exc)
 
+    async def stream_events(self, request, context) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
+        """What BridgeService relays: the same stream, as ChatServicer prints its events."""
+        exc = build(CLASSES[request.model.removeprefix("error/")])
+        yield sse_event(chat_pb.StreamChatCompletionResponse(id="chatcmpl-1", object="chat.completion.chunk"))
+        yield sse_event(_error_chunk(exc))
+
 
 class Available(status_grpc.StatusServiceServicer):
     """What the bridge's readiness check calls."""
@@ -93,7 +99,7 @@ async def raising(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
     chat = RaisingChat()
     chat_grpc.add_ChatServiceServicer_to_server(chat, server)
     # OpenAI's REST chat paths reach the chat servicer through BridgeService.
-    bridge_grpc.add_BridgeServiceServicer_to_server(BridgeServicer(chat), server)
+    bridge_grpc.add_BridgeServiceServicer_to_server(BridgeServicer(chat), server)  # type: ignore[arg-type]
     status_grpc.add_StatusServiceServicer_to_server(Available(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -29,10 +29,10 @@ Decisions:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from google.api import httpbody_pb2
@@ -40,7 +40,6 @@ from google.protobuf import json_format
 
 from aigne.hub.v1 import agent_service_pb2 as agent_pb
 from aigne.hub.v1 import agent_service_pb2_grpc as agent_grpc
-from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from server import errors
 from server.accounts.service import Accounts
 from server.api import agent_convert
@@ -154,12 +153,7 @@ class AgentServicer(MeteredServicer, agent_grpc.AgentServiceServicer):
         # chunk, and for gRPC callers) or arrive as an error chunk (REST, after it).
         # Closed at once however this call ends (a client that hangs up included), so the
         # chat stream records the call as it would its own.
-        # (Typed AsyncIterator by its stub; it is an async generator.)
-        stream = cast(
-            AsyncGenerator[chat_pb.StreamChatCompletionResponse, None],
-            self._chat.StreamChatCompletion(chat_request, context),
-        )
-        async with aclosing(stream) as chunks:
+        async with aclosing(self._chat.StreamChatCompletion(chat_request, context)) as chunks:
             async for chunk in chunks:
                 if chunk.id == DONE_SENTINEL_ID and not chunk.choices:
                     break

@@ -29,23 +29,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
 import grpc
 from google.api import httpbody_pb2
 
 from aigne.hub.v1 import bridge_service_pb2_grpc as bridge_grpc
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
-from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
-from server.api.chat import DONE_SENTINEL_ID
+from server.api.chat import ChatServicer
 from server.api.rest_print import to_json_bytes
 
 JSON_TYPE = "application/json"
 EVENTS_TYPE = "text/event-stream"
-DONE_EVENT = b"data: [DONE]\n\n"
 # How many printed events a stream may hold for a client that reads slowly; then the
 # upstream is read no further until the client takes some (its backpressure).
 AHEAD_EVENTS = 64
@@ -54,28 +52,20 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class BridgeServicer(bridge_grpc.BridgeServiceServicer):
-    def __init__(self, chat: chat_grpc.ChatServiceServicer) -> None:
-        self._chat = chat  # server.api.chat.ChatServicer
+    def __init__(self, chat: ChatServicer) -> None:
+        self._chat = chat
 
     async def CreateChatCompletion(
         self, request: chat_pb.CreateChatCompletionRequest, context: Context
     ) -> httpbody_pb2.HttpBody:
-        # (Typed "a response or an awaitable" by its stub; it is a coroutine.)
-        answer = await cast(
-            Awaitable[chat_pb.CreateChatCompletionResponse], self._chat.CreateChatCompletion(request, context)
-        )
+        answer = await self._chat.CreateChatCompletion(request, context)
         return httpbody_pb2.HttpBody(content_type=JSON_TYPE, data=to_json_bytes(answer))
 
     async def StreamChatCompletion(
         self, request: chat_pb.CreateChatCompletionRequest, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        # (Typed AsyncIterator by its stub; it is an async generator.)
-        stream = cast(
-            AsyncGenerator[chat_pb.StreamChatCompletionResponse, None],
-            self._chat.StreamChatCompletion(request, context),
-        )
         events = _Events()
-        producer = asyncio.create_task(events.print_all(stream))
+        producer = asyncio.create_task(events.print_all(self._chat.stream_events(request, context)))
         try:
             while batch := await events.take():
                 yield httpbody_pb2.HttpBody(content_type=EVENTS_TYPE, data=batch)
@@ -103,12 +93,12 @@ class _Events:
         self._room = asyncio.Semaphore(AHEAD_EVENTS)
         self._ended: _Ended | None = None
 
-    async def print_all(self, stream: AsyncGenerator[chat_pb.StreamChatCompletionResponse, None]) -> None:
+    async def print_all(self, stream: AsyncGenerator[bytes, None]) -> None:
         try:
-            async with aclosing(stream) as chunks:
-                async for chunk in chunks:
+            async with aclosing(stream) as printed:
+                async for event in printed:
                     await self._room.acquire()
-                    self._queue.put_nowait(event(chunk))
+                    self._queue.put_nowait(event)
         except BaseException as exc:  # CancelledError included: the sender re-raises it
             self._queue.put_nowait(_Ended(exc))
             raise
@@ -136,10 +126,3 @@ class _Events:
         """Raises what ended the stream early, as the stream would have raised it."""
         if self._ended is not None and self._ended.error is not None:
             raise self._ended.error
-
-
-def event(chunk: chat_pb.StreamChatCompletionResponse) -> bytes:
-    """One server-sent event: the chunk as OpenAI prints it, or `data: [DONE]`."""
-    if chunk.id == DONE_SENTINEL_ID and not chunk.choices:
-        return DONE_EVENT
-    return b"data: " + to_json_bytes(chunk) + b"\n\n"

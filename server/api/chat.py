@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Any, TypeAlias
+from dataclasses import dataclass
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import grpc
 
@@ -20,10 +21,12 @@ from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import common_pb2
 from server import errors
 from server.accounts.service import Accounts
+from server.api import rest_direct
 from server.api.call_metadata import call_metadata
 from server.api.calls import CallOptions, MeteredServicer, abort_for, from_bridge, unary, wants_json_nulls
 from server.api.convert import chat_body, chat_chunk_from_openai, chat_completion_from_openai
 from server.api.metering import chat_prompt_tokens, chat_worst_case, streamed_text_chars, usage_from_openai
+from server.api.rest_print import json_text, to_json_bytes
 from server.api.shutdown import OpenStreams
 from server.api.validation import check_chat_request, check_request
 from server.observability.logs import take_request_id
@@ -32,12 +35,15 @@ from server.routing.attempts import Routing
 from server.routing.router import Plan, Route, Router
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 StreamContext: TypeAlias = grpc.aio.ServicerContext[
     chat_pb.CreateChatCompletionRequest, chat_pb.StreamChatCompletionResponse
 ]
 
-# The sentinel that BridgeService prints as `data: [DONE]`.
+# The sentinel that ends a stream for a gRPC caller with the bridge's marker (the
+# internal REST binding of ChatService); BridgeService sends `data: [DONE]`.
 DONE_SENTINEL_ID = "[DONE]"
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
@@ -79,33 +85,51 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         response.object = "chat.completion"
         return response
 
-    async def StreamChatCompletion(
+    def StreamChatCompletion(
         self, request: chat_pb.CreateChatCompletionRequest, context: StreamContext
-    ) -> AsyncIterator[chat_pb.StreamChatCompletionResponse]:
-        bridge = from_bridge(context)
+    ) -> AsyncGenerator[chat_pb.StreamChatCompletionResponse, None]:
+        # (An async generator, returned rather than wrapped: one layer less per chunk.)
+        return self._relay(request, context, _MESSAGES, bridge=from_bridge(context))
+
+    def stream_events(
+        self, request: chat_pb.CreateChatCompletionRequest, context: StreamContext
+    ) -> AsyncGenerator[bytes, None]:
+        """The stream as OpenAI's server-sent events, for BridgeService: each chunk
+        printed straight from the upstream's dict when that prints the same JSON
+        (server.api.rest_direct), `data: [DONE]` at the end."""
+        return self._relay(request, context, _EVENTS, bridge=True)
+
+    async def _relay(
+        self,
+        request: chat_pb.CreateChatCompletionRequest,
+        context: StreamContext,
+        encoding: _Encoding[T],
+        *,
+        bridge: bool,
+    ) -> AsyncGenerator[T, None]:
         started = False
         take_request_id(call_metadata(context).marked)
         try:
             check_request(request)
             with self._streams.track():
-                async with aclosing(self._stream(request, context)) as messages:
-                    async for message in messages:
+                async with aclosing(self._stream(request, context, encoding.chunk)) as chunks:
+                    async for chunk in chunks:
                         started = True
-                        yield message
+                        yield chunk
         except Exception as exc:  # noqa: BLE001 - every failure must reach the client
             await self.record_refusal("StreamChatCompletion", request, exc)
             if not (started and bridge):
                 await abort_for(context, exc)
             # Headers and chunks are out: over REST the status would be lost, so the
             # error travels as a last event that OpenAI SDKs raise.
-            yield _error_chunk(exc)
+            yield encoding.error(exc)
             return
         if bridge:
-            yield chat_pb.StreamChatCompletionResponse(id=DONE_SENTINEL_ID)
+            yield encoding.done
 
     async def _stream(
-        self, request: chat_pb.CreateChatCompletionRequest, context: StreamContext
-    ) -> AsyncGenerator[chat_pb.StreamChatCompletionResponse, None]:
+        self, request: chat_pb.CreateChatCompletionRequest, context: StreamContext, encode: _EncodeChunk[T]
+    ) -> AsyncGenerator[T, None]:
         """The client's chunks, metered; raises what ends the stream early."""
         if request.HasField("stream") and not request.stream:
             raise errors.InvalidRequest("stream is false: call CreateChatCompletion", field="stream")
@@ -127,9 +151,9 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
                         if "usage" in chunk:
                             meter.usage = usage_from_openai(chunk["usage"])
                         meter.add_streamed_chars(streamed_text_chars(chunk))
-                        message = _client_chunk(chunk, route, include_usage, json_nulls)
-                        if message is not None:
-                            yield message
+                        client_chunk = _client_chunk(chunk, route, include_usage)
+                        if client_chunk is not None:
+                            yield encode(client_chunk, route.provider.name, json_nulls)
                         chunk = await anext(rest, None)
             except asyncio.CancelledError:
                 self._streams.raise_if_interrupted()  # the meter then records "interrupted"
@@ -150,10 +174,8 @@ def _public_model(route: Route, answer: JSON) -> str:
     return route.public_model
 
 
-def _client_chunk(
-    chunk: JSON, route: Route, include_usage: bool, json_nulls: bool
-) -> chat_pb.StreamChatCompletionResponse | None:
-    """The chunk as the client asked for it: usage only when asked for.
+def _client_chunk(chunk: JSON, route: Route, include_usage: bool) -> JSON | None:
+    """The chunk as the client gets it: its public model, usage only when asked for.
 
     The adapter always asks upstream for usage (billing needs it); a usage-only chunk
     is dropped, and usage on a content chunk removed, for a client that did not ask.
@@ -162,10 +184,35 @@ def _client_chunk(
         if not chunk.get("choices"):
             return None
         chunk = {key: value for key, value in chunk.items() if key != "usage"}
-    message = chat_chunk_from_openai(chunk, provider=route.provider.name, json_nulls=json_nulls)
-    message.model = _public_model(route, chunk)
-    message.object = "chat.completion.chunk"
-    return message
+    return {**chunk, "model": _public_model(route, chunk), "object": "chat.completion.chunk"}
+
+
+def _chunk_message(chunk: JSON, provider: str, json_nulls: bool) -> chat_pb.StreamChatCompletionResponse:
+    return chat_chunk_from_openai(chunk, provider=provider, json_nulls=json_nulls)
+
+
+# The nulls chat_chunk_from_openai adds, for rest_direct (by json_nulls).
+_CHOICE = chat_pb.ChunkChoice.DESCRIPTOR.full_name
+_CHUNK_NULLS = {
+    False: frozenset({(_CHOICE, "logprobs")}),
+    True: frozenset({(_CHOICE, "logprobs"), (_CHOICE, "finish_reason")}),
+}
+
+
+def _chunk_event(chunk: JSON, provider: str, json_nulls: bool) -> bytes:
+    printed = rest_direct.openai_dict(chunk, chat_pb.StreamChatCompletionResponse.DESCRIPTOR, _CHUNK_NULLS[json_nulls])
+    if printed is None:  # only the proto can tell (or word the error)
+        return sse_event(_chunk_message(chunk, provider, json_nulls))
+    return b"data: " + json_text(printed) + b"\n\n"
+
+
+def _error_event(exc: Exception) -> bytes:
+    return sse_event(_error_chunk(exc))
+
+
+def sse_event(chunk: chat_pb.StreamChatCompletionResponse) -> bytes:
+    """One server-sent event: the chunk as OpenAI prints it."""
+    return b"data: " + to_json_bytes(chunk) + b"\n\n"
 
 
 def _error_chunk(exc: Exception) -> chat_pb.StreamChatCompletionResponse:
@@ -174,3 +221,19 @@ def _error_chunk(exc: Exception) -> chat_pb.StreamChatCompletionResponse:
         exc = errors.InternalError("internal error; the gateway's log has the details")
     error = common_pb2.ErrorObject(message=exc.message, type=exc.openai_type, code=exc.reason, param=exc.field or "")
     return chat_pb.StreamChatCompletionResponse(object="chat.completion.chunk", error=error)
+
+
+_EncodeChunk: TypeAlias = Callable[[JSON, str, bool], T]  # (chunk, provider, json_nulls)
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoding(Generic[T]):
+    """What a stream sends its client: messages (gRPC) or printed events (REST)."""
+
+    chunk: _EncodeChunk[T]
+    error: Callable[[Exception], T]
+    done: T  # sent at the end of a bridge's stream
+
+
+_MESSAGES = _Encoding(_chunk_message, _error_chunk, chat_pb.StreamChatCompletionResponse(id=DONE_SENTINEL_ID))
+_EVENTS = _Encoding(_chunk_event, _error_event, DONE_EVENT)

@@ -134,6 +134,14 @@ def from_json(data: JSON, message: M, *, provider: str) -> M:
         raise errors.UpstreamMalformedResponse(
             f"{provider} answered with a field of an unexpected type: {exc}", provider=provider
         ) from exc
+    except SystemError as exc:
+        # ParseDict reads a string given for a message field as its member names;
+        # upb fails on a lone surrogate among them with SystemError, not ParseError.
+        raise errors.UpstreamMalformedResponse(
+            f"{provider} answered with a field of an unexpected type (text that is not valid Unicode "
+            "where an object belongs)",
+            provider=provider,
+        ) from exc
 
 
 def whole_numbers_to_int(value: Any) -> Any:

@@ -58,7 +58,7 @@ class _Unsure(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Field:
+class Field:
     repeated: bool
     # The message type, for a message field (not a map, not well-known); looked up
     # when used, so that a message type may contain itself.
@@ -70,8 +70,8 @@ class _Field:
 
 
 @dataclass(frozen=True, slots=True)
-class _Fields:
-    by_name: dict[str, _Field | None]  # None: a field this path leaves to ParseDict
+class Fields:
+    by_name: dict[str, Field | None]  # None: a field this path leaves to ParseDict
     aliases: frozenset[str]  # camelCase JSON names that differ from the proto names
     # Each member of a real oneof -> the oneof (ParseDict refuses two members given).
     oneof_of: dict[str, str]
@@ -81,12 +81,12 @@ def build(message_type: type[M], data: dict[str, Any]) -> M | None:
     """`message_type` filled from `data` as `ParseDict(ignore_unknown_fields=True)`
     would, or None when only ParseDict can tell."""
     try:
-        return message_type(**_kwargs(data, _fields_of(message_type.DESCRIPTOR)))
+        return message_type(**_kwargs(data, fields_of(message_type.DESCRIPTOR)))
     except Exception:  # noqa: BLE001 - whatever the constructor refuses, ParseDict decides (and words it)
         return None
 
 
-def _kwargs(data: dict[str, Any], fields: _Fields) -> dict[str, Any]:
+def _kwargs(data: dict[str, Any], fields: Fields) -> dict[str, Any]:
     if fields.oneof_of and len({fields.oneof_of.get(name) for name in data} - {None}) < sum(
         name in fields.oneof_of for name in data
     ):
@@ -108,25 +108,25 @@ def _kwargs(data: dict[str, Any], fields: _Fields) -> dict[str, Any]:
     return kwargs
 
 
-def _each(values: Any, field: _Field) -> list[Any]:
+def _each(values: Any, field: Field) -> list[Any]:
     if not isinstance(values, list):
         raise _Unsure("not a list")
     return [_converted(item, field) for item in values]
 
 
-def _converted(value: Any, field: _Field) -> Any:
+def _converted(value: Any, field: Field) -> Any:
     if field.message is not None:
         if not isinstance(value, dict):
             raise _Unsure("not an object")
-        return _kwargs(value, _fields_of(field.message))
+        return _kwargs(value, fields_of(field.message))
     if type(value) not in field.scalars:
         raise _Unsure("not the field's type")
     return value
 
 
 @functools.cache
-def _fields_of(descriptor: Descriptor) -> _Fields:
-    by_name: dict[str, _Field | None] = {}
+def fields_of(descriptor: Descriptor) -> Fields:
+    by_name: dict[str, Field | None] = {}
     for field in descriptor.fields:
         by_name[field.name] = _field(field)
     aliases = frozenset(f.json_name for f in descriptor.fields if f.json_name != f.name)
@@ -136,17 +136,17 @@ def _fields_of(descriptor: Descriptor) -> _Fields:
         if len(oneof.fields) > 1  # a proto3 `optional` is a oneof of one
         for field in oneof.fields
     }
-    return _Fields(by_name, aliases, oneof_of)
+    return Fields(by_name, aliases, oneof_of)
 
 
-def _field(field: FieldDescriptor) -> _Field | None:
+def _field(field: FieldDescriptor) -> Field | None:
     repeated = field.is_repeated
     message = field.message_type
     if message is None:
         scalars = _AS_GIVEN.get(field.type)
-        return None if scalars is None else _Field(repeated, scalars=scalars)
+        return None if scalars is None else Field(repeated, scalars=scalars)
     if message.full_name == _VALUE and not repeated:
-        return _Field(repeated, value=True)
+        return Field(repeated, value=True)
     if message.GetOptions().map_entry or message.full_name.startswith("google.protobuf."):
         return None
-    return _Field(repeated, message=message)
+    return Field(repeated, message=message)

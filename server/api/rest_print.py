@@ -18,7 +18,7 @@ This module prints the same JSON in the server, in one walk:
 
 `json_format.MessageToDict` does the first part but walks the descriptors in Python for
 every message (about 40 µs per chunk); here each message type's fields are looked up
-once (`_plan`), so a chunk costs a few attribute reads per field. Other well-known
+once (`plan_of`), so a chunk costs a few attribute reads per field. Other well-known
 types (none in the chat messages) go through `json_format`.
 """
 
@@ -66,14 +66,19 @@ _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 def to_json_bytes(message: Message) -> bytes:
     """`message` as OpenAI's JSON text (compact, UTF-8, non-ASCII as is)."""
-    return _ENCODE(to_openai_dict(message)).encode()
+    return json_text(to_openai_dict(message))
+
+
+def json_text(printed: dict[str, Any]) -> bytes:
+    """A printed message's dict as its JSON text (compact, UTF-8, non-ASCII as is)."""
+    return _ENCODE(printed).encode()
 
 
 def to_openai_dict(message: Message) -> dict[str, Any]:
     """`message` as the dict of OpenAI's JSON for it (see the module docstring).
 
     The result shares its empty lists with later results: read it, do not change it."""
-    plan = _plan(message.DESCRIPTOR)
+    plan = plan_of(message.DESCRIPTOR)
     out = plan.defaults.copy()
     converts = plan.converts
     # Only the fields that are set (a field without presence: when not its default);
@@ -91,7 +96,7 @@ def to_openai_dict(message: Message) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Plan:
+class Plan:
     # The fields without presence at their default value (as printed, after the
     # bridge's rules), in declaration order: what the message prints when unset.
     defaults: dict[str, Any]
@@ -103,7 +108,7 @@ class _Plan:
 
 
 @functools.cache
-def _plan(descriptor: Descriptor) -> _Plan:
+def plan_of(descriptor: Descriptor) -> Plan:
     defaults: dict[str, Any] = {}
     converts: dict[FieldDescriptor, tuple[str, Convert | None]] = {}
     trims: list[tuple[str, bool]] = []
@@ -120,7 +125,7 @@ def _plan(descriptor: Descriptor) -> _Plan:
             defaults[field.name] = default
         elif not dropped:
             defaults[field.name] = None
-    return _Plan(defaults, converts, tuple(trims))
+    return Plan(defaults, converts, tuple(trims))
 
 
 def _default(field: FieldDescriptor, convert: Convert) -> Any:
@@ -150,6 +155,11 @@ def _map(convert: Convert, values: Any) -> dict[str, Any]:
 
 def _key(key: Any) -> str:
     return ("true" if key else "false") if isinstance(key, bool) else str(key)
+
+
+def value_printer(field: FieldDescriptor) -> Convert:
+    """How one value of `field` is printed (one element, for a repeated field)."""
+    return _converter(field)
 
 
 def _converter(field: FieldDescriptor) -> Convert:
