@@ -72,6 +72,11 @@ class RaisingChat(chat_grpc.ChatServiceServicer):
     async def CreateChatCompletion(self, request, context):  # type: ignore[override]
         raise build(CLASSES[request.model.removeprefix("error/")])
 
+    @unary
+    async def create_printed(self, request, context):  # type: ignore[no-untyped-def]
+        """What BridgeService answers with: ChatServicer's CreateChatCompletion, printed."""
+        raise build(CLASSES[request.model.removeprefix("error/")])
+
     async def StreamChatCompletion(self, request, context) -> AsyncIterator[chat_pb.StreamChatCompletionResponse]:  # type: ignore[override]
         exc = build(CLASSES[request.model.removeprefix("error/")])
         yield chat_pb.StreamChatCompletionResponse(id="chatcmpl-1", object="chat.completion.chunk")

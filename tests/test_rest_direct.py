@@ -1,6 +1,6 @@
-"""A chunk printed straight from the upstream's dict (server.api.rest_direct) is,
-byte for byte, the event the proto round trip prints (dict -> message ->
-rest_print), or the direct path steps aside.
+"""A chunk or a completion printed straight from the upstream's dict
+(server.api.rest_direct) is, byte for byte, what the proto round trip prints (dict ->
+message -> rest_print), or the direct path steps aside.
 
 The round trip is the reference: tests/test_rest_printed.py checks it against what
 the transcoder and the bridge's Lua filter printed. Here the two paths meet on the
@@ -15,6 +15,8 @@ import copy
 import json
 import math
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -27,8 +29,12 @@ from aigne.hub.v1 import image_service_pb2 as image_pb
 from server import errors
 from server.api import chat, rest_direct, rest_print
 from server.api.convert import JSON_NULL, from_json
-from tests.bench.fake_upstream import stream_body
+from tests.bench.fake_upstream import completion_body, stream_body
 
+TOOL_CALLS = [
+    {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
+    {"id": "call_2", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+]
 USAGE = {
     "prompt_tokens": 11,
     "completion_tokens": 7,
@@ -84,35 +90,55 @@ CHUNKS: list[dict[str, Any]] = [
 ]
 
 
-def _round_trip_event(chunk: dict[str, Any], json_nulls: bool) -> bytes | Exception:
+@dataclass(frozen=True)
+class Kind:
+    """One answer the bridge prints: its two paths, and what ChatServicer sends."""
+
+    round_trip: Callable[[dict[str, Any], bool], bytes]
+    direct: Callable[[dict[str, Any], bool], dict[str, Any] | None]
+    framed: Callable[[bytes], bytes]
+    sent: Callable[[dict[str, Any], bool], bytes]
+
+
+CHUNK_KIND = Kind(
+    round_trip=lambda data, nulls: chat.sse_event(chat._chunk_message(data, "p", nulls)),
+    direct=lambda data, nulls: rest_direct.openai_dict(data, chat._CHUNK, chat._CHUNK_NULLS[nulls]),
+    framed=lambda text: b"data: " + text + b"\n\n",
+    sent=lambda data, nulls: chat._chunk_event(data, "p", nulls),
+)
+COMPLETION_KIND = Kind(
+    round_trip=lambda data, nulls: rest_print.to_json_bytes(
+        chat.chat_completion_from_openai(data, provider="p", json_nulls=nulls)
+    ),
+    direct=lambda data, nulls: rest_direct.openai_dict(data, chat._COMPLETION, chat._COMPLETION_FILLS[nulls]),
+    framed=lambda text: text,
+    sent=lambda data, nulls: chat._completion_json(data, "p", nulls),
+)
+
+
+def _same_event(chunk: dict[str, Any], json_nulls: bool, kind: Kind = CHUNK_KIND) -> bool:
+    """Asserts what is sent is the round trip's; True when the direct path printed it."""
+    original = copy.deepcopy(chunk)
     try:
-        return chat.sse_event(chat._chunk_message(copy.deepcopy(chunk), "p", json_nulls))
-    except errors.UpstreamMalformedResponse as exc:
-        return exc
+        expected: bytes | None = kind.round_trip(copy.deepcopy(chunk), json_nulls)
+    except errors.UpstreamMalformedResponse:
+        expected = None
+    direct = kind.direct(chunk, json_nulls)
+    assert chunk == original or _has_nan(original), "the upstream's dict was changed"
+    if expected is None:
+        assert direct is None, f"printed what the round trip refuses: {chunk!r}"
+        with pytest.raises(errors.UpstreamMalformedResponse):
+            kind.sent(chunk, json_nulls)
+        return False
+    assert kind.sent(chunk, json_nulls) == expected, chunk
+    if direct is None:
+        return False
+    assert kind.framed(rest_print.json_text(direct)) == expected, chunk
+    return True
 
 
 def _direct(chunk: dict[str, Any], json_nulls: bool) -> dict[str, Any] | None:
-    return rest_direct.openai_dict(
-        chunk, chat_pb.StreamChatCompletionResponse.DESCRIPTOR, chat._CHUNK_NULLS[json_nulls]
-    )
-
-
-def _same_event(chunk: dict[str, Any], json_nulls: bool) -> bool:
-    """Asserts the event is the round trip's; True when the direct path printed it."""
-    original = copy.deepcopy(chunk)
-    expected = _round_trip_event(chunk, json_nulls)
-    direct = _direct(chunk, json_nulls)
-    assert chunk == original or _has_nan(original), "the upstream's dict was changed"
-    if isinstance(expected, Exception):
-        assert direct is None, f"printed what the round trip refuses: {chunk!r}"
-        with pytest.raises(errors.UpstreamMalformedResponse):
-            chat._chunk_event(chunk, "p", json_nulls)
-        return False
-    assert chat._chunk_event(chunk, "p", json_nulls) == expected, chunk
-    if direct is None:
-        return False
-    assert b"data: " + rest_print.json_text(direct) + b"\n\n" == expected, chunk
-    return True
+    return CHUNK_KIND.direct(chunk, json_nulls)
 
 
 def _has_nan(value: Any) -> bool:
@@ -214,6 +240,64 @@ def test_generated_variants_print_as_the_round_trip_or_step_aside(json_nulls: bo
     assert direct > 500 and stepped_aside > 500, (direct, stepped_aside)
 
 
+COMPLETIONS: list[dict[str, Any]] = [
+    json.loads(completion_body()),
+    {
+        "id": "chatcmpl-2",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": "gpt-4o",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi", "refusal": None, "annotations": []},
+                "logprobs": None,
+                "finish_reason": "stop",
+            },
+            {
+                "index": 1,
+                "message": {"content": None, "tool_calls": TOOL_CALLS, "reasoning_content": "Because…"},
+                "finish_reason": "tool_calls",
+            },
+            {"index": 2, "message": {"role": "", "content": "", "refusal": "No."}, "finish_reason": "stop"},
+        ],
+        "usage": USAGE,
+        "system_fingerprint": "fp_2",
+        "service_tier": "default",
+    },
+    {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x", "tool_calls": []}}]},
+    {"choices": [{"index": 0, "finish_reason": "stop"}]},  # no message: the round trip adds one
+    {"choices": [{"index": 0, "message": {"content": "x"}, "logprobs": {"content": []}}]},
+    {},
+]
+
+
+@pytest.mark.parametrize("json_nulls", [True, False])
+@pytest.mark.parametrize("answer", COMPLETIONS)
+def test_completions_print_as_the_round_trip(answer: dict[str, Any], json_nulls: bool) -> None:
+    _same_event(answer, json_nulls, COMPLETION_KIND)
+
+
+def test_well_formed_completions_take_the_direct_path() -> None:
+    for answer in COMPLETIONS[:3]:
+        assert COMPLETION_KIND.direct(answer, True) is not None, answer
+
+
+@pytest.mark.parametrize("json_nulls", [True, False])
+def test_generated_completion_variants_print_as_the_round_trip_or_step_aside(json_nulls: bool) -> None:
+    rng = random.Random(1201)
+    direct = stepped_aside = 0
+    for _ in range(2000):
+        answer = rng.choice(COMPLETIONS)
+        for _ in range(rng.randint(1, 3)):
+            answer = _mutations(answer, rng)
+        if _same_event(answer, json_nulls, COMPLETION_KIND):
+            direct += 1
+        else:
+            stepped_aside += 1
+    assert direct > 300 and stepped_aside > 300, (direct, stepped_aside)
+
+
 # Other messages, with no nulls added: the direct walk is the round trip's.
 OTHER_MESSAGES: list[tuple[type[Message], dict[str, Any]]] = [
     (
@@ -258,5 +342,13 @@ def test_other_messages_print_as_the_round_trip_or_step_aside(
 def test_a_lone_surrogate_where_an_object_belongs_is_a_malformed_answer() -> None:
     """Found by the variants above: ParseDict read the string as member names and
     upb raised SystemError (an internal error for the client) instead of ParseError."""
-    with pytest.raises(errors.UpstreamMalformedResponse, match="not valid Unicode"):
+    with pytest.raises(errors.UpstreamMalformedResponse, match=r"cannot hold.*SystemError"):
         chat._chunk_event(_chunk(usage="\ud800"), "p", True)
+
+
+def test_a_huge_integer_in_logprobs_is_a_malformed_answer() -> None:
+    """Found by the variants above: ParseDict raised OverflowError (an internal error)
+    for an integer beyond a double's range in a google.protobuf.Value."""
+    answer = {"choices": [{"index": 0, "message": {"content": "x"}, "logprobs": {"n": 10**400}}]}
+    with pytest.raises(errors.UpstreamMalformedResponse, match=r"cannot hold.*OverflowError"):
+        chat._completion_json(answer, "p", True)

@@ -40,7 +40,6 @@ from google.api import httpbody_pb2
 from aigne.hub.v1 import bridge_service_pb2_grpc as bridge_grpc
 from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from server.api.chat import ChatServicer
-from server.api.rest_print import to_json_bytes
 
 JSON_TYPE = "application/json"
 EVENTS_TYPE = "text/event-stream"
@@ -58,8 +57,8 @@ class BridgeServicer(bridge_grpc.BridgeServiceServicer):
     async def CreateChatCompletion(
         self, request: chat_pb.CreateChatCompletionRequest, context: Context
     ) -> httpbody_pb2.HttpBody:
-        answer = await self._chat.CreateChatCompletion(request, context)
-        return httpbody_pb2.HttpBody(content_type=JSON_TYPE, data=to_json_bytes(answer))
+        printed = await self._chat.create_printed(request, context)
+        return httpbody_pb2.HttpBody(content_type=JSON_TYPE, data=printed)
 
     async def StreamChatCompletion(
         self, request: chat_pb.CreateChatCompletionRequest, context: Context

@@ -73,6 +73,7 @@ R = TypeVar("R")
 # The ledger's operation names of the RPCs that call providers.
 OPERATIONS = {
     "CreateChatCompletion": "chat",
+    "create_printed": "chat",  # ChatServicer's CreateChatCompletion for BridgeService
     "StreamChatCompletion": "chat_stream",
     "CreateEmbedding": "embedding",
     "CreateImage": "image",

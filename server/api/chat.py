@@ -63,6 +63,23 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         request: chat_pb.CreateChatCompletionRequest,
         context: grpc.aio.ServicerContext[chat_pb.CreateChatCompletionRequest, chat_pb.CreateChatCompletionResponse],
     ) -> chat_pb.CreateChatCompletionResponse:
+        answer, provider = await self._complete(request, context)
+        return chat_completion_from_openai(answer, provider=provider, json_nulls=wants_json_nulls(context))
+
+    @unary
+    async def create_printed(
+        self, request: chat_pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """The completion as OpenAI's JSON text, for BridgeService: printed straight
+        from the upstream's dict when that prints the same JSON (server.api.rest_direct)."""
+        answer, provider = await self._complete(request, context)
+        return _completion_json(answer, provider, wants_json_nulls(context))
+
+    async def _complete(
+        self, request: chat_pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[JSON, str]:
+        """The upstream's answer as the client gets it (its public model), metered, and
+        the provider that gave it."""
         if request.stream:
             raise errors.InvalidRequest(
                 "stream is true: call StreamChatCompletion (REST: the bridge does this for you)", field="stream"
@@ -78,12 +95,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
             answer = served.result
             call.meter.usage = usage_from_openai(answer.get("usage"))
         route = served.target.route
-        response = chat_completion_from_openai(
-            answer, provider=route.provider.name, json_nulls=wants_json_nulls(context)
-        )
-        response.model = _public_model(route, answer)
-        response.object = "chat.completion"
-        return response
+        return {**answer, "model": _public_model(route, answer), "object": "chat.completion"}, route.provider.name
 
     def StreamChatCompletion(
         self, request: chat_pb.CreateChatCompletionRequest, context: StreamContext
@@ -192,18 +204,45 @@ def _chunk_message(chunk: JSON, provider: str, json_nulls: bool) -> chat_pb.Stre
 
 
 # The nulls chat_chunk_from_openai adds, for rest_direct (by json_nulls).
-_CHOICE = chat_pb.ChunkChoice.DESCRIPTOR.full_name
+_COMPLETION = chat_pb.CreateChatCompletionResponse.DESCRIPTOR
+_CHOICE = chat_pb.ChatChoice.DESCRIPTOR.full_name
+_MESSAGE = chat_pb.AssistantMessage.DESCRIPTOR.full_name
+# What chat_completion_from_openai fills in (by json_nulls), for rest_direct. A choice
+# without a message gets one there: rare enough to leave to the round trip.
+_COMPLETION_FILLS = {
+    False: frozenset(
+        {(_CHOICE, "logprobs", None), (_CHOICE, "message", rest_direct.UNSURE), (_MESSAGE, "role", "assistant")}
+    ),
+    True: frozenset(
+        {
+            (_CHOICE, "logprobs", None),
+            (_CHOICE, "message", rest_direct.UNSURE),
+            (_MESSAGE, "role", "assistant"),
+            (_MESSAGE, "content", None),
+            (_MESSAGE, "refusal", None),
+        }
+    ),
+}
+_CHUNK = chat_pb.StreamChatCompletionResponse.DESCRIPTOR
+_CHUNK_CHOICE = chat_pb.ChunkChoice.DESCRIPTOR.full_name
 _CHUNK_NULLS = {
-    False: frozenset({(_CHOICE, "logprobs")}),
-    True: frozenset({(_CHOICE, "logprobs"), (_CHOICE, "finish_reason")}),
+    False: frozenset({(_CHUNK_CHOICE, "logprobs", None)}),
+    True: frozenset({(_CHUNK_CHOICE, "logprobs", None), (_CHUNK_CHOICE, "finish_reason", None)}),
 }
 
 
 def _chunk_event(chunk: JSON, provider: str, json_nulls: bool) -> bytes:
-    printed = rest_direct.openai_dict(chunk, chat_pb.StreamChatCompletionResponse.DESCRIPTOR, _CHUNK_NULLS[json_nulls])
+    printed = rest_direct.openai_dict(chunk, _CHUNK, _CHUNK_NULLS[json_nulls])
     if printed is None:  # only the proto can tell (or word the error)
         return sse_event(_chunk_message(chunk, provider, json_nulls))
     return b"data: " + json_text(printed) + b"\n\n"
+
+
+def _completion_json(answer: JSON, provider: str, json_nulls: bool) -> bytes:
+    printed = rest_direct.openai_dict(answer, _COMPLETION, _COMPLETION_FILLS[json_nulls])
+    if printed is None:  # only the proto can tell (or word the error)
+        return to_json_bytes(chat_completion_from_openai(answer, provider=provider, json_nulls=json_nulls))
+    return json_text(printed)
 
 
 def _error_event(exc: Exception) -> bytes:

@@ -134,12 +134,14 @@ def from_json(data: JSON, message: M, *, provider: str) -> M:
         raise errors.UpstreamMalformedResponse(
             f"{provider} answered with a field of an unexpected type: {exc}", provider=provider
         ) from exc
-    except SystemError as exc:
-        # ParseDict reads a string given for a message field as its member names;
-        # upb fails on a lone surrogate among them with SystemError, not ParseError.
+    except (SystemError, ArithmeticError, ValueError, TypeError) as exc:
+        # What ParseDict lets through unwrapped: a string given for a message field is
+        # read as its member names, and upb fails on a lone surrogate among them with
+        # SystemError; an integer beyond a double's range in a google.protobuf.Value
+        # raises OverflowError. Either is the upstream's answer, not a gateway fault.
         raise errors.UpstreamMalformedResponse(
-            f"{provider} answered with a field of an unexpected type (text that is not valid Unicode "
-            "where an object belongs)",
+            f"{provider} answered with a value the contract cannot hold (text that is not valid Unicode "
+            f"where an object belongs, or a number out of range): {type(exc).__name__}",
             provider=provider,
         ) from exc
 

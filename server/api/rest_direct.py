@@ -23,9 +23,10 @@ The round trip's printing, reproduced:
 - members come in rest_print's order: the fields without presence in declaration
   order, then the others in field-number order (what `ListFields` gives);
 - the values through rest_print's own printers, then its trims.
-`null_when_unset` names, by message type, fields printed as null when the dict does
-not set them (the nulls server.api.convert adds after parsing: a choice's
-`logprobs`, and for REST clients its `finish_reason`).
+`when_unset` gives, by message type and field, what is printed for a field the dict
+leaves unset: what server.api.convert fills in after parsing (a choice's `logprobs`
+as null; for REST clients a chunk's `finish_reason`, a message's `content` and
+`refusal` as null; a message's empty `role` as "assistant").
 
 Each message type's walk is worked out once (`_walk_of`): per field, one function
 that checks and prints a value, so a member costs a lookup and a call.
@@ -43,8 +44,9 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from server.api import proto_dicts, rest_print
 from server.api.convert import JSON_NULL
 
-# Fields printed as null when the dict leaves them unset: (message full name, field name).
-NullWhenUnset = frozenset[tuple[str, str]]
+# What is printed for a field the dict leaves unset: (message full name, field name,
+# printed value), hashable so that each message type's walk is worked out once per set.
+WhenUnset = frozenset[tuple[str, str, Any]]
 Check = Callable[[Any], Any]  # a value as printed; raises _Unsure where the round trip may differ
 
 _INT_RANGES: dict[int, tuple[int, int]] = {
@@ -58,7 +60,10 @@ _INT_RANGES: dict[int, tuple[int, int]] = {
     **dict.fromkeys((FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64), (0, 2**64 - 1)),
 }
 _ABSENT = object()
-_REFUSE = object()  # what a null does to a field only the round trip handles
+_LEFT_OUT = object()  # an unset field with presence: not printed
+_REFUSE = object()  # an unset or null field where only the round trip can tell
+# A `when_unset` value: the field unset is for the round trip (it fills in more than a value).
+UNSURE: Any = _REFUSE
 
 
 class _Unsure(Exception):
@@ -71,8 +76,8 @@ class _Member:
     check: Check
     presence: bool
     default: Any  # a field without presence: the value that leaves it unset
-    when_absent: bool  # printed as null when the dict has no such member
-    when_null: object  # True: printed as null; False: left unset; _REFUSE
+    when_absent: object  # printed when the dict has no such member; _LEFT_OUT: nothing
+    when_null: object  # printed for a null; _LEFT_OUT: nothing; _REFUSE: unsure
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +90,12 @@ class _Walk:
     trims: tuple[tuple[str, bool], ...]
 
 
-def openai_dict(data: Any, descriptor: Descriptor, null_when_unset: NullWhenUnset) -> dict[str, Any] | None:
+def openai_dict(data: Any, descriptor: Descriptor, when_unset: WhenUnset = frozenset()) -> dict[str, Any] | None:
     """What `rest_print.to_openai_dict` prints for the message that `data` parses
-    to (with the `null_when_unset` nulls), or None when only the round trip can tell."""
+    to (with the `when_unset` values filled in), or None when only the round trip
+    can tell."""
     try:
-        return _printed(data, _walk_of(descriptor, null_when_unset))
+        return _printed(data, _walk_of(descriptor, when_unset))
     except (_Unsure, UnicodeEncodeError, OverflowError):
         return None
 
@@ -105,13 +111,15 @@ def _printed(data: Any, walk: _Walk) -> dict[str, Any]:
     for member in walk.members:
         value = data.get(member.name, _ABSENT)
         if value is _ABSENT:
-            if member.when_absent:
-                out[member.name] = None
+            if member.when_absent is not _LEFT_OUT:
+                if member.when_absent is _REFUSE:
+                    raise _Unsure(member.name)
+                out[member.name] = member.when_absent
         elif value is None:  # JSON null: the field stays unset (a Value is null)
             if member.when_null is _REFUSE:
                 raise _Unsure(member.name)
-            if member.when_null:
-                out[member.name] = None
+            if member.when_null is not _LEFT_OUT:
+                out[member.name] = member.when_null
         else:
             printed = member.check(value)
             if member.presence or value != member.default:
@@ -138,41 +146,45 @@ def _check_oneofs(data: dict[str, Any], oneof_of: dict[str, str]) -> None:
 
 
 @functools.cache
-def _walk_of(descriptor: Descriptor, nulls: NullWhenUnset) -> _Walk:
+def _walk_of(descriptor: Descriptor, when_unset: WhenUnset) -> _Walk:
     accepted = proto_dicts.fields_of(descriptor)
     plan = rest_print.plan_of(descriptor)
+    fills = {field: value for message, field, value in when_unset if message == descriptor.full_name}
     members = tuple(
-        _member(field, accepted.by_name[field.name], (descriptor.full_name, field.name) in nulls, nulls)
+        _member(field, accepted.by_name[field.name], fills.get(field.name, _LEFT_OUT), when_unset)
         for field in sorted(descriptor.fields, key=lambda field: field.number)
     )
     names = frozenset(member.name for member in members)
-    return _Walk(members, names, accepted.aliases, accepted.oneof_of, plan.defaults, plan.trims)
+    # A field without presence is unset at its default: a fill replaces the default.
+    defaults = {**plan.defaults, **{name: value for name, value in fills.items() if name in plan.defaults}}
+    return _Walk(members, names, accepted.aliases, accepted.oneof_of, defaults, plan.trims)
 
 
-def _member(
-    field: FieldDescriptor, accepted: proto_dicts.Field | None, null_when_unset: bool, nulls: NullWhenUnset
-) -> _Member:
+def _member(field: FieldDescriptor, accepted: proto_dicts.Field | None, fill: object, when_unset: WhenUnset) -> _Member:
     presence = field.has_presence
     default = None if presence else [] if field.is_repeated else field.default_value
     if accepted is None:
         check: Check = _refuse
         when_null: object = _REFUSE
     else:
-        check = _field_check(field, accepted, nulls)
-        when_null = accepted.value or null_when_unset
-    return _Member(field.name, check, presence, default, null_when_unset, when_null)
+        check = _field_check(field, accepted, when_unset)
+        when_null = None if accepted.value else fill
+    if not presence:  # unset is its default, which `_Walk.defaults` prints (a fill included)
+        fill = _LEFT_OUT
+        when_null = _REFUSE if accepted is None else _LEFT_OUT
+    return _Member(field.name, check, presence, default, fill, when_null)
 
 
-def _field_check(field: FieldDescriptor, accepted: proto_dicts.Field, nulls: NullWhenUnset) -> Check:
+def _field_check(field: FieldDescriptor, accepted: proto_dicts.Field, when_unset: WhenUnset) -> Check:
     if accepted.value:
         return _refuse  # a Value other than null
-    one = _one_check(field, accepted, nulls)
+    one = _one_check(field, accepted, when_unset)
     return functools.partial(_each, one) if accepted.repeated else one
 
 
-def _one_check(field: FieldDescriptor, accepted: proto_dicts.Field, nulls: NullWhenUnset) -> Check:
+def _one_check(field: FieldDescriptor, accepted: proto_dicts.Field, when_unset: WhenUnset) -> Check:
     if accepted.message is not None:
-        return functools.partial(_message, accepted.message, nulls)
+        return functools.partial(_message, accepted.message, when_unset)
     kind = field.type
     if kind == FieldDescriptor.TYPE_STRING:
         return _string
@@ -194,8 +206,8 @@ def _each(one: Check, values: Any) -> list[Any]:
     return [one(value) for value in values]
 
 
-def _message(descriptor: Descriptor, nulls: NullWhenUnset, value: Any) -> dict[str, Any]:
-    return _printed(value, _walk_of(descriptor, nulls))
+def _message(descriptor: Descriptor, when_unset: WhenUnset, value: Any) -> dict[str, Any]:
+    return _printed(value, _walk_of(descriptor, when_unset))
 
 
 def _string(value: Any) -> str | None:
