@@ -352,3 +352,11 @@ def test_a_huge_integer_in_logprobs_is_a_malformed_answer() -> None:
     answer = {"choices": [{"index": 0, "message": {"content": "x"}, "logprobs": {"n": 10**400}}]}
     with pytest.raises(errors.UpstreamMalformedResponse, match=r"cannot hold.*OverflowError"):
         chat._completion_json(answer, "p", True)
+
+
+def test_json_text_is_the_standard_encoders_text_but_for_float_style() -> None:
+    printed = {"s": "".join(map(chr, range(128))) + "\u2028é世界🌍", "n": [1, -2, 0.5, 2**53 - 1, -(2**63)], "z": None}
+    assert rest_print.json_text(printed) == json.dumps(printed, ensure_ascii=False, separators=(",", ":")).encode()
+    assert json.loads(rest_print.json_text({"f": 1.5e-05})) == {"f": 1.5e-05}
+    # Beyond orjson (the printing rules leave none of these): the standard encoder writes it.
+    assert rest_print.json_text({"n": 2**70}) == b'{"n":1180591620717411303424}'

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -70,8 +71,17 @@ def to_json_bytes(message: Message) -> bytes:
 
 
 def json_text(printed: dict[str, Any]) -> bytes:
-    """A printed message's dict as its JSON text (compact, UTF-8, non-ASCII as is)."""
-    return _ENCODE(printed).encode()
+    """A printed message's dict as its JSON text (compact, UTF-8, non-ASCII as is).
+
+    Written by orjson: the same text as the standard library's encoder but for the
+    style of some floats (`1.5e-05` is `0.000015`), in about a sixth of the time,
+    which counted for every event of a stream. The printing rules leave nothing it
+    cannot write (non-finite numbers are strings, 64-bit integers strings); were
+    there something, the standard encoder writes it."""
+    try:
+        return orjson.dumps(printed)
+    except orjson.JSONEncodeError:
+        return _ENCODE(printed).encode()
 
 
 def to_openai_dict(message: Message) -> dict[str, Any]:
