@@ -1,7 +1,8 @@
 """`python -m tests.bench [--quick] [--duration S] [--connections 1,16,64] [--workers N]
 [--only fake,1w,Nw,litellm]`: one table for the fake upstream called directly, the
 gateway (`aigne-hub serve`) with 1 and N workers (a trivial RPC through Envoy, chat, a
-20-chunk SSE stream), and LiteLLM when the side-by-side kit (../shared/bench) is set up."""
+20-chunk SSE stream), and LiteLLM when the side-by-side kit (../shared/bench) is set up;
+under it, each one's time to a stream's first event at one connection (first_chunk.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pathlib import Path
 from server.bridge.envoy_config import envoy_executable
 from server.config import cores
 from tests.bench import procstat, report, stack, wrk
+from tests.bench.first_chunk import FirstChunk, first_chunk
+from tests.bench.first_chunk import report as first_chunk_report
 from tests.bench.measure import Phase, Target, fake_targets, gateway_targets, litellm_targets, measure
 
 DEFAULT_SECONDS, QUICK_SECONDS = 8.0, 1.0
@@ -103,20 +106,26 @@ async def run_targets(targets: list[Target], args: argparse.Namespace, wrk_path:
 
 async def run_all(args: argparse.Namespace, wrk_path: str, work_dir: Path) -> list[Phase]:
     phases: list[Phase] = []
+    streams = 20 if args.quick else 200
     async with stack.fake(work_dir) as fake:
         key = await stack.create_key(work_dir)
         phases += await run_targets(fake_targets(fake.url, fake.pid), args, wrk_path, work_dir)
+        FIRST.append(await first_chunk("fake", f"{fake.url}/sse/v1/chat/completions", "x", requests=streams))
         for group, workers in (("1w", 1), ("Nw", args.workers)):
             if group in args.only:
                 async with stack.gateway(work_dir, fake.url, key, workers) as gateway:
                     targets = gateway_targets(gateway.name, gateway.url, key, gateway.pids, status=True)
                     phases += await run_targets(targets, args, wrk_path, work_dir)
                     MEMORY.append(f"  {gateway.name}: " + ", ".join(procstat.describe(gateway.pids())))
+                    chat_url = f"{gateway.url}/v1/chat/completions"
+                    FIRST.append(await first_chunk(gateway.name, chat_url, "sse/gpt-4o-mini", key, streams))
         if "litellm" in args.only:
             if stack.litellm_installed():
                 async with stack.litellm(fake.port) as lite:
                     targets = litellm_targets(lite.url, lite.api_key, lite.pids)
                     phases += await run_targets(targets, args, wrk_path, work_dir)
+                    chat_url = f"{lite.url}/v1/chat/completions"
+                    FIRST.append(await first_chunk("litellm", chat_url, "gpt-4o-mini-stream", lite.api_key, streams))
             else:
                 print(f"  (LiteLLM skipped: the kit is not set up; see {stack.KIT}/README.md)", flush=True)
     return phases
@@ -124,6 +133,8 @@ async def run_all(args: argparse.Namespace, wrk_path: str, work_dir: Path) -> li
 
 # RSS of each process of each gateway after its runs, printed under the table.
 MEMORY: list[str] = []
+# Each target's time to a stream's first event at one connection.
+FIRST: list[FirstChunk] = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.ratios(phases, args.workers, args.connections))
     if MEMORY:
         print("RSS per process after the runs:\n" + "\n".join(MEMORY))
+    if FIRST:
+        print(first_chunk_report(FIRST))
     failed = report.failures(phases)
     if failed:
         print(failed)
