@@ -19,7 +19,7 @@ from pathlib import Path
 from server.bridge.envoy_config import envoy_executable
 from server.config import cores
 from tests.bench import procstat, report, stack, wrk
-from tests.bench.first_chunk import FirstChunk, first_chunk
+from tests.bench.first_chunk import FirstChunk, PacedFake, first_chunk
 from tests.bench.first_chunk import report as first_chunk_report
 from tests.bench.measure import Phase, Target, fake_targets, gateway_targets, litellm_targets, measure
 
@@ -107,25 +107,23 @@ async def run_targets(targets: list[Target], args: argparse.Namespace, wrk_path:
 async def run_all(args: argparse.Namespace, wrk_path: str, work_dir: Path) -> list[Phase]:
     phases: list[Phase] = []
     streams = 20 if args.quick else 200
-    async with stack.fake(work_dir) as fake:
+    async with stack.fake(work_dir) as fake, PacedFake() as paced:
         key = await stack.create_key(work_dir)
         phases += await run_targets(fake_targets(fake.url, fake.pid), args, wrk_path, work_dir)
-        FIRST.append(await first_chunk("fake", f"{fake.url}/sse/v1/chat/completions", "x", requests=streams))
+        FIRST.append(await first_chunk("fake", f"{paced.url}/v1/chat/completions", "x", requests=streams))
         for group, workers in (("1w", 1), ("Nw", args.workers)):
             if group in args.only:
-                async with stack.gateway(work_dir, fake.url, key, workers) as gateway:
+                async with stack.gateway(work_dir, fake.url, key, workers, paced.url) as gateway:
                     targets = gateway_targets(gateway.name, gateway.url, key, gateway.pids, status=True)
                     phases += await run_targets(targets, args, wrk_path, work_dir)
                     MEMORY.append(f"  {gateway.name}: " + ", ".join(procstat.describe(gateway.pids())))
                     chat_url = f"{gateway.url}/v1/chat/completions"
-                    FIRST.append(await first_chunk(gateway.name, chat_url, "sse/gpt-4o-mini", key, streams))
+                    FIRST.append(await first_chunk(gateway.name, chat_url, "paced/gpt-4o-mini", key, streams))
         if "litellm" in args.only:
             if stack.litellm_installed():
                 async with stack.litellm(fake.port) as lite:
                     targets = litellm_targets(lite.url, lite.api_key, lite.pids)
                     phases += await run_targets(targets, args, wrk_path, work_dir)
-                    chat_url = f"{lite.url}/v1/chat/completions"
-                    FIRST.append(await first_chunk("litellm", chat_url, "gpt-4o-mini-stream", lite.api_key, streams))
             else:
                 print(f"  (LiteLLM skipped: the kit is not set up; see {stack.KIT}/README.md)", flush=True)
     return phases

@@ -62,11 +62,14 @@ def free_port() -> int:
         return port
 
 
-def gateway_config(fake_url: str) -> str:
-    """Two providers on one fake: `json/...` answers JSON, `sse/...` answers a stream."""
+def gateway_config(fake_url: str, paced_url: str | None = None) -> str:
+    """Two providers on one fake: `json/...` answers JSON, `sse/...` answers a stream;
+    with `paced_url`, `paced/...` streams from first_chunk.PacedFake."""
     providers = {
         name: {"type": "openai", "base_url": f"{fake_url}/{name}/v1", "api_key": "sk-bench"} for name in ("json", "sse")
     }
+    if paced_url:
+        providers["paced"] = {"type": "openai", "base_url": f"{paced_url}/v1", "api_key": "sk-bench"}
     return yaml.safe_dump({"providers": providers})
 
 
@@ -119,10 +122,12 @@ async def create_key(work_dir: Path) -> str:
 
 
 @contextlib.asynccontextmanager
-async def gateway(work_dir: Path, fake_url: str, api_key: str, workers: int) -> AsyncIterator[Gateway]:
+async def gateway(
+    work_dir: Path, fake_url: str, api_key: str, workers: int, paced_url: str | None = None
+) -> AsyncIterator[Gateway]:
     """`aigne-hub serve --workers W`, ready; stopped with SIGTERM on exit."""
     config_path = work_dir / "gateway.yaml"
-    config_path.write_text(gateway_config(fake_url))
+    config_path.write_text(gateway_config(fake_url, paced_url))
     rest_port, admin_port = free_port(), free_port()
     out = work_dir / f"serve-{workers}w.out"
     with out.open("wb") as log:
