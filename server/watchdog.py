@@ -41,7 +41,9 @@ class Watchdog:
 
     async def wait(self, awaitable: Awaitable[T]) -> T:
         """`await awaitable`, or TimeoutError once it runs past the bound."""
-        task = asyncio.current_task()
+        # With the loop given, current_task skips get_running_loop, which on Python
+        # 3.11 makes a getpid syscall each time (this runs once per chunk).
+        task = asyncio.current_task(self._loop)
         assert task is not None, "a Watchdog waits inside a task"
         self._task = task
         cancelling = task.cancelling()
