@@ -1,6 +1,8 @@
 """The upstream JSON reader (server.providers.transport.json_loads) gives exactly what
 `json.loads` gives, value and type, or raises as it does: orjson reads what it reads
-the same way, and the rest goes to the standard library.
+the same way, and the rest goes to the standard library. The request body writer
+(`json_body`) writes what `json.dumps` writes (as JSON: floats' style may differ) or
+raises as it does.
 
 Documents generated from a fixed seed: nested objects and arrays, strings with every
 kind of escape and non-ASCII text, integers up to and past 64 bits, floats of every
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from server import errors
-from server.providers.transport import json_loads, parse_object
+from server.providers.transport import json_body, json_loads, parse_object
 
 SPECIAL = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", '"\\ud800"', '"\\udc00x"', "18446744073709551616"]
 
@@ -93,3 +95,41 @@ def test_nesting_too_deep_is_a_malformed_answer() -> None:
     an upstream's answer that deep was an internal error for the client."""
     with pytest.raises(errors.UpstreamMalformedResponse, match="invalid JSON"):
         parse_object("p", "[" * 100_000 + "]" * 100_000)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def test_writes_what_json_dumps_writes() -> None:
+    rng = random.Random(1201)
+    for _ in range(4000):
+        value = {"model": "m", "messages": [_value(rng, 1) for _ in range(rng.randint(0, 3))]}
+        try:
+            expected = _dumps(value)
+        except ValueError:
+            with pytest.raises(ValueError):
+                json_body(value)
+            continue
+        written = json_body(value)
+        assert _typed(json.loads(written)) == _typed(json.loads(expected)), value
+        if b"." not in expected and b"e" not in expected.lower():  # no float: the very same text
+            assert written == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ({"temperature": float("nan")}, ValueError),
+        ({"x": [1, float("inf")]}, ValueError),
+        ({"content": "\ud800"}, UnicodeEncodeError),
+    ],
+)
+def test_refuses_what_json_dumps_refuses(value: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        json_body(value)
+
+
+def test_what_json_dumps_writes_its_own_way_is_written_by_it() -> None:
+    for value in ({1: "a", 2.5: "b"}, {"n": 2**70}, {"n": None}, {"s": "null pointer"}):
+        assert json_body(value) == _dumps(value)

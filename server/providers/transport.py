@@ -332,9 +332,7 @@ def _with_defaults(headers: dict[str, str]) -> list[tuple[str, str]]:
 async def _body(body: dict[str, Any]) -> tuple[bytes | None, str | None]:
     """The request body's bytes, and the content type it implies."""
     if (value := body.get("json")) is not None:
-        # As httpx encoded it: compact, UTF-8, no NaN.
-        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        return encoded.encode(), "application/json"
+        return json_body(value), "application/json"
     if (content := body.get("content")) is not None:
         return bytes(content), None
     fields, files = body.get("data"), body.get("files")
@@ -352,6 +350,28 @@ async def _body(body: dict[str, Any]) -> tuple[bytes | None, str | None]:
         form.add_field(name, data, filename=filename, content_type=rest[0] if rest else None)
     payload = form()
     return await payload.as_bytes(), payload.content_type
+
+
+# What orjson would write that json.dumps refuses: dataclasses, datetimes, subclasses
+# of str, int, dict or list go to `default` (there is none, so it raises).
+_STRICT = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def json_body(value: Any) -> bytes:
+    """A request body as httpx encoded it: compact, UTF-8, no NaN.
+
+    Written by orjson (a 50 KB conversation: about 6 instead of 200 µs): the same text
+    as json.dumps's but for the style of some floats. orjson writes NaN and infinities
+    as null where json.dumps refuses them, so a text with a null in it is written again
+    by json.dumps, which refuses them as before; so is whatever orjson refuses (an
+    integer past 64 bits, a lone surrogate, a key that is not a string)."""
+    try:
+        encoded = orjson.dumps(value, option=_STRICT)
+    except orjson.JSONEncodeError:
+        encoded = b"null"
+    if b"null" not in encoded:
+        return encoded
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 # A URL of characters that need no quoting: sent as written (a signed URL's escapes kept).
