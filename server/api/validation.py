@@ -161,9 +161,23 @@ class _Rule:
     required: bool
     limits: tuple[Limit, ...]
     recurse: bool
+    # Read from the descriptor once: each read of its `name` makes a new string.
+    name: str
+    repeated: bool
+    model: bool  # a model name (check_model_name)
+    named: bool  # a NAME_FIELDS name
 
 
 _RULES: dict[str, tuple[_Rule, ...]] = {}
+# The same by descriptor object: a descriptor's `full_name` is a new string at each read.
+_RULES_BY_DESCRIPTOR: dict[Any, tuple[_Rule, ...]] = {}
+
+
+def _rules_of(descriptor: Any) -> tuple[_Rule, ...]:
+    rules = _RULES_BY_DESCRIPTOR.get(descriptor)
+    if rules is None:
+        rules = _RULES_BY_DESCRIPTOR[descriptor] = _rules(descriptor)
+    return rules
 
 
 def _rules(descriptor: Any) -> tuple[_Rule, ...]:
@@ -185,36 +199,37 @@ def _rules(descriptor: Any) -> tuple[_Rule, ...]:
             and bool(_rules(sub))
         )
         if required or limits or recurse:
-            rules.append(_Rule(field, required, limits, recurse))
+            model, named = field.full_name in MODEL_FIELDS, field.full_name in NAME_FIELDS
+            rules.append(_Rule(field, required, limits, recurse, field.name, field.is_repeated, model, named))
     _RULES[descriptor.full_name] = result = tuple(rules)
     return result
 
 
 def _check_message(message: Message, prefix: str) -> None:
-    rules = _rules(message.DESCRIPTOR)
+    rules = _rules_of(message.DESCRIPTOR)
     if not rules:
         return
-    # The fields set, by name, in one C call: a REQUIRED field absent from it is unset
-    # (repeated and map fields are listed only when not empty, fields with presence when
-    # set, other scalars only when not zero).
-    present = {field.name: value for field, value in message.ListFields()}
+    # The fields set, by descriptor, in one C call: a REQUIRED field absent from it is
+    # unset (repeated and map fields are listed only when not empty, fields with
+    # presence when set, other scalars only when not zero).
+    present = dict(message.ListFields())
     for rule in rules:
         field = rule.field
-        value = present.get(field.name, _ABSENT)
+        value = present.get(field, _ABSENT)
         if value is _ABSENT:
             if rule.required:
-                path = prefix + field.name
+                path = prefix + rule.name
                 raise InvalidRequest(f"{path} is required", field=path)
             continue
-        path = prefix + field.name
+        path = prefix + rule.name
         for limit in rule.limits:
             _check_limit(limit, path, field, value)
-        if field.full_name in MODEL_FIELDS:
+        if rule.model:
             check_model_name(value, path)
-        if field.full_name in NAME_FIELDS and NAME_PATTERN.fullmatch(value) is None:
+        if rule.named and NAME_PATTERN.fullmatch(value) is None:
             raise InvalidRequest(f"{path} may contain only letters, digits, underscores and dashes", field=path)
         if rule.recurse:
-            if field.is_repeated:
+            if rule.repeated:
                 for index, item in enumerate(value):
                     _check_message(item, f"{path}[{index}].")
             else:
@@ -314,35 +329,39 @@ def check_chat_request(request: chat_pb.CreateChatCompletionRequest) -> None:
 
 
 def _check_chat_message(index: int, message: chat_pb.ChatMessage) -> None:
-    where = f"messages[{index}]"
-    if message.role == "function":  # still in OpenAI's API, refused with a way out
+    role = message.role  # (each read of a string field makes a new str: read once)
+    if role == "function":  # still in OpenAI's API, refused with a way out
         raise InvalidRequest(
-            f"{where}.role 'function' is deprecated by OpenAI and not supported by the gateway: "
+            f"messages[{index}].role 'function' is deprecated by OpenAI and not supported by the gateway: "
             "answer a tool call with role 'tool' and its tool_call_id",
-            field=f"{where}.role",
+            field=f"messages[{index}].role",
         )
-    if message.role not in ROLES:
+    if role not in ROLES:
         raise InvalidRequest(
-            f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {message.role[:64]!r}",
-            field=f"{where}.role",
+            f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}, got {role[:64]!r}",
+            field=f"messages[{index}].role",
         )
-    has_content = _check_content(where, message)
-    if message.role == "assistant":
-        if not has_content and not message.tool_calls and not message.HasField("refusal"):
+    has_content = _check_content(index, message)
+    if role == "assistant":
+        tool_calls = message.tool_calls
+        if not has_content and not tool_calls and not message.HasField("refusal"):
+            where = f"messages[{index}]"
             raise InvalidRequest(f"{where}: an assistant message needs content or tool_calls", field=f"{where}.content")
-        for call_index, call in enumerate(message.tool_calls):
+        for call_index, call in enumerate(tool_calls):
             if not call.id or not call.function.name:
                 raise InvalidRequest(
-                    f"{where}.tool_calls[{call_index}] needs an id and function.name",
-                    field=f"{where}.tool_calls[{call_index}]",
+                    f"messages[{index}].tool_calls[{call_index}] needs an id and function.name",
+                    field=f"messages[{index}].tool_calls[{call_index}]",
                 )
     elif not has_content:
-        raise InvalidRequest(f"{where}.content is required for role {message.role[:64]!r}", field=f"{where}.content")
-    if message.role == "tool" and not message.tool_call_id:
+        where = f"messages[{index}]"
+        raise InvalidRequest(f"{where}.content is required for role {role[:64]!r}", field=f"{where}.content")
+    if role == "tool" and not message.tool_call_id:
+        where = f"messages[{index}]"
         raise InvalidRequest(f"{where}.tool_call_id is required for role 'tool'", field=f"{where}.tool_call_id")
 
 
-def _check_content(where: str, message: chat_pb.ChatMessage) -> bool:
+def _check_content(index: int, message: chat_pb.ChatMessage) -> bool:
     """Whether the message has content; raises if the content has the wrong shape."""
     if not message.HasField("content"):
         return False
@@ -352,6 +371,7 @@ def _check_content(where: str, message: chat_pb.ChatMessage) -> bool:
         return False
     if kind == "string_value":
         return True
+    where = f"messages[{index}]"
     if kind != "list_value":
         raise InvalidRequest(f"{where}.content must be a string or an array of content parts", field=f"{where}.content")
     for part_index, part in enumerate(content.list_value.values):
