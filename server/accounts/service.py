@@ -46,10 +46,11 @@ servicer the same way): the provider read the prompt, so a cut stream pays for i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
 
@@ -202,13 +203,15 @@ class Accounts:
         operation: str,
         worst_case: Usage,
         credential_header: tuple[str, str] | None = None,
-        prompt_tokens: int = 0,
+        prompt_tokens: PromptTokens = 0,
         public_model: str | None = None,
         request_id: str | None = None,
     ) -> Meter:
         """The meter of one call to `provider/model` (its first deployment; see
         `Meter.use` for the others); checks the key's allow-list now. `prompt_tokens`
-        estimates the input, for a cut call that reports no usage."""
+        estimates the input, for a cut call that reports no usage and for a token rate
+        limit: a number, or a function worked out only when one of those needs it (a
+        long conversation's estimate walks every message)."""
         if key is not None:
             authorize(key, f"{provider}/{model}", public_model)
         return Meter(
@@ -225,6 +228,10 @@ class Accounts:
         )
 
 
+# A prompt's estimated input tokens, or how to work them out when needed.
+PromptTokens = int | Callable[[], int]
+
+
 class Meter:
     """Measures one call and records it on exit (see the module docstring)."""
 
@@ -237,7 +244,7 @@ class Meter:
         operation: str,
         worst_case: Usage,
         credential_header: tuple[str, str] | None = None,
-        prompt_tokens: int = 0,
+        prompt_tokens: PromptTokens = 0,
         public_model: str | None = None,
         request_id: str | None = None,
     ) -> None:
@@ -255,7 +262,7 @@ class Meter:
         self._started = time.monotonic()
         self._first_token: float | None = None
         self._streamed_chars = 0
-        self._prompt_tokens = prompt_tokens
+        self._prompt_tokens_given = prompt_tokens
         self._credential_header = credential_header
         # The stored credential chosen for the current attempt (None: the adapter's
         # configured key); each attempt's `Call` carries it to the transport.
@@ -298,6 +305,11 @@ class Meter:
         except ProviderNotConfigured:
             return
         self.credential = CallCredential(credential.secret, credential.id)
+
+    @functools.cached_property
+    def _prompt_tokens(self) -> int:
+        given = self._prompt_tokens_given
+        return given if isinstance(given, int) else given()
 
     def _final_usage(self, exc: BaseException | None) -> Usage:
         usage = self.usage

@@ -49,7 +49,7 @@ from server import errors
 from server.accounts.credentials import Credential
 from server.accounts.credits import Usage
 from server.accounts.errors import ModelNotAllowed
-from server.accounts.service import Accounts, Meter
+from server.accounts.service import Accounts, Meter, PromptTokens
 from server.api.auth import CURRENT_KEY
 from server.api.call_metadata import FALLBACKS_HEADER, TIMEOUT_HEADER, call_metadata
 from server.api.credential_deployments import with_credentials
@@ -356,7 +356,7 @@ class MeteredServicer:
         context: grpc.aio.ServicerContext[Any, Any],
         operation: str,
         worst_case: Usage,
-        prompt_tokens: int = 0,
+        prompt_tokens: PromptTokens = 0,
     ) -> AsyncIterator[Routed[T]]:
         """The metered call over `plan`: the meter opens on the plan's first deployment
         (allow-list, reservation) and records the call when the block ends. Stored

@@ -8,6 +8,7 @@ recorded as "interrupted".
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
@@ -87,7 +88,7 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         plan, options = self._plan_for(request, context)
         body = chat_body(request)
         async with self._routed(
-            plan, options, context, "chat", chat_worst_case(request), chat_prompt_tokens(request)
+            plan, options, context, "chat", chat_worst_case(request), lambda: chat_prompt_tokens(request)
         ) as call:
             served = await call.unary(
                 lambda adapter, model, attempt: adapter.create_chat_completion(dict(body), model, attempt)
@@ -150,7 +151,8 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         body["stream"] = True
         include_usage = request.stream_options.include_usage
         json_nulls = wants_json_nulls(context)  # once: it reads the call's metadata
-        worst, prompt = chat_worst_case(request), chat_prompt_tokens(request)
+        worst = chat_worst_case(request)
+        prompt = functools.partial(chat_prompt_tokens, request)  # worked out only if needed
         async with self._routed(plan, options, context, "chat_stream", worst, prompt) as call:
             try:
                 served, rest = await call.stream(
