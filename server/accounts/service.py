@@ -201,7 +201,7 @@ class Accounts:
         provider: str,
         model: str,
         operation: str,
-        worst_case: Usage,
+        worst_case: WorstCase,
         credential_header: tuple[str, str] | None = None,
         prompt_tokens: PromptTokens = 0,
         public_model: str | None = None,
@@ -228,8 +228,11 @@ class Accounts:
         )
 
 
-# A prompt's estimated input tokens, or how to work them out when needed.
+# A prompt's estimated input tokens, and a call's worst case (for credit reservations
+# and token limits), or how to work them out when needed: for a long prompt each
+# walks or measures the whole request, and most calls need neither.
 PromptTokens = int | Callable[[], int]
+WorstCase = Usage | Callable[[], Usage]
 
 
 class Meter:
@@ -242,7 +245,7 @@ class Meter:
         provider: str,
         model: str,
         operation: str,
-        worst_case: Usage,
+        worst_case: WorstCase,
         credential_header: tuple[str, str] | None = None,
         prompt_tokens: PromptTokens = 0,
         public_model: str | None = None,
@@ -255,7 +258,7 @@ class Meter:
         self._provider = provider
         self._model = f"{provider}/{model}"
         self._operation = operation
-        self._worst_case = worst_case
+        self._worst_case_given = worst_case
         self._reservation: Reservation | None = None
         # The model's rate as of the call's start: pricing the record needs no database.
         self._rate: Rate | None = None
@@ -305,6 +308,11 @@ class Meter:
         except ProviderNotConfigured:
             return
         self.credential = CallCredential(credential.secret, credential.id)
+
+    @functools.cached_property
+    def _worst_case(self) -> Usage:
+        given = self._worst_case_given
+        return given if isinstance(given, Usage) else given()
 
     @functools.cached_property
     def _prompt_tokens(self) -> int:
@@ -400,7 +408,10 @@ class Meter:
         if limiter is None or self._key is None:
             return
         worst = self._worst_case
-        tokens = (self._prompt_tokens or worst.input_tokens) + worst.output_tokens
+
+        def tokens() -> int:  # worked out only when a limit applies to the call
+            return (self._prompt_tokens or worst.input_tokens) + worst.output_tokens
+
         self._admission = await limiter.admit(self._key.id, self._key.owner_id, self._model, self._public_model, tokens)
 
     async def _reserve(self) -> None:

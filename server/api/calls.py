@@ -47,9 +47,8 @@ from grpc._cython import cygrpc
 
 from server import errors
 from server.accounts.credentials import Credential
-from server.accounts.credits import Usage
 from server.accounts.errors import ModelNotAllowed
-from server.accounts.service import Accounts, Meter, PromptTokens
+from server.accounts.service import Accounts, Meter, PromptTokens, WorstCase
 from server.api.auth import CURRENT_KEY
 from server.api.call_metadata import FALLBACKS_HEADER, TIMEOUT_HEADER, call_metadata
 from server.api.credential_deployments import with_credentials
@@ -355,7 +354,7 @@ class MeteredServicer:
         options: CallOptions,
         context: grpc.aio.ServicerContext[Any, Any],
         operation: str,
-        worst_case: Usage,
+        worst_case: WorstCase,
         prompt_tokens: PromptTokens = 0,
     ) -> AsyncIterator[Routed[T]]:
         """The metered call over `plan`: the meter opens on the plan's first deployment

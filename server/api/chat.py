@@ -88,7 +88,12 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         plan, options = self._plan_for(request, context)
         body = chat_body(request)
         async with self._routed(
-            plan, options, context, "chat", chat_worst_case(request), lambda: chat_prompt_tokens(request)
+            plan,
+            options,
+            context,
+            "chat",
+            functools.partial(chat_worst_case, request),  # worked out only if needed
+            functools.partial(chat_prompt_tokens, request),
         ) as call:
             served = await call.unary(
                 lambda adapter, model, attempt: adapter.create_chat_completion(dict(body), model, attempt)
@@ -151,8 +156,9 @@ class ChatServicer(MeteredServicer, chat_grpc.ChatServiceServicer):
         body["stream"] = True
         include_usage = request.stream_options.include_usage
         json_nulls = wants_json_nulls(context)  # once: it reads the call's metadata
-        worst = chat_worst_case(request)
-        prompt = functools.partial(chat_prompt_tokens, request)  # worked out only if needed
+        # Worked out only if needed (billing, a token limit, a cut call).
+        worst = functools.partial(chat_worst_case, request)
+        prompt = functools.partial(chat_prompt_tokens, request)
         async with self._routed(plan, options, context, "chat_stream", worst, prompt) as call:
             try:
                 served, rest = await call.stream(

@@ -41,7 +41,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Literal
@@ -189,11 +189,16 @@ class Limiter:
     _renewer: asyncio.Task[None] | None = None
 
     async def admit(
-        self, key_id: str, owner_id: str, model: str, public_model: str | None, tokens: int
+        self, key_id: str, owner_id: str, model: str, public_model: str | None, tokens: int | Callable[[], int]
     ) -> Admission | None:
         """Admits the call or raises RateLimited / RateLimitsUnavailable; None when no
-        limit applies."""
+        limit applies. `tokens`, the call's token reservation, may be a function: it is
+        then worked out only when a limit applies (a long prompt's estimate walks it)."""
         rules = [r for r in await self._rules(key_id, owner_id) if r.matches(model, public_model)]
+        if not rules:
+            return None
+        if not isinstance(tokens, int):
+            tokens = tokens()
         counters = tuple(self._counters(rules, max(tokens, 1)))
         if not counters:
             return None
