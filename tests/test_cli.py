@@ -43,6 +43,7 @@ async def test_serve_starts_both_serves_and_stops_cleanly(fake_openai, tmp_path)
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    ready = b""
     try:
         assert process.stdout is not None
         ready = await asyncio.wait_for(process.stdout.readline(), 30)
@@ -76,10 +77,33 @@ async def test_serve_starts_both_serves_and_stops_cleanly(fake_openai, tmp_path)
         usage = json.loads(await cli(env, "usage", "--by", "key", "model", "--json"))
         assert [(u["key_id"], u["model"], u["calls"]) for u in usage] == [(created["id"], "openai/gpt-4o-mini", 1)]
         assert usage[0]["input_tokens"] == reply.json()["usage"]["prompt_tokens"]
+    except BaseException:
+        await _dump_serve(process, ready)
+        raise
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def _dump_serve(process: asyncio.subprocess.Process, ready: bytes) -> None:
+    """Prints what serve wrote and the tail of its Envoy's log (pytest shows it with a
+    failure): a call refused once right after "ready" in one CI run, with no trace."""
+    if process.returncode is None:
+        process.kill()
+    output = await asyncio.wait_for(process.stdout.read(), 10) if process.stdout else b""
+    print(f"serve's output after its ready line (exit {await process.wait()}):\n{output.decode(errors='replace')}")
+    print(_log_tails(ready.decode(errors="replace")))
+
+
+def _log_tails(text: str) -> str:
+    """The last lines of each log file `text` names."""
+    logs = [Path(word.strip(",()")) for word in text.split() if word.strip(",()").endswith(".log")]
+    return "\n".join(
+        f"{log} (tail):\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+        for log in logs
+        if log.exists()
+    )
 
 
 async def cli(env: dict[str, str], *args: str) -> bytes:
