@@ -296,7 +296,7 @@ async def test_a_locked_sqlite_database_is_unavailable_after_the_busy_timeout(tm
     other_process = sqlite3.connect(path, isolation_level=None)
     try:
         other_process.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-        for attempt in (_write_async, _write_in_thread):
+        for attempt in (_write_async, _write_in_thread, _write_alone_in_thread):
             started = time.monotonic()
             with pytest.raises(StorageUnavailable) as caught:
                 await attempt(database)
@@ -304,6 +304,7 @@ async def test_a_locked_sqlite_database_is_unavailable_after_the_busy_timeout(tm
             assert "locked" not in caught.value.message  # the driver's text stays in the log
         other_process.execute("ROLLBACK")
         await _write_async(database)  # and it works again
+        await _write_alone_in_thread(database)  # on a new connection: the failed one was dropped
     finally:
         other_process.close()
         await database.close()
@@ -343,6 +344,16 @@ async def _write_async(database: Database) -> None:
 
 async def _write_in_thread(database: Database) -> None:
     await database.write_in_thread(lambda conn: conn.execute(_new_owner()))
+
+
+async def _write_alone_in_thread(database: Database) -> None:
+    name = secrets.token_hex(4)
+    await database.write_alone_in_thread(
+        lambda cursor: cursor.execute(
+            "INSERT INTO owners (id, kind, name, created_at) VALUES (?, 'user', ?, '2026-01-01 00:00:00.000000')",
+            (f"user:{name}", name),
+        )
+    )
 
 
 async def test_during_a_freeze_only_one_lookup_per_interval_waits_for_the_database(

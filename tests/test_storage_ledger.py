@@ -60,6 +60,26 @@ async def test_duplicate_request_id_is_ignored(database_url: str, db: Database) 
     assert stored is not None and stored.output_tokens == 7
 
 
+async def test_a_batch_partly_recorded_before_says_which_records_are_new(db: Database) -> None:  # noqa: F811
+    """One group commit with new and already recorded request ids (and a duplicate
+    within the batch): each caller learns whether its own record was the one stored.
+    On SQLite such a batch is one statement; which rows it inserted comes from rowids."""
+    ledger = Ledger(db)
+    for request_id in ("old-b", "old-d"):
+        assert (await ledger.record(_usage(request_id, output_tokens=1))).inserted
+    ids = ["new-a", "old-b", "new-c", "old-d", "new-e", "new-c"]
+    commits = ledger.commits
+    results = await asyncio.gather(*(ledger.record(_usage(r, output_tokens=2)) for r in ids))
+    assert ledger.commits == commits + 1  # one group commit
+    assert [r.inserted for r in results] == [True, False, True, False, True, False]
+    for request_id, tokens in (("new-a", 2), ("old-b", 1), ("new-c", 2), ("old-d", 1), ("new-e", 2)):
+        stored = await ledger.get(request_id)
+        assert stored is not None and stored.output_tokens == tokens
+    again = await asyncio.gather(*(ledger.record(_usage(r)) for r in ("new-a", "old-b")))
+    assert not any(r.inserted for r in again)  # a batch where nothing is new
+    assert await _count(db) == 5
+
+
 async def test_record_is_committed_when_record_returns(database_url: str, db: Database) -> None:  # noqa: F811
     ledger = Ledger(db)
     await ledger.record(_usage("durable", latency_ms=12, ttft_ms=3))

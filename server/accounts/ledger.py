@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ from server.accounts.credits import (
 )
 from server.errors import StorageUnavailable
 from server.storage.database import Database
-from server.storage.inline import Executor, InlineConnection, run_inline
+from server.storage.inline import Executor, InlineConnection, insert_alone, run_inline
 from server.storage.schema import usage_records, utcnow
 
 if TYPE_CHECKING:
@@ -71,6 +72,9 @@ Outcome = Literal["ok", "error", "cancelled", "interrupted"]
 GroupBy = Literal["key", "owner", "provider", "model", "day"]
 # Rows per multi-row INSERT: 21 columns each stays under both backends' bind limits.
 _ROWS_PER_INSERT = 1000
+# Rows in SQLite's one-statement group commit: 21 binds each, within SQLite's limit
+# (999 binds before 3.32, 32766 since).
+_SQLITE_ROWS_PER_STATEMENT = 1000 if sqlite3.sqlite_version_info >= (3, 32) else 999 // 21
 _COUNTERS = (
     "input_tokens",
     "output_tokens",
@@ -296,11 +300,15 @@ class Ledger:
                 self._credits.forget(pending.reservation.id)
 
     async def _write(self, batch: Sequence[_Pending]) -> list[Recorded]:
+        settles_nothing = all(p.reservation is None for p in batch)
         if self._db.backend == "sqlite":
-            results = await self._db.write_in_thread(
-                lambda conn: run_inline(self._write_in(InlineConnection(conn), batch))
-            )
-        elif len(batch) <= _ROWS_PER_INSERT and all(p.reservation is None for p in batch):
+            if settles_nothing and len(batch) <= _SQLITE_ROWS_PER_STATEMENT:
+                results = await self._write_alone(batch)
+            else:
+                results = await self._db.write_in_thread(
+                    lambda conn: run_inline(self._write_in(InlineConnection(conn), batch))
+                )
+        elif len(batch) <= _ROWS_PER_INSERT and settles_nothing:
             # Nothing to settle: the batch is one INSERT, committed on its own.
             async with self._db.write_one_statement() as conn:
                 results = await self._write_in(conn, batch)
@@ -310,32 +318,38 @@ class Ledger:
         self.commits += 1
         return results
 
+    async def _write_alone(self, batch: Sequence[_Pending]) -> list[Recorded]:
+        """SQLite, nothing to settle: the batch is one INSERT committed on its own
+        (why in `Database.write_alone_in_thread`)."""
+        rows, owner_of_row = _unique_rows(batch, [0] * len(batch))
+        dialect = self._db.sqlite_dialect
+        values = list(rows.values())
+        inserted = await self._db.write_alone_in_thread(
+            lambda cursor: insert_alone(cursor, dialect, usage_records, "request_id", values)
+        )
+        return [
+            Recorded(_inserted_here(pending, index, inserted, owner_of_row), 0) for index, pending in enumerate(batch)
+        ]
+
     async def _write_in(self, conn: Executor, batch: Sequence[_Pending]) -> list[Recorded]:
-        order = sorted(range(len(batch)), key=lambda i: batch[i].usage.request_id)
         # Lock order (see server.accounts.credits): reservations, usage, balances, keys.
         taken = await take_reservations(
             conn, [p.reservation.id for p in batch if p.reservation is not None and p.reservation.id is not None]
         )
         held: list[HeldReservation | None] = [None] * len(batch)
         charges = [0] * len(batch)
-        rows: dict[str, dict[str, Any]] = {}  # by request id: the first of a batch's duplicates
-        owner_of_row: dict[str, int] = {}
-        for index in order:
+        for index in _by_request_id(batch):
             pending = batch[index]
             if pending.reservation is not None and pending.reservation.id is not None:
                 held[index] = taken.pop(pending.reservation.id, None)
             hold = held[index]
             charges[index] = charge_for(hold, pending.usage.cost_micros) if hold is not None else 0
-            row = _row(pending.usage, charges[index])
-            if row["request_id"] not in rows:
-                rows[row["request_id"]] = row
-                owner_of_row[row["request_id"]] = index
+        rows, owner_of_row = _unique_rows(batch, charges)
         inserted = await self._insert(conn, list(rows.values()))
         results: list[Recorded] = []
         settlements: list[tuple[HeldReservation, int]] = []
         for index, pending in enumerate(batch):
-            request_id = _clip(pending.usage.request_id, "request_id")
-            was_inserted = request_id in inserted and owner_of_row.get(request_id or "") == index
+            was_inserted = _inserted_here(pending, index, inserted, owner_of_row)
             # A request already recorded (and charged): only release the hold.
             charge = charges[index] if was_inserted else 0
             hold = held[index]
@@ -489,6 +503,30 @@ def _filters(
     if owner_id is not None:
         conditions.append(usage_records.c.owner_id == owner_id)
     return conditions
+
+
+def _unique_rows(batch: Sequence[_Pending], charges: Sequence[int]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """The rows to insert, by request id (the first of a batch's duplicates in request
+    id order), and the index in `batch` of the record each row came from."""
+    rows: dict[str, dict[str, Any]] = {}
+    owner_of_row: dict[str, int] = {}
+    for index in _by_request_id(batch):
+        row = _row(batch[index].usage, charges[index])
+        if row["request_id"] not in rows:
+            rows[row["request_id"]] = row
+            owner_of_row[row["request_id"]] = index
+    return rows, owner_of_row
+
+
+def _by_request_id(batch: Sequence[_Pending]) -> list[int]:
+    """The batch's indexes in request id order (the order rows are locked in)."""
+    return sorted(range(len(batch)), key=lambda i: batch[i].usage.request_id)
+
+
+def _inserted_here(pending: _Pending, index: int, inserted: set[str], owner_of_row: dict[str, int]) -> bool:
+    """Whether the row inserted for this record's request id was this record's own."""
+    request_id = _clip(pending.usage.request_id, "request_id")
+    return request_id in inserted and owner_of_row.get(request_id or "") == index
 
 
 def _clip(value: str | None, column: str) -> str | None:
