@@ -455,11 +455,16 @@ class Meter:
             used = self.usage.input_tokens + self.usage.output_tokens
             await asyncio.shield(self._admission.finish(used))
         record = self._record(exc)
-        # Shielded: a cancelled call is still recorded, and a second cancellation of
-        # the handler must not interrupt the commit half-way.
         recorded: Recorded | None = None
         try:
-            recorded = await asyncio.shield(self._commit(record))
+            if self._priced_at_once:
+                # The ledger queues the record before its first wait and writes it
+                # whatever becomes of this task: no shield (a task per call) is needed.
+                recorded = await self._accounts.ledger.record(self._priced(record), reservation=self._reservation)
+            else:
+                # Shielded: the price is looked up first, and a cancelled call is
+                # still recorded.
+                recorded = await asyncio.shield(self._commit(record))
         finally:
             self._report(record, recorded)
 
@@ -523,11 +528,23 @@ class Meter:
             credential_id=self.credential.id if self.credential else None,
         )
 
+    @property
+    def _priced_at_once(self) -> bool:
+        """Whether the record's cost needs no lookup: billing off, nothing consumed
+        (which costs nothing, and a refusal for a model without a rate must not fail
+        again on its price), or the rate already known."""
+        return not self._accounts.credits.billing_enabled or self.usage == Usage() or self._rate is not None
+
+    def _priced(self, record: UsageRecord) -> UsageRecord:
+        """`record` with its cost, when `_priced_at_once`."""
+        if not self._accounts.credits.billing_enabled or self.usage == Usage() or self._rate is None:
+            return record
+        return replace(record, cost_micros=cost_of(self._rate, self.usage))
+
     async def _commit(self, record: UsageRecord) -> Recorded:
+        """Prices `record` with a rate lookup, then records it."""
         credits = self._accounts.credits
         try:
-            # Nothing consumed costs nothing (and a refusal for a model without a rate
-            # must not fail again on its price).
             if credits.billing_enabled and self.usage != Usage():
                 cost = cost_of(self._rate, self.usage) if self._rate else await credits.price(record.model, self.usage)
                 record = replace(record, cost_micros=cost)
