@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -190,6 +191,11 @@ async def test_pepper_changes_the_hash(db: Database) -> None:  # noqa: F811
     assert (await peppered.authenticate(secret)).id == record.id
     with pytest.raises(KeyInvalid):
         await KeyStore(db).authenticate(secret)  # without the pepper the hash differs
+    # The stored hash is HMAC-SHA256(pepper, secret): keys stored by earlier releases
+    # still authenticate.
+    async with db.read() as conn:
+        stored = (await conn.execute(select(api_keys.c.secret_hash).where(api_keys.c.id == record.id))).scalar_one()
+    assert stored == hmac.new(b"server-side pepper", secret.encode(), hashlib.sha256).digest()
 
 
 def test_allow_list_globs() -> None:
