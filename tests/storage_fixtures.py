@@ -68,15 +68,19 @@ async def open_replica(url: str) -> Database:
 
 @contextmanager
 def count_queries(database: Database) -> Iterator[list[str]]:
-    """The SQL statements `database` runs inside the block (BEGIN/COMMIT excluded)."""
+    """The SQL statements `database` runs inside the block (BEGIN/COMMIT excluded), on
+    its async engine and, on SQLite, its writer thread's engine (`write_with`)."""
     statements: list[str] = []
 
     def on_execute(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
         if not statement.lstrip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA")):
             statements.append(statement)
 
-    event.listen(database.engine.sync_engine, "before_cursor_execute", on_execute)
+    engines = [database.engine.sync_engine, *([database._sync_engine] if database._sync_engine is not None else [])]
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", on_execute)
     try:
         yield statements
     finally:
-        event.remove(database.engine.sync_engine, "before_cursor_execute", on_execute)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", on_execute)

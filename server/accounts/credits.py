@@ -353,65 +353,68 @@ class CreditService:
             return Reservation(None, owner_id, key_id, 0, request_id)
         reservation_id = uuid.uuid4().hex
         reservation = Reservation(reservation_id, owner_id, key_id, amount_micros, request_id)
-        async with self._db.write() as conn:
-            held = await conn.execute(
-                update(balances)
-                .where(
-                    balances.c.owner_id == owner_id,
-                    balances.c.balance_micros - balances.c.reserved_micros >= amount_micros,
-                )
-                .values(reserved_micros=balances.c.reserved_micros + amount_micros, updated_at=reservation.created_at)
-            )
-            if held.rowcount != 1:
-                available = await _available(conn, owner_id)
-                raise InsufficientCredits(
-                    f"insufficient credits: {format_credits(available)} available to {owner_id}, "
-                    f"this call needs up to {format_credits(amount_micros)}",
-                    available_micros=available,
-                    needed_micros=amount_micros,
-                )
-            if key_id is not None:
-                capped = await conn.execute(
-                    update(api_keys)
-                    .where(
-                        api_keys.c.id == key_id,
-                        api_keys.c.spend_cap_micros.is_(None)
-                        | (
-                            api_keys.c.spend_cap_micros - api_keys.c.spent_micros - api_keys.c.reserved_micros
-                            >= amount_micros
-                        ),
-                    )
-                    .values(reserved_micros=api_keys.c.reserved_micros + amount_micros)
-                )
-                if capped.rowcount != 1:
-                    left = await _cap_left(conn, key_id)
-                    # Raising rolls the balance hold back too.
-                    raise SpendingCapReached(
-                        f"the API key's spending cap leaves {format_credits(left)} credits, "
-                        f"this call needs up to {format_credits(amount_micros)}",
-                        available_micros=left,
-                        needed_micros=amount_micros,
-                    )
-            window_ids = await self._hold_windows(conn, windows, amount_micros)
-            await conn.execute(
-                reservations.insert().values(
-                    id=reservation.id,
-                    owner_id=owner_id,
-                    key_id=key_id,
-                    amount_micros=amount_micros,
-                    request_id=request_id,
-                    created_at=reservation.created_at,
-                    expires_at=self._lease_end(),
-                    spend_window_ids=" ".join(window_ids) or None,
-                )
-            )
+        await self._db.write_with(lambda conn: self._reserve_in(conn, reservation, windows))
         # No await from here to the caller: a reservation held is always returned.
         self.hold(reservation_id)
         return reservation
 
-    async def _hold_windows(
-        self, conn: AsyncConnection, windows: Sequence[CreditWindow], amount_micros: int
-    ) -> list[str]:
+    async def _reserve_in(self, conn: Executor, reservation: Reservation, windows: Sequence[CreditWindow]) -> None:
+        """The reservation's holds and row, inside `conn`'s write transaction (a refusal
+        raises, which rolls them all back)."""
+        owner_id, key_id, amount_micros = reservation.owner_id, reservation.key_id, reservation.amount_micros
+        held = await conn.execute(
+            update(balances)
+            .where(
+                balances.c.owner_id == owner_id,
+                balances.c.balance_micros - balances.c.reserved_micros >= amount_micros,
+            )
+            .values(reserved_micros=balances.c.reserved_micros + amount_micros, updated_at=reservation.created_at)
+        )
+        if held.rowcount != 1:
+            available = await _available(conn, owner_id)
+            raise InsufficientCredits(
+                f"insufficient credits: {format_credits(available)} available to {owner_id}, "
+                f"this call needs up to {format_credits(amount_micros)}",
+                available_micros=available,
+                needed_micros=amount_micros,
+            )
+        if key_id is not None:
+            capped = await conn.execute(
+                update(api_keys)
+                .where(
+                    api_keys.c.id == key_id,
+                    api_keys.c.spend_cap_micros.is_(None)
+                    | (
+                        api_keys.c.spend_cap_micros - api_keys.c.spent_micros - api_keys.c.reserved_micros
+                        >= amount_micros
+                    ),
+                )
+                .values(reserved_micros=api_keys.c.reserved_micros + amount_micros)
+            )
+            if capped.rowcount != 1:
+                left = await _cap_left(conn, key_id)
+                # Raising rolls the balance hold back too.
+                raise SpendingCapReached(
+                    f"the API key's spending cap leaves {format_credits(left)} credits, "
+                    f"this call needs up to {format_credits(amount_micros)}",
+                    available_micros=left,
+                    needed_micros=amount_micros,
+                )
+        window_ids = await self._hold_windows(conn, windows, amount_micros)
+        await conn.execute(
+            reservations.insert().values(
+                id=reservation.id,
+                owner_id=owner_id,
+                key_id=key_id,
+                amount_micros=amount_micros,
+                request_id=reservation.request_id,
+                created_at=reservation.created_at,
+                expires_at=self._lease_end(),
+                spend_window_ids=" ".join(window_ids) or None,
+            )
+        )
+
+    async def _hold_windows(self, conn: Executor, windows: Sequence[CreditWindow], amount_micros: int) -> list[str]:
         """Adds `amount_micros` to each window's reserved credits unless that would take
         it past its limit (then RATE_LIMITED, and the caller's transaction rolls back);
         returns the window rows held, in id (lock) order. One UPDATE per window once
@@ -446,8 +449,8 @@ class CreditService:
         Idempotent: a reservation already settled or released charges nothing."""
         if reservation.id is None:
             return 0
-        async with self._db.write() as conn:
-            charged = await settle_in(conn, {reservation.id: actual_micros})
+        settled = {reservation.id: actual_micros}
+        charged = await self._db.write_with(lambda conn: settle_in(conn, settled))
         self.forget(reservation.id)
         return charged.get(reservation.id, 0)
 
@@ -646,7 +649,7 @@ def _held(reservation_id: str, row: Any) -> HeldReservation:
     return HeldReservation(reservation_id, row.owner_id, row.key_id, row.amount_micros, windows)
 
 
-async def _add_to_window(conn: AsyncConnection, row_id: str, limit_micros: int, amount_micros: int) -> bool:
+async def _add_to_window(conn: Executor, row_id: str, limit_micros: int, amount_micros: int) -> bool:
     """Holds `amount_micros` of the window if it still fits under the limit (the WHERE
     clause is re-checked on the newest row version after a concurrent writer)."""
     column = spend_windows.c
@@ -734,7 +737,7 @@ async def apply_settlements(conn: Executor, settlements: Sequence[tuple[HeldRese
         )
 
 
-async def settle_in(conn: AsyncConnection, actual_by_reservation: dict[str, int]) -> dict[str, int]:
+async def settle_in(conn: Executor, actual_by_reservation: dict[str, int]) -> dict[str, int]:
     """Settles reservations inside `conn`'s transaction; returns what each was charged."""
     taken = await take_reservations(conn, actual_by_reservation)
     charges = {rid: charge_for(held, actual_by_reservation[rid]) for rid, held in taken.items()}
@@ -755,7 +758,7 @@ def charge_for(held: HeldReservation, actual_micros: int) -> int:
     return min(actual, held.amount_micros)
 
 
-async def _available(conn: AsyncConnection, owner_id: str) -> int:
+async def _available(conn: Executor, owner_id: str) -> int:
     row = (
         await conn.execute(
             select(balances.c.balance_micros, balances.c.reserved_micros).where(balances.c.owner_id == owner_id)
@@ -764,7 +767,7 @@ async def _available(conn: AsyncConnection, owner_id: str) -> int:
     return 0 if row is None else int(row.balance_micros - row.reserved_micros)
 
 
-async def _cap_left(conn: AsyncConnection, key_id: str) -> int:
+async def _cap_left(conn: Executor, key_id: str) -> int:
     row = (
         await conn.execute(
             select(api_keys.c.spend_cap_micros, api_keys.c.spent_micros, api_keys.c.reserved_micros).where(

@@ -46,11 +46,11 @@ from fnmatch import fnmatchcase
 from typing import Literal
 
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.errors import RateLimited
 from server.limits.rules import LimitRule
 from server.storage.database import Database
+from server.storage.inline import Executor
 from server.storage.schema import spend_windows, usage_records
 
 WindowKind = Literal["daily_credits", "monthly_credits"]
@@ -119,9 +119,7 @@ def windows_of(
     return windows
 
 
-async def spend_of(
-    conn: AsyncConnection, windows: Sequence[CreditWindow], now: datetime
-) -> dict[CreditWindow, WindowSpend]:
+async def spend_of(conn: Executor, windows: Sequence[CreditWindow], now: datetime) -> dict[CreditWindow, WindowSpend]:
     """The current period's spend of each window (before its first counted call: what
     the ledger charged in the period so far)."""
     ids = {window.row_id(period_of(window.kind, now)): window for window in windows}
@@ -141,7 +139,7 @@ async def spend_of(
     return found
 
 
-async def ledger_spend(conn: AsyncConnection, window: CreditWindow, period: Period) -> int:
+async def ledger_spend(conn: Executor, window: CreditWindow, period: Period) -> int:
     """What the ledger charged the window's key or owner in `period`, for models its
     glob matches (one grouped query on the (subject, created_at) index)."""
     subject = usage_records.c.key_id if window.scope == "key" else usage_records.c.owner_id

@@ -53,7 +53,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -70,6 +70,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.sql.dml import Insert
 
 from server.errors import StorageUnavailable
+from server.storage.inline import Executor, InlineConnection, run_inline
 from server.storage.settings import SqliteSynchronous, StorageSettings
 
 Backend = Literal["sqlite", "postgresql"]
@@ -364,6 +365,15 @@ class Database:
             conn = conn.execution_options(**{_BEGIN_MODE: "IMMEDIATE"})
             with conn.begin():
                 return work(conn)
+
+    async def write_with(self, work: Callable[[Executor], Coroutine[Any, Any, T]]) -> T:
+        """Runs `work` (transaction code written once, over `Executor`) in one write
+        transaction: on SQLite whole in the writer thread (`write_in_thread`: one
+        hand-off, where aiosqlite makes every statement one), on PostgreSQL in `write()`."""
+        if self.backend == "sqlite":
+            return await self.write_in_thread(lambda conn: run_inline(work(InlineConnection(conn))))
+        async with self.write() as conn:
+            return await work(conn)
 
     async def write_alone_in_thread(self, work: Callable[[sqlite3.Cursor], T]) -> T:
         """Runs `work` in the writer thread on a cursor in autocommit mode, for a write
