@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -145,6 +146,22 @@ async def test_sqlite_synchronous_normal_is_set_on_every_connection(
         # The ledger's writer thread has its own connection: the same setting.
         seen = await db.write_in_thread(lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar())
         assert seen == 1
+    finally:
+        await db.close()
+
+
+async def test_an_unsynced_write_runs_under_normal_and_the_writer_goes_back_to_full(tmp_path: Path) -> None:
+    """A credit reservation's commit waits for the OS, not the disk (Database.write_with);
+    every other write on the same writer connection stays synced."""
+    db = await Database.open(f"sqlite:///{tmp_path / 'hub.db'}")
+    try:
+
+        async def synchronous(conn: Any) -> int:
+            return int((await conn.execute(text("PRAGMA synchronous"))).scalar())
+
+        assert await db.write_with(synchronous, synced=False) == 1  # NORMAL, for this transaction
+        assert await db.write_with(synchronous) == 2  # FULL again, on the same connection
+        assert await db.write_in_thread(lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar()) == 2
     finally:
         await db.close()
 

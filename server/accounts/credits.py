@@ -353,7 +353,8 @@ class CreditService:
             return Reservation(None, owner_id, key_id, 0, request_id)
         reservation_id = uuid.uuid4().hex
         reservation = Reservation(reservation_id, owner_id, key_id, amount_micros, request_id)
-        await self._db.write_with(lambda conn: self._reserve_in(conn, reservation, windows))
+        # Unsynced: the call's ledger record, which settles it, is synced (see write_with).
+        await self._db.write_with(lambda conn: self._reserve_in(conn, reservation, windows), synced=False)
         # No await from here to the caller: a reservation held is always returned.
         self.hold(reservation_id)
         return reservation

@@ -50,6 +50,7 @@ violations and SQL errors (bugs) pass through as they are.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import time
@@ -250,6 +251,7 @@ class Database:
         self._outage_logged_at = -OUTAGE_LOG_INTERVAL_S
         self._outages_unlogged = 0
         self._write_lock = asyncio.Lock() if self.backend == "sqlite" else None
+        self._synchronous = sqlite_synchronous
         # SQLite's hot write (the ledger's group commit) runs whole in one thread on a
         # plain sqlite3 connection: through aiosqlite every statement is a thread hop,
         # about 18 per record and 2 ms of CPU; here a transaction is one hop.
@@ -347,31 +349,57 @@ class Database:
         async with self._transaction(isolation_level="AUTOCOMMIT") as conn:
             yield conn
 
-    async def write_in_thread(self, work: Callable[[Connection], T]) -> T:
+    async def write_in_thread(self, work: Callable[[Connection], T], *, synced: bool = True) -> T:
         """Runs `work` in one SQLite write transaction (BEGIN IMMEDIATE) in the writer
-        thread; only for SQLite, serialised with `write()`."""
+        thread; only for SQLite, serialised with `write()`. `synced=False`: see
+        `write_with`."""
         if self._sync_engine is None or self._writer is None or self._write_lock is None:
             raise RuntimeError("write_in_thread is for SQLite only")
+        run = functools.partial(self._run_write, work, synced)
         async with self._write_lock_held():
             try:
-                return await asyncio.get_running_loop().run_in_executor(self._writer, self._run_write, work)
+                return await asyncio.get_running_loop().run_in_executor(self._writer, run)
             except Exception as exc:
                 self._raise_if_outage(exc)
                 raise
 
-    def _run_write(self, work: Callable[[Connection], T]) -> T:
+    def _run_write(self, work: Callable[[Connection], T], synced: bool = True) -> T:
         assert self._sync_engine is not None
         with self._sync_engine.connect() as conn:
-            conn = conn.execution_options(**{_BEGIN_MODE: "IMMEDIATE"})
-            with conn.begin():
-                return work(conn)
+            lazy = not synced and self._synchronous == "full"
+            driver = conn.connection.driver_connection
+            if lazy:
+                driver.execute("PRAGMA synchronous=NORMAL")  # type: ignore[union-attr]
+            try:
+                conn = conn.execution_options(**{_BEGIN_MODE: "IMMEDIATE"})
+                with conn.begin():
+                    return work(conn)
+            finally:
+                if lazy:
+                    self._restore_synced(conn, driver)
 
-    async def write_with(self, work: Callable[[Executor], Coroutine[Any, Any, T]]) -> T:
+    def _restore_synced(self, conn: Connection, driver: Any) -> None:
+        """Back to FULL after a `synced=False` transaction; a connection that cannot be
+        set back is dropped, never reused unsynced."""
+        try:
+            driver.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error:
+            conn.invalidate()
+
+    async def write_with(self, work: Callable[[Executor], Coroutine[Any, Any, T]], *, synced: bool = True) -> T:
         """Runs `work` (transaction code written once, over `Executor`) in one write
         transaction: on SQLite whole in the writer thread (`write_in_thread`: one
-        hand-off, where aiosqlite makes every statement one), on PostgreSQL in `write()`."""
+        hand-off, where aiosqlite makes every statement one), on PostgreSQL in `write()`.
+
+        `synced=False` (SQLite with `synchronous=FULL`): the commit waits for the OS,
+        not the disk (`synchronous=NORMAL` for this transaction only). For a write whose
+        loss in a power cut is harmless until a later synced commit, as a credit
+        reservation's: the WAL is one file written in order, so the fsync of any later
+        commit (the call's ledger record, which settles the reservation) makes this one
+        durable too; a power cut before that loses the hold together with the call it
+        was for, which never got its answer. `kill -9` loses nothing either way."""
         if self.backend == "sqlite":
-            return await self.write_in_thread(lambda conn: run_inline(work(InlineConnection(conn))))
+            return await self.write_in_thread(lambda conn: run_inline(work(InlineConnection(conn))), synced=synced)
         async with self.write() as conn:
             return await work(conn)
 
