@@ -20,6 +20,11 @@ batches on different replicas cannot deadlock.
 
 Each reservation is a row: settling deletes it (so a settlement is idempotent).
 
+Cost per call: on SQLite a reservation's and a settlement's transaction run whole in
+the writer thread (`Database.write_with`), with their statements built once; a
+reservation's commit waits for the OS, not the disk (`synced=False`: the call's ledger
+record, which settles it, is synced and makes it durable too).
+
 Reservations are leases. A reservation expires `reservation_lease_s` (default 120 s)
 after it is made, and the process that made it renews the lease of every reservation
 it still holds (`hold` / `forget`, an in-memory set) every lease/3, in one UPDATE per
