@@ -1,8 +1,10 @@
 """`python -m tests.bench [--quick] [--duration S] [--connections 1,16,64] [--workers N]
-[--only fake,1w,Nw,litellm]`: one table for the fake upstream called directly, the
-gateway (`aigne-hub serve`) with 1 and N workers (a trivial RPC through Envoy, chat, a
-20-chunk SSE stream), and LiteLLM when the side-by-side kit (../shared/bench) is set up;
-under it, each one's time to a stream's first event at one connection (first_chunk.py)."""
+[--only fake,1w,Nw,billing,litellm]`: one table for the fake upstream called directly,
+the gateway (`aigne-hub serve`) with 1 and N workers (a trivial RPC through Envoy, chat, a
+20-chunk SSE stream), chat with one worker and billing on (rates, a balance: each call
+reserves and settles credits), and LiteLLM when the side-by-side kit (../shared/bench) is
+set up; under it, each one's time to a stream's first event at one connection
+(first_chunk.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from tests.bench.measure import Phase, Target, fake_targets, gateway_targets, li
 DEFAULT_SECONDS, QUICK_SECONDS = 8.0, 1.0
 DEFAULT_WARMUP, QUICK_WARMUP = 2.0, 1.0
 # The fake always runs: it is every other row's baseline.
-GROUPS = ("fake", "1w", "Nw", "litellm")
+GROUPS = ("fake", "1w", "Nw", "billing", "litellm")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,6 +121,14 @@ async def run_all(args: argparse.Namespace, wrk_path: str, work_dir: Path) -> li
                     MEMORY.append(f"  {gateway.name}: " + ", ".join(procstat.describe(gateway.pids())))
                     chat_url = f"{gateway.url}/v1/chat/completions"
                     FIRST.append(await first_chunk(gateway.name, chat_url, "paced/gpt-4o-mini", key, streams))
+        if "billing" in args.only:
+            # After the billing-off groups: its rates and balance go into the shared data dir.
+            async with stack.gateway(work_dir, fake.url, key, 1, billing=True) as gateway:
+                targets = gateway_targets(
+                    gateway.name, gateway.url, key, gateway.pids, status=False, label="1w billing on"
+                )
+                phases += await run_targets([t for t in targets if t.key.endswith("-chat")], args, wrk_path, work_dir)
+                MEMORY.append(f"  {gateway.name}: " + ", ".join(procstat.describe(gateway.pids())))
         if "litellm" in args.only:
             if stack.litellm_installed():
                 async with stack.litellm(fake.port) as lite:

@@ -68,7 +68,9 @@ def fake_targets(fake_url: str, fake_pid: int | None) -> list[Target]:
     ]
 
 
-def gateway_targets(name: str, url: str, key: str, pids: Callable[[], list[int]], *, status: bool) -> list[Target]:
+def gateway_targets(
+    name: str, url: str, key: str, pids: Callable[[], list[int]], *, status: bool, label: str | None = None
+) -> list[Target]:
     chat_url = f"{url}/v1/chat/completions"
     found = []
     if status:
@@ -83,7 +85,7 @@ def gateway_targets(name: str, url: str, key: str, pids: Callable[[], list[int]]
     found += [
         Target(
             f"{name}-chat",
-            f"{name}: chat",
+            f"{label or name}: chat",
             wrk.Request(chat_url, FAKE_CONTENT, "POST", chat_body("json/gpt-4o-mini"), key),
             pids,
             "fake",
@@ -91,7 +93,7 @@ def gateway_targets(name: str, url: str, key: str, pids: Callable[[], list[int]]
         # [DONE] comes last: seeing it proves the whole stream crossed the gateway.
         Target(
             f"{name}-sse",
-            f"{name}: SSE 20 chunks",
+            f"{label or name}: SSE 20 chunks",
             wrk.Request(chat_url, DONE, "POST", chat_body("sse/gpt-4o-mini", True), key),
             pids,
             "fake-sse",

@@ -53,7 +53,13 @@ def ratios(phases: Sequence[Phase], workers: int, connections: Sequence[int]) ->
                 parts.append(f"{kind} {workers}w/litellm {many.result.rps / lite.result.rps:.1f}x")
             if lite and one and one.cpu_ms_per_request:
                 parts.append(f"{kind} CPU/req litellm/1w {lite.cpu_ms_per_request / one.cpu_ms_per_request:.1f}x")
-        status, chat = by_key.get(("1w-status", n)), by_key.get(("1w-chat", n))
+        billed, chat = by_key.get(("1w-billing-chat", n)), by_key.get(("1w-chat", n))
+        if billed and chat and chat.result.rps and chat.cpu_ms_per_request:
+            parts.append(
+                f"chat billing on/off (1w) CPU/req {billed.cpu_ms_per_request / chat.cpu_ms_per_request:.2f}x, "
+                f"req/s {billed.result.rps / chat.result.rps:.2f}x"
+            )
+        status = by_key.get(("1w-status", n))
         if status and chat and status.result.rps:
             parts.append(f"chat/trivial RPC (1w) {chat.result.rps / status.result.rps:.2f}")
         if parts:

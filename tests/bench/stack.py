@@ -97,11 +97,42 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return f"(no log at {path})"
 
 
-def _gateway_env(work_dir: Path) -> dict[str, str]:
+def _gateway_env(work_dir: Path, billing: bool = False) -> dict[str, str]:
     env = {**os.environ, "AIGNE_HUB_DATA_DIR": str(work_dir / "data"), "AIGNE_HUB_METRICS_ENABLED": "false"}
-    for name in ("AIGNE_HUB_CONFIG", "AIGNE_HUB_WORKERS", "AIGNE_HUB_DATABASE_URL", "AIGNE_HUB_REDIS_URL"):
+    for name in (
+        "AIGNE_HUB_CONFIG",
+        "AIGNE_HUB_WORKERS",
+        "AIGNE_HUB_DATABASE_URL",
+        "AIGNE_HUB_REDIS_URL",
+        "AIGNE_HUB_BILLING_ENABLED",
+    ):
         env.pop(name, None)
+    if billing:
+        env["AIGNE_HUB_BILLING_ENABLED"] = "true"
     return env
+
+
+# Billing on: rates for the fake's models (credits per million tokens) and a balance
+# no run can spend, set with the CLI before the gateway starts.
+BILLING_SETUP = (
+    ("credits", "rate", "json/*", "--input", "2.5", "--output", "10"),
+    ("credits", "rate", "sse/*", "--input", "2.5", "--output", "10"),
+    ("credits", "grant", "project:bench", "1000000000"),
+)
+
+
+async def _cli(work_dir: Path, *args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "server.cli", *args),
+        cwd=REPO,
+        env=_gateway_env(work_dir),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"aigne-hub {' '.join(args)} failed: {stderr.decode()}")
 
 
 async def create_key(work_dir: Path) -> str:
@@ -123,20 +154,26 @@ async def create_key(work_dir: Path) -> str:
 
 @contextlib.asynccontextmanager
 async def gateway(
-    work_dir: Path, fake_url: str, api_key: str, workers: int, paced_url: str | None = None
+    work_dir: Path, fake_url: str, api_key: str, workers: int, paced_url: str | None = None, *, billing: bool = False
 ) -> AsyncIterator[Gateway]:
-    """`aigne-hub serve --workers W`, ready; stopped with SIGTERM on exit."""
+    """`aigne-hub serve --workers W`, ready; stopped with SIGTERM on exit. `billing`:
+    with AIGNE_HUB_BILLING_ENABLED=true, after BILLING_SETUP (rates and a balance in
+    the shared data dir, which billing-off gateways ignore)."""
     config_path = work_dir / "gateway.yaml"
     config_path.write_text(gateway_config(fake_url, paced_url))
+    if billing:
+        for args in BILLING_SETUP:
+            await _cli(work_dir, *args)
     rest_port, admin_port = free_port(), free_port()
-    out = work_dir / f"serve-{workers}w.out"
+    name = f"{workers}w" + ("-billing" if billing else "")
+    out = work_dir / f"serve-{name}.out"
     with out.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             *("-m", "server.cli", "serve", f"--workers={workers}", f"--config={config_path}"),
             *(f"--rest-port={rest_port}", f"--grpc-port={free_port()}", f"--admin-port={admin_port}"),
             cwd=REPO,
-            env=_gateway_env(work_dir),
+            env=_gateway_env(work_dir, billing),
             stdout=log,
             stderr=log,
             stdin=asyncio.subprocess.DEVNULL,
@@ -146,7 +183,7 @@ async def gateway(
     try:
         await _wait_for(lambda: b"aigne-hub ready" in out.read_bytes(), process, out, 120)
         yield Gateway(
-            f"{workers}w",
+            name,
             f"http://127.0.0.1:{rest_port}",
             api_key,
             process.pid,
