@@ -60,7 +60,7 @@ from server.accounts.credits import (
 )
 from server.errors import StorageUnavailable
 from server.storage.database import Database
-from server.storage.inline import Executor, InlineConnection, insert_alone, run_inline
+from server.storage.inline import Executor, InlineConnection, insert_alone
 from server.storage.schema import usage_records, utcnow
 
 if TYPE_CHECKING:
@@ -301,20 +301,15 @@ class Ledger:
 
     async def _write(self, batch: Sequence[_Pending]) -> list[Recorded]:
         settles_nothing = all(p.reservation is None for p in batch)
-        if self._db.backend == "sqlite":
-            if settles_nothing and len(batch) <= _SQLITE_ROWS_PER_STATEMENT:
-                results = await self._write_alone(batch)
-            else:
-                results = await self._db.write_in_thread(
-                    lambda conn: run_inline(self._write_in(InlineConnection(conn), batch))
-                )
-        elif len(batch) <= _ROWS_PER_INSERT and settles_nothing:
+        sqlite = self._db.backend == "sqlite"
+        if sqlite and settles_nothing and len(batch) <= _SQLITE_ROWS_PER_STATEMENT:
+            results = await self._write_alone(batch)
+        elif not sqlite and settles_nothing and len(batch) <= _ROWS_PER_INSERT:
             # Nothing to settle: the batch is one INSERT, committed on its own.
             async with self._db.write_one_statement() as conn:
                 results = await self._write_in(conn, batch)
         else:
-            async with self._db.write() as conn:
-                results = await self._write_in(conn, batch)
+            results = await self._db.write_with(lambda conn: self._write_in(conn, batch))
         self.commits += 1
         return results
 
