@@ -121,7 +121,8 @@ BILLING_SETUP = (
 )
 
 
-async def _cli(work_dir: Path, *args: str) -> None:
+async def _cli(work_dir: Path, *args: str) -> bytes:
+    """`aigne-hub ARGS` in the bench's own data dir; its standard output."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         *("-m", "server.cli", *args),
@@ -130,24 +131,15 @@ async def _cli(work_dir: Path, *args: str) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, stderr = await process.communicate()
+    stdout, stderr = await process.communicate()
     if process.returncode != 0:
         raise RuntimeError(f"aigne-hub {' '.join(args)} failed: {stderr.decode()}")
+    return stdout
 
 
 async def create_key(work_dir: Path) -> str:
     """A key made with `aigne-hub keys create`, in the bench's own data dir."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "server.cli", "keys", "create", "--owner", "project:bench", "--name", "bench", "--json"),
-        cwd=REPO,
-        env=_gateway_env(work_dir),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await process.communicate()
-    if process.returncode != 0:
-        raise RuntimeError(f"aigne-hub keys create failed: {stderr.decode()}")
+    stdout = await _cli(work_dir, "keys", "create", "--owner", "project:bench", "--name", "bench", "--json")
     secret: str = json.loads(stdout)["secret"]
     return secret
 
