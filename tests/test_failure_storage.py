@@ -41,6 +41,7 @@ from server.config import Settings
 from server.errors import StorageUnavailable
 from server.storage import Database
 from server.storage.database import create_engine
+from server.storage.inline import Executor
 from server.storage.migrate import _PG_LOCK_KEY, upgrade_engine
 from server.storage.schema import owners, utcnow
 from tests.conftest import Bridge, gateway_config, start_bridge
@@ -296,7 +297,7 @@ async def test_a_locked_sqlite_database_is_unavailable_after_the_busy_timeout(tm
     other_process = sqlite3.connect(path, isolation_level=None)
     try:
         other_process.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-        for attempt in (_write_async, _write_in_thread, _write_alone_in_thread):
+        for attempt in (_write_async, _write_in_thread, _write_alone_in_thread, _write_grouped):
             started = time.monotonic()
             with pytest.raises(StorageUnavailable) as caught:
                 await attempt(database)
@@ -344,6 +345,13 @@ async def _write_async(database: Database) -> None:
 
 async def _write_in_thread(database: Database) -> None:
     await database.write_in_thread(lambda conn: conn.execute(_new_owner()))
+
+
+async def _write_grouped(database: Database) -> None:
+    async def work(conn: Executor) -> None:
+        await conn.execute(_new_owner())
+
+    await database.write_grouped(work)
 
 
 async def _write_alone_in_thread(database: Database) -> None:
