@@ -189,9 +189,9 @@ async def test_a_statement_sqlalchemy_must_expand_cannot_be_prebuilt(tmp_path: P
     database = await Database.open(f"sqlite:///{tmp_path / 'hub.db'}")
     try:
         expanding = prebuilt(
-            update(balances).where(balances.c.owner_id.in_(bindparam("b_owners", expanding=True))).values(
-                reserved_micros=0
-            )
+            update(balances)
+            .where(balances.c.owner_id.in_(bindparam("b_owners", expanding=True)))
+            .values(reserved_micros=0)
         )
         with pytest.raises(ValueError, match="cannot prebuild"):
             await database.write_with(lambda conn: conn.execute(expanding, {"b_owners": ["a", "b"]}))
