@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ from server.accounts.credits import (
 )
 from server.errors import StorageUnavailable
 from server.storage.database import Database
-from server.storage.inline import Executor, InlineConnection, insert_alone
+from server.storage.inline import ROWS_PER_STATEMENT, Executor, InlineConnection, insert_alone
 from server.storage.schema import usage_records, utcnow
 
 if TYPE_CHECKING:
@@ -72,9 +71,8 @@ Outcome = Literal["ok", "error", "cancelled", "interrupted"]
 GroupBy = Literal["key", "owner", "provider", "model", "day"]
 # Rows per multi-row INSERT: 21 columns each stays under both backends' bind limits.
 _ROWS_PER_INSERT = 1000
-# Rows in SQLite's one-statement group commit: 21 binds each, within SQLite's limit
-# (999 binds before 3.32, 32766 since).
-_SQLITE_ROWS_PER_STATEMENT = 1000 if sqlite3.sqlite_version_info >= (3, 32) else 999 // 21
+# Rows in SQLite's one-statement group commit (server.storage.inline).
+_SQLITE_ROWS_PER_STATEMENT = ROWS_PER_STATEMENT
 _COUNTERS = (
     "input_tokens",
     "output_tokens",

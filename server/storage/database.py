@@ -260,15 +260,17 @@ class Database:
         self._writer: ThreadPoolExecutor | None = None
         if self.backend == "sqlite":
             self._sync_engine = sa_create_engine(
-                # Two: `write_alone_in_thread` holds one between writes.
+                # The writer thread holds two between writes (`_alone`, `_held`).
                 engine.url.set(drivername="sqlite+pysqlite"),
                 pool_size=2,
                 hide_parameters=True,
             )
             _install_sqlite_pragmas(self._sync_engine, self.timeouts.sqlite_busy_ms, sqlite_synchronous)
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
-        # The writer thread's connection for `write_alone_in_thread`, held between writes.
+        # The writer thread's connections, held between writes: for `write_alone_in_thread`
+        # (a raw one) and for the transactions (`_writer_connection`).
         self._alone: PoolProxiedConnection | None = None
+        self._held: Connection | None = None
         # `write_grouped`'s waiting writes, and the task writing them.
         self._grouped: list[_Grouped] = []
         self._grouping: asyncio.Task[None] | None = None
@@ -368,19 +370,40 @@ class Database:
                 raise
 
     def _run_write(self, work: Callable[[Connection], T], synced: bool = True) -> T:
-        assert self._sync_engine is not None
-        with self._sync_engine.connect() as conn:
-            lazy = not synced and self._synchronous == "full"
-            driver = conn.connection.driver_connection
+        conn = self._writer_connection()
+        lazy = not synced and self._synchronous == "full"
+        driver = conn.connection.driver_connection
+        try:
             if lazy:
                 driver.execute("PRAGMA synchronous=NORMAL")  # type: ignore[union-attr]
             try:
-                conn = conn.execution_options(**{_BEGIN_MODE: "IMMEDIATE"})
                 with conn.begin():
                     return work(conn)
             finally:
                 if lazy:
                     self._restore_synced(conn, driver)
+        except (sqlite3.Error, sa_exc.DBAPIError):
+            # The connection may be unusable (an I/O error): the next write opens another.
+            self._release_held()
+            raise
+
+    def _writer_connection(self) -> Connection:
+        """The writer thread's SQLAlchemy connection, kept between transactions: a
+        pool checkout and return (with its reset) per transaction cost more than a
+        small transaction's statements."""
+        assert self._sync_engine is not None
+        if self._held is not None and (self._held.invalidated or self._held.closed):
+            self._release_held()  # set back to FULL failed (`_restore_synced`)
+        if self._held is None:
+            self._held = self._sync_engine.connect().execution_options(**{_BEGIN_MODE: "IMMEDIATE"})
+        return self._held
+
+    def _release_held(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            with contextlib.suppress(Exception):
+                held.invalidate()
+            held.close()
 
     def _restore_synced(self, conn: Connection, driver: Any) -> None:
         """Back to FULL after a `synced=False` transaction; a connection that cannot be
@@ -505,6 +528,9 @@ class Database:
         if self._alone is not None:
             self._alone.close()
             self._alone = None
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def _run_alone(self, work: Callable[[sqlite3.Cursor], T]) -> T:
         assert self._sync_engine is not None
@@ -586,7 +612,7 @@ class Database:
                 await self._grouping
         await self.engine.dispose()
         if self._writer is not None:
-            if self._alone is not None:
+            if self._alone is not None or self._held is not None:
                 # Returned to the pool in its own thread (sqlite3 checks the thread).
                 await asyncio.get_running_loop().run_in_executor(self._writer, self._release_alone)
             self._writer.shutdown(wait=True)

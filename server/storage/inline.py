@@ -33,11 +33,14 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.sql.compiler import Compiled
 from sqlalchemy.sql.dml import UpdateBase
 
 T = TypeVar("T")
 S = TypeVar("S", bound=UpdateBase)
+
+# Rows per multi-row INSERT: SQLite before 3.32 allows 999 parameters per statement,
+# later ones 32766 (the ledger's rows have 21 columns).
+ROWS_PER_STATEMENT = 1000 if sqlite3.sqlite_version_info >= (3, 32) else 999 // 21
 
 
 class Executor(Protocol):
@@ -68,19 +71,14 @@ class InlineConnection:
 
     def insert_new(self, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> set[Any]:
         """Inserts `rows` (each with the same columns) into `table` on SQLite,
-        skipping those whose `key` is taken; returns the keys of the rows inserted."""
-        if not rows:
-            return set()
-        columns = tuple(rows[0])
-        plan = _insert_plan(table, key, columns, self._conn.dialect)
-        sql = plan.sql(1)
+        skipping those whose `key` is taken; returns the keys of the rows inserted.
+        One statement per `ROWS_PER_STATEMENT` rows (`insert_alone`), in the transaction."""
         cursor = self._conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         inserted: set[Any] = set()
         try:
-            for row in rows:
-                cursor.execute(sql, [bind(row[name]) for name, bind in zip(columns, plan.binds, strict=True)])
-                if cursor.rowcount == 1:
-                    inserted.add(row[key])
+            for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                chunk = rows[start : start + ROWS_PER_STATEMENT]
+                inserted |= insert_alone(cursor, self._conn.dialect, table, key, chunk)
         finally:
             cursor.close()
         return inserted
@@ -142,16 +140,18 @@ class _RawPlan:
     """A prebuilt statement compiled for one dialect and one set of parameter names."""
 
     sql: str
-    compiled: Compiled
     order: tuple[str, ...]  # parameter names by position (a name may come twice)
     binds: tuple[Callable[[Any], Any], ...]  # by position
+    fixed: dict[str, Any]  # the values the statement itself gives (`.values(x=1)`)
     row: Any  # a namedtuple type for RETURNING rows, or None
     results: tuple[Callable[[Any], Any], ...]  # by RETURNING column
 
     def values(self, parameters: dict[str, Any]) -> list[Any]:
-        given = self.compiled.construct_params(parameters)
-        assert given is not None
-        return [bind(given[name]) for name, bind in zip(self.order, self.binds, strict=True)]
+        given = {**self.fixed, **parameters} if self.fixed else parameters
+        try:
+            return [bind(given[name]) for name, bind in zip(self.order, self.binds, strict=True)]
+        except KeyError as missing:
+            raise ValueError(f"no value for the parameter {missing} of {self.sql!r}") from None
 
     def run(self, cursor: sqlite3.Cursor, values: list[Any]) -> RawResult:
         cursor.execute(self.sql, values)
@@ -180,12 +180,13 @@ class _Prebuilt:
         if len(order) != compiled.string.count("?") or any(b.expanding for b in compiled.binds.values()):
             raise ValueError(f"cannot prebuild {compiled.string!r}: it needs SQLAlchemy's own execution")
         binds = tuple(_processor(compiled.binds[name].type, dialect) for name in order)
+        fixed = {name: compiled.binds[name].effective_value for name in order if not compiled.binds[name].required}
         columns = list(self.statement.exported_columns)
         row = collections.namedtuple("Row", [column.name for column in columns]) if columns else None
         results = tuple(
             column.type.dialect_impl(dialect).result_processor(dialect, None) or _unchanged for column in columns
         )
-        return _RawPlan(compiled.string, compiled, order, binds, row, results)
+        return _RawPlan(compiled.string, order, binds, fixed, row, results)
 
 
 _PREBUILT: dict[int, _Prebuilt] = {}
