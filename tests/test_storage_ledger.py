@@ -187,6 +187,41 @@ async def test_totals_match_the_records_to_the_unit(db: Database) -> None:  # no
     assert [r.request_id for r in listed] == [r.request_id for r in sorted(window, key=lambda r: r.created_at)]
 
 
+async def test_a_settling_batch_partly_recorded_before_charges_only_the_new_records(
+    db: Database,  # noqa: F811
+) -> None:
+    """The same with reservations to settle (the batch's transaction path; on SQLite its
+    records are one INSERT there too): a record already stored releases its hold and
+    charges nothing, each new one charges its cost."""
+    owner = (await ensure_owner(db, "project", "partly")).id
+    credits = CreditService(db, billing_enabled=True)
+    ledger = Ledger(db, credits=credits)
+    await credits.grant(owner, 100_000_000)
+    for request_id in ("old-b", "old-d"):
+        assert (await ledger.record(_usage(request_id, owner_id=owner, cost_micros=1))).inserted
+    ids = ["new-a", "old-b", "new-c", "old-d", "new-e", "new-c"]
+    holds = [await credits.reserve(owner, 5_000_000, request_id=r) for r in ids]
+    commits = ledger.commits
+    results = await asyncio.gather(
+        *(
+            ledger.record(_usage(r, owner_id=owner, cost_micros=1_000_000), reservation=hold)
+            for r, hold in zip(ids, holds, strict=True)
+        )
+    )
+    assert ledger.commits == commits + 1  # one group commit
+    assert [(r.inserted, r.credits_micros) for r in results] == [
+        (True, 1_000_000),
+        (False, 0),
+        (True, 1_000_000),
+        (False, 0),
+        (True, 1_000_000),
+        (False, 0),
+    ]
+    balance = await credits.balance(owner)
+    assert (balance.balance_micros, balance.reserved_micros) == (100_000_000 - 3_000_000, 0)
+    assert await _count(db) == 5
+
+
 async def test_record_settles_its_reservation_in_the_same_transaction(db: Database) -> None:  # noqa: F811
     owner = (await ensure_owner(db, "project", "billing")).id
     key, _ = await KeyStore(db).create_key(owner, "k", spend_cap_micros=100_000_000)
