@@ -197,3 +197,37 @@ async def test_a_statement_sqlalchemy_must_expand_cannot_be_prebuilt(tmp_path: P
             await database.write_with(lambda conn: conn.execute(expanding, {"b_owners": ["a", "b"]}))
     finally:
         await database.close()
+
+
+@pytest.mark.parametrize("through", ["sqlalchemy", "prebuilt"])
+async def test_a_writer_transaction_that_raises_leaves_nothing_and_the_next_one_works(
+    tmp_path: Path, through: str
+) -> None:
+    """SQLite's writer begins and ends its transactions straight on sqlite3; SQLAlchemy's
+    own bookkeeping begins only when a statement goes through it. Either way a raise
+    rolls back everything the transaction wrote."""
+    database = await Database.open(f"sqlite:///{tmp_path / 'hub.db'}")
+    try:
+        owner = (await ensure_owner(database, "project", "rolled")).id
+        await CreditService(database, billing_enabled=True).grant(owner, 10)
+        when = datetime(2026, 12, 1, tzinfo=UTC)
+
+        async def writes_then_raises(conn: Executor) -> None:
+            if through == "sqlalchemy":
+                await conn.execute(_new_owner("ghost"))
+            else:
+                await conn.execute(_SETTLE_BALANCE, {"b_owner": owner, "b_charged": 7, "b_held": 0, "b_now": when})
+            raise ValueError("changed its mind")
+
+        with pytest.raises(ValueError, match="changed its mind"):
+            await database.write_with(writes_then_raises)
+        assert "user:ghost" not in await _owner_ids(database)
+        assert (await CreditService(database).balance(owner)).balance_micros == 10
+        await database.write_with(lambda conn: conn.execute(_new_owner("after")))
+        await database.write_with(
+            lambda conn: conn.execute(_SETTLE_BALANCE, {"b_owner": owner, "b_charged": 3, "b_held": 0, "b_now": when})
+        )
+        assert "user:after" in await _owner_ids(database)
+        assert (await CreditService(database).balance(owner)).balance_micros == 7
+    finally:
+        await database.close()

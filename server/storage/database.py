@@ -232,7 +232,8 @@ def _install_sqlite_pragmas(engine: Engine, busy_timeout_ms: int, synchronous: S
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(_BEGIN_MODE, "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if mode is not None:  # None: the caller has begun it (Database._run_write)
+            conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 class Database:
@@ -372,13 +373,23 @@ class Database:
     def _run_write(self, work: Callable[[Connection], T], synced: bool = True) -> T:
         conn = self._writer_connection()
         lazy = not synced and self._synchronous == "full"
-        driver = conn.connection.driver_connection
+        driver: sqlite3.Connection = conn.connection.dbapi_connection  # type: ignore[assignment]
         try:
             if lazy:
-                driver.execute("PRAGMA synchronous=NORMAL")  # type: ignore[union-attr]
+                driver.execute("PRAGMA synchronous=NORMAL")
             try:
-                with conn.begin():
-                    return work(conn)
+                # BEGIN and COMMIT straight on sqlite3: through SQLAlchemy's transaction
+                # (its begin event, a statement execution) they cost more than a small
+                # transaction's own statements. SQLAlchemy's bookkeeping begins only
+                # when a statement goes through it (the begin event then emits nothing).
+                driver.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(conn)
+                except BaseException:
+                    _end_transaction(conn, driver, commit=False)
+                    raise
+                _end_transaction(conn, driver, commit=True)
+                return result
             finally:
                 if lazy:
                     self._restore_synced(conn, driver)
@@ -395,7 +406,8 @@ class Database:
         if self._held is not None and (self._held.invalidated or self._held.closed):
             self._release_held()  # set back to FULL failed (`_restore_synced`)
         if self._held is None:
-            self._held = self._sync_engine.connect().execution_options(**{_BEGIN_MODE: "IMMEDIATE"})
+            # No BEGIN from the begin event: `_run_write` has begun the transaction.
+            self._held = self._sync_engine.connect().execution_options(**{_BEGIN_MODE: None})
         return self._held
 
     def _release_held(self) -> None:
@@ -618,6 +630,19 @@ class Database:
             self._writer.shutdown(wait=True)
         if self._sync_engine is not None:
             self._sync_engine.dispose()
+
+
+def _end_transaction(conn: Connection, driver: sqlite3.Connection, *, commit: bool) -> None:
+    """Ends the writer's transaction begun on `driver`: through SQLAlchemy when a
+    statement went through it (so that its bookkeeping ends too; it commits or rolls
+    back the same sqlite3 transaction), else straight."""
+    if conn.in_transaction():
+        if commit:
+            conn.commit()
+        else:
+            conn.rollback()
+    elif driver.in_transaction:
+        driver.execute("COMMIT" if commit else "ROLLBACK")
 
 
 @dataclass(frozen=True)
