@@ -272,6 +272,8 @@ class Database:
         # (a raw one) and for the transactions (`_writer_connection`).
         self._alone: PoolProxiedConnection | None = None
         self._held: Connection | None = None
+        # Transactions run in the writer thread so far (tests count them).
+        self.writer_transactions = 0
         # `write_grouped`'s waiting writes, and the task writing them.
         self._grouped: list[_Grouped] = []
         self._grouping: asyncio.Task[None] | None = None
@@ -371,6 +373,7 @@ class Database:
                 raise
 
     def _run_write(self, work: Callable[[Connection], T], synced: bool = True) -> T:
+        self.writer_transactions += 1
         conn = self._writer_connection()
         lazy = not synced and self._synchronous == "full"
         driver: sqlite3.Connection = conn.connection.dbapi_connection  # type: ignore[assignment]
@@ -453,9 +456,14 @@ class Database:
         Why: each transaction is BEGIN, its statements, COMMIT and the synchronous
         switch, each a hand-back of the GIL to and from the event loop's thread; the
         writer thread is serial, so that overhead capped the calls per second with
-        billing on. A caller cancelled before its group starts is left out of it; once
-        started, its work commits or fails with the group, as `write_with`'s does."""
-        if self.backend != "sqlite":
+        billing on. When the writer is idle a write goes straight to `write_with`; those
+        that come while it is busy wait for the next group. A caller cancelled before
+        its group starts is left out of it; once started, its work commits or fails
+        with the group, as `write_with`'s does."""
+        assert self._write_lock is not None or self.backend != "sqlite"
+        if self._write_lock is None or (self._grouping is None and not self._write_lock.locked()):
+            # PostgreSQL; or SQLite's writer is idle: no group to wait for, and one
+            # hand-off less than through the grouping task.
             return await self.write_with(work, synced=synced)
         loop = asyncio.get_running_loop()
         item = _Grouped(work, synced, loop.create_future())
