@@ -19,8 +19,8 @@ re-checks its WHERE clause against the latest row version after waiting for a
 concurrent writer, so check-and-update is atomic without explicit locks.
 
 Outages: every way in is bounded, and a database that cannot be used is one error.
-`read()`, `write()`, `write_in_thread()` and `write_alone_in_thread()` turn driver, connection and timeout
-failures into `server.errors.StorageUnavailable` (503, retry hint) once, here, so every
+`read()`, `write()`, `write_in_thread()`, `write_grouped()` and `write_alone_in_thread()` turn driver,
+connection and timeout failures into `server.errors.StorageUnavailable` (503, retry hint) once, here, so every
 caller (authentication, reservations, ledger, admin API) reports an outage the same
 way; the detail goes to the log (URL with its password masked, SQL parameters hidden;
 one warning per 10 s with a count, not one per call), never to the client. Constraint
