@@ -74,6 +74,7 @@ from sqlalchemy.sql.dml import Insert
 from server.errors import StorageUnavailable
 from server.storage.inline import Executor, InlineConnection, run_inline
 from server.storage.settings import SqliteSynchronous, StorageSettings
+from server.storage.write_lock import WriterLock
 
 Backend = Literal["sqlite", "postgresql"]
 T = TypeVar("T")
@@ -268,6 +269,11 @@ class Database:
             )
             _install_sqlite_pragmas(self._sync_engine, self.timeouts.sqlite_busy_ms, sqlite_synchronous)
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        # The writer threads of every process on this SQLite file, one at a time.
+        self._across_processes: WriterLock | None = None
+        if self.backend == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+            database_file = Path(str(engine.url.database))
+            self._across_processes = WriterLock(database_file, self.timeouts.sqlite_busy_ms / 1000)
         # The writer thread's connections, held between writes: for `write_alone_in_thread`
         # (a raw one) and for the transactions (`_writer_connection`).
         self._alone: PoolProxiedConnection | None = None
@@ -374,6 +380,14 @@ class Database:
 
     def _run_write(self, work: Callable[[Connection], T], synced: bool = True) -> T:
         self.writer_transactions += 1
+        with self._writer_turn():
+            return self._run_write_now(work, synced)
+
+    def _writer_turn(self) -> contextlib.AbstractContextManager[None]:
+        """This process's writer thread's turn among every process's (`WriterLock`)."""
+        return self._across_processes.held() if self._across_processes is not None else contextlib.nullcontext()
+
+    def _run_write_now(self, work: Callable[[Connection], T], synced: bool) -> T:
         conn = self._writer_connection()
         lazy = not synced and self._synchronous == "full"
         driver: sqlite3.Connection = conn.connection.dbapi_connection  # type: ignore[assignment]
@@ -553,6 +567,10 @@ class Database:
             self._held = None
 
     def _run_alone(self, work: Callable[[sqlite3.Cursor], T]) -> T:
+        with self._writer_turn():
+            return self._run_alone_now(work)
+
+    def _run_alone_now(self, work: Callable[[sqlite3.Cursor], T]) -> T:
         assert self._sync_engine is not None
         if self._alone is None:
             self._alone = self._sync_engine.raw_connection()
@@ -638,6 +656,8 @@ class Database:
             self._writer.shutdown(wait=True)
         if self._sync_engine is not None:
             self._sync_engine.dispose()
+        if self._across_processes is not None:
+            self._across_processes.close()
 
 
 def _end_transaction(conn: Connection, driver: sqlite3.Connection, *, commit: bool) -> None:
