@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from server.accounts.credentials import CredentialVault
 from server.api.credential_deployments import with_credentials
@@ -47,7 +48,7 @@ async def bench_turns(url: str, turns: int) -> None:
         writes, reads = [], []
         for n in range(turns):
             call_id = f"toolu_bench_{os.urandom(8).hex()}_{n}"
-            blocks = [
+            blocks: list[dict[str, Any]] = [
                 {"type": "thinking", "thinking": thought, "signature": "s" * 300},
                 {"type": "tool_use", "id": call_id, "name": "f", "input": {"a": n}},
             ]
