@@ -558,7 +558,7 @@ class Database:
             raise RuntimeError("sqlite_dialect is for SQLite only")
         return self._sync_engine.dialect
 
-    def _release_alone(self) -> None:
+    def _release_writer_connections(self) -> None:
         if self._alone is not None:
             self._alone.close()
             self._alone = None
@@ -652,7 +652,7 @@ class Database:
         if self._writer is not None:
             if self._alone is not None or self._held is not None:
                 # Returned to the pool in its own thread (sqlite3 checks the thread).
-                await asyncio.get_running_loop().run_in_executor(self._writer, self._release_alone)
+                await asyncio.get_running_loop().run_in_executor(self._writer, self._release_writer_connections)
             self._writer.shutdown(wait=True)
         if self._sync_engine is not None:
             self._sync_engine.dispose()
