@@ -4,12 +4,14 @@ the gateway (`aigne-hub serve`) with 1 and N workers (a trivial RPC through Envo
 20-chunk SSE stream), chat with one worker and billing on (rates, a balance: each call
 reserves and settles credits), and LiteLLM when the side-by-side kit (../shared/bench) is
 set up; under it, each one's time to a stream's first event at one connection
-(first_chunk.py)."""
+(first_chunk.py). All targets run at once and are loaded in turn, those compared next to
+each other (measure.py says how each row's window is counted)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import subprocess
@@ -34,7 +36,12 @@ GROUPS = ("fake", "1w", "Nw", "billing", "litellm")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--duration", type=float, help=f"seconds per measurement (default {DEFAULT_SECONDS:g})")
-    parser.add_argument("--warmup", type=float, help=f"seconds of warm-up per target (default {DEFAULT_WARMUP:g})")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        help=f"seconds of each run before its measured window (default {DEFAULT_WARMUP:g}; twice the median "
+        "latency where that is longer)",
+    )
     parser.add_argument("--connections", default="1,16,64", help="concurrent connections, comma-separated")
     parser.add_argument("--workers", type=int, default=cores(), help="N of the N-worker rows (default: cores)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (1 s measurements)")
@@ -62,9 +69,10 @@ def conditions(args: argparse.Namespace, wrk_path: str) -> str:
             f"Python {platform.python_version()}",
             f"  {_first_line([envoy_executable(), '--version'])}",
             f"  {_first_line([wrk_path, '--version'])}",
-            f"  each run: wrk {args.duration:g} s after a {args.warmup:g} s warm-up per target, connections "
-            f"{','.join(map(str, args.connections))}; gateway: API key + ledger on (SQLite), billing off, JSON "
-            "and SSE from an Envoy direct_response fake",
+            f"  each row: a window of {args.duration:g} s of wrk load, counted after {args.warmup:g} s of it (twice "
+            f"the median latency where longer); connections {','.join(map(str, args.connections))}; every target "
+            "runs throughout, loaded in turn (by concurrency, then request kind); gateway: API key + ledger on "
+            "(SQLite), billing off but in the billing rows, JSON and SSE from an Envoy direct_response fake",
             "  wrk, the fake and the target share these CPUs: compare ratios within a run more than absolutes.",
         ]
     )
@@ -89,53 +97,75 @@ def _first_line(command: list[str]) -> str:
     return next((line.strip() for line in lines if line.strip()), command[0])
 
 
-async def run_targets(targets: list[Target], args: argparse.Namespace, wrk_path: str, work_dir: Path) -> list[Phase]:
+async def run_interleaved(
+    targets: list[Target], args: argparse.Namespace, wrk_path: str, work_dir: Path
+) -> list[Phase]:
+    """Every target at every concurrency, compared ones next to each other in time (all
+    targets run at once; each concurrency, then each kind of request, then each target),
+    so that the VM's drift during a run moves the ratios less than it moves the rows.
+    Returns the phases in the table's order: by target, then concurrency."""
+    scripts = {target.key: wrk.write_script(target.request, work_dir, target.key) for target in targets}
     phases = []
-    for target in targets:
-        script = wrk.write_script(target.request, work_dir, target.key)
-        # Warm-up at the highest concurrency: fills the connection pools and caches.
-        await wrk.run(wrk_path, target.request.url, script, connections=max(args.connections), seconds=args.warmup)
-        for connections in args.connections:
-            phase = await measure(target, script, wrk_path, connections, args.duration)
-            print(
-                f"  {target.label} at {connections}: {phase.result.rps:.0f} req/s, "
-                f"{phase.cpu_ms_per_request:.2f} CPU ms/req",
-                flush=True,
-            )
-            phases.append(phase)
-    return phases
+    for connections in args.connections:
+        for kind in ("status", "chat", "sse"):
+            for target in (t for t in targets if _kind(t) == kind):
+                phase = await measure(
+                    target, scripts[target.key], wrk_path, connections, args.duration, settle_s=args.warmup
+                )
+                print(
+                    f"  {target.label} at {connections}: {phase.result.rps:.0f} req/s, "
+                    f"{phase.cpu_ms_per_request:.2f} CPU ms/req",
+                    flush=True,
+                )
+                phases.append(phase)
+    order = {target.key: index for index, target in enumerate(targets)}
+    return sorted(phases, key=lambda phase: (order[phase.target.key], phase.connections))
+
+
+def _kind(target: Target) -> str:
+    return next((kind for kind in ("status", "sse") if target.key.endswith(kind)), "chat")
 
 
 async def run_all(args: argparse.Namespace, wrk_path: str, work_dir: Path) -> list[Phase]:
-    phases: list[Phase] = []
     streams = 20 if args.quick else 200
-    async with stack.fake(work_dir) as fake, PacedFake() as paced:
-        key = await stack.create_key(work_dir)
-        phases += await run_targets(fake_targets(fake.url, fake.pid), args, wrk_path, work_dir)
-        FIRST.append(await first_chunk("fake", f"{paced.url}/v1/chat/completions", "x", requests=streams))
-        for group, workers in (("1w", 1), ("Nw", args.workers)):
-            if group in args.only:
-                async with stack.gateway(work_dir, fake.url, key, workers, paced.url) as gateway:
-                    targets = gateway_targets(gateway.name, gateway.url, key, gateway.pids, status=True)
-                    phases += await run_targets(targets, args, wrk_path, work_dir)
-                    MEMORY.append(f"  {gateway.name}: " + ", ".join(procstat.describe(gateway.pids())))
-                    chat_url = f"{gateway.url}/v1/chat/completions"
-                    FIRST.append(await first_chunk(gateway.name, chat_url, "paced/gpt-4o-mini", key, streams))
-        if "billing" in args.only:
-            # After the billing-off groups: its rates and balance go into the shared data dir.
-            async with stack.gateway(work_dir, fake.url, key, 1, billing=True) as gateway:
-                targets = gateway_targets(
-                    gateway.name, gateway.url, key, gateway.pids, status=False, label="1w billing on"
-                )
-                phases += await run_targets([t for t in targets if t.key.endswith("-chat")], args, wrk_path, work_dir)
-                MEMORY.append(f"  {gateway.name}: " + ", ".join(procstat.describe(gateway.pids())))
+    async with contextlib.AsyncExitStack() as running:
+        fake = await running.enter_async_context(stack.fake(work_dir))
+        paced = await running.enter_async_context(PacedFake())
+        targets = fake_targets(fake.url, fake.pid)
+        gateways = []
+        for group, workers, billing in (("1w", 1, False), ("Nw", args.workers, False), ("billing", 1, True)):
+            if group not in args.only:
+                continue
+            # Each gateway its own data dir and key: they run side by side.
+            home = work_dir / group
+            home.mkdir()
+            key = await stack.create_key(home)
+            gateway = await running.enter_async_context(
+                stack.gateway(home, fake.url, key, workers, paced.url, billing=billing)
+            )
+            gateways.append(gateway)
+            found = gateway_targets(
+                gateway.name,
+                gateway.url,
+                key,
+                gateway.pids,
+                status=not billing,
+                label="1w billing on" if billing else None,
+            )
+            targets += [t for t in found if not billing or t.key.endswith("-chat")]
         if "litellm" in args.only:
             if stack.litellm_installed():
-                async with stack.litellm(fake.port) as lite:
-                    targets = litellm_targets(lite.url, lite.api_key, lite.pids)
-                    phases += await run_targets(targets, args, wrk_path, work_dir)
+                lite = await running.enter_async_context(stack.litellm(fake.port))
+                targets += litellm_targets(lite.url, lite.api_key, lite.pids)
             else:
                 print(f"  (LiteLLM skipped: the kit is not set up; see {stack.KIT}/README.md)", flush=True)
+        phases = await run_interleaved(targets, args, wrk_path, work_dir)
+        FIRST.append(await first_chunk("fake", f"{paced.url}/v1/chat/completions", "x", requests=streams))
+        for gateway in gateways:
+            MEMORY.append(f"  {gateway.name}: " + ", ".join(procstat.describe(gateway.pids())))
+            if not gateway.name.endswith("billing"):
+                chat_url = f"{gateway.url}/v1/chat/completions"
+                FIRST.append(await first_chunk(gateway.name, chat_url, "paced/gpt-4o-mini", gateway.api_key, streams))
     return phases
 
 

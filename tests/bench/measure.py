@@ -1,10 +1,25 @@
 """One measured phase: wrk against one target at one concurrency, with the CPU time and
-memory of the target's processes meanwhile."""
+memory of the target's processes meanwhile.
+
+The figures are those of a window of whole seconds after the run has settled, not of
+the whole run. wrk closes the loop at a fixed number of connections: its first answers
+come one latency after the start, and the answers still in flight when it stops are
+dropped, so "requests / duration" undercounts a target by about its connections /
+(req/s x duration). For a fast target that is a few percent; for one whose latency is
+seconds (LiteLLM streaming at 64 connections: 4.6 s) it is more than half of what it
+does. Here wrk runs `settle_s` + the window + 1 s; it counts answers by wall-clock
+second (wrk.py), the target's CPU is read at the window's two edges, and both come from
+the window alone. A target whose median latency is more than half of `settle_s` is
+measured again with a settling time of twice its median."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +137,42 @@ def litellm_targets(url: str, key: str, pids: Callable[[], list[int]]) -> list[T
     ]
 
 
-async def measure(target: Target, script: Path, wrk_path: str, connections: int, seconds: float) -> Phase:
+async def measure(
+    target: Target, script: Path, wrk_path: str, connections: int, seconds: float, *, settle_s: float = 2.0
+) -> Phase:
+    """`seconds` (whole) of steady load, after `settle_s` (see the module's docstring)."""
+    phase = await _measure_window(target, script, wrk_path, connections, seconds, settle_s)
+    needed = math.ceil(2 * phase.result.p50_s)
+    if needed > settle_s:
+        phase = await _measure_window(target, script, wrk_path, connections, seconds, needed)
+    return phase
+
+
+async def _measure_window(
+    target: Target, script: Path, wrk_path: str, connections: int, seconds: float, settle_s: float
+) -> Phase:
     pids = target.pids()
-    before = procstat.tree_cpu_seconds(pids)
-    busy_before, all_before = procstat.machine_cpu_seconds()
-    result = await wrk.run(wrk_path, target.request.url, script, connections=connections, seconds=seconds)
-    spent = procstat.tree_cpu_seconds(pids) - before
-    busy_after, all_after = procstat.machine_cpu_seconds()
-    cores = os.cpu_count() or 1
-    busy = cores * (busy_after - busy_before) / max(all_after - all_before, 1e-9)
-    return Phase(target, connections, result, spent, procstat.tree_rss_bytes(target.pids()), busy)
+    window = max(1, round(seconds))
+    started = time.time()
+    first = math.ceil(started + settle_s)
+    marks: dict[int, tuple[float, float, float]] = {}
+
+    async def mark(second: int) -> None:
+        await asyncio.sleep(max(0.0, second - time.time()))
+        marks[second] = (procstat.tree_cpu_seconds(pids), *procstat.machine_cpu_seconds())
+
+    marking = [asyncio.create_task(mark(edge)) for edge in (first, first + window)]
+    # Long enough that the window's last second ends before wrk stops (wrk starts after `started`).
+    try:
+        result = await wrk.run(
+            wrk_path, target.request.url, script, connections=connections, seconds=math.ceil(settle_s) + window + 1
+        )
+        await asyncio.gather(*marking)
+    finally:
+        for task in marking:
+            task.cancel()
+    (cpu_0, busy_0, all_0), (cpu_1, busy_1, all_1) = marks[first], marks[first + window]
+    requests = sum(result.per_second.get(second, 0) for second in range(first, first + window))
+    counted = dataclasses.replace(result, requests=requests, seconds=float(window), rps=requests / window)
+    busy = (os.cpu_count() or 1) * (busy_1 - busy_0) / max(all_1 - all_0, 1e-9)
+    return Phase(target, connections, counted, cpu_1 - cpu_0, procstat.tree_rss_bytes(target.pids()), busy)

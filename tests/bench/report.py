@@ -12,12 +12,14 @@ HEADER = (
     f"{'CPU ms/req':>12}{'RSS MiB':>9}{'busy':>6}{'failed':>8}"
 )
 LEGEND = (
-    "  req/s: completed requests (whole streams for SSE) per second; p50/p99: wrk's latency to the last byte;\n"
+    "  req/s: requests completed (whole streams for SSE) per second in the row's window, once the load has\n"
+    "  settled (tests/bench/measure.py); p50/p99: wrk's latency to the last byte, over the whole run;\n"
     "  +p50/+p99: over the fake called directly with the same body and connections (the latency the target adds);\n"
     "  CPU ms/req: CPU time of ALL the target's processes (gateway: serve + its workers + its Envoy; LiteLLM: its\n"
-    "  processes; fake: its Envoy) per request; RSS: their resident memory summed after the run (pages they\n"
-    "  share, such as forked workers' code, count in each); busy: cores the whole machine kept busy during the run\n"
-    "  (wrk and the fake included); failed: non-2xx + socket errors + unexpected bodies."
+    "  processes; fake: its Envoy) in the window, per request completed in it; RSS: their resident memory\n"
+    "  summed after the runs (pages they share, such as forked workers' code, count in each); busy: cores the\n"
+    "  whole machine kept busy in the window (wrk, the fake and the idle targets included); failed: non-2xx +\n"
+    "  socket errors + unexpected bodies, over the whole run."
 )
 
 

@@ -9,12 +9,14 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Lua run inside wrk. The request is static (wrk.method/body/headers), so wrk builds it
 # once. `response` checks every body, so a run where requests "succeed" with the wrong
-# content is caught; `done` sums the per-thread counters and prints one parsable line.
+# content is caught, and counts responses per wall-clock second (`os.time`, the same
+# clock as Python's `time.time`), so that a caller can read the rate of a window of the
+# run (`Result.per_second`); `done` sums the per-thread counters and prints parsable lines.
 _SCRIPT = """\
 wrk.method = {method}
 wrk.body = {body}
@@ -22,16 +24,23 @@ wrk.headers["Content-Type"] = "application/json"
 {auth}local expect = {expect}
 local threads = {{}}
 function setup(thread) table.insert(threads, thread) end
-function init(args) bad = 0; events = 0; responses = 0 end
+function init(args) bad = 0; events = 0; responses = 0; seconds = {{}} end
 function response(status, headers, body)
   responses = responses + 1
+  local now = os.time()
+  seconds[now] = (seconds[now] or 0) + 1
   if not string.find(body, expect, 1, true) then bad = bad + 1 end
   local _, n = string.gsub(body, "data: ", "")
   events = events + n
 end
 function done(summary, latency, requests)
   local b, e, r = 0, 0, 0
-  for _, t in ipairs(threads) do b = b + t:get("bad"); e = e + t:get("events"); r = r + t:get("responses") end
+  local all = {{}}
+  for _, t in ipairs(threads) do
+    b = b + t:get("bad"); e = e + t:get("events"); r = r + t:get("responses")
+    for second, n in pairs(t:get("seconds")) do all[second] = (all[second] or 0) + n end
+  end
+  for second, n in pairs(all) do io.write(string.format("BENCH_SECOND %d %d\\n", second, n)) end
   io.write(string.format("BENCH_CHECK bad=%d events=%d responses=%d\\n", b, e, r))
 end
 """
@@ -62,6 +71,8 @@ class Result:
     socket_errors: int  # connect + read + write + timeout
     bad_bodies: int
     events: int  # "data: " lines seen in all bodies (SSE events)
+    # Responses by the wall-clock second (Unix time) they arrived in.
+    per_second: dict[int, int] = field(default_factory=dict)
 
     @property
     def failures(self) -> int:
@@ -148,6 +159,7 @@ def parse(text: str) -> Result:
         socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
         bad_bodies=int(check[1]),
         events=int(check[2]),
+        per_second={int(m[1]): int(m[2]) for m in re.finditer(r"^BENCH_SECOND (\d+) (\d+)$", text, re.MULTILINE)},
     )
 
 
