@@ -19,13 +19,18 @@
 --     answered 400 saying so (OBJECT_REFUSALS).
 --   * OpenAI's chat requests get `x-aigne-rest: 1`: the server then prints the
 --     string fields OpenAI sends as null as null (server/api/convert.py).
---   * A client-sent `x-aigne-fields`, `x-aigne-rest` or `x-aigne-original-path` header
---     is removed, and a
+--   * The POSTs of OpenAI's operations (OPENAI_BODIES) get `x-aigne-answer-headers:
+--     trailers`: the server then sends a unary answer's own headers (x-aigne-hub-*,
+--     x-ratelimit-*) as gRPC trailers only, not also ahead of the answer (a grpc batch
+--     less per call), and this filter copies them into the response's headers.
+--   * A client-sent `x-aigne-fields`, `x-aigne-rest`, `x-aigne-answer-headers` or
+--     `x-aigne-original-path` header is removed, and a
 --     client-sent `x-aigne-bridge` is replaced by `x-aigne-bridge: rest`: the server
 --     knows the request came through this bridge.
 --   * Every other request passes untouched after a few header operations.
 -- Responses:
---   * OpenAI's chat answers (BridgeService): untouched unless an error status.
+--   * OpenAI's chat answers (BridgeService): untouched unless an error status, but for
+--     the headers copied from the trailers (above).
 --   * OpenAI-shaped answers (/models and /status, marked on the request): members the
 --     transcoder prints only because proto3 has no "unset" for
 --     them are dropped (TRIMS): `"tool_calls":[]`, `"alias_of":""`, `"error":""`,
@@ -248,6 +253,7 @@ function envoy_on_request(handle)
   headers:replace("x-aigne-bridge", "rest")
   headers:remove("x-aigne-fields")
   headers:remove("x-aigne-rest")
+  headers:remove("x-aigne-answer-headers")
   local query = ""
   local q = find(path, "?", 1, true)
   if q then
@@ -260,6 +266,9 @@ function envoy_on_request(handle)
   end
   if OPENAI_BODIES[path] then
     if headers:get(":method") ~= "POST" then return end
+    -- (A stream's headers go ahead of it: the server ignores this marker there.)
+    headers:replace("x-aigne-answer-headers", "trailers")
+    handle:streamInfo():dynamicMetadata():set(LUA_NS, "answer_headers", true)
     local chat = CHAT_PATHS[path]
     if chat then
       -- The server prints the answer (nulls included) for OpenAI's clients. The access
@@ -454,6 +463,23 @@ local function rewrite_agent_stream(handle)
   end
 end
 
+-- A unary answer's own headers, sent by the server as gRPC trailers only (see the
+-- request's `x-aigne-answer-headers`): copied into the response's headers. body()
+-- first: it holds the headers until the answer's end (the trailers); trailers() alone
+-- would let the body, and the headers with it, go on while it waits.
+local function headers_from_trailers(handle)
+  handle:body()
+  local trailers = handle:trailers()
+  if not trailers then return end
+  local headers = handle:headers()
+  for name, value in pairs(trailers) do
+    local prefix = sub(name, 1, 12)
+    if prefix == "x-aigne-hub-" or prefix == "x-ratelimit-" then
+      headers:add(name, value)
+    end
+  end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   local status = tonumber(headers:get(":status")) or 0
@@ -464,6 +490,9 @@ function envoy_on_response(handle)
     return
   end
   local ctype = headers:get("content-type")
+  if meta ~= nil and meta["answer_headers"] == true and not (ctype and sub(ctype, 1, 17) == "text/event-stream") then
+    headers_from_trailers(handle)
+  end
   if not ctype then return end
   if sub(ctype, 1, 16) == "application/json" then
     if meta == nil or meta["trim"] ~= true then return end

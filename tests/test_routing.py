@@ -141,6 +141,35 @@ async def test_a_model_that_keeps_failing_falls_back(routed: Gateway, fakes) -> 
     assert [(r.outcome, r.model, r.attempts) for r in records] == [("ok", "b/backup", 4)]
 
 
+async def test_a_unary_answers_headers_go_ahead_of_it_unless_the_bridge_takes_them_from_its_trailers(
+    routed: Gateway, routed_bridge: Bridge, fakes
+) -> None:
+    _, secret = await _key(routed)
+    auth = ("authorization", f"Bearer {secret}")
+    channel, stub = _stub(routed)
+    async with channel:
+        for marker, ahead in (((), True), ((("x-aigne-answer-headers", "trailers"),), False)):
+            call = stub.CreateChatCompletion(chat_request(model="b/backup"), metadata=(auth, *marker))
+            await call
+            initial, trailing = dict(await call.initial_metadata()), dict(await call.trailing_metadata())
+            assert trailing["x-aigne-hub-served-by"] == "b/backup" and trailing["x-aigne-hub-attempts"] == "1"
+            assert ("x-aigne-hub-served-by" in initial) is ahead, marker
+    # The bridge marks its unary calls so, and copies the trailers into the HTTP headers;
+    # a client's own marker is not what the server sees.
+    body = {"model": "b/backup", "messages": [{"role": "user", "content": "hello there"}]}
+    async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+        for path in ("/v1/chat/completions", "/chat/completions"):
+            response = await client.post(
+                f"{routed_bridge.rest_url}{path}",
+                json=body,
+                headers={auth[0]: auth[1], "x-aigne-answer-headers": "nonsense"},
+            )
+            assert response.status_code == 200, response.text
+            assert response.headers["x-aigne-hub-served-by"] == "b/backup"
+            assert response.headers["x-aigne-hub-attempts"] == "1"
+            assert response.json()["model"] == "b/backup"
+
+
 async def test_a_bad_request_is_not_retried(routed: Gateway, fakes) -> None:
     a, b = fakes
     key_id, secret = await _key(routed)

@@ -27,12 +27,24 @@ BRIDGE_HEADER = "x-aigne-bridge"
 REST_HEADER = "x-aigne-rest"
 # Set by the REST bridge: the top-level members of the JSON body (envoy/openai_bridge.lua).
 FIELDS_HEADER = "x-aigne-fields"
+# Set by the REST bridge ("trailers") on the unary calls whose answer headers it copies
+# from the gRPC trailers into the HTTP response (envoy/openai_bridge.lua).
+ANSWER_HEADERS_HEADER = "x-aigne-answer-headers"
 # What the caller may ask of the routing.
 FALLBACKS_HEADER = "x-aigne-hub-fallbacks"
 TIMEOUT_HEADER = "x-aigne-hub-timeout-s"
 REQUEST_ID_HEADER = "x-request-id"
 MARKED = frozenset(
-    {BRIDGE_HEADER, REST_HEADER, FIELDS_HEADER, FALLBACKS_HEADER, TIMEOUT_HEADER, REQUEST_ID_HEADER, *TRACE_HEADERS}
+    {
+        BRIDGE_HEADER,
+        REST_HEADER,
+        FIELDS_HEADER,
+        ANSWER_HEADERS_HEADER,
+        FALLBACKS_HEADER,
+        TIMEOUT_HEADER,
+        REQUEST_ID_HEADER,
+        *TRACE_HEADERS,
+    }
 )
 
 
@@ -62,6 +74,12 @@ class CallMetadata:
     def from_bridge(self) -> bool:
         """Whether the call came through the REST bridge as an SSE stream."""
         return "sse" in self.values(BRIDGE_HEADER)
+
+    @property
+    def answer_headers_from_trailers(self) -> bool:
+        """Whether the REST bridge makes a unary answer's HTTP headers from its gRPC
+        trailers, so that they need not go ahead of it as initial metadata."""
+        return bool(self.first(ANSWER_HEADERS_HEADER) == "trailers")
 
     @property
     def wants_json_nulls(self) -> bool:
