@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,12 @@ async def test_concurrent_reservations_on_sqlite_share_one_transaction(tmp_path:
 
         calls = [reserve(owner, key.id) for _ in range(5)] + [reserve(poor, None)] + [reserve(owner, None)]
         before = database.writer_transactions
+        # A write keeps the writer thread busy; the seven that come meanwhile commit together.
+        busy = asyncio.create_task(database.write_in_thread(lambda conn: time.sleep(0.2)))
+        await asyncio.sleep(0.05)
         results = await asyncio.gather(*calls)
-        # The first finds the writer idle and goes alone; the six that come while it
-        # writes commit together.
-        assert database.writer_transactions - before == 2
+        await busy
+        assert database.writer_transactions - before == 2 and database.here_transactions == 0
         assert [type(r).__name__ for r in results] == ["Reservation"] * 3 + ["SpendingCapReached"] * 2 + [
             "InsufficientCredits",
             "Reservation",
@@ -83,6 +86,59 @@ async def test_concurrent_reservations_on_sqlite_share_one_transaction(tmp_path:
         async with database.read() as conn:
             assert await conn.scalar(select(reservations.c.id).where(reservations.c.owner_id == poor)) is None
     finally:
+        await database.close()
+
+
+async def test_a_reservation_that_finds_the_writer_idle_is_written_on_the_loops_thread(tmp_path: Path) -> None:
+    database = await Database.open(f"sqlite:///{tmp_path / 'hub.db'}")
+    try:
+        owner = (await ensure_owner(database, "project", "here")).id
+        credits = CreditService(database, billing_enabled=True)
+        await credits.grant(owner, 2 * CREDIT)
+        in_thread = database.writer_transactions
+        held = await credits.reserve(owner, CREDIT)
+        with pytest.raises(InsufficientCredits):
+            await credits.reserve(owner, 2 * CREDIT)  # refused: its hold is rolled back
+        assert database.here_transactions == 2 and database.writer_transactions == in_thread
+        assert (await credits.balance(owner)).reserved_micros == CREDIT
+        # Committed, and seen by the writer thread's connection and another process's.
+        assert held.id is not None
+        await credits.settle(held, CREDIT // 2)
+        assert (await credits.balance(owner)).balance_micros == 2 * CREDIT - CREDIT // 2
+        with sqlite3.connect(tmp_path / "hub.db") as other:
+            assert other.execute("SELECT reserved_micros FROM balances").fetchone() == (0,)
+    finally:
+        await database.close()
+
+
+async def test_a_reservation_never_waits_on_the_loops_thread_for_another_processs_write(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    database = await Database.open(f"sqlite:///{path}", sqlite_busy_timeout_ms=5000)
+    other_process = sqlite3.connect(path, isolation_level=None)
+    try:
+        owner = (await ensure_owner(database, "project", "waits")).id
+        credits = CreditService(database, billing_enabled=True)
+        await credits.grant(owner, 2 * CREDIT)
+        other_process.execute("BEGIN IMMEDIATE")  # another process holds SQLite's write lock
+        ticks = 0
+
+        async def ticking() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(ticking())
+        reserving = asyncio.create_task(credits.reserve(owner, CREDIT))
+        await asyncio.sleep(0.3)
+        assert not reserving.done() and ticks >= 10, "the loop kept running while the reservation waited"
+        other_process.execute("ROLLBACK")
+        held = await asyncio.wait_for(reserving, 10)
+        ticker.cancel()
+        assert held.id is not None and database.here_transactions == 0  # the writer thread waited, then wrote it
+        assert (await credits.balance(owner)).reserved_micros == CREDIT
+    finally:
+        other_process.close()
         await database.close()
 
 

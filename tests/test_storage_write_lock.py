@@ -22,13 +22,18 @@ from server.storage.schema import owners, utcnow
 MARGIN_S = 2.0  # a shared, noisy machine
 
 
-async def _add_owner(database: Database) -> None:
+async def _add_owner(database: Database, *, grouped: bool = False) -> None:
+    """One owner written by the writer thread (`write_with`), or as a credit reservation
+    is (`write_grouped`, unsynced: on the event loop's thread when it can be)."""
     name = secrets.token_hex(4)
 
     async def work(conn: Executor) -> None:
         await conn.execute(owners.insert().values(id=f"user:{name}", kind="user", name=name, created_at=utcnow()))
 
-    await database.write_with(work)
+    if grouped:
+        await database.write_grouped(work, synced=False)
+    else:
+        await database.write_with(work)
 
 
 async def _owner_count(database: Database) -> int:
@@ -67,15 +72,34 @@ async def test_a_writer_waits_for_another_processes_writer_and_goes_right_after(
         await database.close()
 
 
+async def test_a_write_on_the_loops_thread_yields_to_another_processes_writer(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    database = await Database.open(f"sqlite:///{path}")
+    try:
+        holder = _hold_lock_in_another_process(path.with_name("hub.db-writer.lock"), 0.6)
+        started = time.monotonic()
+        await asyncio.gather(_add_owner(database, grouped=True), _add_owner(database, grouped=True))
+        waited = time.monotonic() - started
+        holder.wait()
+        assert waited > 0.3, "the writes waited for the other process's turn"
+        assert database.here_transactions == 0, "not on the loop's thread: that would have blocked it"
+        await _add_owner(database, grouped=True)  # the lock free: on the loop's thread
+        assert database.here_transactions == 1
+        assert await _owner_count(database) == 3
+    finally:
+        await database.close()
+
+
 async def test_two_databases_on_one_file_take_turns_and_lose_nothing(tmp_path: Path) -> None:
     """Two engines on one file stand in for two workers: each holds the lock through
-    its own descriptor, so they exclude each other as two processes do."""
+    its own descriptor, so they exclude each other as two processes do; half the
+    writes go as reservations do (on the loop's thread when they can)."""
     url = f"sqlite:///{tmp_path / 'hub.db'}"
     first = await Database.open(url)
     second = await Database.open(url, migrate=False)
     try:
-        await asyncio.gather(*(_add_owner(first if i % 2 else second) for i in range(60)))
-        assert await _owner_count(first) == 60
+        await asyncio.gather(*(_add_owner(first if i % 2 else second, grouped=i % 4 < 2) for i in range(80)))
+        assert await _owner_count(first) == 80
     finally:
         await second.close()
         await first.close()

@@ -24,7 +24,9 @@ Cost per call: on SQLite a reservation's and a settlement's transaction run whol
 the writer thread (`Database.write_with`), with their statements built once and run
 straight on the sqlite3 cursor (`server.storage.inline.prebuilt`); the reservations
 of concurrent calls share one transaction, a SAVEPOINT each, so a refusal rolls back
-its own holds only (`Database.write_grouped`); a reservation's commit waits for the
+its own holds only (`Database.write_grouped`), and one that finds the writer idle is
+written on the event loop's thread, without a hand-off (never waiting there: another
+process's write sends it to the writer thread); a reservation's commit waits for the
 OS, not the disk (`synced=False`: the call's ledger record, which settles it, is
 synced and makes it durable too).
 

@@ -64,6 +64,27 @@ class WriterLock:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def tried(self) -> Iterator[bool]:
+        """Holds the lock for the block if it is free now (yields True), else yields
+        False at once: for a write that must not wait (Database's writes on the event
+        loop's thread)."""
+        fd = self._open()
+        if fd is None:
+            yield True
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR):
+                raise
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
