@@ -548,11 +548,11 @@ class Database:
 
         Why: a hand-off to the writer thread and back costs two thread wake-ups, the GIL
         passed over twice and the loop woken by the result; without it a billed chat
-        call took about 4 % less CPU (at 1 and at 16 connections). It never waits: the workers' lock is only tried, and this connection's
-        busy timeout is 0 (SQLite's lock held elsewhere fails BEGIN at once). Its commit
-        waits for the OS, not the disk (`synced=False`), and it never checkpoints the
-        WAL (`wal_autocheckpoint=0`: the writer thread's commits do), so it does no
-        disk wait on the loop's thread."""
+        call took about 4 % less CPU (at 1 and at 16 connections). It never waits: the
+        workers' lock is only tried, and this connection's busy timeout is 0 (SQLite's
+        lock held elsewhere fails BEGIN at once). Its commit waits for the OS, not the
+        disk (`synced=False`), and it never checkpoints the WAL (`wal_autocheckpoint=0`:
+        the writer thread's commits do), so it does no disk wait on the loop's thread."""
         conn = self._here_connection()
         if conn is None:
             return False, None
