@@ -6,13 +6,15 @@
 PostgreSQL database `aigne_test_<random>` created for the test and dropped after it
 (server from AIGNE_HUB_TEST_POSTGRES_URL, default postgres@127.0.0.1:5432/test).
 `db` is that database opened and migrated. `open_replica` opens a second engine on
-the same database, standing in for another gateway replica.
+the same database, standing in for another gateway replica; `another_process_writing`
+holds a SQLite file's write lock as another process would.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +66,18 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 async def open_replica(url: str) -> Database:
     """Another engine on the same (already migrated) database: a second replica."""
     return await Database.open(url, migrate=False)
+
+
+@contextmanager
+def another_process_writing(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection of its own to the SQLite file at `path`, as another process's,
+    holding SQLite's write lock (BEGIN IMMEDIATE) until the block rolls it back or ends."""
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield other
+    finally:
+        other.close()
 
 
 @contextmanager

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import secrets
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from tests.conftest import Bridge, gateway_config, start_bridge
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.tcp_proxy import FaultProxy
 from tests.helpers import bearer_interceptors, error_info, retry_info
-from tests.storage_fixtures import POSTGRES_URL, _admin_connection
+from tests.storage_fixtures import POSTGRES_URL, _admin_connection, another_process_writing
 
 CONNECT_TIMEOUT_S = 1.0
 STATEMENT_TIMEOUT_S = 1.0
@@ -294,21 +293,23 @@ async def test_migrations_are_not_cut_by_the_statement_timeout() -> None:
 async def test_a_locked_sqlite_database_is_unavailable_after_the_busy_timeout(tmp_path: Path) -> None:
     path = tmp_path / "hub.db"
     database = await Database.open(f"sqlite:///{path}", sqlite_busy_timeout_ms=300)
-    other_process = sqlite3.connect(path, isolation_level=None)
     try:
-        other_process.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-        for attempt in (_write_async, _write_in_thread, _write_alone_in_thread, _write_grouped):
-            started = time.monotonic()
-            with pytest.raises(StorageUnavailable) as caught:
-                await attempt(database)
-            assert 0.25 < time.monotonic() - started < 0.3 + MARGIN_S
-            assert "locked" not in caught.value.message  # the driver's text stays in the log
-        other_process.execute("ROLLBACK")
+        with another_process_writing(path) as other_process:
+            await _refused_while_locked(database)
+            other_process.execute("ROLLBACK")
         await _write_async(database)  # and it works again
         await _write_alone_in_thread(database)  # on a new connection: the failed one was dropped
     finally:
-        other_process.close()
         await database.close()
+
+
+async def _refused_while_locked(database: Database) -> None:
+    for attempt in (_write_async, _write_in_thread, _write_alone_in_thread, _write_grouped):
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable) as caught:
+            await attempt(database)
+        assert 0.25 < time.monotonic() - started < 0.3 + MARGIN_S
+        assert "locked" not in caught.value.message  # the driver's text stays in the log
 
 
 async def test_waiting_for_this_process_sqlite_writer_is_bounded_too(tmp_path: Path) -> None:

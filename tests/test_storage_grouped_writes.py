@@ -23,7 +23,7 @@ from server.errors import StorageUnavailable
 from server.storage import Database
 from server.storage.inline import Executor, prebuilt
 from server.storage.schema import balances, owners, reservations, utcnow
-from tests.storage_fixtures import count_queries, database_url, db  # noqa: F401 - the fixtures
+from tests.storage_fixtures import another_process_writing, count_queries, database_url, db  # noqa: F401 - the fixtures
 
 CREDIT = 1_000_000
 
@@ -114,12 +114,10 @@ async def test_a_reservation_that_finds_the_writer_idle_is_written_on_the_loops_
 async def test_a_reservation_never_waits_on_the_loops_thread_for_another_processs_write(tmp_path: Path) -> None:
     path = tmp_path / "hub.db"
     database = await Database.open(f"sqlite:///{path}", sqlite_busy_timeout_ms=5000)
-    other_process = sqlite3.connect(path, isolation_level=None)
     try:
         owner = (await ensure_owner(database, "project", "waits")).id
         credits = CreditService(database, billing_enabled=True)
         await credits.grant(owner, 2 * CREDIT)
-        other_process.execute("BEGIN IMMEDIATE")  # another process holds SQLite's write lock
         ticks = 0
 
         async def ticking() -> None:
@@ -128,43 +126,40 @@ async def test_a_reservation_never_waits_on_the_loops_thread_for_another_process
                 await asyncio.sleep(0.01)
                 ticks += 1
 
-        ticker = asyncio.create_task(ticking())
-        reserving = asyncio.create_task(credits.reserve(owner, CREDIT))
-        await asyncio.sleep(0.3)
-        assert not reserving.done() and ticks >= 10, "the loop kept running while the reservation waited"
-        other_process.execute("ROLLBACK")
+        with another_process_writing(path) as other_process:
+            ticker = asyncio.create_task(ticking())
+            reserving = asyncio.create_task(credits.reserve(owner, CREDIT))
+            await asyncio.sleep(0.3)
+            assert not reserving.done() and ticks >= 10, "the loop kept running while the reservation waited"
+            other_process.execute("ROLLBACK")
         held = await asyncio.wait_for(reserving, 10)
         ticker.cancel()
         assert held.id is not None and database.here_transactions == 0  # the writer thread waited, then wrote it
         assert (await credits.balance(owner)).reserved_micros == CREDIT
     finally:
-        other_process.close()
         await database.close()
 
 
 async def test_a_group_that_cannot_begin_fails_every_caller_in_it(tmp_path: Path) -> None:
     path = tmp_path / "hub.db"
     database = await Database.open(f"sqlite:///{path}", sqlite_busy_timeout_ms=300)
-    other_process = sqlite3.connect(path, isolation_level=None)
+
+    async def adds(name: str) -> None:
+        async def work(conn: Executor) -> None:
+            await conn.execute(_new_owner(name))
+
+        await database.write_grouped(work)
+
     try:
-        other_process.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-
-        async def adds(name: str) -> None:
-            async def work(conn: Executor) -> None:
-                await conn.execute(_new_owner(name))
-
-            await database.write_grouped(work)
-
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(*(adds(f"u{i}") for i in range(4)), return_exceptions=True), 10
-        )
+        with another_process_writing(path):
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*(adds(f"u{i}") for i in range(4)), return_exceptions=True), 10
+            )
         assert all(isinstance(outcome, StorageUnavailable) for outcome in outcomes), outcomes
-        other_process.execute("ROLLBACK")
         await asyncio.gather(adds("after-1"), adds("after-2"))  # and it works again
         assert {"user:after-1", "user:after-2"} <= await _owner_ids(database)
         assert not any(name.startswith("user:u") for name in await _owner_ids(database))
     finally:
-        other_process.close()
         await database.close()
 
 
