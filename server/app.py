@@ -296,6 +296,7 @@ async def open_accounts(settings: Settings, migrate: bool | None = None) -> Acco
         key_pepper=settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None,
         master_key=settings.master_key.get_secret_value() if settings.master_key else None,
         reservation_lease_s=settings.reservation_lease_s,
+        credit_block_calls=settings.credit_block_calls,
         migrate=migrate,
     )
 

@@ -49,6 +49,8 @@ ADMIN_TOKEN = "admin-" + "r" * 32
 RATE = Rate(
     "openai/*", input_per_million_micros=credits_to_micros(1000), output_per_million_micros=credits_to_micros(1000)
 )
+# What such a call reserves at least: its 100 output tokens.
+CALL_WORST_CASE = 100 * 1000
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], seconds: float, what: str) -> Any:
@@ -326,6 +328,7 @@ async def test_kill_9_with_calls_in_flight_then_restart_releases_their_holds(
 ) -> None:
     slow_upstream.slow_seconds = 120  # in flight until the server dies
     lease, in_flight, port = 2.0, 20, free_port()
+    earlier = len(slow_upstream.requests)  # the fixture's upstream serves the whole module
     env = {
         **os.environ,
         "OPENAI_API_KEY": FAKE_KEY,
@@ -352,13 +355,18 @@ async def test_kill_9_with_calls_in_flight_then_restart_releases_their_holds(
                 for _ in range(in_flight)
             ]
 
-            async def all_reserved() -> bool:
-                return len(await credits.list_reservations("user:crash")) == in_flight
+            async def all_upstream() -> bool:
+                return len(slow_upstream.requests) - earlier == in_flight
 
-            await eventually(all_reserved, 30, "every call in flight holds credits")
+            await eventually(all_upstream, 30, "every call in flight reached the upstream")
+            # Every call's worst case is held: each its own reservation, or draws from
+            # the process's credit block (server.accounts.credit_blocks).
+            holds = await credits.list_reservations("user:crash")
+            assert sum(hold.amount_micros for hold in holds) >= in_flight * CALL_WORST_CASE
             # Long enough for the holds to lapse if nothing renewed them.
             await asyncio.sleep(lease * 1.5)
-            assert len(await credits.list_reservations("user:crash")) == in_flight, "renewed while alive"
+            renewed = await credits.list_reservations("user:crash")
+            assert {hold.id for hold in renewed} == {hold.id for hold in holds}, "renewed while alive"
             process.kill()
             killed = time.monotonic()
             await process.wait()
@@ -382,12 +390,13 @@ async def test_kill_9_with_calls_in_flight_then_restart_releases_their_holds(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=bearer_interceptors(secret)) as channel:
             answer = await chat_grpc.ChatServiceStub(channel).CreateChatCompletion(chat_request(max_tokens=100))
         assert answer.choices
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        # Stopped, it gave back what it held for its next calls.
         after = await credits.balance("user:crash")
         [record] = await Ledger(store).records(key_id=key.id)
         assert record.outcome == "ok" and record.credits_micros > 0
         assert (after.balance_micros, after.reserved_micros) == (100 * CREDIT - record.credits_micros, 0)
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 20) == 0
     finally:
         if process.returncode is None:
             process.kill()

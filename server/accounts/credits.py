@@ -47,6 +47,12 @@ the database server's clock, so replicas with skewed clocks agree on what expire
 SQLite is one machine's file, so its clock is the process's. Both background loops
 (`start_lease_keeping`) log a database failure and try again next round.
 
+With credit blocks on (`use_blocks`; serve's default, AIGNE_HUB_CREDIT_BLOCK_CALLS), a
+call without credit windows draws its hold from a reservation its process holds for
+many calls (server.accounts.credit_blocks), with no transaction of its own; its record
+settles the draw by shrinking the block's row. Near the end of a balance, calls
+reserve their own again.
+
 With billing off (the default) nothing is reserved or charged: `reserve` returns an
 empty reservation without touching the database, and usage is still recorded.
 
@@ -70,7 +76,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -106,6 +112,9 @@ from server.storage.schema import (
     spend_windows,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from server.accounts.credit_blocks import CreditBlocks
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +224,11 @@ class Balance:
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """Credits held for one call. `id` is None when nothing was reserved (billing off)."""
+    """Credits held for one call. `id` is None when nothing was reserved (billing off).
+
+    A draw (`drawn`) is `amount_micros` of this process's credit block `id`
+    (server.accounts.credit_blocks): its settlement shrinks the block's row by the
+    charge instead of deleting it."""
 
     id: str | None
     owner_id: str
@@ -225,6 +238,7 @@ class Reservation:
     created_at: datetime = field(default_factory=utcnow)
     # When the hold lapses (None: not stored, billing off).
     expires_at: datetime | None = None
+    drawn: bool = False
 
 
 class CreditService:
@@ -248,6 +262,23 @@ class CreditService:
         self._rates_fresh_until = 0.0
         # "Now" for spend windows: which UTC day and month a call counts in.
         self.clock: Callable[[], datetime] = utcnow
+        # This process's credit blocks (`use_blocks`); None: every call reserves its own.
+        self.blocks: CreditBlocks | None = None
+
+    def use_blocks(self, block_calls: int) -> None:
+        """Calls draw from credit blocks of `block_calls` calls' worst cases
+        (server.accounts.credit_blocks); 0 leaves every call to reserve its own."""
+        if block_calls > 0:
+            from server.accounts.credit_blocks import CreditBlocks  # it builds on this module
+
+            self.blocks = CreditBlocks(
+                self._db,
+                block_calls,
+                insert_row=self._insert_reservation,
+                hold=self.hold,
+                forget=self.forget,
+                release=self.release,
+            )
 
     # -- rates ---------------------------------------------------------------------------
 
@@ -373,6 +404,13 @@ class CreditService:
             raise ValueError("a reservation cannot be negative")
         if not self.billing_enabled:
             return Reservation(None, owner_id, key_id, 0, request_id)
+        blocks = self.blocks
+        if blocks is not None and not windows and amount_micros > 0:
+            drawn = blocks.draw(owner_id, key_id, amount_micros, request_id) or await blocks.take(
+                owner_id, key_id, amount_micros, request_id
+            )
+            if drawn is not None:
+                return drawn
         reservation_id = uuid.uuid4().hex
         reservation = Reservation(reservation_id, owner_id, key_id, amount_micros, request_id)
         # Unsynced: the call's ledger record, which settles it, is synced (see write_with).
@@ -409,11 +447,17 @@ class CreditService:
                     needed_micros=amount_micros,
                 )
         window_ids = await self._hold_windows(conn, windows, amount_micros)
+        await self._insert_reservation(conn, reservation, window_ids)
+
+    async def _insert_reservation(
+        self, conn: Executor, reservation: Reservation, window_ids: Sequence[str] = ()
+    ) -> None:
+        """The reservation's row, with its lease (its holds are the caller's)."""
         row = {
             "id": reservation.id,
-            "owner_id": owner_id,
-            "key_id": key_id,
-            "amount_micros": amount_micros,
+            "owner_id": reservation.owner_id,
+            "key_id": reservation.key_id,
+            "amount_micros": reservation.amount_micros,
             "request_id": reservation.request_id,
             "created_at": reservation.created_at,
             "spend_window_ids": " ".join(window_ids) or None,
@@ -459,6 +503,8 @@ class CreditService:
         Idempotent: a reservation already settled or released charges nothing."""
         if reservation.id is None:
             return 0
+        if reservation.drawn:
+            raise ValueError("a draw from a credit block is settled by its ledger record")
         settled = {reservation.id: actual_micros}
         charged = await self._db.write_with(lambda conn: settle_in(conn, settled))
         self.forget(reservation.id)
@@ -466,7 +512,22 @@ class CreditService:
 
     async def release(self, reservation: Reservation) -> None:
         """Gives the whole hold back (the call failed before it cost anything)."""
-        await self.settle(reservation, 0)
+        if reservation.drawn:
+            self.finished(reservation, 0)
+        else:
+            await self.settle(reservation, 0)
+
+    def finished(self, reservation: Reservation, charged: int = 0) -> None:
+        """The reservation's call is done with it: its ledger record charged `charged`
+        of it, or no record will (a reservation of its own is then left to lapse and
+        be swept; a draw's credits go back to its block)."""
+        if reservation.id is None:
+            return
+        if reservation.drawn:
+            if self.blocks is not None:
+                self.blocks.settled(reservation, charged)
+        else:
+            self.forget(reservation.id)
 
     async def list_reservations(
         self, owner_id: str | None = None, *, after: tuple[datetime, str] | None = None, limit: int | None = None
@@ -544,7 +605,10 @@ class CreditService:
         self._held.add(reservation_id)
 
     def forget(self, reservation_id: str) -> None:
-        """Stops renewing the lease (the reservation was settled, or is left to lapse)."""
+        """Stops renewing the lease (the reservation was settled, or is left to lapse);
+        a credit block's lease is its own to end."""
+        if self.blocks is not None and self.blocks.owns(reservation_id):
+            return
         self._held.discard(reservation_id)
 
     @property
@@ -683,6 +747,18 @@ _HOLD_KEY = prebuilt(
 )
 _INSERT_RESERVATION = prebuilt(reservations.insert())
 _TAKE = prebuilt(delete(reservations).where(reservations.c.id == bindparam("b_id")).returning(*_TAKEN))
+# A credit block's draws settled: its row shrinks by what they were charged.
+_DRAW = prebuilt(
+    update(reservations)
+    .where(reservations.c.id == bindparam("b_id"), reservations.c.amount_micros >= _CHARGED)
+    .values(amount_micros=reservations.c.amount_micros - _CHARGED)
+    .returning(*_TAKEN)
+)
+_UNDRAW = prebuilt(
+    update(reservations)
+    .where(reservations.c.id == bindparam("b_id"))
+    .values(amount_micros=reservations.c.amount_micros + _CHARGED)
+)
 _SETTLE_BALANCE = prebuilt(
     update(balances)
     .where(balances.c.owner_id == bindparam("b_owner"))
@@ -725,14 +801,29 @@ async def _add_to_window(conn: Executor, row_id: str, limit_micros: int, amount_
     return bool(done.rowcount == 1)
 
 
-async def take_reservations(conn: Executor, ids: Iterable[str]) -> dict[str, HeldReservation]:
-    """Deletes the reservations (in id order) and returns those that still existed."""
+async def take_reservations(
+    conn: Executor, ids: Iterable[str], draws: Mapping[str, int] | None = None
+) -> dict[str, HeldReservation]:
+    """Deletes the reservations and takes `draws` (credit block id -> credits) out of
+    the blocks' rows, all in id order (the lock order); returns those that still
+    existed (a block with what its row holds after the draws)."""
+    draws = draws or {}
     taken: dict[str, HeldReservation] = {}
-    for reservation_id in sorted(set(ids)):
-        row = (await conn.execute(_TAKE, {"b_id": reservation_id})).one_or_none()
+    for reservation_id in sorted(set(ids) | draws.keys()):
+        if reservation_id in draws:
+            found = await conn.execute(_DRAW, {"b_id": reservation_id, "b_charged": draws[reservation_id]})
+        else:
+            found = await conn.execute(_TAKE, {"b_id": reservation_id})
+        row = found.one_or_none()
         if row is not None:
             taken[reservation_id] = _held(reservation_id, row)
     return taken
+
+
+async def undraw(conn: Executor, refunds: Mapping[str, int]) -> None:
+    """Puts credits back into credit blocks' rows (draws whose record was a duplicate)."""
+    for block_id in sorted(refunds):
+        await conn.execute(_UNDRAW, {"b_id": block_id, "b_charged": refunds[block_id]})
 
 
 async def _take_expired(

@@ -43,7 +43,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -56,6 +56,7 @@ from server.accounts.credits import (
     apply_settlements,
     charge_for,
     take_reservations,
+    undraw,
 )
 from server.errors import StorageUnavailable
 from server.storage.database import Database
@@ -63,7 +64,7 @@ from server.storage.inline import ROWS_PER_STATEMENT, Executor, InlineConnection
 from server.storage.schema import usage_records, utcnow
 
 if TYPE_CHECKING:
-    from server.accounts.spool import Spool
+    from server.accounts.spool import Spool, SpooledRecord
 
 log = logging.getLogger(__name__)
 
@@ -249,14 +250,14 @@ class Ledger:
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started)
         self.mark_writable()
-        self._end_leases(batch)
+        self._end_leases(batch, results)
         for pending, result in zip(batch, results, strict=True):
             _resolve(pending.done, result)
 
     async def _spool_batch(self, batch: list[_Pending], db_error: Exception) -> None:
         assert self._spool is not None
         log.error("could not write %d usage records to the database (%s); spooling them", len(batch), db_error)
-        items = [(p.usage, p.reservation.id if p.reservation is not None else None) for p in batch]
+        items = [(p.usage, p.reservation) for p in batch]
         try:
             await asyncio.to_thread(self._spool.append, items)
         except Exception as exc:  # noqa: BLE001 - the callers must learn their record is lost
@@ -273,16 +274,13 @@ class Ledger:
         for pending in batch:
             _resolve(pending.done, Recorded(inserted=True, credits_micros=0, spooled=True))
 
-    async def replay(self, items: Sequence[tuple[UsageRecord, str | None]]) -> list[Recorded]:
+    async def replay(self, items: Sequence[SpooledRecord]) -> list[Recorded]:
         """Writes spooled records (settling their reservations) in one transaction;
         raises when the database fails (they stay spooled). Idempotent."""
-        batch = [
-            _Pending(usage, None if rid is None else Reservation(rid, "", None, 0), _ignored_future())
-            for usage, rid in items
-        ]
+        batch = [_Pending(item.usage, item.reservation(), _ignored_future()) for item in items]
         results = await self._write(batch)
         self.mark_writable()
-        self._end_leases(batch)
+        self._end_leases(batch, results)
         return results
 
     async def probe_database(self) -> None:
@@ -290,12 +288,14 @@ class Ledger:
         async with self._db.write() as conn:
             await conn.execute(select(1))
 
-    def _end_leases(self, batch: Sequence[_Pending]) -> None:
+    def _end_leases(self, batch: Sequence[_Pending], results: Sequence[Recorded] | None = None) -> None:
+        """Tells the credit service the batch's reservations are done with: settled
+        with what `results` charged, or (None: the records were not written) not."""
         if self._credits is None:
             return
-        for pending in batch:
-            if pending.reservation is not None and pending.reservation.id is not None:
-                self._credits.forget(pending.reservation.id)
+        for index, pending in enumerate(batch):
+            if pending.reservation is not None:
+                self._credits.finished(pending.reservation, results[index].credits_micros if results else 0)
 
     async def _write(self, batch: Sequence[_Pending]) -> list[Recorded]:
         settles_nothing = all(p.reservation is None for p in batch)
@@ -326,31 +326,65 @@ class Ledger:
 
     async def _write_in(self, conn: Executor, batch: Sequence[_Pending]) -> list[Recorded]:
         # Lock order (see server.accounts.credits): reservations, usage, balances, keys.
-        taken = await take_reservations(
-            conn, [p.reservation.id for p in batch if p.reservation is not None and p.reservation.id is not None]
-        )
-        held: list[HeldReservation | None] = [None] * len(batch)
-        charges = [0] * len(batch)
-        for index in _by_request_id(batch):
-            pending = batch[index]
-            if pending.reservation is not None and pending.reservation.id is not None:
-                held[index] = taken.pop(pending.reservation.id, None)
-            hold = held[index]
-            charges[index] = charge_for(hold, pending.usage.cost_micros) if hold is not None else 0
+        held, charges = await self._take_holds(conn, batch)
         rows, owner_of_row = _unique_rows(batch, charges)
         inserted = await self._insert(conn, list(rows.values()))
         results: list[Recorded] = []
         settlements: list[tuple[HeldReservation, int]] = []
+        refunds: dict[str, int] = {}
         for index, pending in enumerate(batch):
             was_inserted = _inserted_here(pending, index, inserted, owner_of_row)
             # A request already recorded (and charged): only release the hold.
             charge = charges[index] if was_inserted else 0
             hold = held[index]
-            if hold is not None:
+            if hold is not None and _is_draw(pending) and not was_inserted:
+                # The block's row gave this draw's charge: it goes back to the row.
+                refunds[hold.id] = refunds.get(hold.id, 0) + charges[index]
+            elif hold is not None:
                 settlements.append((hold, charge))
             results.append(Recorded(was_inserted, charge))
+        await undraw(conn, refunds)
         await apply_settlements(conn, settlements)
         return results
+
+    async def _take_holds(
+        self, conn: Executor, batch: Sequence[_Pending]
+    ) -> tuple[list[HeldReservation | None], list[int]]:
+        """Takes the batch's reservations (a draw: its charge out of its credit block's
+        row); returns what each record settles (a draw: as a hold of its charge) and
+        its charge."""
+        draws = [0] * len(batch)  # each draw's charge, known before its block is touched
+        by_block: dict[str, int] = {}
+        for index, pending in enumerate(batch):
+            reservation = pending.reservation
+            if reservation is not None and reservation.id is not None and reservation.drawn:
+                draws[index] = charge_for(_as_held(reservation), pending.usage.cost_micros)
+                by_block[reservation.id] = by_block.get(reservation.id, 0) + draws[index]
+        own = [p.reservation.id for p in batch if p.reservation is not None and p.reservation.id and not _is_draw(p)]
+        taken = await take_reservations(conn, own, by_block)
+        held: list[HeldReservation | None] = [None] * len(batch)
+        charges = [0] * len(batch)
+        for index in _by_request_id(batch):
+            pending = batch[index]
+            reservation = pending.reservation
+            if reservation is None or reservation.id is None:
+                continue
+            if reservation.drawn:
+                block = taken.get(reservation.id)
+                if block is None:
+                    self._block_lost(reservation.id)
+                else:
+                    held[index] = replace(block, amount_micros=draws[index])
+                    charges[index] = draws[index]
+                continue
+            hold = held[index] = taken.pop(reservation.id, None)
+            charges[index] = charge_for(hold, pending.usage.cost_micros) if hold is not None else 0
+        return held, charges
+
+    def _block_lost(self, block_id: str) -> None:
+        log.warning("credit block %s is gone (its lease lapsed): its draws are recorded uncharged", block_id)
+        if self._credits is not None and self._credits.blocks is not None:
+            self._credits.blocks.lost(block_id)
 
     async def _insert(self, conn: Executor, values: list[dict[str, Any]]) -> set[str]:
         """Inserts the rows whose request id is new; returns those request ids."""
@@ -496,6 +530,14 @@ def _filters(
     if owner_id is not None:
         conditions.append(usage_records.c.owner_id == owner_id)
     return conditions
+
+
+def _is_draw(pending: _Pending) -> bool:
+    return pending.reservation is not None and pending.reservation.drawn
+
+
+def _as_held(reservation: Reservation) -> HeldReservation:
+    return HeldReservation(reservation.id or "", reservation.owner_id, reservation.key_id, reservation.amount_micros)
 
 
 def _unique_rows(batch: Sequence[_Pending], charges: Sequence[int]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:

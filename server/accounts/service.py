@@ -114,6 +114,7 @@ class Accounts:
         key_pepper: bytes | None = None,
         master_key: str | None = None,
         reservation_lease_s: float = 120.0,
+        credit_block_calls: int = 0,
         migrate: bool | None = None,
     ) -> Accounts:
         db = await Database.open_with(storage, migrate=migrate)
@@ -126,6 +127,7 @@ class Accounts:
         )
         vault = CredentialVault(db, load_master_key(master_key)) if master_key else None
         credits = CreditService(db, billing_enabled=billing_enabled, reservation_lease_s=reservation_lease_s)
+        credits.use_blocks(credit_block_calls)
         spool = Spool(storage.resolved_spool_dir())
         return cls(db, keys, Ledger(db, spool=spool, credits=credits), credits, auth_required, vault, spool)
 
@@ -151,6 +153,8 @@ class Accounts:
         if self.limiter is not None:
             await self.limiter.aclose()
         await self.ledger.close()
+        if self.credits.blocks is not None:  # every record is written: nothing draws from them
+            await self.credits.blocks.give_back_all()
         if self.spool is not None:
             await asyncio.to_thread(self.spool.rotate)
         await self.db.close()
@@ -393,8 +397,6 @@ class Meter:
                 raise
             if previous is not None:
                 await self._accounts.credits.release(previous)
-                if previous.id is not None:
-                    self._accounts.credits.forget(previous.id)
         self._provider, self._model, self._credential_header = provider, target, credential_header
         self.credential = None
         if not chosen:
@@ -550,7 +552,7 @@ class Meter:
                 record = replace(record, cost_micros=cost)
         except Exception:
             # No record will settle the hold: let its lease lapse (swept within a lease).
-            if self._reservation is not None and self._reservation.id is not None:
-                credits.forget(self._reservation.id)
+            if self._reservation is not None:
+                credits.finished(self._reservation)
             raise
         return await self._accounts.ledger.record(record, reservation=self._reservation)

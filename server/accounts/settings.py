@@ -14,6 +14,11 @@ AIGNE_HUB_RESERVATION_LEASE_S     a credit reservation's lease (default 120 s): 
                                   serving process renews it every third of it, and a
                                   reservation left unrenewed (its process died) is
                                   released within about one lease
+AIGNE_HUB_CREDIT_BLOCK_CALLS      with billing on, each serving process holds credits
+                                  for this many calls' worst cases at a time and calls
+                                  draw from them without a transaction of their own
+                                  (default 16; 0: each call reserves its own; see
+                                  server.accounts.credit_blocks)
 """
 
 from __future__ import annotations
@@ -35,4 +40,5 @@ class AccountsSettings(BaseSettings):
     credential_cache_ttl_s: float = Field(5.0, ge=0)
     credential_recheck_s: float = Field(300.0, gt=0)
     reservation_lease_s: float = Field(120.0, ge=1)
+    credit_block_calls: int = Field(16, ge=0, le=10_000)
     ledger_max_batch: int = Field(500, ge=1)

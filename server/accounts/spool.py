@@ -41,6 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+from server.accounts.credits import Reservation
 from server.accounts.ledger import Ledger, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -54,16 +55,33 @@ _RECORD_FIELDS = {f.name for f in fields(UsageRecord)}
 
 @dataclass(frozen=True, slots=True)
 class SpooledRecord:
-    """One spooled call: its record and the credit reservation its record settles."""
+    """One spooled call: its record and the credit reservation its record settles
+    (`drawn_micros`: a draw of that many from the credit block `reservation_id`)."""
 
     usage: UsageRecord
     reservation_id: str | None = None
+    drawn_micros: int | None = None
+
+    @classmethod
+    def of(cls, usage: UsageRecord, reservation: Reservation | None) -> SpooledRecord:
+        if reservation is None or reservation.id is None:
+            return cls(usage)
+        return cls(usage, reservation.id, reservation.amount_micros if reservation.drawn else None)
+
+    def reservation(self) -> Reservation | None:
+        """What the record settles, as far as its settlement needs to know."""
+        if self.reservation_id is None:
+            return None
+        drawn = self.drawn_micros is not None
+        return Reservation(self.reservation_id, "", None, self.drawn_micros or 0, drawn=drawn)
 
 
 def encode(item: SpooledRecord) -> bytes:
     values: dict[str, Any] = asdict(item.usage)
     values["created_at"] = item.usage.created_at.isoformat()
     values["reservation_id"] = item.reservation_id
+    if item.drawn_micros is not None:
+        values["drawn_micros"] = item.drawn_micros
     return json.dumps(values, separators=(",", ":")).encode() + b"\n"
 
 
@@ -73,9 +91,12 @@ def decode(line: bytes) -> SpooledRecord:
     if not isinstance(values, dict):
         raise ValueError("a spooled record is a JSON object")
     reservation_id = values.pop("reservation_id", None)
+    drawn_micros = values.pop("drawn_micros", None)
+    if drawn_micros is not None and (type(drawn_micros) is not int or drawn_micros < 0):
+        raise ValueError("drawn_micros is a count of credit micros")
     values = {name: value for name, value in values.items() if name in _RECORD_FIELDS}
     values["created_at"] = datetime.fromisoformat(values["created_at"])
-    return SpooledRecord(UsageRecord(**values), reservation_id)
+    return SpooledRecord(UsageRecord(**values), reservation_id, drawn_micros)
 
 
 class Spool:
@@ -86,10 +107,10 @@ class Spool:
         self._file: IO[bytes] | None = None
         self._lock = threading.Lock()  # appends and rotations from several threads
 
-    def append(self, records: Sequence[tuple[UsageRecord, str | None]]) -> None:
-        """Appends the records (each with its reservation id) and fsyncs them; raises
-        OSError when they are not durable."""
-        data = b"".join(encode(SpooledRecord(usage, reservation_id)) for usage, reservation_id in records)
+    def append(self, records: Sequence[tuple[UsageRecord, Reservation | None]]) -> None:
+        """Appends the records (each with the reservation it settles) and fsyncs them;
+        raises OSError when they are not durable."""
+        data = b"".join(encode(SpooledRecord.of(usage, reservation)) for usage, reservation in records)
         with self._lock:
             spool = self._file if self._file is not None else self._open()
             size = os.fstat(spool.fileno()).st_size
@@ -289,7 +310,7 @@ class SpoolReplayer:
         """Writes `batch`; returns the records the database refused on their own.
         Raises (the file stays) when the database takes none of them."""
         try:
-            await self._ledger.replay([(item.usage, item.reservation_id) for item in batch])
+            await self._ledger.replay(batch)
             return []
         except Exception:
             if len(batch) == 1:
@@ -298,7 +319,7 @@ class SpoolReplayer:
         last_error: Exception | None = None
         for item in batch:
             try:
-                await self._ledger.replay([(item.usage, item.reservation_id)])
+                await self._ledger.replay([item])
             except Exception as exc:  # noqa: BLE001
                 refused.append(item)
                 last_error = exc
