@@ -62,6 +62,10 @@ async def test_serve_starts_both_serves_and_stops_cleanly(fake_openai, tmp_path)
             # GetStatus answers anonymous callers.
             status = await status_grpc.StatusServiceStub(channel).GetStatus(status_pb.GetStatusRequest())
         assert status.available
+        async with httpx.AsyncClient(timeout=10) as client:
+            info = (await client.get(f"http://127.0.0.1:{admin_port}/server_info")).json()
+        # One gRPC worker: one Envoy worker thread (server.cli.bridge_process says why).
+        assert info["command_line_options"]["concurrency"] == 1
 
         process.send_signal(signal.SIGTERM)
         output = await asyncio.wait_for(process.stdout.read(), 20)

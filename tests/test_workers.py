@@ -30,6 +30,7 @@ import pytest
 from server.accounts.credits import CreditService, Rate, credits_to_micros
 from server.accounts.keys import KeyStore
 from server.accounts.owners import ensure_owner
+from server.config import cores
 from server.limits import LimitRule, LimitStore
 from server.storage import Database
 from tests.conftest import FAKE_KEY, free_port
@@ -212,6 +213,9 @@ async def test_two_workers_serve_and_share_the_calls(upstream, tmp_path, started
     workers = served.workers()
     assert len(workers) == 2 and len(served.envoy()) == 1, children(served.pid)
     async with httpx.AsyncClient(timeout=20, trust_env=False) as client:
+        info = (await client.get(f"http://127.0.0.1:{served.admin_port}/server_info")).json()
+        # An Envoy worker thread per gRPC worker, up to the cores.
+        assert info["command_line_options"]["concurrency"] == min(2, cores())
         answers = await asyncio.gather(*(chat(client, served.rest_url) for _ in range(60)))
     assert [a.status_code for a in answers] == [200] * 60
     await poll(lambda: len(served.call_pids()) >= 60, 10, "every call is logged")

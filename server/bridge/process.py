@@ -109,7 +109,9 @@ class EnvoyProcess:
         work_dir: Path | None = None,
         log_level: str | None = None,
         listens: Sequence[Listen] = (),
+        threads: int | None = None,
     ) -> None:
+        """`threads`: Envoy's worker threads (`--concurrency`; None: one per core)."""
         self._owns_dir = work_dir is None
         if work_dir is None:
             remove_stale_work_dirs()
@@ -123,6 +125,7 @@ class EnvoyProcess:
             log_level if log_level is not None else os.environ.get("AIGNE_HUB_ENVOY_LOG_LEVEL", "warning")
         )
         self._listens = tuple(listens)
+        self._threads = threads
         self._process: asyncio.subprocess.Process | None = None
         self.node_id = ""
 
@@ -157,6 +160,7 @@ class EnvoyProcess:
                 "aigne-hub",
                 # Several Envoys (tests, replicas) on one machine must not share hot-restart memory.
                 "--disable-hot-restart",
+                *(("--concurrency", str(self._threads)) if self._threads else ()),
                 stdout=log,
                 stderr=log,
                 stdin=asyncio.subprocess.DEVNULL,
