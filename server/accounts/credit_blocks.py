@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import BigInteger, bindparam, update
 
-from server.accounts.credits import Reservation
+from server.accounts.credits import HOLD_BALANCE, HOLD_KEY, Reservation
 from server.storage.database import Database
 from server.storage.inline import Executor, prebuilt
-from server.storage.schema import api_keys, balances, reservations, utcnow
+from server.storage.schema import reservations, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +59,6 @@ Holder = tuple[str, str | None]  # (owner id, key id)
 InsertRow = Callable[[Executor, Reservation], Awaitable[None]]
 
 _AMOUNT = bindparam("b_amount", type_=BigInteger())
-_NEED = bindparam("b_need", type_=BigInteger())
-_HOLD_BALANCE = prebuilt(
-    update(balances)
-    .where(balances.c.owner_id == bindparam("b_owner"), balances.c.balance_micros - balances.c.reserved_micros >= _NEED)
-    .values(
-        reserved_micros=balances.c.reserved_micros + _AMOUNT,
-        updated_at=bindparam("b_now", type_=balances.c.updated_at.type),
-    )
-)
-_HOLD_KEY = prebuilt(
-    update(api_keys)
-    .where(
-        api_keys.c.id == bindparam("b_key"),
-        api_keys.c.spend_cap_micros.is_(None)
-        | (api_keys.c.spend_cap_micros - api_keys.c.spent_micros - api_keys.c.reserved_micros >= _NEED),
-    )
-    .values(reserved_micros=api_keys.c.reserved_micros + _AMOUNT)
-)
 _GROW = prebuilt(
     update(reservations)
     .where(reservations.c.id == bindparam("b_id"))
@@ -198,12 +180,12 @@ class CreditBlocks:
         need = amount * BLOCK_SHARE
         now = utcnow()
         held = await conn.execute(
-            _HOLD_BALANCE, {"b_owner": block.owner_id, "b_amount": amount, "b_need": need, "b_now": now}
+            HOLD_BALANCE, {"b_owner": block.owner_id, "b_amount": amount, "b_need": need, "b_now": now}
         )
         if held.rowcount != 1:
             raise _Refused
         if block.key_id is not None:
-            capped = await conn.execute(_HOLD_KEY, {"b_key": block.key_id, "b_amount": amount, "b_need": need})
+            capped = await conn.execute(HOLD_KEY, {"b_key": block.key_id, "b_amount": amount, "b_need": need})
             if capped.rowcount != 1:
                 raise _Refused
         if new:

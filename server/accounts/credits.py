@@ -425,7 +425,8 @@ class CreditService:
         raises, which rolls them all back)."""
         owner_id, key_id, amount_micros = reservation.owner_id, reservation.key_id, reservation.amount_micros
         held = await conn.execute(
-            _HOLD_BALANCE, {"b_owner": owner_id, "b_amount": amount_micros, "b_now": reservation.created_at}
+            HOLD_BALANCE,
+            {"b_owner": owner_id, "b_amount": amount_micros, "b_need": amount_micros, "b_now": reservation.created_at},
         )
         if held.rowcount != 1:
             available = await _available(conn, owner_id)
@@ -436,7 +437,7 @@ class CreditService:
                 needed_micros=amount_micros,
             )
         if key_id is not None:
-            capped = await conn.execute(_HOLD_KEY, {"b_key": key_id, "b_amount": amount_micros})
+            capped = await conn.execute(HOLD_KEY, {"b_key": key_id, "b_amount": amount_micros, "b_need": amount_micros})
             if capped.rowcount != 1:
                 left = await _cap_left(conn, key_id)
                 # Raising rolls the balance hold back too.
@@ -725,23 +726,26 @@ _TAKEN = (reservations.c.owner_id, reservations.c.key_id, reservations.c.amount_
 _AMOUNT = bindparam("b_amount", type_=BigInteger())
 _CHARGED = bindparam("b_charged", type_=BigInteger())
 _HELD = bindparam("b_held", type_=BigInteger())
-_HOLD_BALANCE = prebuilt(
+# Holds `b_amount` of a balance, and of a key's cap, if at least `b_need` is free (a
+# call's reservation: its amount; a credit block: a multiple of it).
+_NEED = bindparam("b_need", type_=BigInteger())
+HOLD_BALANCE = prebuilt(
     update(balances)
     .where(
         balances.c.owner_id == bindparam("b_owner"),
-        balances.c.balance_micros - balances.c.reserved_micros >= _AMOUNT,
+        balances.c.balance_micros - balances.c.reserved_micros >= _NEED,
     )
     .values(
         reserved_micros=balances.c.reserved_micros + _AMOUNT,
         updated_at=bindparam("b_now", type_=balances.c.updated_at.type),
     )
 )
-_HOLD_KEY = prebuilt(
+HOLD_KEY = prebuilt(
     update(api_keys)
     .where(
         api_keys.c.id == bindparam("b_key"),
         api_keys.c.spend_cap_micros.is_(None)
-        | (api_keys.c.spend_cap_micros - api_keys.c.spent_micros - api_keys.c.reserved_micros >= _AMOUNT),
+        | (api_keys.c.spend_cap_micros - api_keys.c.spent_micros - api_keys.c.reserved_micros >= _NEED),
     )
     .values(reserved_micros=api_keys.c.reserved_micros + _AMOUNT)
 )
