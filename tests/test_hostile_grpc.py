@@ -633,13 +633,14 @@ async def test_admin_lists_are_paged(hostile):
 async def test_reservations_are_paged(hostile):
     credits = hostile.gateway.accounts.credits
     owner = await ensure_owner(hostile.gateway.accounts.db, "user", f"held{os.urandom(3).hex()}")
-    billing = credits.billing_enabled
-    credits.billing_enabled = True
+    billing, blocks = credits.billing_enabled, credits.blocks
+    # Five reservations of their own (not draws from one credit block): five rows to page.
+    credits.billing_enabled, credits.blocks = True, None
     try:
         await credits.grant(owner.id, 10_000_000)
         held = [await credits.reserve(owner.id, 1_000) for _ in range(5)]
     finally:
-        credits.billing_enabled = billing
+        credits.billing_enabled, credits.blocks = billing, blocks
     try:
         pages = await _pages(
             hostile,
