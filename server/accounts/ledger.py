@@ -302,8 +302,11 @@ class Ledger:
         sqlite = self._db.backend == "sqlite"
         if sqlite and settles_nothing and len(batch) <= _SQLITE_ROWS_PER_STATEMENT:
             results = await self._write_alone(batch)
-        elif not sqlite and settles_nothing and len(batch) <= _ROWS_PER_INSERT:
-            # Nothing to settle: the batch is one INSERT, committed on its own.
+        elif not sqlite and settles_nothing and len(batch) == 1:
+            # One record, nothing to settle: one INSERT committed on its own, without
+            # BEGIN and COMMIT. Only one: batches of several written that way cost the
+            # gateway 1.2x CPU per call and 0.85x calls per second at 16 connections
+            # against a transaction (paired A/B); a single record gains a little.
             async with self._db.write_one_statement() as conn:
                 results = await self._write_in(conn, batch)
         else:
