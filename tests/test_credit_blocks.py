@@ -252,3 +252,17 @@ async def test_a_call_that_can_cost_nothing_reserves_its_own(db: Database) -> No
     free = await credits.reserve(owner, 0, request_id="z")
     assert not free.drawn
     assert [request_id for _, _, request_id in await _rows(db)] == ["z"]
+
+
+async def test_holders_refused_a_block_are_forgotten_once_their_wait_is_over(
+    db: Database,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(credit_blocks, "IDLE_S", 0.0)  # a refusal's wait is over at once
+    monkeypatch.setattr(credit_blocks, "REFUSED_KEPT", 3)
+    credits, ledger = _blocks(db)
+    for name in ("a", "b", "c", "d", "e"):
+        owner = await _owner(db, name)
+        await credits.grant(owner, 2 * CREDIT)  # too little for a block of 4: each call reserves its own
+        assert await _call(credits, ledger, owner, f"{name}1", CREDIT, CREDIT) == CREDIT
+    assert credits.blocks is not None and len(credits.blocks._refused_until) <= 3

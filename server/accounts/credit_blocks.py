@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 BLOCK_SHARE = 8
 # A block nothing has drawn from for this long is given back.
 IDLE_S = 5.0
+# Refused holders remembered before the expired ones are dropped (the memory stays flat).
+REFUSED_KEPT = 1024
 
 Holder = tuple[str, str | None]  # (owner id, key id)
 InsertRow = Callable[[Executor, Reservation], Awaitable[None]]
@@ -157,7 +159,7 @@ class CreditBlocks:
         try:
             await self._db.write_grouped(lambda conn: self._grow(conn, block, amount, new=new), synced=False)
         except _Refused:
-            self._refused_until[(block.owner_id, block.key_id)] = time.monotonic() + IDLE_S
+            self._remember_refused((block.owner_id, block.key_id))
             await self._give_back_if_idle(block, refilling=True)
             return False
         except _Lost:
@@ -171,6 +173,12 @@ class CreditBlocks:
         block.held += amount
         self._start_idle_keeper()
         return True
+
+    def _remember_refused(self, holder: Holder) -> None:
+        now = time.monotonic()
+        if len(self._refused_until) >= REFUSED_KEPT:
+            self._refused_until = {h: until for h, until in self._refused_until.items() if until > now}
+        self._refused_until[holder] = now + IDLE_S
 
     async def _grow(self, conn: Executor, block: _Block, amount: int, *, new: bool) -> None:
         # The lock order of a settlement (server.accounts.credits): the block's row
