@@ -7,7 +7,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := python3
 
 
-.PHONY: setup run test pytest postgres redis prometheus bench soak generate check-generated lint typecheck buf-lint buf-breaking clean go-toolchain go-client ui check-ui chromium
+.PHONY: setup run test pytest postgres redis prometheus bench ab soak generate check-generated lint typecheck buf-lint buf-breaking clean go-toolchain go-client ui check-ui chromium
 
 setup: .venv/.installed node_modules/.installed
 
@@ -83,6 +83,10 @@ pytest: setup
 
 bench: setup
 	$(PY) -m tests.bench
+
+# Paired A/B of two gateways loaded in turn (tests/bench/ab.py): ARGS="--b-repo ../wt-b".
+ab: setup
+	$(PY) -m tests.bench.ab $(ARGS)
 
 # Memory over a long run (default 1M requests, about an hour here): RSS of every
 # process every 5 %, its slope, a verdict. Not part of `make test`; ARGS="--requests 200000".

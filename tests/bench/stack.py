@@ -97,7 +97,7 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return f"(no log at {path})"
 
 
-def _gateway_env(work_dir: Path, billing: bool = False) -> dict[str, str]:
+def _gateway_env(work_dir: Path, billing: bool = False, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, "AIGNE_HUB_DATA_DIR": str(work_dir / "data"), "AIGNE_HUB_METRICS_ENABLED": "false"}
     for name in (
         "AIGNE_HUB_CONFIG",
@@ -109,7 +109,7 @@ def _gateway_env(work_dir: Path, billing: bool = False) -> dict[str, str]:
         env.pop(name, None)
     if billing:
         env["AIGNE_HUB_BILLING_ENABLED"] = "true"
-    return env
+    return {**env, **(extra or {})}
 
 
 # Billing on: rates for the fake's models (credits per million tokens) and a balance
@@ -121,13 +121,13 @@ BILLING_SETUP = (
 )
 
 
-async def _cli(work_dir: Path, *args: str) -> bytes:
-    """`aigne-hub ARGS` in the bench's own data dir; its standard output."""
+async def _cli(work_dir: Path, *args: str, repo: Path = REPO, env: dict[str, str] | None = None) -> bytes:
+    """`aigne-hub ARGS` of the checkout `repo`, in the bench's own data dir; its standard output."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         *("-m", "server.cli", *args),
-        cwd=REPO,
-        env=_gateway_env(work_dir),
+        cwd=repo,
+        env=_gateway_env(work_dir, extra=env),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -137,35 +137,46 @@ async def _cli(work_dir: Path, *args: str) -> bytes:
     return stdout
 
 
-async def create_key(work_dir: Path) -> str:
+async def create_key(work_dir: Path, repo: Path = REPO, env: dict[str, str] | None = None) -> str:
     """A key made with `aigne-hub keys create`, in the bench's own data dir."""
-    stdout = await _cli(work_dir, "keys", "create", "--owner", "project:bench", "--name", "bench", "--json")
+    args = ("keys", "create", "--owner", "project:bench", "--name", "bench", "--json")
+    stdout = await _cli(work_dir, *args, repo=repo, env=env)
     secret: str = json.loads(stdout)["secret"]
     return secret
 
 
 @contextlib.asynccontextmanager
 async def gateway(
-    work_dir: Path, fake_url: str, api_key: str, workers: int, paced_url: str | None = None, *, billing: bool = False
+    work_dir: Path,
+    fake_url: str,
+    api_key: str,
+    workers: int,
+    paced_url: str | None = None,
+    *,
+    billing: bool = False,
+    repo: Path = REPO,
+    env: dict[str, str] | None = None,
+    name: str | None = None,
 ) -> AsyncIterator[Gateway]:
-    """`aigne-hub serve --workers W`, ready; stopped with SIGTERM on exit. `billing`:
-    with AIGNE_HUB_BILLING_ENABLED=true, after BILLING_SETUP (rates and a balance in
-    the shared data dir, which billing-off gateways ignore)."""
+    """`aigne-hub serve --workers W` of the checkout `repo`, ready; stopped with SIGTERM
+    on exit. `billing`: with AIGNE_HUB_BILLING_ENABLED=true, after BILLING_SETUP (rates
+    and a balance in the shared data dir, which billing-off gateways ignore). `env`:
+    variables set for it (and its CLI calls) over the bench's own."""
     config_path = work_dir / "gateway.yaml"
     config_path.write_text(gateway_config(fake_url, paced_url))
     if billing:
         for args in BILLING_SETUP:
-            await _cli(work_dir, *args)
+            await _cli(work_dir, *args, repo=repo, env=env)
     rest_port, admin_port = free_port(), free_port()
-    name = f"{workers}w" + ("-billing" if billing else "")
+    name = name or f"{workers}w" + ("-billing" if billing else "")
     out = work_dir / f"serve-{name}.out"
     with out.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             *("-m", "server.cli", "serve", f"--workers={workers}", f"--config={config_path}"),
             *(f"--rest-port={rest_port}", f"--grpc-port={free_port()}", f"--admin-port={admin_port}"),
-            cwd=REPO,
-            env=_gateway_env(work_dir, billing),
+            cwd=repo,
+            env=_gateway_env(work_dir, billing, env),
             stdout=log,
             stderr=log,
             stdin=asyncio.subprocess.DEVNULL,
