@@ -1,8 +1,9 @@
 """`python -m tests.bench [--quick] [--duration S] [--connections 1,16,64] [--workers N]
-[--only fake,1w,Nw,billing,litellm]`: one table for the fake upstream called directly,
+[--only fake,1w,Nw,billing,pg,litellm]`: one table for the fake upstream called directly,
 the gateway (`aigne-hub serve`) with 1 and N workers (a trivial RPC through Envoy, chat, a
 20-chunk SSE stream), chat with one worker and billing on (rates, a balance: each call
-reserves and settles credits), and LiteLLM when the side-by-side kit (../shared/bench) is
+reserves and settles credits), chat with one worker on PostgreSQL (billing off and on;
+`pg`, when PostgreSQL is reachable at BENCH_POSTGRES_URL), and LiteLLM when the side-by-side kit (../shared/bench) is
 set up; under it, each one's time to a stream's first event at one connection
 (first_chunk.py). All targets run at once and are loaded in turn, those compared next to
 each other (measure.py says how each row's window is counted)."""
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import platform
 import subprocess
@@ -30,7 +32,7 @@ from tests.bench.measure import Phase, Target, fake_targets, gateway_targets, li
 DEFAULT_SECONDS, QUICK_SECONDS = 8.0, 1.0
 DEFAULT_WARMUP, QUICK_WARMUP = 2.0, 1.0
 # The fake always runs: it is every other row's baseline.
-GROUPS = ("fake", "1w", "Nw", "billing", "litellm")
+GROUPS = ("fake", "1w", "Nw", "billing", "pg", "litellm")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -153,6 +155,11 @@ async def run_all(args: argparse.Namespace, wrk_path: str, work_dir: Path) -> li
                 label="1w billing on" if billing else None,
             )
             targets += [t for t in found if not billing or t.key.endswith("-chat")]
+        if "pg" in args.only:
+            try:
+                targets += await postgres_targets(running, work_dir, fake.url, gateways)
+            except RuntimeError as exc:
+                print(f"  (PostgreSQL rows skipped: {exc})", flush=True)
         if "litellm" in args.only:
             if stack.litellm_installed():
                 lite = await running.enter_async_context(stack.litellm(fake.port))
@@ -163,10 +170,35 @@ async def run_all(args: argparse.Namespace, wrk_path: str, work_dir: Path) -> li
         FIRST.append(await first_chunk("fake", f"{paced.url}/v1/chat/completions", "x", requests=streams))
         for gateway in gateways:
             MEMORY.append(f"  {gateway.name}: " + ", ".join(procstat.describe(gateway.pids())))
-            if not gateway.name.endswith("billing"):
+            if not gateway.name.endswith("billing") and "-pg" not in gateway.name:
                 chat_url = f"{gateway.url}/v1/chat/completions"
                 FIRST.append(await first_chunk(gateway.name, chat_url, "paced/gpt-4o-mini", gateway.api_key, streams))
     return phases
+
+
+async def postgres_targets(
+    running: contextlib.AsyncExitStack, work_dir: Path, fake_url: str, gateways: list[stack.Gateway]
+) -> list[Target]:
+    """Chat with one worker on PostgreSQL, billing off and on, each gateway with a
+    database of its own; their CPU counts PostgreSQL's backends serving them too."""
+    targets = []
+    for billing in (False, True):
+        name = "1w-pg-billing" if billing else "1w-pg"
+        url = await running.enter_async_context(stack.postgres_database())
+        env = {"AIGNE_HUB_DATABASE_URL": url}
+        home = work_dir / name
+        home.mkdir()
+        await stack.cli(home, "migrate", env=env)
+        key = await stack.create_key(home, env=env)
+        gateway = await running.enter_async_context(
+            stack.gateway(home, fake_url, key, 1, billing=billing, env=env, name=name)
+        )
+        gateways.append(gateway)
+        label = "1w PostgreSQL" + (" billing on" if billing else "")
+        backends = functools.partial(stack.postgres_backends, url)
+        found = gateway_targets(name, gateway.url, key, gateway.pids, status=False, label=label, also_cpu=backends)
+        targets += [t for t in found if t.key.endswith("-chat")]
+    return targets
 
 
 # RSS of each process of each gateway after its runs, printed under the table.

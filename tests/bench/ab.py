@@ -79,7 +79,7 @@ async def _side(
     home = work / side.name
     home.mkdir()
     if "AIGNE_HUB_DATABASE_URL" in side.env:
-        await stack._cli(home, "migrate", repo=side.repo, env=side.env)
+        await stack.cli(home, "migrate", repo=side.repo, env=side.env)
     key = await stack.create_key(home, side.repo, side.env)
     gateway = await running.enter_async_context(
         stack.gateway(

@@ -40,6 +40,9 @@ class Target:
     pids: Callable[[], list[int]]
     # The key of the target whose latency this one adds to ("" for none).
     baseline: str = ""
+    # Other processes whose CPU counts too, not their memory (PostgreSQL's backends
+    # serving the target), read at the start of the measured window.
+    also_cpu: Callable[[], list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,14 @@ def fake_targets(fake_url: str, fake_pid: int | None) -> list[Target]:
 
 
 def gateway_targets(
-    name: str, url: str, key: str, pids: Callable[[], list[int]], *, status: bool, label: str | None = None
+    name: str,
+    url: str,
+    key: str,
+    pids: Callable[[], list[int]],
+    *,
+    status: bool,
+    label: str | None = None,
+    also_cpu: Callable[[], list[int]] | None = None,
 ) -> list[Target]:
     chat_url = f"{url}/v1/chat/completions"
     found = []
@@ -104,6 +114,7 @@ def gateway_targets(
             wrk.Request(chat_url, FAKE_CONTENT, "POST", chat_body("json/gpt-4o-mini"), key),
             pids,
             "fake",
+            also_cpu,
         ),
         # [DONE] comes last: seeing it proves the whole stream crossed the gateway.
         Target(
@@ -112,6 +123,7 @@ def gateway_targets(
             wrk.Request(chat_url, DONE, "POST", chat_body("sse/gpt-4o-mini", True), key),
             pids,
             "fake-sse",
+            also_cpu,
         ),
     ]
     return found
@@ -159,6 +171,9 @@ async def _measure_window(
 
     async def mark(second: int) -> None:
         await asyncio.sleep(max(0.0, second - time.time()))
+        if second == first and target.also_cpu is not None:
+            # Once the load has settled: a pool opens its connections under load.
+            pids.extend(await asyncio.to_thread(target.also_cpu))
         marks[second] = (procstat.tree_cpu_seconds(pids), *procstat.machine_cpu_seconds())
 
     marking = [asyncio.create_task(mark(edge)) for edge in (first, first + window)]

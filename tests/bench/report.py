@@ -16,10 +16,11 @@ LEGEND = (
     "  settled (tests/bench/measure.py); p50/p99: wrk's latency to the last byte, over the whole run;\n"
     "  +p50/+p99: over the fake called directly with the same body and connections (the latency the target adds);\n"
     "  CPU ms/req: CPU time of ALL the target's processes (gateway: serve + its workers + its Envoy; LiteLLM: its\n"
-    "  processes; fake: its Envoy) in the window, per request completed in it; RSS: their resident memory\n"
-    "  summed after the runs (pages they share, such as forked workers' code, count in each); busy: cores the\n"
-    "  whole machine kept busy in the window (wrk, the fake and the idle targets included); failed: non-2xx +\n"
-    "  socket errors + unexpected bodies, over the whole run."
+    "  processes; fake: its Envoy; PostgreSQL rows: also the PostgreSQL backends serving the gateway, not the\n"
+    "  server's background writers) in the window, per request completed in it; RSS: their resident memory\n"
+    "  (the gateway's only) summed after the runs (pages they share, such as forked workers' code, count in\n"
+    "  each); busy: cores the whole machine kept busy in the window (wrk, the fake and the idle targets\n"
+    "  included); failed: non-2xx + socket errors + unexpected bodies, over the whole run."
 )
 
 
@@ -60,6 +61,18 @@ def ratios(phases: Sequence[Phase], workers: int, connections: Sequence[int]) ->
             parts.append(
                 f"chat billing on/off (1w) CPU/req {billed.cpu_ms_per_request / chat.cpu_ms_per_request:.2f}x, "
                 f"req/s {billed.result.rps / chat.result.rps:.2f}x"
+            )
+        pg, pg_billed = by_key.get(("1w-pg-chat", n)), by_key.get(("1w-pg-billing-chat", n))
+        if pg and chat and chat.result.rps and chat.cpu_ms_per_request:
+            parts.append(
+                f"chat PostgreSQL/SQLite (1w) CPU/req {pg.cpu_ms_per_request / chat.cpu_ms_per_request:.2f}x, "
+                f"req/s {pg.result.rps / chat.result.rps:.2f}x"
+            )
+        if pg and pg_billed and pg.result.rps and pg.cpu_ms_per_request:
+            parts.append(
+                f"chat billing on/off (1w, PostgreSQL) CPU/req "
+                f"{pg_billed.cpu_ms_per_request / pg.cpu_ms_per_request:.2f}x, "
+                f"req/s {pg_billed.result.rps / pg.result.rps:.2f}x"
             )
         status = by_key.get(("1w-status", n))
         if status and chat and status.result.rps:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from sqlalchemy.engine import make_url
 
 from server.bridge.process import EnvoyProcess
 from tests.bench import procstat
@@ -30,6 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 KIT = REPO.parent / "shared" / "bench"
 BENCH_HOME = Path(os.environ.get("BENCH_HOME", "/tmp/bench"))
 LITELLM_KEY = os.environ.get("BENCH_API_KEY", "sk-bench-0123456789abcdef0123456789abcdef")
+# The PostgreSQL server of the `pg` rows: a database of their own is made there and dropped.
+POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ BILLING_SETUP = (
 )
 
 
-async def _cli(work_dir: Path, *args: str, repo: Path = REPO, env: dict[str, str] | None = None) -> bytes:
+async def cli(work_dir: Path, *args: str, repo: Path = REPO, env: dict[str, str] | None = None) -> bytes:
     """`aigne-hub ARGS` of the checkout `repo`, in the bench's own data dir; its standard output."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -140,7 +144,7 @@ async def _cli(work_dir: Path, *args: str, repo: Path = REPO, env: dict[str, str
 async def create_key(work_dir: Path, repo: Path = REPO, env: dict[str, str] | None = None) -> str:
     """A key made with `aigne-hub keys create`, in the bench's own data dir."""
     args = ("keys", "create", "--owner", "project:bench", "--name", "bench", "--json")
-    stdout = await _cli(work_dir, *args, repo=repo, env=env)
+    stdout = await cli(work_dir, *args, repo=repo, env=env)
     secret: str = json.loads(stdout)["secret"]
     return secret
 
@@ -166,7 +170,7 @@ async def gateway(
     config_path.write_text(gateway_config(fake_url, paced_url))
     if billing:
         for args in BILLING_SETUP:
-            await _cli(work_dir, *args, repo=repo, env=env)
+            await cli(work_dir, *args, repo=repo, env=env)
     rest_port, admin_port = free_port(), free_port()
     name = name or f"{workers}w" + ("-billing" if billing else "")
     out = work_dir / f"serve-{name}.out"
@@ -217,6 +221,44 @@ async def _stop(process: asyncio.subprocess.Process, timeout_s: float = 60.0) ->
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def postgres_database(prefix: str = "aigne_bench") -> AsyncIterator[str]:
+    """A new, empty database on POSTGRES_URL's server (its URL), dropped on exit.
+    RuntimeError when the server cannot be reached."""
+    import asyncpg  # here: only the `pg` rows need it
+
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    try:
+        admin = await asyncpg.connect(POSTGRES_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise RuntimeError(f"PostgreSQL is not reachable at {POSTGRES_URL} ({exc})") from exc
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def postgres_backends(url: str) -> list[int]:
+    """The pids of PostgreSQL's backends connected to `url`'s database (the server's
+    processes that work for the gateway: their CPU counts in its rows)."""
+    import asyncpg
+
+    async def query() -> list[int]:
+        connection = await asyncpg.connect(POSTGRES_URL, timeout=5)
+        try:
+            rows = await connection.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                make_url(url).database,
+            )
+        finally:
+            await connection.close()
+        return [int(row["pid"]) for row in rows]
+
+    return asyncio.run(query())
 
 
 def litellm_installed() -> bool:
