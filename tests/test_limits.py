@@ -25,6 +25,7 @@ from aigne.hub.v1 import chat_service_pb2 as chat_pb
 from aigne.hub.v1 import chat_service_pb2_grpc as chat_grpc
 from aigne.hub.v1 import status_service_pb2 as status_pb
 from aigne.hub.v1 import status_service_pb2_grpc as status_grpc
+from server.accounts.credits import Usage
 from server.accounts.owners import ensure_owner
 from server.app import Gateway, start_gateway
 from server.config import GatewayConfig, Settings
@@ -206,6 +207,32 @@ async def test_a_concurrency_limit_of_2_holds_10_slow_streams_to_2_at_the_upstre
         await fake_openai.wait_until(lambda: fake_openai.open_streams == 0, 10)
         after = await asyncio.gather(*(stream(stub) for _ in range(2)))
         assert all(isinstance(r, int) for r in after), after
+
+
+async def test_a_calls_worst_case_is_worked_out_only_when_a_token_limit_applies(limited: Gateway) -> None:
+    # Working it out walks the whole request (a long conversation: every message); with
+    # billing off and no token limit nothing reads it, so no call may pay for it.
+    worked_out: list[str] = []
+
+    def worst() -> Usage:
+        worked_out.append("worst case")
+        return Usage(input_tokens=10, output_tokens=20)
+
+    def prompt() -> int:
+        worked_out.append("prompt")
+        return 10
+
+    for limits in ({}, {"rpm": 1000}, {"tpm": 100_000}):
+        worked_out.clear()
+        key_id, _ = await _key(limited, **limits)
+        record = await limited.accounts.keys.get_key(key_id)
+        assert record is not None
+        async with limited.accounts.meter(record, "openai", "gpt-4o-mini", "chat", worst, prompt_tokens=prompt):
+            pass
+        if "tpm" in limits:
+            assert "worst case" in worked_out or "prompt" in worked_out, "a token limit reserves the call's tokens"
+        else:
+            assert worked_out == [], f"worked out without a token limit ({limits}): {worked_out}"
 
 
 async def test_limit_changes_apply_and_removal_lifts_them(limited: Gateway) -> None:

@@ -409,9 +409,9 @@ class Meter:
         limiter = self._accounts.limiter
         if limiter is None or self._key is None:
             return
-        worst = self._worst_case
 
-        def tokens() -> int:  # worked out only when a limit applies to the call
+        def tokens() -> int:  # worked out only when a token limit applies to the call
+            worst = self._worst_case  # (it walks the whole request: not for every call)
             return (self._prompt_tokens or worst.input_tokens) + worst.output_tokens
 
         self._admission = await limiter.admit(self._key.id, self._key.owner_id, self._model, self._public_model, tokens)

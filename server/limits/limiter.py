@@ -193,12 +193,13 @@ class Limiter:
     ) -> Admission | None:
         """Admits the call or raises RateLimited / RateLimitsUnavailable; None when no
         limit applies. `tokens`, the call's token reservation, may be a function: it is
-        then worked out only when a limit applies (a long prompt's estimate walks it)."""
+        then worked out only when a token limit applies (a long prompt's estimate walks it)."""
         rules = [r for r in await self._rules(key_id, owner_id) if r.matches(model, public_model)]
         if not rules:
             return None
         if not isinstance(tokens, int):
-            tokens = tokens()
+            # Only a token limit reads it (an RPM or concurrency limit counts the call).
+            tokens = tokens() if any(rule.tpm is not None for rule in rules) else 1
         counters = tuple(self._counters(rules, max(tokens, 1)))
         if not counters:
             return None
