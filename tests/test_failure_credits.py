@@ -444,6 +444,8 @@ async def test_list_reservations_over_grpc_and_rest(slow_upstream: FakeOpenAI, t
             after = await listed_over_rest()
             bad_owner = await rest.get("/admin/reservations", params={"owner": "viewer"})
         assert held["owner"] == "user:viewer" and held["key_id"] == key.id and held["request_id"]
+        assert held["kind"] == "RESERVATION_KIND_CALL", "a balance of 10 is too small for a block"
+        assert [r.kind for r in over_grpc.reservations] == [admin_pb.RESERVATION_KIND_CALL] * 2
         assert float(held["amount"]) > 0 and held["expire_time"] > held["create_time"]
         assert [(r.id, r.owner) for r in over_grpc.reservations] == [
             (elsewhere.id, "user:bystander"),
@@ -456,6 +458,39 @@ async def test_list_reservations_over_grpc_and_rest(slow_upstream: FakeOpenAI, t
         assert "user:NAME" in bad_owner.json()["error"]["message"]
         [record] = await gateway.accounts.ledger.records(key_id=key.id)
         assert record.request_id == held["request_id"]
+    finally:
+        await bridge.envoy.stop()
+        await gateway.stop(0.5)
+
+
+async def test_a_credit_block_is_listed_as_one(slow_upstream: FakeOpenAI, tmp_path: Path) -> None:
+    # After a call, its process keeps the block it drew from (for the next calls) for a
+    # few seconds: an idle owner then shows credits reserved, which the list must explain.
+    slow_upstream.slow_seconds = 0.0
+    gateway = await billing_gateway(f"sqlite:///{tmp_path / 'hub.db'}", slow_upstream, admin_token=ADMIN_TOKEN)
+    bridge = await start_bridge(gateway.port, tmp_path / "envoy")
+    try:
+        owner = await ensure_owner(gateway.accounts.db, "user", "blocky")
+        await gateway.accounts.credits.grant(owner.id, 1_000_000 * CREDIT)
+        key, secret = await gateway.accounts.keys.create_key(owner.id, "blocky")
+        target = f"127.0.0.1:{gateway.port}"
+        async with (
+            grpc.aio.insecure_channel(target, interceptors=bearer_interceptors(secret)) as user_channel,
+            grpc.aio.insecure_channel(target, interceptors=bearer_interceptors(ADMIN_TOKEN)) as admin_channel,
+            httpx.AsyncClient(base_url=bridge.rest_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as rest,
+        ):
+            await chat_grpc.ChatServiceStub(user_channel).CreateChatCompletion(chat_request("openai/slow"), timeout=30)
+            listed = await admin_grpc.AdminServiceStub(admin_channel).ListReservations(
+                admin_pb.ListReservationsRequest()
+            )
+            over_rest = (await rest.get("/admin/reservations", params={"owner": "user:blocky"})).json()
+        [block] = listed.reservations
+        assert block.kind == admin_pb.RESERVATION_KIND_BLOCK and block.id.startswith("blk_")
+        assert block.owner == "user:blocky" and block.key_id == key.id and block.request_id == ""
+        assert float(block.amount) > 0, "what the next calls may draw"
+        assert [(r["id"], r["kind"]) for r in over_rest["reservations"]] == [(block.id, "RESERVATION_KIND_BLOCK")]
+        [record] = await gateway.accounts.ledger.records(key_id=key.id)
+        assert record.credits_micros > 0, "the call was charged from the block"
     finally:
         await bridge.envoy.stop()
         await gateway.stop(0.5)
@@ -479,12 +514,13 @@ async def test_cli_lists_and_releases_reservations(tmp_path: Path) -> None:
         await store.close()
 
     listed = json.loads((await cli(env, "credits", "reservations", "--json"))[1])
-    assert [(r["id"], r["owner_id"], r["amount"], r["request_id"]) for r in listed] == [
-        (lapsed.id, "user:ann", "1.000000", "req-lapsed"),
-        (live.id, "user:bob", "2.000000", "req-live"),
+    assert [(r["id"], r["kind"], r["owner_id"], r["amount"], r["request_id"]) for r in listed] == [
+        (lapsed.id, "call", "user:ann", "1.000000", "req-lapsed"),
+        (live.id, "call", "user:bob", "2.000000", "req-live"),
     ]
     table = (await cli(env, "credits", "reservations", "--owner", "user:bob"))[1].splitlines()
-    assert table[0].split() == ["id", "owner_id", "key_id", "amount", "request_id", "created_at", "expires_at"]
+    header = ["id", "kind", "owner_id", "key_id", "amount", "request_id", "created_at", "expires_at"]
+    assert table[0].split() == header
     assert len(table) == 2 and live.id in table[1] and "2.000000" in table[1]
     code, _, stderr = await cli(env, "credits", "reservations", "--owner", "bob", ok=False)
     assert code != 0 and "user:NAME" in stderr

@@ -217,6 +217,7 @@ async def _reservations(args: argparse.Namespace, service: CreditService) -> Non
     rows = [
         {
             "id": r.id,
+            "kind": "block" if r.is_block else "call",
             "owner_id": r.owner_id,
             "key_id": r.key_id or "",
             "amount": format_credits(r.amount_micros),
@@ -226,7 +227,7 @@ async def _reservations(args: argparse.Namespace, service: CreditService) -> Non
         }
         for r in await service.list_reservations(args.owner)
     ]
-    _table(args, rows, ["id", "owner_id", "key_id", "amount", "request_id", "created_at", "expires_at"])
+    _table(args, rows, ["id", "kind", "owner_id", "key_id", "amount", "request_id", "created_at", "expires_at"])
 
 
 async def _usage(args: argparse.Namespace, ledger: Ledger) -> None:

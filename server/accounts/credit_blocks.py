@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import BigInteger, bindparam, update
 
-from server.accounts.credits import HOLD_BALANCE, HOLD_KEY, Reservation
+from server.accounts.credits import BLOCK_ID_PREFIX, HOLD_BALANCE, HOLD_KEY, Reservation
 from server.storage.database import Database
 from server.storage.inline import Executor, prebuilt
 from server.storage.schema import reservations, utcnow
@@ -141,7 +141,8 @@ class CreditBlocks:
             del self._refused_until[holder]
         block = self._by_holder.get(holder)
         if block is None:
-            block = _Block(uuid.uuid4().hex, owner_id, key_id, held=0)
+            # (The id column holds 32 characters: the prefix and 112 random bits.)
+            block = _Block(BLOCK_ID_PREFIX + uuid.uuid4().hex[: 32 - len(BLOCK_ID_PREFIX)], owner_id, key_id, held=0)
             self._by_holder[holder] = block
             self._by_id[block.id] = block
         async with block.refilling:

@@ -222,6 +222,11 @@ class Balance:
         return self.balance_micros - self.reserved_micros
 
 
+# The ids of credit blocks' rows (server.accounts.credit_blocks) start with this; a
+# call's reservation id is 32 hex digits, so it never does.
+BLOCK_ID_PREFIX = "blk_"
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """Credits held for one call. `id` is None when nothing was reserved (billing off).
@@ -239,6 +244,11 @@ class Reservation:
     # When the hold lapses (None: not stored, billing off).
     expires_at: datetime | None = None
     drawn: bool = False
+
+    @property
+    def is_block(self) -> bool:
+        """Whether this is a credit block's row rather than one call's hold."""
+        return self.id is not None and self.id.startswith(BLOCK_ID_PREFIX)
 
 
 class CreditService:

@@ -524,6 +524,7 @@ def reservation_message(held: Reservation) -> admin_pb.Reservation:
         request_id=held.request_id or "",
         create_time=timestamp_message(held.created_at),
         expire_time=timestamp_message(held.expires_at),
+        kind=admin_pb.RESERVATION_KIND_BLOCK if held.is_block else admin_pb.RESERVATION_KIND_CALL,
     )
 
 

@@ -11,6 +11,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +22,38 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ReservationKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReservationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReservationKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESERVATION_KIND_UNSPECIFIED: _ReservationKind.ValueType  # 0
+    """Not used."""
+    RESERVATION_KIND_CALL: _ReservationKind.ValueType  # 1
+    """One call's worst-case cost, held until its usage record settles it."""
+    RESERVATION_KIND_BLOCK: _ReservationKind.ValueType  # 2
+    """A credit block: credits a serving process holds for the next calls of one owner
+    and key (`AIGNE_HUB_CREDIT_BLOCK_CALLS` calls' worst cases), which they draw from
+    without a transaction each. Settled calls shrink it; the process gives it back
+    after a few seconds unused and when it stops. An idle owner may show one.
+    """
+
+class ReservationKind(_ReservationKind, metaclass=_ReservationKindEnumTypeWrapper):
+    """What a reservation holds credits for."""
+
+RESERVATION_KIND_UNSPECIFIED: ReservationKind.ValueType  # 0
+"""Not used."""
+RESERVATION_KIND_CALL: ReservationKind.ValueType  # 1
+"""One call's worst-case cost, held until its usage record settles it."""
+RESERVATION_KIND_BLOCK: ReservationKind.ValueType  # 2
+"""A credit block: credits a serving process holds for the next calls of one owner
+and key (`AIGNE_HUB_CREDIT_BLOCK_CALLS` calls' worst cases), which they draw from
+without a transaction each. Settled calls shrink it; the process gives it back
+after a few seconds unused and when it stops. An idle owner may show one.
+"""
+Global___ReservationKind: _TypeAlias = ReservationKind  # noqa: Y015
 
 @_typing.final
 class ApiKey(_message.Message):
@@ -868,6 +901,7 @@ class Reservation(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The reservation's identifier."""
     owner: _builtins.str
@@ -877,7 +911,11 @@ class Reservation(_message.Message):
     amount: _builtins.str
     """Output only. The credits held, a decimal string."""
     request_id: _builtins.str
-    """Output only. The request id of the call (as in the usage ledger)."""
+    """Output only. The request id of the call (as in the usage ledger); empty for a
+    credit block.
+    """
+    kind: Global___ReservationKind.ValueType
+    """Output only. What holds the credits: one call, or a serving process's credit block."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the call reserved the credits."""
@@ -898,10 +936,11 @@ class Reservation(_message.Message):
         request_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___ReservationKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "key_id", b"key_id", "owner", b"owner", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "key_id", b"key_id", "kind", b"kind", "owner", b"owner", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
