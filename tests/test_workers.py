@@ -78,10 +78,11 @@ def run_dirs(pid: int) -> list[Path]:
     return list(Path(tempfile.gettempdir()).glob(f"aigne-hub-run-{pid}-*"))
 
 
-async def poll(predicate: Callable[[], bool], seconds: float, what: str) -> None:
+async def poll(predicate: Callable[[], bool], seconds: float, what: str, log: Callable[[], str] = str) -> None:
+    """Until `predicate` holds; fails after `seconds` saying `what`, with `log()` (a log's tail)."""
     deadline = time.monotonic() + seconds
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting until {what}"
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting until {what}\n{log()}"
         await asyncio.sleep(0.05)
 
 
@@ -246,9 +247,16 @@ async def test_a_killed_worker_is_routed_around_and_restarted(upstream, tmp_path
         for _ in range(30):  # sequential: none is in flight on the victim when it dies
             statuses.append((await chat(client, served.rest_url)).status_code)
     assert statuses == [200] * 30, statuses
-    await poll(lambda: len(served.workers()) == 2, 30, "the worker is restarted")
-    (restarted,) = set(served.workers()) - {survivor}
-    assert restarted != victim
+    # The restarted worker as the poll saw it (reading the processes again could race
+    # with another change and would hide which one the test is about).
+    found: list[int] = []
+
+    def restarted_found() -> bool:
+        found[:] = sorted(set(served.workers()) - {survivor, victim})
+        return len(found) == 1 and survivor in served.workers()
+
+    await poll(restarted_found, 30, "the worker is restarted", served.log_tail)
+    (restarted,) = found
     assert "exited unexpectedly" in served.log_path.read_text()
     # Envoy sends calls to the restarted worker again (its health check passes).
     seen_before = len(served.call_pids())
@@ -262,7 +270,7 @@ async def test_a_killed_worker_is_routed_around_and_restarted(upstream, tmp_path
 
         deadline = time.monotonic() + 30
         while not await restarted_serves():
-            assert time.monotonic() < deadline, "the restarted worker never got a call"
+            assert time.monotonic() < deadline, f"the restarted worker never got a call\n{served.log_tail()}"
             await asyncio.sleep(0.5)
 
 
