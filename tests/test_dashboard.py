@@ -219,6 +219,7 @@ async def test_owner_sees_the_reservation_of_a_call_in_flight(stack, fake_openai
     [row] = seen["reservations"]
     assert number(row[1]) == Decimal(reservation.amount_micros) / 10**6 > 0
     assert row[2].startswith("ahk_")
+    assert row[4] == ("next calls (block)" if reservation.is_block else "a call")
     assert number(seen["reserved"]) == Decimal(reservation.amount_micros) / 10**6
 
 

@@ -35,7 +35,7 @@ export function Overview({ source, adminHint }) {
       <Section title="Balance" id="balance-title">
         <div class="stats">
           <Stat label="Balance (credits)" value={credits(balance.balance)} testid="balance" />
-          <Stat label="Reserved by calls in flight" value={credits(balance.reserved)} testid="reserved" />
+          <Stat label="Reserved (calls in flight, credit blocks)" value={credits(balance.reserved)} testid="reserved" />
           <Stat label="Available for new calls" value={credits(balance.available)} testid="available" />
         </div>
         {data.billing_enabled === false ? (
@@ -45,13 +45,15 @@ export function Overview({ source, adminHint }) {
       <Section title="Reservations" id="reservations-title">
         {data.reservations.length ? (
           <Table
-            caption="Credits held by calls in flight"
+            caption="Credits held by calls in flight and by credit blocks"
             testid="reservations"
             columns={[
               { label: "Since", render: (r) => time(r.create_time) },
               { label: "Credits", num: true, render: (r) => credits(r.amount) },
               { label: "Key", render: (r) => keysById[r.key_id]?.display || r.key_id || "—" },
               { label: "Lapses", render: (r) => time(r.expire_time) },
+              // A block: credits a serving process holds for the key's next calls (given back after a few seconds unused).
+              { label: "Held for", render: (r) => (r.kind === "RESERVATION_KIND_BLOCK" ? "next calls (block)" : "a call") },
             ]}
             rows={data.reservations}
           />
