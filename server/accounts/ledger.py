@@ -44,10 +44,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from sqlalchemy import ColumnElement, case, func, select, tuple_
+import orjson
+from sqlalchemy import ColumnElement, case, func, select, text, tuple_
 
 from server.accounts.credits import (
     CreditService,
@@ -58,6 +59,7 @@ from server.accounts.credits import (
     take_reservations,
     undraw,
 )
+from server.accounts.errors import format_credits
 from server.errors import StorageUnavailable
 from server.storage.database import Database
 from server.storage.inline import ROWS_PER_STATEMENT, Executor, InlineConnection, insert_alone
@@ -74,6 +76,11 @@ GroupBy = Literal["key", "owner", "provider", "model", "day"]
 _ROWS_PER_INSERT = 1000
 # Rows in SQLite's one-statement group commit (server.storage.inline).
 _SQLITE_ROWS_PER_STATEMENT = ROWS_PER_STATEMENT
+# PostgreSQL: a batch that settles credits, written by one call of migration 0007's function.
+_RECORD_USAGE = text(
+    "SELECT recorded, charged, lost_block"
+    " FROM aigne_hub_record_usage(CAST(:records AS jsonb), CAST(:new_rows AS jsonb))"
+)
 _COUNTERS = (
     "input_tokens",
     "output_tokens",
@@ -302,6 +309,9 @@ class Ledger:
         sqlite = self._db.backend == "sqlite"
         if sqlite and settles_nothing and len(batch) <= _SQLITE_ROWS_PER_STATEMENT:
             results = await self._write_alone(batch)
+        elif not sqlite and any(p.reservation is not None and p.reservation.id is not None for p in batch):
+            async with self._db.write_one_statement() as conn:
+                results = await self._write_settling_in_one_statement(conn, batch)
         elif not sqlite and settles_nothing and len(batch) == 1:
             # One record, nothing to settle: one INSERT committed on its own, without
             # BEGIN and COMMIT. Only one: batches of several written that way cost the
@@ -326,6 +336,45 @@ class Ledger:
         return [
             Recorded(_inserted_here(pending, index, inserted, owner_of_row), 0) for index, pending in enumerate(batch)
         ]
+
+    async def _write_settling_in_one_statement(self, conn: Executor, batch: Sequence[_Pending]) -> list[Recorded]:
+        """PostgreSQL: `_write_in`'s work done by the database's function
+        `aigne_hub_record_usage` (migration 0007), one statement in autocommit: one
+        round trip where `_write_in` makes six for a record (BEGIN, the credit
+        block's row, the record, the balance, the key, COMMIT)."""
+        records = []
+        for pending in batch:
+            reservation = pending.reservation
+            held = reservation is not None and reservation.id is not None
+            drawn = bool(held and reservation and reservation.drawn)
+            cost = max(pending.usage.cost_micros, 0)
+            records.append(
+                {
+                    "request_id": _clip(pending.usage.request_id, "request_id"),
+                    "reservation": reservation.id if held and reservation else None,
+                    "drawn": drawn,
+                    # A draw: at most what it drew (a warning when the call cost more);
+                    # a call's own reservation: the function caps it at the row's amount.
+                    "charge": charge_for(_as_held(reservation), cost) if drawn and reservation else cost,
+                }
+            )
+        rows, owner_of_row = _unique_rows(batch, [0] * len(batch))
+        new_rows = [{"index": owner_of_row[request_id], "row": _json_row(row)} for request_id, row in rows.items()]
+        parameters = {"records": orjson.dumps(records).decode(), "new_rows": orjson.dumps(new_rows).decode()}
+        found = (await conn.execute(_RECORD_USAGE, parameters)).all()
+        results = []
+        for pending, record, (recorded, charged, lost_block) in zip(batch, records, found, strict=True):
+            if lost_block and pending.reservation is not None and pending.reservation.id is not None:
+                self._block_lost(pending.reservation.id)
+            cost = int(record["charge"] or 0)
+            if recorded and not record["drawn"] and record["reservation"] and charged < cost:
+                log.warning(
+                    "call cost %s credits but only %s were reserved; charging the reservation",
+                    format_credits(cost),
+                    format_credits(charged),
+                )
+            results.append(Recorded(bool(recorded), int(charged)))
+        return results
 
     async def _write_in(self, conn: Executor, batch: Sequence[_Pending]) -> list[Recorded]:
         # Lock order (see server.accounts.credits): reservations, usage, balances, keys.
@@ -594,6 +643,15 @@ def _row(usage: UsageRecord, credits_micros: int) -> dict[str, Any]:
     for name in _COUNTERS:
         row[name] = max(int(getattr(usage, name)), 0)
     return row
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A usage row for `aigne_hub_record_usage`: without `credits_micros` (the function
+    works it out), `created_at` as the naive UTC timestamp the column stores."""
+    values = {name: value for name, value in row.items() if name != "credits_micros"}
+    created_at: datetime = values["created_at"]
+    values["created_at"] = created_at.astimezone(UTC).replace(tzinfo=None).isoformat()
+    return values
 
 
 def _stored(row: Any) -> StoredUsage:

@@ -18,7 +18,7 @@ from server.storage.database import StorageError
 # Alembic's version table, renamed so that it cannot clash with an application's own.
 VERSION_TABLE = "aigne_hub_schema_version"
 # The newest migration in server/storage/migrations/versions (update with each one).
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 
 
 class SchemaOutOfDate(StorageError):

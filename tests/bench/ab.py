@@ -15,9 +15,13 @@ change).
 
 A checkout for the other side: `git worktree add ../wt-b <rev> --detach` and link this
 checkout's `.venv` into it (both sides run this checkout's interpreter; each runs its
-own `server/`). PostgreSQL: `--a-env AIGNE_HUB_DATABASE_URL=...` (an empty database of
-its own per side; `aigne-hub migrate` runs first). On PostgreSQL the CPU column counts
-the gateway's processes, not PostgreSQL's.
+own `server/`). PostgreSQL: `--postgres a|b|both` gives each such side a new database
+of its own on BENCH_POSTGRES_URL's server (migrated first, dropped at the end), and its
+CPU column then counts the PostgreSQL backends serving it too (the share printed as
+"db"); `--a-env AIGNE_HUB_DATABASE_URL=...` uses a database you made (its backends not
+counted).
+
+    python -m tests.bench.ab --postgres both --billing b --conns 16
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import math
 import statistics
 import sys
@@ -42,6 +47,7 @@ class Side:
     repo: Path
     env: dict[str, str]
     billing: bool
+    postgres: bool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--a-env", action="append", default=[], metavar="NAME=VALUE", help="a variable for A")
     parser.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE", help="a variable for B")
     parser.add_argument("--billing", choices=("none", "a", "b", "both"), default="none", help="which side bills")
+    parser.add_argument(
+        "--postgres", choices=("none", "a", "b", "both"), default="none", help="which side gets a PostgreSQL database"
+    )
     parser.add_argument("--kind", choices=("chat", "sse", "status"), default="chat", help="request kind")
     parser.add_argument("--conns", type=int, default=16, help="wrk connections")
     parser.add_argument("--rounds", type=int, default=8, help="rounds (A then B, or B then A)")
@@ -78,15 +87,19 @@ async def _side(
     """Starts `side`'s gateway (with a key of its own) and returns its target of `args.kind`."""
     home = work / side.name
     home.mkdir()
-    if "AIGNE_HUB_DATABASE_URL" in side.env:
-        await stack.cli(home, "migrate", repo=side.repo, env=side.env)
-    key = await stack.create_key(home, side.repo, side.env)
+    env = dict(side.env)
+    backends = None
+    if side.postgres:
+        url = await running.enter_async_context(stack.postgres_database(f"aigne_ab_{side.name.lower()}"))
+        env["AIGNE_HUB_DATABASE_URL"] = url
+        backends = functools.partial(stack.postgres_backends, url)
+    if "AIGNE_HUB_DATABASE_URL" in env:
+        await stack.cli(home, "migrate", repo=side.repo, env=env)
+    key = await stack.create_key(home, side.repo, env)
     gateway = await running.enter_async_context(
-        stack.gateway(
-            home, fake_url, key, args.workers, billing=side.billing, repo=side.repo, env=side.env, name=side.name
-        )
+        stack.gateway(home, fake_url, key, args.workers, billing=side.billing, repo=side.repo, env=env, name=side.name)
     )
-    found = gateway_targets(side.name, gateway.url, key, gateway.pids, status=True)
+    found = gateway_targets(side.name, gateway.url, key, gateway.pids, status=True, also_cpu=backends)
     return next(t for t in found if t.key == f"{side.name}-{args.kind}")
 
 
@@ -110,7 +123,8 @@ def _line(phase: Phase) -> str:
     result = phase.result
     cpu_ms = 1e3 * phase.cpu_s / max(result.requests, 1)
     p50_ms = result.p50_s * 1e3
-    return f"{result.rps:8.0f} req/s  p50 {p50_ms:7.2f} ms  CPU {cpu_ms:5.2f} ms/req  failed {result.failures}"
+    db = f" (db {1e3 * phase.also_cpu_s / max(result.requests, 1):4.2f})" if phase.target.also_cpu else ""
+    return f"{result.rps:8.0f} req/s  p50 {p50_ms:7.2f} ms  CPU {cpu_ms:5.2f}{db} ms/req  failed {result.failures}"
 
 
 async def _round(index: int, loads: list[tuple[Target, Path]], wrk_path: str, args: argparse.Namespace) -> Ratios:
@@ -128,8 +142,8 @@ async def _round(index: int, loads: list[tuple[Target, Path]], wrk_path: str, ar
 async def run(args: argparse.Namespace) -> int:
     wrk_path = wrk.ensure_installed()
     sides = [
-        Side("A", args.a_repo.resolve(), _env(args.a_env), args.billing in ("a", "both")),
-        Side("B", args.b_repo.resolve(), _env(args.b_env), args.billing in ("b", "both")),
+        Side(name, repo.resolve(), _env(env), args.billing in (side, "both"), args.postgres in (side, "both"))
+        for name, side, repo, env in (("A", "a", args.a_repo, args.a_env), ("B", "b", args.b_repo, args.b_env))
     ]
     with tempfile.TemporaryDirectory(prefix="aigne-ab-") as tmp:
         work = Path(tmp)

@@ -55,6 +55,8 @@ class Phase:
     # Cores the whole machine kept busy meanwhile (wrk, the fake and anything else
     # included): near the core count, a second worker has nothing left to use.
     machine_busy_cores: float = 0.0
+    # Of cpu_s, what the target's `also_cpu` processes took (PostgreSQL's backends).
+    also_cpu_s: float = 0.0
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -164,17 +166,22 @@ async def _measure_window(
     target: Target, script: Path, wrk_path: str, connections: int, seconds: float, settle_s: float
 ) -> Phase:
     pids = target.pids()
+    extra: list[int] = []
     window = max(1, round(seconds))
     started = time.time()
     first = math.ceil(started + settle_s)
-    marks: dict[int, tuple[float, float, float]] = {}
+    marks: dict[int, tuple[float, float, float, float]] = {}
 
     async def mark(second: int) -> None:
         await asyncio.sleep(max(0.0, second - time.time()))
         if second == first and target.also_cpu is not None:
             # Once the load has settled: a pool opens its connections under load.
-            pids.extend(await asyncio.to_thread(target.also_cpu))
-        marks[second] = (procstat.tree_cpu_seconds(pids), *procstat.machine_cpu_seconds())
+            extra.extend(await asyncio.to_thread(target.also_cpu))
+        marks[second] = (
+            procstat.tree_cpu_seconds(pids),
+            procstat.tree_cpu_seconds(extra),
+            *procstat.machine_cpu_seconds(),
+        )
 
     marking = [asyncio.create_task(mark(edge)) for edge in (first, first + window)]
     # Long enough that the window's last second ends before wrk stops (wrk starts after `started`).
@@ -186,8 +193,10 @@ async def _measure_window(
     finally:
         for task in marking:
             task.cancel()
-    (cpu_0, busy_0, all_0), (cpu_1, busy_1, all_1) = marks[first], marks[first + window]
+    (cpu_0, extra_0, busy_0, all_0), (cpu_1, extra_1, busy_1, all_1) = marks[first], marks[first + window]
     requests = sum(result.per_second.get(second, 0) for second in range(first, first + window))
     counted = dataclasses.replace(result, requests=requests, seconds=float(window), rps=requests / window)
     busy = (os.cpu_count() or 1) * (busy_1 - busy_0) / max(all_1 - all_0, 1e-9)
-    return Phase(target, connections, counted, cpu_1 - cpu_0, procstat.tree_rss_bytes(target.pids()), busy)
+    also = extra_1 - extra_0
+    rss = procstat.tree_rss_bytes(target.pids())
+    return Phase(target, connections, counted, cpu_1 - cpu_0 + also, rss, busy, also)
