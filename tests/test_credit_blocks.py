@@ -28,7 +28,7 @@ from server.accounts import (
 from server.accounts.spool import SpooledRecord, decode, encode
 from server.storage import Database
 from server.storage.schema import api_keys, credit_grants, reservations, utcnow
-from tests.storage_fixtures import database_url, db, open_replica  # noqa: F401 - the fixtures
+from tests.storage_fixtures import count_queries, database_url, db, open_replica  # noqa: F401 - the fixtures
 
 CREDIT = 1_000_000
 
@@ -266,3 +266,84 @@ async def test_holders_refused_a_block_are_forgotten_once_their_wait_is_over(
         await credits.grant(owner, 2 * CREDIT)  # too little for a block of 4: each call reserves its own
         assert await _call(credits, ledger, owner, f"{name}1", CREDIT, CREDIT) == CREDIT
     assert credits.blocks is not None and len(credits.blocks._refused_until) <= 3
+
+
+async def test_one_group_commit_settles_draws_holds_duplicates_and_a_lost_block_exactly(
+    database_url: str,  # noqa: F811
+    db: Database,  # noqa: F811
+) -> None:
+    """Every case a settling batch can hold, in one group commit (on PostgreSQL one call
+    of the database function `aigne_hub_record_usage`, on SQLite the writer thread's
+    transaction): each record is charged what the rules say and the books stay exact."""
+    owner, other = await _owner(db), await _owner(db, "other")
+    key, _ = await KeyStore(db).create_key(owner, "k", spend_cap_micros=50 * CREDIT)
+    credits, ledger = _blocks(db)
+    own_holds = CreditService(db, billing_enabled=True)  # no blocks: each call reserves its own
+    for name in (owner, other):
+        await credits.grant(name, 100 * CREDIT)
+    assert (await ledger.record(UsageRecord("stored", "openai", "openai/x", owner_id=owner))).inserted
+
+    lost = await credits.reserve(other, CREDIT, request_id="lost")  # a draw from other's block...
+    sweeper = CreditService(db, billing_enabled=True)
+    assert await sweeper.release_expired(utcnow() + timedelta(hours=1)) == 1  # ...whose row is swept
+
+    def draw(request_id: str) -> object:
+        return credits.reserve(owner, CREDIT, key_id=key.id, request_id=request_id)
+
+    def hold(request_id: str, amount: int) -> object:
+        return own_holds.reserve(owner, amount, key_id=key.id, request_id=request_id)
+
+    created = utcnow() - timedelta(seconds=3)
+    # (request id, reservation, cost, expected (inserted, charged))
+    calls = [
+        ("a", await draw("a"), 300_000, (True, 300_000)),
+        ("twice", await draw("twice"), 200_000, (True, 200_000)),
+        ("twice", await draw("twice"), 200_000, (False, 0)),  # its draw goes back to the block
+        ("c", await hold("c", 2 * CREDIT), 500_000, (True, 500_000)),
+        ("stored", await hold("stored", CREDIT), 500_000, (False, 0)),  # its hold is released
+        ("stored", await draw("stored"), 400_000, (False, 0)),
+        ("over", await hold("over", 100_000), 500_000, (True, 100_000)),  # never more than held
+        ("lost", lost, 400_000, (True, 0)),  # its block is gone: recorded, uncharged
+    ]
+    usages = [
+        UsageRecord(
+            request_id,
+            "openai",
+            "openai/x",
+            owner_id=reservation.owner_id,
+            key_id=reservation.key_id,  # type: ignore[attr-defined]
+            cost_micros=cost,
+            input_tokens=7,
+            latency_ms=12,
+            created_at=created,
+        )
+        for request_id, reservation, cost, _ in calls
+    ]
+    commits = ledger.commits
+    with count_queries(db) as statements:
+        results = await asyncio.gather(
+            *(ledger.record(usage, reservation=call[1]) for usage, call in zip(usages, calls, strict=True))  # type: ignore[arg-type]
+        )
+    assert ledger.commits == commits + 1, "one group commit"
+    assert [(r.inserted, r.credits_micros) for r in results] == [expected for *_, expected in calls]
+    if database_url.startswith("postgresql"):
+        assert len(statements) == 1 and "aigne_hub_record_usage" in statements[0], statements
+
+    charged = 300_000 + 200_000 + 500_000 + 100_000
+    balance = await credits.balance(owner)
+    held_rows = sum(amount for _, amount, _ in await _rows(db))
+    assert balance.balance_micros == 100 * CREDIT - charged
+    assert balance.reserved_micros == held_rows, "what the balance holds is what the rows hold"
+    assert (await credits.balance(other)).balance_micros == 100 * CREDIT
+    async with db.read() as conn:
+        spent, reserved = (
+            await conn.execute(
+                select(api_keys.c.spent_micros, api_keys.c.reserved_micros).where(api_keys.c.id == key.id)
+            )
+        ).one()
+    assert (spent, reserved) == (charged, held_rows)
+    (total,) = await ledger.totals(owner_id=owner)
+    assert total.credits_micros == charged
+    stored = await ledger.get("a")
+    assert stored is not None and stored.created_at == created and stored.ttft_ms is None
+    assert (stored.input_tokens, stored.latency_ms, stored.key_id, stored.credits_micros) == (7, 12, key.id, 300_000)

@@ -78,8 +78,9 @@ _ROWS_PER_INSERT = 1000
 _SQLITE_ROWS_PER_STATEMENT = ROWS_PER_STATEMENT
 # PostgreSQL: a batch that settles credits, written by one call of migration 0007's function.
 _RECORD_USAGE = text(
-    "SELECT recorded, charged, lost_block"
-    " FROM aigne_hub_record_usage(CAST(:records AS jsonb), CAST(:new_rows AS jsonb))"
+    "SELECT recorded, charged, lost_block FROM aigne_hub_record_usage("
+    "CAST(:request_ids AS TEXT[]), CAST(:reservation_ids AS TEXT[]), CAST(:drawn AS BOOLEAN[]),"
+    " CAST(:charges AS BIGINT[]), CAST(:new_rows AS JSONB), CAST(:row_of AS INTEGER[]))"
 )
 _COUNTERS = (
     "input_tokens",
@@ -341,39 +342,41 @@ class Ledger:
         """PostgreSQL: `_write_in`'s work done by the database's function
         `aigne_hub_record_usage` (migration 0007), one statement in autocommit: one
         round trip where `_write_in` makes six for a record (BEGIN, the credit
-        block's row, the record, the balance, the key, COMMIT)."""
-        records = []
-        for pending in batch:
-            reservation = pending.reservation
-            held = reservation is not None and reservation.id is not None
-            drawn = bool(held and reservation and reservation.drawn)
+        block's row, the record, the balance, the key, COMMIT). The records go in
+        request id order, as `_write_in` takes them."""
+        order = _by_request_id(batch)
+        position = {index: place for place, index in enumerate(order)}
+        columns: dict[str, list[Any]] = {"request_ids": [], "reservation_ids": [], "drawn": [], "charges": []}
+        for index in order:
+            pending = batch[index]
+            reservation = pending.reservation if pending.reservation and pending.reservation.id else None
             cost = max(pending.usage.cost_micros, 0)
-            records.append(
-                {
-                    "request_id": _clip(pending.usage.request_id, "request_id"),
-                    "reservation": reservation.id if held and reservation else None,
-                    "drawn": drawn,
-                    # A draw: at most what it drew (a warning when the call cost more);
-                    # a call's own reservation: the function caps it at the row's amount.
-                    "charge": charge_for(_as_held(reservation), cost) if drawn and reservation else cost,
-                }
+            columns["request_ids"].append(_clip(pending.usage.request_id, "request_id"))
+            columns["reservation_ids"].append(reservation.id if reservation else None)
+            columns["drawn"].append(bool(reservation and reservation.drawn))
+            # A draw: at most what it drew (a warning when the call cost more); a call's
+            # own reservation: the function caps the charge at what its row holds.
+            columns["charges"].append(
+                charge_for(_as_held(reservation), cost) if reservation and reservation.drawn else cost
             )
         rows, owner_of_row = _unique_rows(batch, [0] * len(batch))
-        new_rows = [{"index": owner_of_row[request_id], "row": _json_row(row)} for request_id, row in rows.items()]
-        parameters = {"records": orjson.dumps(records).decode(), "new_rows": orjson.dumps(new_rows).decode()}
-        found = (await conn.execute(_RECORD_USAGE, parameters)).all()
-        results = []
-        for pending, record, (recorded, charged, lost_block) in zip(batch, records, found, strict=True):
-            if lost_block and pending.reservation is not None and pending.reservation.id is not None:
-                self._block_lost(pending.reservation.id)
-            cost = int(record["charge"] or 0)
-            if recorded and not record["drawn"] and record["reservation"] and charged < cost:
+        new_rows = orjson.dumps([_json_row(row) for row in rows.values()]).decode()
+        row_of = [position[owner_of_row[request_id]] + 1 for request_id in rows]
+        found = (await conn.execute(_RECORD_USAGE, {**columns, "new_rows": new_rows, "row_of": row_of})).all()
+        results: list[Recorded] = [Recorded(False, 0)] * len(batch)
+        for place, (recorded, charged, lost_block) in enumerate(found):
+            index = order[place]
+            reservation = batch[index].reservation
+            if lost_block and reservation is not None and reservation.id is not None:
+                self._block_lost(reservation.id)
+            cost = columns["charges"][place]
+            if recorded and reservation is not None and reservation.id and not reservation.drawn and charged < cost:
                 log.warning(
                     "call cost %s credits but only %s were reserved; charging the reservation",
                     format_credits(cost),
                     format_credits(charged),
                 )
-            results.append(Recorded(bool(recorded), int(charged)))
+            results[index] = Recorded(bool(recorded), int(charged))
         return results
 
     async def _write_in(self, conn: Executor, batch: Sequence[_Pending]) -> list[Recorded]:
