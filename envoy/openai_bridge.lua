@@ -115,21 +115,31 @@ local function member_value(s, open, key)
 end
 
 -- Empty members to drop: each as the member after a comma, as the first of several
--- and as the only one.
+-- and as the only one. A member's patterns run only when a plain search finds it: most
+-- answers hold none of them, and 16 pattern passes over every answer were most of the
+-- filter's work on /status.
 local TRIMS = {}
-for _, member in ipairs({ '"tool_calls":%[%]', '"alias_of":""', '"error":""', '"code":""', '"resting":%[%]' }) do
-  TRIMS[#TRIMS + 1] = { "," .. member, "" }
-  TRIMS[#TRIMS + 1] = { "{" .. member .. ",", "{" }
-  TRIMS[#TRIMS + 1] = { "{" .. member .. "}", "{}" }
+for _, member in ipairs({
+  { '"tool_calls":[]', '"tool_calls":%[%]' }, { '"alias_of":""', '"alias_of":""' }, { '"error":""', '"error":""' },
+  { '"code":""', '"code":""' }, { '"resting":[]', '"resting":%[%]' },
+}) do
+  local plain, pattern = member[1], member[2]
+  TRIMS[#TRIMS + 1] = {
+    plain, { { "," .. pattern, "" }, { "{" .. pattern .. ",", "{" }, { "{" .. pattern .. "}", "{}" } },
+  }
 end
-TRIMS[#TRIMS + 1] = { '"param":""', '"param":null' }
+TRIMS[#TRIMS + 1] = { '"param":""', { { '"param":""', '"param":null' } } }
 local TRIM_PATHS = {
   ["/models"] = true, ["/v1/models"] = true, ["/status"] = true, ["/v1/status"] = true,
 }
 
 local function trim_empty(s)
   for _, trim in ipairs(TRIMS) do
-    s = gsub(s, trim[1], trim[2])
+    if find(s, trim[1], 1, true) then
+      for _, rule in ipairs(trim[2]) do
+        s = gsub(s, rule[1], rule[2])
+      end
+    end
   end
   return s
 end
