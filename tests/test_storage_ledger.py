@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import String, func, select
 
 from server.accounts import CreditService, KeyStore, Ledger, UsageRecord, ensure_owner
+from server.accounts.ledger import _row
 from server.storage import Database
 from server.storage.schema import usage_records
 from tests.storage_fixtures import database_url, db, open_replica  # noqa: F401
@@ -282,3 +283,10 @@ async def test_group_commit_stores_what_sqlalchemy_stores(db: Database) -> None:
         texts = (await conn.execute(select(func.cast(usage_records.c.created_at, String)))).scalars().all()
     assert len(set(texts)) == 1
     await ledger.close()
+
+
+def test_a_stored_row_names_every_column_of_the_table() -> None:
+    """PostgreSQL's `aigne_hub_record_usage` builds its rows with jsonb_populate_record,
+    where a column the ledger's row leaves out is NULL, not the column's default: a new
+    column of usage_records must be in `_row` too."""
+    assert set(_row(_usage("r"), 0)) | {"id"} == set(usage_records.c.keys())
