@@ -22,6 +22,8 @@ of its CPU.
                          its cost (charged at most what the reservation's row holds)
     new_rows   the usage rows to insert (a batch's duplicates once), in request id
                order, as JSON objects of their columns without `id` and `credits_micros`
+               (jsonb_populate_record: a column left out is NULL, not its default, so
+               the ledger's `_row` names every column; a test checks it)
     row_of     per row, the record (1-based) whose row it is
     returns, per record in the same order: recorded (its row was inserted), charged
     (what it was charged), lost_block (a draw whose block's row was gone or too small).
