@@ -68,10 +68,19 @@ def alive(pid: int) -> bool:
 
 
 def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+    """The process's command line ("" once it is gone). Read again while it is empty: a
+    worker starts as the die_with_parent shim, which execs the worker in the same pid,
+    and in the middle of that exec Linux shows an empty command line (two runs failed
+    so: a worker counted, then missing from the next read)."""
+    for _ in range(100):
+        try:
+            found = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return ""
+        if found or not alive(pid):
+            return found
+        time.sleep(0.005)
+    return ""
 
 
 def run_dirs(pid: int) -> list[Path]:
