@@ -14,8 +14,10 @@ from server.accounts.credits import rate_from_credits
 from server.accounts.owners import ensure_owner
 from server.app import start_gateway
 from server.config import CooldownConfig, GatewayConfig, RoutingConfig, Settings
+from server.limits.rules import LimitRule
 from tests.conftest import gateway_config, start_bridge
 from tests.helpers import bearer_interceptors
+from tests.storage_fixtures import count_queries
 
 ADMIN_TOKEN = "acct-admin-" + "b" * 32
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -161,3 +163,40 @@ async def test_admin_usage_takes_a_day_range(accounts_stack):
         before = (await admin.get("/admin/usage", params={"until": "2020-01-01"})).json()
     assert {row["owner"]: row["calls"] for row in today["totals"]} == {"user:alice": 4}
     assert before["totals"][0]["calls"] == 0
+
+
+async def test_an_account_with_many_keys_is_read_in_as_many_queries_as_one_with_few(accounts_stack):
+    """GET /account lists each key's limits: read for all keys at once, not three
+    queries per key (1000 keys were 3000 queries)."""
+    gateway, bridge, _ = accounts_stack
+    accounts = gateway.accounts
+    owner = await ensure_owner(accounts.db, "user", "carol")
+    _, secret = await accounts.keys.create_key(owner.id, "carol-0")
+    store = accounts.limiter.store
+
+    async def read_account() -> tuple[dict, int]:
+        with count_queries(accounts.db) as queries:
+            async with client(bridge, secret) as carol:
+                answer = await carol.get("/account")
+        assert answer.status_code == 200, answer.text
+        return answer.json(), len(queries)
+
+    created = []
+    for index in range(1, 4):
+        key, _ = await accounts.keys.create_key(owner.id, f"carol-{index}")
+        created.append(key.id)
+    await store.set(LimitRule("key", created[0], "*", rpm=7))
+    await read_account()  # the caller's key is looked up (and cached) on its first call
+    few, few_queries = await read_account()
+    for index in range(4, 40):
+        key, _ = await accounts.keys.create_key(owner.id, f"carol-{index}")
+        created.append(key.id)
+    await store.set(LimitRule("key", created[-1], "openai/*", rpm=9))
+    await store.set(LimitRule("key", created[-1], "*", concurrency=2))
+    many, many_queries = await read_account()
+    assert len(few["keys"]) == 4 and len(many["keys"]) == 40
+    assert many_queries == few_queries, (few_queries, many_queries)
+    rules = {(r["key_id"], r["model"]): r for r in many["limits"] if r["source"] == "rule"}
+    assert set(rules) == {(created[0], "*"), (created[-1], "*"), (created[-1], "openai/*")}
+    assert (rules[(created[0], "*")]["rpm"], rules[(created[-1], "*")]["concurrency"]) == ("7", "2")
+    assert [r["model"] for r in many["limits"] if r.get("key_id") == created[-1]] == ["*", "openai/*"]

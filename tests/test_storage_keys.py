@@ -22,6 +22,7 @@ from server.accounts import (
     ensure_owner,
 )
 from server.errors import GatewayError
+from server.limits.rules import LimitRule, LimitStore
 from server.storage import Database
 from server.storage.schema import api_keys
 from tests.storage_fixtures import count_queries, database_url, db, open_replica  # noqa: F401
@@ -225,3 +226,22 @@ async def test_create_key_validates(db: Database) -> None:  # noqa: F811
         await keys.create_key(owner, "k", expires_at=datetime(2030, 1, 1))
     with pytest.raises(Exception, match=r"(?i)foreign key|violates"):
         await keys.create_key("user:nobody", "k")
+
+
+async def test_the_limits_of_many_keys_are_found_in_one_query_per_500(db: Database) -> None:  # noqa: F811
+    owner = await ensure_owner(db, "project", "many-keys")
+    store = LimitStore(db)
+    keys = [(await KeyStore(db).create_key(owner.id, f"k{i}"))[0].id for i in range(3)]
+    await store.set(LimitRule("key", keys[0], "*", rpm=1))
+    await store.set(LimitRule("key", keys[1], "openai/*", rpm=2))
+    await store.set(LimitRule("key", keys[1], "*", tpm=3))
+    await store.set(LimitRule("owner", owner.id, "*", rpm=4))  # another scope: not a key's
+    subjects = [f"absent-{i}" for i in range(1200)]
+    subjects[0], subjects[600], subjects[1199] = keys  # one in each query
+    with count_queries(db) as queries:
+        found = await store.find_each("key", subjects)
+    assert len(queries) == 3
+    assert set(found) == set(subjects) and sum(map(len, found.values())) == 3
+    assert [(r.model, r.rpm) for r in found[keys[0]]] == [("*", 1)]
+    assert [(r.model, r.rpm, r.tpm) for r in found[keys[1]]] == [("*", None, 3), ("openai/*", 2, None)]
+    assert found[keys[2]] == [] and found["absent-1"] == []

@@ -472,6 +472,15 @@ async def configured_limits(accounts: Accounts, scope: Scope | None, subject: st
     return listed_defaults(own, scope, subject, limiter.defaults, limiter.owner_defaults)
 
 
+def configured_limits_of(accounts: Accounts, scope: Scope, subject: str, own: list[LimitRule]) -> list[LimitRule]:
+    """`configured_limits` for a key or owner known to exist whose own rules (`own`,
+    all of them) are at hand: no query."""
+    limiter = accounts.limiter
+    if limiter is None:
+        return []
+    return listed_defaults(own, scope, subject, limiter.defaults, limiter.owner_defaults)
+
+
 def timestamp_message(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None

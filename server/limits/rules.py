@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from fnmatch import fnmatchcase
@@ -37,6 +37,8 @@ MAX_LIMIT = 10**12
 MAX_GLOB_CHARS = 200
 # The id of the rule the config file's `limits: {default_key: ...}` makes for a key.
 DEFAULT_RULE_ID = "default"
+# Subjects per `find_each` query: well under SQLite's oldest limit of 999 parameters.
+_SUBJECTS_PER_QUERY = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +177,25 @@ class LimitStore:
             query = query.limit(limit)
         async with self._db.read() as conn:
             return [_rule(row) for row in (await conn.execute(query)).all()]
+
+    async def find_each(self, scope: Scope, subjects: Sequence[str]) -> dict[str, list[LimitRule]]:
+        """Each subject's rules (ordered by model), for many subjects in a few queries:
+        `find` per subject made a page of 1000 keys 1000 queries."""
+        found: dict[str, list[LimitRule]] = {subject: [] for subject in subjects}
+        unique = list(found)
+        async with self._db.read() as conn:
+            for start in range(0, len(unique), _SUBJECTS_PER_QUERY):
+                query = (
+                    select(rate_limits)
+                    .where(
+                        rate_limits.c.scope == scope,
+                        rate_limits.c.subject.in_(unique[start : start + _SUBJECTS_PER_QUERY]),
+                    )
+                    .order_by(rate_limits.c.subject, rate_limits.c.model)
+                )
+                for row in (await conn.execute(query)).all():
+                    found[row.subject].append(_rule(row))
+        return found
 
     async def rules_for(self, key_id: str, owner_id: str) -> list[LimitRule]:
         """The rules of a key and of its owner (cached; stale ones when the database fails)."""
