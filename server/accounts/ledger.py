@@ -13,6 +13,9 @@ A record may carry the call's credit `Reservation`: it is settled in the same
 transaction as the record is written, so a charge never exists without its record or
 a record without its charge, and `credits_micros` in the ledger is exactly what left
 the balance. `cost_micros` is the call's price at the rates even with billing off.
+On PostgreSQL such a batch is one call of the database function
+`aigne_hub_record_usage` (migration 0007): `_write_in`'s steps in one statement, where
+they were six round trips for one record.
 
 When the database write fails, a ledger with a `Spool` appends the batch's records to
 it (fsynced) and answers its callers as if committed: the records are durable and are
