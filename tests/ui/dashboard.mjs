@@ -251,6 +251,9 @@ async function keyboard(browser) {
   }
   result.tab_order = visited;
   await page.getByRole("heading", { level: 1, name: "Usage" }).waitFor();
+  // The page moves the focus in an effect, just after it renders the heading: wait for
+  // it a while (reading it at once failed once in CI), then record where it is.
+  await page.waitForFunction(() => document.activeElement?.id === "page-title", null, { timeout: 5000 }).catch(() => {});
   result.focused_after_nav = await page.evaluate(() => document.activeElement?.id);
   result.url = page.url();
   await page.getByTestId("total-calls").waitFor();
