@@ -15,6 +15,7 @@ measured again with a settling time of twice its median."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -151,6 +152,14 @@ def litellm_targets(url: str, key: str, pids: Callable[[], list[int]]) -> list[T
     ]
 
 
+def _cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            found[pid] = procstat.cpu_seconds(pid)
+    return found
+
+
 async def measure(
     target: Target, script: Path, wrk_path: str, connections: int, seconds: float, *, settle_s: float = 2.0
 ) -> Phase:
@@ -170,18 +179,16 @@ async def _measure_window(
     window = max(1, round(seconds))
     started = time.time()
     first = math.ceil(started + settle_s)
-    marks: dict[int, tuple[float, float, float, float]] = {}
+    marks: dict[int, tuple[float, float, float]] = {}
+    extra_marks: dict[int, dict[int, float]] = {}
 
     async def mark(second: int) -> None:
         await asyncio.sleep(max(0.0, second - time.time()))
         if second == first and target.also_cpu is not None:
             # Once the load has settled: a pool opens its connections under load.
             extra.extend(await asyncio.to_thread(target.also_cpu))
-        marks[second] = (
-            procstat.tree_cpu_seconds(pids),
-            procstat.tree_cpu_seconds(extra),
-            *procstat.machine_cpu_seconds(),
-        )
+        marks[second] = (procstat.tree_cpu_seconds(pids), *procstat.machine_cpu_seconds())
+        extra_marks[second] = _cpu_by_pid(extra)
 
     marking = [asyncio.create_task(mark(edge)) for edge in (first, first + window)]
     # Long enough that the window's last second ends before wrk stops (wrk starts after `started`).
@@ -193,10 +200,13 @@ async def _measure_window(
     finally:
         for task in marking:
             task.cancel()
-    (cpu_0, extra_0, busy_0, all_0), (cpu_1, extra_1, busy_1, all_1) = marks[first], marks[first + window]
+    (cpu_0, busy_0, all_0), (cpu_1, busy_1, all_1) = marks[first], marks[first + window]
     requests = sum(result.per_second.get(second, 0) for second in range(first, first + window))
     counted = dataclasses.replace(result, requests=requests, seconds=float(window), rps=requests / window)
     busy = (os.cpu_count() or 1) * (busy_1 - busy_0) / max(all_1 - all_0, 1e-9)
-    also = extra_1 - extra_0
+    # A PostgreSQL backend that exits in the window (its pool closed the connection)
+    # would count its CPU so far as negative: only those there at both ends count.
+    before, after = extra_marks[first], extra_marks[first + window]
+    also = sum(after[pid] - before[pid] for pid in before.keys() & after.keys())
     rss = procstat.tree_rss_bytes(target.pids())
     return Phase(target, connections, counted, cpu_1 - cpu_0 + also, rss, busy, also)
