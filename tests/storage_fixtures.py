@@ -12,33 +12,38 @@ holds a SQLite file's write lock as another process would.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import asyncpg
 import pytest
 import pytest_asyncio
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
 
 from server.storage import Database
+from tests.postgres_databases import new_database
 
 POSTGRES_URL = os.environ.get("AIGNE_HUB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
+
+
+def _unreachable(exc: BaseException) -> NoReturn:
+    # CI (and `make test`) start PostgreSQL first: there a missing server is a failure.
+    if os.environ.get("AIGNE_HUB_REQUIRE_POSTGRES"):
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}: {exc}")
+    pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}: {exc}")
 
 
 async def _admin_connection() -> asyncpg.Connection:
     try:
         return await asyncpg.connect(POSTGRES_URL, timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
-        # CI (and `make test`) start PostgreSQL first: there a missing server is a failure.
-        if os.environ.get("AIGNE_HUB_REQUIRE_POSTGRES"):
-            pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}: {exc}")
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}: {exc}")
+        _unreachable(exc)
 
 
 @pytest_asyncio.fixture(params=BACKENDS)
@@ -46,14 +51,12 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'hub' / 'aigne-hub.db'}"
         return
-    name = f"aigne_test_{secrets.token_hex(6)}"
-    admin = await _admin_connection()
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with contextlib.AsyncExitStack() as database:
+        try:
+            url = await database.enter_async_context(new_database(POSTGRES_URL, "aigne_test"))
+        except (OSError, asyncpg.PostgresError) as exc:
+            _unreachable(exc)
+        yield url
 
 
 @pytest_asyncio.fixture

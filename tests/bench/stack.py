@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -229,17 +228,14 @@ async def postgres_database(prefix: str = "aigne_bench") -> AsyncIterator[str]:
     RuntimeError when the server cannot be reached."""
     import asyncpg  # here: only the `pg` rows need it
 
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    try:
-        admin = await asyncpg.connect(POSTGRES_URL, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise RuntimeError(f"PostgreSQL is not reachable at {POSTGRES_URL} ({exc})") from exc
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    from tests.postgres_databases import new_database
+
+    async with contextlib.AsyncExitStack() as database:
+        try:
+            url = await database.enter_async_context(new_database(POSTGRES_URL, prefix))
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise RuntimeError(f"PostgreSQL is not reachable at {POSTGRES_URL} ({exc})") from exc
+        yield url
 
 
 def postgres_backends(url: str) -> list[int]:
