@@ -115,6 +115,27 @@ async def test_a_bad_record_does_not_sink_its_batch(db: Database) -> None:  # no
     assert await _count(db) == 5
 
 
+async def test_a_bad_record_does_not_sink_a_settling_batch(db: Database) -> None:  # noqa: F811
+    """The same for records that settle reservations (on PostgreSQL one statement for
+    the batch, which the bad record fails whole): the others are charged, the bad one's
+    hold stays until its lease lapses."""
+    owner = (await ensure_owner(db, "project", "bad-batch")).id
+    credits = CreditService(db, billing_enabled=True)
+    ledger = Ledger(db, credits=credits)
+    await credits.grant(owner, 100_000_000)
+    holds = [await credits.reserve(owner, 2_000_000, request_id=f"r{i}") for i in range(6)]
+    usages = [_usage(f"ok-{i}", owner_id=owner, cost_micros=1_000_000) for i in range(5)]
+    usages.append(_usage("bad", owner_id=owner, cost_micros=1_000_000, input_tokens=2**70))
+    results = await asyncio.gather(
+        *(ledger.record(u, reservation=h) for u, h in zip(usages, holds, strict=True)), return_exceptions=True
+    )
+    assert [(r.inserted, r.credits_micros) for r in results[:5]] == [(True, 1_000_000)] * 5  # type: ignore[union-attr]
+    assert isinstance(results[5], Exception)
+    assert await _count(db) == 5
+    balance = await credits.balance(owner)
+    assert (balance.balance_micros, balance.reserved_micros) == (95_000_000, 2_000_000)
+
+
 async def test_long_strings_are_clipped_and_errors_kept(db: Database) -> None:  # noqa: F811
     ledger = Ledger(db)
     await ledger.record(_usage("err", model="m" * 500, outcome="error", error_reason="UPSTREAM_TIMEOUT", latency_ms=-5))

@@ -657,6 +657,8 @@ def _json_row(row: dict[str, Any]) -> dict[str, Any]:
     works it out), `created_at` as the naive UTC timestamp the column stores."""
     values = {name: value for name, value in row.items() if name != "credits_micros"}
     created_at: datetime = values["created_at"]
+    if created_at.tzinfo is None:  # as the column's type refuses it on the other paths
+        raise ValueError("naive datetime given; storage needs aware (UTC) datetimes")
     values["created_at"] = created_at.astimezone(UTC).replace(tzinfo=None).isoformat()
     return values
 

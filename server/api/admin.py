@@ -469,10 +469,12 @@ async def configured_limits(accounts: Accounts, scope: Scope | None, subject: st
         if not await limiter.store.exists(scope, subject):
             return []
         own = await limiter.store.find(scope, subject)
-    return listed_defaults(own, scope, subject, limiter.defaults, limiter.owner_defaults)
+    return configured_limits_of(accounts, scope, subject, own)
 
 
-def configured_limits_of(accounts: Accounts, scope: Scope, subject: str, own: list[LimitRule]) -> list[LimitRule]:
+def configured_limits_of(
+    accounts: Accounts, scope: Scope | None, subject: str | None, own: list[LimitRule]
+) -> list[LimitRule]:
     """`configured_limits` for a key or owner known to exist whose own rules (`own`,
     all of them) are at hand: no query."""
     limiter = accounts.limiter
